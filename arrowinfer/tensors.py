@@ -1,0 +1,316 @@
+"""numpy arrays <-> Arrow columns, without copies wherever the Arrow layout allows.
+
+Row ``i`` of a column is batch entry ``i`` (an event, a jet, a hit). The layouts:
+
+======================================  ============================  ===================
+numpy (per batch entry)                 Arrow column                  numpy -> Arrow copy
+======================================  ============================  ===================
+``(n,)`` one value per entry            primitive                     no
+``(n, *shape)`` fixed shape             ``arrow.fixed_shape_tensor``  no
+                                        (or nested ``fixed_size_list``)
+ragged: ``Ragged(offsets, values)``     ``list``/``large_list`` of    no
+with ``values`` ``(total, *shape)``     primitive/``fixed_size_list``
+======================================  ============================  ===================
+
+Copies happen only where the layouts differ, and are documented where they happen:
+booleans (Arrow packs them into bits), numpy input that is not C-contiguous, columns with
+nulls (refused), a ``ChunkedArray`` of more than one chunk, and the ``n + 1`` offsets of a
+sliced list column (rebased to start at 0; the values are never copied).
+
+Extension types (``arrow.fixed_shape_tensor``, and awkward's ``awkward<...>`` types from
+``ak.to_arrow``) are read through their storage.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Literal, NamedTuple
+
+import numpy as np
+import pyarrow as pa
+
+__all__ = [
+    "Layout",
+    "Ragged",
+    "batch_from_numpy",
+    "batch_to_numpy",
+    "from_numpy",
+    "layout",
+    "mask",
+    "pad",
+    "ragged_from_numpy",
+    "ragged_to_numpy",
+    "to_numpy",
+]
+
+Column = pa.Array | pa.ChunkedArray
+
+
+class Ragged(NamedTuple):
+    """A ragged collection in numpy form: entry ``i`` is ``values[offsets[i]:offsets[i+1]]``.
+
+    ``offsets`` has ``n + 1`` integers starting at 0; ``values`` has shape ``(total, *shape)``.
+    """
+
+    offsets: np.ndarray
+    values: np.ndarray
+
+    @property
+    def counts(self) -> np.ndarray:
+        """Number of items of each entry (``np.diff(offsets)``)."""
+        return np.diff(self.offsets)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+
+class Layout(NamedTuple):
+    """What a column holds per batch entry: value type, shape, and whether it is ragged.
+
+    For a ragged column the first dimension of ``shape`` is ``-1`` (variable).
+    """
+
+    value_type: pa.DataType
+    shape: tuple[int, ...]
+    ragged: bool
+
+
+def layout(type: pa.DataType) -> Layout:
+    """The per-entry value type and shape of an Arrow column type.
+
+    Raises
+    ------
+    TypeError
+        For types that are not a tensor layout (strings, structs, lists of lists, ...).
+    """
+    if isinstance(type, pa.FixedShapeTensorType):
+        return Layout(type.value_type, tuple(type.shape), ragged=False)
+    if isinstance(type, pa.BaseExtensionType):
+        return layout(type.storage_type)
+    if pa.types.is_list(type) or pa.types.is_large_list(type):
+        inner = layout(type.value_type)
+        if inner.ragged:
+            raise TypeError(f"lists of lists are not a tensor layout: {type}")
+        return Layout(inner.value_type, (-1, *inner.shape), ragged=True)
+    if pa.types.is_fixed_size_list(type):
+        inner = layout(type.value_type)
+        if inner.ragged:
+            raise TypeError(f"fixed-size lists of lists are not a tensor layout: {type}")
+        return Layout(inner.value_type, (type.list_size, *inner.shape), ragged=False)
+    if pa.types.is_integer(type) or pa.types.is_floating(type) or pa.types.is_boolean(type):
+        return Layout(type, (), ragged=False)
+    raise TypeError(f"not a tensor layout: {type}")
+
+
+# -- numpy -> Arrow ------------------------------------------------------------------------
+
+
+def _primitive(flat: np.ndarray) -> pa.Array:
+    """A 1-d numpy array as a primitive Arrow array, sharing its memory (booleans excepted)."""
+    if flat.dtype == np.bool_:
+        return pa.array(flat, type=pa.bool_())  # packs bits: the one unavoidable copy
+    type_ = pa.from_numpy_dtype(flat.dtype)
+    return pa.Array.from_buffers(type_, len(flat), [None, pa.py_buffer(flat)])
+
+
+def from_numpy(
+    array: np.ndarray,
+    *,
+    tensor_type: Literal["fixed_shape_tensor", "fixed_size_list"] = "fixed_shape_tensor",
+) -> pa.Array:
+    """An array whose first dimension is the batch as one Arrow column.
+
+    Parameters
+    ----------
+    array
+        Shape ``(n,)`` gives a primitive column; ``(n, *shape)`` gives
+        ``arrow.fixed_shape_tensor(dtype, shape)`` or, with
+        ``tensor_type="fixed_size_list"``, nested ``fixed_size_list`` columns.
+    tensor_type
+        The Arrow type of multi-dimensional entries.
+
+    Returns
+    -------
+    pyarrow.Array
+        Shares memory with ``array`` (and keeps it alive), except for ``bool`` arrays
+        (bit-packed by Arrow) and non-C-contiguous arrays, which are copied once.
+    """
+    array = np.asarray(array)
+    if array.ndim == 0:
+        raise ValueError("a column needs a batch dimension; got a 0-d array")
+    if array.dtype.kind not in "biuf":
+        raise TypeError(f"not a numeric dtype: {array.dtype}")
+    if 0 in array.shape[1:]:
+        raise ValueError(f"per-entry shape {array.shape[1:]} has no values")
+    flat = _primitive(np.ascontiguousarray(array).reshape(-1))  # copies non-contiguous input only
+    if array.ndim == 1:
+        return flat
+    if tensor_type == "fixed_size_list":
+        for size in reversed(array.shape[1:]):
+            flat = pa.FixedSizeListArray.from_arrays(flat, size)
+        return flat
+    if tensor_type != "fixed_shape_tensor":
+        raise ValueError(
+            f"tensor_type must be 'fixed_shape_tensor' or 'fixed_size_list', got {tensor_type!r}"
+        )
+    # The extension type's storage is one flat fixed_size_list of prod(shape) values.
+    storage = pa.FixedSizeListArray.from_arrays(flat, int(np.prod(array.shape[1:])))
+    ext = pa.fixed_shape_tensor(flat.type, list(array.shape[1:]))
+    return pa.ExtensionArray.from_storage(ext, storage)
+
+
+def ragged_from_numpy(offsets: np.ndarray, values: np.ndarray) -> pa.Array:
+    """A ragged collection as a ``list`` (int32 offsets) or ``large_list`` (int64) column.
+
+    ``values`` of shape ``(total, *shape)`` become ``fixed_size_list`` items. Neither
+    offsets nor values are copied (booleans excepted).
+    """
+    offsets = np.asarray(offsets)
+    if offsets.dtype not in (np.int32, np.int64):
+        raise TypeError(f"offsets must be int32 or int64, got {offsets.dtype}")
+    if offsets.ndim != 1 or len(offsets) == 0:
+        raise ValueError("offsets must be 1-d with n + 1 entries")
+    items = from_numpy(values, tensor_type="fixed_size_list")
+    cls = pa.ListArray if offsets.dtype == np.int32 else pa.LargeListArray
+    return cls.from_arrays(_primitive(offsets), items)
+
+
+def batch_from_numpy(columns: Mapping[str, np.ndarray | Ragged | pa.Array]) -> pa.RecordBatch:
+    """A record batch from named numpy arrays, ``Ragged`` collections or Arrow arrays.
+
+    Conversions as in :func:`from_numpy` and :func:`ragged_from_numpy`: no copies.
+    """
+    arrays = []
+    for value in columns.values():
+        if isinstance(value, pa.Array):
+            arrays.append(value)
+        elif isinstance(value, Ragged):
+            arrays.append(ragged_from_numpy(value.offsets, value.values))
+        else:
+            arrays.append(from_numpy(value))
+    return pa.RecordBatch.from_arrays(arrays, names=list(columns))
+
+
+# -- Arrow -> numpy ------------------------------------------------------------------------
+
+
+def _single(column: Column) -> pa.Array:
+    if isinstance(column, pa.ChunkedArray):
+        # Several chunks must become one buffer: the only copy on this side.
+        return column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
+    return column
+
+
+def _storage(array: pa.Array) -> pa.Array:
+    while isinstance(array, pa.ExtensionArray):
+        array = array.storage
+    return array
+
+
+def _check_no_nulls(array: pa.Array) -> None:
+    if array.null_count:
+        raise ValueError(f"column has {array.null_count} nulls; fill them before inference")
+
+
+def _flat_values(array: pa.Array) -> pa.Array:
+    """The primitive values under nested fixed-size lists, sliced to ``array``'s rows."""
+    array = _storage(array)
+    _check_no_nulls(array)
+    while pa.types.is_fixed_size_list(array.type):
+        array = _storage(array.flatten())  # flatten() honours the slice offset, no copy
+        _check_no_nulls(array)
+    return array
+
+
+def _primitive_to_numpy(array: pa.Array) -> np.ndarray:
+    if pa.types.is_boolean(array.type):
+        return array.to_numpy(zero_copy_only=False)  # unpacks bits: a copy
+    return array.to_numpy(zero_copy_only=True)
+
+
+def to_numpy(column: Column) -> np.ndarray:
+    """A fixed-layout column as one numpy array of shape ``(n, *shape)``.
+
+    Accepts primitive, ``arrow.fixed_shape_tensor``, nested ``fixed_size_list`` and
+    extension types over them. Shares memory with the Arrow buffers, including for sliced
+    arrays; copies booleans and multi-chunk ``ChunkedArray``.
+
+    Raises
+    ------
+    ValueError
+        If the column has nulls.
+    TypeError
+        If the column is ragged (use :func:`ragged_to_numpy`) or not a tensor layout.
+    """
+    array = _single(column)
+    lay = layout(array.type)
+    if lay.ragged:
+        raise TypeError(f"ragged column ({array.type}): use ragged_to_numpy")
+    permutation = getattr(array.type, "permutation", None)
+    if permutation and list(permutation) != sorted(permutation):
+        _check_no_nulls(_storage(array))
+        return array.to_numpy_ndarray()  # a strided view in the logical order
+    values = _primitive_to_numpy(_flat_values(array))
+    return values.reshape((len(array), *lay.shape))
+
+
+def ragged_to_numpy(column: Column) -> Ragged:
+    """A ``list``/``large_list`` column as ``Ragged(offsets, values)``.
+
+    The values share memory with the Arrow child array (only the rows this, possibly
+    sliced, column covers). Offsets of a slice that does not start at 0 are rebased,
+    which copies ``n + 1`` integers.
+    """
+    array = _storage(_single(column))
+    if not (pa.types.is_list(array.type) or pa.types.is_large_list(array.type)):
+        raise TypeError(f"not a ragged (list) column: {array.type}")
+    _check_no_nulls(array)
+    offsets = array.offsets.to_numpy(zero_copy_only=True)
+    values = to_numpy(array.flatten())
+    if len(offsets) and offsets[0] != 0:
+        offsets = offsets - offsets[0]
+    return Ragged(offsets, values)
+
+
+def batch_to_numpy(batch: pa.RecordBatch | pa.Table) -> dict[str, np.ndarray | Ragged]:
+    """Each column of a batch as a numpy array, or ``Ragged`` for list columns. No copies."""
+    out: dict[str, np.ndarray | Ragged] = {}
+    for name, column in zip(batch.schema.names, batch.columns, strict=True):
+        out[name] = ragged_to_numpy(column) if layout(column.type).ragged else to_numpy(column)
+    return out
+
+
+# -- ragged -> fixed size (for models that need it) ----------------------------------------
+
+
+def pad(ragged: Ragged, length: int, *, pad_value: float = 0) -> np.ndarray:
+    """Pad (or truncate) each entry to ``length`` items: shape ``(n, length, *shape)``.
+
+    Entries with more than ``length`` items keep their first ``length``. Vectorised over
+    all items; this is a copy by nature (the model wants a dense block).
+    """
+    counts = ragged.counts
+    n = len(counts)
+    shape = ragged.values.shape[1:]
+    out = np.full((n, length, *shape), pad_value, dtype=ragged.values.dtype)
+    start = ragged.offsets[0]
+    used = ragged.values[start : ragged.offsets[-1]] if n else ragged.values[:0]
+    position = np.arange(len(used)) - np.repeat(ragged.offsets[:-1] - start, counts)
+    keep = position < length
+    rows = np.repeat(np.arange(n), counts)
+    out[rows[keep], position[keep]] = used[keep]
+    return out
+
+
+def mask(
+    counts: np.ndarray,
+    length: int,
+    *,
+    shape: tuple[int, ...] = (),
+    dtype: np.dtype | type = np.float32,
+) -> np.ndarray:
+    """1 where an entry has an item at that position, 0 in the padding: ``(n, length, *shape)``."""
+    filled = np.arange(length) < np.asarray(counts)[:, None]
+    return np.broadcast_to(
+        filled.reshape(filled.shape + (1,) * len(shape)), (len(filled), length, *shape)
+    ).astype(dtype)
