@@ -1,0 +1,706 @@
+"""An example model repository for HEP inference-as-a-service workloads.
+
+The repository follows Triton's layout (``REPO/<model>/config.pbtxt``,
+``REPO/<model>/1/model.onnx``) plus a model card (``REPO/<model>/README.md``), so the
+same directory can be served by arrowinfer or by Triton itself. Every model is built
+here with ``onnx.helper``: nothing is downloaded and nothing needs torch.
+
+The models stand in for networks that SONIC ("Services for Optimized Network Inference
+on Coprocessors") runs for CMS: they have the inputs, outputs and roughly the cost of
+the real thing, but **their weights are random** (seeded, so every build is
+byte-identical). Their outputs are meaningless physics-wise; they exist to exercise and
+benchmark the serving chain.
+
+================  =====================================  ===================================
+model             stands in for                          inputs -> outputs (batch first)
+================  =====================================  ===================================
+``facile``        FACILE, CMS HCAL energy regression     hits [15] -> energy [1]
+``jet_tagger``    ParticleNet / DeepAK8-style tagger     points [100, 2], features [100, 7],
+                                                         mask [100, 1] -> probabilities [5]
+``toptag_cnn``    CNN top tagger on jet images           image [1, 37, 37] -> probabilities [2]
+``identity``      Triton's transport-test model          INPUT0 [1024] -> OUTPUT0 [1024]
+================  =====================================  ===================================
+
+This module only builds and writes ONNX files; it never runs them (only
+``arrowinfer.backends`` imports onnxruntime).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import pathlib
+import tempfile
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+__all__ = [
+    "EXAMPLE_MODELS",
+    "IR_VERSION",
+    "OPSET",
+    "build_model",
+    "config_text",
+    "model_card",
+    "write_example_repository",
+]
+
+EXAMPLE_MODELS: tuple[str, ...] = ("facile", "jet_tagger", "toptag_cnn", "identity")
+"""Names of the example models, in the order they are written."""
+
+OPSET = 17
+"""ONNX opset of the default domain used by every example model."""
+
+IR_VERSION = 8
+"""ONNX IR version of the example models.
+
+``onnx.helper.make_model`` stamps the newest IR version the installed ``onnx`` knows,
+which an older onnxruntime (or Triton's bundled one) refuses to load; IR 8 is the
+version that introduced opset 17, so it is the oldest that can carry these models.
+"""
+
+_BATCH = "batch"
+_VERSION = "1"
+_CONFIG = "config.pbtxt"
+_MODEL = "model.onnx"
+_CARD = "README.md"
+
+
+# --------------------------------------------------------------------------------------
+# Graph building
+# --------------------------------------------------------------------------------------
+
+
+class _Graph:
+    """Collects nodes and seeded initializers while a model is being built.
+
+    Parameters
+    ----------
+    seed : int
+        Seed of the ``numpy.random.default_rng`` that draws every weight, so that a
+        build is reproducible byte for byte.
+    """
+
+    def __init__(self, seed: int) -> None:
+        self.rng = np.random.default_rng(seed)
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: list[onnx.TensorProto] = []
+        self._used: dict[str, int] = {}
+
+    def _unique(self, prefix: str) -> str:
+        count = self._used.get(prefix, 0)
+        self._used[prefix] = count + 1
+        return prefix if count == 0 else f"{prefix}_{count}"
+
+    def constant(self, prefix: str, value: np.ndarray) -> str:
+        """Add ``value`` as an initializer and return its name."""
+        name = self._unique(prefix)
+        self.initializers.append(numpy_helper.from_array(value, name))
+        return name
+
+    def weight(self, prefix: str, shape: tuple[int, ...], *, fan_in: int, gain: float) -> str:
+        """Add a normal weight with standard deviation ``gain / sqrt(fan_in)``.
+
+        With ``gain = sqrt(2)`` before a ReLU this is He initialisation, with
+        ``gain = 1`` (LeCun/Glorot-like) before a linear output or a softmax: either keeps
+        activations of order one through the network, so outputs are finite and a
+        softmax is not saturated on inputs of order one.
+        """
+        std = gain / math.sqrt(fan_in)
+        value = self.rng.normal(0.0, std, size=shape).astype(np.float32)
+        return self.constant(prefix, value)
+
+    def bias(self, prefix: str, size: int) -> str:
+        """Add a small random bias (non-zero, so that no unit is exactly symmetric)."""
+        value = self.rng.normal(0.0, 0.05, size=(size,)).astype(np.float32)
+        return self.constant(prefix, value)
+
+    def op(
+        self,
+        op_type: str,
+        inputs: list[str],
+        *,
+        prefix: str | None = None,
+        output: str | None = None,
+        **attributes: Any,
+    ) -> str:
+        """Append one single-output node and return its output's name."""
+        node_name = self._unique(prefix or op_type)
+        out = output or node_name
+        self.nodes.append(helper.make_node(op_type, inputs, [out], name=node_name, **attributes))
+        return out
+
+    def relu(self, x: str, prefix: str) -> str:
+        """Return ``max(x, 0)``."""
+        return self.op("Relu", [x], prefix=f"{prefix}/relu")
+
+    def dense(
+        self,
+        x: str,
+        n_in: int,
+        n_out: int,
+        *,
+        prefix: str,
+        gain: float = math.sqrt(2.0),
+        output: str | None = None,
+    ) -> str:
+        """Return ``x @ W + b`` for a 2-D ``x`` of shape ``[batch, n_in]`` (one Gemm)."""
+        w = self.weight(f"{prefix}/W", (n_in, n_out), fan_in=n_in, gain=gain)
+        b = self.bias(f"{prefix}/b", n_out)
+        return self.op("Gemm", [x, w, b], prefix=f"{prefix}/gemm", output=output)
+
+    def dense_nd(self, x: str, n_in: int, n_out: int, *, prefix: str) -> str:
+        """Return ``x @ W + b`` over the last axis of an N-D ``x`` (MatMul + Add).
+
+        Gemm only takes matrices; MatMul broadcasts over the leading (batch, particle)
+        axes, which is exactly a per-particle dense layer.
+        """
+        w = self.weight(f"{prefix}/W", (n_in, n_out), fan_in=n_in, gain=math.sqrt(2.0))
+        b = self.bias(f"{prefix}/b", n_out)
+        y = self.op("MatMul", [x, w], prefix=f"{prefix}/matmul")
+        return self.op("Add", [y, b], prefix=f"{prefix}/add")
+
+    def conv3x3(
+        self, x: str, c_in: int, c_out: int, *, prefix: str, gain: float = math.sqrt(2.0)
+    ) -> str:
+        """Return a 3x3 convolution with zero padding 1 (same spatial size), NCHW."""
+        w = self.weight(f"{prefix}/W", (c_out, c_in, 3, 3), fan_in=9 * c_in, gain=gain)
+        b = self.bias(f"{prefix}/b", c_out)
+        return self.op(
+            "Conv",
+            [x, w, b],
+            prefix=f"{prefix}/conv",
+            kernel_shape=[3, 3],
+            pads=[1, 1, 1, 1],
+            strides=[1, 1],
+        )
+
+    def residual_block(self, x: str, channels: int, *, prefix: str) -> str:
+        """Return ``relu(x + conv(relu(conv(x))))``, a basic ResNet block."""
+        y = self.relu(self.conv3x3(x, channels, channels, prefix=f"{prefix}/a"), f"{prefix}/a")
+        # The second convolution starts small (gain 1/2) so that the skip sum, not the
+        # branch, dominates: the usual trick that keeps a random ResNet's activations
+        # from growing block after block.
+        y = self.conv3x3(y, channels, channels, prefix=f"{prefix}/b", gain=0.5)
+        y = self.op("Add", [x, y], prefix=f"{prefix}/skip")
+        return self.relu(y, prefix)
+
+
+def _scalar(value: float) -> np.ndarray:
+    return np.array(value, dtype=np.float32)
+
+
+def _build_facile(g: _Graph) -> None:
+    h = g.relu(g.dense("hits", 15, 64, prefix="dense1"), "dense1")
+    h = g.relu(g.dense(h, 64, 32, prefix="dense2"), "dense2")
+    g.dense(h, 32, 1, prefix="dense3", gain=1.0, output="energy")
+
+
+def _build_jet_tagger(g: _Graph) -> None:
+    # Per-particle network phi, shared by all particles (Deep Sets / Energy Flow Network).
+    x = g.op("Concat", ["points", "features"], prefix="concat", axis=-1)  # [B, 100, 9]
+    h = g.relu(g.dense_nd(x, 9, 64, prefix="phi1"), "phi1")
+    h = g.relu(g.dense_nd(h, 64, 64, prefix="phi2"), "phi2")  # [B, 100, 64]
+
+    # Mask the padded slots. Multiplying by the mask alone is not enough: a padded slot
+    # whose garbage makes h infinite or NaN gives inf * 0 = NaN. Where() drops those
+    # slots whatever they hold, so the output depends on the real particles only,
+    # which the server's pad/truncate step relies on.
+    zero = g.constant("zero", _scalar(0.0))
+    one = g.constant("one", _scalar(1.0))
+    weighted = g.op("Mul", [h, "mask"], prefix="mask/mul")
+    is_pad = g.op("Equal", ["mask", zero], prefix="mask/is_pad")
+    masked = g.op("Where", [is_pad, zero, weighted], prefix="mask/where")
+
+    # Masked mean over particles: sum(h * mask) / max(sum(mask), 1). The max() keeps
+    # a jet with no particle at all (all-zero mask) finite instead of 0 / 0.
+    axis = g.constant("particle_axis", np.array([1], dtype=np.int64))
+    total = g.op("ReduceSum", [masked, axis], prefix="pool/sum", keepdims=0)  # [B, 64]
+    count = g.op("ReduceSum", ["mask", axis], prefix="pool/count", keepdims=0)  # [B, 1]
+    count = g.op("Max", [count, one], prefix="pool/clamp")
+    pooled = g.op("Div", [total, count], prefix="pool/mean")
+
+    # Jet-level network F.
+    h = g.relu(g.dense(pooled, 64, 32, prefix="f1"), "f1")
+    logits = g.dense(h, 32, 5, prefix="f2", gain=1.0)
+    g.op("Softmax", [logits], prefix="softmax", output="probabilities", axis=-1)
+
+
+def _build_toptag_cnn(g: _Graph) -> None:
+    x = g.relu(g.conv3x3("image", 1, 16, prefix="stem"), "stem")  # [B, 16, 37, 37]
+    x = g.residual_block(x, 16, prefix="block1")
+    x = g.op("MaxPool", [x], prefix="pool", kernel_shape=[2, 2], strides=[2, 2])  # 18x18
+    x = g.relu(g.conv3x3(x, 16, 32, prefix="widen"), "widen")  # [B, 32, 18, 18]
+    x = g.residual_block(x, 32, prefix="block2")
+    x = g.op("GlobalAveragePool", [x], prefix="gap")  # [B, 32, 1, 1]
+    x = g.op("Flatten", [x], prefix="flatten", axis=1)  # [B, 32]
+    logits = g.dense(x, 32, 2, prefix="head", gain=1.0)
+    g.op("Softmax", [logits], prefix="softmax", output="probabilities", axis=-1)
+
+
+def _build_identity(g: _Graph) -> None:
+    g.op("Identity", ["INPUT0"], prefix="identity", output="OUTPUT0")
+
+
+# --------------------------------------------------------------------------------------
+# Model specifications: one table drives the ONNX graph, config.pbtxt and the card
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Tensor:
+    name: str
+    dims: tuple[int, ...]  # without the batch dimension
+    doc: str
+
+
+@dataclass(frozen=True)
+class _Spec:
+    seed: int
+    title: str
+    inputs: tuple[_Tensor, ...]
+    outputs: tuple[_Tensor, ...]
+    build: Callable[[_Graph], None]
+    max_batch_size: int
+    # Fields of the config's dynamic_batching message, in protobuf text format.
+    dynamic_batching: str
+    # arrowinfer's and the backend's own settings (the config's parameters map).
+    parameters: tuple[tuple[str, str], ...]
+    stands_in_for: str
+    architecture: str
+    serving: str
+    references: tuple[str, ...]
+
+
+_SONIC_GPU = (
+    'J. Krupa et al., "GPU coprocessors as a service for deep learning inference in '
+    'high energy physics", Mach. Learn.: Sci. Technol. 2 (2021) 035005.'
+)
+_SONIC_FPGA = (
+    'J. Duarte et al., "FPGA-accelerated machine learning inference as a service for '
+    'particle physics computing", Comput. Softw. Big Sci. 3 (2019) 13.'
+)
+_SONIC_CMS = (
+    'CMS Collaboration, "Portable acceleration of CMS computing workflows with '
+    'coprocessors as a service", Comput. Softw. Big Sci. 8 (2024) 17.'
+)
+
+_PARTICLENET = (
+    'H. Qu and L. Gouskos, "ParticleNet: Jet Tagging via Particle Clouds", '
+    "Phys. Rev. D 101 (2020) 056019."
+)
+_DEEPAK8 = (
+    'CMS Collaboration, "Identification of heavy, energetic, hadronically decaying '
+    'particles using machine-learning techniques", JINST 15 (2020) P06005.'
+)
+_EFN = (
+    'P. T. Komiske, E. M. Metodiev and J. Thaler, "Energy Flow Networks: Deep Sets for '
+    'Particle Jets", JHEP 01 (2019) 121.'
+)
+
+_SPECS: dict[str, _Spec] = {
+    "facile": _Spec(
+        seed=20190001,
+        title="FACILE stand-in: HCAL energy regression",
+        inputs=(_Tensor("hits", (15,), "per-channel inputs of one HCAL channel"),),
+        outputs=(_Tensor("energy", (1,), "regressed channel energy"),),
+        build=_build_facile,
+        max_batch_size=16384,
+        dynamic_batching="max_queue_delay_microseconds: 100",
+        parameters=(),
+        stands_in_for=(
+            "FACILE, the small fully connected network that CMS studied for the local\n"
+            "energy reconstruction of the hadron calorimeter (HCAL) in the SONIC GPU\n"
+            "studies. It runs once per HCAL channel, so one event makes a batch of\n"
+            "thousands of tiny requests: a test of per-request overhead and batching,\n"
+            "not of compute."
+        ),
+        architecture=(
+            "Multilayer perceptron 15 -> 64 -> 32 -> 1 (Gemm layers, ReLU between them,\n"
+            "linear output)."
+        ),
+        serving=(
+            "`max_batch_size: 16384` (a whole event's channels in one batch), dynamic\n"
+            "batching with a 100 us queue delay, one CPU instance."
+        ),
+        references=(_SONIC_GPU, _SONIC_CMS),
+    ),
+    "jet_tagger": _Spec(
+        seed=20190002,
+        title="Jet tagger stand-in: Deep Sets over jet constituents",
+        inputs=(
+            _Tensor("points", (100, 2), "constituent (eta, phi) relative to the jet axis"),
+            _Tensor("features", (100, 7), "constituent features (pT, energy, charge, ...)"),
+            _Tensor("mask", (100, 1), "1 for a real constituent, 0 for padding"),
+        ),
+        outputs=(_Tensor("probabilities", (5,), "class probabilities (softmax over 5 classes)"),),
+        build=_build_jet_tagger,
+        max_batch_size=1024,
+        dynamic_batching=("max_queue_delay_microseconds: 500\n  preferred_batch_size: [ 64, 256 ]"),
+        parameters=(
+            ("arrowinfer.ragged_inputs", "points,features"),
+            ("arrowinfer.mask_input", "mask"),
+            ("arrowinfer.pad_value", "0"),
+        ),
+        stands_in_for=(
+            "Particle-based jet taggers such as ParticleNet and DeepAK8, which CMS runs\n"
+            "as a service in SONIC. Like them it takes up to 100 constituents per jet\n"
+            "with coordinates, features and a padding mask, and returns class\n"
+            "probabilities. The real taggers use edge convolutions or 1-D convolutions;\n"
+            "this one is a permutation-invariant Deep Sets (Energy Flow) network, which\n"
+            "has the same interface and the same padding contract."
+        ),
+        architecture=(
+            "Per-constituent MLP on concat(points, features): 9 -> 64 -> 64 with ReLU;\n"
+            "padded constituents (mask 0) are removed (`Where(mask == 0, 0, h * mask)`,\n"
+            "which also drops non-finite garbage); masked mean over constituents,\n"
+            "`sum(h * mask) / max(sum(mask), 1)`; jet-level MLP 64 -> 32 -> 5 with ReLU;\n"
+            "Softmax over the last axis. Padded slots cannot change the output, whatever\n"
+            "they hold."
+        ),
+        serving=(
+            "`max_batch_size: 1024`, dynamic batching with a 500 us queue delay and\n"
+            "preferred batch sizes 64 and 256, one CPU instance. Its parameters tell the\n"
+            "arrowinfer server that clients send `points` and `features` as ragged\n"
+            "per-jet lists (`arrowinfer.ragged_inputs`): the server pads or truncates\n"
+            "them to 100 constituents with `arrowinfer.pad_value` and fills the\n"
+            "`arrowinfer.mask_input` tensor `mask` itself."
+        ),
+        references=(_PARTICLENET, _DEEPAK8, _EFN, _SONIC_CMS),
+    ),
+    "toptag_cnn": _Spec(
+        seed=20190003,
+        title="Top tagger stand-in: small ResNet on jet images",
+        inputs=(_Tensor("image", (1, 37, 37), "jet image, one channel (pT per pixel)"),),
+        outputs=(_Tensor("probabilities", (2,), "(QCD, top) probabilities"),),
+        build=_build_toptag_cnn,
+        max_batch_size=256,
+        dynamic_batching="max_queue_delay_microseconds: 1000",
+        parameters=(("intra_op_thread_count", "2"),),
+        stands_in_for=(
+            "The ResNet-50-based top-quark tagger on jet images that the SONIC FPGA and\n"
+            "GPU papers served, scaled down to a 37 x 37 single-channel image and two\n"
+            "residual stages. About 14 million multiply-adds per jet: compute, not\n"
+            "transport, dominates its latency."
+        ),
+        architecture=(
+            "Conv 1 -> 16 (3x3, pad 1), ReLU; residual block at 16 channels (Conv, ReLU,\n"
+            "Conv, add skip, ReLU); MaxPool 2x2 (37 -> 18); Conv 16 -> 32 (3x3, pad 1),\n"
+            "ReLU; residual block at 32 channels; GlobalAveragePool; Flatten; Gemm\n"
+            "32 -> 2; Softmax."
+        ),
+        serving=(
+            "`max_batch_size: 256`, dynamic batching with a 1 ms queue delay, one CPU\n"
+            "instance; `intra_op_thread_count: 2` is passed to onnxruntime's session\n"
+            "options."
+        ),
+        references=(_SONIC_FPGA, _SONIC_GPU),
+    ),
+    "identity": _Spec(
+        seed=20190004,
+        title="Identity: transport benchmark model",
+        inputs=(_Tensor("INPUT0", (1024,), "any payload, 4 KiB per event"),),
+        outputs=(_Tensor("OUTPUT0", (1024,), "INPUT0, unchanged"),),
+        build=_build_identity,
+        max_batch_size=16384,
+        dynamic_batching="max_queue_delay_microseconds: 0",
+        parameters=(),
+        stands_in_for=(
+            "Nothing physical: like the `identity`/`simple` models of Triton's examples\n"
+            "(and their INPUT0/OUTPUT0 names) it returns its input, so that a benchmark\n"
+            "measures transport and batching alone. It has no weights."
+        ),
+        architecture="One ONNX `Identity` node.",
+        serving=(
+            "`max_batch_size: 16384`, dynamic batching with no queue delay, one CPU\ninstance."
+        ),
+        references=(_SONIC_CMS,),
+    ),
+}
+
+
+def _spec(name: str) -> _Spec:
+    try:
+        return _SPECS[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown example model {name!r}; expected one of {', '.join(EXAMPLE_MODELS)}"
+        ) from None
+
+
+def _shape(dims: tuple[int, ...]) -> str:
+    return "[" + ", ".join([_BATCH, *map(str, dims)]) + "]"
+
+
+# --------------------------------------------------------------------------------------
+# Public API
+# --------------------------------------------------------------------------------------
+
+
+def build_model(name: str) -> onnx.ModelProto:
+    """Build one example model as an ONNX model.
+
+    Parameters
+    ----------
+    name : str
+        One of `EXAMPLE_MODELS`.
+
+    Returns
+    -------
+    onnx.ModelProto
+        A checked model (``onnx.checker.check_model(..., full_check=True)``), opset
+        `OPSET`, IR version `IR_VERSION`. Every tensor is float32 and the first
+        dimension of every input and output is the symbolic ``"batch"``. The weights are
+        random but seeded: two builds serialize to the same bytes.
+
+    Raises
+    ------
+    ValueError
+        If `name` is not an example model.
+    """
+    spec = _spec(name)
+    g = _Graph(spec.seed)
+    spec.build(g)
+    graph = helper.make_graph(
+        g.nodes,
+        name,
+        inputs=[
+            helper.make_tensor_value_info(t.name, TensorProto.FLOAT, [_BATCH, *t.dims])
+            for t in spec.inputs
+        ],
+        outputs=[
+            helper.make_tensor_value_info(t.name, TensorProto.FLOAT, [_BATCH, *t.dims])
+            for t in spec.outputs
+        ],
+        initializer=g.initializers,
+        doc_string=f"{spec.title}. Random weights: outputs carry no physics meaning.",
+    )
+    model = helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", OPSET)],
+        producer_name="arrowinfer.examples",
+        doc_string=f"arrowinfer example model {name!r}: {spec.title}.",
+    )
+    model.ir_version = IR_VERSION
+    helper.set_model_props(
+        model,
+        {
+            "arrowinfer.example": name,
+            "weights": f"random (numpy default_rng seed {spec.seed}), not trained",
+        },
+    )
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def config_text(name: str) -> str:
+    """Return the Triton model configuration of an example model.
+
+    Parameters
+    ----------
+    name : str
+        One of `EXAMPLE_MODELS`.
+
+    Returns
+    -------
+    str
+        Triton's ``ModelConfig`` in protobuf text format, the content of
+        ``config.pbtxt``: platform ``onnxruntime_onnx``, inputs and outputs as in the
+        ONNX graph (without the batch dimension, which ``max_batch_size`` implies),
+        dynamic batching, one CPU instance and the model's ``parameters``.
+
+    Raises
+    ------
+    ValueError
+        If `name` is not an example model.
+    """
+    spec = _spec(name)
+
+    def tensors(field: str, items: tuple[_Tensor, ...]) -> list[str]:
+        lines = [f"{field} ["]
+        for i, t in enumerate(items):
+            dims = ", ".join(map(str, t.dims))
+            lines += [
+                "  {",
+                f'    name: "{t.name}"',
+                "    data_type: TYPE_FP32",
+                f"    dims: [ {dims} ]",
+                "  }" + ("," if i < len(items) - 1 else ""),
+            ]
+        lines.append("]")
+        return lines
+
+    lines = [
+        f"# arrowinfer example model {name!r}: {spec.title}.",
+        "# The weights are random: outputs are meaningless physics-wise (see README.md).",
+        f'name: "{name}"',
+        'platform: "onnxruntime_onnx"',
+        f"max_batch_size: {spec.max_batch_size}",
+        *tensors("input", spec.inputs),
+        *tensors("output", spec.outputs),
+        "dynamic_batching {",
+        f"  {spec.dynamic_batching}",
+        "}",
+        "instance_group [ { count: 1 kind: KIND_CPU } ]",
+    ]
+    for key, value in spec.parameters:
+        lines.append(f'parameters {{ key: "{key}" value {{ string_value: "{value}" }} }}')
+    return "\n".join(lines) + "\n"
+
+
+def model_card(name: str) -> str:
+    """Return the model card (``README.md``) of an example model.
+
+    Parameters
+    ----------
+    name : str
+        One of `EXAMPLE_MODELS`.
+
+    Returns
+    -------
+    str
+        Markdown: what the model stands in for, its inputs and outputs with shapes, its
+        architecture and serving settings, references, and the warning that its weights
+        are random.
+
+    Raises
+    ------
+    ValueError
+        If `name` is not an example model.
+    """
+    spec = _spec(name)
+
+    def table(items: tuple[_Tensor, ...]) -> list[str]:
+        rows = ["| name | type | shape | meaning |", "|---|---|---|---|"]
+        rows += [f"| `{t.name}` | FP32 | `{_shape(t.dims)}` | {t.doc} |" for t in items]
+        return rows
+
+    lines = [
+        f"# `{name}`: {spec.title}",
+        "",
+        "An example model of arrowinfer's example repository, written by",
+        "`arrowinfer.examples.write_example_repository`.",
+        "",
+        "> **Warning: the weights are random.** They are drawn from a seeded normal",
+        f"> distribution (numpy `default_rng({spec.seed})`), not trained. The model has",
+        "> the interface and roughly the cost of the network it stands in for, but its",
+        "> outputs are meaningless physics-wise: use it to test and benchmark serving,",
+        "> never for physics.",
+        "",
+        "## Stands in for",
+        "",
+        spec.stands_in_for,
+        "",
+        "## Inputs",
+        "",
+        *table(spec.inputs),
+        "",
+        "## Outputs",
+        "",
+        *table(spec.outputs),
+        "",
+        f"`{_BATCH}` is the batch dimension; `config.pbtxt` lists the other dimensions.",
+        "",
+        "## Architecture",
+        "",
+        spec.architecture,
+        "",
+        f"ONNX opset {OPSET}, IR version {IR_VERSION}, float32 throughout.",
+        "",
+        "## Serving",
+        "",
+        spec.serving,
+        "",
+        "## References",
+        "",
+        *[f"- {ref}" for ref in spec.references],
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_example_repository(
+    directory: str | os.PathLike[str],
+    *,
+    models: Iterable[str] | None = None,
+    overwrite: bool = False,
+) -> pathlib.Path:
+    """Write the example model repository in Triton's layout.
+
+    For every model this writes ``DIR/<model>/1/model.onnx``, ``DIR/<model>/README.md``
+    and, last, ``DIR/<model>/config.pbtxt``. Each file is written to a temporary file
+    beside it and renamed into place, so a server that reads the repository while it is
+    being written never sees a half-written file.
+
+    Parameters
+    ----------
+    directory : str or os.PathLike
+        The repository root; created if missing.
+    models : iterable of str, optional
+        Which of `EXAMPLE_MODELS` to write; all of them by default.
+    overwrite : bool, default False
+        Rewrite models that are already there. Without it a complete model directory
+        is left as it is (so local edits survive), and an incomplete one (a file missing
+        or empty) is completed.
+
+    Returns
+    -------
+    pathlib.Path
+        `directory`, as a path.
+
+    Raises
+    ------
+    TypeError
+        If `models` is a single string rather than an iterable of names.
+    ValueError
+        If a name in `models` is not an example model.
+    """
+    if isinstance(models, str):
+        raise TypeError(
+            f"models must be an iterable of model names, got the string {models!r}; "
+            f"use models=[{models!r}]"
+        )
+    names = EXAMPLE_MODELS if models is None else tuple(models)
+    for name in names:
+        _spec(name)  # fail before writing anything
+
+    root = pathlib.Path(directory)
+    root.mkdir(parents=True, exist_ok=True)
+    for name in dict.fromkeys(names):
+        model_dir = root / name
+        config = model_dir / _CONFIG
+        onnx_file = model_dir / _VERSION / _MODEL
+        card = model_dir / _CARD
+        complete = all(p.is_file() and p.stat().st_size > 0 for p in (config, onnx_file, card))
+        if complete and not overwrite:
+            continue
+        onnx_file.parent.mkdir(parents=True, exist_ok=True)
+        _write_atomic(onnx_file, build_model(name).SerializeToString())
+        _write_atomic(card, model_card(name).encode())
+        # config.pbtxt goes last: a repository poller that keys on it then finds the
+        # model file already in place.
+        _write_atomic(config, config_text(name).encode())
+    return root
+
+
+def _write_atomic(path: pathlib.Path, data: bytes) -> None:
+    """Write `data` to `path` through a temporary file and an atomic rename."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        # mkstemp creates the file 0600; a server running as another user (a container)
+        # must be able to read the repository.
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise

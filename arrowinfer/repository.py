@@ -1,0 +1,377 @@
+"""A model repository in Triton's layout: ``REPO/<model>/config.pbtxt``, ``REPO/<model>/<version>/model.onnx``.
+
+``config.pbtxt`` is Triton's ``ModelConfig`` in protobuf text format, parsed with the
+generated classes that tritonclient ships, so an existing Triton repository of ONNX models
+serves unchanged. A model without ``config.pbtxt`` gets its config completed from the ONNX
+graph, as Triton does with strict model config off; a config that disagrees with the graph
+is an error naming the file, the tensor and both values.
+
+arrowinfer's own settings live in the config's ``parameters`` map:
+
+``arrowinfer.ragged_inputs``
+    Comma-separated inputs that clients send as a list per batch entry (jets, particles,
+    hits); the server pads or truncates each entry to the model's first per-entry dimension.
+``arrowinfer.mask_input``
+    A model input the server fills with 1 where an entry has an item and 0 in the padding;
+    clients do not send it.
+``arrowinfer.pad_value``
+    The value padding is filled with (default 0).
+
+Triton's onnxruntime-backend parameters ``intra_op_thread_count`` and
+``inter_op_thread_count`` are honoured as well.
+
+Names a client sends are looked up among the models found on disk; they never become paths.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import onnx
+import pyarrow as pa
+from google.protobuf import text_format
+from google.protobuf.message import DecodeError
+from tritonclient.grpc import model_config_pb2 as mc
+
+from .errors import ModelError, ModelNotFound
+from .schema import TensorSpec, datatype, signature
+
+__all__ = [
+    "DEFAULT_MAX_BATCH_SIZE",
+    "ModelConfig",
+    "ModelVersion",
+    "Repository",
+    "complete_config",
+    "load_model",
+    "read_config",
+]
+
+log = logging.getLogger(__name__)
+
+ModelConfig = mc.ModelConfig
+
+#: Triton's default when it completes a batching model's config from the model file.
+DEFAULT_MAX_BATCH_SIZE = 4
+
+_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
+
+_ONNX_TO_TRITON = {
+    onnx.TensorProto.BOOL: "TYPE_BOOL",
+    onnx.TensorProto.UINT8: "TYPE_UINT8",
+    onnx.TensorProto.UINT16: "TYPE_UINT16",
+    onnx.TensorProto.UINT32: "TYPE_UINT32",
+    onnx.TensorProto.UINT64: "TYPE_UINT64",
+    onnx.TensorProto.INT8: "TYPE_INT8",
+    onnx.TensorProto.INT16: "TYPE_INT16",
+    onnx.TensorProto.INT32: "TYPE_INT32",
+    onnx.TensorProto.INT64: "TYPE_INT64",
+    onnx.TensorProto.FLOAT16: "TYPE_FP16",
+    onnx.TensorProto.FLOAT: "TYPE_FP32",
+    onnx.TensorProto.DOUBLE: "TYPE_FP64",
+    onnx.TensorProto.STRING: "TYPE_STRING",
+    onnx.TensorProto.BFLOAT16: "TYPE_BF16",
+}
+
+
+@dataclass(frozen=True)
+class ModelVersion:
+    """One loadable version of a model: its config, its ONNX file and its Arrow signatures.
+
+    ``inputs`` is what clients send (ragged inputs as lists, without the mask input the
+    server fills); ``outputs`` is what they get back.
+    """
+
+    name: str
+    version: int
+    path: Path
+    config: ModelConfig = field(repr=False)
+    inputs: pa.Schema = field(repr=False)
+    outputs: pa.Schema = field(repr=False)
+    ragged_inputs: tuple[str, ...] = ()
+    mask_input: str | None = None
+    pad_value: float = 0.0
+
+    @property
+    def max_batch_size(self) -> int:
+        return int(self.config.max_batch_size)
+
+    def parameter(self, key: str, default: str | None = None) -> str | None:
+        """A value of the config's ``parameters`` map."""
+        if key in self.config.parameters:
+            return str(self.config.parameters[key].string_value)
+        return default
+
+
+def _dims_text(dims: object) -> str:
+    return "[" + ", ".join(str(d) for d in dims) + "]"  # type: ignore[attr-defined]
+
+
+def read_config(path: Path) -> ModelConfig:
+    """Parse one ``config.pbtxt`` into Triton's ``ModelConfig``.
+
+    Raises
+    ------
+    ModelError
+        Naming the file and protobuf's complaint (line and column).
+    """
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise ModelError(f"{path}: cannot read: {err.strerror or err}") from err
+    try:
+        return text_format.Parse(text, mc.ModelConfig())
+    except text_format.ParseError as err:
+        raise ModelError(f"{path}: invalid model config: {err}") from err
+
+
+def _graph_io(
+    model: onnx.ModelProto,
+) -> tuple[list[onnx.ValueInfoProto], list[onnx.ValueInfoProto]]:
+    initializers = {i.name for i in model.graph.initializer}
+    inputs = [v for v in model.graph.input if v.name not in initializers]
+    return inputs, list(model.graph.output)
+
+
+def _onnx_dims(value: onnx.ValueInfoProto) -> list[int]:
+    """Dims of an ONNX tensor, -1 for symbolic or unknown ones."""
+    shape = value.type.tensor_type.shape
+    return [d.dim_value if d.HasField("dim_value") else -1 for d in shape.dim]
+
+
+def _onnx_type(value: onnx.ValueInfoProto, path: Path) -> str:
+    elem = value.type.tensor_type.elem_type
+    if elem not in _ONNX_TO_TRITON:
+        raise ModelError(f"{path}: tensor {value.name!r} has unsupported ONNX element type {elem}")
+    return _ONNX_TO_TRITON[elem]
+
+
+def complete_config(config: ModelConfig, model: onnx.ModelProto, path: Path) -> ModelConfig:
+    """Fill in what a config leaves out from the ONNX graph, and check the rest against it.
+
+    Like Triton's auto-complete: missing inputs and outputs are taken from the graph, and a
+    graph whose tensors all have a variable first dimension gets batching
+    (``max_batch_size`` :data:`DEFAULT_MAX_BATCH_SIZE`) when the config does not say.
+
+    Raises
+    ------
+    ModelError
+        When the config and the graph disagree: naming the file, the tensor and both values.
+    """
+    config = mc.ModelConfig.FromString(config.SerializeToString())
+    graph_inputs, graph_outputs = _graph_io(model)
+    all_tensors = graph_inputs + graph_outputs
+    if not config.input and not config.output and not config.max_batch_size:
+        batchable = all(_onnx_dims(v)[:1] == [-1] for v in all_tensors)
+        config.max_batch_size = DEFAULT_MAX_BATCH_SIZE if batchable else 0
+    if not config.platform and not config.backend:
+        config.platform = "onnxruntime_onnx"
+    batch = 1 if config.max_batch_size > 0 else 0
+    for kind, graph, entries in (
+        ("input", graph_inputs, config.input),
+        ("output", graph_outputs, config.output),
+    ):
+        by_name = {v.name: v for v in graph}
+        if not entries:
+            for value in graph:
+                entry = entries.add()
+                entry.name = value.name
+                entry.data_type = mc.DataType.Value(_onnx_type(value, path))
+                entry.dims.extend(_onnx_dims(value)[batch:])
+            continue
+        for entry in entries:
+            value = by_name.get(entry.name)
+            if value is None:
+                raise ModelError(
+                    f"{path}: config {kind} {entry.name!r} is not in the ONNX graph "
+                    f"(graph {kind}s: {sorted(by_name)})"
+                )
+            graph_type = _onnx_type(value, path)
+            config_type = mc.DataType.Name(entry.data_type)
+            if graph_type != config_type:
+                raise ModelError(
+                    f"{path}: {kind} {entry.name!r}: config says {config_type}, "
+                    f"model.onnx says {graph_type}"
+                )
+            graph_dims = _onnx_dims(value)
+            dims = list(entry.reshape.shape) if entry.HasField("reshape") else list(entry.dims)
+            want = ([-1] if batch else []) + dims
+            if len(graph_dims) != len(want) or any(
+                g not in (-1, w) and w != -1 for g, w in zip(graph_dims, want, strict=True)
+            ):
+                raise ModelError(
+                    f"{path}: {kind} {entry.name!r}: config says dims {_dims_text(want)} "
+                    f"(batch dimension included as -1), model.onnx says {_dims_text(graph_dims)}"
+                )
+    return config
+
+
+def _versions(model_dir: Path, config: ModelConfig) -> list[int]:
+    """The versions a config's version_policy selects among the version directories."""
+    filename = config.default_model_filename or "model.onnx"
+    found = sorted(
+        int(p.name) for p in model_dir.iterdir() if p.name.isdigit() and (p / filename).is_file()
+    )
+    policy = config.version_policy
+    which = policy.WhichOneof("policy_choice")
+    if which == "all":
+        chosen = found
+    elif which == "specific":
+        missing = sorted(set(policy.specific.versions) - set(found))
+        if missing:
+            raise ModelError(
+                f"{model_dir}: version_policy asks for versions {missing}, which have no {filename}"
+            )
+        chosen = sorted(policy.specific.versions)
+    else:
+        latest = policy.latest.num_versions if which == "latest" else 1
+        chosen = found[-max(latest, 1) :]
+    if not chosen:
+        raise ModelError(f"{model_dir}: no version directory with a {filename} (e.g. 1/{filename})")
+    return chosen
+
+
+def _parameters(config: ModelConfig) -> dict[str, str]:
+    return {k: v.string_value for k, v in config.parameters.items()}
+
+
+def _specs(entries: object, ragged: set[str]) -> list[TensorSpec]:
+    out = []
+    for entry in entries:  # type: ignore[attr-defined]
+        dt = datatype(mc.DataType.Name(entry.data_type))
+        out.append(TensorSpec(entry.name, dt, tuple(entry.dims), ragged=entry.name in ragged))
+    return out
+
+
+def load_model(model_dir: Path) -> list[ModelVersion]:
+    """Read one model's config and the versions its version policy selects.
+
+    Raises
+    ------
+    ModelError
+        For an unreadable or invalid config, a corrupt ONNX file, a config that disagrees
+        with the graph, an unsupported data type or no version to serve; the message names
+        the file and the problem.
+    """
+    config_path = model_dir / "config.pbtxt"
+    config = read_config(config_path) if config_path.exists() else mc.ModelConfig()
+    if config.name and config.name != model_dir.name:
+        raise ModelError(
+            f"{config_path}: name {config.name!r} differs from its directory {model_dir.name!r}"
+        )
+    config.name = model_dir.name
+    if config.backend not in ("", "onnxruntime") or config.platform not in ("", "onnxruntime_onnx"):
+        raise ModelError(
+            f"{config_path}: platform {config.platform!r} / backend {config.backend!r} is not "
+            "served here (only onnxruntime_onnx)"
+        )
+    versions = []
+    for number in _versions(model_dir, config):
+        path = model_dir / str(number) / (config.default_model_filename or "model.onnx")
+        try:
+            graph = onnx.load(str(path), load_external_data=False)
+        except (OSError, DecodeError, ValueError) as err:
+            raise ModelError(f"{path}: not a readable ONNX model: {err}") from err
+        full = complete_config(config, graph, path)
+        params = _parameters(full)
+        ragged = {
+            n.strip() for n in params.get("arrowinfer.ragged_inputs", "").split(",") if n.strip()
+        }
+        mask = params.get("arrowinfer.mask_input") or None
+        names = {i.name for i in full.input}
+        unknown = sorted((ragged | ({mask} if mask else set())) - names)
+        if unknown:
+            raise ModelError(
+                f"{config_path}: parameters name inputs {unknown} that the model does not have"
+            )
+        try:
+            inputs = signature(
+                [s for s in _specs(full.input, ragged) if s.name != mask],
+                metadata={"model": full.name, "version": str(number)},
+            )
+            outputs = signature(_specs(full.output, set()))
+        except TypeError as err:
+            raise ModelError(f"{config_path}: {err}") from err
+        try:
+            pad_value = float(params.get("arrowinfer.pad_value", "0"))
+        except ValueError as err:
+            raise ModelError(f"{config_path}: arrowinfer.pad_value: {err}") from err
+        versions.append(
+            ModelVersion(
+                name=full.name,
+                version=number,
+                path=path,
+                config=full,
+                inputs=inputs,
+                outputs=outputs,
+                ragged_inputs=tuple(sorted(ragged)),
+                mask_input=mask,
+                pad_value=pad_value,
+            )
+        )
+    return versions
+
+
+class Repository:
+    """The models of one repository directory, found by listing it (never by client paths).
+
+    Parameters
+    ----------
+    path
+        The repository directory: one sub-directory per model.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]):
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise ModelError(f"{self.path}: model repository not found (not a directory)")
+
+    def names(self) -> list[str]:
+        """The model directories in the repository, sorted."""
+        return sorted(
+            p.name
+            for p in self.path.iterdir()
+            if p.is_dir() and _NAME.match(p.name) and not p.name.startswith(".")
+        )
+
+    def model_dir(self, name: str) -> Path:
+        """The directory of a model, looked up among :meth:`names`.
+
+        Raises
+        ------
+        ModelNotFound
+            For any name that is not a model directory here (including ``..`` and paths).
+        """
+        names = self.names()
+        if name not in names:
+            raise ModelNotFound(name, names)
+        return self.path / name
+
+    def load(self, name: str) -> list[ModelVersion]:
+        """Load one model's selected versions (see :func:`load_model`)."""
+        return load_model(self.model_dir(name))
+
+    def load_all(self) -> tuple[dict[str, list[ModelVersion]], dict[str, ModelError]]:
+        """Load every model; a model that fails is reported and does not stop the others.
+
+        Returns
+        -------
+        loaded, failed
+            Versions by model name, and the error of each model that could not be loaded.
+        """
+        loaded: dict[str, list[ModelVersion]] = {}
+        failed: dict[str, ModelError] = {}
+        for name in self.names():
+            try:
+                loaded[name] = self.load(name)
+            except ModelError as err:
+                log.error("model %s not loaded: %s", name, err)
+                failed[name] = err
+        return loaded, failed
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names())
