@@ -21,9 +21,12 @@ client maps the code plus the class name it carries back to the same class.
 from __future__ import annotations
 
 import difflib
+import json
 from collections.abc import Iterable
+from typing import Any
 
 import grpc
+from pyarrow import flight
 
 __all__ = [
     "STATUS_CODES",
@@ -39,6 +42,10 @@ __all__ = [
     "TransportError",
     "Unauthenticated",
     "error_class",
+    "error_from_dict",
+    "error_to_dict",
+    "from_flight",
+    "to_flight",
 ]
 
 
@@ -152,3 +159,65 @@ def error_class(code: grpc.StatusCode, name: str | None = None) -> type[ArrowInf
     if cls is not None and STATUS_CODES[cls] == code:
         return cls
     return _BY_CODE.get(code, ServerError)
+
+
+def error_to_dict(err: BaseException) -> dict[str, Any]:
+    """An error as JSON-able data for the wire: its class name, message and context."""
+    if not isinstance(err, ArrowInferError):
+        err = ServerError(f"internal error: {type(err).__name__}")
+    out: dict[str, Any] = {"type": type(err).__name__, "message": str(err)}
+    for key in ("model", "input"):
+        value = getattr(err, key, None)
+        if value is not None:
+            out[key] = value
+    return out
+
+
+def error_from_dict(data: dict[str, Any], code: grpc.StatusCode | None = None) -> ArrowInferError:
+    """The error :func:`error_to_dict` described, as the same class (a plain message)."""
+    name = str(data.get("type", ""))
+    cls = _BY_NAME.get(name) or (error_class(code) if code is not None else ServerError)
+    err = cls.__new__(cls)
+    Exception.__init__(err, str(data.get("message", name)))
+    for key in ("model", "input"):
+        setattr(err, key, data.get(key))
+    return err
+
+
+_FLIGHT_ERRORS: dict[grpc.StatusCode, type[flight.FlightError]] = {
+    grpc.StatusCode.UNAVAILABLE: flight.FlightUnavailableError,
+    grpc.StatusCode.DEADLINE_EXCEEDED: flight.FlightTimedOutError,
+    grpc.StatusCode.UNAUTHENTICATED: flight.FlightUnauthenticatedError,
+    grpc.StatusCode.INTERNAL: flight.FlightInternalError,
+}
+
+
+def to_flight(err: BaseException) -> flight.FlightError:
+    """The Flight error a server raises for ``err``; the class travels in ``extra_info``.
+
+    Flight has no INVALID_ARGUMENT or NOT_FOUND error class, so request errors travel as
+    ``FlightServerError`` and the client restores the class from ``extra_info``.
+    """
+    data = error_to_dict(err)
+    code = STATUS_CODES.get(type(err), grpc.StatusCode.INTERNAL)  # type: ignore[call-overload]
+    cls = _FLIGHT_ERRORS.get(code, flight.FlightServerError)
+    return cls(data["message"], json.dumps(data).encode())
+
+
+def from_flight(exc: flight.FlightError) -> ArrowInferError:
+    """The arrowinfer error for a Flight error a client received."""
+    info = getattr(exc, "extra_info", b"") or b""
+    try:
+        data = json.loads(info) if info else {}
+    except ValueError:
+        data = {}
+    if isinstance(data, dict) and "type" in data:
+        return error_from_dict(data)
+    message = str(exc).split(". Detail:", 1)[0]
+    if isinstance(exc, flight.FlightUnavailableError):
+        return ServerUnavailable(message)
+    if isinstance(exc, flight.FlightTimedOutError):
+        return Timeout(message)
+    if isinstance(exc, flight.FlightUnauthenticatedError):
+        return Unauthenticated(message)
+    return ServerError(message)

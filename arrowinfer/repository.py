@@ -123,6 +123,8 @@ def read_config(path: Path) -> ModelConfig:
         text = path.read_text()
     except OSError as err:
         raise ModelError(f"{path}: cannot read: {err.strerror or err}") from err
+    except UnicodeDecodeError as err:
+        raise ModelError(f"{path}: cannot read: not UTF-8 text ({err})") from err
     try:
         return text_format.Parse(text, mc.ModelConfig())
     except text_format.ParseError as err:
@@ -176,6 +178,14 @@ def complete_config(config: ModelConfig, model: onnx.ModelProto, path: Path) -> 
         ("output", graph_outputs, config.output),
     ):
         by_name = {v.name: v for v in graph}
+        if batch:
+            for value in graph:
+                if _onnx_dims(value)[:1] != [-1]:
+                    raise ModelError(
+                        f"{path}: {kind} {value.name!r}: config says max_batch_size "
+                        f"{config.max_batch_size}, which needs a variable first dimension, "
+                        f"model.onnx says {_dims_text(_onnx_dims(value))}"
+                    )
         if not entries:
             for value in graph:
                 entry = entries.add()
@@ -207,6 +217,12 @@ def complete_config(config: ModelConfig, model: onnx.ModelProto, path: Path) -> 
                     f"{path}: {kind} {entry.name!r}: config says dims {_dims_text(want)} "
                     f"(batch dimension included as -1), model.onnx says {_dims_text(graph_dims)}"
                 )
+        missing = sorted(set(by_name) - {e.name for e in entries})
+        if kind == "input" and missing:
+            raise ModelError(
+                f"{path}: graph inputs {missing} are not in the config's inputs "
+                f"(config inputs: {sorted(e.name for e in entries)})"
+            )
     return config
 
 
@@ -214,7 +230,9 @@ def _versions(model_dir: Path, config: ModelConfig) -> list[int]:
     """The versions a config's version_policy selects among the version directories."""
     filename = config.default_model_filename or "model.onnx"
     found = sorted(
-        int(p.name) for p in model_dir.iterdir() if p.name.isdigit() and (p / filename).is_file()
+        int(p.name)
+        for p in model_dir.iterdir()
+        if p.name.isascii() and p.name.isdigit() and (p / filename).is_file()
     )
     policy = config.version_policy
     which = policy.WhichOneof("policy_choice")
@@ -242,7 +260,10 @@ def _parameters(config: ModelConfig) -> dict[str, str]:
 def _specs(entries: object, ragged: set[str]) -> list[TensorSpec]:
     out = []
     for entry in entries:  # type: ignore[attr-defined]
-        dt = datatype(mc.DataType.Name(entry.data_type))
+        try:
+            dt = datatype(mc.DataType.Name(entry.data_type))
+        except TypeError as err:
+            raise TypeError(f"tensor {entry.name!r}: {err}") from None
         out.append(TensorSpec(entry.name, dt, tuple(entry.dims), ragged=entry.name in ragged))
     return out
 
@@ -276,6 +297,9 @@ def load_model(model_dir: Path) -> list[ModelVersion]:
             graph = onnx.load(str(path), load_external_data=False)
         except (OSError, DecodeError, ValueError) as err:
             raise ModelError(f"{path}: not a readable ONNX model: {err}") from err
+        if not graph.HasField("graph") or not graph.graph.output:
+            # Protobuf parses an empty file (and some garbage) as an empty ModelProto.
+            raise ModelError(f"{path}: not a readable ONNX model: no graph with outputs")
         full = complete_config(config, graph, path)
         params = _parameters(full)
         ragged = {
@@ -288,6 +312,18 @@ def load_model(model_dir: Path) -> list[ModelVersion]:
             raise ModelError(
                 f"{config_path}: parameters name inputs {unknown} that the model does not have"
             )
+        if mask and not ragged:
+            raise ModelError(
+                f"{config_path}: arrowinfer.mask_input {mask!r} needs arrowinfer.ragged_inputs"
+            )
+        for entry in full.input:
+            if (entry.name in ragged or entry.name == mask) and (
+                not entry.dims or any(d < 0 for d in entry.dims)
+            ):
+                raise ModelError(
+                    f"{config_path}: input {entry.name!r}: a ragged or mask input needs fixed "
+                    f"dims to pad to, config says {_dims_text(entry.dims)}"
+                )
         try:
             inputs = signature(
                 [s for s in _specs(full.input, ragged) if s.name != mask],
@@ -295,7 +331,8 @@ def load_model(model_dir: Path) -> list[ModelVersion]:
             )
             outputs = signature(_specs(full.output, set()))
         except TypeError as err:
-            raise ModelError(f"{config_path}: {err}") from err
+            source = config_path if config_path.exists() else path
+            raise ModelError(f"{source}: {err}") from err
         try:
             pad_value = float(params.get("arrowinfer.pad_value", "0"))
         except ValueError as err:

@@ -27,7 +27,7 @@ import numpy as np
 import pyarrow as pa
 
 from .errors import InvalidInput
-from .tensors import Layout, layout
+from .tensors import Layout, Ragged, from_numpy, layout, ragged_from_numpy
 
 __all__ = [
     "DATATYPES",
@@ -38,6 +38,7 @@ __all__ = [
     "signature",
     "spec_field",
     "tensor_specs",
+    "to_column",
     "validate",
 ]
 
@@ -145,6 +146,24 @@ def tensor_specs(schema: pa.Schema) -> list[TensorSpec]:
         dt = datatype(meta["datatype"]) if "datatype" in meta else datatype(lay.value_type)
         out.append(TensorSpec(field.name, dt, shape, ragged=meta.get("ragged") == "pad"))
     return out
+
+
+def to_column(field: pa.Field, data: np.ndarray | Ragged) -> pa.Array:
+    """Arrays (batch first) or a ``Ragged`` collection as a column of ``field``'s canonical type.
+
+    No copies (as :func:`arrowinfer.tensors.from_numpy`); shapes are reshaped as views.
+    """
+    want = layout(field.type)
+    if want.ragged:
+        if not isinstance(data, Ragged):
+            raise TypeError(f"{field.name}: a ragged field needs a Ragged collection")
+        return ragged_from_numpy(data.offsets, data.values).cast(field.type)
+    if isinstance(data, Ragged):
+        raise TypeError(f"{field.name}: a fixed-shape field needs an array, got Ragged")
+    n = len(data)
+    if not want.shape:
+        return from_numpy(data.reshape(n))
+    return from_numpy(data.reshape((n, *want.shape)))
 
 
 def describe(lay: Layout) -> str:

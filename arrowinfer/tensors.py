@@ -283,16 +283,23 @@ def batch_to_numpy(batch: pa.RecordBatch | pa.Table) -> dict[str, np.ndarray | R
 # -- ragged -> fixed size (for models that need it) ----------------------------------------
 
 
-def pad(ragged: Ragged, length: int, *, pad_value: float = 0) -> np.ndarray:
+def pad(
+    ragged: Ragged, length: int, *, pad_value: float = 0, out: np.ndarray | None = None
+) -> np.ndarray:
     """Pad (or truncate) each entry to ``length`` items: shape ``(n, length, *shape)``.
 
     Entries with more than ``length`` items keep their first ``length``. Vectorised over
-    all items; this is a copy by nature (the model wants a dense block).
+    all items; this is a copy by nature (the model wants a dense block), written into
+    ``out`` when given (a request's slot of a batch buffer, say).
     """
     counts = ragged.counts
     n = len(counts)
     shape = ragged.values.shape[1:]
-    out = np.full((n, length, *shape), pad_value, dtype=ragged.values.dtype)
+    if out is None:
+        out = np.empty((n, length, *shape), dtype=ragged.values.dtype)
+    elif out.shape != (n, length, *shape):
+        raise ValueError(f"out has shape {out.shape}, expected {(n, length, *shape)}")
+    out.fill(pad_value)
     start = ragged.offsets[0]
     used = ragged.values[start : ragged.offsets[-1]] if n else ragged.values[:0]
     position = np.arange(len(used)) - np.repeat(ragged.offsets[:-1] - start, counts)

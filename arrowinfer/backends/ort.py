@@ -1,0 +1,238 @@
+"""The onnxruntime backend: one ``InferenceSession`` per model instance.
+
+Inputs come from the Arrow columns as numpy views; a single request goes to the model
+without a copy, several requests are merged into one batch buffer (the one copy batching
+needs), and ragged inputs are padded per entry into their slot of that buffer, with the
+mask filled beside them. Outputs are wrapped into Arrow without copies: each request's
+result is a slice of the one output array.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+
+import numpy as np
+import onnxruntime as ort
+import pyarrow as pa
+from onnxruntime.capi import onnxruntime_pybind11_state as _ort_state
+from tritonclient.grpc import model_config_pb2 as mc
+
+from .. import tensors
+from ..errors import InvalidInput, ModelError
+from ..repository import ModelVersion
+from ..schema import datatype, to_column
+from .base import Backend, Timings
+
+__all__ = ["OnnxRuntimeBackend", "assemble_inputs", "split_outputs"]
+
+# onnxruntime's own errors (InvalidGraph, NotImplemented, Fail, ...) derive from Exception,
+# not RuntimeError; the set differs between versions, so take whatever this one defines.
+_ORT_ERRORS: tuple[type[Exception], ...] = (
+    RuntimeError,
+    ValueError,
+    *(
+        value
+        for value in vars(_ort_state).values()
+        if isinstance(value, type) and issubclass(value, Exception)
+    ),
+)
+
+
+def _providers(model: ModelVersion, device: str | None) -> list[str | tuple[str, dict[str, str]]]:
+    available = ort.get_available_providers()
+    kinds = {g.kind for g in model.config.instance_group}
+    kind_gpu = 1  # ModelInstanceGroup.Kind.KIND_GPU
+    wants_gpu = (device or "").startswith("cuda") or (device is None and kind_gpu in kinds)
+    if not wants_gpu:
+        return ["CPUExecutionProvider"]
+    if "CUDAExecutionProvider" not in available:
+        raise ModelError(
+            f"model {model.name!r} asks for a GPU, but onnxruntime has no CUDA provider here "
+            f"(available: {available}); install onnxruntime-gpu or use KIND_CPU"
+        )
+    device_id = device.split(":", 1)[1] if device and ":" in device else "0"
+    return [("CUDAExecutionProvider", {"device_id": device_id}), "CPUExecutionProvider"]
+
+
+def _session_options(model: ModelVersion) -> ort.SessionOptions:
+    options = ort.SessionOptions()
+    for key, attr in (
+        ("intra_op_thread_count", "intra_op_num_threads"),
+        ("inter_op_thread_count", "inter_op_num_threads"),
+    ):
+        value = model.parameter(key)
+        if value is not None:
+            try:
+                setattr(options, attr, int(value))
+            except ValueError as err:
+                raise ModelError(f"model {model.name!r}: parameter {key}={value!r}: {err}") from err
+    return options
+
+
+def _model_shape(entry: object) -> tuple[int, ...]:
+    """Per-entry dims as the ONNX graph sees them (``reshape`` applied)."""
+    reshape = entry.reshape  # type: ignore[attr-defined]
+    dims = reshape.shape if entry.HasField("reshape") else entry.dims  # type: ignore[attr-defined]
+    return tuple(int(d) for d in dims)
+
+
+def _counts_of(model: ModelVersion, request: pa.RecordBatch) -> np.ndarray | None:
+    """Items per entry of the ragged inputs, which must agree with each other."""
+    counts = None
+    for name in model.ragged_inputs:
+        these = tensors.ragged_to_numpy(request.column(name)).counts
+        if counts is not None and not np.array_equal(counts, these):
+            raise InvalidInput(
+                f"ragged inputs {list(model.ragged_inputs)} must have the same number of items "
+                "in every entry",
+                model=model.name,
+                input=name,
+            )
+        counts = these
+    return counts
+
+
+def assemble_inputs(
+    model: ModelVersion, requests: Sequence[pa.RecordBatch]
+) -> dict[str, np.ndarray]:
+    """The model's input arrays for a list of requests, batch dimension first.
+
+    One request's fixed-shape inputs are passed as views of its Arrow buffers; several are
+    concatenated into one buffer. Ragged inputs are padded or truncated to the model's
+    size (``arrowinfer.pad_value``), and the ``arrowinfer.mask_input`` is 1 for real items.
+    """
+    batching = model.max_batch_size > 0
+    if not batching and (len(requests) != 1 or requests[0].num_rows != 1):
+        raise InvalidInput(
+            "a model without batching (max_batch_size 0) takes one entry per request",
+            model=model.name,
+            expected="1 row",
+            got=f"{sum(r.num_rows for r in requests)} rows",
+        )
+    rows = [r.num_rows for r in requests]
+    total = sum(rows)
+    starts = np.concatenate([[0], np.cumsum(rows)])
+    counts = [_counts_of(model, r) for r in requests] if model.ragged_inputs else None
+    feeds: dict[str, np.ndarray] = {}
+    for entry in model.config.input:
+        name = entry.name
+        dtype = datatype(mc.DataType.Name(entry.data_type)).numpy
+        shape = _model_shape(entry)
+        if name == model.mask_input:
+            assert counts is not None
+            length = shape[0]
+            feeds[name] = np.concatenate(
+                [np.ones_like(tensors.mask(c, length, shape=shape[1:], dtype=dtype)) for c in counts]
+            )
+            continue
+        if name in model.ragged_inputs:
+            buffer = np.empty((total, *shape), dtype=dtype)
+            for i, request in enumerate(requests):
+                tensors.pad(
+                    tensors.ragged_to_numpy(request.column(name)),
+                    shape[0],
+                    pad_value=model.pad_value,
+                    out=buffer[starts[i] : starts[i + 1]],
+                )
+            feeds[name] = buffer
+            continue
+        views = [_dense(model, name, r.column(name)) for r in requests]
+        if not batching:
+            feeds[name] = views[0][0].reshape(shape)
+            continue
+        merged = views[0] if len(views) == 1 else np.concatenate(views)
+        feeds[name] = merged.reshape((total, *shape))  # a view; reshape's -1 takes the rest
+    return feeds
+
+
+def _dense(model: ModelVersion, name: str, column: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """A column as a dense block; a list column only if every entry has the same length."""
+    if not tensors.layout(column.type).ragged:
+        return tensors.to_numpy(column)
+    ragged = tensors.ragged_to_numpy(column)
+    counts = ragged.counts
+    if len(counts) and np.any(counts != counts[0]):
+        raise InvalidInput(
+            "entries have different lengths, and the model needs one length per batch",
+            model=model.name,
+            input=name,
+            expected="equal lengths (or list the input in arrowinfer.ragged_inputs)",
+            got=f"lengths {int(counts.min())}..{int(counts.max())}",
+        )
+    length = int(counts[0]) if len(counts) else 0
+    return ragged.values.reshape((len(counts), length, *ragged.values.shape[1:]))
+
+
+def split_outputs(
+    model: ModelVersion, outputs: dict[str, np.ndarray], rows: Sequence[int]
+) -> list[pa.RecordBatch]:
+    """One result batch per request, each column a zero-copy slice of the model's output."""
+    schema = model.outputs
+    if model.max_batch_size == 0:
+        columns = []
+        for field in schema:
+            value = outputs[field.name]
+            if tensors.layout(field.type).ragged:
+                data: np.ndarray | tensors.Ragged = tensors.Ragged(
+                    np.array([0, len(value)], dtype=np.int32), value
+                )
+            else:
+                data = value[np.newaxis]
+            columns.append(to_column(field, data))
+        return [pa.RecordBatch.from_arrays(columns, schema=schema)]
+    results = []
+    start = 0
+    for n in rows:
+        columns = [_column(field, outputs[field.name][start : start + n]) for field in schema]
+        results.append(pa.RecordBatch.from_arrays(columns, schema=schema))
+        start += n
+    return results
+
+
+def _column(field: pa.Field, value: np.ndarray) -> pa.Array:
+    """A batched output slice as a column; a variable dimension becomes a list per entry.
+
+    Every entry of one batch has the same length there, so the offsets are a range and the
+    values stay a view of ``value``.
+    """
+    if not tensors.layout(field.type).ragged:
+        return to_column(field, value)
+    n, length = value.shape[:2]
+    wide = n * length > np.iinfo(np.int32).max
+    offsets = np.arange(n + 1, dtype=np.int64 if wide else np.int32) * length
+    return to_column(field, tensors.Ragged(offsets, value.reshape((n * length, *value.shape[2:]))))
+
+
+class OnnxRuntimeBackend(Backend):
+    """Runs a model version with onnxruntime (CPU, or CUDA when configured and available)."""
+
+    def __init__(self, model: ModelVersion, *, device: str | None = None):
+        super().__init__(model)
+        try:
+            self.session = ort.InferenceSession(
+                os.fspath(model.path),
+                sess_options=_session_options(model),
+                providers=_providers(model, device),
+            )
+        except _ORT_ERRORS as err:
+            raise ModelError(f"{model.path}: onnxruntime cannot load it: {err}") from err
+        self._output_names = [o.name for o in model.config.output]
+
+    def execute(self, requests: Sequence[pa.RecordBatch]) -> tuple[list[pa.RecordBatch], Timings]:
+        t0 = time.perf_counter_ns()
+        feeds = assemble_inputs(self.model, requests)
+        t1 = time.perf_counter_ns()
+        values = self.session.run(self._output_names, feeds)
+        t2 = time.perf_counter_ns()
+        outputs = {}
+        batching = self.model.max_batch_size > 0
+        for entry, value in zip(self.model.config.output, values, strict=True):
+            dims = tuple(entry.dims)
+            reshaped = entry.HasField("reshape") and -1 not in dims
+            batch = (len(value),) if batching else ()
+            outputs[entry.name] = value.reshape(batch + dims) if reshaped else value
+        results = split_outputs(self.model, outputs, [r.num_rows for r in requests])
+        t3 = time.perf_counter_ns()
+        return results, Timings(t1 - t0, t2 - t1, t3 - t2)

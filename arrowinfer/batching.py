@@ -1,0 +1,359 @@
+"""Dynamic batching with Triton's semantics, and the per-model statistics Triton reports.
+
+Requests for a model, from every client and stream, wait in one queue. Each model
+instance (``instance_group`` count) has a thread that takes the oldest requests and
+merges them into one batch of at most ``max_batch_size`` rows:
+
+- it waits at most ``max_queue_delay_microseconds`` after the oldest request arrived for
+  more requests to join;
+- it stops waiting as soon as the largest ``preferred_batch_size`` (or ``max_batch_size``)
+  is reached, and otherwise cuts the batch at the largest preferred size it can form;
+- a model without ``dynamic_batching`` runs each request on its own, as Triton does;
+- ``default_queue_policy { max_queue_size }`` bounds the queue: a request that finds it
+  full fails at once with :class:`~arrowinfer.errors.ServerBusy`;
+- a request larger than ``max_batch_size`` is split into slices (no copy) that queue one
+  after the other, and its results are joined again (one copy of the outputs).
+
+Requests are never reordered; a batch in which one request fails is re-run request by
+request so that only the bad request gets the error.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import pyarrow as pa
+
+from .backends import Backend, Timings
+from .errors import ArrowInferError, ServerBusy, ServerError, ServerUnavailable
+from .repository import ModelVersion
+
+__all__ = ["Completed", "DynamicBatcher", "ModelStatistics"]
+
+log = logging.getLogger(__name__)
+
+
+class Completed(NamedTuple):
+    """A request's result and where its time went inside the server (nanoseconds)."""
+
+    batch: pa.RecordBatch
+    queue_ns: int
+    compute_input_ns: int
+    compute_infer_ns: int
+    compute_output_ns: int
+
+
+@dataclass
+class _Duration:
+    count: int = 0
+    ns: int = 0
+
+    def add(self, ns: int, count: int = 1) -> None:
+        self.count += count
+        self.ns += ns
+
+    def as_dict(self) -> dict[str, int]:
+        return {"count": self.count, "ns": self.ns}
+
+
+@dataclass
+class ModelStatistics:
+    """Triton's statistics of one model version: counts and cumulative times.
+
+    ``as_dict()`` has the field names of Triton's statistics extension, so tools that read
+    Triton's ``ModelStatistics`` read these too. Thread-safe.
+    """
+
+    name: str
+    version: str
+    inference_count: int = 0  # rows (batch entries) inferred
+    execution_count: int = 0  # model executions (batches)
+    last_inference_ms: int = 0
+    success: _Duration = field(default_factory=_Duration)
+    fail: _Duration = field(default_factory=_Duration)
+    queue: _Duration = field(default_factory=_Duration)
+    compute_input: _Duration = field(default_factory=_Duration)
+    compute_infer: _Duration = field(default_factory=_Duration)
+    compute_output: _Duration = field(default_factory=_Duration)
+    batch_stats: dict[int, list[_Duration]] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def record_execution(self, rows: int, timings: Timings) -> None:
+        with self._lock:
+            self.execution_count += 1
+            self.inference_count += rows
+            self.last_inference_ms = int(time.time() * 1000)
+            per_size = self.batch_stats.setdefault(rows, [_Duration(), _Duration(), _Duration()])
+            for duration, ns in zip(per_size, timings, strict=True):
+                duration.add(ns)
+
+    def record_request(self, ok: bool, total_ns: int, done: Completed | None = None) -> None:
+        with self._lock:
+            (self.success if ok else self.fail).add(total_ns)
+            if done is not None:
+                self.queue.add(done.queue_ns)
+                self.compute_input.add(done.compute_input_ns)
+                self.compute_infer.add(done.compute_infer_ns)
+                self.compute_output.add(done.compute_output_ns)
+
+    def as_dict(self) -> dict[str, Any]:
+        """Triton's ``ModelStatistics`` JSON for this model version."""
+        with self._lock:
+            return {
+                "name": self.name,
+                "version": self.version,
+                "last_inference": self.last_inference_ms,
+                "inference_count": self.inference_count,
+                "execution_count": self.execution_count,
+                "inference_stats": {
+                    "success": self.success.as_dict(),
+                    "fail": self.fail.as_dict(),
+                    "queue": self.queue.as_dict(),
+                    "compute_input": self.compute_input.as_dict(),
+                    "compute_infer": self.compute_infer.as_dict(),
+                    "compute_output": self.compute_output.as_dict(),
+                },
+                "batch_stats": [
+                    {
+                        "batch_size": size,
+                        "compute_input": d[0].as_dict(),
+                        "compute_infer": d[1].as_dict(),
+                        "compute_output": d[2].as_dict(),
+                    }
+                    for size, d in sorted(self.batch_stats.items())
+                ],
+            }
+
+
+@dataclass
+class _Request:
+    batch: pa.RecordBatch
+    future: Future[Completed]
+    enqueued_ns: int
+
+
+def _choose(rows: Sequence[int], max_rows: int, preferred: Sequence[int]) -> int:
+    """How many queued requests form the next batch (at least one).
+
+    The longest prefix whose rows make a preferred size, else the longest that fits.
+    """
+    total = 0
+    fits = 0
+    best_preferred = 0
+    for i, n in enumerate(rows):
+        total += n
+        if total > max_rows and i > 0:
+            break
+        fits = i + 1
+        if total in preferred:
+            best_preferred = i + 1
+    return best_preferred or fits
+
+
+class DynamicBatcher:
+    """The queue and scheduler of one model version.
+
+    Parameters
+    ----------
+    model
+        The model version; its config gives the batching settings.
+    backends
+        One backend per model instance; each gets a scheduler thread.
+    statistics
+        Where to record counts and times (a new one if not given).
+    """
+
+    def __init__(
+        self,
+        model: ModelVersion,
+        backends: Sequence[Backend],
+        statistics: ModelStatistics | None = None,
+    ):
+        if not backends:
+            raise ValueError("a batcher needs at least one model instance")
+        self.model = model
+        self.statistics = statistics or ModelStatistics(model.name, str(model.version))
+        config = model.config
+        self._max_rows = max(model.max_batch_size, 1)
+        self._batching = model.max_batch_size > 0 and config.HasField("dynamic_batching")
+        dynamic = config.dynamic_batching
+        self._delay_ns = int(dynamic.max_queue_delay_microseconds) * 1000
+        self._preferred = sorted(
+            int(p) for p in dynamic.preferred_batch_size if p <= self._max_rows
+        )
+        self._enough = self._preferred[-1] if self._preferred else self._max_rows
+        self._max_queue = int(dynamic.default_queue_policy.max_queue_size)
+        self._queue: deque[_Request] = deque()
+        self._queued_rows = 0
+        self._cond = threading.Condition()
+        self._closed = False
+        self._backends = list(backends)
+        self._threads = [
+            threading.Thread(
+                target=self._run, args=(b,), name=f"batcher-{model.name}-{i}", daemon=True
+            )
+            for i, b in enumerate(self._backends)
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    # -- submitting ----------------------------------------------------------------------
+
+    def submit(self, batch: pa.RecordBatch) -> Future[Completed]:
+        """Queue one (validated) request; the future gives its result in the same row order.
+
+        Raises
+        ------
+        ServerBusy
+            At once, when the queue is full.
+        ServerUnavailable
+            When the batcher is closed.
+        """
+        parts = [batch]
+        if batch.num_rows > self._max_rows and self.model.max_batch_size > 0:
+            parts = [
+                batch.slice(i, self._max_rows) for i in range(0, batch.num_rows, self._max_rows)
+            ]
+        now = time.perf_counter_ns()
+        requests = [_Request(p, Future(), now) for p in parts]
+        with self._cond:
+            if self._closed:
+                raise ServerUnavailable(f"model {self.model.name!r} is unloading")
+            if self._max_queue and len(self._queue) + len(requests) > self._max_queue:
+                raise ServerBusy(
+                    f"model {self.model.name!r}: server busy, the queue is full "
+                    f"({len(self._queue)} requests waiting, max_queue_size {self._max_queue})"
+                )
+            self._queue.extend(requests)
+            self._queued_rows += batch.num_rows
+            self._cond.notify()
+        if len(requests) == 1:
+            return requests[0].future
+        return _joined([r.future for r in requests])
+
+    # -- scheduling ----------------------------------------------------------------------
+
+    def _take(self) -> list[_Request] | None:
+        """Wait for the next batch under the lock; None once closed and drained."""
+        with self._cond:
+            while not self._queue:
+                if self._closed:
+                    return None
+                self._cond.wait()
+            if self._batching and self._delay_ns:
+                deadline = self._queue[0].enqueued_ns + self._delay_ns
+                while not self._closed and self._queued_rows < self._enough:
+                    left = deadline - time.perf_counter_ns()
+                    if left <= 0:
+                        break
+                    self._cond.wait(left / 1e9)
+                    if not self._queue:  # another instance took them
+                        return []
+            if self._batching:
+                rows = [r.batch.num_rows for r in self._queue]
+                count = _choose(rows, self._max_rows, self._preferred)
+            else:
+                count = 1
+            taken = [self._queue.popleft() for _ in range(count)]
+            self._queued_rows -= sum(r.batch.num_rows for r in taken)
+            if self._queue:
+                self._cond.notify()  # another idle instance can start the next batch
+            return taken
+
+    def _run(self, backend: Backend) -> None:
+        while (taken := self._take()) is not None:
+            if taken:
+                self._execute(backend, taken)
+
+    def _execute(self, backend: Backend, requests: list[_Request]) -> None:
+        start = time.perf_counter_ns()
+        live = [r for r in requests if r.future.set_running_or_notify_cancel()]
+        if not live:
+            return
+        try:
+            results, timings = backend.execute([r.batch for r in live])
+        except ArrowInferError as err:
+            if len(live) > 1:  # find the culprit: the others must not pay for it
+                for request in live:
+                    self._execute(backend, [request])
+                return
+            self._fail(live[0], err)
+            return
+        except Exception as err:
+            log.exception("model %s: execution failed", self.model.name)
+            error = ServerError(f"model {self.model.name!r}: execution failed: {err}")
+            for request in live:
+                self._fail(request, error)
+            return
+        rows = sum(r.batch.num_rows for r in live)
+        self.statistics.record_execution(rows, timings)
+        end = time.perf_counter_ns()
+        for request, result in zip(live, results, strict=True):
+            done = Completed(result, start - request.enqueued_ns, *timings)
+            self.statistics.record_request(True, end - request.enqueued_ns, done)
+            request.future.set_result(done)
+
+    def _fail(self, request: _Request, error: BaseException) -> None:
+        self.statistics.record_request(False, time.perf_counter_ns() - request.enqueued_ns)
+        request.future.set_exception(error)
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    @property
+    def instances(self) -> int:
+        """Model instances (scheduler threads)."""
+        return len(self._backends)
+
+    @property
+    def queued(self) -> int:
+        """Requests waiting now."""
+        return len(self._queue)
+
+    def close(self, timeout: float | None = None) -> None:
+        """Stop taking requests, finish the queued ones, stop the instances."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        for thread in self._threads:
+            thread.join(timeout)
+        for backend in self._backends:
+            backend.close()
+
+
+def _joined(futures: list[Future[Completed]]) -> Future[Completed]:
+    """One future for the parts of a split request: outputs concatenated, times summed."""
+    out: Future[Completed] = Future()
+    out.set_running_or_notify_cancel()
+    remaining = [len(futures)]
+    lock = threading.Lock()
+
+    def one_done(_: Future[Completed]) -> None:
+        with lock:
+            remaining[0] -= 1
+            if remaining[0]:
+                return
+        errors = [f.exception() for f in futures if f.exception() is not None]
+        if errors:
+            out.set_exception(errors[0])
+            return
+        parts = [f.result() for f in futures]
+        out.set_result(
+            Completed(
+                pa.concat_batches([p.batch for p in parts]),
+                queue_ns=max(p.queue_ns for p in parts),
+                compute_input_ns=sum(p.compute_input_ns for p in parts),
+                compute_infer_ns=sum(p.compute_infer_ns for p in parts),
+                compute_output_ns=sum(p.compute_output_ns for p in parts),
+            )
+        )
+
+    for future in futures:
+        future.add_done_callback(one_done)
+    return out
