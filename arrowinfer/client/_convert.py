@@ -1,0 +1,125 @@
+"""What users hand the client (Arrow, numpy dicts, awkward) as a request batch, and back."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from .. import tensors
+from ..errors import InvalidInput
+from ..schema import to_column, validate
+
+__all__ = ["SERVER_TIMES", "conform", "server_times", "to_awkward", "to_record_batch"]
+
+#: Schema metadata keys a result carries: where its request's time went in the server (ns).
+SERVER_TIMES = ("queue_ns", "compute_input_ns", "compute_infer_ns", "compute_output_ns")
+
+
+def _is_awkward(data: object) -> bool:
+    return type(data).__module__.startswith("awkward")
+
+
+def to_record_batch(data: Any) -> pa.RecordBatch:
+    """A request as a record batch, columns named after the model's inputs.
+
+    Parameters
+    ----------
+    data
+        A ``pa.RecordBatch``; a ``pa.Table`` (several chunks are combined: a copy); a
+        mapping of input name to numpy array, ``Ragged``, ``(offsets, values)`` or Arrow
+        array; or an awkward record array with one field per input. Numpy arrays become
+        columns of their own layout (:func:`arrowinfer.tensors.from_numpy`), no copies;
+        :func:`conform` then checks them and adapts them to the model's types.
+    """
+    if isinstance(data, pa.RecordBatch):
+        return data
+    if isinstance(data, pa.Table):
+        combined = data.combine_chunks() if any(c.num_chunks > 1 for c in data.columns) else data
+        batches = combined.to_batches()
+        if not batches:
+            return pa.RecordBatch.from_pylist([], schema=data.schema)
+        return batches[0]
+    if _is_awkward(data):
+        import awkward as ak
+
+        data = {name: ak.to_arrow(data[name], extensionarray=False) for name in data.fields}
+    if isinstance(data, Mapping):
+        names = list(data)
+        columns = []
+        for name in names:
+            value = data[name]
+            if _is_awkward(value):
+                import awkward as ak
+
+                value = ak.to_arrow(value, extensionarray=False)
+            if isinstance(value, tuple) and len(value) == 2:
+                value = tensors.Ragged(np.asarray(value[0]), np.asarray(value[1]))
+            if isinstance(value, pa.ChunkedArray):
+                value = value.combine_chunks()
+            if not isinstance(value, pa.Array):
+                value = _column(value)  # its own layout; conform() checks and adapts it
+            columns.append(value)
+        return pa.RecordBatch.from_arrays(columns, names=names)
+    raise TypeError(
+        "data must be a pyarrow RecordBatch or Table, a dict of numpy arrays, or an awkward "
+        f"array; got {type(data).__name__}"
+    )
+
+
+def _column(value: Any) -> pa.Array:
+    if isinstance(value, tensors.Ragged):
+        return tensors.ragged_from_numpy(value.offsets, value.values)
+    return tensors.from_numpy(np.asarray(value))
+
+
+def conform(batch: pa.RecordBatch, schema: pa.Schema, *, model: str) -> pa.RecordBatch:
+    """Check a request against the model's signature and give it exactly that schema.
+
+    Equivalent layouts (nested ``fixed_size_list`` for a tensor, ``large_list``, awkward's
+    extension types) are rebuilt in the canonical types from the same buffers: values are
+    never copied (only the offsets of a ``large_list``, narrowed to int32).
+
+    Raises
+    ------
+    InvalidInput
+        Before anything is sent, with the message the server would give.
+    """
+    validate(batch, schema, model=model)
+    if batch.schema.equals(schema, check_metadata=False) and batch.schema.names == schema.names:
+        return (
+            batch
+            if batch.schema.metadata == schema.metadata
+            else batch.replace_schema_metadata(schema.metadata)
+        )
+    columns = []
+    for field in schema:
+        column = batch.column(field.name)
+        if column.type == field.type:
+            columns.append(column)
+            continue
+        lay = tensors.layout(field.type)
+        data = tensors.ragged_to_numpy(column) if lay.ragged else tensors.to_numpy(column)
+        if lay.ragged and data.offsets.dtype != np.int32:
+            if len(data.values) > np.iinfo(np.int32).max:
+                raise InvalidInput(
+                    "too many items for 32-bit list offsets", model=model, input=field.name
+                )
+            data = tensors.Ragged(data.offsets.astype(np.int32), data.values)
+        columns.append(to_column(field, data))
+    return pa.RecordBatch.from_arrays(columns, schema=schema)
+
+
+def server_times(result: pa.RecordBatch) -> dict[str, int]:
+    """The server-side times of the request a result answers: queue, compute (ns)."""
+    meta = result.schema.metadata or {}
+    return {key: int(meta[key.encode()]) for key in SERVER_TIMES if key.encode() in meta}
+
+
+def to_awkward(result: pa.RecordBatch | pa.Table) -> Any:
+    """A result as an awkward record array (one field per output)."""
+    import awkward as ak
+
+    return ak.from_arrow(result)

@@ -1,0 +1,206 @@
+"""The inference core every front end adapts: models, batchers, statistics, readiness.
+
+Flight, KServe v2 gRPC and the shared-memory service all call the same
+:class:`InferenceCore`, so they share the repository, the queues and the statistics.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+from google.protobuf import json_format
+
+from ..backends import create_backend
+from ..batching import Completed, DynamicBatcher, ModelStatistics
+from ..errors import ModelError, ModelNotFound, ServerUnavailable
+from ..repository import ModelVersion, Repository
+from ..schema import validate
+
+__all__ = ["InferenceCore", "LoadedModel"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoadedModel:
+    """One served model version with its batcher."""
+
+    version: ModelVersion
+    batcher: DynamicBatcher
+
+    @property
+    def statistics(self) -> ModelStatistics:
+        return self.batcher.statistics
+
+
+class InferenceCore:
+    """Loads models from a repository and runs requests through their batchers.
+
+    Parameters
+    ----------
+    repository
+        The model repository.
+    device
+        ``"cpu"`` or ``"cuda:N"`` for every model, overriding their instance groups.
+    models
+        Only these models are loaded at start (all when None).
+    """
+
+    def __init__(
+        self,
+        repository: Repository,
+        *,
+        device: str | None = None,
+        models: list[str] | None = None,
+    ):
+        self.repository = repository
+        self.device = device
+        self._models: dict[str, dict[int, LoadedModel]] = {}
+        self._failed: dict[str, str] = {}
+        self._lock = threading.RLock()
+        self.ready = False
+        for name in models if models is not None else repository.names():
+            try:
+                self.load(name)
+            except (ModelError, ModelNotFound) as err:
+                log.error("model %s not loaded: %s", name, err)
+                self._failed[name] = str(err)
+        self.ready = True
+
+    # -- models --------------------------------------------------------------------------
+
+    def load(self, name: str) -> list[LoadedModel]:
+        """Load (or reload) every selected version of a model."""
+        versions = self.repository.load(name)
+        loaded = {}
+        try:
+            for version in versions:
+                count = sum(g.count or 1 for g in version.config.instance_group) or 1
+                backends = [create_backend(version, device=self.device) for _ in range(count)]
+                loaded[version.version] = LoadedModel(version, DynamicBatcher(version, backends))
+        except Exception:
+            for model in loaded.values():
+                model.batcher.close()
+            raise
+        with self._lock:
+            old = self._models.pop(name, {})
+            self._models[name] = loaded
+            self._failed.pop(name, None)
+        for model in old.values():
+            model.batcher.close()
+        for model in loaded.values():
+            v = model.version
+            log.info(
+                "loaded model %s version %d (%d instance(s), max_batch_size %d)",
+                v.name,
+                v.version,
+                model.batcher.instances,
+                v.max_batch_size,
+            )
+        return list(loaded.values())
+
+    def unload(self, name: str) -> None:
+        """Stop serving a model; queued requests finish first."""
+        with self._lock:
+            if name not in self._models:
+                raise ModelNotFound(name, self._models)
+            old = self._models.pop(name)
+        for model in old.values():
+            model.batcher.close()
+        log.info("unloaded model %s", name)
+
+    def get(self, name: str, version: str | int | None = None) -> LoadedModel:
+        """A served model version; the latest when ``version`` is None or empty.
+
+        Raises
+        ------
+        ModelNotFound
+            Listing the served models (or versions).
+        """
+        with self._lock:
+            versions = self._models.get(name)
+            if not versions:
+                raise ModelNotFound(name, self._models)
+            if version in (None, "", -1):
+                return versions[max(versions)]
+            try:
+                number = int(version)  # type: ignore[arg-type]
+            except ValueError:
+                number = -1
+            if number not in versions:
+                raise ModelNotFound(name, [f"{name}/{v}" for v in versions], version=str(version))
+            return versions[number]
+
+    def served(self) -> list[LoadedModel]:
+        """Every served model version, by name then version."""
+        with self._lock:
+            return [
+                m for name in sorted(self._models) for _, m in sorted(self._models[name].items())
+            ]
+
+    # -- inference -----------------------------------------------------------------------
+
+    def submit(self, model: LoadedModel, batch: pa.RecordBatch) -> Future[Completed]:
+        """Validate a request and queue it; the future gives its result.
+
+        Raises
+        ------
+        InvalidInput, ServerBusy, ServerUnavailable
+            At once, before anything is queued.
+        """
+        if not self.ready:
+            raise ServerUnavailable("the server is not ready (starting or shutting down)")
+        version = model.version
+        max_rows = None if version.max_batch_size > 0 else 1
+        validate(batch, version.inputs, model=version.name, max_rows=max_rows)
+        return model.batcher.submit(batch)
+
+    # -- management ----------------------------------------------------------------------
+
+    def index(self) -> list[dict[str, Any]]:
+        """Triton's repository index: every model directory, its versions and state."""
+        out = []
+        with self._lock:
+            for name in self.repository.names():
+                versions = self._models.get(name)
+                if versions:
+                    out.extend(
+                        {"name": name, "version": str(v), "state": "READY", "reason": ""}
+                        for v in sorted(versions)
+                    )
+                else:
+                    reason = self._failed.get(name, "")
+                    state = "UNAVAILABLE" if reason or name not in self._models else "READY"
+                    out.append({"name": name, "version": "", "state": state, "reason": reason})
+        return out
+
+    def config(self, model: LoadedModel) -> dict[str, Any]:
+        """The model's complete config as Triton's JSON."""
+        return json_format.MessageToDict(model.version.config, preserving_proto_field_name=True)
+
+    def statistics(
+        self, name: str | None = None, version: str | None = None
+    ) -> list[dict[str, Any]]:
+        """Triton's statistics of one model version, one model, or every model."""
+        if name:
+            if version:
+                return [self.get(name, version).statistics.as_dict()]
+            with self._lock:
+                if name not in self._models:
+                    raise ModelNotFound(name, self._models)
+                return [m.statistics.as_dict() for _, m in sorted(self._models[name].items())]
+        return [m.statistics.as_dict() for m in self.served()]
+
+    def close(self) -> None:
+        """Not ready any more; finish queued requests, stop every model."""
+        self.ready = False
+        with self._lock:
+            models = [m for versions in self._models.values() for m in versions.values()]
+            self._models.clear()
+        for model in models:
+            model.batcher.close()

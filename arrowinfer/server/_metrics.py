@@ -1,0 +1,121 @@
+"""Prometheus metrics under Triton's names, read from the statistics at scrape time.
+
+The counters keep Triton's exact names (``nv_inference_request_success``, ...) with the
+labels ``model`` and ``version``, so dashboards and autoscalers written for Triton (such as
+SuperSONIC's, which scale on ``nv_inference_queue_duration_us``) work unchanged. They are
+exposed untyped: prometheus-client would append ``_total`` to a typed counter, and Triton's
+names have no suffix. arrowinfer's own metrics start with ``arrowinfer_``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, UnknownMetricFamily
+from prometheus_client.registry import Collector
+
+__all__ = ["TRITON_COUNTERS", "StatisticsCollector", "metrics_registry", "start_metrics_server"]
+
+#: Triton's counter name -> (help, how to read it from one model's statistics JSON).
+TRITON_COUNTERS: dict[str, tuple[str, Callable[[dict[str, Any]], float]]] = {
+    "nv_inference_request_success": (
+        "Number of successful inference requests, all batch sizes",
+        lambda s: s["inference_stats"]["success"]["count"],
+    ),
+    "nv_inference_request_failure": (
+        "Number of failed inference requests, all batch sizes",
+        lambda s: s["inference_stats"]["fail"]["count"],
+    ),
+    "nv_inference_count": (
+        "Number of inferences performed (batch entries)",
+        lambda s: s["inference_count"],
+    ),
+    "nv_inference_exec_count": (
+        "Number of model executions performed (batches)",
+        lambda s: s["execution_count"],
+    ),
+    "nv_inference_request_duration_us": (
+        "Cumulative inference request duration in microseconds",
+        lambda s: (
+            (s["inference_stats"]["success"]["ns"] + s["inference_stats"]["fail"]["ns"]) / 1e3
+        ),
+    ),
+    "nv_inference_queue_duration_us": (
+        "Cumulative inference queuing duration in microseconds",
+        lambda s: s["inference_stats"]["queue"]["ns"] / 1e3,
+    ),
+    "nv_inference_compute_input_duration_us": (
+        "Cumulative compute input duration in microseconds",
+        lambda s: s["inference_stats"]["compute_input"]["ns"] / 1e3,
+    ),
+    "nv_inference_compute_infer_duration_us": (
+        "Cumulative compute inference duration in microseconds",
+        lambda s: s["inference_stats"]["compute_infer"]["ns"] / 1e3,
+    ),
+    "nv_inference_compute_output_duration_us": (
+        "Cumulative inference compute output duration in microseconds",
+        lambda s: s["inference_stats"]["compute_output"]["ns"] / 1e3,
+    ),
+}
+
+_BATCH_BUCKETS = [2**i for i in range(17)]
+
+
+class StatisticsCollector(Collector):
+    """Collects the metrics from ``statistics()`` (a list of Triton statistics JSON) and
+    ``pending()`` (queued requests by (model, version)) on every scrape."""
+
+    def __init__(
+        self,
+        statistics: Callable[[], list[dict[str, Any]]],
+        pending: Callable[[], dict[tuple[str, str], int]],
+    ):
+        self._statistics = statistics
+        self._pending = pending
+
+    def collect(self) -> Iterator[Any]:
+        stats = self._statistics()
+        labels = ["model", "version"]
+        for name, (help_text, read) in TRITON_COUNTERS.items():
+            family = UnknownMetricFamily(name, help_text, labels=labels)
+            for s in stats:
+                family.add_metric([s["name"], s["version"]], read(s))
+            yield family
+        pending = GaugeMetricFamily(
+            "nv_inference_pending_request_count",
+            "Instantaneous number of pending requests awaiting execution",
+            labels=labels,
+        )
+        for (model, version), count in sorted(self._pending().items()):
+            pending.add_metric([model, version], count)
+        yield pending
+        batch = HistogramMetricFamily(
+            "arrowinfer_batch_size",
+            "Rows per model execution, as the dynamic batcher formed them",
+            labels=labels,
+        )
+        for s in stats:
+            counts = {b["batch_size"]: b["compute_infer"]["count"] for b in s["batch_stats"]}
+            buckets = [
+                (str(bound), sum(c for size, c in counts.items() if size <= bound))
+                for bound in _BATCH_BUCKETS
+            ]
+            buckets.append(("+Inf", sum(counts.values())))
+            total = sum(size * c for size, c in counts.items())
+            batch.add_metric([s["name"], s["version"]], buckets, total)
+        yield batch
+
+
+def metrics_registry(collector: StatisticsCollector) -> CollectorRegistry:
+    """A registry of the server's own (never the global default registry)."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(collector)
+    return registry
+
+
+def start_metrics_server(registry: CollectorRegistry, host: str, port: int) -> tuple[Any, int]:
+    """Serve ``/metrics`` over HTTP; returns the server and the port it bound."""
+    server, _thread = start_http_server(port, addr=host, registry=registry)
+    return server, server.server_port
