@@ -311,7 +311,8 @@ _SPECS: dict[str, _Spec] = {
         outputs=(_Tensor("energy", (1,), "regressed channel energy"),),
         build=_build_facile,
         max_batch_size=16384,
-        dynamic_batching="max_queue_delay_microseconds: 100",
+        # no delay: merge whatever is queued, never hold a lone request back
+        dynamic_batching="max_queue_delay_microseconds: 0",
         parameters=(),
         stands_in_for=(
             "FACILE, the small fully connected network that CMS studied for the local\n"

@@ -217,7 +217,9 @@ def _flat_values(array: pa.Array) -> pa.Array:
     array = _storage(array)
     _check_no_nulls(array)
     while pa.types.is_fixed_size_list(array.type):
-        array = _storage(array.flatten())  # flatten() honours the slice offset, no copy
+        size = array.type.list_size
+        # slicing the child is flatten() without its compute-kernel dispatch: no copy either
+        array = _storage(array.values.slice(array.offset * size, len(array) * size))
         _check_no_nulls(array)
     return array
 
@@ -266,9 +268,10 @@ def ragged_to_numpy(column: Column) -> Ragged:
         raise TypeError(f"not a ragged (list) column: {array.type}")
     _check_no_nulls(array)
     offsets = array.offsets.to_numpy(zero_copy_only=True)
-    values = to_numpy(array.flatten())
-    if len(offsets) and offsets[0] != 0:
-        offsets = offsets - offsets[0]
+    start, stop = int(offsets[0]), int(offsets[-1])
+    values = to_numpy(array.values.slice(start, stop - start))  # flatten(), minus its dispatch
+    if start:
+        offsets = offsets - start
     return Ragged(offsets, values)
 
 

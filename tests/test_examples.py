@@ -101,7 +101,7 @@ def test_config_matches_onnx_graph(repo: pathlib.Path, name: str) -> None:
 
 # Expected settings, written out independently of the module's own table.
 _SETTINGS = {
-    "facile": (16384, 100, [], {}),
+    "facile": (16384, 0, [], {}),
     "jet_tagger": (
         1024,
         500,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
@@ -26,9 +26,6 @@ DTYPES = [
     np.uint64,
     np.bool_,
 ]
-
-settings.register_profile("arrowinfer", deadline=None, max_examples=60)
-settings.load_profile("arrowinfer")
 
 
 def arrays(

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 import onnxruntime as ort
@@ -78,30 +79,65 @@ def _model_shape(entry: object) -> tuple[int, ...]:
     return tuple(int(d) for d in dims)
 
 
-def _counts_of(model: ModelVersion, request: pa.RecordBatch) -> np.ndarray | None:
-    """Items per entry of the ragged inputs, which must agree with each other."""
-    counts = None
-    for name in model.ragged_inputs:
-        these = tensors.ragged_to_numpy(request.column(name)).counts
-        if counts is not None and not np.array_equal(counts, these):
-            raise InvalidInput(
-                f"ragged inputs {list(model.ragged_inputs)} must have the same number of items "
-                "in every entry",
-                model=model.name,
-                input=name,
-            )
-        counts = these
-    return counts
+class _Input(NamedTuple):
+    """How one model input is made: ``kind`` is ``"dense"``, ``"ragged"`` or ``"mask"``."""
+
+    name: str
+    dtype: np.dtype
+    shape: tuple[int, ...]  # per entry, as the ONNX graph wants it
+    kind: str
+
+
+def input_plan(model: ModelVersion) -> list[_Input]:
+    """The model's inputs, worked out once per backend instead of once per batch."""
+    plan = []
+    for entry in model.config.input:
+        kind = (
+            "mask"
+            if entry.name == model.mask_input
+            else "ragged"
+            if entry.name in model.ragged_inputs
+            else "dense"
+        )
+        dtype = datatype(mc.DataType.Name(entry.data_type)).numpy
+        plan.append(_Input(entry.name, dtype, _model_shape(entry), kind))
+    return plan
+
+
+def _merged(requests: Sequence[pa.RecordBatch], name: str) -> pa.Array | pa.ChunkedArray:
+    """One input column over all requests: Arrow concatenates them in C++ (one copy)."""
+    columns = [r.column(name) for r in requests]
+    return columns[0] if len(columns) == 1 else pa.concat_arrays(columns)
+
+
+def _ragged_columns(
+    model: ModelVersion, requests: Sequence[pa.RecordBatch]
+) -> dict[str, tensors.Ragged]:
+    """The ragged inputs of all requests, which must have the same items per entry."""
+    out = {name: tensors.ragged_to_numpy(_merged(requests, name)) for name in model.ragged_inputs}
+    counts = [r.counts for r in out.values()]
+    if any(not np.array_equal(counts[0], c) for c in counts[1:]):
+        raise InvalidInput(
+            f"ragged inputs {list(model.ragged_inputs)} must have the same number of items "
+            "in every entry",
+            model=model.name,
+            input=model.ragged_inputs[-1],
+        )
+    return out
 
 
 def assemble_inputs(
-    model: ModelVersion, requests: Sequence[pa.RecordBatch]
+    model: ModelVersion,
+    requests: Sequence[pa.RecordBatch],
+    *,
+    plan: Sequence[_Input] | None = None,
 ) -> dict[str, np.ndarray]:
     """The model's input arrays for a list of requests, batch dimension first.
 
     One request's fixed-shape inputs are passed as views of its Arrow buffers; several are
-    concatenated into one buffer. Ragged inputs are padded or truncated to the model's
-    size (``arrowinfer.pad_value``), and the ``arrowinfer.mask_input`` is 1 for real items.
+    concatenated by Arrow into one buffer. Ragged inputs are concatenated the same way,
+    then padded or truncated to the model's size (``arrowinfer.pad_value``) in one
+    vectorised step, and the ``arrowinfer.mask_input`` is 1 for real items.
     """
     batching = model.max_batch_size > 0
     if not batching and (len(requests) != 1 or requests[0].num_rows != 1):
@@ -111,39 +147,23 @@ def assemble_inputs(
             expected="1 row",
             got=f"{sum(r.num_rows for r in requests)} rows",
         )
-    rows = [r.num_rows for r in requests]
-    total = sum(rows)
-    starts = np.concatenate([[0], np.cumsum(rows)])
-    counts = [_counts_of(model, r) for r in requests] if model.ragged_inputs else None
+    total = sum(r.num_rows for r in requests)
+    ragged = _ragged_columns(model, requests) if model.ragged_inputs else {}
     feeds: dict[str, np.ndarray] = {}
-    for entry in model.config.input:
-        name = entry.name
-        dtype = datatype(mc.DataType.Name(entry.data_type)).numpy
-        shape = _model_shape(entry)
-        if name == model.mask_input:
-            assert counts is not None
-            length = shape[0]
-            feeds[name] = np.concatenate(
-                [np.ones_like(tensors.mask(c, length, shape=shape[1:], dtype=dtype)) for c in counts]
+    for name, dtype, shape, kind in plan or input_plan(model):
+        if kind == "mask":
+            counts = next(iter(ragged.values())).counts
+            feeds[name] = tensors.mask(counts, shape[0], shape=shape[1:], dtype=dtype)
+        elif kind == "ragged":
+            feeds[name] = tensors.pad(ragged[name], shape[0], pad_value=model.pad_value).astype(
+                dtype, copy=False
             )
-            continue
-        if name in model.ragged_inputs:
-            buffer = np.empty((total, *shape), dtype=dtype)
-            for i, request in enumerate(requests):
-                tensors.pad(
-                    tensors.ragged_to_numpy(request.column(name)),
-                    shape[0],
-                    pad_value=model.pad_value,
-                    out=buffer[starts[i] : starts[i + 1]],
-                )
-            feeds[name] = buffer
-            continue
-        views = [_dense(model, name, r.column(name)) for r in requests]
-        if not batching:
-            feeds[name] = views[0][0].reshape(shape)
-            continue
-        merged = views[0] if len(views) == 1 else np.concatenate(views)
-        feeds[name] = merged.reshape((total, *shape))  # a view; reshape's -1 takes the rest
+        else:
+            dense = _dense(model, name, _merged(requests, name))
+            if not batching:
+                feeds[name] = dense[0].reshape(shape)
+            else:
+                feeds[name] = dense.reshape((total, *shape))  # a view; -1 takes the rest
     return feeds
 
 
@@ -219,10 +239,11 @@ class OnnxRuntimeBackend(Backend):
         except _ORT_ERRORS as err:
             raise ModelError(f"{model.path}: onnxruntime cannot load it: {err}") from err
         self._output_names = [o.name for o in model.config.output]
+        self._plan = input_plan(model)
 
     def execute(self, requests: Sequence[pa.RecordBatch]) -> tuple[list[pa.RecordBatch], Timings]:
         t0 = time.perf_counter_ns()
-        feeds = assemble_inputs(self.model, requests)
+        feeds = assemble_inputs(self.model, requests, plan=self._plan)
         t1 = time.perf_counter_ns()
         values = self.session.run(self._output_names, feeds)
         t2 = time.perf_counter_ns()
