@@ -226,7 +226,9 @@ class DynamicBatcher:
         with self._cond:
             if self._closed:
                 raise ServerUnavailable(f"model {self.model.name!r} is unloading")
-            if self._max_queue and len(self._queue) + len(requests) > self._max_queue:
+            # a request finding the queue full is refused; one split into more parts than
+            # max_queue_size still enters a queue with room, or it could never be served
+            if self._max_queue and len(self._queue) >= self._max_queue:
                 raise ServerBusy(
                     f"model {self.model.name!r}: server busy, the queue is full "
                     f"({len(self._queue)} requests waiting, max_queue_size {self._max_queue})"
@@ -248,9 +250,9 @@ class DynamicBatcher:
                     return None
                 self._cond.wait()
             if self._batching and self._delay_ns:
-                deadline = self._queue[0].enqueued_ns + self._delay_ns
                 while not self._closed and self._queued_rows < self._enough:
-                    left = deadline - time.perf_counter_ns()
+                    # the oldest request now: another instance may have taken the previous one
+                    left = self._queue[0].enqueued_ns + self._delay_ns - time.perf_counter_ns()
                     if left <= 0:
                         break
                     self._cond.wait(left / 1e9)
@@ -273,16 +275,20 @@ class DynamicBatcher:
                 self._execute(backend, taken)
 
     def _execute(self, backend: Backend, requests: list[_Request]) -> None:
-        start = time.perf_counter_ns()
         live = [r for r in requests if r.future.set_running_or_notify_cancel()]
-        if not live:
-            return
+        if live:
+            self._run_batch(backend, live)
+
+    def _run_batch(self, backend: Backend, live: list[_Request]) -> None:
+        start = time.perf_counter_ns()
         try:
             results, timings = backend.execute([r.batch for r in live])
+            if len(results) != len(live):
+                raise RuntimeError(f"{len(results)} results for {len(live)} requests")
         except ArrowInferError as err:
             if len(live) > 1:  # find the culprit: the others must not pay for it
-                for request in live:
-                    self._execute(backend, [request])
+                for request in live:  # (their futures are running already)
+                    self._run_batch(backend, [request])
                 return
             self._fail(live[0], err)
             return
