@@ -67,9 +67,10 @@ class Server:
         if metrics_port is not None:
             collector = StatisticsCollector(self.core.statistics, self._pending)
             self._metrics_server, self.metrics_port = start_metrics_server(
-                metrics_registry(collector), host, metrics_port
+                metrics_registry(collector), host, metrics_port, ready=lambda: self.core.ready
             )
         self._stopped = threading.Event()
+        self._stopping = threading.Lock()
         log.info("Flight listening on %s", self.location)
         if self.metrics_port is not None:
             log.info("metrics on http://%s:%d/metrics", host, self.metrics_port)
@@ -89,10 +90,19 @@ class Server:
         self._stopped.wait()
 
     def stop(self) -> None:
-        """Stop: not ready, finish the requests in flight, unload every model."""
-        if self._stopped.is_set():
-            return
+        """Stop: not ready, finish the requests in flight, unload every model.
+
+        Clients with open streams are asked to finish them (``goaway``); this returns once
+        they have, and every request read so far has its result.
+        """
+        with self._stopping:
+            if self._stopped.is_set():
+                return
+            self._stop()
+
+    def _stop(self) -> None:
         self.core.ready = False
+        self.flight.drain()  # else an idle client stream would hold shutdown() forever
         self.flight.shutdown()  # returns once the calls in progress have finished
         self.core.close()
         if self._metrics_server is not None:

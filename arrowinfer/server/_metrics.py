@@ -1,5 +1,8 @@
 """Prometheus metrics under Triton's names, read from the statistics at scrape time.
 
+The same HTTP port answers Triton's health endpoints, ``/v2/health/live`` and
+``/v2/health/ready`` (200 or 503), for Kubernetes probes and load balancers.
+
 The counters keep Triton's exact names (``nv_inference_request_success``, ...) with the
 labels ``model`` and ``version``, so dashboards and autoscalers written for Triton (such as
 SuperSONIC's, which scale on ``nv_inference_queue_duration_us``) work unchanged. They are
@@ -9,11 +12,14 @@ names have no suffix. arrowinfer's own metrics start with ``arrowinfer_``.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, make_server
 
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry, make_wsgi_app
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, UnknownMetricFamily
+from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.registry import Collector
 
 __all__ = ["TRITON_COUNTERS", "StatisticsCollector", "metrics_registry", "start_metrics_server"]
@@ -115,7 +121,25 @@ def metrics_registry(collector: StatisticsCollector) -> CollectorRegistry:
     return registry
 
 
-def start_metrics_server(registry: CollectorRegistry, host: str, port: int) -> tuple[Any, int]:
-    """Serve ``/metrics`` over HTTP; returns the server and the port it bound."""
-    server, _thread = start_http_server(port, addr=host, registry=registry)
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        """Scrapes every few seconds are not worth a log line each."""
+
+
+def start_metrics_server(
+    registry: CollectorRegistry, host: str, port: int, *, ready: Callable[[], bool]
+) -> tuple[Any, int]:
+    """Serve ``/metrics`` and ``/v2/health/{live,ready}``; returns the server and its port."""
+    metrics = make_wsgi_app(registry)
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
+        path = environ.get("PATH_INFO", "")
+        if path in ("/v2/health/live", "/v2/health/ready"):
+            ok = path.endswith("live") or ready()
+            start_response("200 OK" if ok else "503 Service Unavailable", [("Content-Length", "0")])
+            return [b""]
+        return metrics(environ, start_response)
+
+    server = make_server(host, port, app, ThreadingWSGIServer, handler_class=_QuietHandler)
+    threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
     return server, server.server_port
