@@ -273,6 +273,9 @@ class DynamicBatcher:
         while (taken := self._take()) is not None:
             if taken:
                 self._execute(backend, taken)
+            # hold no request while waiting for the next: its arrays may be a client's
+            # shared memory, which the server unmaps once nothing uses it
+            del taken
 
     def _execute(self, backend: Backend, requests: list[_Request]) -> None:
         live = [r for r in requests if r.future.set_running_or_notify_cancel()]

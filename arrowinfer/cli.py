@@ -39,7 +39,9 @@ def _serve(args: argparse.Namespace) -> int:
         host=args.host,
         port=args.port,
         unix_socket=args.unix_socket,
+        kserve_port=None if args.kserve_port < 0 else args.kserve_port,
         metrics_port=None if args.metrics_port < 0 else args.metrics_port,
+        allow_client_shm=args.allow_client_shm,
         device=args.device,
         models=args.model or None,
     )
@@ -89,6 +91,13 @@ def _examples(args: argparse.Namespace) -> int:
     return 0
 
 
+def _column_mapping(text: str) -> str:
+    name, sep, column = text.partition("=")
+    if not (name and sep and column):
+        raise argparse.ArgumentTypeError(f"expected INPUT=COLUMN, got {text!r}")
+    return text
+
+
 def parser() -> argparse.ArgumentParser:
     """The command line, documented for physicists."""
     top = argparse.ArgumentParser(
@@ -122,6 +131,21 @@ def parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--unix-socket", metavar="PATH", help="listen on a Unix domain socket instead of TCP"
+    )
+    serve.add_argument(
+        "--kserve-port",
+        type=int,
+        default=8001,
+        help="KServe v2 gRPC port (Triton's protocol, for tritonclient); -1 disables "
+        "(default: %(default)s)",
+    )
+    serve.add_argument(
+        "--allow-client-shm",
+        action="store_true",
+        help="accept shared-memory sessions from clients that are not on this host's "
+        "loopback or a Unix socket. Shared memory only works between processes that see the "
+        "same /dev/shm under the same user (containers of one pod, say); off by default, so "
+        "that remote peers can only use Arrow Flight",
     )
     serve.add_argument(
         "--metrics-port",
@@ -158,6 +182,7 @@ def parser() -> argparse.ArgumentParser:
     infer.add_argument(
         "--column",
         action="append",
+        type=_column_mapping,
         metavar="INPUT=COLUMN",
         help="map a model input to a file column (repeatable)",
     )

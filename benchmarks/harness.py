@@ -193,6 +193,8 @@ def arrowinfer_server(repository: Path, *extra: str) -> Iterator[tuple[subproces
         str(repository),
         "--port",
         "0",
+        "--kserve-port",
+        "-1",
         "--metrics-port",
         "-1",
         *extra,

@@ -107,7 +107,21 @@ def input_plan(model: ModelVersion) -> list[_Input]:
 def _merged(requests: Sequence[pa.RecordBatch], name: str) -> pa.Array | pa.ChunkedArray:
     """One input column over all requests: Arrow concatenates them in C++ (one copy)."""
     columns = [r.column(name) for r in requests]
-    return columns[0] if len(columns) == 1 else pa.concat_arrays(columns)
+    if len(columns) == 1:
+        return columns[0]
+    if all(c.type == columns[0].type for c in columns[1:]):
+        return pa.concat_arrays(columns)
+    # Forms that validate() accepts as equal (fixed_shape_tensor or nested fixed_size_list,
+    # primitive for [1], list or large_list, items nullable or not) do not concatenate in
+    # Arrow: merge them through numpy, still one copy.
+    if tensors.layout(columns[0].type).ragged:
+        parts = [tensors.ragged_to_numpy(c) for c in columns]
+        offsets = np.zeros(sum(len(p) for p in parts) + 1, dtype=np.int64)
+        np.cumsum(np.concatenate([p.counts for p in parts]), out=offsets[1:])
+        return tensors.ragged_from_numpy(offsets, np.concatenate([p.values for p in parts]))
+    return tensors.from_numpy(
+        np.concatenate([tensors.to_numpy(c).reshape(len(c), -1) for c in columns])
+    )
 
 
 def _ragged_columns(

@@ -9,6 +9,7 @@ from __future__ import annotations
 from ._client import DEFAULT_TIMEOUT, USE_CLIENT_DEFAULT, AsyncClient, Client
 from ._convert import conform, server_times, to_awkward, to_record_batch
 from ._files import infer_file
+from ._shm import ShmTransport
 from ._transport import FlightTransport, Transport
 
 __all__ = [
@@ -17,6 +18,7 @@ __all__ = [
     "AsyncClient",
     "Client",
     "FlightTransport",
+    "ShmTransport",
     "Transport",
     "conform",
     "infer_file",

@@ -26,7 +26,8 @@ import pyarrow as pa
 
 from ..errors import Timeout
 from ._convert import conform, to_record_batch
-from ._transport import FlightTransport, Transport
+from ._shm import make_transport
+from ._transport import Transport
 
 __all__ = ["DEFAULT_TIMEOUT", "USE_CLIENT_DEFAULT", "AsyncClient", "Client"]
 
@@ -60,12 +61,13 @@ class _BaseClient:
         timeout: float | None = DEFAULT_TIMEOUT,
         compression: str | None = None,
         transport: Transport | None = None,
+        shm: bool | str = False,
         **flight_options: Any,
     ):
         self.url = url
         self.timeout = timeout
-        self._transport: Transport = transport or FlightTransport(
-            url, compression=compression, **flight_options
+        self._transport: Transport = transport or make_transport(
+            url, shm=shm, compression=compression, **flight_options
         )
         self._schemas: dict[tuple[str, str | None], pa.Schema] = {}
         self._lock = threading.Lock()
@@ -101,14 +103,18 @@ class Client(_BaseClient):
     Parameters
     ----------
     url
-        ``grpc://host:port`` (Flight over TCP), ``grpc+tls://host:port`` or
-        ``grpc+unix:///path/to/socket``.
+        ``grpc://host:port`` (Flight over TCP), ``grpc+tls://host:port``,
+        ``grpc+unix:///path/to/socket``, or ``shm://host:port`` / ``shm+unix:///path``
+        (shared memory with a server on this host; results are views of it).
     timeout
         Seconds each call waits for its answer (None: no limit).
     compression
         ``"zstd"`` or ``"lz4"``: compress the Arrow buffers both ways (slow links).
     transport
         Use this transport instead of one made from ``url``.
+    shm
+        ``"auto"``: shared memory when the server is on this host, else Flight (decided
+        once, here); True: shared memory or an error. See ``arrowinfer.client._shm``.
     **flight_options
         Passed to ``pyarrow.flight.FlightClient`` (``tls_root_certs``, ...).
     """
@@ -221,6 +227,10 @@ class AsyncClient:
     async def metadata(self, model: str, *, version: str | int | None = None) -> dict[str, Any]:
         """See :meth:`Client.metadata`."""
         return await self._run(self._client.metadata, model, version=version)  # type: ignore[no-any-return]
+
+    async def schema(self, model: str, *, version: str | int | None = None) -> pa.Schema:
+        """See :meth:`Client.schema`."""
+        return await self._run(self._client.schema, model, version=version)  # type: ignore[no-any-return]
 
     async def infer(
         self,

@@ -118,8 +118,32 @@ def server_times(result: pa.RecordBatch) -> dict[str, int]:
     return {key: int(meta[key.encode()]) for key in SERVER_TIMES if key.encode() in meta}
 
 
+def _regular(array: pa.Array) -> pa.Array:
+    """A ``fixed_shape_tensor`` array as nested ``fixed_size_list`` of non-null items."""
+    shape = array.type.shape
+    out = array.storage.flatten()  # the values of these rows (honours slicing): no copy
+    for size in reversed(shape):
+        item = pa.field("item", out.type, nullable=False)
+        out = pa.FixedSizeListArray.from_arrays(out, type=pa.list_(item, size))
+    return out
+
+
 def to_awkward(result: pa.RecordBatch | pa.Table) -> Any:
-    """A result as an awkward record array (one field per output)."""
+    """A result as an awkward record array (one field per output).
+
+    ``arrow.fixed_shape_tensor`` columns, which awkward does not read, become regular
+    dimensions (nested ``fixed_size_list`` over the same buffers: no copy).
+    """
     import awkward as ak
 
-    return ak.from_arrow(result)
+    fields, columns = [], []
+    for field, column in zip(result.schema, result.columns, strict=True):
+        out = column
+        if isinstance(field.type, pa.FixedShapeTensorType):
+            if isinstance(column, pa.ChunkedArray):
+                out = pa.chunked_array([_regular(c) for c in column.chunks])
+            else:
+                out = _regular(column)
+        fields.append(field.with_type(out.type))
+        columns.append(out)
+    return ak.from_arrow(type(result).from_arrays(columns, schema=pa.schema(fields)))

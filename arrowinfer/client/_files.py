@@ -10,6 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
+from ..errors import InvalidInput
 from ._client import Client
 
 __all__ = ["infer_file", "read_batches"]
@@ -33,7 +34,7 @@ def read_batches(
         table = reader.read_all()
     except pa.ArrowInvalid:
         table = pa.ipc.open_stream(pa.memory_map(str(path))).read_all()
-    return table.num_rows, iter(table.to_batches(max_chunksize=rows))
+    return table.schema, table.num_rows, iter(table.to_batches(max_chunksize=rows))
 
 
 def infer_file(
@@ -52,11 +53,19 @@ def infer_file(
     Output format by extension: ``.parquet`` or Arrow IPC file otherwise.
     """
     mapping = dict(c.split("=", 1) for c in columns or ())
-    total, batches = read_batches(input, batch_rows)
+    schema, total, batches = read_batches(input, batch_rows)
     output = Path(output)
     written = 0
     with Client(url) as client:
         names = client.schema(model).names
+        missing = [n for n in names if mapping.get(n, n) not in schema.names]
+        if missing:
+            raise InvalidInput(
+                f"{input}: no column for input(s) {missing} (map them as INPUT=COLUMN)",
+                model=model,
+                expected=[mapping.get(n, n) for n in names],
+                got=schema.names,
+            )
 
         def requests() -> Iterator[dict[str, pa.Array]]:
             for batch in batches:

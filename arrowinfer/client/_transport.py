@@ -132,6 +132,9 @@ class _Pipeline:
             while True:
                 with map_flight_errors(self.where):
                     chunk = self.reader.read_chunk()
+                if chunk.data is None:  # a control message, not a result
+                    self._control(chunk.app_metadata)
+                    continue
                 with self._lock:
                     future = self._pending.popleft() if self._pending else None
                 if future is None:
@@ -145,6 +148,21 @@ class _Pipeline:
             self._break(ServerUnavailable(f"{self.where}: the server closed the stream"))
         except ArrowInferError as err:
             self._break(err)
+
+    def _control(self, metadata: pa.Buffer | None) -> None:
+        """A metadata-only message: ``{"goaway": reason}`` asks us to finish the stream."""
+        try:
+            meta = json.loads(metadata.to_pybytes()) if metadata else {}
+        except ValueError:
+            meta = {}
+        if not isinstance(meta, dict) or "goaway" not in meta:
+            return
+        with self._lock:
+            # no new requests here; those in flight still get their results
+            if self.broken is None:
+                self.broken = ServerUnavailable(f"{self.where}: {meta['goaway']}")
+            with contextlib.suppress(pa.ArrowException, OSError):
+                self.writer.done_writing()
 
     def _break(self, err: ArrowInferError) -> None:
         with self._lock:

@@ -1,7 +1,8 @@
-"""The arrowinfer server: one inference core behind Flight (and metrics) front ends.
+"""The arrowinfer server: one inference core behind Flight, KServe v2 gRPC and metrics.
 
->>> with Server("path/to/repository", port=0, metrics_port=None) as server:
+>>> with Server("path/to/repository", port=0, kserve_port=0, metrics_port=None) as server:
 ...     print(server.location)  # grpc://127.0.0.1:<port>
+...     print(server.kserve_port)  # for tritonclient.grpc on 127.0.0.1:<kserve_port>
 """
 
 from __future__ import annotations
@@ -11,18 +12,31 @@ import os
 import threading
 from typing import Any
 
+import grpc
+
 from ..repository import Repository
 from ._core import InferenceCore, LoadedModel
 from ._flight import ACTIONS, FlightService
+from ._kserve import KServeService, start_kserve
 from ._metrics import StatisticsCollector, metrics_registry, start_metrics_server
+from ._shm import ShmService
 
-__all__ = ["ACTIONS", "FlightService", "InferenceCore", "LoadedModel", "Server"]
+__all__ = [
+    "ACTIONS",
+    "FlightService",
+    "InferenceCore",
+    "KServeService",
+    "LoadedModel",
+    "Server",
+    "ShmService",
+    "start_kserve",
+]
 
 log = logging.getLogger(__name__)
 
 
 class Server:
-    """A running server: models loaded, Flight listening, metrics served.
+    """A running server: models loaded, Flight and KServe v2 gRPC listening, metrics served.
 
     Parameters
     ----------
@@ -32,6 +46,12 @@ class Server:
         Where Flight listens (TCP). Port 0 picks a free port; see :attr:`port`.
     unix_socket
         Listen on this Unix domain socket instead of TCP (``grpc+unix://PATH``).
+    kserve_port
+        KServe v2 gRPC port on ``host`` (Triton's protocol, for ``tritonclient.grpc``);
+        None disables it, 0 picks a free one (see :attr:`kserve_port`).
+    allow_client_shm
+        Accept shared-memory sessions from clients that are not on this host's loopback
+        or a Unix socket (they must share this host's ``/dev/shm``); off by default.
     metrics_port
         Prometheus ``/metrics`` port on ``host``; None disables it, 0 picks a free one.
     device
@@ -49,7 +69,9 @@ class Server:
         host: str = "127.0.0.1",
         port: int = 8815,
         unix_socket: str | None = None,
+        kserve_port: int | None = 8001,
         metrics_port: int | None = 8002,
+        allow_client_shm: bool = False,
         device: str | None = None,
         models: list[str] | None = None,
         flight_options: dict[str, Any] | None = None,
@@ -57,11 +79,22 @@ class Server:
         repo = repository if isinstance(repository, Repository) else Repository(repository)
         self.core = InferenceCore(repo, device=device, models=models)
         location = f"grpc+unix://{unix_socket}" if unix_socket else f"grpc://{host}:{port}"
-        self.flight = FlightService(self.core, location, **(flight_options or {}))
+        self.shm = ShmService(self.core, allow_remote=allow_client_shm)
+        self.flight = FlightService(self.core, location, shm=self.shm, **(flight_options or {}))
         self.host = host
         self.location = (
             f"grpc+unix://{unix_socket}" if unix_socket else f"grpc://{host}:{self.flight.port}"
         )
+        self._kserve: grpc.Server | None = None
+        self.kserve_port: int | None = None
+        if kserve_port is not None:
+            try:
+                self._kserve, self.kserve_port = start_kserve(self.core, host, kserve_port)
+            except BaseException:
+                self.flight.shutdown()
+                self.shm.close()
+                self.core.close()
+                raise
         self._metrics_server = None
         self.metrics_port: int | None = None
         if metrics_port is not None:
@@ -72,6 +105,8 @@ class Server:
         self._stopped = threading.Event()
         self._stopping = threading.Lock()
         log.info("Flight listening on %s", self.location)
+        if self.kserve_port is not None:
+            log.info("KServe v2 gRPC listening on %s:%d", host, self.kserve_port)
         if self.metrics_port is not None:
             log.info("metrics on http://%s:%d/metrics", host, self.metrics_port)
 
@@ -87,7 +122,10 @@ class Server:
 
     def wait(self) -> None:
         """Block until :meth:`stop` is called (from a signal handler, say)."""
-        self._stopped.wait()
+        # Wake up now and then: the kernel may hand SIGTERM to any thread (gRPC's, say),
+        # and its Python handler runs only when the main thread runs Python code again.
+        while not self._stopped.wait(0.2):
+            pass
 
     def stop(self) -> None:
         """Stop: not ready, finish the requests in flight, unload every model.
@@ -103,7 +141,12 @@ class Server:
     def _stop(self) -> None:
         self.core.ready = False
         self.flight.drain()  # else an idle client stream would hold shutdown() forever
+        # KServe: refuse new RPCs at once, give the ones in progress (and open streams) time
+        kserve_stopped = self._kserve.stop(grace=5.0) if self._kserve is not None else None
         self.flight.shutdown()  # returns once the calls in progress have finished
+        self.shm.close()
+        if kserve_stopped is not None:
+            kserve_stopped.wait()
         self.core.close()
         if self._metrics_server is not None:
             self._metrics_server.shutdown()

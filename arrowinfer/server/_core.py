@@ -145,15 +145,20 @@ class InferenceCore:
 
     # -- inference -----------------------------------------------------------------------
 
-    def submit(self, model: LoadedModel, batch: pa.RecordBatch) -> Future[Completed]:
+    def submit(
+        self, model: LoadedModel, batch: pa.RecordBatch, *, draining: bool = False
+    ) -> Future[Completed]:
         """Validate a request and queue it; the future gives its result.
+
+        ``draining=True`` accepts it while the server stops (not ready, models still
+        loaded): a request on a stream that was open before the stop began.
 
         Raises
         ------
         InvalidInput, ServerBusy, ServerUnavailable
             At once, before anything is queued.
         """
-        if not self.ready:
+        if not self.ready and not draining:
             raise ServerUnavailable("the server is not ready (starting or shutting down)")
         version = model.version
         max_rows = None if version.max_batch_size > 0 else 1

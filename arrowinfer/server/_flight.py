@@ -7,9 +7,13 @@
   Requests are pipelined: the stream is read while earlier requests run. A failed request
   gets an empty batch whose ``app_metadata`` holds the error; a good one's ``app_metadata``
   holds the server-side times (``queue_ns``, ``compute_input_ns``, ...).
+  When the server stops it writes a metadata-only message ``{"goaway": reason}`` on every
+  open stream, after the results of the requests it has read: the client finishes its
+  writing (half-close), reads the remaining results, and opens no more requests there.
 - ``do_action``: ``health``, ``ready``, ``server.metadata``, ``repository.index``,
   ``model.load``, ``model.unload``, ``model.config``, ``model.metadata``,
-  ``model.statistics``. Bodies and results are JSON.
+  ``model.statistics``, ``shm.status``. Bodies and results are JSON.
+- ``do_exchange`` on ``["arrowinfer.shm"]``: a shared-memory session (see ``_shm.py``).
 """
 
 from __future__ import annotations
@@ -28,9 +32,10 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from .. import __version__
 from ..batching import Completed
-from ..errors import ArrowInferError, InvalidInput, error_to_dict, to_flight
+from ..errors import ArrowInferError, InvalidInput, ServerUnavailable, error_to_dict, to_flight
 from ..schema import datatype
 from ._core import InferenceCore, LoadedModel
+from ._shm import ShmService, is_shm_descriptor
 
 __all__ = ["ACTIONS", "FlightService", "model_metadata"]
 
@@ -46,7 +51,11 @@ ACTIONS: dict[str, str] = {
     "model.config": "{model, version?}: the model's complete config (Triton JSON)",
     "model.metadata": "{model, version?}: inputs and outputs (KServe ModelMetadata)",
     "model.statistics": "{model?, version?}: Triton statistics -> {model_stats}",
+    "shm.status": "Shared-memory sessions and mapped regions -> {sessions, regions, bytes}",
 }
+
+#: Put in a stream's results queue: ask its client to finish the stream (server stopping).
+_GOAWAY = object()
 
 
 def _descriptor_model(descriptor: flight.FlightDescriptor) -> tuple[str, str | None]:
@@ -93,13 +102,21 @@ class FlightService(flight.FlightServerBase):
     location
         Where to listen, e.g. ``grpc://127.0.0.1:8815`` (port 0 picks a free one) or
         ``grpc+unix:///path/to.sock``.
+    shm
+        Serves shared-memory sessions (``["arrowinfer.shm"]``); none when None.
     **kwargs
         Passed to ``pyarrow.flight.FlightServerBase`` (TLS certificates, middleware, ...).
     """
 
-    def __init__(self, core: InferenceCore, location: str, **kwargs: Any):
+    def __init__(
+        self, core: InferenceCore, location: str, *, shm: ShmService | None = None, **kwargs: Any
+    ):
         super().__init__(location, **kwargs)
         self.core = core
+        self.shm = shm
+        self._streams: set[queue.SimpleQueue[Any]] = set()
+        self._streams_lock = threading.Lock()
+        self._draining = False
         self._actions: dict[str, Callable[[dict[str, Any]], Any]] = {
             "health": lambda body: {"live": True},
             "ready": self._ready,
@@ -118,6 +135,9 @@ class FlightService(flight.FlightServerBase):
             "model.statistics": lambda body: {
                 "model_stats": self.core.statistics(body.get("model"), body.get("version"))
             },
+            "shm.status": lambda body: (
+                self.shm.status() if self.shm is not None else {"sessions": 0, "regions": 0}
+            ),
         }
 
     # -- discovery -----------------------------------------------------------------------
@@ -141,11 +161,28 @@ class FlightService(flight.FlightServerBase):
 
     def _lookup(self, descriptor: flight.FlightDescriptor) -> LoadedModel:
         try:
-            return self.core.get(*_descriptor_model(descriptor))
+            return self._lookup_model(descriptor)
         except ArrowInferError as err:
             raise to_flight(err) from None
 
+    def _lookup_model(self, descriptor: flight.FlightDescriptor) -> LoadedModel:
+        return self.core.get(*_descriptor_model(descriptor))
+
     # -- inference -----------------------------------------------------------------------
+
+    def drain(self) -> None:
+        """Ask the client of every open stream to finish it (``{"goaway": ...}``).
+
+        Call before :meth:`shutdown`, which waits for every call to end: a client that
+        keeps an idle stream open would otherwise hold the server forever.
+        """
+        with self._streams_lock:
+            self._draining = True
+            streams = list(self._streams)
+        for results in streams:
+            results.put(_GOAWAY)
+        if self.shm is not None:
+            self.shm.drain()
 
     def do_exchange(
         self,
@@ -154,10 +191,16 @@ class FlightService(flight.FlightServerBase):
         reader: flight.MetadataRecordBatchReader,
         writer: flight.MetadataRecordBatchWriter,
     ) -> None:
-        model = self._lookup(descriptor)
-        results: queue.SimpleQueue[tuple[Future[Completed] | BaseException, Any] | None] = (
-            queue.SimpleQueue()
-        )
+        if self.shm is not None and is_shm_descriptor(descriptor):
+            self.shm.session(context, reader, writer)
+            return
+        model = self._lookup(descriptor)  # an unknown model fails the stream at once
+        outputs = model.version.outputs
+        results: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        with self._streams_lock:
+            if self._draining:
+                raise to_flight(ServerUnavailable("the server is shutting down"))
+            self._streams.add(results)
         writer_thread: threading.Thread | None = None
         failure: list[BaseException] = []
         try:
@@ -174,25 +217,39 @@ class FlightService(flight.FlightServerBase):
                         compression = None
                     compression = "lz4_frame" if compression == "lz4" else compression
                     options = pa.ipc.IpcWriteOptions(compression=compression)
-                    writer.begin(model.version.outputs, options=options)
+                    writer.begin(outputs, options=options)
                     writer_thread = threading.Thread(
                         target=self._write_results,
-                        args=(model, writer, results, failure),
+                        args=(outputs, writer, results, failure),
                         name="flight-writer",
                         daemon=True,
                     )
                     writer_thread.start()
                 future: Future[Completed] | BaseException
+                stale = False
                 try:
                     if "error" in request_meta:
                         raise request_meta["error"]
-                    future = self.core.submit(model, chunk.data)
+                    # looked up for each request: a model reloaded (or unloaded) since the
+                    # stream opened is served as it is now, never through its closed queue
+                    model = self._lookup_model(descriptor)
+                    if not model.version.outputs.equals(outputs):
+                        stale = True  # answer, then end the stream: the client reopens it
+                        raise ServerUnavailable(
+                            f"model {model.version.name!r} was reloaded with other outputs; "
+                            "open a new stream"
+                        )
+                    # an open stream is served to its end, even while the server stops:
+                    # new streams are refused then, and this one was asked to finish
+                    future = self.core.submit(model, chunk.data, draining=True)
                 except ArrowInferError as err:
                     future = err
                 results.put((future, request_meta.get("id")))
-                if failure:
+                if failure or stale:
                     break
         finally:
+            with self._streams_lock:
+                self._streams.discard(results)
             results.put(None)
             if writer_thread is not None:
                 writer_thread.join()
@@ -201,23 +258,34 @@ class FlightService(flight.FlightServerBase):
 
     @staticmethod
     def _write_results(
-        model: LoadedModel,
+        outputs: pa.Schema,
         writer: flight.MetadataRecordBatchWriter,
-        results: queue.SimpleQueue[tuple[Future[Completed] | BaseException, Any] | None],
+        results: queue.SimpleQueue[Any],
         failure: list[BaseException],
     ) -> None:
         """Write results in request order as they complete (runs beside the reader)."""
         empty = None
         while (item := results.get()) is not None:
+            if item is _GOAWAY:
+                if not failure:
+                    goaway = {"goaway": "the server is shutting down"}
+                    try:
+                        writer.write_metadata(json.dumps(goaway).encode())
+                    except (pa.ArrowException, OSError) as err:
+                        log.debug("stream closed while writing goaway: %s", err)
+                        failure.append(err)
+                continue
             outcome, request_id = item
             meta: dict[str, Any] = {} if request_id is None else {"id": request_id}
             try:
                 if isinstance(outcome, BaseException):
                     raise outcome
                 done = outcome.result()
-            except ArrowInferError as err:
+            except Exception as err:  # the request's error, for its client
+                if not isinstance(err, ArrowInferError):
+                    log.error("request failed", exc_info=err)
                 if empty is None:
-                    empty = pa.RecordBatch.from_pylist([], schema=model.version.outputs)
+                    empty = pa.RecordBatch.from_pylist([], schema=outputs)
                 meta["error"] = error_to_dict(err)
                 batch = empty
             else:

@@ -1,0 +1,595 @@
+"""The KServe v2 gRPC front end (Triton's ``inference.GRPCInferenceService``).
+
+A thin adapter over the same :class:`~arrowinfer.server.InferenceCore` as Flight: every
+RPC is protobuf -> core -> protobuf, so both protocols share the repository, the dynamic
+batchers and the statistics. ``tritonclient.grpc`` (and CMSSW's SonicTriton) talk to it
+unchanged; the generated classes come from tritonclient (``service_pb2``,
+``service_pb2_grpc``, ``model_config_pb2``).
+
+Implemented: ``ServerLive``, ``ServerReady``, ``ModelReady``, ``ServerMetadata``,
+``ModelMetadata``, ``ModelConfig``, ``ModelInfer``, ``ModelStreamInfer``,
+``ModelStatistics``, ``RepositoryIndex``, ``RepositoryModelLoad`` and
+``RepositoryModelUnload``. The shared-memory, trace and log-settings RPCs answer
+``UNIMPLEMENTED`` (the generated base class): arrowinfer's shared memory is its own Arrow
+IPC transport, not Triton's regions.
+
+Inference
+---------
+- A request tensor of a batching model (``max_batch_size > 0``) has shape
+  ``[batch, *dims]``; of a non-batching model, exactly ``dims``. Its data is either
+  ``raw_input_contents`` (little-endian, row-major; then for every input, as Triton
+  requires) or the typed ``contents`` (``fp32_contents``, ``int_contents``, ...; FP16 has
+  none and must be raw). Raw data becomes an Arrow column without a further copy
+  (``np.frombuffer`` over the message's bytes); typed contents are copied once into numpy.
+- The request then goes through :meth:`InferenceCore.submit` (validation, dynamic batching)
+  like a Flight request. Errors carry Triton's status codes, from the one table in
+  :mod:`arrowinfer.errors` (INVALID_ARGUMENT, NOT_FOUND, UNAVAILABLE, ...); anything
+  unexpected is INTERNAL with a generic message, and its traceback goes to the log.
+- The response has the requested outputs (all when none is named), in
+  ``raw_output_contents`` with shape ``[batch, *dims]``, as Triton answers. Its
+  ``parameters`` carry the server-side times (``queue_ns``, ``compute_input_ns``,
+  ``compute_infer_ns``, ``compute_output_ns``), as Flight's ``app_metadata`` does.
+- Request parameters: ``timeout`` (microseconds, as tritonclient sends it) and the gRPC
+  deadline bound the wait for the result (then DEADLINE_EXCEEDED); ``priority`` and the
+  sequence flags are accepted and ignored (one queue per model, no sequence batcher);
+  shared-memory parameters and the classification extension are refused
+  (INVALID_ARGUMENT).
+- **Ragged inputs are not available over KServe.** A model whose config makes inputs
+  ragged (``arrowinfer.ragged_inputs``, such as the example ``jet_tagger``'s ``points`` and
+  ``features``) takes a list of items per row, which a KServe tensor cannot express, and its
+  mask input is filled by the server. Such a request gets INVALID_ARGUMENT naming the
+  input; use the Arrow Flight endpoint for these models.
+- ``ModelStreamInfer`` serves a stream's requests pipelined, in order, and puts a failed
+  request's error in ``ModelStreamInferResponse.error_message`` (with the request's ``id``
+  in ``infer_response``) as Triton does; the stream goes on.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import math
+import queue
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from typing import Any, NamedTuple, TypeVar
+
+import grpc
+import numpy as np
+import pyarrow as pa
+from google.protobuf import json_format
+from tritonclient.grpc import service_pb2 as pb
+from tritonclient.grpc import service_pb2_grpc
+
+from .. import __version__
+from ..batching import Completed
+from ..errors import (
+    STATUS_CODES,
+    ArrowInferError,
+    InvalidInput,
+    ServerUnavailable,
+    Timeout,
+    error_to_dict,
+)
+from ..schema import TensorSpec, tensor_specs, to_column
+from ..tensors import layout, ragged_to_numpy, to_numpy
+from ._core import InferenceCore, LoadedModel
+from ._flight import model_metadata
+
+__all__ = ["MAX_MESSAGE_BYTES", "KServeService", "start_kserve", "status_of"]
+
+log = logging.getLogger(__name__)
+
+#: gRPC message size limit both ways (Triton's and tritonclient's: INT32_MAX).
+MAX_MESSAGE_BYTES = 2**31 - 1
+
+#: The typed ``InferTensorContents`` field of each KServe datatype, and its numpy type.
+_CONTENTS: dict[str, tuple[str, np.dtype]] = {
+    "BOOL": ("bool_contents", np.dtype(np.bool_)),
+    "INT8": ("int_contents", np.dtype(np.int32)),
+    "INT16": ("int_contents", np.dtype(np.int32)),
+    "INT32": ("int_contents", np.dtype(np.int32)),
+    "INT64": ("int64_contents", np.dtype(np.int64)),
+    "UINT8": ("uint_contents", np.dtype(np.uint32)),
+    "UINT16": ("uint_contents", np.dtype(np.uint32)),
+    "UINT32": ("uint_contents", np.dtype(np.uint32)),
+    "UINT64": ("uint64_contents", np.dtype(np.uint64)),
+    "FP32": ("fp32_contents", np.dtype(np.float32)),
+    "FP64": ("fp64_contents", np.dtype(np.float64)),
+}
+
+#: Request parameters that would need features arrowinfer does not have over KServe.
+_REFUSED_PARAMETERS = {
+    "shared_memory_region": "Triton shared-memory regions are not supported; send the data",
+    "shared_memory_byte_size": "Triton shared-memory regions are not supported; send the data",
+    "shared_memory_offset": "Triton shared-memory regions are not supported; send the data",
+    "classification": "the classification extension is not supported",
+}
+
+
+# -- errors: the one place that maps exceptions to status codes --------------------------
+
+
+def status_of(err: BaseException) -> tuple[grpc.StatusCode, str]:
+    """The gRPC status code and message an exception travels as.
+
+    arrowinfer errors take their code from :data:`arrowinfer.errors.STATUS_CODES` and keep
+    their message; anything else is INTERNAL with a generic message (log it yourself).
+    """
+    if isinstance(err, ArrowInferError):
+        for cls in type(err).__mro__:
+            code = STATUS_CODES.get(cls)
+            if code is not None:
+                return code, str(err)
+    return (
+        grpc.StatusCode.INTERNAL,
+        f"internal error ({type(err).__name__}); the server log has the details",
+    )
+
+
+def _log_unexpected(err: BaseException, rpc: str) -> None:
+    if not isinstance(err, ArrowInferError):
+        log.error("KServe %s failed", rpc, exc_info=err)
+
+
+_Method = TypeVar("_Method", bound=Callable[..., Any])
+
+
+def _unary(method: _Method) -> _Method:
+    """Run a unary RPC; turn any exception into ``context.abort`` with its status code."""
+
+    @functools.wraps(method)
+    def rpc(self: KServeService, request: Any, context: grpc.ServicerContext) -> Any:
+        try:
+            return method(self, request, context)
+        except Exception as err:  # noqa: BLE001 -- the one place errors become status codes
+            _log_unexpected(err, method.__name__)
+            code, message = status_of(err)
+            detail = json.dumps(error_to_dict(err))  # the class, for arrowinfer's own clients
+        context.set_trailing_metadata((("arrowinfer-error", detail),))
+        context.abort(code, message)
+
+    return rpc  # type: ignore[return-value]
+
+
+# -- tensors: KServe <-> Arrow ----------------------------------------------------------
+
+
+class _Pending(NamedTuple):
+    """A submitted request: what its response needs."""
+
+    request: pb.ModelInferRequest
+    model: LoadedModel
+    outputs: list[TensorSpec]
+    future: Future[Completed]
+    timeout: float | None
+
+
+def _check_parameters(params: Any, model: str, input: str | None = None) -> None:
+    for key in params:
+        if key in _REFUSED_PARAMETERS:
+            raise InvalidInput(
+                f"parameter {key!r}: {_REFUSED_PARAMETERS[key]}", model=model, input=input
+            )
+
+
+def _dims_match(expected: tuple[int, ...], got: tuple[int, ...]) -> bool:
+    if expected in ((), (1,)) and got in ((), (1,)):
+        return True
+    return expected == got
+
+
+def _input_array(
+    spec: TensorSpec,
+    tensor: pb.ModelInferRequest.InferInputTensor,
+    raw: bytes | None,
+    *,
+    model: str,
+    batching: bool,
+) -> np.ndarray:
+    """One request tensor as numpy, batch first; raw data is viewed, not copied."""
+    dt = spec.datatype
+    if tensor.datatype != dt.kserve:
+        raise InvalidInput(
+            "wrong datatype", model=model, input=spec.name, expected=dt.kserve, got=tensor.datatype
+        )
+    shape = tuple(int(d) for d in tensor.shape)
+    per_entry = shape[1:] if batching else shape
+    if (
+        (batching and not shape)
+        or any(d < 0 for d in shape)
+        or not _dims_match(spec.shape, per_entry)
+    ):
+        expected = [-1, *spec.shape] if batching else list(spec.shape)
+        raise InvalidInput(
+            "wrong shape", model=model, input=spec.name, expected=expected, got=list(shape)
+        )
+    rows = shape[0] if batching else 1
+    count = math.prod(shape)
+    if raw is not None:
+        if tensor.contents.ListFields():
+            raise InvalidInput(
+                "both raw_input_contents and typed contents given; use one",
+                model=model,
+                input=spec.name,
+            )
+        nbytes = count * dt.numpy.itemsize
+        if len(raw) != nbytes:
+            raise InvalidInput(
+                "raw_input_contents does not match the shape",
+                model=model,
+                input=spec.name,
+                expected=f"{nbytes} bytes ({list(shape)} x {dt.kserve})",
+                got=f"{len(raw)} bytes",
+            )
+        values = np.frombuffer(raw, dtype=dt.numpy.newbyteorder("<"))
+    else:
+        field, wire = _CONTENTS.get(dt.kserve, ("", dt.numpy))
+        given = [f.name for f, _ in tensor.contents.ListFields()]
+        if not field or given != [field]:
+            raise InvalidInput(
+                "no data: send raw_input_contents or the typed contents of its datatype",
+                model=model,
+                input=spec.name,
+                expected=field or "raw_input_contents (no typed contents for " + dt.kserve + ")",
+                got=", ".join(given) or "nothing",
+            )
+        typed = np.array(getattr(tensor.contents, field), dtype=wire)
+        if len(typed) != count:
+            raise InvalidInput(
+                f"{field} does not match the shape",
+                model=model,
+                input=spec.name,
+                expected=f"{count} values ({list(shape)})",
+                got=f"{len(typed)} values",
+            )
+        values = typed.astype(dt.numpy, copy=False)
+        if values.dtype != wire and not np.array_equal(values, typed):
+            raise InvalidInput(f"values out of range for {dt.kserve}", model=model, input=spec.name)
+    return values.reshape((rows, *spec.shape))
+
+
+def _request_batch(model: LoadedModel, request: pb.ModelInferRequest) -> pa.RecordBatch:
+    """A KServe request as the Arrow record batch the core takes (one column per input)."""
+    version = model.version
+    name = version.name
+    _check_parameters(request.parameters, name)
+    fields = {f.name: f for f in version.inputs}
+    specs = {s.name: s for s in tensor_specs(version.inputs)}
+    ragged = [f.name for f in version.inputs if layout(f.type).ragged]
+    if ragged:
+        named = [t.name for t in request.inputs if t.name in ragged]
+        raise InvalidInput(
+            "ragged input (a list of items per row) is not available over KServe v2; "
+            "send this model's requests over Arrow Flight",
+            model=name,
+            input=(named or ragged)[0],
+        )
+    raw_contents = request.raw_input_contents
+    if raw_contents and len(raw_contents) != len(request.inputs):
+        raise InvalidInput(
+            "raw_input_contents must have one entry per input",
+            model=name,
+            expected=len(request.inputs),
+            got=len(raw_contents),
+        )
+    batching = version.max_batch_size > 0
+    names: list[str] = []
+    columns: list[pa.Array] = []
+    for i, tensor in enumerate(request.inputs):
+        if tensor.name not in fields:
+            raise InvalidInput(
+                f"unexpected input {tensor.name!r}",
+                model=name,
+                expected=list(fields),
+                got=tensor.name,
+            )
+        _check_parameters(tensor.parameters, name, tensor.name)
+        raw = raw_contents[i] if raw_contents else None
+        array = _input_array(specs[tensor.name], tensor, raw, model=name, batching=batching)
+        names.append(tensor.name)
+        columns.append(to_column(fields[tensor.name], array))
+    if not columns:
+        raise InvalidInput("the request has no inputs", model=name, expected=list(fields))
+    rows = {len(c) for c in columns}
+    if len(rows) > 1:
+        raise InvalidInput(
+            "inputs have different batch sizes",
+            model=name,
+            got=dict(zip(names, (len(c) for c in columns), strict=True)),
+        )
+    return pa.RecordBatch.from_arrays(columns, names=names)
+
+
+def _requested_outputs(model: LoadedModel, request: pb.ModelInferRequest) -> list[TensorSpec]:
+    specs = tensor_specs(model.version.outputs)
+    if not request.outputs:
+        return specs
+    by_name = {s.name: s for s in specs}
+    out = []
+    for requested in request.outputs:
+        spec = by_name.get(requested.name)
+        if spec is None:
+            raise InvalidInput(
+                f"unknown output {requested.name!r}",
+                model=model.version.name,
+                expected=list(by_name),
+                got=requested.name,
+            )
+        _check_parameters(requested.parameters, model.version.name)
+        out.append(spec)
+    return out
+
+
+def _output_array(column: pa.Array | pa.ChunkedArray, name: str, model: str) -> np.ndarray:
+    if not layout(column.type).ragged:
+        return to_numpy(column)
+    ragged = ragged_to_numpy(column)  # a variable output dimension: fine if all rows agree
+    counts = ragged.counts
+    if len(counts) and np.all(counts == counts[0]):
+        return ragged.values.reshape((len(counts), int(counts[0]), *ragged.values.shape[1:]))
+    raise InvalidInput(
+        "output has a different length per row; KServe tensors cannot hold it, use Arrow Flight",
+        model=model,
+        input=name,
+    )
+
+
+def _response(pending: _Pending, done: Completed) -> pb.ModelInferResponse:
+    version = pending.model.version
+    response = pb.ModelInferResponse(
+        model_name=version.name, model_version=str(version.version), id=pending.request.id
+    )
+    batching = version.max_batch_size > 0
+    for spec in pending.outputs:
+        array = _output_array(done.batch.column(spec.name), spec.name, version.name)
+        entry = spec.shape if all(d >= 0 for d in spec.shape) else array.shape[1:]
+        shape = [len(array), *entry] if batching else list(entry)
+        response.outputs.add(name=spec.name, datatype=spec.datatype.kserve, shape=shape)
+        response.raw_output_contents.append(array.tobytes())  # protobuf needs bytes: one copy
+    for key in ("queue_ns", "compute_input_ns", "compute_infer_ns", "compute_output_ns"):
+        response.parameters[key].int64_param = getattr(done, key)
+    return response
+
+
+def _timeout(request: pb.ModelInferRequest, remaining: float | None) -> float | None:
+    """Seconds to wait for a result: the request's ``timeout`` (us) and the gRPC deadline."""
+    # without a deadline gRPC gives an enormous number of seconds
+    limits = [] if remaining is None or remaining > 1e9 else [max(remaining, 0.0)]
+    if "timeout" in request.parameters:
+        param = request.parameters["timeout"]
+        micros = param.int64_param or param.uint64_param
+        if micros > 0:
+            limits.append(micros / 1e6)
+    return min(limits) if limits else None
+
+
+# -- the servicer -----------------------------------------------------------------------
+
+
+class KServeService(service_pb2_grpc.GRPCInferenceServiceServicer):
+    """Serves an :class:`InferenceCore` over the KServe v2 gRPC protocol.
+
+    Register it with ``service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server``, or
+    use :func:`start_kserve`.
+    """
+
+    def __init__(self, core: InferenceCore):
+        self.core = core
+
+    # -- health and metadata ------------------------------------------------------------
+
+    @_unary
+    def ServerLive(self, request: pb.ServerLiveRequest, context: Any) -> pb.ServerLiveResponse:
+        return pb.ServerLiveResponse(live=True)
+
+    @_unary
+    def ServerReady(self, request: pb.ServerReadyRequest, context: Any) -> pb.ServerReadyResponse:
+        return pb.ServerReadyResponse(ready=self.core.ready)
+
+    @_unary
+    def ModelReady(self, request: pb.ModelReadyRequest, context: Any) -> pb.ModelReadyResponse:
+        try:
+            self.core.get(request.name, request.version or None)
+        except ArrowInferError:
+            return pb.ModelReadyResponse(ready=False)
+        return pb.ModelReadyResponse(ready=self.core.ready)
+
+    @_unary
+    def ServerMetadata(
+        self, request: pb.ServerMetadataRequest, context: Any
+    ) -> pb.ServerMetadataResponse:
+        return pb.ServerMetadataResponse(
+            name="arrowinfer",
+            version=__version__,
+            extensions=["model_repository", "model_configuration", "statistics"],
+        )
+
+    @_unary
+    def ModelMetadata(
+        self, request: pb.ModelMetadataRequest, context: Any
+    ) -> pb.ModelMetadataResponse:
+        model = self.core.get(request.name, request.version or None)
+        return json_format.ParseDict(model_metadata(model), pb.ModelMetadataResponse())
+
+    @_unary
+    def ModelConfig(self, request: pb.ModelConfigRequest, context: Any) -> pb.ModelConfigResponse:
+        model = self.core.get(request.name, request.version or None)
+        response = pb.ModelConfigResponse()
+        response.config.CopyFrom(model.version.config)
+        return response
+
+    @_unary
+    def ModelStatistics(
+        self, request: pb.ModelStatisticsRequest, context: Any
+    ) -> pb.ModelStatisticsResponse:
+        stats = self.core.statistics(request.name or None, request.version or None)
+        return pb.ModelStatisticsResponse(
+            model_stats=[json_format.ParseDict(s, pb.ModelStatistics()) for s in stats]
+        )
+
+    # -- repository ---------------------------------------------------------------------
+
+    @_unary
+    def RepositoryIndex(
+        self, request: pb.RepositoryIndexRequest, context: Any
+    ) -> pb.RepositoryIndexResponse:
+        entries = self.core.index()
+        if request.ready:
+            entries = [e for e in entries if e["state"] == "READY"]
+        return pb.RepositoryIndexResponse(
+            models=[pb.RepositoryIndexResponse.ModelIndex(**e) for e in entries]
+        )
+
+    @_unary
+    def RepositoryModelLoad(
+        self, request: pb.RepositoryModelLoadRequest, context: Any
+    ) -> pb.RepositoryModelLoadResponse:
+        override = sorted(k for k in request.parameters if k == "config" or k.startswith("file:"))
+        if override:
+            raise InvalidInput(
+                f"loading with parameters {override} (a config or files sent by the client) is "
+                "not supported; change the repository and load again",
+                model=request.model_name,
+            )
+        self.core.load(request.model_name)
+        return pb.RepositoryModelLoadResponse()
+
+    @_unary
+    def RepositoryModelUnload(
+        self, request: pb.RepositoryModelUnloadRequest, context: Any
+    ) -> pb.RepositoryModelUnloadResponse:
+        self.core.unload(request.model_name)
+        return pb.RepositoryModelUnloadResponse()
+
+    # -- inference ----------------------------------------------------------------------
+
+    def _submit(
+        self, request: pb.ModelInferRequest, remaining: float | None, *, draining: bool = False
+    ) -> _Pending:
+        model = self.core.get(request.model_name, request.model_version or None)
+        outputs = _requested_outputs(model, request)
+        batch = _request_batch(model, request)
+        future = self.core.submit(model, batch, draining=draining)
+        return _Pending(request, model, outputs, future, _timeout(request, remaining))
+
+    @staticmethod
+    def _result(pending: _Pending) -> pb.ModelInferResponse:
+        try:
+            done = pending.future.result(pending.timeout)
+        except FutureTimeout:
+            pending.future.cancel()
+            raise Timeout(
+                f"model {pending.model.version.name!r}: no result within {pending.timeout:.3g} s"
+            ) from None
+        except CancelledError:  # the client went away before its batch ran
+            raise ServerUnavailable("the request was cancelled") from None
+        return _response(pending, done)
+
+    @_unary
+    def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
+        pending = self._submit(request, context.time_remaining())
+        context.add_callback(pending.future.cancel)  # a request nobody waits for is dropped
+        return self._result(pending)
+
+    def ModelStreamInfer(
+        self, request_iterator: Iterable[pb.ModelInferRequest], context: Any
+    ) -> Iterator[pb.ModelStreamInferResponse]:
+        """Pipelined: requests are read and queued while earlier ones run; answers in order."""
+        pending: queue.SimpleQueue[tuple[pb.ModelInferRequest, _Pending | Exception] | None] = (
+            queue.SimpleQueue()
+        )
+
+        def read() -> None:
+            try:
+                for request in request_iterator:
+                    try:
+                        # an open stream is served to its end, even while the server stops
+                        item: _Pending | Exception = self._submit(
+                            request, context.time_remaining(), draining=True
+                        )
+                    except Exception as err:  # noqa: BLE001 -- answered in its response
+                        item = err
+                    pending.put((request, item))
+            except grpc.RpcError as err:  # the client cancelled or went away
+                log.debug("KServe stream closed while reading: %s", err)
+            finally:
+                pending.put(None)
+
+        reader = threading.Thread(target=read, name="kserve-stream-reader", daemon=True)
+        reader.start()
+        while (item := pending.get()) is not None:
+            request, outcome = item
+            try:
+                if isinstance(outcome, Exception):
+                    raise outcome
+                response = pb.ModelStreamInferResponse(infer_response=self._result(outcome))
+            except Exception as err:  # noqa: BLE001 -- the stream's error_message, as Triton
+                _log_unexpected(err, "ModelStreamInfer")
+                response = pb.ModelStreamInferResponse(
+                    error_message=status_of(err)[1],
+                    infer_response=pb.ModelInferResponse(
+                        model_name=request.model_name,
+                        model_version=request.model_version,
+                        id=request.id,
+                    ),
+                )
+            yield response
+        reader.join()
+
+
+def start_kserve(
+    core: InferenceCore,
+    host: str = "127.0.0.1",
+    port: int = 8001,
+    *,
+    max_workers: int = 32,
+    max_message_bytes: int = MAX_MESSAGE_BYTES,
+) -> tuple[grpc.Server, int]:
+    """Serve ``core`` over KServe v2 gRPC on ``host:port``; returns the server and its port.
+
+    Parameters
+    ----------
+    core
+        The models to serve (the same core as the Flight service).
+    host, port
+        Where to listen; port 0 picks a free port (returned).
+    max_workers
+        Threads answering RPCs. Each open ``ModelStreamInfer`` stream holds one, and so does
+        each ``ModelInfer`` while it waits for its batch: requests batch together only up to
+        this many at a time.
+    max_message_bytes
+        Largest request or response (both ways), at least 256 MB; the default is Triton's.
+
+    Raises
+    ------
+    OSError
+        If the address cannot be bound (in use, say).
+    """
+    if max_message_bytes < 256 * 2**20:
+        raise ValueError(f"max_message_bytes must be at least 256 MiB, got {max_message_bytes}")
+    server = grpc.server(
+        ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="kserve"),
+        options=[
+            ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.so_reuseport", 0),  # a port in use is an error, not a silent share
+        ],
+    )
+    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(KServeService(core), server)
+    address = f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+    try:
+        bound = server.add_insecure_port(address)
+    except RuntimeError as err:
+        bound = 0
+        cause: BaseException | None = err
+    else:
+        cause = None
+    if not bound:
+        server.stop(None)
+        raise OSError(f"KServe gRPC cannot listen on {address} (in use?)") from cause
+    server.start()
+    return server, bound

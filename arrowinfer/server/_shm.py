@@ -1,0 +1,629 @@
+"""Shared memory for clients on the server's host: Arrow IPC through POSIX shm regions.
+
+In the spirit of Triton's system shared-memory extension, but what lies in the regions is
+Arrow IPC, so neither side encodes anything and the server reads requests in place.
+
+Control channel
+    A Flight ``do_exchange`` on descriptor path ``["arrowinfer.shm"]``, open for as long as
+    the client uses shared memory (its *session*). Both ways it carries metadata-only
+    messages, one JSON object each in ``app_metadata``. Every request gets one reply, in
+    request order; requests may be pipelined. Operations:
+
+    - ``{"op": "register", "name": N, "size": S}``: map ``/dev/shm/N`` (S bytes, read-write)
+      for this session -> ``{"registered": N}``.
+    - ``{"op": "unregister", "name": N}`` -> ``{"unregistered": N}``.
+    - ``{"op": "infer", "model": M, "version": V?, "input": {"region", "offset", "length"},
+      "output": {"region", "offset", "size"}}``: the input slice holds an Arrow IPC stream
+      (schema + one record batch) -> ``{"output": {"region", "offset", "length"},
+      "queue_ns", "compute_input_ns", "compute_infer_ns", "compute_output_ns"}``: the
+      result's IPC stream now lies at that place in the output region.
+
+    A failed operation is answered ``{"error": {...}}`` (``errors.error_to_dict``), and the
+    session goes on. A result that does not fit the output slice is answered with an
+    ``InvalidInput`` error and ``"needed": bytes``, so that the client can offer a bigger
+    region and ask again. Any request may carry an ``"id"``, echoed in its reply. When the
+    server stops it writes ``{"goaway": reason}`` after the replies of the requests it has
+    read, as on inference streams.
+
+Data
+    The request batch is read zero-copy from the server's mapping of the input region: the
+    model's input arrays are views of the client's memory. The result is written once,
+    into the client's output region.
+
+Safety
+    Names are plain file names in ``/dev/shm`` (no path separator, no leading dot); symlinks
+    and anything but regular files are refused, and so are regions smaller than their
+    registered size, and offsets or lengths outside a region: each an ``InvalidInput`` on
+    that request alone. A session's regions are its own; when its stream ends or breaks
+    (the client is gone), every one of them is unmapped. Sessions are accepted from
+    clients on this host only (a loopback or Unix-socket peer) unless the server was
+    started with ``allow_client_shm=True`` (``arrowinfer serve --allow-client-shm``), for
+    clients that share this host's ``/dev/shm`` over another network path (containers of
+    one pod, say). Regions are files of the client's user, mode 0600: the server must run
+    as the same user (or root). A client that shrinks a region's file while the server
+    reads it can crash the server (``SIGBUS``), as with Triton: local clients are trusted.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+import mmap
+import os
+import queue
+import re
+import stat
+import threading
+import urllib.parse
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+from pyarrow import flight
+
+from .._ipc import SchemaCache, encode, read_stream
+from ..batching import Completed
+from ..errors import (
+    ArrowInferError,
+    InvalidInput,
+    RequestError,
+    ServerUnavailable,
+    error_to_dict,
+    to_flight,
+)
+from ._core import InferenceCore
+
+__all__ = [
+    "SHM_DESCRIPTOR",
+    "SHM_DIR",
+    "Region",
+    "ShmService",
+    "check_peer",
+    "is_shm_descriptor",
+    "peer_is_local",
+    "read_request",
+    "region_path",
+    "write_result",
+]
+
+log = logging.getLogger(__name__)
+
+#: The descriptor path of the control channel.
+SHM_DESCRIPTOR = "arrowinfer.shm"
+
+#: Where POSIX shared memory lives on Linux; regions are files here.
+SHM_DIR = "/dev/shm"
+
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,254}")
+
+#: Regions one session may have mapped at once.
+MAX_REGIONS = 4096
+
+#: Put in a session's reply queue: ask its client to finish the session (server stopping).
+_GOAWAY = object()
+
+#: Threads that copy a large result into the client's region.
+_COPY_THREADS = max(1, min(4, (os.cpu_count() or 1) // 2))
+
+
+def is_shm_descriptor(descriptor: flight.FlightDescriptor) -> bool:
+    """Is this the descriptor of the shared-memory control channel?"""
+    path = descriptor.path or []
+    return (
+        descriptor.descriptor_type == flight.DescriptorType.PATH
+        and len(path) == 1
+        and path[0] in (SHM_DESCRIPTOR, SHM_DESCRIPTOR.encode())
+    )
+
+
+def peer_is_local(peer: str) -> bool:
+    """Is a gRPC peer (``context.peer()``) on this host: loopback IPv4/IPv6, or a Unix socket?
+
+    Peers look like ``ipv4:127.0.0.1:5000``, ``ipv6:[::1]:5000``, ``ipv6:%5B::1%5D:5000``
+    or ``unix:/path``.
+    """
+    kind, _, rest = peer.partition(":")
+    if kind in ("unix", "unix-abstract"):
+        return True
+    rest = urllib.parse.unquote(rest)
+    if kind == "ipv6" and rest.startswith("["):
+        host = rest[1 : rest.find("]")]
+    elif kind in ("ipv4", "ipv6"):
+        host = rest.rsplit(":", 1)[0]
+    else:
+        return False
+    host = host.split("%", 1)[0]  # an IPv6 zone
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address.is_loopback
+
+
+def check_peer(peer: str, allow_remote: bool) -> None:
+    """Refuse a shared-memory session from a peer that is not on this host.
+
+    Raises
+    ------
+    RequestError
+        Unless ``allow_remote`` or :func:`peer_is_local`.
+    """
+    if not allow_remote and not peer_is_local(peer):
+        raise RequestError(
+            f"shared memory is only for clients on the server's host, and {peer} is not "
+            "(start the server with allow_client_shm=True / --allow-client-shm to accept it)"
+        )
+
+
+def _integer(value: Any, what: str, minimum: int = 0) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise InvalidInput(f"{what} must be an integer >= {minimum}", got=repr(value))
+    return value
+
+
+def region_path(name: Any) -> str:
+    """The file of a region name, refusing anything but a plain name in ``/dev/shm``."""
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise InvalidInput(
+            "a shared-memory region is named by a plain file name in /dev/shm "
+            "(letters, digits, '_', '.', '-'; no path separator, no leading dot)",
+            got=repr(name),
+        )
+    return os.path.join(SHM_DIR, name)
+
+
+class Region:
+    """One client region, mapped read-write into the server.
+
+    Parameters
+    ----------
+    name
+        The file name in ``/dev/shm``.
+    size
+        Bytes to map; the file must be at least this large.
+
+    Raises
+    ------
+    InvalidInput
+        The name is not a plain name, the file is missing, not a regular file, cannot be
+        opened, or is smaller than ``size``.
+    """
+
+    def __init__(self, name: Any, size: Any):
+        path = region_path(name)
+        size = _integer(size, "the region size", 1)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise InvalidInput(f"no shared-memory region {name!r} in {SHM_DIR}") from None
+        except OSError as err:
+            raise InvalidInput(
+                f"cannot open shared-memory region {name!r}: {err.strerror}"
+            ) from None
+        try:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
+                raise InvalidInput(f"shared-memory region {name!r} is not a regular file")
+            if info.st_size < size:
+                raise InvalidInput(
+                    f"shared-memory region {name!r} is smaller than its registered size",
+                    expected=f">= {size} bytes",
+                    got=f"{info.st_size} bytes",
+                )
+            self._mmap: mmap.mmap | None = mmap.mmap(fd, size)
+        finally:
+            os.close(fd)
+        self.name: str = name
+        self.size: int = size
+        self.view: pa.Buffer | None = pa.py_buffer(self._mmap)
+        self._users = 0
+        self._closing = False
+        self._lock = threading.Lock()
+
+    @property
+    def mapping(self) -> mmap.mmap | None:
+        """The server's mapping of the region (None once unmapped); for tests and debugging."""
+        return self._mmap
+
+    def slice(self, offset: Any, length: Any, what: str, *, minimum: int = 1) -> pa.Buffer:
+        """``length`` bytes at ``offset``, checked to lie inside the region."""
+        offset = _integer(offset, f"the {what} offset")
+        length = _integer(length, f"the {what} length", minimum)
+        if offset + length > self.size:
+            raise InvalidInput(
+                f"the {what} lies outside shared-memory region {self.name!r}",
+                expected=f"offset + length <= {self.size}",
+                got=f"offset {offset} + length {length}",
+            )
+        view = self.view
+        if view is None:
+            raise InvalidInput(f"shared-memory region {self.name!r} was unregistered")
+        return view.slice(offset, length)
+
+    def writable(self, offset: int, size: int) -> pa.Buffer:
+        """A mutable view of ``size`` bytes at ``offset`` (checked by :meth:`slice` before)."""
+        if self._mmap is None or self.view is None:
+            raise InvalidInput(f"shared-memory region {self.name!r} was unregistered")
+        # a slice of a mutable pyarrow buffer is not mutable; a memoryview's slice is
+        return pa.py_buffer(memoryview(self._mmap)[offset : offset + size])
+
+    def acquire(self) -> None:
+        """A request uses the region: it stays mapped until :meth:`release`."""
+        with self._lock:
+            self._users += 1
+
+    def release(self) -> bool:
+        """A request is done with the region; True when it is now unmapped."""
+        with self._lock:
+            self._users -= 1
+            last = self._closing and self._users == 0
+        return self._unmap() if last else False
+
+    def close(self) -> bool:
+        """Unmap once no request uses it; True when it is unmapped now.
+
+        Arrays read from the region keep it mapped until they are gone (Python refuses to
+        unmap memory that is still exported): :meth:`unmapped` tries again.
+        """
+        with self._lock:
+            self._closing = True
+            idle = self._users == 0
+        return self._unmap() if idle else False
+
+    def _unmap(self) -> bool:
+        self.view = None
+        if self._mmap is None:
+            return True
+        try:
+            self._mmap.close()
+        except BufferError:  # arrays of a request are still alive somewhere
+            return False
+        self._mmap = None
+        return True
+
+    def unmapped(self) -> bool:
+        """Has the mapping gone (after :meth:`close`, once nothing uses it)?"""
+        with self._lock:
+            if not self._closing or self._users:
+                return False
+        return self._unmap()
+
+
+def read_request(view: pa.Buffer, schemas: SchemaCache | None = None) -> pa.RecordBatch:
+    """The record batch of the Arrow IPC stream lying in ``view``, without a copy.
+
+    ``schemas`` caches parsed schemas (each session has one).
+
+    Raises
+    ------
+    InvalidInput
+        Not an IPC stream with a record batch.
+    """
+    try:
+        return read_stream(view, schemas)
+    except StopIteration:
+        raise InvalidInput("the input region holds no record batch") from None
+    except (pa.ArrowInvalid, pa.ArrowIOError, pa.ArrowNotImplementedError) as err:
+        raise InvalidInput(f"the input region holds no valid Arrow IPC stream: {err}") from None
+
+
+class OutputTooSmall(InvalidInput):
+    """The result does not fit the output slice the client offered."""
+
+    def __init__(self, needed: int, size: int):
+        self.needed = needed
+        super().__init__(
+            "the result does not fit the output region",
+            expected=f"{needed} bytes",
+            got=f"{size} bytes",
+        )
+
+
+def write_result(view: pa.Buffer, batch: pa.RecordBatch) -> int:
+    """Write ``batch`` as an IPC stream at the start of the mutable ``view``; its length.
+
+    Raises
+    ------
+    OutputTooSmall
+        It does not fit (nothing is written).
+    """
+    encoded = encode(batch)
+    if encoded.size > view.size:
+        raise OutputTooSmall(encoded.size, view.size)
+    return encoded.write(view, threads=_COPY_THREADS)
+
+
+@dataclass
+class _Infer:
+    """A request in flight: its result goes to ``output`` once ``future`` completes."""
+
+    future: Future[Completed]
+    source: Region
+    output: Region
+    offset: int
+    size: int
+    id: Any
+
+
+class _Session:
+    """One client's control stream and the regions it registered."""
+
+    def __init__(self, peer: str):
+        self.peer = peer
+        self.regions: dict[str, Region] = {}
+        self.replies: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self.schemas = SchemaCache()
+        self.lock = threading.Lock()
+
+    def region(self, name: Any) -> Region:
+        with self.lock:
+            region = self.regions.get(name) if isinstance(name, str) else None
+        if region is None:
+            raise InvalidInput(
+                f"shared-memory region {name!r} is not registered in this session",
+                expected=sorted(self.regions) or "a registered region",
+                got=repr(name),
+            )
+        return region
+
+
+class ShmService:
+    """The server side of shared-memory sessions, over one :class:`InferenceCore`.
+
+    Parameters
+    ----------
+    core
+        The models to serve.
+    allow_remote
+        Accept sessions from peers that are not on this host's loopback or a Unix socket.
+    """
+
+    def __init__(self, core: InferenceCore, *, allow_remote: bool = False):
+        self.core = core
+        self.allow_remote = allow_remote
+        #: Test hook: called with each request batch and its input region, before it runs.
+        self.on_request: Callable[[pa.RecordBatch, Region], None] | None = None
+        self._sessions: set[_Session] = set()
+        self._closed: list[Region] = []  # closed, but arrays still keep them mapped
+        self._lock = threading.Lock()
+        self._draining = False
+
+    # -- state ---------------------------------------------------------------------------
+
+    def mapped(self) -> int:
+        """How many regions are mapped now, over all sessions."""
+        with self._lock:
+            sessions = list(self._sessions)
+            self._closed = [r for r in self._closed if not r.unmapped()]
+            lingering = len(self._closed)
+        return lingering + sum(len(s.regions) for s in sessions)
+
+    def status(self) -> dict[str, Any]:
+        """Sessions, mapped regions and their bytes (the ``shm.status`` action)."""
+        with self._lock:
+            sessions = list(self._sessions)
+        regions = [r for s in sessions for r in list(s.regions.values())]
+        return {
+            "sessions": len(sessions),
+            "regions": self.mapped(),
+            "bytes": sum(r.size for r in regions),
+            "allow_remote": self.allow_remote,
+        }
+
+    def drain(self) -> None:
+        """Refuse new sessions; ask every open one to finish (``{"goaway": ...}``)."""
+        with self._lock:
+            self._draining = True
+            sessions = list(self._sessions)
+        for session in sessions:
+            session.replies.put(_GOAWAY)
+
+    def close(self) -> None:
+        """Unmap every region of every session (the server is stopping)."""
+        with self._lock:
+            self._draining = True
+            sessions, self._sessions = list(self._sessions), set()
+        for session in sessions:
+            self._close_regions(session)
+
+    def _close_regions(self, session: _Session) -> None:
+        with session.lock:
+            regions, session.regions = list(session.regions.values()), {}
+        lingering = [r for r in regions if not r.close()]
+        if lingering:
+            with self._lock:
+                self._closed.extend(lingering)
+
+    # -- the session ---------------------------------------------------------------------
+
+    def session(
+        self,
+        context: Any,
+        reader: flight.MetadataRecordBatchReader,
+        writer: flight.MetadataRecordBatchWriter,
+    ) -> None:
+        """Serve one control stream until the client ends it or goes away."""
+        peer = context.peer()
+        try:
+            check_peer(peer, self.allow_remote)
+        except ArrowInferError as err:
+            raise to_flight(err) from None
+        session = _Session(peer)
+        with self._lock:
+            if self._draining:
+                raise to_flight(ServerUnavailable("the server is shutting down"))
+            self._sessions.add(session)
+        failure: list[BaseException] = []
+        thread = threading.Thread(
+            target=self._write_replies,
+            args=(session, writer, failure),
+            name="shm-writer",
+            daemon=True,
+        )
+        thread.start()
+        try:
+            for chunk in reader:
+                session.replies.put(self._handle(session, chunk))
+                if failure:
+                    break
+        except (pa.ArrowException, OSError) as err:  # the client went away
+            log.debug("shm session of %s broke: %s", peer, err)
+        finally:
+            session.replies.put(None)
+            thread.join()
+            with self._lock:
+                self._sessions.discard(session)
+            self._close_regions(session)
+            log.debug("shm session of %s ended", peer)
+
+    def _handle(self, session: _Session, chunk: flight.FlightStreamChunk) -> Any:
+        """One request: its reply, or an :class:`_Infer` whose reply comes later."""
+        request: dict[str, Any] = {}
+        try:
+            if chunk.data is not None:
+                raise InvalidInput("a shared-memory session carries metadata-only messages")
+            request = _json(chunk.app_metadata)
+            op = request.get("op")
+            if op == "infer":
+                return self._infer(session, request)
+            if op == "register":
+                if len(session.regions) >= MAX_REGIONS:
+                    raise InvalidInput(f"a session may register at most {MAX_REGIONS} regions")
+                region = Region(request.get("name"), request.get("size"))
+                with session.lock:
+                    known = region.name in session.regions
+                    if not known:
+                        session.regions[region.name] = region
+                if known:
+                    region.close()
+                    raise InvalidInput(f"shared-memory region {region.name!r} is registered")
+                reply: dict[str, Any] = {"registered": region.name}
+            elif op == "unregister":
+                name = request.get("name")
+                region = session.region(name)
+                with session.lock:
+                    session.regions.pop(region.name, None)
+                if not region.close():
+                    with self._lock:
+                        self._closed.append(region)
+                reply = {"unregistered": region.name}
+            else:
+                raise InvalidInput(
+                    "unknown shared-memory operation",
+                    expected="register, unregister or infer",
+                    got=repr(op),
+                )
+        except ArrowInferError as err:
+            reply = {"error": error_to_dict(err)}
+        if "id" in request:
+            reply["id"] = request["id"]
+        return reply
+
+    def _infer(self, session: _Session, request: dict[str, Any]) -> _Infer:
+        model = self.core.get(_text(request, "model"), request.get("version"))
+        source = _place(request, "input")
+        target = _place(request, "output")
+        input_region = session.region(source.get("region"))
+        view = input_region.slice(source.get("offset", 0), source.get("length"), "input")
+        output = session.region(target.get("region"))
+        offset = _integer(target.get("offset", 0), "the output offset")
+        size = _integer(target.get("size"), "the output size")
+        output.slice(offset, size, "output", minimum=0)  # checked now, written later
+        batch = read_request(view, session.schemas)
+        del view
+        if self.on_request is not None:
+            self.on_request(batch, input_region)
+        input_region.acquire()
+        output.acquire()
+        try:
+            future = self.core.submit(model, batch, draining=True)
+        except BaseException:
+            self._release(input_region, output)
+            raise
+        return _Infer(future, input_region, output, offset, size, request.get("id"))
+
+    def _release(self, *regions: Region) -> None:
+        for region in regions:
+            region.release()
+
+    def _finish(self, item: _Infer) -> dict[str, Any]:
+        """Wait for a request's result, write it into its output region; the reply."""
+        reply: dict[str, Any] = {}
+        try:
+            done = item.future.result()
+            target = item.output.writable(item.offset, item.size)
+            length = write_result(target, done.batch)
+            del target
+        except OutputTooSmall as err:
+            # the client knows InvalidInput; "needed" tells it to offer a bigger region
+            reply = {"error": error_to_dict(InvalidInput(str(err))), "needed": err.needed}
+        except ArrowInferError as err:
+            reply = {"error": error_to_dict(err)}
+        except Exception as err:
+            log.exception("shm request failed")
+            reply = {"error": error_to_dict(err)}
+        else:
+            reply = {
+                "output": {"region": item.output.name, "offset": item.offset, "length": length},
+                "queue_ns": done.queue_ns,
+                "compute_input_ns": done.compute_input_ns,
+                "compute_infer_ns": done.compute_infer_ns,
+                "compute_output_ns": done.compute_output_ns,
+            }
+            del done
+        finally:
+            self._release(item.source, item.output)
+        if item.id is not None:
+            reply["id"] = item.id
+        return reply
+
+    def _write_replies(
+        self, session: _Session, writer: flight.MetadataRecordBatchWriter, failure: list[Any]
+    ) -> None:
+        """Write the replies in request order as they complete (runs beside the reader)."""
+        while (item := session.replies.get()) is not None:
+            if item is _GOAWAY:
+                reply: dict[str, Any] = {"goaway": "the server is shutting down"}
+            elif isinstance(item, _Infer):
+                reply = self._finish(item)
+            else:
+                reply = item
+            item = None
+            if failure:
+                continue  # the stream is gone; drain the queue so the reader can finish
+            try:
+                writer.write_metadata(json.dumps(reply).encode())
+            except (pa.ArrowException, OSError) as err:  # the client went away
+                log.debug("shm session of %s closed while writing: %s", session.peer, err)
+                failure.append(err)
+
+
+def _json(data: pa.Buffer | None) -> dict[str, Any]:
+    try:
+        value = json.loads(data.to_pybytes()) if data else None
+    except ValueError as err:
+        raise InvalidInput(f"a shared-memory request is not JSON: {err}") from None
+    if not isinstance(value, dict):
+        raise InvalidInput("a shared-memory request is a JSON object", got=type(value).__name__)
+    return value
+
+
+def _text(request: dict[str, Any], key: str) -> str:
+    value = request.get(key)
+    if not isinstance(value, str) or not value:
+        raise InvalidInput(f"a shared-memory request needs {key!r}", got=repr(value))
+    return value
+
+
+def _place(request: dict[str, Any], key: str) -> dict[str, Any]:
+    value = request.get(key)
+    if not isinstance(value, dict):
+        raise InvalidInput(
+            f"an infer request needs {key!r}: {{region, offset, ...}}", got=repr(value)
+        )
+    return value

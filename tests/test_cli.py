@@ -1,0 +1,161 @@
+"""The ``arrowinfer`` command, run in-process against a real server."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from arrowinfer import tensors
+from arrowinfer.cli import main
+from arrowinfer.client import Client
+from arrowinfer.examples import EXAMPLE_MODELS
+from arrowinfer.server import Server
+
+MODELS = ["facile", "identity", "jet_tagger", "toptag_cnn"]
+
+
+def test_examples_writes_the_repository(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    target = tmp_path / "repo"
+    assert main(["examples", str(target)]) == 0
+    assert str(target) in capsys.readouterr().out
+    assert sorted(p.name for p in target.iterdir()) == sorted(EXAMPLE_MODELS)
+    for name in EXAMPLE_MODELS:
+        assert (target / name / "config.pbtxt").stat().st_size > 0
+        assert (target / name / "1" / "model.onnx").stat().st_size > 0
+    # a second run keeps what is there; --overwrite rewrites it
+    config = target / "facile" / "config.pbtxt"
+    config.write_text(config.read_text() + "\n# local edit\n")
+    assert main(["examples", str(target)]) == 0
+    assert "# local edit" in config.read_text()
+    assert main(["examples", str(target), "--overwrite"]) == 0
+    assert "# local edit" not in config.read_text()
+
+
+def test_models_lists_the_served_models(server: Server, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["models", server.location]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines] == MODELS
+    assert "points: list<item: fixed_size_list<item: float>[2]>" in lines[2]
+    assert "hits: extension<arrow.fixed_shape_tensor" in lines[0]
+
+
+@pytest.fixture(scope="module")
+def events_table() -> pa.Table:
+    """1000 HCAL channels under another column name, and a column the model does not take."""
+    values = np.random.default_rng(0).standard_normal((1000, 15), dtype=np.float32)
+    return pa.table({"channel": np.arange(1000), "h": tensors.from_numpy(values)})
+
+
+def write(table: pa.Table, path: Path) -> Path:
+    if path.suffix == ".parquet":
+        pq.write_table(table, path, row_group_size=300)
+    elif path.suffix == ".arrows":
+        with pa.ipc.new_stream(path, table.schema) as writer:
+            writer.write_table(table, max_chunksize=256)
+    else:
+        with pa.ipc.new_file(path, table.schema) as writer:
+            writer.write_table(table, max_chunksize=256)
+    return path
+
+
+def read(path: Path) -> pa.Table:
+    if path.suffix == ".parquet":
+        return pq.read_table(path)
+    with pa.memory_map(str(path)) as source:
+        return pa.ipc.open_file(source).read_all()
+
+
+@pytest.mark.parametrize(
+    ("source", "target"),
+    [
+        ("in.parquet", "out.parquet"),
+        ("in.parquet", "out.arrow"),
+        ("in.arrow", "out.parquet"),
+        ("in.arrows", "out.arrow"),
+    ],
+)
+def test_infer_a_file(
+    server: Server,
+    events_table: pa.Table,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    source: str,
+    target: str,
+) -> None:
+    path = write(events_table, tmp_path / source)
+    out = tmp_path / target
+    args = ["infer", server.location, "facile", str(path), str(out), "--column", "hits=h"]
+    assert main([*args, "--batch-rows", "128", "-q"]) == 0
+    assert capsys.readouterr().out.strip() == f"wrote 1000 rows to {out}"
+    result = read(out)
+    assert result.num_rows == events_table.num_rows
+    assert result.schema.names == ["energy"]
+    assert result.schema.metadata is None  # the server times of each request are dropped
+    with Client(server.location) as client:
+        direct = client.infer("facile", {"hits": events_table.column("h")})
+    np.testing.assert_allclose(
+        result.column("energy").to_numpy(),
+        tensors.to_numpy(direct.column("energy")),
+        rtol=1e-5,
+        atol=1e-6,
+    )
+
+
+@pytest.mark.parametrize("target", ["out.arrow", "out.parquet"])
+def test_infer_a_file_with_the_models_column_names(
+    server: Server, tmp_path: Path, capsys: pytest.CaptureFixture[str], target: str
+) -> None:
+    values = np.random.default_rng(1).standard_normal((10, 1024), dtype=np.float32)
+    path = write(pa.table({"INPUT0": tensors.from_numpy(values)}), tmp_path / "in.arrow")
+    out = tmp_path / target
+    assert main(["infer", server.location, "identity/1", str(path), str(out), "-q"]) == 0
+    np.testing.assert_array_equal(tensors.to_numpy(read(out).column("OUTPUT0")), values)
+    capsys.readouterr()
+
+
+def test_errors_print_their_type_and_exit_1(
+    server: Server, events_table: pa.Table, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write(events_table, tmp_path / "in.parquet")
+    out = tmp_path / "out.parquet"
+    assert main(["infer", server.location, "nope", str(path), str(out), "-q"]) == 1
+    captured = capsys.readouterr()
+    assert captured.err.startswith("ModelNotFound: model 'nope' is not served (available: facile")
+    assert captured.out == ""
+    assert not out.exists()
+
+    # the file's column is not what the model takes
+    assert main(["infer", server.location, "facile", str(path), str(out), "-q"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("InvalidInput: model 'facile': ")
+    assert "no column for input(s) ['hits']" in err
+    assert "got ['channel', 'h']" in err
+
+
+def test_no_server_is_an_error_too(
+    events_table: pa.Table, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        url = f"grpc://127.0.0.1:{s.getsockname()[1]}"  # bound, not listening: refused
+        assert main(["models", url]) == 1
+        assert capsys.readouterr().err.startswith("ServerUnavailable: ")
+        path = write(events_table, tmp_path / "in.parquet")
+        assert main(["infer", url, "facile", str(path), str(tmp_path / "out.arrow")]) == 1
+        assert capsys.readouterr().err.startswith("ServerUnavailable: ")
+
+
+@pytest.mark.parametrize("mapping", ["hits", "=h", "hits="])
+def test_a_bad_column_mapping_is_a_usage_error(
+    server: Server, tmp_path: Path, capsys: pytest.CaptureFixture[str], mapping: str
+) -> None:
+    args = ["infer", server.location, "facile", "in.parquet", "out.parquet", "--column", mapping]
+    with pytest.raises(SystemExit) as info:
+        main(args)
+    assert info.value.code == 2
+    assert f"expected INPUT=COLUMN, got {mapping!r}" in capsys.readouterr().err

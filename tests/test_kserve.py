@@ -1,0 +1,595 @@
+"""The KServe v2 gRPC front end, through tritonclient and the generated stub.
+
+Real servers on ephemeral loopback ports, no mocks. Every inference result is compared bit
+for bit with the same request through the Flight path: both protocols adapt one core.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import onnx
+import pytest
+import tritonclient.grpc as tg
+import tritonclient.grpc.aio as tg_aio
+from onnx import TensorProto, helper
+from tritonclient.grpc import service_pb2 as pb
+from tritonclient.grpc import service_pb2_grpc
+from tritonclient.utils import InferenceServerException
+
+from arrowinfer.client import Client
+from arrowinfer.examples import IR_VERSION, OPSET
+from arrowinfer.server import Server
+from arrowinfer.tensors import to_numpy
+
+WAIT = 30.0  # seconds any one answer may take: bounds every test, never a sleep
+
+rng = np.random.default_rng(20240601)
+
+#: One request per model: its inputs (batch first) and its outputs' per-row dims.
+REQUESTS: dict[str, tuple[dict[str, np.ndarray], dict[str, list[int]]]] = {
+    "facile": (
+        {"hits": rng.normal(size=(7, 15)).astype(np.float32)},
+        {"energy": [1]},
+    ),
+    "toptag_cnn": (
+        {"image": np.abs(rng.normal(size=(3, 1, 37, 37))).astype(np.float32)},
+        {"probabilities": [2]},
+    ),
+    "identity": (
+        {"INPUT0": rng.normal(size=(4, 1024)).astype(np.float32)},
+        {"OUTPUT0": [1024]},
+    ),
+}
+
+
+# -- helpers ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def triton(server: Server) -> Iterator[tg.InferenceServerClient]:
+    client = tg.InferenceServerClient(f"127.0.0.1:{server.kserve_port}")
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+def infer_inputs(arrays: dict[str, np.ndarray]) -> list[tg.InferInput]:
+    out = []
+    for name, array in arrays.items():
+        tensor = tg.InferInput(name, list(array.shape), _kserve_type(array.dtype))
+        tensor.set_data_from_numpy(array)
+        out.append(tensor)
+    return out
+
+
+def _kserve_type(dtype: np.dtype) -> str:
+    return {"float32": "FP32", "float64": "FP64", "int32": "INT32", "int64": "INT64"}[
+        np.dtype(dtype).name
+    ]
+
+
+def flight_outputs(server: Server, model: str, arrays: dict[str, np.ndarray]) -> dict[str, Any]:
+    with Client(server.location) as client:
+        result = client.infer(model, arrays)
+    return {name: to_numpy(result.column(name)) for name in result.schema.names}
+
+
+def assert_same_bits(kserve: np.ndarray, flight: np.ndarray, dims: list[int]) -> None:
+    """KServe's ``[batch, *dims]`` tensor holds exactly the bytes of Flight's column."""
+    assert kserve.shape == (len(flight), *dims)
+    assert kserve.dtype == flight.dtype
+    assert kserve.tobytes() == flight.tobytes()
+
+
+def assert_like_flight(server: Server, model: str, result: tg.InferResult) -> None:
+    arrays, dims = REQUESTS[model]
+    expected = flight_outputs(server, model, arrays)
+    assert [o.name for o in result.get_response().outputs] == list(dims)
+    for name, per_row in dims.items():
+        assert_same_bits(result.as_numpy(name), expected[name], per_row)
+
+
+def status(err: InferenceServerException) -> str:
+    return str(err.status())
+
+
+def collector() -> tuple[Callable[..., None], queue.Queue[tuple[Any, Any]]]:
+    results: queue.Queue[tuple[Any, Any]] = queue.Queue()
+
+    def callback(result: Any, error: Any) -> None:
+        results.put((result, error))
+
+    return callback, results
+
+
+# -- health, metadata, config, repository ------------------------------------------------
+
+
+def test_health(triton: tg.InferenceServerClient) -> None:
+    assert triton.is_server_live(client_timeout=WAIT)
+    assert triton.is_server_ready(client_timeout=WAIT)
+    assert triton.is_model_ready("facile", client_timeout=WAIT)
+    assert triton.is_model_ready("facile", "1", client_timeout=WAIT)
+    assert not triton.is_model_ready("facile", "7", client_timeout=WAIT)
+    assert not triton.is_model_ready("no_such_model", client_timeout=WAIT)
+
+
+def test_server_metadata(triton: tg.InferenceServerClient) -> None:
+    import arrowinfer
+
+    meta = triton.get_server_metadata(as_json=True, client_timeout=WAIT)
+    assert meta["name"] == "arrowinfer"
+    assert meta["version"] == arrowinfer.__version__
+    assert {"model_repository", "statistics"} <= set(meta["extensions"])
+
+
+def test_model_metadata(triton: tg.InferenceServerClient) -> None:
+    meta = triton.get_model_metadata("toptag_cnn", client_timeout=WAIT)
+    assert meta.name == "toptag_cnn"
+    assert list(meta.versions) == ["1"]
+    assert [(t.name, t.datatype, list(t.shape)) for t in meta.inputs] == [
+        ("image", "FP32", [-1, 1, 37, 37])
+    ]
+    assert [(t.name, t.datatype, list(t.shape)) for t in meta.outputs] == [
+        ("probabilities", "FP32", [-1, 2])
+    ]
+    # the mask input the server fills is not the client's business
+    tagger = triton.get_model_metadata("jet_tagger", as_json=True, client_timeout=WAIT)
+    assert [t["name"] for t in tagger["inputs"]] == ["points", "features"]
+
+
+def test_model_config(triton: tg.InferenceServerClient) -> None:
+    config = triton.get_model_config("facile", client_timeout=WAIT).config
+    assert config.name == "facile"
+    assert config.max_batch_size == 16384
+    assert [i.name for i in config.input] == ["hits"]
+    assert list(config.input[0].dims) == [15]
+    assert [o.name for o in config.output] == ["energy"]
+    assert config.HasField("dynamic_batching")
+    as_json = triton.get_model_config("identity", as_json=True, client_timeout=WAIT)
+    assert as_json["config"]["max_batch_size"] == 16384
+
+
+def test_repository_index(triton: tg.InferenceServerClient) -> None:
+    index = triton.get_model_repository_index(as_json=True, client_timeout=WAIT)["models"]
+    assert {m["name"] for m in index} == {"facile", "identity", "jet_tagger", "toptag_cnn"}
+    assert {m["state"] for m in index} == {"READY"}
+    assert all(m["version"] == "1" for m in index)
+
+
+def test_statistics_grow_with_requests(triton: tg.InferenceServerClient) -> None:
+    def stats() -> dict[str, Any]:
+        response = triton.get_inference_statistics("identity", as_json=True, client_timeout=WAIT)
+        (model,) = response["model_stats"]
+        return model
+
+    before = stats()
+    assert before["name"] == "identity"
+    assert before["version"] == "1"
+    arrays, _ = REQUESTS["identity"]
+    triton.infer("identity", infer_inputs(arrays), client_timeout=WAIT)
+    after = stats()
+    # Triton's field names; protobuf's JSON writes 64-bit counts as strings, 0 not at all
+    rows = len(arrays["INPUT0"])
+    assert int(after["inference_count"]) == int(before.get("inference_count", 0)) + rows
+    assert int(after["execution_count"]) == int(before.get("execution_count", 0)) + 1
+    success = after["inference_stats"]["success"]
+    assert (
+        int(success["count"])
+        == int(before.get("inference_stats", {}).get("success", {}).get("count", 0)) + 1
+    )
+    for key in ("queue", "compute_input", "compute_infer", "compute_output"):
+        assert int(after["inference_stats"][key]["ns"]) > 0
+    assert any(int(b["batch_size"]) == rows for b in after["batch_stats"])
+    assert int(after["last_inference"]) > 0
+    every = triton.get_inference_statistics(client_timeout=WAIT).model_stats
+    assert {s.name for s in every} == {"facile", "identity", "jet_tagger", "toptag_cnn"}
+
+
+# -- inference: tritonclient, every way it sends ------------------------------------------
+
+
+@pytest.mark.parametrize("model", list(REQUESTS))
+def test_infer_matches_flight(server: Server, triton: tg.InferenceServerClient, model: str) -> None:
+    arrays, _ = REQUESTS[model]
+    result = triton.infer(model, infer_inputs(arrays), request_id="r1", client_timeout=WAIT)
+    response = result.get_response()
+    assert response.model_name == model
+    assert response.model_version == "1"
+    assert response.id == "r1"
+    assert_like_flight(server, model, result)
+
+
+def test_identity_returns_its_input(triton: tg.InferenceServerClient) -> None:
+    arrays, _ = REQUESTS["identity"]
+    result = triton.infer(
+        "identity",
+        infer_inputs(arrays),
+        priority=1,  # accepted, ignored: one queue per model
+        timeout=int(WAIT * 1e6),  # microseconds: bounds the wait for the result
+        parameters={"anything": "custom"},
+        client_timeout=WAIT,
+    )
+    assert result.as_numpy("OUTPUT0").tobytes() == arrays["INPUT0"].tobytes()
+
+
+@pytest.mark.parametrize("model", list(REQUESTS))
+def test_async_infer_matches_flight(
+    server: Server, triton: tg.InferenceServerClient, model: str
+) -> None:
+    arrays, _ = REQUESTS[model]
+    callback, results = collector()
+    for _ in range(3):  # several in flight at once: they may share a batch
+        triton.async_infer(model, infer_inputs(arrays), callback, client_timeout=WAIT)
+    for _ in range(3):
+        result, error = results.get(timeout=WAIT)
+        assert error is None, error
+        assert_like_flight(server, model, result)
+
+
+def test_aio_client_matches_flight(server: Server) -> None:
+    async def run() -> list[Any]:
+        async with tg_aio.InferenceServerClient(f"127.0.0.1:{server.kserve_port}") as client:
+            assert await client.is_server_ready()
+            calls = [
+                client.infer(m, infer_inputs(REQUESTS[m][0]), client_timeout=WAIT) for m in REQUESTS
+            ]
+            return list(await asyncio.gather(*calls))
+
+    for model, result in zip(REQUESTS, asyncio.run(run()), strict=True):
+        assert_like_flight(server, model, result)
+
+
+def test_stream_infer_matches_flight(server: Server, triton: tg.InferenceServerClient) -> None:
+    callback, results = collector()
+    triton.start_stream(callback, stream_timeout=WAIT * 2)
+    try:
+        sent = [m for _ in range(2) for m in REQUESTS]
+        for i, model in enumerate(sent):
+            triton.async_stream_infer(model, infer_inputs(REQUESTS[model][0]), request_id=str(i))
+        got = {}
+        for _ in sent:
+            result, error = results.get(timeout=WAIT)
+            assert error is None, error
+            got[result.get_response().id] = result
+    finally:
+        triton.stop_stream()
+    assert sorted(got, key=int) == [str(i) for i in range(len(sent))]
+    for i, model in enumerate(sent):
+        assert got[str(i)].get_response().model_name == model
+        assert_like_flight(server, model, got[str(i)])
+
+
+def test_stream_reports_errors_in_the_response_and_goes_on(
+    server: Server, triton: tg.InferenceServerClient
+) -> None:
+    callback, results = collector()
+    triton.start_stream(callback, stream_timeout=WAIT * 2)
+    arrays, _ = REQUESTS["facile"]
+    try:
+        triton.async_stream_infer("no_such_model", infer_inputs(arrays), request_id="bad")
+        triton.async_stream_infer("jet_tagger", infer_inputs(arrays), request_id="ragged")
+        triton.async_stream_infer("facile", infer_inputs(arrays), request_id="good")
+        outcomes = [results.get(timeout=WAIT) for _ in range(3)]
+    finally:
+        triton.stop_stream()
+    (_, missing), (_, ragged), (good, error) = outcomes
+    assert isinstance(missing, InferenceServerException)
+    assert "no_such_model" in missing.message()
+    assert isinstance(ragged, InferenceServerException)
+    assert "'points'" in ragged.message()
+    assert error is None
+    assert good.get_response().id == "good"
+    assert_like_flight(server, "facile", good)
+
+
+# -- the protocol underneath: typed contents, requested outputs ---------------------------
+
+
+@pytest.fixture
+def stub(server: Server) -> Iterator[service_pb2_grpc.GRPCInferenceServiceStub]:
+    with grpc.insecure_channel(f"127.0.0.1:{server.kserve_port}") as channel:
+        yield service_pb2_grpc.GRPCInferenceServiceStub(channel)
+
+
+def test_typed_contents_give_the_same_result(
+    server: Server, stub: service_pb2_grpc.GRPCInferenceServiceStub
+) -> None:
+    arrays, dims = REQUESTS["facile"]
+    hits = arrays["hits"]
+    request = pb.ModelInferRequest(model_name="facile", id="typed")
+    tensor = request.inputs.add(name="hits", datatype="FP32", shape=list(hits.shape))
+    tensor.contents.fp32_contents.extend(hits.ravel().tolist())
+    response = stub.ModelInfer(request, timeout=WAIT)
+    (output,) = response.outputs
+    assert (output.name, output.datatype, list(output.shape)) == ("energy", "FP32", [7, 1])
+    energy = np.frombuffer(response.raw_output_contents[0], np.float32).reshape(7, 1)
+    assert_same_bits(energy, flight_outputs(server, "facile", arrays)["energy"], dims["energy"])
+
+
+@pytest.mark.parametrize(
+    ("fill", "message"),
+    [
+        (lambda t: t.contents.int_contents.extend([1] * 15), "fp32_contents"),
+        (lambda t: t.contents.fp32_contents.extend([1.0] * 14), "15 values"),
+        (lambda t: None, "no data"),
+    ],
+)
+def test_typed_contents_that_do_not_fit(
+    stub: service_pb2_grpc.GRPCInferenceServiceStub, fill: Callable[[Any], None], message: str
+) -> None:
+    request = pb.ModelInferRequest(model_name="facile")
+    fill(request.inputs.add(name="hits", datatype="FP32", shape=[1, 15]))
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.ModelInfer(request, timeout=WAIT)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert message in caught.value.details()
+    assert "'facile'" in caught.value.details()
+
+
+def test_raw_request_with_default_outputs(
+    server: Server, stub: service_pb2_grpc.GRPCInferenceServiceStub
+) -> None:
+    arrays, dims = REQUESTS["toptag_cnn"]
+    image = arrays["image"]
+    request = pb.ModelInferRequest(model_name="toptag_cnn", model_version="1")
+    request.inputs.add(name="image", datatype="FP32", shape=list(image.shape))
+    request.raw_input_contents.append(image.tobytes())
+    response = stub.ModelInfer(request, timeout=WAIT)
+    assert response.model_version == "1"
+    assert [o.name for o in response.outputs] == ["probabilities"]
+    got = np.frombuffer(response.raw_output_contents[0], np.float32).reshape(3, 2)
+    expected = flight_outputs(server, "toptag_cnn", arrays)["probabilities"]
+    assert_same_bits(got, expected, dims["probabilities"])
+    assert response.parameters["queue_ns"].int64_param >= 0
+    assert response.parameters["compute_infer_ns"].int64_param > 0
+
+
+# -- a two-input, two-output model: requested outputs, typed ints, load and unload --------
+
+
+def _write_pair_model(root: Path) -> Path:
+    """``pair``: OUTPUT0 = -INPUT0 (FP32 [4]), OUTPUT1 = INPUT1 (INT32 [2])."""
+    graph = helper.make_graph(
+        [
+            helper.make_node("Neg", ["INPUT0"], ["OUTPUT0"]),
+            helper.make_node("Identity", ["INPUT1"], ["OUTPUT1"]),
+        ],
+        "pair",
+        inputs=[
+            helper.make_tensor_value_info("INPUT0", TensorProto.FLOAT, ["batch", 4]),
+            helper.make_tensor_value_info("INPUT1", TensorProto.INT32, ["batch", 2]),
+        ],
+        outputs=[
+            helper.make_tensor_value_info("OUTPUT0", TensorProto.FLOAT, ["batch", 4]),
+            helper.make_tensor_value_info("OUTPUT1", TensorProto.INT32, ["batch", 2]),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    model.ir_version = IR_VERSION
+    (root / "pair" / "1").mkdir(parents=True)
+    onnx.save(model, root / "pair" / "1" / "model.onnx")
+    (root / "pair" / "config.pbtxt").write_text(
+        'name: "pair"\nplatform: "onnxruntime_onnx"\nmax_batch_size: 8\n'
+        'input [ { name: "INPUT0" data_type: TYPE_FP32 dims: [ 4 ] },\n'
+        '        { name: "INPUT1" data_type: TYPE_INT32 dims: [ 2 ] } ]\n'
+        'output [ { name: "OUTPUT0" data_type: TYPE_FP32 dims: [ 4 ] },\n'
+        '         { name: "OUTPUT1" data_type: TYPE_INT32 dims: [ 2 ] } ]\n'
+    )
+    return root
+
+
+@pytest.fixture(scope="module")
+def pair_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    repository = _write_pair_model(tmp_path_factory.mktemp("pair_repository"))
+    with Server(repository, port=0, kserve_port=0, metrics_port=None) as running:
+        yield running
+
+
+@pytest.fixture
+def pair(pair_server: Server) -> Iterator[tg.InferenceServerClient]:
+    client = tg.InferenceServerClient(f"127.0.0.1:{pair_server.kserve_port}")
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+PAIR = {
+    "INPUT0": np.arange(12, dtype=np.float32).reshape(3, 4),
+    "INPUT1": np.array([[1, -2], [3, 2**31 - 1], [-(2**31), 0]], dtype=np.int32),
+}
+
+
+@pytest.mark.parametrize("wanted", [["OUTPUT0"], ["OUTPUT1"], ["OUTPUT1", "OUTPUT0"], []])
+def test_requested_outputs(
+    pair_server: Server, pair: tg.InferenceServerClient, wanted: list[str]
+) -> None:
+    outputs = [tg.InferRequestedOutput(name) for name in wanted]
+    result = pair.infer("pair", infer_inputs(PAIR), outputs=outputs or None, client_timeout=WAIT)
+    names = wanted or ["OUTPUT0", "OUTPUT1"]
+    assert [o.name for o in result.get_response().outputs] == names
+    expected = flight_outputs(pair_server, "pair", PAIR)
+    for name in names:
+        assert_same_bits(result.as_numpy(name), expected[name], [4 if name == "OUTPUT0" else 2])
+    for name in {"OUTPUT0", "OUTPUT1"} - set(names):
+        assert result.as_numpy(name) is None
+    np.testing.assert_array_equal(expected["OUTPUT0"], -PAIR["INPUT0"])
+    np.testing.assert_array_equal(expected["OUTPUT1"], PAIR["INPUT1"])
+
+
+def test_unknown_requested_output(pair: tg.InferenceServerClient) -> None:
+    with pytest.raises(InferenceServerException) as caught:
+        pair.infer(
+            "pair",
+            infer_inputs(PAIR),
+            outputs=[tg.InferRequestedOutput("OUTPUT9")],
+            client_timeout=WAIT,
+        )
+    assert status(caught.value) == "StatusCode.INVALID_ARGUMENT"
+    assert "OUTPUT9" in caught.value.message()
+
+
+def test_typed_int_contents(pair_server: Server, pair: tg.InferenceServerClient) -> None:
+    with grpc.insecure_channel(f"127.0.0.1:{pair_server.kserve_port}") as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        request = pb.ModelInferRequest(model_name="pair")
+        request.inputs.add(name="INPUT0", datatype="FP32", shape=[3, 4])
+        request.inputs[0].contents.fp32_contents.extend(PAIR["INPUT0"].ravel().tolist())
+        request.inputs.add(name="INPUT1", datatype="INT32", shape=[3, 2])
+        request.inputs[1].contents.int_contents.extend(PAIR["INPUT1"].ravel().tolist())
+        request.outputs.add(name="OUTPUT1")
+        response = stub.ModelInfer(request, timeout=WAIT)
+    assert [(o.name, o.datatype, list(o.shape)) for o in response.outputs] == [
+        ("OUTPUT1", "INT32", [3, 2])
+    ]
+    got = np.frombuffer(response.raw_output_contents[0], np.int32).reshape(3, 2)
+    assert got.tobytes() == PAIR["INPUT1"].tobytes()
+
+
+def test_load_and_unload(pair_server: Server, pair: tg.InferenceServerClient) -> None:
+    assert pair.is_model_ready("pair", client_timeout=WAIT)
+    pair.unload_model("pair", client_timeout=WAIT)
+    try:
+        assert not pair.is_model_ready("pair", client_timeout=WAIT)
+        (entry,) = pair.get_model_repository_index(as_json=True, client_timeout=WAIT)["models"]
+        assert entry["name"] == "pair"
+        assert entry["state"] == "UNAVAILABLE"
+        with pytest.raises(InferenceServerException) as caught:
+            pair.infer("pair", infer_inputs(PAIR), client_timeout=WAIT)
+        assert status(caught.value) == "StatusCode.NOT_FOUND"
+        with grpc.insecure_channel(f"127.0.0.1:{pair_server.kserve_port}") as channel:
+            stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+            ready = stub.RepositoryIndex(pb.RepositoryIndexRequest(ready=True), timeout=WAIT)
+        assert list(ready.models) == []  # only ready models were asked for
+    finally:
+        pair.load_model("pair", client_timeout=WAIT)
+    assert pair.is_model_ready("pair", client_timeout=WAIT)
+    result = pair.infer("pair", infer_inputs(PAIR), client_timeout=WAIT)
+    assert result.as_numpy("OUTPUT1").tobytes() == PAIR["INPUT1"].tobytes()
+    with pytest.raises(InferenceServerException) as caught:
+        pair.load_model("no_such_model", client_timeout=WAIT)
+    assert status(caught.value) == "StatusCode.NOT_FOUND"
+    with pytest.raises(InferenceServerException) as caught:
+        pair.load_model("pair", config='{"max_batch_size": 4}', client_timeout=WAIT)
+    assert status(caught.value) == "StatusCode.INVALID_ARGUMENT"
+
+
+# -- errors: Triton's status codes, and the server keeps serving --------------------------
+
+
+def _wrong_datatype() -> list[tg.InferInput]:
+    return infer_inputs({"hits": REQUESTS["facile"][0]["hits"].astype(np.float64)})
+
+
+def _wrong_shape() -> list[tg.InferInput]:
+    return infer_inputs({"hits": np.zeros((2, 14), np.float32)})
+
+
+def _unknown_input() -> list[tg.InferInput]:
+    return infer_inputs({"hit": REQUESTS["facile"][0]["hits"]})
+
+
+def _shared_memory() -> list[tg.InferInput]:
+    tensor = tg.InferInput("hits", [2, 15], "FP32")
+    tensor.set_shared_memory("region", 2 * 15 * 4)
+    return [tensor]
+
+
+def _ragged() -> list[tg.InferInput]:
+    return infer_inputs(
+        {
+            "points": np.zeros((2, 100, 2), np.float32),
+            "features": np.zeros((2, 100, 7), np.float32),
+        }
+    )
+
+
+@pytest.mark.parametrize(
+    ("model", "inputs", "code", "words"),
+    [
+        ("no_such_model", _wrong_shape, "NOT_FOUND", ["no_such_model", "facile"]),
+        ("facile", _wrong_datatype, "INVALID_ARGUMENT", ["'facile'", "'hits'", "FP32", "FP64"]),
+        ("facile", _wrong_shape, "INVALID_ARGUMENT", ["'facile'", "'hits'", "[-1, 15]", "14"]),
+        ("facile", _unknown_input, "INVALID_ARGUMENT", ["'facile'", "'hit'"]),
+        ("jet_tagger", _ragged, "INVALID_ARGUMENT", ["'jet_tagger'", "'points'", "Flight"]),
+        ("facile", _shared_memory, "INVALID_ARGUMENT", ["'facile'", "'hits'", "shared"]),
+    ],
+    ids=["unknown-model", "datatype", "shape", "input-name", "ragged", "shared-memory"],
+)
+def test_errors_have_tritons_status_codes(
+    server: Server,
+    triton: tg.InferenceServerClient,
+    model: str,
+    inputs: Callable[[], list[tg.InferInput]],
+    code: str,
+    words: list[str],
+) -> None:
+    with pytest.raises(InferenceServerException) as caught:
+        triton.infer(model, inputs(), client_timeout=WAIT)
+    assert status(caught.value) == f"StatusCode.{code}"
+    for word in words:
+        assert word in caught.value.message()
+    # the server keeps serving
+    arrays, _ = REQUESTS["facile"]
+    assert_like_flight(server, "facile", triton.infer("facile", infer_inputs(arrays)))
+
+
+def test_metadata_of_an_unknown_model_is_not_found(triton: tg.InferenceServerClient) -> None:
+    for call in (triton.get_model_metadata, triton.get_model_config):
+        with pytest.raises(InferenceServerException) as caught:
+            call("no_such_model", client_timeout=WAIT)
+        assert status(caught.value) == "StatusCode.NOT_FOUND"
+    with pytest.raises(InferenceServerException) as caught:
+        triton.get_inference_statistics("no_such_model", client_timeout=WAIT)
+    assert status(caught.value) == "StatusCode.NOT_FOUND"
+
+
+# -- large messages -----------------------------------------------------------------------
+
+
+def test_32_mb_request_round_trips(triton: tg.InferenceServerClient) -> None:
+    payload = np.random.default_rng(7).normal(size=(8192, 1024)).astype(np.float32)
+    assert payload.nbytes == 32 * 2**20
+    result = triton.infer("identity", infer_inputs({"INPUT0": payload}), client_timeout=WAIT * 2)
+    out = result.as_numpy("OUTPUT0")
+    assert out.shape == payload.shape
+    assert out.tobytes() == payload.tobytes()
+
+
+def test_raw_input_becomes_a_column_without_a_copy(server: Server) -> None:
+    from arrowinfer.schema import tensor_specs, to_column
+    from arrowinfer.server._kserve import _input_array
+
+    model = server.core.get("identity")
+    (spec,) = tensor_specs(model.version.inputs)
+    payload = REQUESTS["identity"][0]["INPUT0"]
+    raw = payload.tobytes()  # what protobuf hands over for raw_input_contents[0]
+    tensor = pb.ModelInferRequest.InferInputTensor(
+        name="INPUT0", datatype="FP32", shape=list(payload.shape)
+    )
+    array = _input_array(spec, tensor, raw, model="identity", batching=True)
+    column = to_column(model.version.inputs.field("INPUT0"), array)
+    assert np.shares_memory(array, np.frombuffer(raw, np.uint8))
+    assert np.shares_memory(to_numpy(column), array)
+    assert to_numpy(column).tobytes() == raw
+
+
+def test_a_port_in_use_is_an_error(example_repository: Path, server: Server) -> None:
+    with pytest.raises(OSError, match="in use"):
+        Server(
+            example_repository,
+            port=0,
+            kserve_port=server.kserve_port,
+            metrics_port=None,
+            models=[],
+        )
+    assert server.core.ready  # the running server is undisturbed
