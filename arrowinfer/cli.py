@@ -46,8 +46,15 @@ def _serve(args: argparse.Namespace) -> int:
         models=args.model or None,
     )
 
+    stopping = threading.Event()
+
     def stop(signum: int, frame: object) -> None:
-        log.info("%s: finishing requests in flight, then stopping", signal.Signals(signum).name)
+        name = signal.Signals(signum).name
+        if stopping.is_set():  # a client may hold its stream open: don't wait for it
+            log.warning("%s again: exiting without waiting for open streams", name)
+            os._exit(1)
+        stopping.set()
+        log.info("%s: finishing requests in flight, then stopping", name)
         threading.Thread(target=server.stop, name="shutdown").start()
 
     signal.signal(signal.SIGINT, stop)
@@ -114,7 +121,7 @@ def parser() -> argparse.ArgumentParser:
         description="Serve every ONNX model of a Triton-layout model repository "
         "(REPO/<model>/config.pbtxt, REPO/<model>/<version>/model.onnx) over Arrow Flight, "
         "with dynamic batching and Prometheus metrics. Stops cleanly on Ctrl-C/SIGTERM, "
-        "finishing the requests in flight.",
+        "finishing the requests in flight; a second Ctrl-C/SIGTERM exits at once.",
     )
     serve.add_argument(
         "repository",

@@ -17,7 +17,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -129,14 +128,6 @@ def flight_error_info(err: flight.FlightError) -> dict[str, Any]:
     return info
 
 
-def wait_for(condition: Callable[[], bool], what: str, timeout: float = DEADLINE) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.01)
-
-
 def check_facile_results(
     results: list[tuple[pa.RecordBatch, dict[str, Any]]],
     inputs: list[np.ndarray],
@@ -233,8 +224,8 @@ def test_pipelined_requests_one_result_each_in_order(
             assert "id" not in meta
 
 
-@settings(deadline=None, max_examples=15)
-@given(rows=st.lists(st.integers(1, 300), min_size=1, max_size=12), ids=st.booleans())
+@settings(deadline=None, max_examples=10)
+@given(rows=st.lists(st.integers(1, 200), min_size=1, max_size=12), ids=st.booleans())
 def test_identity_returns_every_request_unchanged(
     server: Server, rows: list[int], ids: bool
 ) -> None:
@@ -826,6 +817,30 @@ def test_serve_stops_on_sigterm_after_answering_every_request_sent(
     log = running.log.read_text()
     assert "SIGTERM: finishing requests in flight" in log
     assert "server stopped" in log
+
+
+def test_serve_exits_on_a_second_sigterm_when_a_client_keeps_its_stream(
+    serve: Callable[..., Serve], facile_session: ort.InferenceSession
+) -> None:
+    """A client that ignores ``goaway`` holds a graceful stop; a second signal ends it."""
+    running = serve("--port", "0", "--kserve-port", "-1", "--metrics-port", "-1")
+    values = hits(2)
+    with connect(running.location()) as client:
+        stream = OpenStream(client, "facile", input_schema(client, "facile"))
+        check_facile_results([stream.ask(values)], [values], facile_session)
+        running.process.send_signal(signal.SIGTERM)
+        chunk = stream.reader.read_chunk()  # the server is stopping: it asks us to finish
+        assert chunk.data is None
+        assert json.loads(chunk.app_metadata.to_pybytes()) == {
+            "goaway": "the server is shutting down"
+        }
+        check_facile_results([stream.ask(values)], [values], facile_session)  # still served
+        assert running.process.poll() is None  # waiting for our stream, which we keep open
+        running.process.send_signal(signal.SIGTERM)
+        assert running.process.wait(timeout=DEADLINE) == 1
+        with contextlib.suppress(pa.ArrowException):
+            stream.writer.close()
+    assert "SIGTERM again: exiting without waiting for open streams" in running.log.read_text()
 
 
 def test_serve_stops_on_sigterm_when_idle(serve: Callable[..., Serve]) -> None:

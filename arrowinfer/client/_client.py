@@ -230,7 +230,7 @@ class AsyncClient:
 
     async def schema(self, model: str, *, version: str | int | None = None) -> pa.Schema:
         """See :meth:`Client.schema`."""
-        return await self._run(self._client.schema, model, version=version)  # type: ignore[no-any-return]
+        return await self._run(self._client.schema, model, version=version)
 
     async def infer(
         self,
