@@ -15,17 +15,21 @@ message.
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 from collections import deque
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
+from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 
 from ..errors import Timeout
 from ._convert import conform, to_record_batch
+from ._failover import FailoverTransport
+from ._local import LocalTransport
 from ._shm import make_transport
 from ._transport import Transport
 
@@ -33,6 +37,9 @@ __all__ = ["DEFAULT_TIMEOUT", "USE_CLIENT_DEFAULT", "AsyncClient", "Client"]
 
 #: Seconds a call waits for its answer unless told otherwise.
 DEFAULT_TIMEOUT = 60.0
+
+#: The server a client talks to when given none (and ``$ARROWINFER_SERVERS`` is unset).
+DEFAULT_URL = "grpc://127.0.0.1:8815"
 
 
 class _UseClientDefault:
@@ -51,34 +58,82 @@ def _split_name(model: str, version: str | int | None) -> tuple[str, str | None]
     return model, (None if version in (None, "") else str(version))
 
 
+def servers(urls: str | Sequence[str] | None) -> list[str]:
+    """The server list: the argument, else ``$ARROWINFER_SERVERS``.
+
+    Either may be one URL, several separated by commas or whitespace, or ``@FILE`` naming a
+    file with one URL per line (``#`` comments allowed) — how batch jobs find servers that a
+    Slurm or HTCondor job published.
+    """
+    if urls is None:
+        urls = os.environ.get("ARROWINFER_SERVERS", "")
+    if isinstance(urls, str):
+        text = urls.strip()
+        if text.startswith("@"):
+            lines = Path(text[1:]).expanduser().read_text().splitlines()
+            text = " ".join(line.split("#", 1)[0] for line in lines)
+        urls = text.replace(",", " ").split()
+    return list(urls)
+
+
 class _BaseClient:
     """Configuration, schemas and request building, with no I/O of its own."""
 
     def __init__(
         self,
-        url: str = "grpc://127.0.0.1:8815",
+        url: str | Sequence[str] | None = None,
         *,
         timeout: float | None = DEFAULT_TIMEOUT,
         compression: str | None = None,
         transport: Transport | None = None,
         shm: bool | str = False,
+        retries: int = 2,
+        attempt_timeout: float | None = None,
+        health_interval: float = 2.0,
+        fallback: str = "error",
+        repository: str | os.PathLike[str] | None = None,
         **flight_options: Any,
     ):
-        self.url = url
+        if fallback not in ("error", "local"):
+            raise ValueError(f"fallback must be 'error' or 'local', got {fallback!r}")
+        if fallback == "local" and repository is None:
+            raise ValueError("fallback='local' needs repository=<model repository directory>")
+        urls = [u for u in servers(url) if u != "local"]
+        if not urls and fallback == "error":
+            urls = [DEFAULT_URL]
+        self.url = ",".join(urls) or "local"
         self.timeout = timeout
-        self._transport: Transport = transport or make_transport(
-            url, shm=shm, compression=compression, **flight_options
-        )
+        if transport is None:
+            members = [
+                make_transport(u, shm=shm, compression=compression, **flight_options) for u in urls
+            ]
+            local = LocalTransport(repository) if fallback == "local" and repository else None
+            if len(members) == 1 and local is None and retries == 0 and attempt_timeout is None:
+                transport = members[0]
+            else:
+                transport = FailoverTransport(
+                    members,
+                    retries=retries,
+                    attempt_timeout=attempt_timeout,
+                    health_interval=health_interval,
+                    fallback=local,
+                )
+        self._transport: Transport = transport
         self._schemas: dict[tuple[str, str | None], pa.Schema] = {}
         self._lock = threading.Lock()
         self._closed = False
+
+    @property
+    def counters(self) -> dict[str, int]:
+        """Requests, retries, fallbacks (calls run in this process) and failures so far."""
+        return dict(getattr(self._transport, "counters", {}))
 
     def _input_schema(self, model: str, version: str | None) -> pa.Schema:
         key = (model, version)
         with self._lock:
             cached = self._schemas.get(key)
         if cached is None:
-            cached = self._transport.schema(model, version, timeout=self.timeout)  # type: ignore[attr-defined]
+            cached = self._transport.schema(model, version, timeout=self.timeout)
             with self._lock:
                 self._schemas[key] = cached
         return cached
@@ -98,14 +153,17 @@ class _BaseClient:
 
 
 class Client(_BaseClient):
-    """A client of one arrowinfer server.
+    """A client of one or several arrowinfer servers, with an optional local fallback.
 
     Parameters
     ----------
     url
-        ``grpc://host:port`` (Flight over TCP), ``grpc+tls://host:port``,
+        A server: ``grpc://host:port`` (Flight over TCP), ``grpc+tls://host:port``,
         ``grpc+unix:///path/to/socket``, or ``shm://host:port`` / ``shm+unix:///path``
-        (shared memory with a server on this host; results are views of it).
+        (shared memory with a server on this host; results are views of it). Several
+        servers: a list, a comma-separated string, or ``"@FILE"`` (one URL per line).
+        Default: ``$ARROWINFER_SERVERS``, else ``grpc://127.0.0.1:8815`` (none with
+        ``fallback="local"``: laptop mode).
     timeout
         Seconds each call waits for its answer (None: no limit).
     compression
@@ -115,6 +173,19 @@ class Client(_BaseClient):
     shm
         ``"auto"``: shared memory when the server is on this host, else Flight (decided
         once, here); True: shared memory or an error. See ``arrowinfer.client._shm``.
+    retries
+        More tries, on other servers, for a request that failed in transport (connection
+        refused or reset, server gone, ``attempt_timeout``); never for a bad request.
+    attempt_timeout
+        Seconds one try may take before the request moves to another server.
+    health_interval
+        Seconds between background health checks of the servers.
+    fallback
+        ``"error"`` (default): raise ``ServerUnavailable`` naming the servers tried when
+        none can run a request. ``"local"``: run the model in this process from
+        ``repository``, with a ``FallbackWarning`` and a count in :attr:`counters`.
+    repository
+        The model repository for ``fallback="local"``.
     **flight_options
         Passed to ``pyarrow.flight.FlightClient`` (``tls_root_certs``, ...).
     """

@@ -36,11 +36,19 @@ log = logging.getLogger(__name__)
 class Transport(Protocol):
     """What a client needs from a connection to one server."""
 
-    def models(self) -> dict[str, dict[str, pa.Schema]]:
+    location: str
+
+    def models(self, timeout: float | None = None) -> dict[str, dict[str, pa.Schema]]:
         """Input schemas by model name and version."""
         ...
 
-    def action(self, name: str, body: dict[str, Any] | None = None) -> Any:
+    def schema(self, model: str, version: str | None, timeout: float | None = None) -> pa.Schema:
+        """One model version's input signature."""
+        ...
+
+    def action(
+        self, name: str, body: dict[str, Any] | None = None, timeout: float | None = None
+    ) -> Any:
         """Run a management action; its JSON result."""
         ...
 

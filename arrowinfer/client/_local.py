@@ -1,0 +1,132 @@
+"""Running models in this process: SONIC's local fallback, and laptop mode.
+
+:class:`LocalTransport` reads a model repository and runs its models with the same
+backends the server uses (``arrowinfer.backends``), so its results are the server's, bit for
+bit. It imports ``backends/``, never ``server/``.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from ..backends import Backend, create_backend
+from ..errors import ModelNotFound
+from ..repository import ModelVersion, Repository
+from ..schema import validate
+
+__all__ = ["LocalTransport"]
+
+
+class LocalTransport:
+    """Runs the models of a repository in-process, one backend per model version.
+
+    Parameters
+    ----------
+    repository
+        A Triton-layout model repository.
+    device
+        ``"cpu"`` (default) or ``"cuda:N"``.
+    """
+
+    location = "local"
+
+    def __init__(self, repository: str | os.PathLike[str], *, device: str | None = "cpu"):
+        self.repository = Repository(Path(repository))
+        self.location = f"local:{self.repository.path}"
+        self._device = device
+        self._models: dict[tuple[str, str | None], tuple[ModelVersion, Backend]] = {}
+        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="arrowinfer-local")
+
+    def _model(self, model: str, version: str | None) -> tuple[ModelVersion, Backend]:
+        key = (model, version)
+        with self._lock:
+            loaded = self._models.get(key)
+            if loaded is None:
+                versions = {str(v.version): v for v in self.repository.load(model)}
+                chosen = versions.get(version) if version else versions[max(versions, key=int)]
+                if chosen is None:
+                    raise ModelNotFound(model, [f"{model}/{v}" for v in versions], version=version)
+                loaded = (chosen, create_backend(chosen, device=self._device))
+                self._models[key] = loaded
+            return loaded
+
+    def models(self, timeout: float | None = None) -> dict[str, dict[str, pa.Schema]]:
+        out: dict[str, dict[str, pa.Schema]] = {}
+        for name in self.repository.names():
+            for version in self.repository.load(name):
+                out.setdefault(name, {})[str(version.version)] = version.inputs
+        return out
+
+    def schema(self, model: str, version: str | None, timeout: float | None = None) -> pa.Schema:
+        return self._model(model, version)[0].inputs
+
+    def action(
+        self, name: str, body: dict[str, Any] | None = None, timeout: float | None = None
+    ) -> Any:
+        if name == "health":
+            return {"live": True}
+        body = body or {}
+        version, _ = self._model(body["model"], body.get("version"))
+        if name == "model.metadata":
+            return {
+                "name": version.name,
+                "versions": [str(version.version)],
+                "platform": "onnxruntime_onnx",
+                "inputs": [{"name": f.name} for f in version.inputs],
+                "outputs": [{"name": f.name} for f in version.outputs],
+            }
+        if name == "model.config":
+            from google.protobuf import json_format
+
+            return json_format.MessageToDict(version.config, preserving_proto_field_name=True)
+        raise NotImplementedError(f"action {name!r} is not available in-process")
+
+    def _run(self, model: str, version: str | None, batch: pa.RecordBatch) -> pa.RecordBatch:
+        chosen, backend = self._model(model, version)
+        validate(batch, chosen.inputs, model=model)
+        start = time.perf_counter_ns()
+        if chosen.max_batch_size > 0 and batch.num_rows > chosen.max_batch_size:
+            step = chosen.max_batch_size
+            parts = [batch.slice(i, step) for i in range(0, batch.num_rows, step)]
+            results: list[pa.RecordBatch] = []
+            for part in parts:  # one execute per slice, as the server's batcher would
+                results += backend.execute([part])[0]
+            result = pa.concat_batches(results)
+        else:
+            [result], _ = backend.execute([batch])
+        elapsed = time.perf_counter_ns() - start
+        return result.replace_schema_metadata({"compute_infer_ns": str(elapsed)})
+
+    def submit(
+        self, model: str, version: str | None, batch: pa.RecordBatch
+    ) -> Future[pa.RecordBatch]:
+        return self._pool.submit(self._run, model, version, batch)
+
+    def stream(
+        self, model: str, version: str | None, batches: Iterable[pa.RecordBatch], window: int
+    ) -> Iterator[pa.RecordBatch]:
+        in_flight: deque[Future[pa.RecordBatch]] = deque()
+        for batch in batches:
+            if len(in_flight) >= window:
+                yield in_flight.popleft().result()
+            in_flight.append(self.submit(model, version, batch))
+        while in_flight:
+            yield in_flight.popleft().result()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+        with self._lock:
+            backends = [b for _, b in self._models.values()]
+            self._models.clear()
+        for backend in backends:
+            backend.close()
