@@ -103,6 +103,17 @@ def measure(
     for _ in range(concurrency):
         tokens.put(True)
     time.sleep(warmup_s)
+    # slow cells (32 MB over gRPC) get windows long enough to hold several requests
+    waited = time.monotonic()
+    while completions[0] < concurrency and not stop.is_set():
+        if time.monotonic() - waited > 120:
+            stop.set()
+            errors.append(TimeoutError(f"{name}: no request completed in 120 s"))
+            break
+        time.sleep(0.01)
+    with lock:
+        mean_latency = float(np.mean(latencies)) if latencies else 0.0
+    window_s = max(window_s, 4 * mean_latency)
     windows: list[tuple[float, list[float]]] = []
     stable = False
     while len(windows) < max_windows and not stop.is_set():
@@ -160,6 +171,7 @@ def process(
         env={**os.environ, **(env or {})},
         cwd=ROOT,
     )
+    drain: threading.Thread | None = None
     try:
         deadline = time.monotonic() + timeout
         assert proc.stdout is not None
@@ -171,7 +183,8 @@ def process(
                 raise TimeoutError(f"{args}: not ready after {timeout} s")
         else:
             raise RuntimeError(f"{args}: exited with {proc.wait()} before it was ready")
-        threading.Thread(target=proc.stdout.read, daemon=True).start()  # keep the pipe drained
+        drain = threading.Thread(target=proc.stdout.read, daemon=True)  # keep the pipe drained
+        drain.start()
         yield proc, match
     finally:
         proc.terminate()
@@ -180,6 +193,10 @@ def process(
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+        if drain is not None:
+            drain.join(5)  # EOF: the process is gone
+        if proc.stdout is not None and (drain is None or not drain.is_alive()):
+            proc.stdout.close()
 
 
 @contextmanager

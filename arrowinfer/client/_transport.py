@@ -113,7 +113,12 @@ class _Pipeline:
         self.where = where
         self._first_metadata: bytes | None = first_metadata
         self._pending: deque[Future[pa.RecordBatch]] = deque()
+        # Two locks: writers queue on _write_lock (a write can block on flow control), while
+        # _lock guards only the pending queue, so the reader can always take its futures
+        # and keep reading; one lock for both deadlocks once the stream's buffers fill.
+        self._write_lock = threading.Lock()
         self._lock = threading.Lock()
+        self._finish = False  # done_writing is due once the current write returns
         self.broken: ArrowInferError | None = None
         self._thread = threading.Thread(target=self._read, name=f"flight-{model}", daemon=True)
         self._thread.start()
@@ -121,19 +126,32 @@ class _Pipeline:
     def submit(self, batch: pa.RecordBatch) -> Future[pa.RecordBatch]:
         future: Future[pa.RecordBatch] = Future()
         future.set_running_or_notify_cancel()
-        with self._lock:
-            if self.broken is not None:
-                raise self.broken
-            meta, self._first_metadata = self._first_metadata or b"", None
-            self._pending.append(future)
+        with self._write_lock:
+            with self._lock:
+                if self.broken is not None:
+                    raise self.broken
+                meta, self._first_metadata = self._first_metadata or b"", None
+                self._pending.append(future)
             try:
                 with map_flight_errors(self.where):
                     self.writer.write_with_metadata(batch, meta)
             except ArrowInferError as err:
-                self._pending.pop()
-                self._break(err)
-                raise
-        return future
+                with self._lock:
+                    if self._pending and self._pending[-1] is future:
+                        self._pending.pop()
+                failed = err
+            else:
+                if self._finish:
+                    self._done_writing()
+                return future
+        self._break(failed)
+        raise failed
+
+    def _done_writing(self) -> None:
+        """Half-close the stream (under _write_lock)."""
+        self._finish = False
+        with contextlib.suppress(pa.ArrowException, OSError):
+            self.writer.done_writing()
 
     def _read(self) -> None:
         try:
@@ -169,8 +187,13 @@ class _Pipeline:
             # no new requests here; those in flight still get their results
             if self.broken is None:
                 self.broken = ServerUnavailable(f"{self.where}: {meta['goaway']}")
-            with contextlib.suppress(pa.ArrowException, OSError):
-                self.writer.done_writing()
+        if self._write_lock.acquire(blocking=False):
+            try:
+                self._done_writing()
+            finally:
+                self._write_lock.release()
+        else:
+            self._finish = True  # the writer in progress half-closes when its write returns
 
     def _break(self, err: ArrowInferError) -> None:
         with self._lock:
@@ -186,12 +209,41 @@ class _Pipeline:
             closing = self.broken is None
             if closing:
                 self.broken = ServerUnavailable(f"{self.where}: the client is closed")
-        if closing:
-            with contextlib.suppress(pa.ArrowException, OSError):
-                self.writer.done_writing()
+        if closing and self._write_lock.acquire(timeout=5):  # a write stuck on a stalled
+            try:  # server must not hang close(): the cancel below ends it
+                self._done_writing()
+            finally:
+                self._write_lock.release()
         self._thread.join(timeout=5)
+        if self._thread.is_alive():
+            # the server does not finish the stream (stalled, frozen): cancel it, or
+            # writer.close() below would wait for the server as long as it stalls
+            log.warning("%s: the stream did not finish; cancelling it", self.where)
+            with contextlib.suppress(pa.ArrowException, OSError):
+                self.reader.cancel()
+            self._thread.join(timeout=5)
         with contextlib.suppress(pa.ArrowException, OSError):
             self.writer.close()
+
+
+class _BearerToken(flight.ClientMiddlewareFactory):
+    """Adds ``authorization: Bearer <token>`` to every call of a FlightClient."""
+
+    def __init__(self, token: str):
+        super().__init__()
+        self._header = _HeaderMiddleware({"authorization": f"Bearer {token}"})
+
+    def start_call(self, info: Any) -> flight.ClientMiddleware:
+        return self._header
+
+
+class _HeaderMiddleware(flight.ClientMiddleware):
+    def __init__(self, headers: dict[str, str]):
+        super().__init__()
+        self._headers = headers
+
+    def sending_headers(self) -> dict[str, str]:
+        return self._headers
 
 
 class FlightTransport:
@@ -203,13 +255,26 @@ class FlightTransport:
         ``grpc://host:port``, ``grpc+tls://host:port`` or ``grpc+unix:///path``.
     compression
         ``"zstd"`` or ``"lz4"`` to compress the Arrow IPC buffers both ways.
+    token
+        A bearer token, sent as ``authorization: Bearer <token>`` on every call.
     **kwargs
         Passed to ``pyarrow.flight.FlightClient`` (``tls_root_certs``, ...).
     """
 
-    def __init__(self, location: str, *, compression: str | None = None, **kwargs: Any):
+    def __init__(
+        self,
+        location: str,
+        *,
+        compression: str | None = None,
+        token: str | None = None,
+        **kwargs: Any,
+    ):
         if compression not in (None, "zstd", "lz4"):
             raise ValueError(f"compression must be None, 'zstd' or 'lz4', got {compression!r}")
+        if token is not None:
+            if not isinstance(token, str) or not token or any(c.isspace() for c in token):
+                raise ValueError("token must be a non-empty string without whitespace")
+            kwargs["middleware"] = [*(kwargs.get("middleware") or []), _BearerToken(token)]
         self.location = location
         self._client = flight.FlightClient(location, **kwargs)
         self._compression = compression
