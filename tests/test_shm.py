@@ -242,12 +242,12 @@ def error_type(reply: dict[str, Any]) -> str:
 
 def test_shm_url_and_auto_select_shared_memory(shm_server: Server) -> None:
     with Client(shm_url(shm_server)) as client:
-        assert isinstance(client._transport, ShmTransport)
-        assert client._transport.location == shm_server.location
+        assert isinstance(client.transports[0], ShmTransport)
+        assert client.transports[0].location == shm_server.location
     with Client(shm_server.location, shm="auto") as client:
-        assert isinstance(client._transport, ShmTransport)
+        assert isinstance(client.transports[0], ShmTransport)
     with Client(shm_server.location) as client:  # the default stays Flight
-        assert isinstance(client._transport, FlightTransport)
+        assert isinstance(client.transports[0], FlightTransport)
     with pytest.raises(ValueError, match="shm must be"):
         Client(shm_server.location, shm="yes")
 
@@ -255,7 +255,7 @@ def test_shm_url_and_auto_select_shared_memory(shm_server: Server) -> None:
 def test_auto_falls_back_to_flight(shm_server: Server, monkeypatch: pytest.MonkeyPatch) -> None:
     # not on this host: decided from the URL alone, nothing is tried
     with Client("grpc://192.0.2.1:8815", shm="auto") as client:
-        assert isinstance(client._transport, FlightTransport)
+        assert isinstance(client.transports[0], FlightTransport)
     assert not client_shm.is_local("grpc+tls://example.org:443")
     assert client_shm.is_local("grpc://localhost:1")
     assert client_shm.is_local("grpc://[::1]:1")
@@ -270,7 +270,7 @@ def test_auto_falls_back_to_flight(shm_server: Server, monkeypatch: pytest.Monke
 
     monkeypatch.setattr(client_shm, "_Region", Elsewhere)
     with Client(shm_server.location, shm="auto") as client:
-        assert isinstance(client._transport, FlightTransport)
+        assert isinstance(client.transports[0], FlightTransport)
         result = client.infer("facile", {"hits": hits(2)})
         assert result.num_rows == 2
     with pytest.raises(InvalidInput, match="no shared-memory region"):
@@ -281,7 +281,7 @@ def test_auto_falls_back_to_flight(shm_server: Server, monkeypatch: pytest.Monke
 
 def test_auto_falls_back_when_nothing_listens(tmp_path: Path) -> None:
     with Client(f"grpc+unix://{tmp_path}/none.sock", shm="auto") as client:
-        assert isinstance(client._transport, FlightTransport)
+        assert isinstance(client.transports[0], FlightTransport)
 
 
 # -- correctness -----------------------------------------------------------------------------
@@ -346,7 +346,7 @@ def test_infer_async_from_several_threads(shm_server: Server) -> None:
 
 def test_output_region_grows_when_a_result_does_not_fit(shm_server: Server) -> None:
     with shm_client(shm_server) as shm, Client(shm_server.location) as flight_client:
-        transport = shm._transport
+        transport = shm.transports[0]
         assert isinstance(transport, ShmTransport)
         transport._output_size = lambda key, rows, length: 16  # type: ignore[method-assign]
         data = {"INPUT0": payload(300, seed=5)}
@@ -359,7 +359,7 @@ def test_small_requests_go_over_flight_by_default(shm_server: Server) -> None:
     shm_server.shm.on_request = lambda batch, region: seen.append(batch.num_rows)
     try:
         with Client(shm_url(shm_server)) as shm, Client(shm_server.location) as tcp:
-            transport = shm._transport
+            transport = shm.transports[0]
             assert isinstance(transport, ShmTransport)
             small, large = {"INPUT0": payload(2)}, {"INPUT0": payload(64)}  # 8 KiB, 256 KiB
             assert same_bits(shm.infer("identity", small), tcp.infer("identity", small))
@@ -373,7 +373,7 @@ def test_small_requests_go_over_flight_by_default(shm_server: Server) -> None:
 
 def test_errors_come_back_as_through_flight(shm_server: Server) -> None:
     with shm_client(shm_server) as shm:
-        transport = shm._transport
+        transport = shm.transports[0]
         bad = pa.record_batch({"hits": pa.array([1.0, 2.0], pa.float32())})
         with pytest.raises(InvalidInput, match="facile"):
             transport.submit("facile", None, bad).result(DEADLINE)
@@ -432,7 +432,7 @@ def test_ipc_in_place_is_a_plain_stream_and_zero_copy(rows: int) -> None:
 
 def test_results_are_views_of_the_client_region(shm_server: Server) -> None:
     with shm_client(shm_server) as shm:
-        transport = shm._transport
+        transport = shm.transports[0]
         assert isinstance(transport, ShmTransport)
         result = shm.infer("identity", {"INPUT0": payload(1024)})
         region = region_of(transport, result)
@@ -672,7 +672,7 @@ def test_remote_peers_need_allow_client_shm(example_repository: Path) -> None:
 def test_flight_over_unix_socket(unix_server: Server, shm_server: Server) -> None:
     assert unix_server.location.startswith("grpc+unix:///")
     with Client(unix_server.location) as unix, Client(shm_server.location) as tcp:
-        assert isinstance(unix._transport, FlightTransport)
+        assert isinstance(unix.transports[0], FlightTransport)
         assert set(unix.models()) == set(MODELS)
         for model, data in requests():
             assert same_bits(unix.infer(model, data), tcp.infer(model, data)), model
@@ -690,8 +690,8 @@ def test_shm_over_unix_socket(unix_server: Server, shm_server: Server) -> None:
         Client(unix_server.location, shm="auto") as auto,
         Client(shm_server.location) as tcp,
     ):
-        assert isinstance(shm._transport, ShmTransport)
-        assert isinstance(auto._transport, ShmTransport)
+        assert isinstance(shm.transports[0], ShmTransport)
+        assert isinstance(auto.transports[0], ShmTransport)
         for model, data in requests():
             expected = tcp.infer(model, data)
             assert same_bits(shm.infer(model, data), expected), model
@@ -703,5 +703,5 @@ def test_shm_over_unix_socket(unix_server: Server, shm_server: Server) -> None:
             same_bits(g, e)
             for g, e in zip(got, tcp.stream("facile", inputs, window=8), strict=True)
         )
-        assert isinstance(default._transport, ShmTransport)
+        assert isinstance(default.transports[0], ShmTransport)
         assert unix_server.shm.status()["sessions"] == 3

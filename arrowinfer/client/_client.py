@@ -92,8 +92,11 @@ class _BaseClient:
         health_interval: float = 2.0,
         fallback: str = "error",
         repository: str | os.PathLike[str] | None = None,
+        token: str | None = None,
         **flight_options: Any,
     ):
+        if token is not None:
+            flight_options["token"] = token  # for FlightTransport, through make_transport
         if fallback not in ("error", "local"):
             raise ValueError(f"fallback must be 'error' or 'local', got {fallback!r}")
         if fallback == "local" and repository is None:
@@ -122,6 +125,12 @@ class _BaseClient:
         self._schemas: dict[tuple[str, str | None], pa.Schema] = {}
         self._lock = threading.Lock()
         self._closed = False
+
+    @property
+    def transports(self) -> list[Transport]:
+        """The transport to each server (Flight, shared memory), in the order given."""
+        members = getattr(self._transport, "members", None)
+        return list(members) if members is not None else [self._transport]
 
     @property
     def counters(self) -> dict[str, int]:
@@ -177,7 +186,8 @@ class Client(_BaseClient):
         More tries, on other servers, for a request that failed in transport (connection
         refused or reset, server gone, ``attempt_timeout``); never for a bad request.
     attempt_timeout
-        Seconds one try may take before the request moves to another server.
+        Seconds one try may take before the request moves to another server (None: no
+        limit, so a server that hangs holds a ``stream()`` forever: set it in production).
     health_interval
         Seconds between background health checks of the servers.
     fallback
@@ -186,13 +196,16 @@ class Client(_BaseClient):
         ``repository``, with a ``FallbackWarning`` and a count in :attr:`counters`.
     repository
         The model repository for ``fallback="local"``.
+    token
+        A bearer token for servers that ask for one (``arrowinfer serve
+        --auth-token-file``); sent on every call. Use TLS, or it travels in clear text.
     **flight_options
         Passed to ``pyarrow.flight.FlightClient`` (``tls_root_certs``, ...).
     """
 
     def models(self) -> dict[str, pa.Schema]:
         """The served models and their input schemas (latest version of each)."""
-        listing = self._transport.models()
+        listing = self._transport.models(timeout=self.timeout)
         return {
             name: versions[max(versions, key=int)] for name, versions in sorted(listing.items())
         }
@@ -201,8 +214,8 @@ class Client(_BaseClient):
         """The model's inputs, outputs and versions (KServe ModelMetadata) and its config."""
         name, ver = _split_name(model, version)
         body = {"model": name, "version": ver}
-        meta = self._transport.action("model.metadata", body)
-        meta["config"] = self._transport.action("model.config", body)
+        meta = self._transport.action("model.metadata", body, timeout=self.timeout)
+        meta["config"] = self._transport.action("model.config", body, timeout=self.timeout)
         return dict(meta)
 
     def schema(self, model: str, *, version: str | int | None = None) -> pa.Schema:

@@ -27,7 +27,7 @@ import random
 import threading
 import time
 import warnings
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -35,8 +35,8 @@ from typing import Any
 
 import pyarrow as pa
 
-from ..errors import ModelNotFound, ServerUnavailable, Timeout, TransportError
-from ._transport import Transport
+from ..errors import ArrowInferError, ModelNotFound, ServerUnavailable, Timeout, TransportError
+from ._transport import Transport, in_order
 
 __all__ = ["FailoverTransport", "FallbackWarning"]
 
@@ -155,15 +155,37 @@ class FailoverTransport:
             self._health.start()
 
     @property
+    def members(self) -> list[Transport]:
+        """The servers' transports."""
+        return [m.transport for m in self._members]
+
+    @property
     def location(self) -> str:
         return ",".join(m.location for m in self._members) or "local"
+
+    def _count(self, name: str) -> None:
+        with self._lock:
+            self.counters[name] += 1
+
+    def _timeout(self, timeout: float | None) -> float | None:
+        """The deadline of one try at a call: ``timeout``, at most ``attempt_timeout``."""
+        if self._attempt_timeout is None:
+            return timeout
+        return self._attempt_timeout if timeout is None else min(timeout, self._attempt_timeout)
 
     # -- choosing a server ---------------------------------------------------------------
 
     def _choose(self, model: str, tried: set[int]) -> _Member | None:
-        """The least busy healthy server of the model not tried yet (else any untried one)."""
+        """The least busy healthy server of the model not tried yet (else any untried one).
+
+        When no server is known to serve the model (it was loaded since the last health
+        check, say), every server is a candidate: one may have it by now.
+        """
         with self._lock:
-            candidates = [m for m in self._members if id(m) not in tried and m.serves(model)]
+            claimed = any(m.serves(model) for m in self._members)
+            candidates = [
+                m for m in self._members if id(m) not in tried and (m.serves(model) or not claimed)
+            ]
             healthy = [m for m in candidates if m.healthy] or candidates
             if not healthy:
                 return None
@@ -191,7 +213,7 @@ class FailoverTransport:
     ) -> Future[pa.RecordBatch]:
         result: Future[pa.RecordBatch] = Future()
         result.set_running_or_notify_cancel()
-        self.counters["requests"] += 1
+        self._count("requests")
         self._attempt(result, model, version, batch, tried=set(), attempt=0, errors=[])
         return result
 
@@ -204,7 +226,7 @@ class FailoverTransport:
         *,
         tried: set[int],
         attempt: int,
-        errors: list[Exception],
+        errors: list[tuple[str, Exception]],
     ) -> None:
         if result.done():
             return
@@ -216,11 +238,11 @@ class FailoverTransport:
         settled = threading.Lock()  # the answer and the attempt timeout race: first one wins
 
         def retry(error: Exception) -> None:
-            errors.append(error)
+            errors.append((member.location, error))
             if attempt >= self._retries:
                 self._give_up(result, model, version, batch, errors)
                 return
-            self.counters["retries"] += 1
+            self._count("retries")
             delay = self._backoff * 2**attempt * (0.5 + random.random())
             if len(tried) >= len(self._members):
                 tried.clear()  # every server had a go: start over after the backoff
@@ -237,6 +259,9 @@ class FailoverTransport:
             error = future.exception()
             if error is None:
                 self._release(member, True)
+                with self._lock:
+                    if member.models is not None:
+                        member.models.add(model)  # it has it, whatever the last check said
                 if not result.done():
                     result.set_result(future.result())
             elif isinstance(error, TransportError):
@@ -279,23 +304,31 @@ class FailoverTransport:
         model: str,
         version: str | None,
         batch: pa.RecordBatch,
-        errors: list[Exception],
+        errors: list[tuple[str, Exception]],
     ) -> None:
         if result.done():
             return
-        if errors and all(isinstance(e, ModelNotFound) for e in errors):
-            result.set_exception(errors[-1])  # the servers are up; none has the model
+        if errors and all(isinstance(e, ModelNotFound) for _, e in errors):
+            result.set_exception(errors[-1][1])  # the servers are up; none has the model
             return
-        detail = "; ".join(str(e) for e in errors) or f"no server serves model {model!r}"
+        said = (str(e) if str(e).startswith(where) else f"{where}: {e}" for where, e in errors)
+        detail = "; ".join(dict.fromkeys(said)) or f"no server serves model {model!r}"
         if self._fallback is not None:
-            self.counters["fallbacks"] += 1
-            if model not in self._warned:
+            self._count("fallbacks")
+            with self._lock:  # once per model; never without servers (laptop mode)
+                first = model not in self._warned and bool(self._members)
                 self._warned.add(model)
-                warnings.warn(
-                    f"model {model!r}: no server could run it ({detail}); running it in this process",
-                    FallbackWarning,
-                    stacklevel=2,
-                )
+            if first:
+                try:
+                    warnings.warn(
+                        f"model {model!r}: no server could run it ({detail}); "
+                        "running it in this process",
+                        FallbackWarning,
+                        stacklevel=2,
+                    )
+                except Warning as err:  # warnings are errors here (-W error): the caller's
+                    result.set_exception(err)
+                    return
             try:
                 local = self._fallback.submit(model, version, batch)
             except Exception as err:  # noqa: BLE001 - handed to the caller's future
@@ -303,42 +336,67 @@ class FailoverTransport:
                 return
             local.add_done_callback(lambda f: _copy_outcome(f, result))
             return
-        self.counters["failures"] += 1
+        self._count("failures")
         servers = ", ".join(m.location for m in self._members) or "none"
         message = f"model {model!r}: no server could run it (servers tried: {servers}): {detail}"
-        timed_out = bool(errors) and all(isinstance(e, Timeout) for e in errors)
+        timed_out = bool(errors) and all(isinstance(e, Timeout) for _, e in errors)
         result.set_exception(Timeout(message) if timed_out else ServerUnavailable(message))
 
     def stream(
         self, model: str, version: str | None, batches: Iterable[pa.RecordBatch], window: int
     ) -> Iterator[pa.RecordBatch]:
         """Requests each fail over on their own; results in order, exactly one each."""
-        in_flight: deque[Future[pa.RecordBatch]] = deque()
-        for batch in batches:
-            if len(in_flight) >= window:
-                yield in_flight.popleft().result()
-            in_flight.append(self.submit(model, version, batch))
-        while in_flight:
-            yield in_flight.popleft().result()
+        return in_order(lambda b: self.submit(model, version, b), batches, window)
 
     # -- calls that are not requests ------------------------------------------------------
 
     def _call(self, what: str, call: Callable[[Transport], Any], model: str | None = None) -> Any:
-        """Run a call on healthy servers first (then the others, then the fallback)."""
-        with self._lock:
-            serving = [m for m in self._members if model is None or m.serves(model)]
-            # none claims the model: ask them all, so a server can say ModelNotFound itself
-            order = sorted(serving or self._members, key=lambda m: (not m.healthy, m.outstanding))
-        errors = []
-        for member in order:
-            try:
-                return call(member.transport)
-            except TransportError as err:
-                self._mark_down(member)
-                errors.append(f"{member.location}: {err}")
+        """Run a call on healthy servers first (then the others, then the fallback).
+
+        Every server is tried ``1 + retries`` times, with the requests' backoff between
+        rounds, so a client that starts before its servers waits for them.
+        """
+        errors: dict[str, str] = {}
+        for attempt in range(self._retries + 1 if self._members else 0):
+            if attempt:
+                time.sleep(self._backoff * 2 ** (attempt - 1) * (0.5 + random.random()))
+            with self._lock:
+                serving = [m for m in self._members if model is None or m.serves(model)]
+                # none claims the model: ask them all, so a server can say ModelNotFound
+                order = sorted(
+                    serving or self._members, key=lambda m: (not m.healthy, m.outstanding)
+                )
+            for member in order:
+                try:
+                    return call(member.transport)
+                except TransportError as err:
+                    self._mark_down(member)
+                    errors[member.location] = str(err)
         if self._fallback is not None:
             return call(self._fallback)
-        raise ServerUnavailable(f"{what}: no server answered ({'; '.join(errors) or 'no servers'})")
+        detail = "; ".join(f"{where}: {err}" for where, err in errors.items()) or "no servers"
+        raise ServerUnavailable(f"{what}: no server answered ({detail})")
+
+    def _discover(self, timeout: float | None) -> None:
+        """Ask the servers whose models are not known yet which they serve (once each).
+
+        Routing by model then holds from the first request on, not only after the first
+        health check.
+        """
+        with self._lock:
+            unknown = [m for m in self._members if m.models is None]
+        for member in unknown:
+            try:
+                models = set(member.transport.models(timeout=self._timeout(timeout)))
+            except TransportError:
+                self._mark_down(member)
+                continue
+            except ArrowInferError as err:  # it answers, but not to us (Unauthenticated)
+                log.debug("server %s: %s", member.location, err)
+                continue
+            with self._lock:
+                member.models = models
+                member.healthy = True
 
     def _mark_down(self, member: _Member) -> None:
         with self._lock:
@@ -349,7 +407,7 @@ class FailoverTransport:
         errors = []
         for member in list(self._members):
             try:
-                listing = member.transport.models(timeout=timeout)
+                listing = member.transport.models(timeout=self._timeout(timeout))
             except TransportError as err:
                 errors.append(f"{member.location}: {err}")
                 continue
@@ -362,9 +420,10 @@ class FailoverTransport:
         return merged
 
     def schema(self, model: str, version: str | None, timeout: float | None = None) -> pa.Schema:
+        self._discover(timeout)
         return self._call(
             f"model {model!r}",
-            lambda t: t.schema(model, version, timeout=timeout),
+            lambda t: t.schema(model, version, timeout=self._timeout(timeout)),
             model,
         )
 
@@ -372,22 +431,35 @@ class FailoverTransport:
         self, name: str, body: dict[str, Any] | None = None, timeout: float | None = None
     ) -> Any:
         model = (body or {}).get("model")
-        return self._call(f"action {name!r}", lambda t: t.action(name, body), model)
+        return self._call(
+            f"action {name!r}",
+            lambda t: t.action(name, body, timeout=self._timeout(timeout)),
+            model,
+        )
 
     # -- health ----------------------------------------------------------------------------
 
     def _check_health(self) -> None:
         while not self._closed.wait(self._health_interval):
             for member in list(self._members):
+                if self._closed.is_set():
+                    return
                 try:
                     member.transport.action("health", {}, timeout=self._health_interval)
                     models = set(member.transport.models(timeout=self._health_interval))
                 except TransportError:
                     with self._lock:
-                        if member.healthy:
+                        if member.healthy and not self._closed.is_set():
                             log.warning("server %s taken out: health check failed", member.location)
                         member.healthy = False
                     continue
+                except ArrowInferError as err:  # it answers, but not to us (Unauthenticated)
+                    log.debug("server %s: health check: %s", member.location, err)
+                    continue
+                except Exception:
+                    if self._closed.is_set():
+                        return  # the transports were closed under the check
+                    raise
                 with self._lock:
                     if not member.healthy:
                         log.info("server %s is back", member.location)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -22,6 +21,7 @@ from ..backends import Backend, create_backend
 from ..errors import ModelNotFound
 from ..repository import ModelVersion, Repository
 from ..schema import validate
+from ._transport import in_order
 
 __all__ = ["LocalTransport"]
 
@@ -93,7 +93,8 @@ class LocalTransport:
 
     def _run(self, model: str, version: str | None, batch: pa.RecordBatch) -> pa.RecordBatch:
         chosen, backend = self._model(model, version)
-        validate(batch, chosen.inputs, model=model)
+        max_rows = chosen.max_request_rows if chosen.max_batch_size > 0 else 1
+        validate(batch, chosen.inputs, model=model, max_rows=max_rows)  # as the server does
         start = time.perf_counter_ns()
         if chosen.max_batch_size > 0 and batch.num_rows > chosen.max_batch_size:
             step = chosen.max_batch_size
@@ -115,13 +116,7 @@ class LocalTransport:
     def stream(
         self, model: str, version: str | None, batches: Iterable[pa.RecordBatch], window: int
     ) -> Iterator[pa.RecordBatch]:
-        in_flight: deque[Future[pa.RecordBatch]] = deque()
-        for batch in batches:
-            if len(in_flight) >= window:
-                yield in_flight.popleft().result()
-            in_flight.append(self.submit(model, version, batch))
-        while in_flight:
-            yield in_flight.popleft().result()
+        return in_order(lambda b: self.submit(model, version, b), batches, window)
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)

@@ -76,7 +76,7 @@ from ..errors import (
     error_from_dict,
 )
 from ._convert import SERVER_TIMES
-from ._transport import FlightTransport, Transport, map_flight_errors
+from ._transport import FlightTransport, Transport, in_order, map_flight_errors
 
 __all__ = [
     "MIN_SHM_BYTES",
@@ -625,13 +625,7 @@ class ShmTransport:
         self, model: str, version: str | None, batches: Iterable[pa.RecordBatch], window: int
     ) -> Iterator[pa.RecordBatch]:
         """Pipeline requests; at most ``window`` in flight; results in order."""
-        in_flight: deque[Future[pa.RecordBatch]] = deque()
-        for batch in batches:
-            if len(in_flight) >= window:
-                yield in_flight.popleft().result()
-            in_flight.append(self.submit(model, version, batch))
-        while in_flight:
-            yield in_flight.popleft().result()
+        return in_order(lambda b: self.submit(model, version, b), batches, window)
 
     def close(self) -> None:
         """End the session (requests in flight get their results), free every region."""

@@ -13,7 +13,7 @@ import json
 import logging
 import threading
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future
 from typing import Any, Protocol
 
@@ -28,7 +28,7 @@ from ..errors import (
 )
 from ._convert import SERVER_TIMES
 
-__all__ = ["FlightTransport", "Transport", "map_flight_errors"]
+__all__ = ["FlightTransport", "Transport", "in_order", "map_flight_errors"]
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +76,21 @@ def map_flight_errors(where: str) -> Iterator[None]:
         raise from_flight(err) from err
     except (pa.ArrowException, OSError) as err:
         raise ServerUnavailable(f"{where}: {err}") from err
+
+
+def in_order(
+    submit: Callable[[pa.RecordBatch], Future[pa.RecordBatch]],
+    batches: Iterable[pa.RecordBatch],
+    window: int,
+) -> Iterator[pa.RecordBatch]:
+    """Submit requests with at most ``window`` in flight; yield their results in order."""
+    in_flight: deque[Future[pa.RecordBatch]] = deque()
+    for batch in batches:
+        if len(in_flight) >= window:
+            yield in_flight.popleft().result()
+        in_flight.append(submit(batch))
+    while in_flight:
+        yield in_flight.popleft().result()
 
 
 def _result(chunk: flight.FlightStreamChunk) -> pa.RecordBatch:
