@@ -31,20 +31,43 @@ def default_repository() -> Path:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from .server import Server
+    from .server import Server, WorkerPool
+    from .server._auth import read_token_file
 
     repository = Path(args.repository) if args.repository else default_repository()
-    server = Server(
-        repository,
-        host=args.host,
-        port=args.port,
-        unix_socket=args.unix_socket,
-        kserve_port=None if args.kserve_port < 0 else args.kserve_port,
-        metrics_port=None if args.metrics_port < 0 else args.metrics_port,
-        allow_client_shm=args.allow_client_shm,
-        device=args.device,
-        models=args.model or None,
-    )
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise SystemExit("arrowinfer serve: --tls-cert and --tls-key go together")
+    for option, path in (("--tls-cert", args.tls_cert), ("--tls-key", args.tls_key)):
+        if path is not None and not os.access(path, os.R_OK):
+            raise SystemExit(f"arrowinfer serve: {option}: cannot read {path}")
+    try:
+        tokens = read_token_file(args.auth_token_file) if args.auth_token_file else None
+    except (OSError, ValueError) as err:
+        raise SystemExit(f"arrowinfer serve: --auth-token-file: {err}") from None
+    options = {
+        "host": args.host,
+        "port": args.port,
+        "kserve_port": None if args.kserve_port < 0 else args.kserve_port,
+        "metrics_port": None if args.metrics_port < 0 else args.metrics_port,
+        "allow_client_shm": args.allow_client_shm,
+        "device": args.device,
+        "models": args.model or None,
+        "tls_cert": args.tls_cert,
+        "tls_key": args.tls_key,
+        "auth_tokens": tokens,
+    }
+    server: Server | WorkerPool
+    if args.workers < 1:
+        raise SystemExit(f"arrowinfer serve: --workers must be at least 1, got {args.workers}")
+    if args.workers > 1:
+        if args.unix_socket:
+            raise SystemExit("arrowinfer serve: --workers needs a TCP port, not --unix-socket")
+        try:
+            server = WorkerPool(repository, workers=args.workers, **options)
+        except RuntimeError as err:  # a worker failed to start; its log says why
+            raise SystemExit(f"arrowinfer serve: {err}") from None
+    else:
+        server = Server(repository, unix_socket=args.unix_socket, **options)
 
     stopping = threading.Event()
 
@@ -87,6 +110,21 @@ def _infer(args: argparse.Namespace) -> int:
         progress=not args.quiet,
     )
     print(f"wrote {rows} rows to {args.output}")
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    import runpy
+
+    # The benchmarks live in the source tree (benchmarks/), next to their results.
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "transports.py"
+    if not script.exists():
+        print(
+            "arrowinfer bench runs benchmarks/transports.py from a source checkout", file=sys.stderr
+        )
+        return 2
+    sys.argv = [str(script), *args.bench_args]
+    runpy.run_path(str(script), run_name="__main__")
     return 0
 
 
@@ -167,6 +205,27 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--model", action="append", metavar="NAME", help="load only this model (repeatable)"
     )
+    serve.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="serve with N processes behind the same ports, each with its own model instances; "
+        "a parent process relays connections, restarts dead workers and sums their metrics "
+        "(default: %(default)s)",
+    )
+    serve.add_argument(
+        "--tls-cert",
+        metavar="PEM",
+        help="serve Flight (grpc+tls://) and KServe gRPC over TLS with this certificate (chain)",
+    )
+    serve.add_argument("--tls-key", metavar="PEM", help="the private key of --tls-cert")
+    serve.add_argument(
+        "--auth-token-file",
+        metavar="FILE",
+        help="accept only calls with 'authorization: Bearer <token>' for a token in FILE "
+        "(one per line, # comments); use with TLS, or tokens travel in clear text",
+    )
     serve.set_defaults(run=_serve)
 
     models = sub.add_parser("models", help="list the models a server serves")
@@ -199,6 +258,16 @@ def parser() -> argparse.ArgumentParser:
     infer.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     infer.set_defaults(run=_infer)
 
+    bench = sub.add_parser(
+        "bench",
+        help="compare every transport on this machine (benchmarks/transports.py)",
+        description="Run one model over every transport (in-process, Flight TCP, Flight Unix "
+        "socket, shared memory, KServe v2 gRPC via tritonclient) and write JSON, Markdown and "
+        "plots into benchmarks/results/. Options: --quick (under two minutes), "
+        "--triton-url HOST:PORT (also a real Triton server), --out DIR, --no-readme.",
+    )
+    bench.set_defaults(run=_bench)
+
     examples = sub.add_parser("examples", help="write the example model repository")
     examples.add_argument("directory", help="where to write it")
     examples.add_argument("--overwrite", action="store_true", help="rewrite existing models")
@@ -208,7 +277,12 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
-    args = parser().parse_args(argv)
+    top = parser()
+    args, rest = top.parse_known_args(argv)
+    if args.command == "bench":
+        args.bench_args = rest  # the benchmark script parses its own options
+    elif rest:
+        top.error(f"unrecognized arguments: {' '.join(rest)}")
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -16,6 +16,9 @@ arrowinfer's own settings live in the config's ``parameters`` map:
     clients do not send it.
 ``arrowinfer.pad_value``
     The value padding is filled with (default 0).
+``arrowinfer.max_request_rows``
+    The most rows (events, jets, ...) one request may have (default: no limit); a bigger
+    request is refused with ``InvalidInput`` before it is queued.
 
 Triton's onnxruntime-backend parameters ``intra_op_thread_count`` and
 ``inter_op_thread_count`` are honoured as well.
@@ -95,6 +98,7 @@ class ModelVersion:
     ragged_inputs: tuple[str, ...] = ()
     mask_input: str | None = None
     pad_value: float = 0.0
+    max_request_rows: int | None = None
 
     @property
     def max_batch_size(self) -> int:
@@ -337,6 +341,13 @@ def load_model(model_dir: Path) -> list[ModelVersion]:
             pad_value = float(params.get("arrowinfer.pad_value", "0"))
         except ValueError as err:
             raise ModelError(f"{config_path}: arrowinfer.pad_value: {err}") from err
+        max_rows_text = params.get("arrowinfer.max_request_rows", "").strip()
+        try:
+            max_request_rows = int(max_rows_text) if max_rows_text else None
+            if max_request_rows is not None and max_request_rows < 1:
+                raise ValueError(f"must be at least 1, got {max_request_rows}")
+        except ValueError as err:
+            raise ModelError(f"{config_path}: arrowinfer.max_request_rows: {err}") from err
         versions.append(
             ModelVersion(
                 name=full.name,
@@ -348,6 +359,7 @@ def load_model(model_dir: Path) -> list[ModelVersion]:
                 ragged_inputs=tuple(sorted(ragged)),
                 mask_input=mask,
                 pad_value=pad_value,
+                max_request_rows=max_request_rows,
             )
         )
     return versions

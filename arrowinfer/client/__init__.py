@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from ._client import DEFAULT_TIMEOUT, USE_CLIENT_DEFAULT, AsyncClient, Client
 from ._convert import conform, server_times, to_awkward, to_record_batch
+from ._failover import FailoverTransport, FallbackWarning
 from ._files import infer_file
+from ._local import LocalTransport
 from ._shm import ShmTransport
 from ._transport import FlightTransport, Transport
 
@@ -17,7 +19,10 @@ __all__ = [
     "USE_CLIENT_DEFAULT",
     "AsyncClient",
     "Client",
+    "FailoverTransport",
+    "FallbackWarning",
     "FlightTransport",
+    "LocalTransport",
     "ShmTransport",
     "Transport",
     "conform",

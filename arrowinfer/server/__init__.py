@@ -10,16 +10,19 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections.abc import Iterable
 from typing import Any
 
 import grpc
 
 from ..repository import Repository
+from ._auth import BearerTokenInterceptor, BearerTokenMiddleware, TokenCheck, read_tls
 from ._core import InferenceCore, LoadedModel
 from ._flight import ACTIONS, FlightService
 from ._kserve import KServeService, start_kserve
 from ._metrics import StatisticsCollector, metrics_registry, start_metrics_server
 from ._shm import ShmService
+from ._workers import WorkerPool
 
 __all__ = [
     "ACTIONS",
@@ -29,6 +32,7 @@ __all__ = [
     "LoadedModel",
     "Server",
     "ShmService",
+    "WorkerPool",
     "start_kserve",
 ]
 
@@ -58,8 +62,16 @@ class Server:
         ``"cpu"`` or ``"cuda:N"`` for every model, overriding their instance groups.
     models
         Load only these models at start.
+    tls_cert, tls_key
+        PEM files of the server's certificate (chain) and private key: Flight then listens
+        on ``grpc+tls://`` and KServe gRPC with TLS too. Clients need the certificate, or
+        the CA that signed it (``Client(url, tls_root_certs=...)``).
+    auth_tokens
+        Accept only calls (Flight and KServe) with the header ``authorization: Bearer
+        <token>`` for one of these tokens; others get UNAUTHENTICATED and run nothing.
+        None (default): no check. Send tokens over TLS only.
     flight_options
-        Passed to ``pyarrow.flight.FlightServerBase`` (TLS, middleware, ...).
+        Passed to ``pyarrow.flight.FlightServerBase`` (middleware, ...).
     """
 
     def __init__(
@@ -74,22 +86,47 @@ class Server:
         allow_client_shm: bool = False,
         device: str | None = None,
         models: list[str] | None = None,
+        tls_cert: str | os.PathLike[str] | None = None,
+        tls_key: str | os.PathLike[str] | None = None,
+        auth_tokens: Iterable[str] | None = None,
         flight_options: dict[str, Any] | None = None,
     ):
+        tls = read_tls(tls_cert, tls_key)
+        check = TokenCheck(auth_tokens) if auth_tokens is not None else None
+        options = dict(flight_options or {})
+        if tls is not None:
+            options["tls_certificates"] = [tls]
+        if check is not None:
+            options["middleware"] = {
+                **options.get("middleware", {}),
+                "arrowinfer.auth": BearerTokenMiddleware(check),
+            }
         repo = repository if isinstance(repository, Repository) else Repository(repository)
         self.core = InferenceCore(repo, device=device, models=models)
-        location = f"grpc+unix://{unix_socket}" if unix_socket else f"grpc://{host}:{port}"
+        scheme = "grpc+tls" if tls is not None else "grpc"
+        location = f"grpc+unix://{unix_socket}" if unix_socket else f"{scheme}://{host}:{port}"
         self.shm = ShmService(self.core, allow_remote=allow_client_shm)
-        self.flight = FlightService(self.core, location, shm=self.shm, **(flight_options or {}))
+        try:
+            self.flight = FlightService(self.core, location, shm=self.shm, **options)
+        except BaseException:
+            self.shm.close()
+            self.core.close()
+            raise
         self.host = host
         self.location = (
-            f"grpc+unix://{unix_socket}" if unix_socket else f"grpc://{host}:{self.flight.port}"
+            f"grpc+unix://{unix_socket}" if unix_socket else f"{scheme}://{host}:{self.flight.port}"
         )
         self._kserve: grpc.Server | None = None
         self.kserve_port: int | None = None
         if kserve_port is not None:
             try:
-                self._kserve, self.kserve_port = start_kserve(self.core, host, kserve_port)
+                self._kserve, self.kserve_port = start_kserve(
+                    self.core,
+                    host,
+                    kserve_port,
+                    tls=tls,
+                    interceptors=[BearerTokenInterceptor(check)] if check is not None else [],
+                )
             except BaseException:
                 self.flight.shutdown()
                 self.shm.close()

@@ -161,7 +161,7 @@ class InferenceCore:
         if not self.ready and not draining:
             raise ServerUnavailable("the server is not ready (starting or shutting down)")
         version = model.version
-        max_rows = None if version.max_batch_size > 0 else 1
+        max_rows = version.max_request_rows if version.max_batch_size > 0 else 1
         validate(batch, version.inputs, model=version.name, max_rows=max_rows)
         return model.batcher.submit(batch)
 

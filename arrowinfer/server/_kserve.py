@@ -52,7 +52,7 @@ import logging
 import math
 import queue
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, NamedTuple, TypeVar
@@ -548,6 +548,8 @@ def start_kserve(
     *,
     max_workers: int = 32,
     max_message_bytes: int = MAX_MESSAGE_BYTES,
+    tls: tuple[bytes, bytes] | None = None,
+    interceptors: Sequence[grpc.ServerInterceptor] = (),
 ) -> tuple[grpc.Server, int]:
     """Serve ``core`` over KServe v2 gRPC on ``host:port``; returns the server and its port.
 
@@ -563,6 +565,10 @@ def start_kserve(
         this many at a time.
     max_message_bytes
         Largest request or response (both ways), at least 256 MB; the default is Triton's.
+    tls
+        ``(certificate_chain, private_key)`` as PEM bytes: listen with TLS.
+    interceptors
+        gRPC server interceptors (the bearer-token check, say), run before every RPC.
 
     Raises
     ------
@@ -578,11 +584,16 @@ def start_kserve(
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.so_reuseport", 0),  # a port in use is an error, not a silent share
         ],
+        interceptors=list(interceptors),
     )
     service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(KServeService(core), server)
     address = f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
     try:
-        bound = server.add_insecure_port(address)
+        if tls is None:
+            bound = server.add_insecure_port(address)
+        else:
+            cert, key = tls
+            bound = server.add_secure_port(address, grpc.ssl_server_credentials([(key, cert)]))
     except RuntimeError as err:
         bound = 0
         cause: BaseException | None = err
