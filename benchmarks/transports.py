@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
+import os
 import re
 import socket
 import sys
@@ -62,6 +64,7 @@ README_BEGIN = "<!-- transports:begin -->"
 README_END = "<!-- transports:end -->"
 
 Submit = Callable[[], "Future[object]"]
+_REGIONS = itertools.count()
 
 
 def _free_port() -> int:
@@ -95,7 +98,7 @@ def _kserve(
     if shm:
         import tritonclient.utils.shared_memory as shmlib
 
-        tag = f"arrowinfer-bench-{x.nbytes}"
+        tag = f"arrowinfer-bench-{os.getpid()}-{next(_REGIONS)}"  # one pair of regions per cell
         h_in = shmlib.create_shared_memory_region(tag + "-in", "/" + tag + "-in", x.nbytes)
         h_out = shmlib.create_shared_memory_region(tag + "-out", "/" + tag + "-out", x.nbytes)
         client.register_system_shared_memory(tag + "-in", "/" + tag + "-in", x.nbytes)
@@ -104,7 +107,8 @@ def _kserve(
         out.set_shared_memory(tag + "-out", x.nbytes)
 
         def cleanup() -> None:
-            client.unregister_system_shared_memory()
+            client.unregister_system_shared_memory(tag + "-in")
+            client.unregister_system_shared_memory(tag + "-out")
             shmlib.destroy_shared_memory_region(h_in)
             shmlib.destroy_shared_memory_region(h_out)
             client.close()
