@@ -455,7 +455,7 @@ def write(report: dict[str, Any], out: Path, readme: Path | None) -> str:
             "",
             table(report),
             "",
-            "| target (ratios measured in the same run) | measured |",
+            "| target (ratios measured in the same run, best over concurrency) | measured |",
             "|---|---:|",
             *(f"| {k} | {v:.2f} |" for k, v in report["targets"].items()),
         ]
