@@ -114,6 +114,24 @@ def output_schema(client: Client, model: str, *, version: str | int | None = Non
     return signature(specs)
 
 
+def _run(
+    table: pa.Table,
+    model: str,
+    version: str | int | None,
+    inputs: dict[str, str],
+    batch_rows: int,
+    options: dict[str, Any],
+    schema: pa.Schema,
+) -> pa.Table:
+    """A partition's input columns (named as in the data) through the model, as one table."""
+    table = table.rename_columns(list(inputs))
+    results = _client(options).stream(
+        model, table.to_batches(max_chunksize=batch_rows), version=version
+    )
+    # the server's timings are per request, in the schema metadata: drop them
+    return pa.Table.from_batches([r.replace_schema_metadata(None) for r in results], schema=schema)
+
+
 def _infer_partition(
     frame: Any,
     *,
@@ -130,14 +148,7 @@ def _infer_partition(
         out = schema.empty_table()
     else:
         table = pa.Table.from_pandas(frame[list(inputs.values())], preserve_index=False)
-        table = table.rename_columns(list(inputs))
-        results = _client(options).stream(
-            model, table.to_batches(max_chunksize=batch_rows), version=version
-        )
-        # the server's timings are per request, in the schema metadata: drop them
-        out = pa.Table.from_batches(
-            [r.replace_schema_metadata(None) for r in results], schema=schema
-        )
+        out = _run(table, model, version, inputs, batch_rows, options, schema)
     result = out.to_pandas(types_mapper=pd.ArrowDtype)
     result.index = frame.index
     return result
@@ -182,11 +193,7 @@ def _infer_awkward_partition(
             ak.typetracer.touch_data(part[field])
         return _awkward_meta(schema)
     table = ak.to_arrow_table(part[list(inputs.values())], extensionarray=False)
-    table = table.rename_columns(list(inputs))
-    results = _client(options).stream(
-        model, table.to_batches(max_chunksize=batch_rows), version=version
-    )
-    out = pa.Table.from_batches([r.replace_schema_metadata(None) for r in results])
+    out = _run(table, model, version, inputs, batch_rows, options, schema)
     return ak.from_arrow(_awkward_ready(out))
 
 
