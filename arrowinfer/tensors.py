@@ -24,7 +24,7 @@ Extension types (``arrow.fixed_shape_tensor``, and awkward's ``awkward<...>`` ty
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Literal, NamedTuple
+from typing import Literal, NamedTuple, TypeAlias
 
 import numpy as np
 import pyarrow as pa
@@ -43,7 +43,7 @@ __all__ = [
     "to_numpy",
 ]
 
-Column = pa.Array | pa.ChunkedArray
+Column: TypeAlias = pa.Array | pa.ChunkedArray
 
 
 class Ragged(NamedTuple):
