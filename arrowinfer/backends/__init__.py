@@ -9,6 +9,7 @@ imports neither onnxruntime nor CuPy; they load when a backend is created, CuPy 
 from __future__ import annotations
 
 from ._cupy import import_cupy
-from .base import Backend, Timings, create_backend
+from ._factory import create_backend
+from .base import Backend, Timings
 
 __all__ = ["Backend", "Timings", "create_backend", "import_cupy"]

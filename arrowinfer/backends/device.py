@@ -47,13 +47,13 @@ from ..schema import datatype
 from ._cupy import import_cupy
 from .base import Backend, Timings
 from .ort import (
-    _ORT_ERRORS,
-    _column,
-    _Input,
-    _model_shape,
-    _session_options,
+    ORT_ERRORS,
+    PlannedInput,
     assemble_inputs,
     input_plan,
+    model_shape,
+    output_column,
+    session_options,
     split_outputs,
 )
 
@@ -263,7 +263,7 @@ class DeviceAssembler:
     def __init__(
         self,
         xp: ModuleType,
-        plan: Sequence[_Input],
+        plan: Sequence[PlannedInput],
         max_batch_size: int,
         *,
         pad_value: float = 0.0,
@@ -314,7 +314,7 @@ class DeviceAssembler:
 
     # -- host side: the requests' columns as numpy views -----------------------------------
 
-    def _dense(self, entry: _Input, request: pa.RecordBatch) -> np.ndarray:
+    def _dense(self, entry: PlannedInput, request: pa.RecordBatch) -> np.ndarray:
         column = request.column(entry.name)
         n = request.num_rows
         if tensors.layout(column.type).ragged:  # a list column of one length per batch
@@ -511,7 +511,7 @@ def _output_plan(model: ModelVersion) -> list[_Output]:
             _Output(
                 entry.name,
                 datatype(mc.DataType.Name(entry.data_type)).numpy,
-                _model_shape(entry),
+                model_shape(entry),
                 dims,
                 entry.HasField("reshape") and -1 not in dims,
             )
@@ -561,9 +561,9 @@ def _session(
     providers: list[Any] = [cuda, "CPUExecutionProvider"] if on_device else ["CPUExecutionProvider"]
     try:
         session = ort.InferenceSession(
-            str(model.path), sess_options=_session_options(model), providers=providers
+            str(model.path), sess_options=session_options(model), providers=providers
         )
-    except _ORT_ERRORS as err:
+    except ORT_ERRORS as err:
         raise ModelError(f"{model.path}: onnxruntime cannot load it: {err}") from err
     if on_device and "CUDAExecutionProvider" not in session.get_providers():
         raise ModelError(
@@ -717,7 +717,7 @@ class DeviceBackend(Backend):
     def _result(self, part: dict[str, np.ndarray]) -> pa.RecordBatch:
         schema = self.model.outputs
         return pa.RecordBatch.from_arrays(
-            [_column(field, part[field.name]) for field in schema], schema=schema
+            [output_column(field, part[field.name]) for field in schema], schema=schema
         )
 
     def close(self) -> None:

@@ -26,11 +26,23 @@ from ..repository import ModelVersion
 from ..schema import datatype, to_column
 from .base import Backend, Timings
 
-__all__ = ["OnnxRuntimeBackend", "assemble_inputs", "split_outputs"]
+# Besides the backend, the pieces DeviceBackend shares: how a session is opened, how the
+# inputs are planned and how an output slice becomes a column.
+__all__ = [
+    "ORT_ERRORS",
+    "OnnxRuntimeBackend",
+    "PlannedInput",
+    "assemble_inputs",
+    "input_plan",
+    "model_shape",
+    "output_column",
+    "session_options",
+    "split_outputs",
+]
 
 # onnxruntime's own errors (InvalidGraph, NotImplemented, Fail, ...) derive from Exception,
 # not RuntimeError; the set differs between versions, so take whatever this one defines.
-_ORT_ERRORS: tuple[type[Exception], ...] = (
+ORT_ERRORS: tuple[type[Exception], ...] = (
     RuntimeError,
     ValueError,
     *(
@@ -57,7 +69,7 @@ def _providers(model: ModelVersion, device: str | None) -> list[str | tuple[str,
     return [("CUDAExecutionProvider", {"device_id": device_id}), "CPUExecutionProvider"]
 
 
-def _session_options(model: ModelVersion) -> ort.SessionOptions:
+def session_options(model: ModelVersion) -> ort.SessionOptions:
     options = ort.SessionOptions()
     for key, attr in (
         ("intra_op_thread_count", "intra_op_num_threads"),
@@ -72,14 +84,14 @@ def _session_options(model: ModelVersion) -> ort.SessionOptions:
     return options
 
 
-def _model_shape(entry: object) -> tuple[int, ...]:
+def model_shape(entry: object) -> tuple[int, ...]:
     """Per-entry dims as the ONNX graph sees them (``reshape`` applied)."""
     reshape = entry.reshape  # type: ignore[attr-defined]
     dims = reshape.shape if entry.HasField("reshape") else entry.dims  # type: ignore[attr-defined]
     return tuple(int(d) for d in dims)
 
 
-class _Input(NamedTuple):
+class PlannedInput(NamedTuple):
     """How one model input is made: ``kind`` is ``"dense"``, ``"ragged"`` or ``"mask"``."""
 
     name: str
@@ -88,7 +100,7 @@ class _Input(NamedTuple):
     kind: str
 
 
-def input_plan(model: ModelVersion) -> list[_Input]:
+def input_plan(model: ModelVersion) -> list[PlannedInput]:
     """The model's inputs, worked out once per backend instead of once per batch."""
     plan = []
     for entry in model.config.input:
@@ -100,7 +112,7 @@ def input_plan(model: ModelVersion) -> list[_Input]:
             else "dense"
         )
         dtype = datatype(mc.DataType.Name(entry.data_type)).numpy
-        plan.append(_Input(entry.name, dtype, _model_shape(entry), kind))
+        plan.append(PlannedInput(entry.name, dtype, model_shape(entry), kind))
     return plan
 
 
@@ -144,7 +156,7 @@ def assemble_inputs(
     model: ModelVersion,
     requests: Sequence[pa.RecordBatch],
     *,
-    plan: Sequence[_Input] | None = None,
+    plan: Sequence[PlannedInput] | None = None,
 ) -> dict[str, np.ndarray]:
     """The model's input arrays for a list of requests, batch dimension first.
 
@@ -219,13 +231,13 @@ def split_outputs(
     results = []
     start = 0
     for n in rows:
-        columns = [_column(field, outputs[field.name][start : start + n]) for field in schema]
+        columns = [output_column(field, outputs[field.name][start : start + n]) for field in schema]
         results.append(pa.RecordBatch.from_arrays(columns, schema=schema))
         start += n
     return results
 
 
-def _column(field: pa.Field, value: np.ndarray) -> pa.Array:
+def output_column(field: pa.Field, value: np.ndarray) -> pa.Array:
     """A batched output slice as a column; a variable dimension becomes a list per entry.
 
     Every entry of one batch has the same length there, so the offsets are a range and the
@@ -247,10 +259,10 @@ class OnnxRuntimeBackend(Backend):
         try:
             self.session = ort.InferenceSession(
                 os.fspath(model.path),
-                sess_options=_session_options(model),
+                sess_options=session_options(model),
                 providers=_providers(model, device),
             )
-        except _ORT_ERRORS as err:
+        except ORT_ERRORS as err:
             raise ModelError(f"{model.path}: onnxruntime cannot load it: {err}") from err
         self._output_names = [o.name for o in model.config.output]
         self._plan = input_plan(model)
