@@ -16,7 +16,6 @@ Used by both ``client/`` and ``server/``.
 
 from __future__ import annotations
 
-import struct
 from typing import Any
 
 import pyarrow as pa
@@ -27,7 +26,6 @@ __all__ = ["SMALL_BATCH", "Encoded", "SchemaCache", "encode", "read_stream"]
 SMALL_BATCH = 256 * 1024
 
 _END = b"\xff\xff\xff\xff\x00\x00\x00\x00"  # end-of-stream: continuation, length 0
-_CONTINUATION = 0xFFFFFFFF
 _PARALLEL_COPY = 1 << 20
 
 
@@ -71,14 +69,15 @@ def encode(batch: pa.RecordBatch) -> Encoded:
 
 
 class SchemaCache:
-    """Schemas by the bytes of their IPC message, so that each is parsed once."""
+    """Schemas by the bytes of their IPC message metadata, so that each is parsed once."""
 
     def __init__(self, capacity: int = 64):
         self._capacity = capacity
         self._schemas: dict[bytes, pa.Schema] = {}
 
-    def get(self, message: pa.Buffer) -> pa.Schema:
-        key = message.to_pybytes()
+    def get(self, message: pa.ipc.Message) -> pa.Schema:
+        """The schema of a schema ``message`` (as ``pa.ipc.read_message`` returns it)."""
+        key = message.metadata.to_pybytes()
         schema = self._schemas.get(key)
         if schema is None:
             schema = pa.ipc.read_schema(message)
@@ -91,19 +90,30 @@ class SchemaCache:
 def read_stream(view: pa.Buffer, schemas: SchemaCache | None = None) -> pa.RecordBatch:
     """The first record batch of the IPC stream in ``view``, without a copy.
 
+    With ``schemas``, the stream's two messages are read with ``pa.ipc.read_message``
+    (framing, lengths and bounds are checked by Arrow; the body stays a view of ``view``)
+    and the schema message is parsed only the first time it is seen.
+
     Raises
     ------
-    pyarrow.ArrowInvalid
+    pyarrow.ArrowInvalid, OSError
         ``view`` does not start with a schema message followed by a record batch.
+    StopIteration
+        The stream ends after its schema, as ``RecordBatchStreamReader.read_next_batch``
+        says it.
     """
     if schemas is None:
         return pa.ipc.open_stream(view).read_next_batch()
-    if view.size < 8:
-        raise pa.ArrowInvalid("too short for an IPC stream")
-    first, second = struct.unpack("<Ii", view.slice(0, 8).to_pybytes())
-    header, length = (8, second) if first == _CONTINUATION else (4, int(first))
-    end = header + length
-    if length <= 0 or end > view.size or length % 8 not in (0, 4):
+    source = pa.BufferReader(view)
+    try:
+        message = pa.ipc.read_message(source)
+    except EOFError:  # the end-of-stream marker first, or nothing at all
+        message = None
+    if message is None or message.type != "schema":
         raise pa.ArrowInvalid("no schema message at the start of the IPC stream")
-    schema = schemas.get(view.slice(0, end))
-    return pa.ipc.read_record_batch(view.slice(end), schema)
+    schema = schemas.get(message)
+    try:
+        message = pa.ipc.read_message(source)
+    except EOFError:
+        raise StopIteration from None
+    return pa.ipc.read_record_batch(message, schema)
