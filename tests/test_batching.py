@@ -141,7 +141,8 @@ class Doubling(Backend):
 
 def request(ident: int, rows: int) -> pa.RecordBatch:
     """``rows`` entries whose values say which request and row they are."""
-    x = np.arange(rows, dtype=np.float32) + 1000 * ident
+    # np.float32: under numpy < 2 a Python int above 65535 would promote the sum to float64
+    x = np.arange(rows, dtype=np.float32) + np.float32(1000 * ident)
     return pa.RecordBatch.from_arrays([pa.array(x)], names=["x"])
 
 
