@@ -33,7 +33,7 @@ lint: $(VENV)/.installed-dev
 typecheck: $(VENV)/.installed-dev
 	$(BIN)/mypy
 
-test: lint $(VENV)/.installed-dev
+test: lint typecheck $(VENV)/.installed-dev
 	$(BIN)/python -m pytest $(ARGS)
 
 # The floors in pyproject.toml stay true: install exactly the lowest declared versions of
