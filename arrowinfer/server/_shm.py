@@ -51,7 +51,6 @@ import json
 import logging
 import mmap
 import os
-import queue
 import re
 import stat
 import threading
@@ -75,14 +74,16 @@ from ..errors import (
     to_flight,
 )
 from ._core import InferenceCore
+from ._ordered import OrderedReplies, Reply
 
 __all__ = [
+    "SHM_ACTIONS",
     "SHM_DESCRIPTOR",
     "SHM_DIR",
+    "SHM_STATUS",
     "Region",
     "ShmService",
     "check_peer",
-    "is_shm_descriptor",
     "peer_is_local",
     "read_request",
     "region_path",
@@ -94,6 +95,14 @@ log = logging.getLogger(__name__)
 #: The descriptor path of the control channel.
 SHM_DESCRIPTOR = "arrowinfer.shm"
 
+#: The Flight action that reports on the sessions.
+SHM_STATUS = "shm.status"
+
+#: The actions of this service, with their descriptions.
+SHM_ACTIONS = {
+    SHM_STATUS: "Shared-memory sessions and mapped regions -> {sessions, regions, bytes}"
+}
+
 #: Where POSIX shared memory lives on Linux; regions are files here.
 SHM_DIR = "/dev/shm"
 
@@ -102,21 +111,8 @@ _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,254}")
 #: Regions one session may have mapped at once.
 MAX_REGIONS = 4096
 
-#: Put in a session's reply queue: ask its client to finish the session (server stopping).
-_GOAWAY = object()
-
 #: Threads that copy a large result into the client's region.
 _COPY_THREADS = max(1, min(4, (os.cpu_count() or 1) // 2))
-
-
-def is_shm_descriptor(descriptor: flight.FlightDescriptor) -> bool:
-    """Is this the descriptor of the shared-memory control channel?"""
-    path = descriptor.path or []
-    return (
-        descriptor.descriptor_type == flight.DescriptorType.PATH
-        and len(path) == 1
-        and path[0] in (SHM_DESCRIPTOR, SHM_DESCRIPTOR.encode())
-    )
 
 
 def peer_is_local(peer: str) -> bool:
@@ -356,7 +352,7 @@ class _Session:
     def __init__(self, peer: str):
         self.peer = peer
         self.regions: dict[str, Region] = {}
-        self.replies: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self.replies: OrderedReplies | None = None
         self.schemas = SchemaCache()
         self.lock = threading.Lock()
 
@@ -421,7 +417,8 @@ class ShmService:
             self._draining = True
             sessions = list(self._sessions)
         for session in sessions:
-            session.replies.put(_GOAWAY)
+            if session.replies is not None:
+                session.replies.goaway()
 
     def close(self) -> None:
         """Unmap every region of every session (the server is stopping)."""
@@ -454,28 +451,21 @@ class ShmService:
         except ArrowInferError as err:
             raise to_flight(err) from None
         session = _Session(peer)
+        replies = session.replies = OrderedReplies(writer, self._reply, name="shm-writer")
         with self._lock:
             if self._draining:
                 raise to_flight(ServerUnavailable("the server is shutting down"))
             self._sessions.add(session)
-        failure: list[BaseException] = []
-        thread = threading.Thread(
-            target=self._write_replies,
-            args=(session, writer, failure),
-            name="shm-writer",
-            daemon=True,
-        )
-        thread.start()
+        replies.start()
         try:
             for chunk in reader:
-                session.replies.put(self._handle(session, chunk))
-                if failure:
+                replies.put(self._handle(session, chunk))
+                if replies.failure is not None:
                     break
         except (pa.ArrowException, OSError) as err:  # the client went away
             log.debug("shm session of %s broke: %s", peer, err)
         finally:
-            session.replies.put(None)
-            thread.join()
+            replies.close()
             with self._lock:
                 self._sessions.discard(session)
             self._close_regions(session)
@@ -582,25 +572,9 @@ class ShmService:
             reply["id"] = item.id
         return reply
 
-    def _write_replies(
-        self, session: _Session, writer: flight.MetadataRecordBatchWriter, failure: list[Any]
-    ) -> None:
-        """Write the replies in request order as they complete (runs beside the reader)."""
-        while (item := session.replies.get()) is not None:
-            if item is _GOAWAY:
-                reply: dict[str, Any] = {"goaway": "the server is shutting down"}
-            elif isinstance(item, _Infer):
-                reply = self._finish(item)
-            else:
-                reply = item
-            item = None
-            if failure:
-                continue  # the stream is gone; drain the queue so the reader can finish
-            try:
-                writer.write_metadata(json.dumps(reply).encode())
-            except (pa.ArrowException, OSError) as err:  # the client went away
-                log.debug("shm session of %s closed while writing: %s", session.peer, err)
-                failure.append(err)
+    def _reply(self, item: dict[str, Any] | _Infer) -> Reply:
+        """The metadata-only reply of a request (an infer's once its result is written)."""
+        return None, self._finish(item) if isinstance(item, _Infer) else item
 
 
 def _json(data: pa.Buffer | None) -> dict[str, Any]:
