@@ -64,12 +64,12 @@ from tritonclient.grpc import service_pb2_grpc
 from .. import __version__
 from ..batching import Completed
 from ..errors import (
-    STATUS_CODES,
     ArrowInferError,
     InvalidInput,
     ServerUnavailable,
     Timeout,
     error_to_dict,
+    grpc_status,
 )
 from ..schema import TensorSpec
 from ._core import InferenceCore, LoadedModel
@@ -86,20 +86,14 @@ MAX_MESSAGE_BYTES = 2**31 - 1
 
 
 def status_of(err: BaseException) -> tuple[grpc.StatusCode, str]:
-    """The gRPC status code and message an exception travels as.
+    """The gRPC status code and message an exception travels as (:func:`errors.grpc_status`).
 
-    arrowinfer errors take their code from :data:`arrowinfer.errors.STATUS_CODES` and keep
-    their message; anything else is INTERNAL with a generic message (log it yourself).
+    arrowinfer errors take their code from :data:`arrowinfer.errors.STATUS_CODES` (the most
+    specific class wins) and keep their message; anything else is INTERNAL with a generic
+    message (log it yourself).
     """
-    if isinstance(err, ArrowInferError):
-        for cls in type(err).__mro__:
-            code = STATUS_CODES.get(cls)
-            if code is not None:
-                return code, str(err)
-    return (
-        grpc.StatusCode.INTERNAL,
-        f"internal error ({type(err).__name__}); the server log has the details",
-    )
+    name, message = grpc_status(err)
+    return getattr(grpc.StatusCode, name), message
 
 
 def _log_unexpected(err: BaseException, rpc: str) -> None:
