@@ -35,11 +35,11 @@ from arrowinfer.cli import parser
 from arrowinfer.client import Client, FlightTransport, ShmTransport
 from arrowinfer.client import _shm as client_shm
 from arrowinfer.errors import InvalidInput, RequestError, ServerUnavailable
+from arrowinfer.protocol import peer_is_local
 from arrowinfer.server import Server
 from arrowinfer.server._shm import (
     Region,
     check_peer,
-    peer_is_local,
     read_request,
     write_result,
 )

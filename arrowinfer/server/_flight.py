@@ -20,7 +20,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 from collections.abc import Callable, Iterator, Mapping
@@ -33,6 +32,7 @@ from pyarrow import flight
 from .. import __version__
 from ..batching import Completed
 from ..errors import ArrowInferError, InvalidInput, ServerUnavailable, error_to_dict, to_flight
+from ..protocol import SERVER_TIMES, dump_json, parse_json
 from ._core import InferenceCore, LoadedModel
 from ._ordered import OrderedReplies, Reply
 
@@ -203,7 +203,7 @@ class FlightService(flight.FlightServerBase):
                 if chunk.data is None:
                     continue  # a metadata-only message asks for nothing
                 try:
-                    request_meta = _json_or_empty(chunk.app_metadata)
+                    request_meta = parse_json(chunk.app_metadata)
                 except InvalidInput as err:
                     request_meta = {"error": err}
                 if not replies.started:
@@ -257,14 +257,16 @@ class FlightService(flight.FlightServerBase):
                     expected=sorted(self._descriptions),
                     got=action.type,
                 )
-            body = _json_or_empty(action.body.to_pybytes() if action.body is not None else b"")
+            body = parse_json(
+                action.body.to_pybytes() if action.body is not None else None, "the action body"
+            )
             result = handler(body)
         except ArrowInferError as err:
             raise to_flight(err) from None
         except Exception as err:
             log.exception("action %s failed", action.type)
             raise to_flight(err) from None
-        yield json.dumps(result).encode()
+        yield dump_json(result)
 
     def _ready(self, body: dict[str, Any]) -> dict[str, bool]:
         if body.get("model"):
@@ -298,12 +300,7 @@ def _result(
             empty.append(pa.RecordBatch.from_pylist([], schema=outputs))
         meta["error"] = error_to_dict(err)
         return empty[0], meta
-    meta.update(
-        queue_ns=done.queue_ns,
-        compute_input_ns=done.compute_input_ns,
-        compute_infer_ns=done.compute_infer_ns,
-        compute_output_ns=done.compute_output_ns,
-    )
+    meta.update({key: getattr(done, key) for key in SERVER_TIMES})
     return done.batch, meta
 
 
@@ -311,17 +308,4 @@ def _required(body: dict[str, Any], key: str) -> str:
     value = body.get(key)
     if not isinstance(value, str) or not value:
         raise InvalidInput(f"the action needs {{{key!r}: ...}} in its JSON body", got=body)
-    return value
-
-
-def _json_or_empty(data: bytes | pa.Buffer | None) -> dict[str, Any]:
-    if not data:
-        return {}
-    raw = data.to_pybytes() if isinstance(data, pa.Buffer) else data
-    try:
-        value = json.loads(raw)
-    except ValueError as err:
-        raise InvalidInput(f"metadata is not JSON: {err}") from None
-    if not isinstance(value, dict):
-        raise InvalidInput("metadata must be a JSON object", got=type(value).__name__)
     return value

@@ -47,7 +47,6 @@ Inference
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import queue
 import threading
@@ -71,6 +70,7 @@ from ..errors import (
     error_to_dict,
     grpc_status,
 )
+from ..protocol import dump_json
 from ..schema import TensorSpec
 from ._core import InferenceCore, LoadedModel
 from ._v2tensors import infer_response, request_batch, requested_outputs
@@ -114,7 +114,9 @@ def _unary(method: _Method) -> _Method:
         except Exception as err:  # noqa: BLE001 -- the one place errors become status codes
             _log_unexpected(err, method.__name__)
             code, message = status_of(err)
-            detail = json.dumps(error_to_dict(err))  # the class, for arrowinfer's own clients
+            detail = dump_json(
+                error_to_dict(err)
+            ).decode()  # the class, for arrowinfer's own clients
         context.set_trailing_metadata((("arrowinfer-error", detail),))
         context.abort(code, message)
 

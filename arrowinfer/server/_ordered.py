@@ -11,7 +11,6 @@ reader sees :attr:`OrderedReplies.failure` and stops reading.
 
 from __future__ import annotations
 
-import json
 import logging
 import queue
 import threading
@@ -20,6 +19,8 @@ from typing import Any
 
 import pyarrow as pa
 from pyarrow import flight
+
+from ..protocol import GOAWAY, dump_json
 
 __all__ = ["GOAWAY_REASON", "OrderedReplies", "Reply"]
 
@@ -94,7 +95,7 @@ class OrderedReplies:
     def _run(self) -> None:
         while (item := self._items.get()) is not _END:
             if item is _GOAWAY:
-                reply: Reply = (None, {"goaway": GOAWAY_REASON})
+                reply: Reply = (None, {GOAWAY: GOAWAY_REASON})
             else:
                 reply = self._finish(item)
             item = None  # drop what it holds (mapped regions) before the next wait
@@ -103,9 +104,9 @@ class OrderedReplies:
             batch, meta = reply
             try:
                 if batch is None:
-                    self._writer.write_metadata(json.dumps(meta).encode())
+                    self._writer.write_metadata(dump_json(meta))
                 else:
-                    self._writer.write_with_metadata(batch, json.dumps(meta).encode())
+                    self._writer.write_with_metadata(batch, dump_json(meta))
             except (pa.ArrowException, OSError) as err:  # the client went away
                 log.debug("stream closed while writing: %s", err)
                 self.failure = err

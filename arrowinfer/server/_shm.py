@@ -46,15 +46,12 @@ Safety
 
 from __future__ import annotations
 
-import ipaddress
-import json
 import logging
 import mmap
 import os
 import re
 import stat
 import threading
-import urllib.parse
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -73,6 +70,7 @@ from ..errors import (
     error_to_dict,
     to_flight,
 )
+from ..protocol import SERVER_TIMES, SHM_DESCRIPTOR, parse_json, peer_is_local
 from ._core import InferenceCore
 from ._ordered import OrderedReplies, Reply
 
@@ -84,16 +82,12 @@ __all__ = [
     "Region",
     "ShmService",
     "check_peer",
-    "peer_is_local",
     "read_request",
     "region_path",
     "write_result",
 ]
 
 log = logging.getLogger(__name__)
-
-#: The descriptor path of the control channel.
-SHM_DESCRIPTOR = "arrowinfer.shm"
 
 #: The Flight action that reports on the sessions.
 SHM_STATUS = "shm.status"
@@ -115,39 +109,13 @@ MAX_REGIONS = 4096
 _COPY_THREADS = max(1, min(4, (os.cpu_count() or 1) // 2))
 
 
-def peer_is_local(peer: str) -> bool:
-    """Is a gRPC peer (``context.peer()``) on this host: loopback IPv4/IPv6, or a Unix socket?
-
-    Peers look like ``ipv4:127.0.0.1:5000``, ``ipv6:[::1]:5000``, ``ipv6:%5B::1%5D:5000``
-    or ``unix:/path``.
-    """
-    kind, _, rest = peer.partition(":")
-    if kind in ("unix", "unix-abstract"):
-        return True
-    rest = urllib.parse.unquote(rest)
-    if kind == "ipv6" and rest.startswith("["):
-        host = rest[1 : rest.find("]")]
-    elif kind in ("ipv4", "ipv6"):
-        host = rest.rsplit(":", 1)[0]
-    else:
-        return False
-    host = host.split("%", 1)[0]  # an IPv6 zone
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
-    return address.is_loopback
-
-
 def check_peer(peer: str, allow_remote: bool) -> None:
     """Refuse a shared-memory session from a peer that is not on this host.
 
     Raises
     ------
     RequestError
-        Unless ``allow_remote`` or :func:`peer_is_local`.
+        Unless ``allow_remote`` or :func:`arrowinfer.protocol.peer_is_local`.
     """
     if not allow_remote and not peer_is_local(peer):
         raise RequestError(
@@ -477,7 +445,7 @@ class ShmService:
         try:
             if chunk.data is not None:
                 raise InvalidInput("a shared-memory session carries metadata-only messages")
-            request = _json(chunk.app_metadata)
+            request = parse_json(chunk.app_metadata, "a shared-memory request")
             op = request.get("op")
             if op == "infer":
                 return self._infer(session, request)
@@ -560,10 +528,7 @@ class ShmService:
         else:
             reply = {
                 "output": {"region": item.output.name, "offset": item.offset, "length": length},
-                "queue_ns": done.queue_ns,
-                "compute_input_ns": done.compute_input_ns,
-                "compute_infer_ns": done.compute_infer_ns,
-                "compute_output_ns": done.compute_output_ns,
+                **{key: getattr(done, key) for key in SERVER_TIMES},
             }
             del done
         finally:
@@ -575,16 +540,6 @@ class ShmService:
     def _reply(self, item: dict[str, Any] | _Infer) -> Reply:
         """The metadata-only reply of a request (an infer's once its result is written)."""
         return None, self._finish(item) if isinstance(item, _Infer) else item
-
-
-def _json(data: pa.Buffer | None) -> dict[str, Any]:
-    try:
-        value = json.loads(data.to_pybytes()) if data else None
-    except ValueError as err:
-        raise InvalidInput(f"a shared-memory request is not JSON: {err}") from None
-    if not isinstance(value, dict):
-        raise InvalidInput("a shared-memory request is a JSON object", got=type(value).__name__)
-    return value
 
 
 def _text(request: dict[str, Any], key: str) -> str:

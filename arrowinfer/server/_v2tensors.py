@@ -17,6 +17,7 @@ from tritonclient.grpc import service_pb2 as pb
 
 from ..batching import Completed
 from ..errors import InvalidInput
+from ..protocol import SERVER_TIMES
 from ..repository import ModelVersion
 from ..schema import TensorSpec, tensor_specs, to_column
 from ..tensors import layout, ragged_to_numpy, to_numpy
@@ -263,6 +264,6 @@ def infer_response(
         shape = [len(array), *entry] if batching else list(entry)
         response.outputs.add(name=spec.name, datatype=spec.datatype.kserve, shape=shape)
         response.raw_output_contents.append(array.tobytes())  # protobuf needs bytes: one copy
-    for key in ("queue_ns", "compute_input_ns", "compute_infer_ns", "compute_output_ns"):
+    for key in SERVER_TIMES:
         response.parameters[key].int64_param = getattr(done, key)
     return response

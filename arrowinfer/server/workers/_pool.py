@@ -24,10 +24,11 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 from pyarrow import flight
 
+from ...protocol import is_loopback_host
 from .._metrics import start_metrics_server
 from ._child import COMMAND
 from ._collector import PoolCollector, Scrape, WorkerState
-from ._relay import Relay, is_loopback, listen
+from ._relay import Relay, listen
 from ._statistics import merge_statistics
 
 __all__ = ["WorkerPool"]
@@ -109,7 +110,7 @@ class WorkerPool:
         self._options = {k: _jsonable(v) for k, v in server_options.items()}
         tls = server_options.get("tls_cert") is not None
         allow_shm = bool(server_options.get("allow_client_shm", False))
-        self._shm = allow_shm or is_loopback(host)
+        self._shm = allow_shm or is_loopback_host(host)
         tokens = sorted(server_options.get("auth_tokens") or [])
         self._call_options = flight.FlightCallOptions(
             timeout=_STATS_TIMEOUT_S,

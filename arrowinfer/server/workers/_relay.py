@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import ipaddress
 import os
 import socket
 import threading
 from collections.abc import Callable
 
-__all__ = ["Relay", "is_loopback", "listen"]
+__all__ = ["Relay", "listen"]
 
 _PIPE_BYTES = 1 << 20
 
@@ -81,10 +80,3 @@ def listen(host: str, port: int) -> socket.socket:
         host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
     )[0]
     return socket.create_server(address[:2], family=family, backlog=1024)
-
-
-def is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return host == "localhost"
