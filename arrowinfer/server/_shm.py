@@ -518,8 +518,9 @@ class ShmService:
             length = write_result(target, done.batch)
             del target
         except OutputTooSmall as err:
-            # the client knows InvalidInput; "needed" tells it to offer a bigger region
-            reply = {"error": error_to_dict(InvalidInput(str(err))), "needed": err.needed}
+            # it travels as InvalidInput (with expected/got); "needed" tells the client to
+            # offer a bigger region
+            reply = {"error": error_to_dict(err), "needed": err.needed}
         except ArrowInferError as err:
             reply = {"error": error_to_dict(err)}
         except Exception as err:
