@@ -33,7 +33,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
 import onnx
 import pyarrow as pa
@@ -56,14 +56,14 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-ModelConfig = mc.ModelConfig
+ModelConfig: TypeAlias = mc.ModelConfig
 
 #: Triton's default when it completes a batching model's config from the model file.
 DEFAULT_MAX_BATCH_SIZE = 4
 
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
 
-_ONNX_TO_TRITON = {
+_ONNX_TO_TRITON: dict[int, str] = {
     onnx.TensorProto.BOOL: "TYPE_BOOL",
     onnx.TensorProto.UINT8: "TYPE_UINT8",
     onnx.TensorProto.UINT16: "TYPE_UINT16",
@@ -228,12 +228,12 @@ def complete_config(config: ModelConfig, model: onnx.ModelProto, path: Path) -> 
                 entry.dims.extend(_onnx_dims(value)[batch:])
             continue
         for entry in entries:
-            value = by_name.get(entry.name)
-            if value is None:
+            if entry.name not in by_name:
                 raise ModelError(
                     f"{path}: config {kind} {entry.name!r} is not in the ONNX graph "
                     f"(graph {kind}s: {sorted(by_name)})"
                 )
+            value = by_name[entry.name]
             graph_type = _onnx_type(value, path)
             config_type = mc.DataType.Name(entry.data_type)
             if graph_type != config_type:

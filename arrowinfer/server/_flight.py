@@ -116,7 +116,7 @@ class FlightService(flight.FlightServerBase):
             "model.load": lambda body: {
                 "loaded": [m.version.version for m in self.core.load(_required(body, "model"))]
             },
-            "model.unload": lambda body: self.core.unload(_required(body, "model")) or {},
+            "model.unload": self._unload,
             "model.config": lambda body: self.core.config(self._model(body)),
             "model.metadata": lambda body: self._model(body).version.metadata(),
             "model.statistics": lambda body: {
@@ -276,6 +276,10 @@ class FlightService(flight.FlightServerBase):
                 return {"ready": False}
             return {"ready": self.core.ready}
         return {"ready": self.core.ready}
+
+    def _unload(self, body: dict[str, Any]) -> dict[str, Any]:
+        self.core.unload(_required(body, "model"))
+        return {}
 
     def _model(self, body: dict[str, Any]) -> LoadedModel:
         return self.core.get(_required(body, "model"), body.get("version"))

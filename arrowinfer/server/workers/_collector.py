@@ -16,7 +16,7 @@ __all__ = ["PoolCollector", "Scrape", "WorkerState"]
 class WorkerState(NamedTuple):
     """One worker as a scrape shows it."""
 
-    index: int
+    worker: int
     pid: int
     ready: bool
     starts: int
