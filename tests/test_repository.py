@@ -763,6 +763,21 @@ def example_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[M
     return loaded
 
 
+def test_metadata_is_kserve_model_metadata(example_models: dict[str, list[ModelVersion]]) -> None:
+    [tagger] = example_models["jet_tagger"]
+    meta = tagger.metadata()
+    assert meta["name"] == "jet_tagger"
+    assert meta["versions"] == ["1"]
+    assert meta["platform"] == "onnxruntime_onnx"
+    # the batch dimension is -1; the mask input, filled by the server, is left out
+    assert [(t["name"], t["datatype"], t["shape"]) for t in meta["inputs"]] == [
+        ("points", "FP32", [-1, 100, 2]),
+        ("features", "FP32", [-1, 100, 7]),
+    ]
+    assert meta["outputs"] == [{"name": "probabilities", "datatype": "FP32", "shape": [-1, 5]}]
+    assert json.loads(json.dumps(meta)) == meta  # plain JSON, as the actions send it
+
+
 def test_example_repository_loads_completely(example_models: dict[str, list[ModelVersion]]) -> None:
     assert sorted(example_models) == sorted(examples.EXAMPLE_MODELS)
     for name, versions in example_models.items():

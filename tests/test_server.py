@@ -452,6 +452,23 @@ def test_model_config_is_tritons_json(server: Server) -> None:
     assert jets["parameters"]["arrowinfer.mask_input"] == {"string_value": "mask"}
 
 
+def test_local_fallback_answers_the_same_model_metadata(
+    server: Server, example_repository: Path
+) -> None:
+    from arrowinfer.client._local import LocalTransport
+
+    local = LocalTransport(example_repository)
+    try:
+        with connect(server) as client:
+            for model in ("facile", "jet_tagger"):
+                body = {"model": model}
+                assert local.action("model.metadata", body) == action(
+                    client, "model.metadata", body
+                )
+    finally:
+        local.close()
+
+
 def test_model_metadata_is_kserve_like(server: Server) -> None:
     with connect(server) as client:
         facile = action(client, "model.metadata", {"model": "facile"})

@@ -666,6 +666,25 @@ def test_remote_peers_need_allow_client_shm(example_repository: Path) -> None:
         assert server.shm.allow_remote
 
 
+def test_a_server_without_shared_memory_has_no_sessions(example_repository: Path) -> None:
+    # what a worker behind the relay runs when it cannot tell local clients from remote
+    with start_server(example_repository, shared_memory=False) as server:
+        client = flight.FlightClient(server.location)
+        try:
+            with pytest.raises(flight.FlightError, match=r"arrowinfer\.shm"):
+                RawSession(server.location).ask({"op": "register", "name": "x", "size": 1})
+            status = client.do_action(flight.Action("shm.status", b"{}"))
+            assert json.loads(next(iter(status)).body.to_pybytes()) == {
+                "sessions": 0,
+                "regions": 0,
+            }
+            # Flight itself serves on
+            info = client.get_flight_info(flight.FlightDescriptor.for_path("identity"))
+            assert info.schema.names == ["INPUT0"]
+        finally:
+            client.close()
+
+
 # -- Flight over a Unix domain socket --------------------------------------------------------
 
 

@@ -106,13 +106,16 @@ class Server:
         self.shm = ShmService(self.core, allow_remote=allow_client_shm)
         self._shared_memory = shared_memory
         exchanges = {SHM_DESCRIPTOR: self.shm.session} if shared_memory else {}
-        status = self.shm.status if shared_memory else lambda: {"sessions": 0, "regions": 0}
+
+        def shm_status(body: dict[str, Any]) -> dict[str, Any]:
+            return self.shm.status() if shared_memory else {"sessions": 0, "regions": 0}
+
         try:
             self.flight = FlightService(
                 self.core,
                 location,
                 exchanges=exchanges,
-                actions={SHM_STATUS: (SHM_ACTIONS[SHM_STATUS], lambda body: status())},
+                actions={SHM_STATUS: (SHM_ACTIONS[SHM_STATUS], shm_status)},
                 **options,
             )
         except BaseException:

@@ -317,10 +317,10 @@ class _Infer:
 class _Session:
     """One client's control stream and the regions it registered."""
 
-    def __init__(self, peer: str):
+    def __init__(self, peer: str, replies: OrderedReplies):
         self.peer = peer
         self.regions: dict[str, Region] = {}
-        self.replies: OrderedReplies | None = None
+        self.replies = replies
         self.schemas = SchemaCache()
         self.lock = threading.Lock()
 
@@ -385,8 +385,7 @@ class ShmService:
             self._draining = True
             sessions = list(self._sessions)
         for session in sessions:
-            if session.replies is not None:
-                session.replies.goaway()
+            session.replies.goaway()
 
     def close(self) -> None:
         """Unmap every region of every session (the server is stopping)."""
@@ -418,8 +417,8 @@ class ShmService:
             check_peer(peer, self.allow_remote)
         except ArrowInferError as err:
             raise to_flight(err) from None
-        session = _Session(peer)
-        replies = session.replies = OrderedReplies(writer, self._reply, name="shm-writer")
+        replies = OrderedReplies(writer, self._reply, name="shm-writer")
+        session = _Session(peer, replies)
         with self._lock:
             if self._draining:
                 raise to_flight(ServerUnavailable("the server is shutting down"))
