@@ -37,12 +37,8 @@ from arrowinfer.client import _shm as client_shm
 from arrowinfer.errors import InvalidInput, RequestError, ServerUnavailable
 from arrowinfer.protocol import peer_is_local
 from arrowinfer.server import Server
-from arrowinfer.server._shm import (
-    Region,
-    check_peer,
-    read_request,
-    write_result,
-)
+from arrowinfer.server._regions import Region, read_request, write_result
+from arrowinfer.server._shm import check_peer
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ["facile", "identity", "jet_tagger"]
