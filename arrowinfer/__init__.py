@@ -7,6 +7,9 @@ batching; the same servers speak Triton's KServe v2 gRPC protocol.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
+from ._version import __version__
 from .errors import (
     ArrowInferError,
     InvalidInput,
@@ -31,10 +34,13 @@ from .tensors import (
     to_numpy,
 )
 
-__version__ = "0.1.0"
+if TYPE_CHECKING:
+    from .client import AsyncClient, Client
 
 __all__ = [
     "ArrowInferError",
+    "AsyncClient",
+    "Client",
     "InvalidInput",
     "ModelError",
     "ModelNotFound",
@@ -56,3 +62,15 @@ __all__ = [
     "to_numpy",
     "validate",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """``arrowinfer.Client`` and ``arrowinfer.AsyncClient``, imported on first use.
+
+    The server imports this package too, and needs no Flight client to start.
+    """
+    if name in ("Client", "AsyncClient"):
+        from . import client
+
+        return getattr(client, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

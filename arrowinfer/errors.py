@@ -14,18 +14,23 @@
     ├── ModelError              a model in the repository cannot be loaded (bad config or ONNX)
     └── ServerError             anything else that went wrong inside the server
 
-Every class has one gRPC status code (``STATUS_CODES``); the server raises with it and the
-client maps the code plus the class name it carries back to the same class.
+Every class has one gRPC status code (:data:`STATUS_CODES`, by name, so that this module
+needs no ``grpc``); a subclass defined elsewhere travels as its nearest class of this table
+(the most specific one wins: the class hierarchy is walked). On the wire an error is a JSON
+object (:func:`error_to_dict`): its ``type``, its ``message`` and every field its
+constructor takes (``model``, ``input``, ``expected``, ``got``, ``available``, ...); the
+client rebuilds it with that constructor (:func:`error_from_dict`), fields included.
 """
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import json
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Iterable, Mapping
+from typing import Any, ClassVar
 
-import grpc
+import pyarrow as pa
 from pyarrow import flight
 
 __all__ = [
@@ -44,13 +49,27 @@ __all__ = [
     "error_class",
     "error_from_dict",
     "error_to_dict",
+    "from_exception",
     "from_flight",
+    "grpc_status",
+    "public_class",
     "to_flight",
 ]
 
 
 class ArrowInferError(Exception):
-    """Base of every error arrowinfer raises on purpose."""
+    """Base of every error arrowinfer raises on purpose.
+
+    ``fields`` names the constructor's keyword arguments that are kept as attributes of
+    the same name; they travel with the error (:func:`error_to_dict`).
+    """
+
+    fields: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def _rebuild(cls, message: str, fields: Mapping[str, Any]) -> ArrowInferError:
+        """The error from its wire message and fields (its real constructor)."""
+        return cls(message)
 
 
 class TransportError(ArrowInferError):
@@ -74,7 +93,12 @@ class RequestError(ArrowInferError):
 
 
 class ModelNotFound(RequestError, KeyError):
-    """No model (or version) of that name; the message lists the ones that exist."""
+    """No model (or version) of that name; the message lists the ones that exist.
+
+    Attributes ``model`` (str), ``available`` (sorted list of str), ``version`` (str or None).
+    """
+
+    fields = ("model", "available", "version")
 
     def __init__(self, model: str, available: Iterable[str] = (), *, version: str | None = None):
         self.model = model
@@ -89,12 +113,23 @@ class ModelNotFound(RequestError, KeyError):
     def __str__(self) -> str:  # KeyError would quote the message
         return str(self.args[0])
 
+    @classmethod
+    def _rebuild(cls, message: str, fields: Mapping[str, Any]) -> ArrowInferError:
+        return cls(
+            str(fields["model"]),
+            [str(name) for name in fields.get("available") or ()],
+            version=None if fields.get("version") is None else str(fields["version"]),
+        )
+
 
 class InvalidInput(RequestError, ValueError):
     """A request that does not fit the model's signature.
 
-    The message names the model, the input, what was expected and what came.
+    The message names the model, the input, what was expected and what came; so do the
+    attributes ``reason`` (the message as given), ``model``, ``input``, ``expected``, ``got``.
     """
+
+    fields = ("reason", "model", "input", "expected", "got")
 
     def __init__(
         self,
@@ -105,6 +140,7 @@ class InvalidInput(RequestError, ValueError):
         expected: object = None,
         got: object = None,
     ):
+        self.reason = message
         self.model = model
         self.input = input
         self.expected = expected
@@ -119,6 +155,17 @@ class InvalidInput(RequestError, ValueError):
             text += f" (expected {expected}, got {got})"
         super().__init__(text)
 
+    @classmethod
+    def _rebuild(cls, message: str, fields: Mapping[str, Any]) -> ArrowInferError:
+        model, input_ = fields.get("model"), fields.get("input")
+        return cls(
+            str(fields.get("reason", message)),
+            model=None if model is None else str(model),
+            input=None if input_ is None else str(input_),
+            expected=fields.get("expected"),
+            got=fields.get("got"),
+        )
+
 
 class Unauthenticated(RequestError):
     """The server wants a valid bearer token."""
@@ -132,92 +179,182 @@ class ServerError(ArrowInferError):
     """Something went wrong inside the server; its log has the details."""
 
 
-#: The gRPC status code each error travels as, as Triton uses them.
-STATUS_CODES: dict[type[ArrowInferError], grpc.StatusCode] = {
-    ServerBusy: grpc.StatusCode.UNAVAILABLE,
-    ServerUnavailable: grpc.StatusCode.UNAVAILABLE,
-    Timeout: grpc.StatusCode.DEADLINE_EXCEEDED,
-    ModelNotFound: grpc.StatusCode.NOT_FOUND,
-    InvalidInput: grpc.StatusCode.INVALID_ARGUMENT,
-    Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
-    ModelError: grpc.StatusCode.FAILED_PRECONDITION,
-    ServerError: grpc.StatusCode.INTERNAL,
-    TransportError: grpc.StatusCode.UNAVAILABLE,
-    RequestError: grpc.StatusCode.INVALID_ARGUMENT,
-    ArrowInferError: grpc.StatusCode.INTERNAL,
+#: The gRPC status code (a ``grpc.StatusCode`` name) each class travels as, as Triton uses
+#: them. A class not listed travels as its nearest listed base class.
+STATUS_CODES: dict[type[ArrowInferError], str] = {
+    ServerBusy: "UNAVAILABLE",
+    ServerUnavailable: "UNAVAILABLE",
+    Timeout: "DEADLINE_EXCEEDED",
+    ModelNotFound: "NOT_FOUND",
+    InvalidInput: "INVALID_ARGUMENT",
+    Unauthenticated: "UNAUTHENTICATED",
+    ModelError: "FAILED_PRECONDITION",
+    ServerError: "INTERNAL",
+    TransportError: "UNAVAILABLE",
+    RequestError: "INVALID_ARGUMENT",
+    ArrowInferError: "INTERNAL",
 }
 
 _BY_NAME: dict[str, type[ArrowInferError]] = {cls.__name__: cls for cls in STATUS_CODES}
-_BY_CODE: dict[grpc.StatusCode, type[ArrowInferError]] = {}
+#: The class a bare status code means (the first listed with it).
+_BY_CODE: dict[str, type[ArrowInferError]] = {}
 for _cls, _code in STATUS_CODES.items():
     _BY_CODE.setdefault(_code, _cls)
 
 
-def error_class(code: grpc.StatusCode, name: str | None = None) -> type[ArrowInferError]:
-    """The error class for a status code, refined by the class name the server sent with it."""
+def public_class(err: BaseException) -> type[ArrowInferError]:
+    """The most specific class of :data:`STATUS_CODES` that ``err`` is an instance of.
+
+    Anything that is not an :class:`ArrowInferError` is a :class:`ServerError`.
+    """
+    for cls in type(err).__mro__:
+        if cls in STATUS_CODES:
+            return cls  # type: ignore[return-value]
+    return ServerError
+
+
+def grpc_status(err: BaseException) -> tuple[str, str]:
+    """The gRPC status (a ``grpc.StatusCode`` name) and message an exception travels as.
+
+    Anything that is not an :class:`ArrowInferError` is INTERNAL with a generic message:
+    its text may hold server details, so log it rather than send it.
+    """
+    if not isinstance(err, ArrowInferError):
+        return "INTERNAL", f"internal error ({type(err).__name__}); the server log has the details"
+    return STATUS_CODES[public_class(err)], str(err)
+
+
+def _code_name(code: Any) -> str:
+    """A status code's name, from a name or an enum member (``grpc.StatusCode.NOT_FOUND``)."""
+    return code if isinstance(code, str) else str(getattr(code, "name", code))
+
+
+def error_class(code: Any, name: str | None = None) -> type[ArrowInferError]:
+    """The error class for a status code, refined by the class name the server sent with it.
+
+    ``code`` is a ``grpc.StatusCode`` or its name.
+    """
+    code = _code_name(code)
     cls = _BY_NAME.get(name or "")
     if cls is not None and STATUS_CODES[cls] == code:
         return cls
     return _BY_CODE.get(code, ServerError)
 
 
+def _jsonable(value: Any) -> Any:
+    """``value`` if JSON can carry it as it is, else its text (what its message shows)."""
+    if value is None or isinstance(value, str | bool | int | float):
+        return value
+    with contextlib.suppress(TypeError, ValueError):
+        return json.loads(json.dumps(value, allow_nan=False))
+    return str(value)
+
+
 def error_to_dict(err: BaseException) -> dict[str, Any]:
-    """An error as JSON-able data for the wire: its class name, message and context."""
+    """An error as JSON-able data for the wire: ``type``, ``message`` and every field.
+
+    ``type`` is the most specific class of :data:`STATUS_CODES` (:func:`public_class`);
+    the fields are that class's (``ModelNotFound``: ``model``, ``available``, ``version``;
+    ``InvalidInput``: ``reason``, ``model``, ``input``, ``expected``, ``got``). An exception
+    that is not an :class:`ArrowInferError` is a ``ServerError`` with a generic message.
+    """
     if not isinstance(err, ArrowInferError):
         err = ServerError(f"internal error: {type(err).__name__}")
-    out: dict[str, Any] = {"type": type(err).__name__, "message": str(err)}
-    for key in ("model", "input"):
-        value = getattr(err, key, None)
-        if value is not None:
-            out[key] = value
+    cls = public_class(err)
+    out: dict[str, Any] = {"type": cls.__name__, "message": str(err)}
+    for key in cls.fields:
+        out[key] = _jsonable(getattr(err, key, None))
     return out
 
 
-def error_from_dict(data: dict[str, Any], code: grpc.StatusCode | None = None) -> ArrowInferError:
-    """The error :func:`error_to_dict` described, as the same class (a plain message)."""
+def error_from_dict(data: Mapping[str, Any], code: Any = None) -> ArrowInferError:
+    """The error :func:`error_to_dict` described, made again by its class's constructor.
+
+    An unknown ``type`` falls back to the class of the status ``code`` (a
+    ``grpc.StatusCode`` or its name), else :class:`ServerError`. The message is the one the
+    server sent, even where the rebuilt fields would print differently (a tuple sent as a
+    list). Fields that do not fit the constructor leave a plain error of the class.
+    """
     name = str(data.get("type", ""))
     cls = _BY_NAME.get(name) or (error_class(code) if code is not None else ServerError)
-    err = cls.__new__(cls)
-    Exception.__init__(err, str(data.get("message", name)))
-    for key in ("model", "input"):
-        setattr(err, key, data.get(key))
+    message = str(data.get("message", name))
+    try:
+        err = cls._rebuild(message, data)
+    except (KeyError, TypeError, ValueError):  # fields the constructor cannot take
+        err = cls.__new__(cls)
+        Exception.__init__(err, message)
+        for key in cls.fields:
+            setattr(err, key, data.get(key))
+    if str(err) != message:
+        err.args = (message,)
     return err
 
 
-_FLIGHT_ERRORS: dict[grpc.StatusCode, type[flight.FlightError]] = {
-    grpc.StatusCode.UNAVAILABLE: flight.FlightUnavailableError,
-    grpc.StatusCode.DEADLINE_EXCEEDED: flight.FlightTimedOutError,
-    grpc.StatusCode.UNAUTHENTICATED: flight.FlightUnauthenticatedError,
-    grpc.StatusCode.INTERNAL: flight.FlightInternalError,
+#: The Flight error class each status code travels as; Flight has none for
+#: INVALID_ARGUMENT, NOT_FOUND or FAILED_PRECONDITION: those go as ``FlightServerError``
+#: and the client restores the class from ``extra_info``.
+_FLIGHT_ERRORS: dict[str, type[flight.FlightError]] = {
+    "UNAVAILABLE": flight.FlightUnavailableError,
+    "DEADLINE_EXCEEDED": flight.FlightTimedOutError,
+    "UNAUTHENTICATED": flight.FlightUnauthenticatedError,
+    "INTERNAL": flight.FlightInternalError,
 }
 
 
 def to_flight(err: BaseException) -> flight.FlightError:
-    """The Flight error a server raises for ``err``; the class travels in ``extra_info``.
-
-    Flight has no INVALID_ARGUMENT or NOT_FOUND error class, so request errors travel as
-    ``FlightServerError`` and the client restores the class from ``extra_info``.
-    """
+    """The Flight error a server raises for ``err``; the error's JSON travels in ``extra_info``."""
     data = error_to_dict(err)
-    code = STATUS_CODES.get(type(err), grpc.StatusCode.INTERNAL)  # type: ignore[call-overload]
+    code = STATUS_CODES[_BY_NAME[data["type"]]]
     cls = _FLIGHT_ERRORS.get(code, flight.FlightServerError)
     return cls(data["message"], json.dumps(data).encode())
 
 
+#: What a Flight error without arrowinfer's JSON means (another server, or the transport).
+_FLIGHT_CLASSES: tuple[tuple[type[flight.FlightError], type[ArrowInferError]], ...] = (
+    (flight.FlightUnavailableError, ServerUnavailable),
+    (flight.FlightTimedOutError, Timeout),
+    (flight.FlightCancelledError, ServerUnavailable),
+    (flight.FlightUnauthenticatedError, Unauthenticated),
+    (flight.FlightUnauthorizedError, Unauthenticated),
+)
+
+#: The most ``extra_info`` read as JSON: an error's JSON is small.
+_MAX_INFO_BYTES = 1024 * 1024
+
+
 def from_flight(exc: flight.FlightError) -> ArrowInferError:
-    """The arrowinfer error for a Flight error a client received."""
+    """The arrowinfer error for a Flight error a client received.
+
+    ``extra_info`` holding an error's JSON gives the error itself; otherwise the Flight
+    class decides (unavailable, timed out, cancelled, unauthenticated, else server error).
+    """
     info = getattr(exc, "extra_info", b"") or b""
-    try:
-        data = json.loads(info) if info else {}
-    except ValueError:
-        data = {}
+    data: Any = None
+    if 0 < len(info) <= _MAX_INFO_BYTES:
+        # lenient on purpose: a reply that is not arrowinfer's JSON still maps by class
+        with contextlib.suppress(ValueError, RecursionError):
+            data = json.loads(info.decode("utf-8"))
     if isinstance(data, dict) and "type" in data:
         return error_from_dict(data)
     message = str(exc).split(". Detail:", 1)[0]
-    if isinstance(exc, flight.FlightUnavailableError):
-        return ServerUnavailable(message)
-    if isinstance(exc, flight.FlightTimedOutError):
-        return Timeout(message)
-    if isinstance(exc, flight.FlightUnauthenticatedError):
-        return Unauthenticated(message)
+    for flight_class, cls in _FLIGHT_CLASSES:
+        if isinstance(exc, flight_class):
+            return cls(message)
     return ServerError(message)
+
+
+def from_exception(exc: BaseException, where: str) -> ArrowInferError:
+    """The arrowinfer error for any exception a client's I/O raised (``where``: the server).
+
+    Flight errors map as :func:`from_flight`; every other Arrow or socket error (a reset
+    connection, a stream that ended mid-message) means the server cannot be reached, as
+    ``ServerUnavailable``; an arrowinfer error stays what it is. Anything else is a
+    ``ServerError`` naming its type.
+    """
+    if isinstance(exc, ArrowInferError):
+        return exc
+    if isinstance(exc, flight.FlightError):
+        return from_flight(exc)
+    if isinstance(exc, pa.ArrowException | OSError | EOFError):
+        return ServerUnavailable(f"{where}: {exc}")
+    return ServerError(f"{where}: {type(exc).__name__}: {exc}")

@@ -31,10 +31,9 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeAlias
+from typing import Any, TypeAlias
 
 import onnx
 import pyarrow as pa
@@ -110,6 +109,36 @@ class ModelVersion:
         if key in self.config.parameters:
             return str(self.config.parameters[key].string_value)
         return default
+
+    def metadata(self) -> dict[str, Any]:
+        """KServe's ``ModelMetadata`` of this version as JSON.
+
+        Returns
+        -------
+        dict
+            ``{"name", "versions": [str], "platform", "inputs", "outputs"}``; each tensor is
+            ``{"name", "datatype": "FP32"..., "shape": [int]}`` with -1 for the batch
+            dimension of a batching model. The mask input is left out: the server fills it.
+        """
+        batch = [-1] if self.max_batch_size > 0 else []
+
+        def tensors(entries: Any) -> list[dict[str, Any]]:
+            return [
+                {
+                    "name": e.name,
+                    "datatype": datatype(mc.DataType.Name(e.data_type)).kserve,
+                    "shape": batch + list(e.dims),
+                }
+                for e in entries
+            ]
+
+        return {
+            "name": self.name,
+            "versions": [str(self.version)],
+            "platform": self.config.platform or "onnxruntime_onnx",
+            "inputs": tensors(c for c in self.config.input if c.name != self.mask_input),
+            "outputs": tensors(self.config.output),
+        }
 
 
 def _dims_text(dims: object) -> str:
@@ -404,24 +433,3 @@ class Repository:
     def load(self, name: str) -> list[ModelVersion]:
         """Load one model's selected versions (see :func:`load_model`)."""
         return load_model(self.model_dir(name))
-
-    def load_all(self) -> tuple[dict[str, list[ModelVersion]], dict[str, ModelError]]:
-        """Load every model; a model that fails is reported and does not stop the others.
-
-        Returns
-        -------
-        loaded, failed
-            Versions by model name, and the error of each model that could not be loaded.
-        """
-        loaded: dict[str, list[ModelVersion]] = {}
-        failed: dict[str, ModelError] = {}
-        for name in self.names():
-            try:
-                loaded[name] = self.load(name)
-            except ModelError as err:
-                log.error("model %s not loaded: %s", name, err)
-                failed[name] = err
-        return loaded, failed
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.names())

@@ -275,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
             "(perf_analyzer's async mode), 1 to 8 rows per request (facile: HCAL hits; jet_tagger: "
             "one event's jets). `--workers 1` is the plain single-process server; with more, a "
             "parent process relays each client connection to a worker (see "
-            "`arrowinfer/server/_workers.py`). One onnxruntime intra-op thread per model. "
+            "`arrowinfer/server/workers/`). One onnxruntime intra-op thread per model. "
             "Stable = three windows within 10 %."
         ),
         "",

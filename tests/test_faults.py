@@ -634,7 +634,7 @@ def test_a_failed_write_breaks_the_stream_without_deadlock(server: Server) -> No
         schema = transport.schema("facile", None)
         batch = conform(to_record_batch({"hits": hits(2)}), schema, model="facile")
         assert transport.submit("facile", None, batch).result(WAIT).num_rows == 2
-        pipe = transport._pipelines[("facile", None)]
+        pipe = transport._streams[("facile", None)]
         real_writer, pipe.writer = pipe.writer, _BrokenWriter()
         outcome: list[BaseException] = []
 

@@ -652,13 +652,25 @@ def test_syntax_error_has_protobuf_line_and_column(tmp_path: pathlib.Path) -> No
     assert re.search(rf"^{re.escape(str(path))}: invalid model config: .*2:17\b", str(info.value))
 
 
-def test_load_all_loads_the_good_models_beside_the_bad(tmp_path: pathlib.Path) -> None:
+def load_each(repo: Repository) -> tuple[dict[str, list[ModelVersion]], dict[str, ModelError]]:
+    """Every model of ``repo`` loaded on its own: the versions, or the error, by name."""
+    loaded: dict[str, list[ModelVersion]] = {}
+    failed: dict[str, ModelError] = {}
+    for name in repo.names():
+        try:
+            loaded[name] = repo.load(name)
+        except ModelError as err:
+            failed[name] = err
+    return loaded, failed
+
+
+def test_bad_models_do_not_stop_the_good_ones_loading(tmp_path: pathlib.Path) -> None:
     for name, (write, _, _) in BAD.items():
         write(tmp_path, name)
     write_model(tmp_path, "good", config_of("good"))
     write_model(tmp_path, "good_configless", None, {"1": add_relu()})
     repo = Repository(tmp_path)
-    loaded, failed = repo.load_all()
+    loaded, failed = load_each(repo)
     assert sorted(loaded) == ["good", "good_configless"]
     assert [v.version for v in loaded["good"]] == [1]
     assert sorted(failed) == sorted(BAD)
@@ -688,7 +700,6 @@ def named_repo(tmp_path_factory: pytest.TempPathFactory) -> Repository:
 
 def test_names(named_repo: Repository) -> None:
     assert named_repo.names() == ["facile", "identity", "jet_tagger"]
-    assert list(named_repo) == named_repo.names()
     assert named_repo.model_dir("facile") == named_repo.path / "facile"
 
 
@@ -747,9 +758,24 @@ def test_repository_must_be_a_directory(tmp_path: pathlib.Path, make: str) -> No
 @pytest.fixture(scope="module")
 def example_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[ModelVersion]]:
     repo = examples.write_example_repository(tmp_path_factory.mktemp("examples"))
-    loaded, failed = Repository(repo).load_all()
+    loaded, failed = load_each(Repository(repo))
     assert failed == {}
     return loaded
+
+
+def test_metadata_is_kserve_model_metadata(example_models: dict[str, list[ModelVersion]]) -> None:
+    [tagger] = example_models["jet_tagger"]
+    meta = tagger.metadata()
+    assert meta["name"] == "jet_tagger"
+    assert meta["versions"] == ["1"]
+    assert meta["platform"] == "onnxruntime_onnx"
+    # the batch dimension is -1; the mask input, filled by the server, is left out
+    assert [(t["name"], t["datatype"], t["shape"]) for t in meta["inputs"]] == [
+        ("points", "FP32", [-1, 100, 2]),
+        ("features", "FP32", [-1, 100, 7]),
+    ]
+    assert meta["outputs"] == [{"name": "probabilities", "datatype": "FP32", "shape": [-1, 5]}]
+    assert json.loads(json.dumps(meta)) == meta  # plain JSON, as the actions send it
 
 
 def test_example_repository_loads_completely(example_models: dict[str, list[ModelVersion]]) -> None:

@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import threading
+import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -36,6 +37,7 @@ import arrowinfer
 from arrowinfer import tensors
 from arrowinfer.cli import main
 from arrowinfer.server import ACTIONS, Server
+from arrowinfer.server._metrics import StatisticsCollector, metrics_registry, start_metrics_server
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ["facile", "identity", "jet_tagger", "toptag_cnn"]
@@ -450,6 +452,23 @@ def test_model_config_is_tritons_json(server: Server) -> None:
     assert jets["parameters"]["arrowinfer.mask_input"] == {"string_value": "mask"}
 
 
+def test_local_fallback_answers_the_same_model_metadata(
+    server: Server, example_repository: Path
+) -> None:
+    from arrowinfer.client._local import LocalTransport
+
+    local = LocalTransport(example_repository)
+    try:
+        with connect(server) as client:
+            for model in ("facile", "jet_tagger"):
+                body = {"model": model}
+                assert local.action("model.metadata", body) == action(
+                    client, "model.metadata", body
+                )
+    finally:
+        local.close()
+
+
 def test_model_metadata_is_kserve_like(server: Server) -> None:
     with connect(server) as client:
         facile = action(client, "model.metadata", {"model": "facile"})
@@ -709,6 +728,50 @@ def test_prometheus_metrics_under_tritons_names(fresh_server: Server) -> None:
     with connect(fresh_server) as client:
         exchange(client, ["facile"], schema, [(facile_batch(schema, hits(1)), None)])
     assert f"nv_inference_request_success{labels} 4.0" in scrape(fresh_server.metrics_port)
+
+
+def _ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+def test_metrics_address_family_follows_the_host() -> None:
+    from arrowinfer.server._metrics import address_family
+
+    assert address_family("127.0.0.1", 0) == socket.AF_INET
+    assert address_family("::1", 0) == socket.AF_INET6
+    assert address_family("::", 0) == socket.AF_INET6
+
+
+@pytest.mark.skipif(not _ipv6_loopback(), reason="this host cannot bind ::1")
+def test_metrics_and_health_on_ipv6_loopback() -> None:
+    ready = [False]
+    registry = metrics_registry(StatisticsCollector(list, dict))
+    server, port = start_metrics_server(registry, "::1", 0, ready=lambda: ready[0])
+    try:
+        assert server.socket.family == socket.AF_INET6
+
+        def get(path: str) -> tuple[int, str]:
+            try:
+                with urllib.request.urlopen(f"http://[::1]:{port}{path}", timeout=DEADLINE) as r:
+                    return r.status, r.read().decode()
+            except urllib.error.HTTPError as err:
+                return err.code, ""
+
+        status, text = get("/metrics")
+        assert status == 200
+        assert "# TYPE nv_inference_pending_request_count gauge" in text
+        assert get("/v2/health/live")[0] == 200
+        assert get("/v2/health/ready")[0] == 503
+        ready[0] = True
+        assert get("/v2/health/ready")[0] == 200
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def test_servers_have_their_own_metrics(fresh_server: Server, server: Server) -> None:

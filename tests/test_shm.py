@@ -35,14 +35,10 @@ from arrowinfer.cli import parser
 from arrowinfer.client import Client, FlightTransport, ShmTransport
 from arrowinfer.client import _shm as client_shm
 from arrowinfer.errors import InvalidInput, RequestError, ServerUnavailable
+from arrowinfer.protocol import peer_is_local
 from arrowinfer.server import Server
-from arrowinfer.server._shm import (
-    Region,
-    check_peer,
-    peer_is_local,
-    read_request,
-    write_result,
-)
+from arrowinfer.server._regions import Region, read_request, write_result
+from arrowinfer.server._shm import check_peer
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ["facile", "identity", "jet_tagger"]
@@ -664,6 +660,25 @@ def test_remote_peers_need_allow_client_shm(example_repository: Path) -> None:
     assert not parser().parse_args(["serve"]).allow_client_shm
     with start_server(example_repository, allow_client_shm=True) as server:
         assert server.shm.allow_remote
+
+
+def test_a_server_without_shared_memory_has_no_sessions(example_repository: Path) -> None:
+    # what a worker behind the relay runs when it cannot tell local clients from remote
+    with start_server(example_repository, shared_memory=False) as server:
+        client = flight.FlightClient(server.location)
+        try:
+            with pytest.raises(flight.FlightError, match=r"arrowinfer\.shm"):
+                RawSession(server.location).ask({"op": "register", "name": "x", "size": 1})
+            status = client.do_action(flight.Action("shm.status", b"{}"))
+            assert json.loads(next(iter(status)).body.to_pybytes()) == {
+                "sessions": 0,
+                "regions": 0,
+            }
+            # Flight itself serves on
+            info = client.get_flight_info(flight.FlightDescriptor.for_path("identity"))
+            assert info.schema.names == ["INPUT0"]
+        finally:
+            client.close()
 
 
 # -- Flight over a Unix domain socket --------------------------------------------------------

@@ -24,7 +24,7 @@ import tritonclient.grpc as tg
 
 from arrowinfer import tensors
 from arrowinfer.client import Client
-from arrowinfer.server._workers import merge_statistics
+from arrowinfer.server.workers import merge_statistics
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -109,9 +109,9 @@ def workers(example_repository: Path) -> Iterator[Running]:
     deadline = time.monotonic() + 60
     for line in process.stdout:
         output.append(line)
-        if m := re.search(r"_workers: metrics on http://[^:]+:(\d+)/metrics", line):
+        if m := re.search(r"workers\._pool: metrics on http://[^:]+:(\d+)/metrics", line):
             ports["metrics"] = int(m.group(1))
-        if m := re.search(r"_workers: KServe v2 gRPC listening on [^ ]+:(\d+)", line):
+        if m := re.search(r"workers\._pool: KServe v2 gRPC listening on [^ ]+:(\d+)", line):
             ports["kserve"] = int(m.group(1))
         if m := re.search(r"serving .* on (\S+)", line):
             location = m.group(1)

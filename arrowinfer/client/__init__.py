@@ -2,22 +2,38 @@
 
 Results are ``pa.RecordBatch``; ``arrowinfer.tensors.batch_to_numpy(result)`` gives numpy
 views and :func:`to_awkward` an awkward array.
+
+Importing it needs pyarrow and numpy only: the local fallback (``LocalTransport``:
+onnxruntime, onnx) and ``infer_file`` (files, progress bars) are imported when first used.
 """
 
 from __future__ import annotations
 
-from ._client import DEFAULT_TIMEOUT, USE_CLIENT_DEFAULT, AsyncClient, Client
+from typing import TYPE_CHECKING, Any
+
+from ._client import (
+    CLIENT_OPTIONS,
+    DEFAULT_TIMEOUT,
+    USE_CLIENT_DEFAULT,
+    AsyncClient,
+    BaseClient,
+    Client,
+)
 from ._convert import conform, server_times, to_awkward, to_record_batch
 from ._failover import FailoverTransport, FallbackWarning
-from ._files import infer_file
-from ._local import LocalTransport
 from ._shm import ShmTransport
 from ._transport import FlightTransport, Transport
 
+if TYPE_CHECKING:
+    from ._files import infer_file
+    from ._local import LocalTransport
+
 __all__ = [
+    "CLIENT_OPTIONS",
     "DEFAULT_TIMEOUT",
     "USE_CLIENT_DEFAULT",
     "AsyncClient",
+    "BaseClient",
     "Client",
     "FailoverTransport",
     "FallbackWarning",
@@ -31,3 +47,16 @@ __all__ = [
     "to_awkward",
     "to_record_batch",
 ]
+
+#: Names imported on first use, and their modules: their dependencies are not the client's.
+_LAZY = {"LocalTransport": "._local", "infer_file": "._files"}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+    globals()[name] = value  # once
+    return value

@@ -10,12 +10,10 @@ import pyarrow as pa
 
 from .. import tensors
 from ..errors import InvalidInput
+from ..protocol import SERVER_TIMES
 from ..schema import to_column, validate
 
 __all__ = ["SERVER_TIMES", "conform", "server_times", "to_awkward", "to_record_batch"]
-
-#: Schema metadata keys a result carries: where its request's time went in the server (ns).
-SERVER_TIMES = ("queue_ns", "compute_input_ns", "compute_infer_ns", "compute_output_ns")
 
 
 def _is_awkward(data: object) -> bool:

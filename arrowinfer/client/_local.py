@@ -78,13 +78,7 @@ class LocalTransport:
         body = body or {}
         version, _ = self._model(body["model"], body.get("version"))
         if name == "model.metadata":
-            return {
-                "name": version.name,
-                "versions": [str(version.version)],
-                "platform": "onnxruntime_onnx",
-                "inputs": [{"name": f.name} for f in version.inputs],
-                "outputs": [{"name": f.name} for f in version.outputs],
-            }
+            return version.metadata()
         if name == "model.config":
             from google.protobuf import json_format
 

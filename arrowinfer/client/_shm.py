@@ -46,8 +46,6 @@ Selection (``Client(url, shm=...)``)
 from __future__ import annotations
 
 import contextlib
-import ipaddress
-import json
 import logging
 import mmap
 import os
@@ -56,7 +54,6 @@ import secrets
 import threading
 import urllib.parse
 import weakref
-from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -68,29 +65,30 @@ import pyarrow as pa
 from pyarrow import flight
 
 from .._ipc import SchemaCache, encode, read_stream
-from ..errors import (
-    ArrowInferError,
-    ServerUnavailable,
-    Timeout,
-    TransportError,
-    error_from_dict,
+from ..errors import ArrowInferError, ServerUnavailable, Timeout, TransportError
+from ..protocol import SHM_DESCRIPTOR, dump_json, is_loopback_host, shm_descriptor, times_metadata
+from ._stream import OrderedStream, Reply
+from ._transport import (
+    FLIGHT_OPTIONS,
+    FlightTransport,
+    Transport,
+    check_options,
+    error_from_reply,
+    in_order,
 )
-from ._convert import SERVER_TIMES
-from ._transport import FlightTransport, Transport, in_order, map_flight_errors
 
 __all__ = [
     "MIN_SHM_BYTES",
     "SHM_DESCRIPTOR",
+    "SHM_OPTIONS",
     "ShmTransport",
+    "check_shm",
     "flight_location",
     "is_local",
     "make_transport",
 ]
 
 log = logging.getLogger(__name__)
-
-#: The descriptor path of the server's shared-memory control channel.
-SHM_DESCRIPTOR = "arrowinfer.shm"
 
 _SHM_DIR = "/dev/shm"
 _MIN_REGION = 64 * 1024
@@ -100,6 +98,9 @@ MIN_SHM_BYTES = 256 * 1024
 _SHM_SCHEMES = {"shm": "grpc", "shm+unix": "grpc+unix"}
 #: Threads that copy a large request into its region.
 _COPY_THREADS = max(1, min(4, (os.cpu_count() or 1) // 2))
+
+#: The options of :class:`ShmTransport` a client passes on (``Client(url, shm=..., ...)``).
+SHM_OPTIONS = frozenset({"copy_results", "min_shm_bytes", "max_free_regions", "probe_timeout"})
 
 
 def flight_location(url: str) -> str:
@@ -113,13 +114,7 @@ def is_local(url: str) -> bool:
     parts = urllib.parse.urlsplit(flight_location(url))
     if parts.scheme.endswith("+unix"):
         return True
-    host = parts.hostname or ""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+    return is_loopback_host(parts.hostname or "")
 
 
 def _round(size: int) -> int:
@@ -207,101 +202,24 @@ class _Infer:
     attempts: int = 0
 
 
-class _Session:
-    """The control stream: JSON requests in order, replies read in order by a thread."""
+class _Session(OrderedStream):
+    """The control stream: JSON requests in order, their JSON replies read in order."""
 
     def __init__(self, client: flight.FlightClient, where: str):
-        self.where = where
-        with map_flight_errors(where):
-            self.writer, self.reader = client.do_exchange(
-                flight.FlightDescriptor.for_path(SHM_DESCRIPTOR)
-            )
-        self._pending: deque[_Op] = deque()
-        self._lock = threading.Lock()
-        self.broken: ArrowInferError | None = None
-        self._thread = threading.Thread(target=self._read, name="shm-session", daemon=True)
-        self._thread.start()
+        # replies to requests in flight may take a while (a large batch): wait longer
+        super().__init__(client, shm_descriptor(), where, name="shm-session", linger=10.0)
 
-    def send(self, request: dict[str, Any], on_reply: Callable[[Any], None]) -> None:
+    def send(
+        self,
+        request: dict[str, Any],
+        on_reply: Callable[[dict[str, Any] | ArrowInferError], None],
+    ) -> None:
         """Send a request; ``on_reply`` gets its reply (or the error that broke the session)."""
-        data = json.dumps(request).encode()
-        with self._lock:
-            if self.broken is not None:
-                raise self.broken
-            self._pending.append(_Op(on_reply))
-            try:
-                with map_flight_errors(self.where):
-                    self.writer.write_metadata(data)
-            except ArrowInferError as err:
-                self._pending.pop()
-                self._break_locked(err)
-                raise
 
-    def _read(self) -> None:
-        try:
-            while True:
-                with map_flight_errors(self.where):
-                    chunk = self.reader.read_chunk()
-                try:
-                    reply = json.loads(chunk.app_metadata.to_pybytes())
-                except (AttributeError, ValueError):
-                    reply = None
-                if not isinstance(reply, dict):
-                    log.warning("%s: a reply that is not a JSON object", self.where)
-                    continue
-                if "goaway" in reply:
-                    self._goaway(str(reply["goaway"]))
-                    continue
-                with self._lock:
-                    op = self._pending.popleft() if self._pending else None
-                if op is None:
-                    log.warning("%s: a reply that no request waits for", self.where)
-                    continue
-                try:
-                    op.on_reply(reply)
-                except Exception:
-                    log.exception("%s: handling a reply failed", self.where)
-                # the reply may hold a result: keep nothing of it while waiting for the next
-                op = reply = chunk = None
-        except StopIteration:
-            self._break(ServerUnavailable(f"{self.where}: the server closed the session"))
-        except ArrowInferError as err:
-            self._break(err)
+        def reply_of(reply: Reply | ArrowInferError) -> None:
+            on_reply(reply if isinstance(reply, ArrowInferError) else reply.meta)
 
-    def _goaway(self, reason: str) -> None:
-        with self._lock:
-            if self.broken is None:  # no new requests; those in flight still get replies
-                self.broken = ServerUnavailable(f"{self.where}: {reason}")
-            with contextlib.suppress(pa.ArrowException, OSError):
-                self.writer.done_writing()
-
-    def _break_locked(self, err: ArrowInferError) -> list[_Op]:
-        if self.broken is None:
-            self.broken = err
-        pending, self._pending = list(self._pending), deque()
-        return pending
-
-    def _break(self, err: ArrowInferError) -> None:
-        with self._lock:
-            pending = self._break_locked(err)
-        for op in pending:
-            try:
-                op.on_reply(err)
-            except Exception:
-                log.exception("%s: failing a request", self.where)
-
-    def close(self) -> None:
-        """Finish writing; the replies still due arrive; then end the stream."""
-        with self._lock:
-            closing = self.broken is None
-            if closing:
-                self.broken = ServerUnavailable(f"{self.where}: the client is closed")
-        if closing:
-            with contextlib.suppress(pa.ArrowException, OSError):
-                self.writer.done_writing()
-        self._thread.join(timeout=10)
-        with contextlib.suppress(pa.ArrowException, OSError):
-            self.writer.close()
+        self.request(reply_of, metadata=dump_json(request))
 
 
 class ShmTransport:
@@ -326,7 +244,8 @@ class ShmTransport:
         Seconds to wait for the test registration when the transport is made.
     **flight_options
         Passed to ``pyarrow.flight.FlightClient`` (the session and every other call go
-        over it).
+        over it): the names of :data:`~arrowinfer.client._transport.FLIGHT_OPTIONS`,
+        ``compression`` and ``token`` (a TypeError names any other).
 
     Raises
     ------
@@ -453,7 +372,7 @@ class ShmTransport:
                 region.unlink()  # the server has it mapped: nothing to leak from now on
                 registered.set_result(None)
             else:
-                error = reply if isinstance(reply, ArrowInferError) else _error(reply)
+                error = reply if isinstance(reply, ArrowInferError) else error_from_reply(reply)
                 log.debug("%s: region %s not registered: %s", self.location, region.name, error)
                 region.session = None
                 registered.set_exception(error)
@@ -586,7 +505,7 @@ class ShmTransport:
                     self._stats["retries"] += 1
                 self._send(session, item, needed)
                 return
-            self._fail(item, _error(reply))
+            self._fail(item, error_from_reply(reply))
             return
         try:
             result = self._result(output, reply)
@@ -616,7 +535,7 @@ class ShmTransport:
             data = pa.foreign_buffer(view.address, length, base=lease)
             weakref.finalize(lease, self._give_back, output)
         batch = read_stream(data, self._schemas)
-        times = {k.encode(): str(reply[k]).encode() for k in SERVER_TIMES if k in reply}
+        times = times_metadata(reply)
         if times:
             batch = batch.replace_schema_metadata({**(batch.schema.metadata or {}), **times})
         return batch
@@ -645,17 +564,12 @@ class ShmTransport:
         self._flight.close()
 
 
-def _error(reply: dict[str, Any]) -> ArrowInferError:
-    data = reply.get("error")
-    return error_from_dict(data if isinstance(data, dict) else {"message": str(reply)})
-
-
 def make_transport(
     url: str,
     *,
     shm: bool | str = False,
     compression: str | None = None,
-    **flight_options: Any,
+    **options: Any,
 ) -> Transport:
     """The transport a URL and ``shm=`` ask for (see the module docstring).
 
@@ -666,15 +580,30 @@ def make_transport(
     shm
         False (Flight unless the URL says ``shm``), True (shared memory, or an error),
         or ``"auto"`` (shared memory when the server is on this host, else Flight).
+    **options
+        :data:`SHM_OPTIONS` (used by shared memory only) and
+        :data:`~arrowinfer.client._transport.FLIGHT_OPTIONS`.
+
+    Raises
+    ------
+    TypeError
+        An option of neither kind.
     """
-    if shm not in (False, True, "auto"):
-        raise ValueError(f"shm must be False, True or 'auto', got {shm!r}")
+    check_shm(shm)
+    check_options("make_transport", options, FLIGHT_OPTIONS | SHM_OPTIONS | {"token"})
+    flight_options = {k: v for k, v in options.items() if k not in SHM_OPTIONS}
     scheme = url.partition("://")[0]
     if shm is True or scheme in _SHM_SCHEMES:
-        return ShmTransport(url, **flight_options)
+        return ShmTransport(url, **options)
     if shm == "auto" and is_local(url):
         try:
-            return ShmTransport(url, **flight_options)
+            return ShmTransport(url, **options)
         except (ArrowInferError, OSError) as err:
             log.debug("%s: no shared memory (%s); using Flight", url, err)
     return FlightTransport(url, compression=compression, **flight_options)
+
+
+def check_shm(shm: object) -> None:
+    """Raises ValueError unless ``shm`` is False, True or ``"auto"``."""
+    if shm not in (False, True, "auto"):
+        raise ValueError(f"shm must be False, True or 'auto', got {shm!r}")

@@ -9,28 +9,72 @@ reader thread resolves their futures in order.
 from __future__ import annotations
 
 import contextlib
+import difflib
+import itertools
 import json
 import logging
 import threading
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from concurrent.futures import Future
 from typing import Any, Protocol
 
 import pyarrow as pa
 from pyarrow import flight
 
-from ..errors import (
-    ArrowInferError,
-    ServerUnavailable,
-    error_from_dict,
-    from_flight,
-)
-from ._convert import SERVER_TIMES
+from ..errors import ArrowInferError, error_from_dict
+from ..protocol import dump_json, times_metadata
+from ._stream import OrderedStream, Reply, map_flight_errors
 
-__all__ = ["FlightTransport", "Transport", "in_order", "map_flight_errors"]
+__all__ = [
+    "FLIGHT_OPTIONS",
+    "FlightTransport",
+    "Transport",
+    "check_compression",
+    "check_options",
+    "check_token",
+    "error_from_reply",
+    "in_order",
+    "map_flight_errors",
+]
 
 log = logging.getLogger(__name__)
+
+#: The options of ``pyarrow.flight.FlightClient`` a client passes on, by their documented
+#: names (TLS: ``tls_root_certs``, ``cert_chain``, ``private_key``, ``override_hostname``,
+#: ``disable_server_verification``).
+FLIGHT_OPTIONS = frozenset(
+    {
+        "tls_root_certs",
+        "cert_chain",
+        "private_key",
+        "override_hostname",
+        "disable_server_verification",
+        "middleware",
+        "write_size_limit_bytes",
+        "generic_options",
+    }
+)
+
+
+def check_options(owner: str, options: Mapping[str, Any], known: Collection[str]) -> None:
+    """Refuse keyword options ``owner`` does not know, naming the first and the known ones.
+
+    Raises
+    ------
+    TypeError
+        As Python does for an unexpected keyword argument, with a suggestion.
+    """
+    unknown = sorted(set(options) - set(known))
+    if not unknown:
+        return
+    bad = unknown[0]
+    close = difflib.get_close_matches(bad, known, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise TypeError(
+        f"{owner}() got an unexpected keyword argument {bad!r}{hint}; "
+        f"its Flight and shared-memory options are: {', '.join(sorted(known))}"
+    )
 
 
 class Transport(Protocol):
@@ -67,17 +111,6 @@ class Transport(Protocol):
     def close(self) -> None: ...
 
 
-@contextlib.contextmanager
-def map_flight_errors(where: str) -> Iterator[None]:
-    """Re-raise Flight and socket errors as arrowinfer errors."""
-    try:
-        yield
-    except flight.FlightError as err:
-        raise from_flight(err) from err
-    except (pa.ArrowException, OSError) as err:
-        raise ServerUnavailable(f"{where}: {err}") from err
-
-
 def in_order(
     submit: Callable[[pa.RecordBatch], Future[pa.RecordBatch]],
     batches: Iterable[pa.RecordBatch],
@@ -93,13 +126,25 @@ def in_order(
         yield in_flight.popleft().result()
 
 
-def _result(chunk: flight.FlightStreamChunk) -> pa.RecordBatch:
+def check_compression(compression: str | None) -> None:
+    """Raises ValueError unless ``compression`` is None, ``"zstd"`` or ``"lz4"``."""
+    if compression not in (None, "zstd", "lz4"):
+        raise ValueError(f"compression must be None, 'zstd' or 'lz4', got {compression!r}")
+
+
+def check_token(token: object) -> None:
+    """Raises ValueError unless ``token`` is a non-empty string without whitespace."""
+    if not isinstance(token, str) or not token or any(c.isspace() for c in token):
+        raise ValueError("token must be a non-empty string without whitespace")
+
+
+def _result(reply: Reply) -> pa.RecordBatch:
     """A result batch with its server times as schema metadata, or the request's error."""
-    meta = json.loads(chunk.app_metadata.to_pybytes()) if chunk.app_metadata else {}
-    if "error" in meta:
-        raise error_from_dict(meta["error"])
-    times = {k.encode(): str(meta[k]).encode() for k in SERVER_TIMES if k in meta}
-    batch = chunk.data
+    if "error" in reply.meta:
+        raise error_from_reply(reply.meta)
+    batch = reply.data
+    assert batch is not None  # a metadata-only message is not a reply on a data stream
+    times = times_metadata(reply.meta)
     return (
         batch.replace_schema_metadata({**(batch.schema.metadata or {}), **times})
         if times
@@ -107,138 +152,28 @@ def _result(chunk: flight.FlightStreamChunk) -> pa.RecordBatch:
     )
 
 
-class _Pipeline:
-    """One ``do_exchange`` stream shared by many callers; results come back in order."""
+def error_from_reply(reply: Mapping[str, Any]) -> ArrowInferError:
+    """The error of a reply ``{"error": {...}, ...}`` (Flight or shared memory)."""
+    data = reply.get("error")
+    return error_from_dict(data if isinstance(data, dict) else {"message": str(data)})
 
-    def __init__(
-        self,
-        client: flight.FlightClient,
-        model: str,
-        version: str | None,
-        schema: pa.Schema,
-        options: pa.ipc.IpcWriteOptions,
-        first_metadata: bytes,
-        where: str,
-    ):
-        path = [model] if version is None else [model, version]
-        with map_flight_errors(where):
-            self.writer, self.reader = client.do_exchange(flight.FlightDescriptor.for_path(*path))
-            self.writer.begin(schema, options=options)
-        self.schema = schema
-        self.where = where
-        self._first_metadata: bytes | None = first_metadata
-        self._pending: deque[Future[pa.RecordBatch]] = deque()
-        # Two locks: writers queue on _write_lock (a write can block on flow control), while
-        # _lock guards only the pending queue, so the reader can always take its futures
-        # and keep reading; one lock for both deadlocks once the stream's buffers fill.
-        self._write_lock = threading.Lock()
-        self._lock = threading.Lock()
-        self._finish = False  # done_writing is due once the current write returns
-        self.broken: ArrowInferError | None = None
-        self._thread = threading.Thread(target=self._read, name=f"flight-{model}", daemon=True)
-        self._thread.start()
 
-    def submit(self, batch: pa.RecordBatch) -> Future[pa.RecordBatch]:
-        future: Future[pa.RecordBatch] = Future()
-        future.set_running_or_notify_cancel()
-        with self._write_lock:
-            with self._lock:
-                if self.broken is not None:
-                    raise self.broken
-                meta, self._first_metadata = self._first_metadata or b"", None
-                self._pending.append(future)
-            try:
-                with map_flight_errors(self.where):
-                    self.writer.write_with_metadata(batch, meta)
-            except ArrowInferError as err:
-                with self._lock:
-                    if self._pending and self._pending[-1] is future:
-                        self._pending.pop()
-                failed = err
-            else:
-                if self._finish:
-                    self._done_writing()
-                return future
-        self._break(failed)
-        raise failed
+def _submit(stream: OrderedStream, batch: pa.RecordBatch) -> Future[pa.RecordBatch]:
+    """Send one request on a model's stream; its future."""
+    future: Future[pa.RecordBatch] = Future()
+    future.set_running_or_notify_cancel()  # pipelined: a request cannot be taken back
 
-    def _done_writing(self) -> None:
-        """Half-close the stream (under _write_lock)."""
-        self._finish = False
-        with contextlib.suppress(pa.ArrowException, OSError):
-            self.writer.done_writing()
-
-    def _read(self) -> None:
-        try:
-            while True:
-                with map_flight_errors(self.where):
-                    chunk = self.reader.read_chunk()
-                if chunk.data is None:  # a control message, not a result
-                    self._control(chunk.app_metadata)
-                    continue
-                with self._lock:
-                    future = self._pending.popleft() if self._pending else None
-                if future is None:
-                    log.warning("%s: a result came that no request waits for", self.where)
-                    continue
-                try:
-                    future.set_result(_result(chunk))
-                except ArrowInferError as err:
-                    future.set_exception(err)
-        except StopIteration:
-            self._break(ServerUnavailable(f"{self.where}: the server closed the stream"))
-        except ArrowInferError as err:
-            self._break(err)
-
-    def _control(self, metadata: pa.Buffer | None) -> None:
-        """A metadata-only message: ``{"goaway": reason}`` asks us to finish the stream."""
-        try:
-            meta = json.loads(metadata.to_pybytes()) if metadata else {}
-        except ValueError:
-            meta = {}
-        if not isinstance(meta, dict) or "goaway" not in meta:
+    def on_reply(reply: Reply | ArrowInferError) -> None:
+        if isinstance(reply, ArrowInferError):
+            future.set_exception(reply)
             return
-        with self._lock:
-            # no new requests here; those in flight still get their results
-            if self.broken is None:
-                self.broken = ServerUnavailable(f"{self.where}: {meta['goaway']}")
-        if self._write_lock.acquire(blocking=False):
-            try:
-                self._done_writing()
-            finally:
-                self._write_lock.release()
-        else:
-            self._finish = True  # the writer in progress half-closes when its write returns
+        try:
+            future.set_result(_result(reply))
+        except ArrowInferError as err:
+            future.set_exception(err)
 
-    def _break(self, err: ArrowInferError) -> None:
-        with self._lock:
-            if self.broken is None:
-                self.broken = err
-            pending, self._pending = list(self._pending), deque()
-        for future in pending:
-            if not future.done():
-                future.set_exception(err)
-
-    def close(self) -> None:
-        with self._lock:
-            closing = self.broken is None
-            if closing:
-                self.broken = ServerUnavailable(f"{self.where}: the client is closed")
-        if closing and self._write_lock.acquire(timeout=5):  # a write stuck on a stalled
-            try:  # server must not hang close(): the cancel below ends it
-                self._done_writing()
-            finally:
-                self._write_lock.release()
-        self._thread.join(timeout=5)
-        if self._thread.is_alive():
-            # the server does not finish the stream (stalled, frozen): cancel it, or
-            # writer.close() below would wait for the server as long as it stalls
-            log.warning("%s: the stream did not finish; cancelling it", self.where)
-            with contextlib.suppress(pa.ArrowException, OSError):
-                self.reader.cancel()
-            self._thread.join(timeout=5)
-        with contextlib.suppress(pa.ArrowException, OSError):
-            self.writer.close()
+    stream.request(on_reply, batch)
+    return future
 
 
 class _BearerToken(flight.ClientMiddlewareFactory):
@@ -273,7 +208,15 @@ class FlightTransport:
     token
         A bearer token, sent as ``authorization: Bearer <token>`` on every call.
     **kwargs
-        Passed to ``pyarrow.flight.FlightClient`` (``tls_root_certs``, ...).
+        Passed to ``pyarrow.flight.FlightClient``: only the names of :data:`FLIGHT_OPTIONS`
+        (``tls_root_certs``, ``cert_chain``, ``private_key``, ``override_hostname``, ...).
+
+    Raises
+    ------
+    TypeError
+        An option that is not one of :data:`FLIGHT_OPTIONS`.
+    ValueError
+        A bad ``compression`` or ``token``.
     """
 
     def __init__(
@@ -284,18 +227,17 @@ class FlightTransport:
         token: str | None = None,
         **kwargs: Any,
     ):
-        if compression not in (None, "zstd", "lz4"):
-            raise ValueError(f"compression must be None, 'zstd' or 'lz4', got {compression!r}")
+        check_options("FlightTransport", kwargs, FLIGHT_OPTIONS)
+        check_compression(compression)
         if token is not None:
-            if not isinstance(token, str) or not token or any(c.isspace() for c in token):
-                raise ValueError("token must be a non-empty string without whitespace")
+            check_token(token)
             kwargs["middleware"] = [*(kwargs.get("middleware") or []), _BearerToken(token)]
         self.location = location
         self._client = flight.FlightClient(location, **kwargs)
         self._compression = compression
         self._options = pa.ipc.IpcWriteOptions(compression=compression)
-        self._first = json.dumps({"compression": compression}).encode() if compression else b""
-        self._pipelines: dict[tuple[str, str | None], _Pipeline] = {}
+        self._first = dump_json({"compression": compression}) if compression else b""
+        self._streams: dict[tuple[str, str | None], OrderedStream] = {}
         self._lock = threading.Lock()
 
     def _options_for(self, timeout: float | None) -> flight.FlightCallOptions:
@@ -321,7 +263,7 @@ class FlightTransport:
     def action(
         self, name: str, body: dict[str, Any] | None = None, timeout: float | None = None
     ) -> Any:
-        payload = json.dumps(body or {}).encode()
+        payload = dump_json(body or {})
         with map_flight_errors(self.location):
             results = list(
                 self._client.do_action(
@@ -330,23 +272,33 @@ class FlightTransport:
             )
         return json.loads(results[0].body.to_pybytes()) if results else None
 
-    def _pipeline(self, model: str, version: str | None, schema: pa.Schema) -> _Pipeline:
+    def _open(self, model: str, version: str | None, schema: pa.Schema) -> OrderedStream:
+        path = [model] if version is None else [model, version]
+        return OrderedStream(
+            self._client,
+            flight.FlightDescriptor.for_path(*path),
+            self.location,
+            name=f"flight-{model}",
+            schema=schema,
+            options=self._options,
+            first_metadata=self._first,
+        )
+
+    def _stream_for(self, model: str, version: str | None, schema: pa.Schema) -> OrderedStream:
+        """The model's shared stream: opened again when broken or for another schema."""
         key = (model, version)
         with self._lock:
-            pipe = self._pipelines.get(key)
-            if pipe is None or pipe.broken is not None or not pipe.schema.equals(schema):
-                if pipe is not None:
-                    pipe.close()
-                pipe = _Pipeline(
-                    self._client, model, version, schema, self._options, self._first, self.location
-                )
-                self._pipelines[key] = pipe
-            return pipe
+            stream = self._streams.get(key)
+            if stream is None or stream.broken is not None or not schema.equals(stream.schema):
+                if stream is not None:
+                    stream.close()
+                stream = self._streams[key] = self._open(model, version, schema)
+            return stream
 
     def submit(
         self, model: str, version: str | None, batch: pa.RecordBatch
     ) -> Future[pa.RecordBatch]:
-        return self._pipeline(model, version, batch.schema).submit(batch)
+        return _submit(self._stream_for(model, version, batch.schema), batch)
 
     def stream(
         self, model: str, version: str | None, batches: Iterable[pa.RecordBatch], window: int
@@ -356,24 +308,18 @@ class FlightTransport:
         first = next(iterator, None)
         if first is None:
             return
-        pipe = _Pipeline(
-            self._client, model, version, first.schema, self._options, self._first, self.location
-        )
+        stream = self._open(model, version, first.schema)
         try:
-            in_flight: deque[Future[pa.RecordBatch]] = deque([pipe.submit(first)])
-            for batch in iterator:
-                if len(in_flight) >= window:
-                    yield in_flight.popleft().result()
-                in_flight.append(pipe.submit(batch))
-            while in_flight:
-                yield in_flight.popleft().result()
+            yield from in_order(
+                lambda b: _submit(stream, b), itertools.chain([first], iterator), window
+            )
         finally:
-            pipe.close()
+            stream.close()
 
     def close(self) -> None:
         with self._lock:
-            pipes, self._pipelines = list(self._pipelines.values()), {}
-        for pipe in pipes:
-            pipe.close()
-        with contextlib.suppress(pa.ArrowException, OSError):
+            streams, self._streams = list(self._streams.values()), {}
+        for stream in streams:
+            stream.close()
+        with contextlib.suppress(pa.ArrowException, OSError, flight.FlightError):
             self._client.close()

@@ -129,7 +129,7 @@ class InferenceCore:
             if version in (None, "", -1):
                 return versions[max(versions)]
             try:
-                number = int(version)  # type: ignore[arg-type]
+                number = int(version)
             except ValueError:
                 number = -1
             if number not in versions:
@@ -169,7 +169,7 @@ class InferenceCore:
 
     def index(self) -> list[dict[str, Any]]:
         """Triton's repository index: every model directory, its versions and state."""
-        out = []
+        out: list[dict[str, Any]] = []
         with self._lock:
             for name in self.repository.names():
                 versions = self._models.get(name)

@@ -12,32 +12,31 @@
   writing (half-close), reads the remaining results, and opens no more requests there.
 - ``do_action``: ``health``, ``ready``, ``server.metadata``, ``repository.index``,
   ``model.load``, ``model.unload``, ``model.config``, ``model.metadata``,
-  ``model.statistics``, ``shm.status``. Bodies and results are JSON.
-- ``do_exchange`` on ``["arrowinfer.shm"]``: a shared-memory session (see ``_shm.py``).
+  ``model.statistics``, and those the server adds (:class:`FlightService` ``actions``).
+  Bodies and results are JSON.
+- ``do_exchange`` on a one-element path named in the service's ``exchanges`` table: that
+  handler serves the stream (the server plugs shared-memory sessions in there).
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import queue
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future
 from typing import Any
 
 import pyarrow as pa
 from pyarrow import flight
-from tritonclient.grpc import model_config_pb2 as mc
 
 from .. import __version__
 from ..batching import Completed
 from ..errors import ArrowInferError, InvalidInput, ServerUnavailable, error_to_dict, to_flight
-from ..schema import datatype
+from ..protocol import SERVER_TIMES, dump_json, parse_json
 from ._core import InferenceCore, LoadedModel
-from ._shm import ShmService, is_shm_descriptor
+from ._ordered import OrderedReplies, Reply
 
-__all__ = ["ACTIONS", "FlightService", "model_metadata"]
+__all__ = ["ACTIONS", "Action", "Exchange", "FlightService"]
 
 log = logging.getLogger(__name__)
 
@@ -51,11 +50,13 @@ ACTIONS: dict[str, str] = {
     "model.config": "{model, version?}: the model's complete config (Triton JSON)",
     "model.metadata": "{model, version?}: inputs and outputs (KServe ModelMetadata)",
     "model.statistics": "{model?, version?}: Triton statistics -> {model_stats}",
-    "shm.status": "Shared-memory sessions and mapped regions -> {sessions, regions, bytes}",
 }
 
-#: Put in a stream's results queue: ask its client to finish the stream (server stopping).
-_GOAWAY = object()
+#: Serves one ``do_exchange`` stream: ``(context, reader, writer)``.
+Exchange = Callable[[Any, flight.MetadataRecordBatchReader, flight.MetadataRecordBatchWriter], None]
+
+#: An action added from outside: its description and its handler (JSON body -> JSON result).
+Action = tuple[str, Callable[[dict[str, Any]], Any]]
 
 
 def _descriptor_model(descriptor: flight.FlightDescriptor) -> tuple[str, str | None]:
@@ -68,30 +69,6 @@ def _descriptor_model(descriptor: flight.FlightDescriptor) -> tuple[str, str | N
     return path[0], (path[1] if len(path) == 2 else None)
 
 
-def model_metadata(model: LoadedModel) -> dict[str, Any]:
-    """KServe's ModelMetadata (shapes with -1 for the batch dimension) as JSON."""
-    version = model.version
-    batch = [-1] if version.max_batch_size > 0 else []
-
-    def tensors(entries: Any) -> list[dict[str, Any]]:
-        return [
-            {
-                "name": e.name,
-                "datatype": datatype(mc.DataType.Name(e.data_type)).kserve,
-                "shape": batch + list(e.dims),
-            }
-            for e in entries
-        ]
-
-    return {
-        "name": version.name,
-        "versions": [str(version.version)],
-        "platform": version.config.platform or "onnxruntime_onnx",
-        "inputs": tensors(c for c in version.config.input if c.name != version.mask_input),
-        "outputs": tensors(version.config.output),
-    }
-
-
 class FlightService(flight.FlightServerBase):
     """Serves an :class:`InferenceCore` over Arrow Flight.
 
@@ -102,19 +79,29 @@ class FlightService(flight.FlightServerBase):
     location
         Where to listen, e.g. ``grpc://127.0.0.1:8815`` (port 0 picks a free one) or
         ``grpc+unix:///path/to.sock``.
-    shm
-        Serves shared-memory sessions (``["arrowinfer.shm"]``); none when None.
+    exchanges
+        Handlers of other ``do_exchange`` streams, by the one element of their descriptor
+        path (the server's shared-memory sessions, say); they take precedence over models.
+    actions
+        More actions, by name: ``(description, handler)``.
     **kwargs
         Passed to ``pyarrow.flight.FlightServerBase`` (TLS certificates, middleware, ...).
     """
 
     def __init__(
-        self, core: InferenceCore, location: str, *, shm: ShmService | None = None, **kwargs: Any
+        self,
+        core: InferenceCore,
+        location: str,
+        *,
+        exchanges: Mapping[str, Exchange] | None = None,
+        actions: Mapping[str, Action] | None = None,
+        **kwargs: Any,
     ):
         super().__init__(location, **kwargs)
         self.core = core
-        self.shm = shm
-        self._streams: set[queue.SimpleQueue[Any]] = set()
+        self._exchanges = dict(exchanges or {})
+        self._descriptions = {**ACTIONS, **{k: d for k, (d, _) in (actions or {}).items()}}
+        self._streams: set[OrderedReplies] = set()
         self._streams_lock = threading.Lock()
         self._draining = False
         self._actions: dict[str, Callable[[dict[str, Any]], Any]] = {
@@ -129,15 +116,13 @@ class FlightService(flight.FlightServerBase):
             "model.load": lambda body: {
                 "loaded": [m.version.version for m in self.core.load(_required(body, "model"))]
             },
-            "model.unload": lambda body: self.core.unload(_required(body, "model")) or {},
+            "model.unload": self._unload,
             "model.config": lambda body: self.core.config(self._model(body)),
-            "model.metadata": lambda body: model_metadata(self._model(body)),
+            "model.metadata": lambda body: self._model(body).version.metadata(),
             "model.statistics": lambda body: {
                 "model_stats": self.core.statistics(body.get("model"), body.get("version"))
             },
-            "shm.status": lambda body: (
-                self.shm.status() if self.shm is not None else {"sessions": 0, "regions": 0}
-            ),
+            **{name: handler for name, (_, handler) in (actions or {}).items()},
         }
 
     # -- discovery -----------------------------------------------------------------------
@@ -179,10 +164,16 @@ class FlightService(flight.FlightServerBase):
         with self._streams_lock:
             self._draining = True
             streams = list(self._streams)
-        for results in streams:
-            results.put(_GOAWAY)
-        if self.shm is not None:
-            self.shm.drain()
+        for replies in streams:
+            replies.goaway()
+
+    def _exchange(self, descriptor: flight.FlightDescriptor) -> Exchange | None:
+        """The handler of a descriptor in the exchanges table, if it names one."""
+        path = descriptor.path or []
+        if descriptor.descriptor_type != flight.DescriptorType.PATH or len(path) != 1:
+            return None
+        name = path[0].decode(errors="replace") if isinstance(path[0], bytes) else path[0]
+        return self._exchanges.get(name)
 
     def do_exchange(
         self,
@@ -191,40 +182,38 @@ class FlightService(flight.FlightServerBase):
         reader: flight.MetadataRecordBatchReader,
         writer: flight.MetadataRecordBatchWriter,
     ) -> None:
-        if self.shm is not None and is_shm_descriptor(descriptor):
-            self.shm.session(context, reader, writer)
+        exchange = self._exchange(descriptor)
+        if exchange is not None:
+            exchange(context, reader, writer)
             return
         model = self._lookup(descriptor)  # an unknown model fails the stream at once
         outputs = model.version.outputs
-        results: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        empty: list[pa.RecordBatch] = []  # the failed requests' batch, made once
+
+        def finish(item: tuple[Future[Completed] | BaseException, Any]) -> Reply:
+            return _result(item, outputs, empty)
+
+        replies = OrderedReplies(writer, finish, name="flight-writer")
         with self._streams_lock:
             if self._draining:
                 raise to_flight(ServerUnavailable("the server is shutting down"))
-            self._streams.add(results)
-        writer_thread: threading.Thread | None = None
-        failure: list[BaseException] = []
+            self._streams.add(replies)
         try:
             for chunk in reader:
                 if chunk.data is None:
                     continue  # a metadata-only message asks for nothing
                 try:
-                    request_meta = _json_or_empty(chunk.app_metadata)
+                    request_meta = parse_json(chunk.app_metadata)
                 except InvalidInput as err:
                     request_meta = {"error": err}
-                if writer_thread is None:
+                if not replies.started:
                     compression = request_meta.get("compression")
                     if compression not in (None, "zstd", "lz4_frame", "lz4"):
                         compression = None
                     compression = "lz4_frame" if compression == "lz4" else compression
                     options = pa.ipc.IpcWriteOptions(compression=compression)
                     writer.begin(outputs, options=options)
-                    writer_thread = threading.Thread(
-                        target=self._write_results,
-                        args=(outputs, writer, results, failure),
-                        name="flight-writer",
-                        daemon=True,
-                    )
-                    writer_thread.start()
+                    replies.start()
                 future: Future[Completed] | BaseException
                 stale = False
                 try:
@@ -244,86 +233,40 @@ class FlightService(flight.FlightServerBase):
                     future = self.core.submit(model, chunk.data, draining=True)
                 except ArrowInferError as err:
                     future = err
-                results.put((future, request_meta.get("id")))
-                if failure or stale:
+                replies.put((future, request_meta.get("id")))
+                if replies.failure is not None or stale:
                     break
         finally:
             with self._streams_lock:
-                self._streams.discard(results)
-            results.put(None)
-            if writer_thread is not None:
-                writer_thread.join()
-        if failure:
-            raise to_flight(failure[0])
-
-    @staticmethod
-    def _write_results(
-        outputs: pa.Schema,
-        writer: flight.MetadataRecordBatchWriter,
-        results: queue.SimpleQueue[Any],
-        failure: list[BaseException],
-    ) -> None:
-        """Write results in request order as they complete (runs beside the reader)."""
-        empty = None
-        while (item := results.get()) is not None:
-            if item is _GOAWAY:
-                if not failure:
-                    goaway = {"goaway": "the server is shutting down"}
-                    try:
-                        writer.write_metadata(json.dumps(goaway).encode())
-                    except (pa.ArrowException, OSError) as err:
-                        log.debug("stream closed while writing goaway: %s", err)
-                        failure.append(err)
-                continue
-            outcome, request_id = item
-            meta: dict[str, Any] = {} if request_id is None else {"id": request_id}
-            try:
-                if isinstance(outcome, BaseException):
-                    raise outcome
-                done = outcome.result()
-            except Exception as err:  # the request's error, for its client
-                if not isinstance(err, ArrowInferError):
-                    log.error("request failed", exc_info=err)
-                if empty is None:
-                    empty = pa.RecordBatch.from_pylist([], schema=outputs)
-                meta["error"] = error_to_dict(err)
-                batch = empty
-            else:
-                batch = done.batch
-                meta.update(
-                    queue_ns=done.queue_ns,
-                    compute_input_ns=done.compute_input_ns,
-                    compute_infer_ns=done.compute_infer_ns,
-                    compute_output_ns=done.compute_output_ns,
-                )
-            if failure:
-                continue  # the stream is gone; drain the queue so the reader can finish
-            try:
-                writer.write_with_metadata(batch, json.dumps(meta).encode())
-            except (pa.ArrowException, OSError) as err:  # the client went away
-                log.debug("stream closed while writing results: %s", err)
-                failure.append(err)
+                self._streams.discard(replies)
+            replies.close()
+        if replies.failure is not None:
+            raise to_flight(replies.failure)
 
     # -- actions -------------------------------------------------------------------------
 
     def list_actions(self, context: Any) -> list[tuple[str, str]]:
-        return list(ACTIONS.items())
+        return list(self._descriptions.items())
 
     def do_action(self, context: Any, action: flight.Action) -> Iterator[bytes]:
         handler = self._actions.get(action.type)
         try:
             if handler is None:
                 raise InvalidInput(
-                    f"unknown action {action.type!r}", expected=sorted(ACTIONS), got=action.type
+                    f"unknown action {action.type!r}",
+                    expected=sorted(self._descriptions),
+                    got=action.type,
                 )
-            body = _json_or_empty(action.body.to_pybytes() if action.body is not None else b"")
+            body = parse_json(
+                action.body.to_pybytes() if action.body is not None else None, "the action body"
+            )
             result = handler(body)
         except ArrowInferError as err:
             raise to_flight(err) from None
         except Exception as err:
             log.exception("action %s failed", action.type)
             raise to_flight(err) from None
-        yield json.dumps(result).encode()
+        yield dump_json(result)
 
     def _ready(self, body: dict[str, Any]) -> dict[str, bool]:
         if body.get("model"):
@@ -334,25 +277,39 @@ class FlightService(flight.FlightServerBase):
             return {"ready": self.core.ready}
         return {"ready": self.core.ready}
 
+    def _unload(self, body: dict[str, Any]) -> dict[str, Any]:
+        self.core.unload(_required(body, "model"))
+        return {}
+
     def _model(self, body: dict[str, Any]) -> LoadedModel:
         return self.core.get(_required(body, "model"), body.get("version"))
+
+
+def _result(
+    item: tuple[Future[Completed] | BaseException, Any],
+    outputs: pa.Schema,
+    empty: list[pa.RecordBatch],
+) -> Reply:
+    """A request's reply: its result batch and times, or an empty batch and its error."""
+    outcome, request_id = item
+    meta: dict[str, Any] = {} if request_id is None else {"id": request_id}
+    try:
+        if isinstance(outcome, BaseException):
+            raise outcome
+        done = outcome.result()
+    except Exception as err:  # the request's error, for its client
+        if not isinstance(err, ArrowInferError):
+            log.error("request failed", exc_info=err)
+        if not empty:
+            empty.append(pa.RecordBatch.from_pylist([], schema=outputs))
+        meta["error"] = error_to_dict(err)
+        return empty[0], meta
+    meta.update({key: getattr(done, key) for key in SERVER_TIMES})
+    return done.batch, meta
 
 
 def _required(body: dict[str, Any], key: str) -> str:
     value = body.get(key)
     if not isinstance(value, str) or not value:
         raise InvalidInput(f"the action needs {{{key!r}: ...}} in its JSON body", got=body)
-    return value
-
-
-def _json_or_empty(data: bytes | pa.Buffer | None) -> dict[str, Any]:
-    if not data:
-        return {}
-    raw = data.to_pybytes() if isinstance(data, pa.Buffer) else data
-    try:
-        value = json.loads(raw)
-    except ValueError as err:
-        raise InvalidInput(f"metadata is not JSON: {err}") from None
-    if not isinstance(value, dict):
-        raise InvalidInput("metadata must be a JSON object", got=type(value).__name__)
     return value

@@ -47,9 +47,7 @@ Inference
 from __future__ import annotations
 
 import functools
-import json
 import logging
-import math
 import queue
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -58,8 +56,6 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, NamedTuple, TypeVar
 
 import grpc
-import numpy as np
-import pyarrow as pa
 from google.protobuf import json_format
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc
@@ -67,17 +63,17 @@ from tritonclient.grpc import service_pb2_grpc
 from .. import __version__
 from ..batching import Completed
 from ..errors import (
-    STATUS_CODES,
     ArrowInferError,
     InvalidInput,
     ServerUnavailable,
     Timeout,
     error_to_dict,
+    grpc_status,
 )
-from ..schema import TensorSpec, tensor_specs, to_column
-from ..tensors import layout, ragged_to_numpy, to_numpy
+from ..protocol import dump_json
+from ..schema import TensorSpec
 from ._core import InferenceCore, LoadedModel
-from ._flight import model_metadata
+from ._v2tensors import infer_response, request_batch, requested_outputs
 
 __all__ = ["MAX_MESSAGE_BYTES", "KServeService", "start_kserve", "status_of"]
 
@@ -86,48 +82,18 @@ log = logging.getLogger(__name__)
 #: gRPC message size limit both ways (Triton's and tritonclient's: INT32_MAX).
 MAX_MESSAGE_BYTES = 2**31 - 1
 
-#: The typed ``InferTensorContents`` field of each KServe datatype, and its numpy type.
-_CONTENTS: dict[str, tuple[str, np.dtype]] = {
-    "BOOL": ("bool_contents", np.dtype(np.bool_)),
-    "INT8": ("int_contents", np.dtype(np.int32)),
-    "INT16": ("int_contents", np.dtype(np.int32)),
-    "INT32": ("int_contents", np.dtype(np.int32)),
-    "INT64": ("int64_contents", np.dtype(np.int64)),
-    "UINT8": ("uint_contents", np.dtype(np.uint32)),
-    "UINT16": ("uint_contents", np.dtype(np.uint32)),
-    "UINT32": ("uint_contents", np.dtype(np.uint32)),
-    "UINT64": ("uint64_contents", np.dtype(np.uint64)),
-    "FP32": ("fp32_contents", np.dtype(np.float32)),
-    "FP64": ("fp64_contents", np.dtype(np.float64)),
-}
-
-#: Request parameters that would need features arrowinfer does not have over KServe.
-_REFUSED_PARAMETERS = {
-    "shared_memory_region": "Triton shared-memory regions are not supported; send the data",
-    "shared_memory_byte_size": "Triton shared-memory regions are not supported; send the data",
-    "shared_memory_offset": "Triton shared-memory regions are not supported; send the data",
-    "classification": "the classification extension is not supported",
-}
-
-
 # -- errors: the one place that maps exceptions to status codes --------------------------
 
 
 def status_of(err: BaseException) -> tuple[grpc.StatusCode, str]:
-    """The gRPC status code and message an exception travels as.
+    """The gRPC status code and message an exception travels as (:func:`errors.grpc_status`).
 
-    arrowinfer errors take their code from :data:`arrowinfer.errors.STATUS_CODES` and keep
-    their message; anything else is INTERNAL with a generic message (log it yourself).
+    arrowinfer errors take their code from :data:`arrowinfer.errors.STATUS_CODES` (the most
+    specific class wins) and keep their message; anything else is INTERNAL with a generic
+    message (log it yourself).
     """
-    if isinstance(err, ArrowInferError):
-        for cls in type(err).__mro__:
-            code = STATUS_CODES.get(cls)
-            if code is not None:
-                return code, str(err)
-    return (
-        grpc.StatusCode.INTERNAL,
-        f"internal error ({type(err).__name__}); the server log has the details",
-    )
+    name, message = grpc_status(err)
+    return getattr(grpc.StatusCode, name), message
 
 
 def _log_unexpected(err: BaseException, rpc: str) -> None:
@@ -148,14 +114,16 @@ def _unary(method: _Method) -> _Method:
         except Exception as err:  # noqa: BLE001 -- the one place errors become status codes
             _log_unexpected(err, method.__name__)
             code, message = status_of(err)
-            detail = json.dumps(error_to_dict(err))  # the class, for arrowinfer's own clients
+            detail = dump_json(
+                error_to_dict(err)
+            ).decode()  # the class, for arrowinfer's own clients
         context.set_trailing_metadata((("arrowinfer-error", detail),))
         context.abort(code, message)
 
     return rpc  # type: ignore[return-value]
 
 
-# -- tensors: KServe <-> Arrow ----------------------------------------------------------
+# -- requests ------------------------------------------------------------------------
 
 
 class _Pending(NamedTuple):
@@ -166,193 +134,6 @@ class _Pending(NamedTuple):
     outputs: list[TensorSpec]
     future: Future[Completed]
     timeout: float | None
-
-
-def _check_parameters(params: Any, model: str, input: str | None = None) -> None:
-    for key in params:
-        if key in _REFUSED_PARAMETERS:
-            raise InvalidInput(
-                f"parameter {key!r}: {_REFUSED_PARAMETERS[key]}", model=model, input=input
-            )
-
-
-def _dims_match(expected: tuple[int, ...], got: tuple[int, ...]) -> bool:
-    if expected in ((), (1,)) and got in ((), (1,)):
-        return True
-    return expected == got
-
-
-def _input_array(
-    spec: TensorSpec,
-    tensor: pb.ModelInferRequest.InferInputTensor,
-    raw: bytes | None,
-    *,
-    model: str,
-    batching: bool,
-) -> np.ndarray:
-    """One request tensor as numpy, batch first; raw data is viewed, not copied."""
-    dt = spec.datatype
-    if tensor.datatype != dt.kserve:
-        raise InvalidInput(
-            "wrong datatype", model=model, input=spec.name, expected=dt.kserve, got=tensor.datatype
-        )
-    shape = tuple(int(d) for d in tensor.shape)
-    per_entry = shape[1:] if batching else shape
-    if (
-        (batching and not shape)
-        or any(d < 0 for d in shape)
-        or not _dims_match(spec.shape, per_entry)
-    ):
-        expected = [-1, *spec.shape] if batching else list(spec.shape)
-        raise InvalidInput(
-            "wrong shape", model=model, input=spec.name, expected=expected, got=list(shape)
-        )
-    rows = shape[0] if batching else 1
-    count = math.prod(shape)
-    if raw is not None:
-        if tensor.contents.ListFields():
-            raise InvalidInput(
-                "both raw_input_contents and typed contents given; use one",
-                model=model,
-                input=spec.name,
-            )
-        nbytes = count * dt.numpy.itemsize
-        if len(raw) != nbytes:
-            raise InvalidInput(
-                "raw_input_contents does not match the shape",
-                model=model,
-                input=spec.name,
-                expected=f"{nbytes} bytes ({list(shape)} x {dt.kserve})",
-                got=f"{len(raw)} bytes",
-            )
-        values = np.frombuffer(raw, dtype=dt.numpy.newbyteorder("<"))
-    else:
-        field, wire = _CONTENTS.get(dt.kserve, ("", dt.numpy))
-        given = [f.name for f, _ in tensor.contents.ListFields()]
-        if not field or given != [field]:
-            raise InvalidInput(
-                "no data: send raw_input_contents or the typed contents of its datatype",
-                model=model,
-                input=spec.name,
-                expected=field or "raw_input_contents (no typed contents for " + dt.kserve + ")",
-                got=", ".join(given) or "nothing",
-            )
-        typed = np.array(getattr(tensor.contents, field), dtype=wire)
-        if len(typed) != count:
-            raise InvalidInput(
-                f"{field} does not match the shape",
-                model=model,
-                input=spec.name,
-                expected=f"{count} values ({list(shape)})",
-                got=f"{len(typed)} values",
-            )
-        values = typed.astype(dt.numpy, copy=False)
-        if values.dtype != wire and not np.array_equal(values, typed):
-            raise InvalidInput(f"values out of range for {dt.kserve}", model=model, input=spec.name)
-    return values.reshape((rows, *spec.shape))
-
-
-def _request_batch(model: LoadedModel, request: pb.ModelInferRequest) -> pa.RecordBatch:
-    """A KServe request as the Arrow record batch the core takes (one column per input)."""
-    version = model.version
-    name = version.name
-    _check_parameters(request.parameters, name)
-    fields = {f.name: f for f in version.inputs}
-    specs = {s.name: s for s in tensor_specs(version.inputs)}
-    ragged = [f.name for f in version.inputs if layout(f.type).ragged]
-    if ragged:
-        named = [t.name for t in request.inputs if t.name in ragged]
-        raise InvalidInput(
-            "ragged input (a list of items per row) is not available over KServe v2; "
-            "send this model's requests over Arrow Flight",
-            model=name,
-            input=(named or ragged)[0],
-        )
-    raw_contents = request.raw_input_contents
-    if raw_contents and len(raw_contents) != len(request.inputs):
-        raise InvalidInput(
-            "raw_input_contents must have one entry per input",
-            model=name,
-            expected=len(request.inputs),
-            got=len(raw_contents),
-        )
-    batching = version.max_batch_size > 0
-    names: list[str] = []
-    columns: list[pa.Array] = []
-    for i, tensor in enumerate(request.inputs):
-        if tensor.name not in fields:
-            raise InvalidInput(
-                f"unexpected input {tensor.name!r}",
-                model=name,
-                expected=list(fields),
-                got=tensor.name,
-            )
-        _check_parameters(tensor.parameters, name, tensor.name)
-        raw = raw_contents[i] if raw_contents else None
-        array = _input_array(specs[tensor.name], tensor, raw, model=name, batching=batching)
-        names.append(tensor.name)
-        columns.append(to_column(fields[tensor.name], array))
-    if not columns:
-        raise InvalidInput("the request has no inputs", model=name, expected=list(fields))
-    rows = {len(c) for c in columns}
-    if len(rows) > 1:
-        raise InvalidInput(
-            "inputs have different batch sizes",
-            model=name,
-            got=dict(zip(names, (len(c) for c in columns), strict=True)),
-        )
-    return pa.RecordBatch.from_arrays(columns, names=names)
-
-
-def _requested_outputs(model: LoadedModel, request: pb.ModelInferRequest) -> list[TensorSpec]:
-    specs = tensor_specs(model.version.outputs)
-    if not request.outputs:
-        return specs
-    by_name = {s.name: s for s in specs}
-    out = []
-    for requested in request.outputs:
-        spec = by_name.get(requested.name)
-        if spec is None:
-            raise InvalidInput(
-                f"unknown output {requested.name!r}",
-                model=model.version.name,
-                expected=list(by_name),
-                got=requested.name,
-            )
-        _check_parameters(requested.parameters, model.version.name)
-        out.append(spec)
-    return out
-
-
-def _output_array(column: pa.Array | pa.ChunkedArray, name: str, model: str) -> np.ndarray:
-    if not layout(column.type).ragged:
-        return to_numpy(column)
-    ragged = ragged_to_numpy(column)  # a variable output dimension: fine if all rows agree
-    counts = ragged.counts
-    if len(counts) and np.all(counts == counts[0]):
-        return ragged.values.reshape((len(counts), int(counts[0]), *ragged.values.shape[1:]))
-    raise InvalidInput(
-        "output has a different length per row; KServe tensors cannot hold it, use Arrow Flight",
-        model=model,
-        input=name,
-    )
-
-
-def _response(pending: _Pending, done: Completed) -> pb.ModelInferResponse:
-    version = pending.model.version
-    response = pb.ModelInferResponse(
-        model_name=version.name, model_version=str(version.version), id=pending.request.id
-    )
-    batching = version.max_batch_size > 0
-    for spec in pending.outputs:
-        array = _output_array(done.batch.column(spec.name), spec.name, version.name)
-        entry = spec.shape if all(d >= 0 for d in spec.shape) else array.shape[1:]
-        shape = [len(array), *entry] if batching else list(entry)
-        response.outputs.add(name=spec.name, datatype=spec.datatype.kserve, shape=shape)
-        response.raw_output_contents.append(array.tobytes())  # protobuf needs bytes: one copy
-    for key in ("queue_ns", "compute_input_ns", "compute_infer_ns", "compute_output_ns"):
-        response.parameters[key].int64_param = getattr(done, key)
-    return response
 
 
 def _timeout(request: pb.ModelInferRequest, remaining: float | None) -> float | None:
@@ -413,7 +194,7 @@ class KServeService(service_pb2_grpc.GRPCInferenceServiceServicer):
         self, request: pb.ModelMetadataRequest, context: Any
     ) -> pb.ModelMetadataResponse:
         model = self.core.get(request.name, request.version or None)
-        return json_format.ParseDict(model_metadata(model), pb.ModelMetadataResponse())
+        return json_format.ParseDict(model.version.metadata(), pb.ModelMetadataResponse())
 
     @_unary
     def ModelConfig(self, request: pb.ModelConfigRequest, context: Any) -> pb.ModelConfigResponse:
@@ -471,8 +252,8 @@ class KServeService(service_pb2_grpc.GRPCInferenceServiceServicer):
         self, request: pb.ModelInferRequest, remaining: float | None, *, draining: bool = False
     ) -> _Pending:
         model = self.core.get(request.model_name, request.model_version or None)
-        outputs = _requested_outputs(model, request)
-        batch = _request_batch(model, request)
+        outputs = requested_outputs(model.version, request)
+        batch = request_batch(model.version, request)
         future = self.core.submit(model, batch, draining=draining)
         return _Pending(request, model, outputs, future, _timeout(request, remaining))
 
@@ -487,7 +268,7 @@ class KServeService(service_pb2_grpc.GRPCInferenceServiceServicer):
             ) from None
         except CancelledError:  # the client went away before its batch ran
             raise ServerUnavailable("the request was cancelled") from None
-        return _response(pending, done)
+        return infer_response(pending.model.version, pending.request, pending.outputs, done)
 
     @_unary
     def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:

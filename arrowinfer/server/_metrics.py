@@ -12,6 +12,7 @@ names have no suffix. arrowinfer's own metrics start with ``arrowinfer_``.
 
 from __future__ import annotations
 
+import socket
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -22,7 +23,13 @@ from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Unk
 from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.registry import Collector
 
-__all__ = ["TRITON_COUNTERS", "StatisticsCollector", "metrics_registry", "start_metrics_server"]
+__all__ = [
+    "TRITON_COUNTERS",
+    "StatisticsCollector",
+    "address_family",
+    "metrics_registry",
+    "start_metrics_server",
+]
 
 #: Triton's counter name -> (help, how to read it from one model's statistics JSON).
 TRITON_COUNTERS: dict[str, tuple[str, Callable[[dict[str, Any]], float]]] = {
@@ -126,10 +133,35 @@ class _QuietHandler(WSGIRequestHandler):
         """Scrapes every few seconds are not worth a log line each."""
 
 
+def address_family(host: str, port: int) -> socket.AddressFamily:
+    """The family to listen on ``host`` with: IPv6 for ``::1`` or ``::``, IPv4 for ``127.0.0.1``.
+
+    The first passive address ``getaddrinfo`` gives, as prometheus-client's own
+    ``start_wsgi_server`` chooses it (a plain WSGI server listens on IPv4 only).
+
+    Raises
+    ------
+    OSError
+        ``host`` does not resolve (``socket.gaierror``).
+    """
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    return infos[0][0]
+
+
 def start_metrics_server(
     registry: CollectorRegistry, host: str, port: int, *, ready: Callable[[], bool]
 ) -> tuple[Any, int]:
-    """Serve ``/metrics`` and ``/v2/health/{live,ready}``; returns the server and its port."""
+    """Serve ``/metrics`` and ``/v2/health/{live,ready}`` on ``host`` (IPv4 or IPv6).
+
+    Returns the server (``shutdown()`` then ``server_close()`` it) and its port. The
+    metrics come from prometheus-client's own WSGI app and threading server; only the
+    health paths are answered here (200, or 503 while ``ready()`` is false).
+
+    Raises
+    ------
+    OSError
+        The address cannot be bound.
+    """
     metrics = make_wsgi_app(registry)
 
     def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
@@ -140,6 +172,11 @@ def start_metrics_server(
             return [b""]
         return metrics(environ, start_response)
 
-    server = make_server(host, port, app, ThreadingWSGIServer, handler_class=_QuietHandler)
+    family = address_family(host, port)
+
+    class _Server(ThreadingWSGIServer):
+        address_family = family  # the class attribute socketserver reads
+
+    server = make_server(host, port, app, _Server, handler_class=_QuietHandler)
     threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
     return server, server.server_port

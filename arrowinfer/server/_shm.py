@@ -46,16 +46,8 @@ Safety
 
 from __future__ import annotations
 
-import ipaddress
-import json
 import logging
-import mmap
-import os
-import queue
-import re
-import stat
 import threading
-import urllib.parse
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -64,7 +56,7 @@ from typing import Any
 import pyarrow as pa
 from pyarrow import flight
 
-from .._ipc import SchemaCache, encode, read_stream
+from .._ipc import SchemaCache
 from ..batching import Completed
 from ..errors import (
     ArrowInferError,
@@ -74,75 +66,31 @@ from ..errors import (
     error_to_dict,
     to_flight,
 )
+from ..protocol import SERVER_TIMES, SHM_DESCRIPTOR, parse_json, peer_is_local
 from ._core import InferenceCore
+from ._ordered import OrderedReplies, Reply
+from ._regions import OutputTooSmall, Region, check_integer, read_request, write_result
 
 __all__ = [
+    "SHM_ACTIONS",
     "SHM_DESCRIPTOR",
-    "SHM_DIR",
-    "Region",
+    "SHM_STATUS",
     "ShmService",
     "check_peer",
-    "is_shm_descriptor",
-    "peer_is_local",
-    "read_request",
-    "region_path",
-    "write_result",
 ]
 
 log = logging.getLogger(__name__)
 
-#: The descriptor path of the control channel.
-SHM_DESCRIPTOR = "arrowinfer.shm"
+#: The Flight action that reports on the sessions.
+SHM_STATUS = "shm.status"
 
-#: Where POSIX shared memory lives on Linux; regions are files here.
-SHM_DIR = "/dev/shm"
-
-_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,254}")
+#: The actions of this service, with their descriptions.
+SHM_ACTIONS = {
+    SHM_STATUS: "Shared-memory sessions and mapped regions -> {sessions, regions, bytes}"
+}
 
 #: Regions one session may have mapped at once.
 MAX_REGIONS = 4096
-
-#: Put in a session's reply queue: ask its client to finish the session (server stopping).
-_GOAWAY = object()
-
-#: Threads that copy a large result into the client's region.
-_COPY_THREADS = max(1, min(4, (os.cpu_count() or 1) // 2))
-
-
-def is_shm_descriptor(descriptor: flight.FlightDescriptor) -> bool:
-    """Is this the descriptor of the shared-memory control channel?"""
-    path = descriptor.path or []
-    return (
-        descriptor.descriptor_type == flight.DescriptorType.PATH
-        and len(path) == 1
-        and path[0] in (SHM_DESCRIPTOR, SHM_DESCRIPTOR.encode())
-    )
-
-
-def peer_is_local(peer: str) -> bool:
-    """Is a gRPC peer (``context.peer()``) on this host: loopback IPv4/IPv6, or a Unix socket?
-
-    Peers look like ``ipv4:127.0.0.1:5000``, ``ipv6:[::1]:5000``, ``ipv6:%5B::1%5D:5000``
-    or ``unix:/path``.
-    """
-    kind, _, rest = peer.partition(":")
-    if kind in ("unix", "unix-abstract"):
-        return True
-    rest = urllib.parse.unquote(rest)
-    if kind == "ipv6" and rest.startswith("["):
-        host = rest[1 : rest.find("]")]
-    elif kind in ("ipv4", "ipv6"):
-        host = rest.rsplit(":", 1)[0]
-    else:
-        return False
-    host = host.split("%", 1)[0]  # an IPv6 zone
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
-    return address.is_loopback
 
 
 def check_peer(peer: str, allow_remote: bool) -> None:
@@ -151,191 +99,13 @@ def check_peer(peer: str, allow_remote: bool) -> None:
     Raises
     ------
     RequestError
-        Unless ``allow_remote`` or :func:`peer_is_local`.
+        Unless ``allow_remote`` or :func:`arrowinfer.protocol.peer_is_local`.
     """
     if not allow_remote and not peer_is_local(peer):
         raise RequestError(
             f"shared memory is only for clients on the server's host, and {peer} is not "
             "(start the server with allow_client_shm=True / --allow-client-shm to accept it)"
         )
-
-
-def _integer(value: Any, what: str, minimum: int = 0) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise InvalidInput(f"{what} must be an integer >= {minimum}", got=repr(value))
-    return value
-
-
-def region_path(name: Any) -> str:
-    """The file of a region name, refusing anything but a plain name in ``/dev/shm``."""
-    if not isinstance(name, str) or not _NAME.fullmatch(name):
-        raise InvalidInput(
-            "a shared-memory region is named by a plain file name in /dev/shm "
-            "(letters, digits, '_', '.', '-'; no path separator, no leading dot)",
-            got=repr(name),
-        )
-    return os.path.join(SHM_DIR, name)
-
-
-class Region:
-    """One client region, mapped read-write into the server.
-
-    Parameters
-    ----------
-    name
-        The file name in ``/dev/shm``.
-    size
-        Bytes to map; the file must be at least this large.
-
-    Raises
-    ------
-    InvalidInput
-        The name is not a plain name, the file is missing, not a regular file, cannot be
-        opened, or is smaller than ``size``.
-    """
-
-    def __init__(self, name: Any, size: Any):
-        path = region_path(name)
-        size = _integer(size, "the region size", 1)
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except FileNotFoundError:
-            raise InvalidInput(f"no shared-memory region {name!r} in {SHM_DIR}") from None
-        except OSError as err:
-            raise InvalidInput(
-                f"cannot open shared-memory region {name!r}: {err.strerror}"
-            ) from None
-        try:
-            info = os.fstat(fd)
-            if not stat.S_ISREG(info.st_mode):
-                raise InvalidInput(f"shared-memory region {name!r} is not a regular file")
-            if info.st_size < size:
-                raise InvalidInput(
-                    f"shared-memory region {name!r} is smaller than its registered size",
-                    expected=f">= {size} bytes",
-                    got=f"{info.st_size} bytes",
-                )
-            self._mmap: mmap.mmap | None = mmap.mmap(fd, size)
-        finally:
-            os.close(fd)
-        self.name: str = name
-        self.size: int = size
-        self.view: pa.Buffer | None = pa.py_buffer(self._mmap)
-        self._users = 0
-        self._closing = False
-        self._lock = threading.Lock()
-
-    @property
-    def mapping(self) -> mmap.mmap | None:
-        """The server's mapping of the region (None once unmapped); for tests and debugging."""
-        return self._mmap
-
-    def slice(self, offset: Any, length: Any, what: str, *, minimum: int = 1) -> pa.Buffer:
-        """``length`` bytes at ``offset``, checked to lie inside the region."""
-        offset = _integer(offset, f"the {what} offset")
-        length = _integer(length, f"the {what} length", minimum)
-        if offset + length > self.size:
-            raise InvalidInput(
-                f"the {what} lies outside shared-memory region {self.name!r}",
-                expected=f"offset + length <= {self.size}",
-                got=f"offset {offset} + length {length}",
-            )
-        view = self.view
-        if view is None:
-            raise InvalidInput(f"shared-memory region {self.name!r} was unregistered")
-        return view.slice(offset, length)
-
-    def writable(self, offset: int, size: int) -> pa.Buffer:
-        """A mutable view of ``size`` bytes at ``offset`` (checked by :meth:`slice` before)."""
-        if self._mmap is None or self.view is None:
-            raise InvalidInput(f"shared-memory region {self.name!r} was unregistered")
-        # a slice of a mutable pyarrow buffer is not mutable; a memoryview's slice is
-        return pa.py_buffer(memoryview(self._mmap)[offset : offset + size])
-
-    def acquire(self) -> None:
-        """A request uses the region: it stays mapped until :meth:`release`."""
-        with self._lock:
-            self._users += 1
-
-    def release(self) -> bool:
-        """A request is done with the region; True when it is now unmapped."""
-        with self._lock:
-            self._users -= 1
-            last = self._closing and self._users == 0
-        return self._unmap() if last else False
-
-    def close(self) -> bool:
-        """Unmap once no request uses it; True when it is unmapped now.
-
-        Arrays read from the region keep it mapped until they are gone (Python refuses to
-        unmap memory that is still exported): :meth:`unmapped` tries again.
-        """
-        with self._lock:
-            self._closing = True
-            idle = self._users == 0
-        return self._unmap() if idle else False
-
-    def _unmap(self) -> bool:
-        self.view = None
-        if self._mmap is None:
-            return True
-        try:
-            self._mmap.close()
-        except BufferError:  # arrays of a request are still alive somewhere
-            return False
-        self._mmap = None
-        return True
-
-    def unmapped(self) -> bool:
-        """Has the mapping gone (after :meth:`close`, once nothing uses it)?"""
-        with self._lock:
-            if not self._closing or self._users:
-                return False
-        return self._unmap()
-
-
-def read_request(view: pa.Buffer, schemas: SchemaCache | None = None) -> pa.RecordBatch:
-    """The record batch of the Arrow IPC stream lying in ``view``, without a copy.
-
-    ``schemas`` caches parsed schemas (each session has one).
-
-    Raises
-    ------
-    InvalidInput
-        Not an IPC stream with a record batch.
-    """
-    try:
-        return read_stream(view, schemas)
-    except StopIteration:
-        raise InvalidInput("the input region holds no record batch") from None
-    except (pa.ArrowInvalid, pa.ArrowIOError, pa.ArrowNotImplementedError) as err:
-        raise InvalidInput(f"the input region holds no valid Arrow IPC stream: {err}") from None
-
-
-class OutputTooSmall(InvalidInput):
-    """The result does not fit the output slice the client offered."""
-
-    def __init__(self, needed: int, size: int):
-        self.needed = needed
-        super().__init__(
-            "the result does not fit the output region",
-            expected=f"{needed} bytes",
-            got=f"{size} bytes",
-        )
-
-
-def write_result(view: pa.Buffer, batch: pa.RecordBatch) -> int:
-    """Write ``batch`` as an IPC stream at the start of the mutable ``view``; its length.
-
-    Raises
-    ------
-    OutputTooSmall
-        It does not fit (nothing is written).
-    """
-    encoded = encode(batch)
-    if encoded.size > view.size:
-        raise OutputTooSmall(encoded.size, view.size)
-    return encoded.write(view, threads=_COPY_THREADS)
 
 
 @dataclass
@@ -353,10 +123,10 @@ class _Infer:
 class _Session:
     """One client's control stream and the regions it registered."""
 
-    def __init__(self, peer: str):
+    def __init__(self, peer: str, replies: OrderedReplies):
         self.peer = peer
         self.regions: dict[str, Region] = {}
-        self.replies: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self.replies = replies
         self.schemas = SchemaCache()
         self.lock = threading.Lock()
 
@@ -421,7 +191,7 @@ class ShmService:
             self._draining = True
             sessions = list(self._sessions)
         for session in sessions:
-            session.replies.put(_GOAWAY)
+            session.replies.goaway()
 
     def close(self) -> None:
         """Unmap every region of every session (the server is stopping)."""
@@ -453,29 +223,22 @@ class ShmService:
             check_peer(peer, self.allow_remote)
         except ArrowInferError as err:
             raise to_flight(err) from None
-        session = _Session(peer)
+        replies = OrderedReplies(writer, self._reply, name="shm-writer")
+        session = _Session(peer, replies)
         with self._lock:
             if self._draining:
                 raise to_flight(ServerUnavailable("the server is shutting down"))
             self._sessions.add(session)
-        failure: list[BaseException] = []
-        thread = threading.Thread(
-            target=self._write_replies,
-            args=(session, writer, failure),
-            name="shm-writer",
-            daemon=True,
-        )
-        thread.start()
+        replies.start()
         try:
             for chunk in reader:
-                session.replies.put(self._handle(session, chunk))
-                if failure:
+                replies.put(self._handle(session, chunk))
+                if replies.failure is not None:
                     break
         except (pa.ArrowException, OSError) as err:  # the client went away
             log.debug("shm session of %s broke: %s", peer, err)
         finally:
-            session.replies.put(None)
-            thread.join()
+            replies.close()
             with self._lock:
                 self._sessions.discard(session)
             self._close_regions(session)
@@ -487,7 +250,7 @@ class ShmService:
         try:
             if chunk.data is not None:
                 raise InvalidInput("a shared-memory session carries metadata-only messages")
-            request = _json(chunk.app_metadata)
+            request = parse_json(chunk.app_metadata, "a shared-memory request")
             op = request.get("op")
             if op == "infer":
                 return self._infer(session, request)
@@ -531,8 +294,8 @@ class ShmService:
         input_region = session.region(source.get("region"))
         view = input_region.slice(source.get("offset", 0), source.get("length"), "input")
         output = session.region(target.get("region"))
-        offset = _integer(target.get("offset", 0), "the output offset")
-        size = _integer(target.get("size"), "the output size")
+        offset = check_integer(target.get("offset", 0), "the output offset")
+        size = check_integer(target.get("size"), "the output size")
         output.slice(offset, size, "output", minimum=0)  # checked now, written later
         batch = read_request(view, session.schemas)
         del view
@@ -560,8 +323,9 @@ class ShmService:
             length = write_result(target, done.batch)
             del target
         except OutputTooSmall as err:
-            # the client knows InvalidInput; "needed" tells it to offer a bigger region
-            reply = {"error": error_to_dict(InvalidInput(str(err))), "needed": err.needed}
+            # it travels as InvalidInput (with expected/got); "needed" tells the client to
+            # offer a bigger region
+            reply = {"error": error_to_dict(err), "needed": err.needed}
         except ArrowInferError as err:
             reply = {"error": error_to_dict(err)}
         except Exception as err:
@@ -570,10 +334,7 @@ class ShmService:
         else:
             reply = {
                 "output": {"region": item.output.name, "offset": item.offset, "length": length},
-                "queue_ns": done.queue_ns,
-                "compute_input_ns": done.compute_input_ns,
-                "compute_infer_ns": done.compute_infer_ns,
-                "compute_output_ns": done.compute_output_ns,
+                **{key: getattr(done, key) for key in SERVER_TIMES},
             }
             del done
         finally:
@@ -582,35 +343,9 @@ class ShmService:
             reply["id"] = item.id
         return reply
 
-    def _write_replies(
-        self, session: _Session, writer: flight.MetadataRecordBatchWriter, failure: list[Any]
-    ) -> None:
-        """Write the replies in request order as they complete (runs beside the reader)."""
-        while (item := session.replies.get()) is not None:
-            if item is _GOAWAY:
-                reply: dict[str, Any] = {"goaway": "the server is shutting down"}
-            elif isinstance(item, _Infer):
-                reply = self._finish(item)
-            else:
-                reply = item
-            item = None
-            if failure:
-                continue  # the stream is gone; drain the queue so the reader can finish
-            try:
-                writer.write_metadata(json.dumps(reply).encode())
-            except (pa.ArrowException, OSError) as err:  # the client went away
-                log.debug("shm session of %s closed while writing: %s", session.peer, err)
-                failure.append(err)
-
-
-def _json(data: pa.Buffer | None) -> dict[str, Any]:
-    try:
-        value = json.loads(data.to_pybytes()) if data else None
-    except ValueError as err:
-        raise InvalidInput(f"a shared-memory request is not JSON: {err}") from None
-    if not isinstance(value, dict):
-        raise InvalidInput("a shared-memory request is a JSON object", got=type(value).__name__)
-    return value
+    def _reply(self, item: dict[str, Any] | _Infer) -> Reply:
+        """The metadata-only reply of a request (an infer's once its result is written)."""
+        return None, self._finish(item) if isinstance(item, _Infer) else item
 
 
 def _text(request: dict[str, Any], key: str) -> str:

@@ -1,54 +1,11 @@
-"""Several server processes behind one set of ports: ``arrowinfer serve --workers N``.
+"""The supervisor: worker processes started, restarted and balanced over, behind one set of ports.
 
-Each worker is a whole :class:`~arrowinfer.server.Server` in its own process, with its own
-model instances, batchers and statistics; the workers share nothing but the repository. A
-parent process owns the public ports and supervises them:
-
-- **Ports.** gRPC turns ``SO_REUSEPORT`` on by default, but Arrow Flight's C++ server turns
-  it off for its listener ("leftover processes can handle requests on accident") and pyarrow
-  has no hook to turn it back on: a second process binding the same Flight port fails with
-  "Address already in use". So the parent listens on the Flight port (and the KServe port)
-  itself and *relays* every accepted TCP connection, byte for byte, to one worker's private
-  listener: a Unix socket in a private temporary directory, or a loopback TCP port when TLS
-  is on (Flight has no TLS over Unix sockets). The relay works below gRPC (TLS passes
-  through to the worker untouched) and, on Linux, moves the bytes with ``splice(2)``
-  through a kernel pipe, never through Python objects. KServe uses the same relay rather
-  than grpcio's ``SO_REUSEPORT``: one mechanism, one balancing rule, and port 0 works.
-- **Balancing** is per connection, as a Kubernetes Service balances pods: a new connection
-  goes to the ready worker with the fewest open connections. One ``Client`` (one
-  tritonclient) keeps one connection, so many clients spread over the workers, and one
-  client's pipelined requests stay with one worker.
-- **Supervision.** A worker that dies (killed, out of memory, crashed) is restarted, after a
-  pause that grows while it keeps dying at once; its connections break, and clients with
-  ``retries`` send their requests again on a new connection, which goes to a live worker.
-  SIGTERM/SIGINT to the parent: not ready, stop accepting, SIGTERM to every worker (which
-  finish their requests in flight), wait for them, exit. Workers run in their own session,
-  so a terminal's Ctrl-C reaches the parent only; a worker whose parent is gone (its stdin
-  closes) stops by itself.
-- **Metrics and health** are served by the parent on the metrics port. At every scrape it
-  asks each worker for ``model.statistics`` over the worker's private Flight listener and
-  sums them per model and version, so one scrape sees the whole server under Triton's
-  names. The counts of a worker that died are kept (as last scraped), so counters do not go
-  down when a worker is replaced. ``nv_inference_pending_request_count`` is not available
-  (the statistics do not carry queue lengths). Per worker: ``arrowinfer_worker_up{worker,
-  pid}``, ``arrowinfer_worker_starts_total{worker}``,
-  ``arrowinfer_worker_request_success_total{worker, model, version}`` (since the worker started)
-  and ``arrowinfer_worker_connections{worker}``. ``/v2/health/ready`` answers 200 once every
-  worker has started, while at least one serves and the server is not stopping.
-- **Shared memory** works through the relay (a client's session and its Flight stream ride
-  one connection, so one worker). A worker cannot see a relayed client's address, though:
-  with a non-loopback ``host`` and without ``allow_client_shm``, the workers refuse
-  shared-memory sessions from everyone, rather than accept them from remote peers.
-
-Nothing crosses the process boundary but JSON (the worker's settings on its stdin, its
-private address on its stdout) and the Flight protocol.
+See the package docstring for how ports, balancing, supervision and metrics work.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import ipaddress
 import json
 import logging
 import os
@@ -60,19 +17,21 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from prometheus_client import CollectorRegistry
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-from prometheus_client.registry import Collector
 from pyarrow import flight
 
-from ._metrics import StatisticsCollector, start_metrics_server
+from ...protocol import is_loopback_host
+from .._metrics import start_metrics_server
+from ._child import COMMAND
+from ._collector import PoolCollector, Scrape, WorkerState
+from ._relay import Relay, listen
+from ._statistics import merge_statistics
 
-__all__ = ["WorkerPool", "merge_statistics"]
+__all__ = ["WorkerPool"]
 
 log = logging.getLogger(__name__)
 
@@ -84,129 +43,6 @@ _MAX_RESTART_DELAY_S = 30.0
 
 #: Seconds the parent waits for one worker's statistics at a scrape.
 _STATS_TIMEOUT_S = 5.0
-
-_PIPE_BYTES = 1 << 20
-
-#: How the parent starts a worker (not ``-m``: the package imports this module first).
-_WORKER_COMMAND = (
-    "import sys; from arrowinfer.server._workers import _worker_main; sys.exit(_worker_main())"
-)
-
-
-# -- statistics --------------------------------------------------------------------------
-
-
-def _add(a: Any, b: Any) -> Any:
-    """Sum two Triton statistics JSON values leaf by leaf (numbers add, dicts recurse)."""
-    if isinstance(a, dict):
-        return {k: _add(a[k], b[k]) if k in b else a[k] for k in a} | {
-            k: v for k, v in b.items() if k not in a
-        }
-    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
-        return a + b
-    return a
-
-
-def merge_statistics(sources: Iterable[list[dict[str, Any]]]) -> list[dict[str, Any]]:
-    """Sum lists of Triton ``ModelStatistics`` JSON (one list per process) per model version.
-
-    Counts and durations add up, ``batch_stats`` add up per batch size, and
-    ``last_inference`` is the latest. Returns one entry per (name, version), sorted.
-    """
-    merged: dict[tuple[str, str], dict[str, Any]] = {}
-    for stats in sources:
-        for s in stats:
-            key = (s["name"], s["version"])
-            if key not in merged:
-                merged[key] = json.loads(json.dumps(s))  # a deep copy of plain JSON
-                continue
-            into = merged[key]
-            last = max(into.get("last_inference", 0), s.get("last_inference", 0))
-            batches = {b["batch_size"]: b for b in into.get("batch_stats", [])}
-            for b in s.get("batch_stats", []):
-                size = b["batch_size"]
-                batches[size] = _add(batches[size], b) if size in batches else dict(b)
-            for name in ("inference_count", "execution_count", "inference_stats"):
-                if name in s:
-                    into[name] = _add(into[name], s[name]) if name in into else s[name]
-            into["last_inference"] = last
-            into["batch_stats"] = [{**b, "batch_size": size} for size, b in sorted(batches.items())]
-    return [merged[key] for key in sorted(merged)]
-
-
-# -- the relay ---------------------------------------------------------------------------
-
-
-def _pump(src: socket.socket, dst: socket.socket) -> None:
-    """Copy ``src`` to ``dst`` until end of stream, then half-close ``dst``."""
-    try:
-        if hasattr(os, "splice"):
-            read_end, write_end = os.pipe()
-            try:
-                with contextlib.suppress(OSError):
-                    fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, _PIPE_BYTES)
-                while n := os.splice(src.fileno(), write_end, _PIPE_BYTES):
-                    while n:
-                        n -= os.splice(read_end, dst.fileno(), n)
-            finally:
-                os.close(read_end)
-                os.close(write_end)
-        else:  # pragma: no cover - splice is Linux only
-            buffer = bytearray(_PIPE_BYTES)
-            view = memoryview(buffer)
-            while n := src.recv_into(buffer):
-                dst.sendall(view[:n])
-        with contextlib.suppress(OSError):
-            dst.shutdown(socket.SHUT_WR)
-    except OSError:  # reset either way: break both directions
-        for sock in (src, dst):
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
-
-
-class _Relay:
-    """One client connection relayed to one worker: a thread per direction."""
-
-    def __init__(self, client: socket.socket, upstream: socket.socket, on_close: Any):
-        self.sockets = (client, upstream)
-        self._left = 2
-        self._lock = threading.Lock()
-        self._on_close = on_close
-        for src, dst in ((client, upstream), (upstream, client)):
-            threading.Thread(target=self._run, args=(src, dst), name="relay", daemon=True).start()
-
-    def _run(self, src: socket.socket, dst: socket.socket) -> None:
-        _pump(src, dst)
-        with self._lock:
-            self._left -= 1
-            last = self._left == 0
-        if last:
-            self.close()
-            self._on_close(self)
-
-    def close(self) -> None:
-        for sock in self.sockets:
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
-            sock.close()
-
-
-def _listen(host: str, port: int) -> socket.socket:
-    """A listening TCP socket on ``host:port`` (port 0: a free one)."""
-    family, _, _, _, address = socket.getaddrinfo(
-        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-    )[0]
-    return socket.create_server(address[:2], family=family, backlog=1024)
-
-
-def _is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return host == "localhost"
-
-
-# -- workers -----------------------------------------------------------------------------
 
 
 @dataclass
@@ -274,7 +110,7 @@ class WorkerPool:
         self._options = {k: _jsonable(v) for k, v in server_options.items()}
         tls = server_options.get("tls_cert") is not None
         allow_shm = bool(server_options.get("allow_client_shm", False))
-        self._shm = allow_shm or _is_loopback(host)
+        self._shm = allow_shm or is_loopback_host(host)
         tokens = sorted(server_options.get("auth_tokens") or [])
         self._call_options = flight.FlightCallOptions(
             timeout=_STATS_TIMEOUT_S,
@@ -289,7 +125,7 @@ class WorkerPool:
         self._started = False
         self._failure: str | None = None
         self._retired: list[dict[str, Any]] = []
-        self._relays: set[_Relay] = set()
+        self._relays: set[Relay] = set()
         self._next = 0
         self._dir = tempfile.mkdtemp(prefix="arrowinfer-workers-")
         self._listeners: list[socket.socket] = []
@@ -297,18 +133,18 @@ class WorkerPool:
         self._threads: list[threading.Thread] = []
         self.workers = [_Worker(i) for i in range(workers)]
         try:
-            self._flight_listener = _listen(host, port)
+            self._flight_listener = listen(host, port)
             self._listeners.append(self._flight_listener)
             self.kserve_port: int | None = None
             self._kserve_listener: socket.socket | None = None
             if kserve_port is not None:
-                self._kserve_listener = _listen(host, kserve_port)
+                self._kserve_listener = listen(host, kserve_port)
                 self._listeners.append(self._kserve_listener)
                 self.kserve_port = self._kserve_listener.getsockname()[1]
             self.metrics_port: int | None = None
             if metrics_port is not None:  # before the workers: /v2/health/ready says 503
                 registry = CollectorRegistry(auto_describe=False)
-                registry.register(_PoolCollector(self))
+                registry.register(PoolCollector(self.scrape))
                 self._metrics_server, self.metrics_port = start_metrics_server(
                     registry, host, metrics_port, ready=self.ready
                 )
@@ -383,10 +219,10 @@ class WorkerPool:
 
     def _spawn(self, worker: _Worker) -> subprocess.Popen[bytes]:
         env = dict(os.environ)
-        root = str(Path(__file__).resolve().parents[2])  # arrowinfer importable from a clone
+        root = str(Path(__file__).resolve().parents[3])  # arrowinfer importable from a clone
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
         process = subprocess.Popen(
-            [sys.executable, "-c", _WORKER_COMMAND],
+            [sys.executable, "-c", COMMAND],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             env=env,
@@ -528,12 +364,12 @@ class WorkerPool:
                     upstream.close()
                     break
 
-                def closed(relay: _Relay, worker: _Worker = worker) -> None:
+                def closed(relay: Relay, worker: _Worker = worker) -> None:
                     with self._lock:
                         worker.connections -= 1
                         self._relays.discard(relay)
 
-                self._relays.add(_Relay(conn, upstream, closed))
+                self._relays.add(Relay(conn, upstream, closed))
             return
         conn.close()  # no worker serves now: the client sees the connection close
 
@@ -561,10 +397,25 @@ class WorkerPool:
 
     def statistics(self) -> list[dict[str, Any]]:
         """Triton statistics of every model version, summed over the workers."""
+        return self.scrape()[1]
+
+    def scrape(self) -> Scrape:
+        """What one metrics scrape shows, read once.
+
+        Returns
+        -------
+        per_worker, total, workers
+            Each serving worker's statistics by its index; the statistics summed over
+            every worker (those that died included: counters do not go down); and each
+            worker's state now.
+        """
         per_worker = self._worker_statistics()
         with self._lock:
             retired = self._retired
-        return merge_statistics([retired, *per_worker.values()])
+            workers = [
+                WorkerState(w.index, w.pid, w.ready, w.starts, w.connections) for w in self.workers
+            ]
+        return per_worker, merge_statistics([retired, *per_worker.values()]), workers
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -618,108 +469,3 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, tuple):
         return list(value)
     return value
-
-
-class _PoolCollector(Collector):
-    """Triton's metrics summed over the workers, and the workers' own."""
-
-    def __init__(self, pool: WorkerPool):
-        self._pool = pool
-
-    def collect(self) -> Iterator[Any]:
-        pool = self._pool
-        per_worker = pool._worker_statistics()
-        with pool._lock:
-            retired = pool._retired
-            workers = [(w.index, w.pid, w.ready, w.starts, w.connections) for w in pool.workers]
-        total = merge_statistics([retired, *per_worker.values()])
-        yield from StatisticsCollector(lambda: total, dict).collect()
-        up = GaugeMetricFamily(
-            "arrowinfer_worker_up",
-            "1 while the worker process serves, else 0",
-            labels=["worker", "pid"],
-        )
-        starts = CounterMetricFamily(
-            "arrowinfer_worker_starts", "Times the worker process was started", labels=["worker"]
-        )
-        connections = GaugeMetricFamily(
-            "arrowinfer_worker_connections",
-            "Client connections relayed to the worker now",
-            labels=["worker"],
-        )
-        success = CounterMetricFamily(
-            "arrowinfer_worker_request_success",
-            "Successful inference requests the worker process served since it started",
-            labels=["worker", "model", "version"],
-        )
-        for index, pid, ready, count, open_connections in workers:
-            up.add_metric([str(index), str(pid)], 1 if ready else 0)
-            starts.add_metric([str(index)], count)
-            connections.add_metric([str(index)], open_connections)
-            for s in per_worker.get(index, []):
-                success.add_metric(
-                    [str(index), s["name"], s["version"]], s["inference_stats"]["success"]["count"]
-                )
-        yield from (up, starts, connections, success)
-
-
-# -- the worker process ------------------------------------------------------------------
-
-
-def _worker_main() -> int:
-    """A worker: its settings come as one JSON line on stdin; it answers its address on stdout.
-
-    It stops on SIGTERM/SIGINT, and when its stdin closes (the parent is gone); a second
-    signal (or the parent gone while stopping) exits at once.
-    """
-    config = json.loads(sys.stdin.readline())
-    index = config["index"]
-    logging.basicConfig(
-        level=config["log_level"],
-        format=f"%(asctime)s %(levelname)s worker-{index} %(name)s: %(message)s",
-    )
-    from ..errors import ArrowInferError
-    from . import Server
-
-    listen = config["listen"]
-    try:
-        server = Server(
-            config["repository"],
-            host="127.0.0.1",
-            port=listen.get("port", 0),
-            unix_socket=listen.get("unix_socket"),
-            kserve_port=listen["kserve_port"],
-            metrics_port=None,
-            **config["options"],
-        )
-    except ArrowInferError as err:
-        log.error("%s: %s", type(err).__name__, err)
-        return 1
-    if not config["shm"]:
-        server.flight.shm = None  # see the module docstring: refuse shm sessions from everyone
-
-    stopping = threading.Event()
-
-    def stop(reason: str) -> None:
-        if stopping.is_set():
-            log.warning("%s again: exiting without waiting for open streams", reason)
-            os._exit(1)
-        stopping.set()
-        log.info("%s: finishing requests in flight, then stopping", reason)
-        threading.Thread(target=server.stop, name="shutdown").start()
-
-    def on_signal(signum: int, frame: object) -> None:
-        stop(signal.Signals(signum).name)
-
-    def watch_parent() -> None:
-        sys.stdin.buffer.read()  # returns when the parent closes our stdin or dies
-        stop("parent gone")
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    threading.Thread(target=watch_parent, name="parent-watch", daemon=True).start()
-    answer = {"location": server.location, "kserve_port": server.kserve_port, "pid": os.getpid()}
-    sys.stdout.write(json.dumps(answer) + "\n")
-    sys.stdout.flush()
-    server.wait()
-    return 0

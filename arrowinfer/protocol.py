@@ -1,0 +1,196 @@
+"""The wire protocol's constants and codecs, shared by ``client/`` and ``server/``.
+
+Everything both sides must agree on lives here once: the descriptor of shared-memory
+sessions, the keys of the server-side times a result carries, the ``goaway`` control
+message, the (bounded) parsing of the JSON metadata that travels beside Arrow data, and the
+test of whether an address or a gRPC peer is on this host.
+
+Only the standard library and pyarrow are imported: the lean client uses this module.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import urllib.parse
+from collections.abc import Mapping
+from typing import Any
+
+import pyarrow as pa
+from pyarrow import flight
+
+from .errors import InvalidInput
+
+__all__ = [
+    "GOAWAY",
+    "MAX_JSON_BYTES",
+    "MAX_JSON_DEPTH",
+    "SERVER_TIMES",
+    "SHM_DESCRIPTOR",
+    "dump_json",
+    "goaway",
+    "goaway_reason",
+    "is_loopback_host",
+    "is_shm_descriptor",
+    "parse_json",
+    "peer_is_local",
+    "shm_descriptor",
+    "times_metadata",
+]
+
+#: The descriptor path of the shared-memory control channel (a Flight ``do_exchange``).
+SHM_DESCRIPTOR = "arrowinfer.shm"
+
+#: Where the time of a request went in the server (ns): keys of a result's metadata
+#: (Flight ``app_metadata``, shm replies, KServe ``parameters``) and of its schema metadata
+#: on the client.
+SERVER_TIMES = ("queue_ns", "compute_input_ns", "compute_infer_ns", "compute_output_ns")
+
+#: The key of the control message that asks a client to finish a stream:
+#: ``{"goaway": reason}``, metadata only. Requests already sent still get their replies.
+GOAWAY = "goaway"
+
+#: The largest JSON message accepted (bytes): a request's metadata, an action's body, a
+#: shared-memory message. An action body may carry a model config, hence not tiny.
+MAX_JSON_BYTES = 4 * 1024 * 1024
+
+#: The deepest nesting of arrays and objects accepted in a JSON message.
+MAX_JSON_DEPTH = 32
+
+
+def shm_descriptor() -> flight.FlightDescriptor:
+    """The descriptor a client opens a shared-memory session with."""
+    return flight.FlightDescriptor.for_path(SHM_DESCRIPTOR)
+
+
+def is_shm_descriptor(descriptor: flight.FlightDescriptor) -> bool:
+    """Is this the descriptor of the shared-memory control channel?"""
+    path = descriptor.path or []
+    return (
+        descriptor.descriptor_type == flight.DescriptorType.PATH
+        and len(path) == 1
+        and path[0] in (SHM_DESCRIPTOR, SHM_DESCRIPTOR.encode())
+    )
+
+
+def times_metadata(message: Mapping[str, Any]) -> dict[bytes, bytes]:
+    """The server times of a reply (a parsed JSON message) as schema metadata of its result."""
+    return {key.encode(): str(message[key]).encode() for key in SERVER_TIMES if key in message}
+
+
+def goaway(reason: str) -> bytes:
+    """The control message that asks a client to finish its stream."""
+    return dump_json({GOAWAY: reason})
+
+
+def goaway_reason(message: Mapping[str, Any]) -> str | None:
+    """The reason of a ``goaway`` control message; None when ``message`` is not one."""
+    return str(message[GOAWAY]) if GOAWAY in message else None
+
+
+def dump_json(value: Any) -> bytes:
+    """A JSON message as bytes (compact, UTF-8)."""
+    return json.dumps(value, separators=(",", ":")).encode()
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _depth(value: Any) -> int:
+    """The nesting depth of a parsed JSON value (iterative: no recursion limit to hit)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            item = list(item.values())
+        if isinstance(item, list):
+            deepest = max(deepest, depth)
+            if depth <= MAX_JSON_DEPTH:
+                stack.extend((child, depth + 1) for child in item)
+    return deepest
+
+
+def parse_json(
+    data: bytes | pa.Buffer | None,
+    what: str = "metadata",
+    *,
+    max_bytes: int = MAX_JSON_BYTES,
+) -> dict[str, Any]:
+    """A JSON object received from the other side; ``{}`` for no data.
+
+    Every byte is untrusted: the text must be UTF-8 (not the UTF-16/32 that ``json.loads``
+    would guess), at most ``max_bytes`` long, nested at most :data:`MAX_JSON_DEPTH` deep,
+    without ``NaN``/``Infinity``, and an object at the top.
+
+    Raises
+    ------
+    InvalidInput
+        Naming ``what`` and what is wrong with it.
+    """
+    if data is None:
+        return {}
+    size = data.size if isinstance(data, pa.Buffer) else len(data)
+    if size == 0:
+        return {}
+    if size > max_bytes:
+        raise InvalidInput(f"{what} is too large", expected=f"at most {max_bytes} bytes", got=size)
+    raw = data.to_pybytes() if isinstance(data, pa.Buffer) else bytes(data)
+    try:
+        value = json.loads(raw.decode("utf-8"), parse_constant=_no_constant)
+    except UnicodeDecodeError as err:
+        raise InvalidInput(f"{what} is not UTF-8: {err.reason} at byte {err.start}") from None
+    except RecursionError:
+        raise InvalidInput(
+            f"{what} is nested too deeply", expected=f"at most {MAX_JSON_DEPTH}", got="more"
+        ) from None
+    except ValueError as err:
+        raise InvalidInput(f"{what} is not JSON: {err}") from None
+    if not isinstance(value, dict):
+        raise InvalidInput(
+            f"{what} must be a JSON object", expected="object", got=type(value).__name__
+        )
+    depth = _depth(value)
+    if depth > MAX_JSON_DEPTH:
+        raise InvalidInput(
+            f"{what} is nested too deeply", expected=f"at most {MAX_JSON_DEPTH}", got="more"
+        )
+    return value
+
+
+def is_loopback_host(host: str) -> bool:
+    """Is a host name or address this host's loopback (``localhost``, 127/8, ``::1``)?
+
+    Brackets (``[::1]``), an IPv6 zone (``::1%lo``) and IPv4-mapped IPv6 addresses
+    (``::ffff:127.0.0.1``) are understood.
+    """
+    host = host.strip()
+    if host.lower() == "localhost":
+        return True
+    host = host.removeprefix("[").removesuffix("]").split("%", 1)[0]
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped.is_loopback
+    return address.is_loopback
+
+
+def peer_is_local(peer: str) -> bool:
+    """Is a gRPC peer (``context.peer()``) on this host: loopback IPv4/IPv6, or a Unix socket?
+
+    Peers look like ``ipv4:127.0.0.1:5000``, ``ipv6:[::1]:5000``, ``ipv6:%5B::1%5D:5000``
+    or ``unix:/path``.
+    """
+    kind, _, rest = peer.partition(":")
+    if kind in ("unix", "unix-abstract"):
+        return True
+    rest = urllib.parse.unquote(rest)
+    if kind == "ipv6" and rest.startswith("["):
+        host = rest[1 : rest.find("]")]
+    elif kind in ("ipv4", "ipv6"):
+        host = rest.rsplit(":", 1)[0]
+    else:
+        return False
+    return host.lower() != "localhost" and is_loopback_host(host)

@@ -1,0 +1,112 @@
+"""Ordered, pipelined replies on one server stream, shared by the Flight and shm front ends.
+
+A stream's reader submits requests as it reads them and puts each one here, in request
+order; a writer thread beside it waits for each in turn and writes its reply, so requests
+run while later ones are still being read, and replies never overtake each other. Server
+shutdown puts a ``goaway`` in the same queue, so it lands after the replies of every
+request read so far. When a write fails (the client went away), the writer keeps taking
+items, so that each is finished (its resources released), but writes nothing more; the
+reader sees :attr:`OrderedReplies.failure` and stops reading.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import pyarrow as pa
+from pyarrow import flight
+
+from ..protocol import GOAWAY, dump_json
+
+__all__ = ["GOAWAY_REASON", "OrderedReplies", "Reply"]
+
+log = logging.getLogger(__name__)
+
+#: What a stream's client is told when the server stops.
+GOAWAY_REASON = "the server is shutting down"
+
+#: One reply: a record batch (None for a metadata-only message) and its JSON metadata.
+Reply = tuple[pa.RecordBatch | None, dict[str, Any]]
+
+_GOAWAY = object()
+_END = object()
+
+
+class OrderedReplies:
+    """The writer side of one stream: replies written in the order their items were put.
+
+    Items may be put before :meth:`start` (a Flight stream begins its writer with the
+    first request's options); they wait in the queue.
+
+    Parameters
+    ----------
+    writer
+        The stream's Flight writer (``begin`` already called if batches are written).
+    finish
+        Turns a queued item into its reply; runs on the writer thread and may block (wait
+        for a result). It must not raise: a request's error is part of its reply.
+    name
+        The writer thread's name.
+    """
+
+    def __init__(
+        self,
+        writer: flight.MetadataRecordBatchWriter,
+        finish: Callable[[Any], Reply],
+        *,
+        name: str,
+    ):
+        self._writer = writer
+        self._finish = finish
+        self._items: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        #: The error that broke the stream (the client went away), once a write failed.
+        self.failure: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def start(self) -> None:
+        """Start writing replies (once)."""
+        self._thread.start()
+
+    @property
+    def started(self) -> bool:
+        return self._thread.ident is not None
+
+    def put(self, item: Any) -> None:
+        """Queue the next request's item; its reply follows those put before."""
+        self._items.put(item)
+
+    def goaway(self) -> None:
+        """Ask the client to finish the stream, after the replies queued so far."""
+        self._items.put(_GOAWAY)
+
+    def close(self) -> None:
+        """Finish every queued item, write their replies, and stop the writer thread.
+
+        Not started: nothing is written (the items are dropped).
+        """
+        self._items.put(_END)
+        if self.started:
+            self._thread.join()
+
+    def _run(self) -> None:
+        while (item := self._items.get()) is not _END:
+            if item is _GOAWAY:
+                reply: Reply = (None, {GOAWAY: GOAWAY_REASON})
+            else:
+                reply = self._finish(item)
+            item = None  # drop what it holds (mapped regions) before the next wait
+            if self.failure is not None:
+                continue  # the stream is gone; drain the queue so the reader can finish
+            batch, meta = reply
+            try:
+                if batch is None:
+                    self._writer.write_metadata(dump_json(meta))
+                else:
+                    self._writer.write_with_metadata(batch, dump_json(meta))
+            except (pa.ArrowException, OSError) as err:  # the client went away
+                log.debug("stream closed while writing: %s", err)
+                self.failure = err

@@ -1,0 +1,211 @@
+"""The server: one inference core behind Flight (with shared memory), KServe v2 gRPC and metrics.
+
+This module wires the front ends, which know nothing of each other, to one
+:class:`InferenceCore`: Flight serves the core and takes the shared-memory sessions as one
+of its exchange handlers; KServe serves the same core on its own port.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Iterable
+from typing import Any
+
+import grpc
+
+from ..repository import Repository
+from ._auth import BearerTokenInterceptor, BearerTokenMiddleware, TokenCheck, read_tls
+from ._core import InferenceCore
+from ._flight import ACTIONS as FLIGHT_ACTIONS
+from ._flight import FlightService
+from ._kserve import start_kserve
+from ._metrics import StatisticsCollector, metrics_registry, start_metrics_server
+from ._shm import SHM_ACTIONS, SHM_DESCRIPTOR, SHM_STATUS, ShmService
+
+__all__ = ["ACTIONS", "Server"]
+
+log = logging.getLogger(__name__)
+
+#: Every Flight action of a :class:`Server`, with its description.
+ACTIONS: dict[str, str] = {**FLIGHT_ACTIONS, **SHM_ACTIONS}
+
+
+class Server:
+    """A running server: models loaded, Flight and KServe v2 gRPC listening, metrics served.
+
+    Parameters
+    ----------
+    repository
+        A Triton-layout model repository directory.
+    host, port
+        Where Flight listens (TCP). Port 0 picks a free port; see :attr:`port`.
+    unix_socket
+        Listen on this Unix domain socket instead of TCP (``grpc+unix://PATH``).
+    kserve_port
+        KServe v2 gRPC port on ``host`` (Triton's protocol, for ``tritonclient.grpc``);
+        None disables it, 0 picks a free one (see :attr:`kserve_port`).
+    allow_client_shm
+        Accept shared-memory sessions from clients that are not on this host's loopback
+        or a Unix socket (they must share this host's ``/dev/shm``); off by default.
+    shared_memory
+        Serve shared-memory sessions at all (default). False: the session descriptor is
+        unknown, as any unknown model is, and clients use Flight (a worker behind a relay,
+        which cannot see its clients' addresses).
+    metrics_port
+        Prometheus ``/metrics`` port on ``host``; None disables it, 0 picks a free one.
+    device
+        ``"cpu"`` or ``"cuda:N"`` for every model, overriding their instance groups.
+    models
+        Load only these models at start.
+    tls_cert, tls_key
+        PEM files of the server's certificate (chain) and private key: Flight then listens
+        on ``grpc+tls://`` and KServe gRPC with TLS too. Clients need the certificate, or
+        the CA that signed it (``Client(url, tls_root_certs=...)``).
+    auth_tokens
+        Accept only calls (Flight and KServe) with the header ``authorization: Bearer
+        <token>`` for one of these tokens; others get UNAUTHENTICATED and run nothing.
+        None (default): no check. Send tokens over TLS only.
+    flight_options
+        Passed to ``pyarrow.flight.FlightServerBase`` (middleware, ...).
+    """
+
+    def __init__(
+        self,
+        repository: str | os.PathLike[str] | Repository,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 8815,
+        unix_socket: str | None = None,
+        kserve_port: int | None = 8001,
+        metrics_port: int | None = 8002,
+        allow_client_shm: bool = False,
+        shared_memory: bool = True,
+        device: str | None = None,
+        models: list[str] | None = None,
+        tls_cert: str | os.PathLike[str] | None = None,
+        tls_key: str | os.PathLike[str] | None = None,
+        auth_tokens: Iterable[str] | None = None,
+        flight_options: dict[str, Any] | None = None,
+    ):
+        tls = read_tls(tls_cert, tls_key)
+        check = TokenCheck(auth_tokens) if auth_tokens is not None else None
+        options = dict(flight_options or {})
+        if tls is not None:
+            options["tls_certificates"] = [tls]
+        if check is not None:
+            options["middleware"] = {
+                **options.get("middleware", {}),
+                "arrowinfer.auth": BearerTokenMiddleware(check),
+            }
+        repo = repository if isinstance(repository, Repository) else Repository(repository)
+        self.core = InferenceCore(repo, device=device, models=models)
+        scheme = "grpc+tls" if tls is not None else "grpc"
+        location = f"grpc+unix://{unix_socket}" if unix_socket else f"{scheme}://{host}:{port}"
+        self.shm = ShmService(self.core, allow_remote=allow_client_shm)
+        self._shared_memory = shared_memory
+        exchanges = {SHM_DESCRIPTOR: self.shm.session} if shared_memory else {}
+
+        def shm_status(body: dict[str, Any]) -> dict[str, Any]:
+            return self.shm.status() if shared_memory else {"sessions": 0, "regions": 0}
+
+        try:
+            self.flight = FlightService(
+                self.core,
+                location,
+                exchanges=exchanges,
+                actions={SHM_STATUS: (SHM_ACTIONS[SHM_STATUS], shm_status)},
+                **options,
+            )
+        except BaseException:
+            self.shm.close()
+            self.core.close()
+            raise
+        self.host = host
+        self.location = (
+            f"grpc+unix://{unix_socket}" if unix_socket else f"{scheme}://{host}:{self.flight.port}"
+        )
+        self._kserve: grpc.Server | None = None
+        self.kserve_port: int | None = None
+        if kserve_port is not None:
+            try:
+                self._kserve, self.kserve_port = start_kserve(
+                    self.core,
+                    host,
+                    kserve_port,
+                    tls=tls,
+                    interceptors=[BearerTokenInterceptor(check)] if check is not None else [],
+                )
+            except BaseException:
+                self.flight.shutdown()
+                self.shm.close()
+                self.core.close()
+                raise
+        self._metrics_server = None
+        self.metrics_port: int | None = None
+        if metrics_port is not None:
+            collector = StatisticsCollector(self.core.statistics, self._pending)
+            self._metrics_server, self.metrics_port = start_metrics_server(
+                metrics_registry(collector), host, metrics_port, ready=lambda: self.core.ready
+            )
+        self._stopped = threading.Event()
+        self._stopping = threading.Lock()
+        log.info("Flight listening on %s", self.location)
+        if self.kserve_port is not None:
+            log.info("KServe v2 gRPC listening on %s:%d", host, self.kserve_port)
+        if self.metrics_port is not None:
+            log.info("metrics on http://%s:%d/metrics", host, self.metrics_port)
+
+    @property
+    def port(self) -> int:
+        """The Flight TCP port (the real one when asked for port 0)."""
+        return int(self.flight.port)
+
+    def _pending(self) -> dict[tuple[str, str], int]:
+        return {
+            (m.version.name, str(m.version.version)): m.batcher.queued for m in self.core.served()
+        }
+
+    def wait(self) -> None:
+        """Block until :meth:`stop` is called (from a signal handler, say)."""
+        # Wake up now and then: the kernel may hand SIGTERM to any thread (gRPC's, say),
+        # and its Python handler runs only when the main thread runs Python code again.
+        while not self._stopped.wait(0.2):
+            pass
+
+    def stop(self) -> None:
+        """Stop: not ready, finish the requests in flight, unload every model.
+
+        Clients with open streams are asked to finish them (``goaway``); this returns once
+        they have, and every request read so far has its result.
+        """
+        with self._stopping:
+            if self._stopped.is_set():
+                return
+            self._stop()
+
+    def _stop(self) -> None:
+        self.core.ready = False
+        # else an idle client stream would hold shutdown() forever
+        self.flight.drain()
+        if self._shared_memory:
+            self.shm.drain()
+        # KServe: refuse new RPCs at once, give the ones in progress (and open streams) time
+        kserve_stopped = self._kserve.stop(grace=5.0) if self._kserve is not None else None
+        self.flight.shutdown()  # returns once the calls in progress have finished
+        self.shm.close()
+        if kserve_stopped is not None:
+            kserve_stopped.wait()
+        self.core.close()
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+            self._metrics_server.server_close()
+        self._stopped.set()
+        log.info("server stopped")
+
+    def __enter__(self) -> Server:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,269 @@
+"""KServe v2 tensors (protobuf) <-> Arrow record batches, for the v2 front ends.
+
+Kept apart from the gRPC servicer, as KServe's own Python server keeps its conversion
+apart, so that an HTTP/REST front end of the same protocol shares it. The rules (shapes,
+raw versus typed contents, ragged inputs, refused parameters) are those of
+:mod:`arrowinfer.server._kserve`'s docstring.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+from tritonclient.grpc import service_pb2 as pb
+
+from ..batching import Completed
+from ..errors import InvalidInput
+from ..protocol import SERVER_TIMES
+from ..repository import ModelVersion
+from ..schema import TensorSpec, tensor_specs, to_column
+from ..tensors import layout, ragged_to_numpy, to_numpy
+
+__all__ = ["infer_response", "input_array", "request_batch", "requested_outputs"]
+
+#: The typed ``InferTensorContents`` field of each KServe datatype, and its numpy type.
+_CONTENTS: dict[str, tuple[str, np.dtype]] = {
+    "BOOL": ("bool_contents", np.dtype(np.bool_)),
+    "INT8": ("int_contents", np.dtype(np.int32)),
+    "INT16": ("int_contents", np.dtype(np.int32)),
+    "INT32": ("int_contents", np.dtype(np.int32)),
+    "INT64": ("int64_contents", np.dtype(np.int64)),
+    "UINT8": ("uint_contents", np.dtype(np.uint32)),
+    "UINT16": ("uint_contents", np.dtype(np.uint32)),
+    "UINT32": ("uint_contents", np.dtype(np.uint32)),
+    "UINT64": ("uint64_contents", np.dtype(np.uint64)),
+    "FP32": ("fp32_contents", np.dtype(np.float32)),
+    "FP64": ("fp64_contents", np.dtype(np.float64)),
+}
+
+#: Request parameters that would need features arrowinfer does not have over KServe.
+_REFUSED_PARAMETERS = {
+    "shared_memory_region": "Triton shared-memory regions are not supported; send the data",
+    "shared_memory_byte_size": "Triton shared-memory regions are not supported; send the data",
+    "shared_memory_offset": "Triton shared-memory regions are not supported; send the data",
+    "classification": "the classification extension is not supported",
+}
+
+
+def _check_parameters(params: Any, model: str, input: str | None = None) -> None:
+    for key in params:
+        if key in _REFUSED_PARAMETERS:
+            raise InvalidInput(
+                f"parameter {key!r}: {_REFUSED_PARAMETERS[key]}", model=model, input=input
+            )
+
+
+def _dims_match(expected: tuple[int, ...], got: tuple[int, ...]) -> bool:
+    if expected in ((), (1,)) and got in ((), (1,)):
+        return True
+    return expected == got
+
+
+def input_array(
+    spec: TensorSpec,
+    tensor: pb.ModelInferRequest.InferInputTensor,
+    raw: bytes | None,
+    *,
+    model: str,
+    batching: bool,
+) -> np.ndarray:
+    """One request tensor as numpy of shape ``[rows, *spec.shape]``; raw data is viewed.
+
+    Raises
+    ------
+    InvalidInput
+        Wrong datatype or shape, data that does not match the shape, both raw and typed
+        contents, or typed values out of range for the datatype.
+    """
+    dt = spec.datatype
+    if tensor.datatype != dt.kserve:
+        raise InvalidInput(
+            "wrong datatype", model=model, input=spec.name, expected=dt.kserve, got=tensor.datatype
+        )
+    shape = tuple(int(d) for d in tensor.shape)
+    per_entry = shape[1:] if batching else shape
+    if (
+        (batching and not shape)
+        or any(d < 0 for d in shape)
+        or not _dims_match(spec.shape, per_entry)
+    ):
+        expected = [-1, *spec.shape] if batching else list(spec.shape)
+        raise InvalidInput(
+            "wrong shape", model=model, input=spec.name, expected=expected, got=list(shape)
+        )
+    rows = shape[0] if batching else 1
+    count = math.prod(shape)
+    if raw is not None:
+        if tensor.contents.ListFields():
+            raise InvalidInput(
+                "both raw_input_contents and typed contents given; use one",
+                model=model,
+                input=spec.name,
+            )
+        nbytes = count * dt.numpy.itemsize
+        if len(raw) != nbytes:
+            raise InvalidInput(
+                "raw_input_contents does not match the shape",
+                model=model,
+                input=spec.name,
+                expected=f"{nbytes} bytes ({list(shape)} x {dt.kserve})",
+                got=f"{len(raw)} bytes",
+            )
+        values = np.frombuffer(raw, dtype=dt.numpy.newbyteorder("<"))
+    else:
+        field, wire = _CONTENTS.get(dt.kserve, ("", dt.numpy))
+        given = [f.name for f, _ in tensor.contents.ListFields()]
+        if not field or given != [field]:
+            raise InvalidInput(
+                "no data: send raw_input_contents or the typed contents of its datatype",
+                model=model,
+                input=spec.name,
+                expected=field or "raw_input_contents (no typed contents for " + dt.kserve + ")",
+                got=", ".join(given) or "nothing",
+            )
+        typed = np.array(getattr(tensor.contents, field), dtype=wire)
+        if len(typed) != count:
+            raise InvalidInput(
+                f"{field} does not match the shape",
+                model=model,
+                input=spec.name,
+                expected=f"{count} values ({list(shape)})",
+                got=f"{len(typed)} values",
+            )
+        values = typed.astype(dt.numpy, copy=False)
+        if values.dtype != wire and not np.array_equal(values, typed):
+            raise InvalidInput(f"values out of range for {dt.kserve}", model=model, input=spec.name)
+    return values.reshape((rows, *spec.shape))
+
+
+def request_batch(version: ModelVersion, request: pb.ModelInferRequest) -> pa.RecordBatch:
+    """A v2 request as the Arrow record batch the core takes (one column per input).
+
+    Raises
+    ------
+    InvalidInput
+        Refused parameters, ragged inputs, unknown inputs, or data that does not match an
+        input's datatype and shape (see :func:`input_array`).
+    """
+    name = version.name
+    _check_parameters(request.parameters, name)
+    fields = {f.name: f for f in version.inputs}
+    specs = {s.name: s for s in tensor_specs(version.inputs)}
+    ragged = [f.name for f in version.inputs if layout(f.type).ragged]
+    if ragged:
+        named = [t.name for t in request.inputs if t.name in ragged]
+        raise InvalidInput(
+            "ragged input (a list of items per row) is not available over KServe v2; "
+            "send this model's requests over Arrow Flight",
+            model=name,
+            input=(named or ragged)[0],
+        )
+    raw_contents = request.raw_input_contents
+    if raw_contents and len(raw_contents) != len(request.inputs):
+        raise InvalidInput(
+            "raw_input_contents must have one entry per input",
+            model=name,
+            expected=len(request.inputs),
+            got=len(raw_contents),
+        )
+    batching = version.max_batch_size > 0
+    names: list[str] = []
+    columns: list[pa.Array] = []
+    for i, tensor in enumerate(request.inputs):
+        if tensor.name not in fields:
+            raise InvalidInput(
+                f"unexpected input {tensor.name!r}",
+                model=name,
+                expected=list(fields),
+                got=tensor.name,
+            )
+        _check_parameters(tensor.parameters, name, tensor.name)
+        raw = raw_contents[i] if raw_contents else None
+        array = input_array(specs[tensor.name], tensor, raw, model=name, batching=batching)
+        names.append(tensor.name)
+        columns.append(to_column(fields[tensor.name], array))
+    if not columns:
+        raise InvalidInput("the request has no inputs", model=name, expected=list(fields))
+    rows = {len(c) for c in columns}
+    if len(rows) > 1:
+        raise InvalidInput(
+            "inputs have different batch sizes",
+            model=name,
+            got=dict(zip(names, (len(c) for c in columns), strict=True)),
+        )
+    return pa.RecordBatch.from_arrays(columns, names=names)
+
+
+def requested_outputs(version: ModelVersion, request: pb.ModelInferRequest) -> list[TensorSpec]:
+    """The outputs a request asks for (all of them when it names none), in its order.
+
+    Raises
+    ------
+    InvalidInput
+        An unknown output, or a refused parameter on one.
+    """
+    specs = tensor_specs(version.outputs)
+    if not request.outputs:
+        return specs
+    by_name = {s.name: s for s in specs}
+    out = []
+    for requested in request.outputs:
+        spec = by_name.get(requested.name)
+        if spec is None:
+            raise InvalidInput(
+                f"unknown output {requested.name!r}",
+                model=version.name,
+                expected=list(by_name),
+                got=requested.name,
+            )
+        _check_parameters(requested.parameters, version.name)
+        out.append(spec)
+    return out
+
+
+def _output_array(column: pa.Array | pa.ChunkedArray, name: str, model: str) -> np.ndarray:
+    if not layout(column.type).ragged:
+        return to_numpy(column)
+    ragged = ragged_to_numpy(column)  # a variable output dimension: fine if all rows agree
+    counts = ragged.counts
+    if len(counts) and np.all(counts == counts[0]):
+        return ragged.values.reshape((len(counts), int(counts[0]), *ragged.values.shape[1:]))
+    raise InvalidInput(
+        "output has a different length per row; KServe tensors cannot hold it, use Arrow Flight",
+        model=model,
+        input=name,
+    )
+
+
+def infer_response(
+    version: ModelVersion,
+    request: pb.ModelInferRequest,
+    outputs: list[TensorSpec],
+    done: Completed,
+) -> pb.ModelInferResponse:
+    """The response to ``request``: the ``outputs`` of ``done.batch`` as raw tensors.
+
+    Each output has shape ``[batch, *dims]`` (a non-batching model: ``dims``) in
+    ``raw_output_contents``; the server-side times go in ``parameters``.
+
+    Raises
+    ------
+    InvalidInput
+        An output has a different length per row (a KServe tensor cannot hold it).
+    """
+    response = pb.ModelInferResponse(
+        model_name=version.name, model_version=str(version.version), id=request.id
+    )
+    batching = version.max_batch_size > 0
+    for spec in outputs:
+        array = _output_array(done.batch.column(spec.name), spec.name, version.name)
+        entry = spec.shape if all(d >= 0 for d in spec.shape) else array.shape[1:]
+        shape = [len(array), *entry] if batching else list(entry)
+        response.outputs.add(name=spec.name, datatype=spec.datatype.kserve, shape=shape)
+        response.raw_output_contents.append(array.tobytes())  # protobuf needs bytes: one copy
+    for key in SERVER_TIMES:
+        response.parameters[key].int64_param = getattr(done, key)
+    return response
