@@ -209,7 +209,7 @@ def public_class(err: BaseException) -> type[ArrowInferError]:
     """
     for cls in type(err).__mro__:
         if cls in STATUS_CODES:
-            return cls  # type: ignore[return-value]
+            return cls
     return ServerError
 
 

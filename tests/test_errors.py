@@ -90,7 +90,7 @@ def failing(example_repository: Path) -> Iterator[Server]:
         # fault injection at the backend: everything above it (batcher, front ends,
         # client) is the real path an error takes
         for backend in model.batcher._backends:
-            backend.execute = execute  # type: ignore[method-assign]
+            backend.execute = execute  # type: ignore[method-assign,assignment]
         yield server
 
 
@@ -179,6 +179,7 @@ def test_errors_of_calls_keep_their_fields(failing: Server) -> None:
         with pytest.raises(InvalidInput) as unknown:
             transport.action("no.such.action", {}, timeout=WAIT)
         assert unknown.value.got == "no.such.action"
+        assert isinstance(unknown.value.expected, list)  # the list the server sent
         assert "health" in unknown.value.expected
     finally:
         transport.close()

@@ -153,16 +153,19 @@ class BaseClient:
         self._shm = shm
         self._compression = compression
         self._options = options
-        self._failover = {
-            "retries": retries,
-            "attempt_timeout": attempt_timeout,
-            "health_interval": health_interval,
-        }
+        self._retries = retries
+        self._attempt_timeout = attempt_timeout
+        self._health_interval = health_interval
         self._repository = repository if fallback == "local" else None
         self._transport: Transport | None = None
         self._schemas: dict[tuple[str, str | None], pa.Schema] = {}
         self._lock = threading.Lock()
         self._closed = False
+        self._start()
+
+    def _start(self) -> None:
+        """Make the transport, where the subclass does its I/O (the last step of __init__)."""
+        raise NotImplementedError
 
     def _make_transport(self) -> Transport:
         """The transport the configuration asks for (may do I/O: a shared-memory probe).
@@ -182,10 +185,16 @@ class BaseClient:
             from ._local import LocalTransport  # onnxruntime and onnx: only for the fallback
 
             local = LocalTransport(self._repository)
-        simple = self._failover["retries"] == 0 and self._failover["attempt_timeout"] is None
+        simple = self._retries == 0 and self._attempt_timeout is None
         if len(members) == 1 and local is None and simple:
             return members[0]
-        return FailoverTransport(members, fallback=local, **self._failover)
+        return FailoverTransport(
+            members,
+            retries=self._retries,
+            attempt_timeout=self._attempt_timeout,
+            health_interval=self._health_interval,
+            fallback=local,
+        )
 
     @property
     def transports(self) -> list[Transport]:
@@ -272,8 +281,7 @@ class Client(BaseClient):
         :class:`~arrowinfer.client.ShmTransport`).
     """
 
-    def __init__(self, url: str | Sequence[str] | None = None, **kwargs: Any):
-        super().__init__(url, **kwargs)
+    def _start(self) -> None:
         self._transport = self._make_transport()
 
     @property
@@ -464,8 +472,7 @@ class AsyncClient(BaseClient):
     error. Close with ``await client.aclose()`` or ``async with``.
     """
 
-    def __init__(self, url: str | Sequence[str] | None = None, **kwargs: Any):
-        super().__init__(url, **kwargs)
+    def _start(self) -> None:
         self._io = _IOThread("arrowinfer-async-io")
         self._made: Future[Transport] = Future()
         self._io.put(self._make)
