@@ -589,11 +589,14 @@ def test_async_client_uses_arrowinfer_servers_and_closes(
         # a transport that cannot be made: async with raises it, every call too
         broken = AsyncClient(refused_url.replace("grpc", "shm", 1), timeout=DEADLINE)
         with pytest.raises(ArrowInferError):
+            await broken.models()
+        with pytest.raises(ArrowInferError):
             async with broken:
                 pass
-        with pytest.raises(ArrowInferError):
-            await broken.models()
-        await broken.aclose()
+        deadline = time.monotonic() + DEADLINE  # the failed async with closed it
+        while io_threads() > before and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        assert io_threads() == before
 
     asyncio.run(main())
 

@@ -29,6 +29,7 @@ import contextlib
 import os
 import queue
 import threading
+import weakref
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future
@@ -474,6 +475,8 @@ class AsyncClient(BaseClient):
 
     def _start(self) -> None:
         self._io = _IOThread("arrowinfer-async-io")
+        # a client dropped without aclose() does not keep its thread waiting forever
+        weakref.finalize(self, self._io.stop)
         self._made: Future[Transport] = Future()
         self._io.put(self._make)
 
@@ -567,7 +570,11 @@ class AsyncClient(BaseClient):
             self._io.stop()
 
     async def __aenter__(self) -> AsyncClient:
-        await self._io.call(self._made.result)  # the transport is made, or its error
+        try:
+            await self._io.call(self._made.result)  # the transport is made, or its error
+        except BaseException:
+            await self.aclose()  # __aexit__ will not run: end the I/O thread here
+            raise
         return self
 
     async def __aexit__(self, *exc: object) -> None:
