@@ -53,6 +53,7 @@ USE_CLIENT_DEFAULT = UseClientDefault()
 
 
 def split_name(model: str, version: str | int | None) -> tuple[str, str | None]:
+    """``("name", None)`` from ``"name/version"`` or a model and a version (None: latest)."""
     if version is None and "/" in model:
         model, version = model.split("/", 1)
     return model, (None if version in (None, "") else str(version))
