@@ -140,12 +140,22 @@ class Bench:
     def __init__(self, repository: Path, stack: contextlib.ExitStack, triton_url: str | None):
         self.repository = repository
         self.kserve_port = _free_port()
-        _, self.tcp = stack.enter_context(
+        tcp_server, self.tcp = stack.enter_context(
             arrowinfer_server(repository, "--kserve-port", str(self.kserve_port))
         )
         self.socket = Path(tempfile.mkdtemp()) / "flight.sock"
-        stack.enter_context(arrowinfer_server(repository, "--unix-socket", str(self.socket)))
-        self.echo = stack.enter_context(echo_server())
+        unix_server, _ = stack.enter_context(
+            arrowinfer_server(repository, "--unix-socket", str(self.socket))
+        )
+        echo, self.echo = stack.enter_context(echo_server())
+        #: whose CPU a transport's requests cost (the real Triton's runs elsewhere: none)
+        self.server_pids = {
+            "flight-tcp": (tcp_server.pid,),
+            "shm": (tcp_server.pid,),
+            "kserve-grpc": (tcp_server.pid,),
+            "flight-unix": (unix_server.pid,),
+            "flight-echo": (echo.pid,),
+        }
         self.triton_url = triton_url
         self.clients = {
             "flight-tcp": stack.enter_context(Client(self.tcp, retries=0)),
@@ -274,6 +284,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 m = measure(
                     f"{transport} identity {label}",
                     bench.identity(transport, n),
+                    server_pids=bench.server_pids.get(transport, ()),
                     concurrency=concurrency,
                     rows=n,
                     payload_bytes=n * ROW_BYTES,
@@ -285,7 +296,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             for transport in latency:
                 submit = bench.facile(transport)
                 if submit is not None:
-                    m = measure(f"{transport} facile 1 row", submit, rows=1, **cell)
+                    m = measure(
+                        f"{transport} facile 1 row",
+                        submit,
+                        server_pids=bench.server_pids.get(transport, ()),
+                        rows=1,
+                        **cell,
+                    )
                     m.extra.update(transport=transport, size="1 row", model="facile")
                     rows.append(m)
                 bar.update()
