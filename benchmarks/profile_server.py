@@ -98,7 +98,11 @@ def main(argv: list[str] | None = None) -> int:
         )
         load.start()
         try:
-            for mode, flags in (("gil", ["--gil"]), ("native", ["--native", "--idle"])):
+            # (--native needs the process paused while it unwinds: no --nonblocking there)
+            for mode, flags in (
+                ("gil", ["--gil", "--nonblocking"]),
+                ("native", ["--native", "--idle"]),
+            ):
                 out = work / f"{mode}.txt"
                 before = (count[0], server_cpu_s((proc.pid,)), client_cpu_s())
                 subprocess.run(
@@ -114,7 +118,6 @@ def main(argv: list[str] | None = None) -> int:
                         "--format",
                         "raw",
                         "--threads",
-                        "--nonblocking",
                         "-o",
                         str(out),
                         *flags,
