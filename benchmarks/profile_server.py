@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import argparse
 import collections
+import os
 import shutil
 import subprocess
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
@@ -41,6 +43,32 @@ def _load(stop: threading.Event, location: str, window: int, rows: int, count: l
             pending.append(client.infer_async("facile", batch))
         for future in pending:
             future.result()
+
+
+def thread_cpu_s(pid: int) -> dict[str, float]:
+    """CPU seconds of each thread of a process, by ``thread-name (tid)`` (from /proc)."""
+    out = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            name = (task / "comm").read_text().strip()
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # the thread ended
+        out[f"{name} ({task.name})"] = (int(fields[11]) + int(fields[12])) / os.sysconf(
+            "SC_CLK_TCK"
+        )
+    return out
+
+
+def thread_table(before: dict[str, float], after: dict[str, float], requests: int) -> str:
+    """CPU microseconds per request of each thread that used any, busiest first."""
+    used = {k: v - before.get(k, 0.0) for k, v in after.items()}
+    rows = [
+        f"| {name} | {seconds / max(requests, 1) * 1e6:,.0f} |"
+        for name, seconds in sorted(used.items(), key=lambda kv: -kv[1])
+        if seconds > 0
+    ]
+    return "\n".join(["| thread (from /proc) | CPU us/request |", "|---|---:|", *rows, ""])
 
 
 def summarise(folded: Path, top: int = 25) -> str:
@@ -97,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
             target=_load, args=(stop, location, args.window, args.rows, count), daemon=True
         )
         load.start()
+        while count[0] < 2000:  # warm: lazy imports (pyarrow's pandas shim), first runs
+            time.sleep(0.1)
         try:
             # (--native needs the process paused while it unwinds: no --nonblocking there)
             for mode, flags in (
@@ -105,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
             ):
                 out = work / f"{mode}.txt"
                 before = (count[0], server_cpu_s((proc.pid,)), client_cpu_s())
+                threads_before = thread_cpu_s(proc.pid)
                 subprocess.run(
                     [
                         py_spy,
@@ -127,10 +158,13 @@ def main(argv: list[str] | None = None) -> int:
                     stderr=subprocess.DEVNULL,
                 )
                 done = count[0] - before[0]
+                threads = thread_table(threads_before, thread_cpu_s(proc.pid), done)
                 server = (server_cpu_s((proc.pid,)) - before[1]) / max(done, 1) * 1e6
                 sections.append(
                     f"### py-spy record {' '.join(flags)} ({done} requests of {args.rows} row(s), "
                     f"window {args.window}; server CPU {server:,.0f} us/request while sampled)\n\n"
+                    + threads
+                    + "\n"
                     + summarise(out)
                 )
         finally:
