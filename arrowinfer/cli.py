@@ -123,6 +123,8 @@ class _UsageError(Exception):
 def _infer(args: argparse.Namespace) -> int:
     import warnings
 
+    import pyarrow as pa
+
     from .client import Client, FallbackWarning
     from .files import FileArgumentError, check_output, infer_files
 
@@ -139,8 +141,11 @@ def _infer(args: argparse.Namespace) -> int:
     try:
         check_output(args.output)
         fallback = "local" if local or args.fallback == "local" else "error"
-        # A fallback is reported once, on one line, not as a Python warning with a traceback.
+        # A fallback is reported once, on one line, not as a Python warning with its source.
         warnings.simplefilter("once", FallbackWarning)
+        warnings.showwarning = lambda message, category, *_: print(
+            f"{category.__name__}: {message}", file=sys.stderr
+        )
         with Client(args.url, fallback=fallback, repository=args.repository) as client:
             stats = infer_files(
                 client,
@@ -155,6 +160,9 @@ def _infer(args: argparse.Namespace) -> int:
             )
     except FileArgumentError as err:
         raise _UsageError(str(err)) from None
+    except (OSError, pa.ArrowException) as err:  # a file that breaks while it is read
+        print(f"arrowinfer infer: {err}", file=sys.stderr)
+        return 1
     if stats.interrupted:
         where = f"{args.output} holds the first {stats.events}" if stats.events else "no output"
         print(f"interrupted: {where} events", file=sys.stderr)

@@ -424,8 +424,13 @@ def check_output(path: str | os.PathLike[str]) -> str:
         raise FileArgumentError(f"{path}: is a directory")
     if not parent.is_dir():
         raise FileArgumentError(f"{path}: no such directory {str(parent)!r}")
-    if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
-        raise FileArgumentError(f"{path}: cannot write there (permission denied)")
+    # Try it: permission bits say nothing for root, a read-only mount or /proc.
+    probe = parent / f".{path.name}.probe"
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+        os.unlink(probe)
+    except OSError as err:
+        raise FileArgumentError(f"{path}: cannot write there ({err.strerror})") from None
     return fmt
 
 
