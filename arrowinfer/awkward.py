@@ -24,7 +24,7 @@ With dask-awkward inputs the result is a dask-awkward array computed partition b
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -95,6 +95,14 @@ def _run(
 
     from .dask import _awkward_ready
 
+    if any(ak.backend(a) == "typetracer" for a in inputs.values()):
+        # dask-awkward's optimizer: every input is read; the type comes from an empty run.
+        for a in inputs.values():
+            ak.typetracer.touch_data(a)
+        empty = {n: ak.Array(a.layout.form.length_zero_array()) for n, a in inputs.items()}
+        meta = _run(client, model, version, empty, 1, outputs)
+        return ak.Array(meta.layout.to_typetracer(forget_length=True))
+
     schema = client.schema(model, version=version)
     unknown = sorted(set(inputs) - set(schema.names))
     missing = [n for n in schema.names if n not in inputs]
@@ -154,23 +162,14 @@ def _partition(
     outputs: pa.Schema,
     options: dict[str, Any],
 ) -> Any:
-    import awkward as ak
-
     from .dask import _client
 
-    client = _client(options)
-    if any(ak.backend(a) == "typetracer" for a in arrays):
-        # dask-awkward's optimizer: every input is read; the type comes from an empty run.
-        for a in arrays:
-            ak.typetracer.touch_data(a)
-        empty = [ak.Array(a.layout.form.length_zero_array()) for a in arrays]
-        meta = _run(client, model, version, dict(zip(names, empty, strict=True)), 1, outputs)
-        return ak.Array(meta.layout.to_typetracer(forget_length=True))
-    return _run(client, model, version, dict(zip(names, arrays, strict=True)), batch_rows, outputs)
+    inputs = dict(zip(names, arrays, strict=True))
+    return _run(_client(options), model, version, inputs, batch_rows, outputs)
 
 
 def infer(
-    client_or_url: Client | str | list[str],
+    client_or_url: Client | str | Sequence[str] | None,
     model: str,
     inputs: Mapping[str, Any],
     *,
@@ -183,9 +182,9 @@ def infer(
     Parameters
     ----------
     client_or_url
-        A :class:`~arrowinfer.client.Client`, or server URL(s) as for ``Client`` (a client
-        per process is made and kept, as in :mod:`arrowinfer.dask`; required for
-        dask-awkward inputs).
+        A :class:`~arrowinfer.client.Client`, or server URL(s) as for ``Client``'s ``url``
+        (None: ``$ARROWINFER_SERVERS``); a client per process is then made and kept, as in
+        :mod:`arrowinfer.dask` (required for dask-awkward inputs).
     model
         Model name (``"name/version"`` also works).
     inputs
