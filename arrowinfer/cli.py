@@ -172,18 +172,9 @@ def _infer(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    import runpy
+    from .bench.transports import main as bench
 
-    # The benchmarks live in the source tree (benchmarks/), next to their results.
-    script = Path(__file__).resolve().parent.parent / "benchmarks" / "transports.py"
-    if not script.exists():
-        print(
-            "arrowinfer bench runs benchmarks/transports.py from a source checkout", file=sys.stderr
-        )
-        return 2
-    sys.argv = [str(script), *args.bench_args]
-    runpy.run_path(str(script), run_name="__main__")
-    return 0
+    return bench(args.bench_args)
 
 
 def _examples(args: argparse.Namespace) -> int:
@@ -352,11 +343,12 @@ def parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser(
         "bench",
-        help="compare every transport on this machine (benchmarks/transports.py)",
+        help="compare every transport on this machine",
         description="Run one model over every transport (in-process, Flight TCP, Flight Unix "
         "socket, shared memory, KServe v2 gRPC via tritonclient) and write JSON, Markdown and "
-        "plots into benchmarks/results/. Options: --quick (under two minutes), "
-        "--triton-url HOST:PORT (also a real Triton server), --out DIR, --no-readme.",
+        "plots into --out DIR (default ./arrowinfer-bench-results). Options: --quick (under "
+        "two minutes), --triton-url HOST:PORT (also a real Triton server), --update-readme "
+        "[README] (also its summary table; nothing else is written without it).",
     )
     bench.set_defaults(run=_bench)
 

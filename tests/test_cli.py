@@ -159,3 +159,19 @@ def test_a_bad_column_mapping_is_a_usage_error(
         main(args)
     assert info.value.code == 2
     assert f"expected NAME=COLUMN[,COLUMN...], got {mapping!r}" in capsys.readouterr().err
+
+
+def test_bench_is_part_of_the_package_and_writes_only_where_told(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from arrowinfer.bench import transports
+
+    # imported as a module of the package, never run from the source tree by path
+    assert Path(transports.__file__).parent.name == "bench"
+    assert transports.RESULTS == Path("arrowinfer-bench-results")  # relative: the cwd
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as info:
+        main(["bench", "--update-readme", "README.md"])  # no README here: refused first
+    assert info.value.code == 2
+    assert "--update-readme: no such file 'README.md'" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
