@@ -168,7 +168,7 @@ def test_bench_is_part_of_the_package_and_writes_only_where_told(
 
     # imported as a module of the package, never run from the source tree by path
     assert Path(transports.__file__).parent.name == "bench"
-    assert transports.RESULTS == Path("arrowinfer-bench-results")  # relative: the cwd
+    assert Path("arrowinfer-bench-results") == transports.RESULTS  # relative: the cwd
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as info:
         main(["bench", "--update-readme", "README.md"])  # no README here: refused first
