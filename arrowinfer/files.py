@@ -156,7 +156,7 @@ class EventFiles:
     def _open(self, path: str) -> Any:
         """A readable file object for Parquet and IPC (fsspec for URLs)."""
         if _is_url(path):
-            import fsspec
+            import fsspec  # type: ignore[import-untyped]
 
             return fsspec.open(path, "rb").open()
         return pa.memory_map(path)

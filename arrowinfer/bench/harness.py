@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -95,7 +96,7 @@ def measure(
                 errors.append(err)
                 stop.set()
                 return
-            future.add_done_callback(lambda f, start=start: done(f, start))
+            future.add_done_callback(partial(done, start=start))
 
     senders = [threading.Thread(target=sender, daemon=True) for _ in range(min(concurrency, 4))]
     for thread in senders:

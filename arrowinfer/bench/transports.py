@@ -180,7 +180,12 @@ class Bench:
 
         if transport == "numpy-copy":
             dst = np.empty_like(x)
-            return lambda: (np.copyto(dst, x), _done(dst))[1]
+
+            def copy() -> Future[object]:
+                np.copyto(dst, x)
+                return _done(dst)
+
+            return copy
         if transport == "in-process":
             return _checked(lambda: self.local.submit("identity", None, batch), same)
         if transport == "flight-echo":
@@ -252,7 +257,7 @@ def _cells(bench: Bench, quick: bool) -> Iterator[tuple[str, str, int, int]]:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    cell = (
+    cell: dict[str, Any] = (
         {"warmup_s": 0.2, "window_s": 0.4, "max_windows": 4}
         if args.quick
         else {"warmup_s": 0.5, "window_s": 1.0, "max_windows": 6}
@@ -357,16 +362,18 @@ def targets(rows: list[Measurement]) -> dict[str, float]:
             _best(rows, "shm", size),
             _best(rows, "triton-shm", size),
         )
-    flight, kserve = _find(rows, "flight-tcp", "1 row"), _find(rows, "kserve-grpc", "1 row")
-    if flight and kserve:
-        out["facile 1 row: flight-tcp p50 / kserve-grpc p50 (<= 1)"] = flight.p50_ms / kserve.p50_ms
+    flight_1, kserve_1 = _find(rows, "flight-tcp", "1 row"), _find(rows, "kserve-grpc", "1 row")
+    if flight_1 and kserve_1:
+        out["facile 1 row: flight-tcp p50 / kserve-grpc p50 (<= 1)"] = (
+            flight_1.p50_ms / kserve_1.p50_ms
+        )
     return out
 
 
 def table(report: dict[str, Any]) -> str:
     """The README table: MB/s by transport and payload at one request in flight, and 1-row p50."""
     rows = [Measurement(**r) for r in report["rows"]]
-    transports = list(dict.fromkeys(m.extra["transport"] for m in rows))
+    transports = list(dict.fromkeys(str(m.extra["transport"]) for m in rows))
     sizes = [s for s in SIZES if any(m.extra.get("size") == s for m in rows)]
     lines = [
         "| transport | " + " | ".join(f"{s} MB/s" for s in sizes) + " | 1-row p50 ms |",
@@ -395,7 +402,7 @@ def plots(report: dict[str, Any], out: Path) -> list[Path]:
     rows = [Measurement(**r) for r in report["rows"]]
     written = []
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for t in dict.fromkeys(m.extra["transport"] for m in rows):
+    for t in dict.fromkeys(str(m.extra["transport"]) for m in rows):
         points = [(SIZES[s] * ROW_BYTES, m.mb_per_s) for s in SIZES if (m := _find(rows, t, s))]
         if points:
             ax.plot(*zip(*points, strict=True), marker="o", label=t)
@@ -412,7 +419,7 @@ def plots(report: dict[str, Any], out: Path) -> list[Path]:
     written.append(out / "transports_throughput.png")
     fig.savefig(written[-1], dpi=110)
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for t in dict.fromkeys(m.extra["transport"] for m in rows):
+    for t in dict.fromkeys(str(m.extra["transport"]) for m in rows):
         points = [
             (m.concurrency, m.p50_ms)
             for m in rows
