@@ -555,16 +555,18 @@ def infer_files(
     Raises
     ------
     FileArgumentError
-        Bad input or output files (before anything is written).
+        Bad input or output files, inputs without events (before anything is written).
     InvalidInput
         Columns that do not make the model's inputs.
     arrowinfer.errors.ArrowInferError
         From the client; nothing is left at ``output``.
     """
     if step_size < 1 or window < 1:
-        raise FileArgumentError(f"--step-size and window must be at least 1, got {step_size}")
+        raise FileArgumentError(f"step_size and window must be at least 1: {step_size}, {window}")
     fmt = check_output(output)
     files = EventFiles(inputs, tree=tree)
+    if files.num_events == 0:
+        raise FileArgumentError(f"{', '.join(files.paths)}: no events to run over")
     mapping = dict(mapping or {})
     schema = client.schema(model)
     needed = [c for name in schema.names for c in mapping.get(name, [name])]
@@ -624,7 +626,5 @@ def infer_files(
         raise
     finally:
         bar.close()
-    if writer.rows == 0 and stats.chunks == 0:
-        writer.write(pa.table({n: pa.array([], pa.float32()) for n in keep}))
     writer.commit()
     return stats

@@ -382,6 +382,7 @@ def test_ctrl_c_on_the_command(repository: Path, big_file: Path, tmp_path: Path)
         ({"extra": ["--input", "jet=Jet_nope"]}, "no column ['Jet_nope']"),
         ({"extra": ["--input", f"jet={JET.replace('Jet_mass', 'run')}"]}, "mix per-object"),
         ({"model": "nope"}, "ModelNotFound: model 'nope'"),
+        ({"input": "empty.parquet"}, "empty.parquet: no events to run over"),
     ],
 )
 def test_wrong_arguments_are_one_line(
@@ -395,6 +396,7 @@ def test_wrong_arguments_are_one_line(
     os.chdir(tmp_path)
     Path("notes.txt").write_text("not events\n")
     Path("afile").write_text("a file, not a directory\n")
+    pq.write_table(pa.table({"Jet_pt": pa.array([], pa.list_(pa.float32()))}), "empty.parquet")
     args = {
         "url": server.location,
         "model": "jet_score",
@@ -411,4 +413,4 @@ def test_wrong_arguments_are_one_line(
     assert out == ""
     assert len(err.strip().splitlines()) == 1, err
     assert message in err
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "notes.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "empty.parquet", "notes.txt"]

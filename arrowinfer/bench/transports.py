@@ -43,8 +43,7 @@ import pyarrow as pa
 from tqdm import tqdm
 
 from .. import tensors
-from ..client import Client, FlightTransport, conform
-from ..client._local import LocalTransport
+from ..client import Client, FlightTransport, LocalTransport, conform
 from ..examples import write_example_repository
 from .harness import Measurement, arrowinfer_server, echo_server, markdown_table, measure
 from .machine import describe, markdown
