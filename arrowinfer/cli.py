@@ -165,8 +165,12 @@ def _infer(args: argparse.Namespace) -> int:
         print(f"arrowinfer infer: {err}", file=sys.stderr)
         return 1
     if stats.interrupted:
-        where = f"{args.output} holds the first {stats.events}" if stats.events else "no output"
-        print(f"interrupted: {where} events", file=sys.stderr)
+        where = (
+            f"{args.output} holds the first {stats.events} events"
+            if stats.events
+            else "no event was done, no output written"
+        )
+        print(f"interrupted: {where}", file=sys.stderr)
         return 130
     print(f"wrote {stats.events} events to {args.output}")
     return 0

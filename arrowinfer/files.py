@@ -479,9 +479,12 @@ class _Writer:
             self._writer.close()
 
     def commit(self) -> None:
+        """Rename what was written into place; without a row written, leave nothing."""
+        if self.rows == 0:  # also a Ctrl-C inside the first writer's constructor
+            self.discard()
+            return
         self.close()
-        if self._writer is not None:
-            os.replace(self.tmp, self.path)
+        os.replace(self.tmp, self.path)
 
     def discard(self) -> None:
         self.close()

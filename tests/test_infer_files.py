@@ -6,6 +6,7 @@ $ARROWINFER_DATA); results are compared with the same events sent through the cl
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import os
 import signal
@@ -345,7 +346,11 @@ def test_ctrl_c_on_the_command(repository: Path, big_file: Path, tmp_path: Path)
     try:
         partial = tmp_path / ".out.parquet.partial"
         deadline = time.monotonic() + 60
-        while not partial.exists() and process.poll() is None and time.monotonic() < deadline:
+        # past the file's header: at least one chunk is written when the signal comes
+        while process.poll() is None and time.monotonic() < deadline:
+            with contextlib.suppress(FileNotFoundError):
+                if partial.stat().st_size > 200:
+                    break
             time.sleep(0.01)
         process.send_signal(signal.SIGINT)
         _, err = process.communicate(timeout=60)
