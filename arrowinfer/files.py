@@ -159,7 +159,9 @@ class EventFiles:
             import fsspec  # type: ignore[import-untyped]
 
             return fsspec.open(path, "rb").open()
-        return pa.memory_map(path)
+        # Read, not memory-mapped: mapped pages of a file read end to end would count in the
+        # process's memory for as long as the file is open, growing with the file.
+        return pa.OSFile(path)
 
     def _inspect(self) -> tuple[list[str], int]:
         names: list[str] | None = None
@@ -232,7 +234,9 @@ class EventFiles:
                     ):
                         yield _arrow_from_awkward(array).select(list(columns))
             elif self.format == "parquet":
-                parquet = pq.ParquetFile(self._open(path))
+                # pre_buffer (pyarrow's default) keeps the raw column chunks it read ahead
+                # until the file is closed: memory would grow with the file.
+                parquet = pq.ParquetFile(self._open(path), pre_buffer=False)
                 for batch in parquet.iter_batches(batch_size=step_size, columns=list(columns)):
                     yield pa.Table.from_batches([batch])
             else:
