@@ -28,7 +28,7 @@ from arrowinfer.cli import main
 from arrowinfer.client import Client
 from arrowinfer.events import shared_data_dir
 from arrowinfer.examples import ALL_MODELS, write_example_repository
-from arrowinfer.files import InferStats, infer_files
+from arrowinfer.files import EventFiles, InferStats, infer_files
 from arrowinfer.server import Server
 
 uproot = pytest.importorskip("uproot")
@@ -313,6 +313,26 @@ def test_a_file_larger_than_a_step_has_bounded_rows_in_flight(
     # read ahead of the results by at most the window (and the chunk being read)
     assert 500 < stats.max_in_flight <= (3 + 1) * 500
     assert pq.read_metadata(out).num_rows == 20_000
+
+
+def test_reading_holds_one_step_not_the_file(tmp_path: Path) -> None:
+    # pyarrow's Parquet pre-buffer would keep every column chunk read until the file closes
+    n = 200_000
+    values = pa.array(np.random.default_rng(6).uniform(1, 10, 3 * n).astype("f4"))
+    jets = pa.ListArray.from_arrays(pa.array(np.arange(0, 3 * n + 1, 3, dtype=np.int32)), values)
+    table = pa.table(
+        {"event": np.arange(n, dtype=np.uint64), **dict.fromkeys(JET.split(","), jets)}
+    )
+    pq.write_table(table, tmp_path / "big.parquet", row_group_size=20_000)
+    decoded = table.nbytes
+    del table, jets, values
+    files = EventFiles([str(tmp_path / "big.parquet")])
+    before = pa.total_allocated_bytes()
+    peak = 0
+    for chunk in files.iterate(["event", *JET.split(",")], 1000):
+        assert chunk.num_rows == 1000
+        peak = max(peak, pa.total_allocated_bytes() - before)
+    assert peak < decoded / 4  # a row group or two, not the 200 steps of the file
 
 
 def test_interrupted_leaves_a_valid_partial_file(
