@@ -248,18 +248,25 @@ class _RangeHandler(http.server.SimpleHTTPRequestHandler):
         return io.BytesIO(body)
 
 
-@pytest.fixture
-def http_url(sample: Path) -> Iterator[str]:
-    handler = lambda *a: _RangeHandler(*a, directory=str(sample.parent))
+@contextlib.contextmanager
+def http_server(directory: Path) -> Iterator[str]:
+    """A loopback web server for ``directory``; yields its base URL."""
+    handler = lambda *a: _RangeHandler(*a, directory=str(directory))
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
     try:
-        yield f"http://127.0.0.1:{httpd.server_address[1]}/{SAMPLE}"
+        yield f"http://127.0.0.1:{httpd.server_address[1]}"
     finally:
         httpd.shutdown()
         httpd.server_close()
         thread.join(10)
+
+
+@pytest.fixture
+def http_url(sample: Path) -> Iterator[str]:
+    with http_server(sample.parent) as base:
+        yield f"{base}/{SAMPLE}"
 
 
 def test_a_root_file_over_http(
@@ -274,6 +281,40 @@ def test_a_root_file_over_http(
         capsys, server.location, "jet_score", http_url, out, "--input", f"jet={JET}",
         "--step-size", "100", "-q",
     )  # fmt: skip
+    assert code == 0, err
+    with Client(server.location) as client:
+        direct = client.infer("jet_score", {"jet": jets["jet"]})
+    check_jet_scores(read(out), jets, tensors.to_numpy(direct.column("score")))
+
+
+@pytest.mark.parametrize("name", ["events.parquet", "events.arrow"])
+def test_parquet_and_arrow_files_over_http(
+    server: Server,
+    jets: dict[str, np.ndarray],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    name: str,
+) -> None:
+    pytest.importorskip("aiohttp")  # fsspec's HTTP file system
+    offsets = pa.array(np.concatenate([[0], np.cumsum(jets["counts"])]).astype(np.int32))
+    columns = {
+        c: pa.ListArray.from_arrays(offsets, pa.array(jets["jet"][:, i]))
+        for i, c in enumerate(JET.split(","))
+    }
+    table = pa.table({**{k: jets[k] for k in KEEP}, **columns})
+    served = tmp_path / "served"
+    served.mkdir()
+    if name.endswith(".parquet"):
+        pq.write_table(table, served / name, row_group_size=64)
+    else:
+        with pa.ipc.new_file(served / name, table.schema) as writer:
+            writer.write_table(table, max_chunksize=64)
+    out = tmp_path / "out.parquet"
+    with http_server(served) as base:
+        code, _, err = run(
+            capsys, server.location, "jet_score", f"{base}/{name}", out, "--input", f"jet={JET}",
+            "--step-size", "50", "-q",
+        )  # fmt: skip
     assert code == 0, err
     with Client(server.location) as client:
         direct = client.infer("jet_score", {"jet": jets["jet"]})
