@@ -27,10 +27,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
 
+from arrowinfer.bench.harness import arrowinfer_server, client_cpu_s, server_cpu_s
+from arrowinfer.bench.requests import make_request
 from arrowinfer.client import Client, conform
 from arrowinfer.examples import write_example_repository
-from benchmarks.harness import arrowinfer_server, client_cpu_s, server_cpu_s
-from benchmarks.inprocess import make_request
 
 
 def _load(stop: threading.Event, location: str, window: int, rows: int, count: list[int]) -> None:
