@@ -16,6 +16,15 @@ merges them into one batch of at most ``max_batch_size`` rows:
 
 Requests are never reordered; a batch in which one request fails is re-run request by
 request so that only the bad request gets the error.
+
+A caller with nothing else to do may ask for its request to run *inline*: when the queue is
+empty, no queue delay applies (no batching, or ``max_queue_delay_microseconds: 0``) and an
+instance is idle, the request runs at once on that instance in the caller's thread, with
+the same statistics and error handling, instead of going through the queue and the
+instance's thread (two thread hand-offs, which cost a one-row request more CPU than the
+model). Otherwise it is queued as usual. (A front end asks for it only when none of its
+stream's earlier requests is pending, so a stream's requests keep their order; an inline
+request may start beside one that another instance took from the queue that instant.)
 """
 
 from __future__ import annotations
@@ -195,6 +204,10 @@ class DynamicBatcher:
         self._cond = threading.Condition()
         self._closed = False
         self._backends = list(backends)
+        # held while an instance executes, by its thread or by an inline caller
+        self._instance_locks = [threading.Lock() for _ in self._backends]
+        self._running = 0  # instances executing now (under self._cond)
+        self._inline = not self._batching or not self._delay_ns
         self._threads = [
             threading.Thread(
                 target=self._run, args=(b,), name=f"batcher-{model.name}-{i}", daemon=True
@@ -206,8 +219,11 @@ class DynamicBatcher:
 
     # -- submitting ----------------------------------------------------------------------
 
-    def submit(self, batch: pa.RecordBatch) -> Future[Completed]:
+    def submit(self, batch: pa.RecordBatch, *, inline: bool = False) -> Future[Completed]:
         """Queue one (validated) request; the future gives its result in the same row order.
+
+        ``inline=True``: run it in this thread, now, if the queue is empty, no queue delay
+        applies and an instance is idle (the future is then done on return); else queue it.
 
         Raises
         ------
@@ -223,6 +239,8 @@ class DynamicBatcher:
             ]
         now = time.perf_counter_ns()
         requests = [_Request(p, Future(), now) for p in parts]
+        if inline and len(requests) == 1 and self._inline and self._run_inline(requests[0]):
+            return requests[0].future
         with self._cond:
             if self._closed:
                 raise ServerUnavailable(f"model {self.model.name!r} is unloading")
@@ -269,10 +287,39 @@ class DynamicBatcher:
                 self._cond.notify()  # another idle instance can start the next batch
             return taken
 
+    def _run_inline(self, request: _Request) -> bool:
+        """Run a request on an idle instance in this thread; False if none is free now."""
+        with self._cond:
+            if self._closed or self._queue or self._running >= len(self._backends):
+                return False
+            index = next(
+                (i for i, lock in enumerate(self._instance_locks) if lock.acquire(blocking=False)),
+                None,
+            )
+            if index is None:
+                return False
+            self._running += 1
+        try:
+            self._execute(self._backends[index], [request])
+        finally:
+            self._instance_locks[index].release()
+            with self._cond:
+                self._running -= 1
+        return True
+
     def _run(self, backend: Backend) -> None:
+        lock = self._instance_locks[self._backends.index(backend)]
         while (taken := self._take()) is not None:
             if taken:
-                self._execute(backend, taken)
+                # an inline caller may hold this instance: its run ends first
+                with lock:
+                    with self._cond:
+                        self._running += 1
+                    try:
+                        self._execute(backend, taken)
+                    finally:
+                        with self._cond:
+                            self._running -= 1
             # hold no request while waiting for the next: its arrays may be a client's
             # shared memory, which the server unmaps once nothing uses it
             del taken
@@ -332,8 +379,9 @@ class DynamicBatcher:
             self._cond.notify_all()
         for thread in self._threads:
             thread.join(timeout)
-        for backend in self._backends:
-            backend.close()
+        for backend, lock in zip(self._backends, self._instance_locks, strict=True):
+            with lock:  # an inline run in progress ends first
+                backend.close()
 
 
 def _joined(futures: list[Future[Completed]]) -> Future[Completed]:

@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
             # (--native needs the process paused while it unwinds: no --nonblocking there)
             for mode, flags in (
                 ("gil", ["--gil", "--nonblocking"]),
-                ("native", ["--native", "--idle"]),
+                ("native", ["--native"]),
             ):
                 out = work / f"{mode}.txt"
                 before = (count[0], server_cpu_s((proc.pid,)), client_cpu_s())

@@ -146,12 +146,19 @@ class InferenceCore:
     # -- inference -----------------------------------------------------------------------
 
     def submit(
-        self, model: LoadedModel, batch: pa.RecordBatch, *, draining: bool = False
+        self,
+        model: LoadedModel,
+        batch: pa.RecordBatch,
+        *,
+        draining: bool = False,
+        inline: bool = False,
     ) -> Future[Completed]:
         """Validate a request and queue it; the future gives its result.
 
         ``draining=True`` accepts it while the server stops (not ready, models still
         loaded): a request on a stream that was open before the stop began.
+        ``inline=True`` runs it in this thread when an instance is idle (see
+        :meth:`DynamicBatcher.submit`): for a caller that has nothing else to do meanwhile.
 
         Raises
         ------
@@ -163,7 +170,7 @@ class InferenceCore:
         version = model.version
         max_rows = version.max_request_rows if version.max_batch_size > 0 else 1
         validate(batch, version.inputs, model=version.name, max_rows=max_rows)
-        return model.batcher.submit(batch)
+        return model.batcher.submit(batch, inline=inline)
 
     # -- management ----------------------------------------------------------------------
 

@@ -216,6 +216,9 @@ class FlightService(flight.FlightServerBase):
                     replies.start()
                 future: Future[Completed] | BaseException
                 stale = False
+                # nothing of this stream pending: run the request in this thread if an
+                # instance is idle, and write its reply from here too (no hand-offs)
+                inline = replies.idle
                 try:
                     if "error" in request_meta:
                         raise request_meta["error"]
@@ -230,10 +233,15 @@ class FlightService(flight.FlightServerBase):
                         )
                     # an open stream is served to its end, even while the server stops:
                     # new streams are refused then, and this one was asked to finish
-                    future = self.core.submit(model, chunk.data, draining=True)
+                    future = self.core.submit(model, chunk.data, draining=True, inline=inline)
                 except ArrowInferError as err:
                     future = err
-                replies.put((future, request_meta.get("id")))
+                item = (future, request_meta.get("id"))
+                if inline and (isinstance(future, BaseException) or future.done()):
+                    replies.write_now(item)
+                else:
+                    replies.put(item)
+                del item, future  # hold no result while reading the next request
                 if replies.failure is not None or stale:
                     break
         finally:

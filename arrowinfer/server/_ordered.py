@@ -7,6 +7,11 @@ shutdown puts a ``goaway`` in the same queue, so it lands after the replies of e
 request read so far. When a write fails (the client went away), the writer keeps taking
 items, so that each is finished (its resources released), but writes nothing more; the
 reader sees :attr:`OrderedReplies.failure` and stops reading.
+
+When nothing is pending (every item put so far is written), the reader may write a reply
+itself (:meth:`OrderedReplies.write_now`): a request that ran inline in the reader's
+thread then goes out without waking the writer thread, the fast path of one request at
+a time.
 """
 
 from __future__ import annotations
@@ -63,6 +68,11 @@ class OrderedReplies:
         self._writer = writer
         self._finish = finish
         self._items: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        # items put and not yet written (counted under _count_lock); every write holds
+        # _write_lock, so a reply written by the reader and the writer's never interleave
+        self._pending = 0
+        self._count_lock = threading.Lock()
+        self._write_lock = threading.Lock()
         #: The error that broke the stream (the client went away), once a write failed.
         self.failure: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
@@ -75,12 +85,35 @@ class OrderedReplies:
     def started(self) -> bool:
         return self._thread.ident is not None
 
+    @property
+    def idle(self) -> bool:
+        """Is every item put so far written (a new request would be next in line)?"""
+        return self._pending == 0
+
     def put(self, item: Any) -> None:
         """Queue the next request's item; its reply follows those put before."""
+        with self._count_lock:
+            self._pending += 1
         self._items.put(item)
+
+    def write_now(self, item: Any) -> bool:
+        """Write an item's reply in this thread if nothing is pending; else queue it.
+
+        Returns whether it was written here (False: queued, as :meth:`put`).
+        """
+        with self._write_lock:
+            # 0 pending: every earlier reply is written (the count drops after the write),
+            # and a goaway put from now on waits for this lock, so it lands after this reply
+            if self._pending == 0 and self.started:
+                self._write(self._finish(item))
+                return True
+        self.put(item)
+        return False
 
     def goaway(self) -> None:
         """Ask the client to finish the stream, after the replies queued so far."""
+        with self._count_lock:
+            self._pending += 1
         self._items.put(_GOAWAY)
 
     def close(self) -> None:
@@ -99,14 +132,22 @@ class OrderedReplies:
             else:
                 reply = self._finish(item)
             item = None  # drop what it holds (mapped regions) before the next wait
-            if self.failure is not None:
-                continue  # the stream is gone; drain the queue so the reader can finish
-            batch, meta = reply
-            try:
-                if batch is None:
-                    self._writer.write_metadata(dump_json(meta))
-                else:
-                    self._writer.write_with_metadata(batch, dump_json(meta))
-            except (pa.ArrowException, OSError) as err:  # the client went away
-                log.debug("stream closed while writing: %s", err)
-                self.failure = err
+            with self._write_lock:
+                self._write(reply)
+            with self._count_lock:
+                self._pending -= 1
+            del reply
+
+    def _write(self, reply: Reply) -> None:
+        """Write one reply (under the write lock); nothing once the stream is gone."""
+        if self.failure is not None:
+            return  # the stream is gone; the items still drain so the reader can finish
+        batch, meta = reply
+        try:
+            if batch is None:
+                self._writer.write_metadata(dump_json(meta))
+            else:
+                self._writer.write_with_metadata(batch, dump_json(meta))
+        except (pa.ArrowException, OSError) as err:  # the client went away
+            log.debug("stream closed while writing: %s", err)
+            self.failure = err
