@@ -283,6 +283,13 @@ class OnnxRuntimeBackend(Backend):
             raise ModelError(f"{model.path}: onnxruntime cannot load it: {err}") from err
         self._output_names = [o.name for o in model.config.output]
         self._plan = input_plan(model)
+        self._batching = model.max_batch_size > 0
+        # outputs the config reshapes, with their per-entry dims (read once, not per batch)
+        self._reshape = {
+            o.name: tuple(o.dims)
+            for o in model.config.output
+            if o.HasField("reshape") and -1 not in o.dims
+        }
 
     def execute(self, requests: Sequence[pa.RecordBatch]) -> tuple[list[pa.RecordBatch], Timings]:
         t0 = time.perf_counter_ns()
@@ -290,13 +297,10 @@ class OnnxRuntimeBackend(Backend):
         t1 = time.perf_counter_ns()
         values = self.session.run(self._output_names, feeds)
         t2 = time.perf_counter_ns()
-        outputs = {}
-        batching = self.model.max_batch_size > 0
-        for entry, value in zip(self.model.config.output, values, strict=True):
-            dims = tuple(entry.dims)
-            reshaped = entry.HasField("reshape") and -1 not in dims
-            batch = (len(value),) if batching else ()
-            outputs[entry.name] = value.reshape(batch + dims) if reshaped else value
+        outputs = dict(zip(self._output_names, values, strict=True))
+        for name, dims in self._reshape.items():
+            value = outputs[name]
+            outputs[name] = value.reshape(((len(value),) if self._batching else ()) + dims)
         results = split_outputs(self.model, outputs, [r.num_rows for r in requests])
         t3 = time.perf_counter_ns()
         return results, Timings(t1 - t0, t2 - t1, t3 - t2)

@@ -187,6 +187,7 @@ class FlightService(flight.FlightServerBase):
             exchange(context, reader, writer)
             return
         model = self._lookup(descriptor)  # an unknown model fails the stream at once
+        name, version = _descriptor_model(descriptor)  # parsed once per stream
         outputs = model.version.outputs
         empty: list[pa.RecordBatch] = []  # the failed requests' batch, made once
 
@@ -224,7 +225,7 @@ class FlightService(flight.FlightServerBase):
                         raise request_meta["error"]
                     # looked up for each request: a model reloaded (or unloaded) since the
                     # stream opened is served as it is now, never through its closed queue
-                    model = self._lookup_model(descriptor)
+                    model = self.core.get(name, version)
                     if not model.version.outputs.equals(outputs):
                         stale = True  # answer, then end the stream: the client reopens it
                         raise ServerUnavailable(
