@@ -241,7 +241,7 @@ class FlightService(flight.FlightServerBase):
                 if inline and (isinstance(future, BaseException) or future.done()):
                     replies.write_now(item)
                 else:
-                    replies.put(item)
+                    replies.put(item, None if isinstance(future, BaseException) else future)
                 del item, future  # hold no result while reading the next request
                 if replies.failure is not None or stale:
                     break

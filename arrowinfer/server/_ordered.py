@@ -1,8 +1,11 @@
 """Ordered, pipelined replies on one server stream, shared by the Flight and shm front ends.
 
 A stream's reader submits requests as it reads them and puts each one here, in request
-order; a writer thread beside it waits for each in turn and writes its reply, so requests
-run while later ones are still being read, and replies never overtake each other. Server
+order; a writer thread beside it writes their replies in that order, so requests run while
+later ones are still being read, and replies never overtake each other. An item put with
+the future its reply waits for reaches the writer thread only once that future is done
+(its done-callback queues it, numbered), so the thread wakes once per reply, not once for
+the item and again for its result. Server
 shutdown puts a ``goaway`` in the same queue, so it lands after the replies of every
 request read so far. When a write fails (the client went away), the writer keeps taking
 items, so that each is finished (its resources released), but writes nothing more; the
@@ -20,6 +23,7 @@ import logging
 import queue
 import threading
 from collections.abc import Callable
+from concurrent.futures import Future
 from typing import Any
 
 import pyarrow as pa
@@ -72,6 +76,7 @@ class OrderedReplies:
         # _write_lock, so a reply written by the reader and the writer's never interleave
         self._pending = 0
         self._count_lock = threading.Lock()
+        self._numbered = 0  # the next item's place in the stream (under _count_lock)
         self._write_lock = threading.Lock()
         #: The error that broke the stream (the client went away), once a write failed.
         self.failure: BaseException | None = None
@@ -90,11 +95,25 @@ class OrderedReplies:
         """Is every item put so far written (a new request would be next in line)?"""
         return self._pending == 0
 
-    def put(self, item: Any) -> None:
-        """Queue the next request's item; its reply follows those put before."""
+    def _number(self, item: Any, *, counted: bool = True) -> tuple[int, Any]:
         with self._count_lock:
-            self._pending += 1
-        self._items.put(item)
+            self._pending += counted
+            place = self._numbered
+            self._numbered += 1
+        return place, item
+
+    def put(self, item: Any, ready: Future[Any] | None = None) -> None:
+        """Queue the next request's item; its reply follows those put before.
+
+        ``ready``: the future the item's reply waits for; the writer thread gets the item
+        once it is done (the callback only queues it: it never blocks the thread that
+        completes the future).
+        """
+        numbered = self._number(item)
+        if ready is None:
+            self._items.put(numbered)
+        else:
+            ready.add_done_callback(lambda _: self._items.put(numbered))
 
     def write_now(self, item: Any) -> bool:
         """Write an item's reply in this thread if nothing is pending; else queue it.
@@ -112,31 +131,38 @@ class OrderedReplies:
 
     def goaway(self) -> None:
         """Ask the client to finish the stream, after the replies queued so far."""
-        with self._count_lock:
-            self._pending += 1
-        self._items.put(_GOAWAY)
+        self._items.put(self._number(_GOAWAY))
 
     def close(self) -> None:
         """Finish every queued item, write their replies, and stop the writer thread.
 
         Not started: nothing is written (the items are dropped).
         """
-        self._items.put(_END)
+        self._items.put(self._number(_END, counted=False))
         if self.started:
             self._thread.join()
 
     def _run(self) -> None:
-        while (item := self._items.get()) is not _END:
-            if item is _GOAWAY:
-                reply: Reply = (None, {GOAWAY: GOAWAY_REASON})
-            else:
-                reply = self._finish(item)
-            item = None  # drop what it holds (mapped regions) before the next wait
-            with self._write_lock:
-                self._write(reply)
-            with self._count_lock:
-                self._pending -= 1
-            del reply
+        arrived: dict[int, Any] = {}  # items that came before their turn, by place
+        turn = 0
+        while True:
+            place, item = self._items.get()
+            arrived[place] = item
+            while turn in arrived:
+                item = arrived.pop(turn)
+                turn += 1
+                if item is _END:
+                    return
+                if item is _GOAWAY:
+                    reply: Reply = (None, {GOAWAY: GOAWAY_REASON})
+                else:
+                    reply = self._finish(item)
+                item = None  # drop what it holds (mapped regions) before the next wait
+                with self._write_lock:
+                    self._write(reply)
+                with self._count_lock:
+                    self._pending -= 1
+                del reply
 
     def _write(self, reply: Reply) -> None:
         """Write one reply (under the write lock); nothing once the stream is gone."""
