@@ -359,12 +359,17 @@ def targets(rows: list[Measurement]) -> dict[str, float]:
         )
         ratio(f"{size}: shm / kserve-grpc throughput (>= 10)", _best(rows, "shm", size), kserve)
         ratio(
-            f"{size}: flight-tcp / bare flight-echo (share of the Flight limit)",
+            f"{size}: shm / flight-tcp throughput (>= 5)",
+            _best(rows, "shm", size),
+            _best(rows, "flight-tcp", size),
+        )
+        ratio(
+            f"{size}: flight-tcp / bare flight-echo (share of the Flight limit, >= 0.8)",
             _best(rows, "flight-tcp", size),
             _best(rows, "flight-echo", size),
         )
         ratio(
-            f"{size}: shm / one numpy copy (share of the memory limit)",
+            f"{size}: shm / one numpy copy (share of the memory limit; >= 0.25 is <= 4 copies)",
             _best(rows, "shm", size),
             _best(rows, "numpy-copy", size),
         )
