@@ -249,12 +249,17 @@ class KServeService(service_pb2_grpc.GRPCInferenceServiceServicer):
     # -- inference ----------------------------------------------------------------------
 
     def _submit(
-        self, request: pb.ModelInferRequest, remaining: float | None, *, draining: bool = False
+        self,
+        request: pb.ModelInferRequest,
+        remaining: float | None,
+        *,
+        draining: bool = False,
+        inline: bool = False,
     ) -> _Pending:
         model = self.core.get(request.model_name, request.model_version or None)
         outputs = requested_outputs(model.version, request)
         batch = request_batch(model.version, request)
-        future = self.core.submit(model, batch, draining=draining)
+        future = self.core.submit(model, batch, draining=draining, inline=inline)
         return _Pending(request, model, outputs, future, _timeout(request, remaining))
 
     @staticmethod
@@ -272,7 +277,8 @@ class KServeService(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     @_unary
     def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
-        pending = self._submit(request, context.time_remaining())
+        # the handler thread only waits for the result: it may as well run the model
+        pending = self._submit(request, context.time_remaining(), inline=True)
         context.add_callback(pending.future.cancel)  # a request nobody waits for is dropped
         return self._result(pending)
 
