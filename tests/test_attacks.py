@@ -369,3 +369,330 @@ def test_check_data_covers_extension_types_and_nested_lists() -> None:
     check_data(jet)
     with pytest.raises(InvalidInput, match="malformed"):
         check_data(unchecked_batch(jet.schema, *wild_offsets(jet, 99)))
+
+
+# -- 2: no request makes the server hold more than --max-request-bytes ------------------------
+
+LIMIT = 1 << 20
+
+
+@pytest.fixture(scope="module")
+def bounded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """A server with a 1 MiB request bound; ``facile`` may take 8 MiB (its config says so)."""
+    from arrowinfer.examples import write_example_repository
+
+    repository = write_example_repository(
+        tmp_path_factory.mktemp("bounded"), models=["identity", "facile"]
+    )
+    config = repository / "facile" / "config.pbtxt"
+    config.write_text(
+        config.read_text()
+        + '\nparameters { key: "arrowinfer.max_request_bytes" value { string_value: "8388608" } }\n'
+    )
+    with Server(
+        repository, port=0, kserve_port=0, metrics_port=None, max_request_bytes=LIMIT
+    ) as running:
+        yield running
+
+
+def test_flight_request_over_the_bound_is_invalid_input(bounded: Server) -> None:
+    big = identity_batch(LIMIT // 4096 + 1)
+    with GoodClient(bounded.location) as beside:
+        replies = flight_exchange(bounded.location, ["identity"], [big, identity_batch(2)])
+        beside.wait_some()
+    assert error_of(replies[0]) == "InvalidInput"
+    assert "max_request_bytes" in replies[0]["error"]["message"]
+    assert "error" not in replies[1]
+
+
+def test_flight_compressed_request_is_bounded_by_its_decompressed_size(bounded: Server) -> None:
+    zeros = pa.RecordBatch.from_arrays(
+        [tensors.from_numpy(np.zeros((1024, 1024), np.float32))], ["INPUT0"]
+    )  # 4 MiB that zstd makes a few hundred bytes
+    client = flight.FlightClient(bounded.location)
+    with GoodClient(bounded.location) as beside:
+        writer, reader = client.do_exchange(flight.FlightDescriptor.for_path("identity"), OPTIONS)
+        writer.begin(zeros.schema, options=pa.ipc.IpcWriteOptions(compression="zstd"))
+        writer.write_batch(zeros)
+        reply = json.loads(reader.read_chunk().app_metadata.to_pybytes())
+        writer.write_batch(identity_batch(3))
+        good = reader.read_chunk()
+        writer.done_writing()
+        writer.close()
+        beside.wait_some()
+    client.close()
+    assert error_of(reply) == "InvalidInput"
+    assert "max_request_bytes" in reply["error"]["message"]
+    assert good.data.num_rows == 3
+
+
+def test_model_parameter_overrides_the_bound(bounded: Server) -> None:
+    rows = (2 * LIMIT) // 60  # facile: 15 float32 per row, 2 MiB in all
+    data = np.random.default_rng(3).standard_normal((rows, 15), dtype=np.float32)
+    with Client(bounded.location) as client:
+        assert client.infer("facile", {"hits": data}).num_rows == rows
+    assert bounded.core.get("facile").max_request_bytes == 8 << 20
+    assert bounded.core.get("identity").max_request_bytes == LIMIT
+
+
+def _compressed_claiming(batch: pa.RecordBatch, size: int) -> bytes:
+    """A zstd IPC stream whose first buffer claims ``size`` bytes once decompressed."""
+    sink = pa.BufferOutputStream()
+    options = pa.ipc.IpcWriteOptions(compression="zstd")
+    with pa.ipc.new_stream(sink, batch.schema, options=options) as writer:
+        writer.write_batch(batch)
+    reader = pa.BufferReader(sink.getvalue())
+    schema = pa.ipc.read_message(reader).serialize().to_pybytes()
+    message = pa.ipc.read_message(reader)
+    body = bytearray(message.body.to_pybytes())
+    first = next(i for i in range(0, len(body), 8) if struct.unpack_from("<q", body, i)[0] > 0)
+    struct.pack_into("<q", body, first, size)
+    return (
+        schema
+        + frame(message.metadata.to_pybytes(), bytes(body))
+        + struct.pack("<Ii", 0xFFFFFFFF, 0)
+    )
+
+
+def test_shm_compressed_request_is_refused_before_decompression(bounded: Server) -> None:
+    from arrowinfer.server._regions import decoded_size
+
+    zeros = pa.RecordBatch.from_arrays(
+        [tensors.from_numpy(np.zeros((512, 1024), np.float32))], ["INPUT0"]
+    )
+    stream = _compressed_claiming(zeros, 1 << 40)  # a terabyte, were it decompressed
+    reader = pa.BufferReader(stream)
+    pa.ipc.read_message(reader)
+    assert decoded_size(pa.ipc.read_message(reader)) >= 1 << 40
+    with (
+        GoodClient(bounded.location) as beside,
+        raw_session(bounded) as session,
+        raw_region(1 << 20) as source,
+        raw_region(1 << 20) as (out, _),
+    ):
+        for name in (source[0], out):
+            assert "registered" in session.ask({"op": "register", "name": name, "size": 1 << 20})
+        reply = shm_infer(session, "identity", stream, source, out)
+        assert error_of(reply) == "InvalidInput"
+        assert "max_request_bytes" in reply["error"]["message"]
+        plain = crafted_stream(zeros, *ipc_messages(zeros)[1:])  # 2 MiB > 1 MiB, plain
+        assert len(plain) > LIMIT
+        with raw_region(4 << 20) as large:
+            session.ask({"op": "register", "name": large[0], "size": 4 << 20})
+            assert error_of(shm_infer(session, "identity", plain, large, out)) == "InvalidInput"
+        small = identity_batch(2)
+        assert "output" in shm_infer(
+            session, "identity", crafted_stream(small, *ipc_messages(small)[1:]), source, out
+        )
+        beside.wait_some()
+
+
+def test_kserve_message_over_the_bound_is_refused_by_grpc(bounded: Server) -> None:
+    channel, stub = kserve_stub(bounded)
+    rows = LIMIT // 4096 + 512  # beyond the bound and its envelope
+    request = pb.ModelInferRequest(model_name="identity")
+    request.inputs.add(name="INPUT0", datatype="FP32", shape=[rows, 1024])
+    request.raw_input_contents.append(b"\0" * (rows * 4096))
+    with GoodClient(bounded.location) as beside, channel:
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.ModelInfer(request, timeout=WAIT)
+        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        # under the gRPC bound but over the data bound: the core refuses it
+        rows = LIMIT // 4096 + 1
+        request = pb.ModelInferRequest(model_name="identity")
+        request.inputs.add(name="INPUT0", datatype="FP32", shape=[rows, 1024])
+        request.raw_input_contents.append(b"\0" * (rows * 4096))
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.ModelInfer(request, timeout=WAIT)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        beside.wait_some()
+
+
+# -- 3: model control is closed unless the operator opens it ----------------------------------
+
+
+def flight_action(location: str, name: str, body: dict[str, Any], token: str | None = None) -> Any:
+    """Run one Flight action; its JSON result, or the arrowinfer error it raised."""
+    from arrowinfer.errors import from_flight
+
+    client = flight.FlightClient(location)
+    headers = [(b"authorization", f"Bearer {token}".encode())] if token else []
+    try:
+        options = flight.FlightCallOptions(timeout=WAIT, headers=headers)
+        results = list(client.do_action(flight.Action(name, json.dumps(body).encode()), options))
+        return json.loads(results[0].body.to_pybytes())
+    except flight.FlightError as err:
+        return from_flight(err)
+    finally:
+        client.close()
+
+
+def kserve_unload(server: Server, model: str, token: str | None = None) -> grpc.StatusCode:
+    channel, stub = kserve_stub(server)
+    metadata = [("authorization", f"Bearer {token}")] if token else []
+    with channel:
+        try:
+            stub.RepositoryModelUnload(
+                pb.RepositoryModelUnloadRequest(model_name=model), timeout=WAIT, metadata=metadata
+            )
+        except grpc.RpcError as err:
+            return err.code()
+    return grpc.StatusCode.OK
+
+
+def test_model_control_none_refuses_load_and_unload(target: Server) -> None:
+    from arrowinfer.errors import RequestError
+
+    with GoodClient(target.location) as beside:
+        for action in ("model.unload", "model.load"):
+            error = flight_action(target.location, action, {"model": "identity"})
+            assert isinstance(error, RequestError)
+            assert "model control mode is 'none'" in str(error)
+        assert kserve_unload(target, "identity") == grpc.StatusCode.INVALID_ARGUMENT
+        beside.wait_some()
+    assert target.core.get("identity") is not None
+
+
+def test_model_control_explicit_needs_an_admin_token(example_repository: Path) -> None:
+    from arrowinfer.errors import Unauthenticated
+
+    with Server(
+        example_repository,
+        port=0,
+        kserve_port=0,
+        metrics_port=None,
+        auth_tokens={"user-token", "admin-token"},
+        admin_tokens={"admin-token"},
+        model_control="explicit",
+    ) as server:
+        with GoodClient(server.location, token="user-token") as beside:
+            for token in ("user-token", None, "admin-token-x"):
+                error = flight_action(server.location, "model.unload", {"model": "facile"}, token)
+                assert isinstance(error, Unauthenticated), (token, error)
+                assert kserve_unload(server, "facile", token) == grpc.StatusCode.UNAUTHENTICATED
+            assert server.core.get("facile") is not None
+            reply = flight_action(server.location, "model.load", {"model": "facile"}, "admin-token")
+            assert reply == {"loaded": [1]}
+            assert kserve_unload(server, "facile", "admin-token") == grpc.StatusCode.OK
+            beside.wait_some()
+        assert [m.version.name for m in server.core.served()].count("facile") == 0
+
+
+def test_model_control_explicit_with_tokens_and_no_admin_list_refuses(
+    example_repository: Path,
+) -> None:
+    from arrowinfer.errors import Unauthenticated
+
+    with Server(
+        example_repository,
+        port=0,
+        kserve_port=None,
+        metrics_port=None,
+        auth_tokens={"user-token"},
+        model_control="explicit",
+    ) as server:
+        error = flight_action(server.location, "model.unload", {"model": "facile"}, "user-token")
+        assert isinstance(error, Unauthenticated)
+        assert "admin" in str(error)
+
+
+def test_model_control_poll_reloads_changed_models(tmp_path: Path) -> None:
+    from arrowinfer.errors import RequestError
+    from arrowinfer.examples import write_example_repository
+
+    repository = write_example_repository(tmp_path / "repo", models=["identity", "facile"])
+    with Server(
+        repository,
+        port=0,
+        kserve_port=None,
+        metrics_port=None,
+        model_control="poll",
+        repository_poll_secs=0.1,
+    ) as server:
+        with GoodClient(server.location) as beside:
+            before = server.core.get("facile")
+            config = repository / "facile" / "config.pbtxt"
+            config.write_text(config.read_text() + "\n# changed\n")
+            wait_until(lambda: server.core.get("facile") is not before, "facile reloaded")
+            error = flight_action(server.location, "model.unload", {"model": "identity"})
+            assert isinstance(error, RequestError)
+            assert "'poll'" in str(error)
+            beside.wait_some()
+        import shutil
+
+        shutil.rmtree(repository / "facile")
+        wait_until(
+            lambda: "facile" not in [m.version.name for m in server.core.served()],
+            "facile unloaded once its directory is gone",
+        )
+
+
+def wait_until(condition: Any, what: str) -> None:
+    stop = threading.Event()
+    for _ in range(int(WAIT * 20)):
+        if condition():
+            return
+        stop.wait(0.05)
+    raise AssertionError(f"timed out waiting: {what}")
+
+
+# -- 4: a client that ignores goaway cannot hold a stopping server ----------------------------
+
+
+def test_exit_timeout_ends_a_server_held_by_an_idle_stream(
+    example_repository: Path, tmp_path: Path
+) -> None:
+    import re
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    log = (tmp_path / "serve.log").open("w")
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "arrowinfer.cli",
+            "serve",
+            str(example_repository),
+            "--port",
+            "0",
+            "--kserve-port",
+            "-1",
+            "--metrics-port",
+            "-1",
+            "--exit-timeout-secs",
+            "1",
+        ],
+        cwd=Path(__file__).resolve().parents[1],
+        stdout=subprocess.PIPE,
+        stderr=log,
+        text=True,
+    )
+    try:
+        assert process.stdout is not None
+        line = process.stdout.readline()
+        found = re.search(r" on (grpc://\S+)", line)
+        assert found, line
+        location = found.group(1)
+        holder = flight.FlightClient(location)
+        with GoodClient(location) as beside:
+            # the attacker: one request, then never reads, never finishes, ignores goaway
+            writer, _ = holder.do_exchange(flight.FlightDescriptor.for_path("identity"))
+            writer.begin(identity_batch(1).schema)
+            writer.write_batch(identity_batch(1))
+            beside.wait_some()
+        started = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=WAIT) == 0
+        assert time.monotonic() - started < 15
+        holder.close()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(WAIT)
+        if process.stdout is not None:
+            process.stdout.close()
+        log.close()
+    assert "streams still open" in (tmp_path / "serve.log").read_text()

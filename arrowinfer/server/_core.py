@@ -17,13 +17,43 @@ from google.protobuf import json_format
 
 from ..backends import create_backend
 from ..batching import Completed, DynamicBatcher, ModelStatistics
-from ..errors import ModelError, ModelNotFound, ServerUnavailable
+from ..errors import InvalidInput, ModelError, ModelNotFound, ServerUnavailable
 from ..repository import ModelVersion, Repository
 from ..schema import check_data, validate
 
-__all__ = ["InferenceCore", "LoadedModel"]
+__all__ = ["MAX_REQUEST_BYTES", "MAX_REQUEST_BYTES_PARAMETER", "InferenceCore", "LoadedModel"]
 
 log = logging.getLogger(__name__)
+
+#: The most bytes of data one request may make the server hold (``--max-request-bytes``).
+MAX_REQUEST_BYTES = 1 << 30
+
+#: The model config parameter that overrides it for one model.
+MAX_REQUEST_BYTES_PARAMETER = "arrowinfer.max_request_bytes"
+
+
+def _request_limit(version: ModelVersion, default: int) -> int:
+    """The model's ``arrowinfer.max_request_bytes`` parameter, else ``default``.
+
+    Raises
+    ------
+    ModelError
+        The parameter is not a positive integer.
+    """
+    param = version.config.parameters.get(MAX_REQUEST_BYTES_PARAMETER)
+    text = param.string_value.strip() if param is not None else ""
+    if not text:
+        return default
+    try:
+        limit = int(text)
+    except ValueError:
+        limit = 0
+    if limit < 1:
+        raise ModelError(
+            f"model {version.name!r}: {MAX_REQUEST_BYTES_PARAMETER} must be a positive "
+            f"integer (bytes), got {text!r}"
+        )
+    return limit
 
 
 @dataclass
@@ -32,6 +62,8 @@ class LoadedModel:
 
     version: ModelVersion
     batcher: DynamicBatcher
+    #: The most bytes of data one request may have (:data:`MAX_REQUEST_BYTES` or the model's).
+    max_request_bytes: int = MAX_REQUEST_BYTES
 
     @property
     def statistics(self) -> ModelStatistics:
@@ -49,6 +81,9 @@ class InferenceCore:
         ``"cpu"`` or ``"cuda:N"`` for every model, overriding their instance groups.
     models
         Only these models are loaded at start (all when None).
+    max_request_bytes
+        The most bytes of data one request may have (its Arrow buffers, decompressed);
+        a model's config parameter ``arrowinfer.max_request_bytes`` overrides it.
     """
 
     def __init__(
@@ -57,9 +92,13 @@ class InferenceCore:
         *,
         device: str | None = None,
         models: list[str] | None = None,
+        max_request_bytes: int = MAX_REQUEST_BYTES,
     ):
+        if max_request_bytes < 1:
+            raise ValueError(f"max_request_bytes must be positive, got {max_request_bytes}")
         self.repository = repository
         self.device = device
+        self.max_request_bytes = max_request_bytes
         self._models: dict[str, dict[int, LoadedModel]] = {}
         self._failed: dict[str, str] = {}
         self._lock = threading.RLock()
@@ -80,9 +119,12 @@ class InferenceCore:
         loaded = {}
         try:
             for version in versions:
+                limit = _request_limit(version, self.max_request_bytes)
                 count = sum(g.count or 1 for g in version.config.instance_group) or 1
                 backends = [create_backend(version, device=self.device) for _ in range(count)]
-                loaded[version.version] = LoadedModel(version, DynamicBatcher(version, backends))
+                loaded[version.version] = LoadedModel(
+                    version, DynamicBatcher(version, backends), limit
+                )
         except Exception:
             for model in loaded.values():
                 model.batcher.close()
@@ -166,6 +208,14 @@ class InferenceCore:
         version = model.version
         max_rows = version.max_request_rows if version.max_batch_size > 0 else 1
         check_data(batch, model=version.name)
+        size = batch.nbytes  # what the server holds for it (checked: buffers are real)
+        if size > model.max_request_bytes:
+            raise InvalidInput(
+                "the request is too large (max_request_bytes)",
+                model=version.name,
+                expected=f"<= {model.max_request_bytes} bytes of data",
+                got=f"{size} bytes",
+            )
         validate(batch, version.inputs, model=version.name, max_rows=max_rows)
         return model.batcher.submit(batch)
 

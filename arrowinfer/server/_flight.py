@@ -33,6 +33,7 @@ from .. import __version__
 from ..batching import Completed
 from ..errors import ArrowInferError, InvalidInput, ServerUnavailable, error_to_dict, to_flight
 from ..protocol import SERVER_TIMES, dump_json, parse_json
+from ._auth import HEADERS_MIDDLEWARE, HeadersMiddleware, ModelControl, flight_authorization
 from ._core import InferenceCore, LoadedModel
 from ._ordered import OrderedReplies, Reply
 
@@ -84,6 +85,8 @@ class FlightService(flight.FlightServerBase):
         path (the server's shared-memory sessions, say); they take precedence over models.
     actions
         More actions, by name: ``(description, handler)``.
+    model_control
+        Who may ``model.load``/``model.unload`` (default: nobody, Triton's mode ``none``).
     **kwargs
         Passed to ``pyarrow.flight.FlightServerBase`` (TLS certificates, middleware, ...).
     """
@@ -95,10 +98,17 @@ class FlightService(flight.FlightServerBase):
         *,
         exchanges: Mapping[str, Exchange] | None = None,
         actions: Mapping[str, Action] | None = None,
+        model_control: ModelControl | None = None,
         **kwargs: Any,
     ):
+        # every call's headers stay readable by the handlers (the admin token)
+        kwargs["middleware"] = {
+            **kwargs.get("middleware", {}),
+            HEADERS_MIDDLEWARE: HeadersMiddleware(),
+        }
         super().__init__(location, **kwargs)
         self.core = core
+        self.control = model_control or ModelControl()
         self._exchanges = dict(exchanges or {})
         self._descriptions = {**ACTIONS, **{k: d for k, (d, _) in (actions or {}).items()}}
         self._streams: set[OrderedReplies] = set()
@@ -257,6 +267,8 @@ class FlightService(flight.FlightServerBase):
                     expected=sorted(self._descriptions),
                     got=action.type,
                 )
+            if action.type in ("model.load", "model.unload"):
+                self.control.check(action.type.partition(".")[2], flight_authorization(context))
             body = parse_json(
                 action.body.to_pybytes() if action.body is not None else None, "the action body"
             )

@@ -72,6 +72,7 @@ from ..errors import (
 )
 from ..protocol import dump_json
 from ..schema import TensorSpec
+from ._auth import ModelControl
 from ._core import InferenceCore, LoadedModel
 from ._v2tensors import infer_response, request_batch, requested_outputs
 
@@ -81,6 +82,9 @@ log = logging.getLogger(__name__)
 
 #: gRPC message size limit both ways (Triton's and tritonclient's: INT32_MAX).
 MAX_MESSAGE_BYTES = 2**31 - 1
+
+#: Room for the protobuf fields around a request's data (names, shapes, parameters).
+_ENVELOPE_BYTES = 1 << 20
 
 # -- errors: the one place that maps exceptions to status codes --------------------------
 
@@ -158,8 +162,13 @@ class KServeService(service_pb2_grpc.GRPCInferenceServiceServicer):
     use :func:`start_kserve`.
     """
 
-    def __init__(self, core: InferenceCore):
+    def __init__(self, core: InferenceCore, model_control: ModelControl | None = None):
         self.core = core
+        self.control = model_control or ModelControl()
+
+    def _check_control(self, action: str, context: Any) -> None:
+        metadata = context.invocation_metadata() or ()
+        self.control.check(action, [value for key, value in metadata if key == "authorization"])
 
     # -- health and metadata ------------------------------------------------------------
 
@@ -229,6 +238,7 @@ class KServeService(service_pb2_grpc.GRPCInferenceServiceServicer):
     def RepositoryModelLoad(
         self, request: pb.RepositoryModelLoadRequest, context: Any
     ) -> pb.RepositoryModelLoadResponse:
+        self._check_control("load", context)
         override = sorted(k for k in request.parameters if k == "config" or k.startswith("file:"))
         if override:
             raise InvalidInput(
@@ -243,6 +253,7 @@ class KServeService(service_pb2_grpc.GRPCInferenceServiceServicer):
     def RepositoryModelUnload(
         self, request: pb.RepositoryModelUnloadRequest, context: Any
     ) -> pb.RepositoryModelUnloadResponse:
+        self._check_control("unload", context)
         self.core.unload(request.model_name)
         return pb.RepositoryModelUnloadResponse()
 
@@ -329,8 +340,10 @@ def start_kserve(
     *,
     max_workers: int = 32,
     max_message_bytes: int = MAX_MESSAGE_BYTES,
+    max_request_bytes: int | None = None,
     tls: tuple[bytes, bytes] | None = None,
     interceptors: Sequence[grpc.ServerInterceptor] = (),
+    model_control: ModelControl | None = None,
 ) -> tuple[grpc.Server, int]:
     """Serve ``core`` over KServe v2 gRPC on ``host:port``; returns the server and its port.
 
@@ -346,10 +359,17 @@ def start_kserve(
         this many at a time.
     max_message_bytes
         Largest request or response (both ways), at least 256 MB; the default is Triton's.
+    max_request_bytes
+        Bound requests lower (the server's ``--max-request-bytes``): gRPC refuses a larger
+        message, gzip/deflate-compressed or not (gRPC checks the decompressed size and
+        stops decompressing there), before any of it reaches Python. A little room is
+        left for the protobuf around the data.
     tls
         ``(certificate_chain, private_key)`` as PEM bytes: listen with TLS.
     interceptors
         gRPC server interceptors (the bearer-token check, say), run before every RPC.
+    model_control
+        Who may call ``RepositoryModelLoad``/``Unload`` (default: nobody).
 
     Raises
     ------
@@ -358,16 +378,21 @@ def start_kserve(
     """
     if max_message_bytes < 256 * 2**20:
         raise ValueError(f"max_message_bytes must be at least 256 MiB, got {max_message_bytes}")
+    receive = max_message_bytes
+    if max_request_bytes is not None:
+        receive = min(receive, max_request_bytes + _ENVELOPE_BYTES)
     server = grpc.server(
         ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="kserve"),
         options=[
             ("grpc.max_send_message_length", max_message_bytes),
-            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_receive_message_length", receive),
             ("grpc.so_reuseport", 0),  # a port in use is an error, not a silent share
         ],
         interceptors=list(interceptors),
     )
-    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(KServeService(core), server)
+    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
+        KServeService(core, model_control), server
+    )
     address = f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
     try:
         if tls is None:

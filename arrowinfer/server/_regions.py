@@ -14,12 +14,13 @@ import mmap
 import os
 import re
 import stat
+import struct
 import threading
 from typing import Any
 
 import pyarrow as pa
 
-from .._ipc import SchemaCache, encode, read_stream
+from .._ipc import SchemaCache, encode
 from ..errors import InvalidInput
 
 __all__ = [
@@ -27,6 +28,7 @@ __all__ = [
     "OutputTooSmall",
     "Region",
     "check_integer",
+    "decoded_size",
     "read_request",
     "region_path",
     "write_result",
@@ -182,20 +184,107 @@ class Region:
         return self._unmap()
 
 
-def read_request(view: pa.Buffer, schemas: SchemaCache | None = None) -> pa.RecordBatch:
-    """The record batch of the Arrow IPC stream lying in ``view``, without a copy.
+_RECORD_BATCH = 3  # the MessageHeader union's tag of a RecordBatch (Arrow's Message.fbs)
 
-    ``schemas`` caches parsed schemas (each session has one).
+
+def _table_field(data: bytes, table: int, index: int) -> int | None:
+    """Where field ``index`` of the flatbuffer table at ``table`` lies, None if absent."""
+    vtable = table - struct.unpack_from("<i", data, table)[0]
+    vsize = struct.unpack_from("<H", data, vtable)[0]
+    if 4 + 2 * index >= vsize:
+        return None
+    offset = struct.unpack_from("<H", data, vtable + 4 + 2 * index)[0]
+    return table + offset if offset else None
+
+
+def _follow(data: bytes, where: int) -> int:
+    return where + struct.unpack_from("<I", data, where)[0]
+
+
+def decoded_size(message: pa.ipc.Message) -> int:
+    """The bytes a record batch message's body takes once decompressed, read before it is.
+
+    An uncompressed body is its own size. A compressed one (``BodyCompression`` in the
+    metadata) holds each buffer as its uncompressed length (int64, -1 = stored as is)
+    followed by the compressed bytes: the sum of those lengths is what decompression
+    would allocate, known here without allocating it.
 
     Raises
     ------
     InvalidInput
-        Not an IPC stream with a record batch.
+        The metadata or a buffer's length prefix lies outside the message.
+    """
+    body = message.body
+    body_size = body.size if body is not None else 0
+    data = message.metadata.to_pybytes()
+    try:
+        root = _follow(data, 0)
+        kind = _table_field(data, root, 1)
+        header = _table_field(data, root, 2)
+        if kind is None or header is None or data[kind] != _RECORD_BATCH:
+            return body_size
+        batch = _follow(data, header)
+        if _table_field(data, batch, 3) is None:  # no BodyCompression: stored as is
+            return body_size
+        where = _table_field(data, batch, 2)
+        if where is None:
+            return 0
+        buffers = _follow(data, where)
+        count = struct.unpack_from("<I", data, buffers)[0]
+        prefixes = memoryview(body) if body is not None else b""
+        total = 0
+        for i in range(count):
+            offset, length = struct.unpack_from("<qq", data, buffers + 4 + 16 * i)
+            if length == 0:
+                continue
+            if length < 8 or offset < 0 or offset + length > body_size:
+                raise ValueError("a compressed buffer outside the body")
+            (size,) = struct.unpack_from("<q", prefixes, offset)
+            if size < -1:
+                raise ValueError("a negative uncompressed length")
+            total += length - 8 if size == -1 else size
+        return total
+    except (struct.error, IndexError, ValueError) as err:
+        raise InvalidInput(f"the input region holds a malformed Arrow IPC message: {err}") from None
+
+
+def read_request(
+    view: pa.Buffer, schemas: SchemaCache | None = None, *, max_bytes: int | None = None
+) -> pa.RecordBatch:
+    """The record batch of the Arrow IPC stream lying in ``view``, without a copy.
+
+    ``schemas`` caches parsed schemas (each session has one). ``max_bytes`` bounds the
+    batch's body once decompressed, checked before anything is decompressed
+    (:func:`decoded_size`). The batch's buffers are not validated here: the core does it
+    (``schema.check_data``) before anything reads them.
+
+    Raises
+    ------
+    InvalidInput
+        Not an IPC stream with a record batch, or a body larger than ``max_bytes``.
     """
     try:
-        return read_stream(view, schemas)
-    except StopIteration:
-        raise InvalidInput("the input region holds no record batch") from None
+        source = pa.BufferReader(view)
+        try:
+            message = pa.ipc.read_message(source)
+        except EOFError:  # the end-of-stream marker first, or nothing at all
+            message = None
+        if message is None or message.type != "schema":
+            raise pa.ArrowInvalid("no schema message at the start of the IPC stream")
+        schema = schemas.get(message) if schemas is not None else pa.ipc.read_schema(message)
+        try:
+            message = pa.ipc.read_message(source)
+        except EOFError:
+            raise InvalidInput("the input region holds no record batch") from None
+        if max_bytes is not None:
+            size = decoded_size(message)
+            if size > max_bytes:
+                raise InvalidInput(
+                    "the request is too large (max_request_bytes)",
+                    expected=f"<= {max_bytes} bytes of data",
+                    got=f"{size} bytes",
+                )
+        return pa.ipc.read_record_batch(message, schema)
     except (pa.ArrowInvalid, pa.ArrowIOError, pa.ArrowNotImplementedError) as err:
         raise InvalidInput(f"the input region holds no valid Arrow IPC stream: {err}") from None
 

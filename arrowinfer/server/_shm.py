@@ -297,7 +297,7 @@ class ShmService:
         offset = check_integer(target.get("offset", 0), "the output offset")
         size = check_integer(target.get("size"), "the output size")
         output.slice(offset, size, "output", minimum=0)  # checked now, written later
-        batch = read_request(view, session.schemas)
+        batch = read_request(view, session.schemas, max_bytes=model.max_request_bytes)
         del view
         if self.on_request is not None:
             self.on_request(batch, input_region)
