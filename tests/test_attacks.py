@@ -696,3 +696,82 @@ def test_exit_timeout_ends_a_server_held_by_an_idle_stream(
             process.stdout.close()
         log.close()
     assert "streams still open" in (tmp_path / "serve.log").read_text()
+
+
+# -- 5: a client that does not read its results cannot make the server hold them ---------------
+
+
+def _rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+def test_a_client_that_never_reads_is_not_read_either(
+    example_repository: Path, tmp_path: Path
+) -> None:
+    import re
+    import subprocess
+    import sys
+    import time
+
+    log = (tmp_path / "serve.log").open("w")
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "arrowinfer.cli",
+            "serve",
+            str(example_repository),
+            "--port",
+            "0",
+            "--kserve-port",
+            "-1",
+            "--metrics-port",
+            "-1",
+            "--model",
+            "identity",
+        ],
+        cwd=Path(__file__).resolve().parents[1],
+        stdout=subprocess.PIPE,
+        stderr=log,
+        text=True,
+    )
+    sent = [0]
+    try:
+        assert process.stdout is not None
+        found = re.search(r" on (grpc://\S+)", process.stdout.readline())
+        assert found
+        location = found.group(1)
+        request = identity_batch(1024)  # 4 MiB
+        with GoodClient(location) as beside:
+            beside.wait_some(5)
+            baseline = _rss_bytes(process.pid)
+
+            def flood() -> None:
+                client = flight.FlightClient(location)
+                writer, _ = client.do_exchange(flight.FlightDescriptor.for_path("identity"))
+                writer.begin(request.schema)
+                with contextlib.suppress(pa.ArrowException, OSError):
+                    for _ in range(150):
+                        writer.write_batch(request)  # and never a read
+                        sent[0] += 1
+
+            threading.Thread(target=flood, name="flood", daemon=True).start()
+            # wait until the attacker is stalled (the server stopped reading it)
+            last, still = -1, 0
+            deadline = time.monotonic() + WAIT
+            while still < 20 and sent[0] < 150 and time.monotonic() < deadline:
+                still = still + 1 if sent[0] == last else 0
+                last = sent[0]
+                threading.Event().wait(0.05)
+            grown = _rss_bytes(process.pid) - baseline
+            beside.wait_some(5)  # and the good client is served all along
+        assert sent[0] < 150, "the server read every request of a client that reads nothing"
+        assert grown < 400 << 20, f"the server grew by {grown >> 20} MiB"
+    finally:
+        process.kill()
+        process.wait(WAIT)
+        process.stdout.close() if process.stdout is not None else None
+        log.close()

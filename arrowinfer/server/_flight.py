@@ -243,7 +243,8 @@ class FlightService(flight.FlightServerBase):
                     future = self.core.submit(model, chunk.data, draining=True)
                 except ArrowInferError as err:
                     future = err
-                replies.put((future, request_meta.get("id")))
+                # the buffers' sizes, not nbytes: that would read unchecked offsets
+                replies.put((future, request_meta.get("id")), chunk.data.get_total_buffer_size())
                 if replies.failure is not None or stale:
                     break
         finally:

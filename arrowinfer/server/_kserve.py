@@ -74,6 +74,7 @@ from ..protocol import dump_json
 from ..schema import TensorSpec
 from ._auth import ModelControl
 from ._core import InferenceCore, LoadedModel
+from ._ordered import MAX_PENDING
 from ._v2tensors import infer_response, request_batch, requested_outputs
 
 __all__ = ["MAX_MESSAGE_BYTES", "KServeService", "start_kserve", "status_of"]
@@ -291,9 +292,20 @@ class KServeService(service_pb2_grpc.GRPCInferenceServiceServicer):
         self, request_iterator: Iterable[pb.ModelInferRequest], context: Any
     ) -> Iterator[pb.ModelStreamInferResponse]:
         """Pipelined: requests are read and queued while earlier ones run; answers in order."""
-        pending: queue.SimpleQueue[tuple[pb.ModelInferRequest, _Pending | Exception] | None] = (
-            queue.SimpleQueue()
+        # bounded: a client that does not read its responses stops being read (back-pressure)
+        pending: queue.Queue[tuple[pb.ModelInferRequest, _Pending | Exception] | None] = (
+            queue.Queue(maxsize=MAX_PENDING)
         )
+
+        def offer(entry: tuple[pb.ModelInferRequest, _Pending | Exception] | None) -> bool:
+            """Queue an entry, waiting for room while the stream is alive; False if it died."""
+            while context.is_active():
+                try:
+                    pending.put(entry, timeout=0.2)
+                    return True
+                except queue.Full:
+                    continue
+            return False
 
         def read() -> None:
             try:
@@ -305,11 +317,12 @@ class KServeService(service_pb2_grpc.GRPCInferenceServiceServicer):
                         )
                     except Exception as err:  # noqa: BLE001 -- answered in its response
                         item = err
-                    pending.put((request, item))
+                    if not offer((request, item)):
+                        return
             except grpc.RpcError as err:  # the client cancelled or went away
                 log.debug("KServe stream closed while reading: %s", err)
             finally:
-                pending.put(None)
+                offer(None)
 
         reader = threading.Thread(target=read, name="kserve-stream-reader", daemon=True)
         reader.start()

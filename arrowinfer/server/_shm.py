@@ -118,6 +118,7 @@ class _Infer:
     offset: int
     size: int
     id: Any
+    nbytes: int = 0  # the request's data: what the stream's back-pressure counts
 
 
 class _Session:
@@ -232,7 +233,9 @@ class ShmService:
         replies.start()
         try:
             for chunk in reader:
-                replies.put(self._handle(session, chunk))
+                item = self._handle(session, chunk)
+                replies.put(item, item.nbytes if isinstance(item, _Infer) else 0)
+                del item
                 if replies.failure is not None:
                     break
         except (pa.ArrowException, OSError) as err:  # the client went away
@@ -308,7 +311,8 @@ class ShmService:
         except BaseException:
             self._release(input_region, output)
             raise
-        return _Infer(future, input_region, output, offset, size, request.get("id"))
+        nbytes = batch.get_total_buffer_size()
+        return _Infer(future, input_region, output, offset, size, request.get("id"), nbytes)
 
     def _release(self, *regions: Region) -> None:
         for region in regions:
