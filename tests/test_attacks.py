@@ -775,3 +775,123 @@ def test_a_client_that_never_reads_is_not_read_either(
         process.wait(WAIT)
         process.stdout.close() if process.stdout is not None else None
         log.close()
+
+
+# -- 6: malformed requests fail alone, and never show the server's insides --------------------
+
+
+def test_malformed_stream_metadata_fails_that_request_only(target: Server) -> None:
+    client = flight.FlightClient(target.location)
+    good = identity_batch(2)
+    deep = b'{"a": ' + b"[" * 5000 + b"]" * 5000 + b"}"
+    bad_metadata = [deep, b"\xff\xfe{}", b"[1, 2]", b'{"id": NaN}', b"{" * 100_000]
+    with GoodClient(target.location) as beside:
+        writer, reader = client.do_exchange(flight.FlightDescriptor.for_path("identity"), OPTIONS)
+        writer.begin(good.schema)
+        for metadata in bad_metadata:
+            writer.write_with_metadata(good, metadata)
+            reply = json.loads(reader.read_chunk().app_metadata.to_pybytes())
+            assert error_of(reply) == "InvalidInput", metadata[:20]
+            no_internals(reply["error"]["message"])
+            writer.write_batch(good)  # the stream goes on
+            chunk = reader.read_chunk()
+            assert chunk.data.num_rows == 2
+        writer.done_writing()
+        writer.close()
+        beside.wait_some()
+    client.close()
+
+
+WRONG_BODIES = [
+    ("model.config", {"model": "identity", "version": [1]}),
+    ("model.config", {"model": ["identity"]}),
+    ("model.metadata", {"model": "identity", "version": True}),
+    ("model.statistics", {"model": 5}),
+    ("model.statistics", {"model": "identity", "version": {"x": 1}}),
+    ("model.config", {"model": "identity", "version": 1e300}),
+]
+
+
+def test_actions_with_wrong_json_types_are_invalid_input(target: Server) -> None:
+    from arrowinfer.errors import InvalidInput
+
+    with GoodClient(target.location) as beside:
+        for name, body in WRONG_BODIES:
+            error = flight_action(target.location, name, body)
+            assert isinstance(error, InvalidInput), (name, body, error)
+            no_internals(str(error))
+        for raw in (b"\xff", b"[]", b'{"model": ' + b"[" * 3000 + b"]" * 3000 + b"}"):
+            client = flight.FlightClient(target.location)
+            with pytest.raises(flight.FlightError) as caught:
+                list(client.do_action(flight.Action("model.config", raw), OPTIONS))
+            client.close()
+            no_internals(str(caught.value))
+            assert b"InvalidInput" in (caught.value.extra_info or b"")
+        beside.wait_some()
+
+
+def test_shm_requests_with_wrong_json_types_are_invalid_input(target: Server) -> None:
+    requests: list[Any] = [
+        {"op": "infer", "model": "identity", "version": [1], "input": {}, "output": {}},
+        {"op": "infer", "model": 7, "input": {}, "output": {}},
+        {"op": 5},
+        {"op": "register", "name": 5, "size": "x"},
+        {"op": "register", "name": "x", "size": 1e300},
+        {"op": "unregister", "name": {"a": 1}},
+        {"op": "infer", "model": "identity", "input": {"region": [1]}, "output": {}},
+        {"op": "infer", "model": "identity", "input": [], "output": None},
+        ["not", "an", "object"],
+    ]
+    with GoodClient(target.location) as beside, raw_session(target) as session:
+        for request in requests:
+            reply = session.ask(request)
+            assert error_of(reply) == "InvalidInput", (request, reply)
+            no_internals(json.dumps(reply))
+        for raw in (b"\xff\xfe", b'{"op": ' + b"[" * 3000 + b"]" * 3000 + b"}", b"{"):
+            reply = session.ask(raw)
+            assert error_of(reply) == "InvalidInput"
+        assert session.ask({"op": "unregister", "name": "nothing"})["error"]["type"]
+        beside.wait_some()
+
+
+def test_invalid_utf8_descriptors_fail_without_harm(target: Server) -> None:
+    client = flight.FlightClient(target.location)
+    with GoodClient(target.location) as beside:
+        for path in ([b"\xff\xfe"], [b"identity", b"\xff"]):
+            with pytest.raises(flight.FlightError) as caught:
+                client.get_flight_info(flight.FlightDescriptor.for_path(*path), OPTIONS)
+            no_internals(str(caught.value))
+        beside.wait_some()
+    client.close()
+
+
+def test_an_unexpected_server_error_shows_only_an_incident_id(
+    target: Server, caplog: pytest.LogCaptureFixture
+) -> None:
+    def explode(batch: pa.RecordBatch, region: Any) -> None:
+        raise RuntimeError("secret detail in /opt/server/internal.py")
+
+    good = identity_batch(2)
+    data = crafted_stream(good, *ipc_messages(good)[1:])
+    target.shm.on_request = explode
+    try:
+        with (
+            GoodClient(target.location) as beside,
+            raw_session(target) as session,
+            raw_region(1 << 20) as source,
+            raw_region(1 << 20) as (out, _),
+        ):
+            for name in (source[0], out):
+                session.ask({"op": "register", "name": name, "size": 1 << 20})
+            reply = shm_infer(session, "identity", data, source, out)
+            assert error_of(reply) == "ServerError"
+            message = reply["error"]["message"]
+            assert "secret" not in message
+            no_internals(message)
+            incident = message.split("incident ")[1].split(")")[0]
+            assert any(incident in r.getMessage() for r in caplog.records)
+            target.shm.on_request = None
+            assert "output" in shm_infer(session, "identity", data, source, out)
+            beside.wait_some()
+    finally:
+        target.shm.on_request = None

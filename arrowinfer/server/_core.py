@@ -7,6 +7,7 @@ Flight, KServe v2 gRPC and the shared-memory service all call the same
 from __future__ import annotations
 
 import logging
+import secrets
 import threading
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -17,11 +18,17 @@ from google.protobuf import json_format
 
 from ..backends import create_backend
 from ..batching import Completed, DynamicBatcher, ModelStatistics
-from ..errors import InvalidInput, ModelError, ModelNotFound, ServerUnavailable
+from ..errors import InvalidInput, ModelError, ModelNotFound, ServerError, ServerUnavailable
 from ..repository import ModelVersion, Repository
 from ..schema import check_data, validate
 
-__all__ = ["MAX_REQUEST_BYTES", "MAX_REQUEST_BYTES_PARAMETER", "InferenceCore", "LoadedModel"]
+__all__ = [
+    "MAX_REQUEST_BYTES",
+    "MAX_REQUEST_BYTES_PARAMETER",
+    "InferenceCore",
+    "LoadedModel",
+    "unexpected",
+]
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +37,25 @@ MAX_REQUEST_BYTES = 1 << 30
 
 #: The model config parameter that overrides it for one model.
 MAX_REQUEST_BYTES_PARAMETER = "arrowinfer.max_request_bytes"
+
+
+def unexpected(err: BaseException, what: str) -> ServerError:
+    """The error a client gets for an exception the server did not expect.
+
+    Its text, type and traceback may show server internals (paths, code, memory): they go
+    to the log under a random incident id, and the client gets only that id.
+    """
+    incident = secrets.token_hex(6)
+    log.error("%s failed (incident %s)", what, incident, exc_info=err)
+    return ServerError(f"internal error (incident {incident}); the server log has the details")
+
+
+def _check_name(name: object, version: object) -> None:
+    """A model name is a string, a version a string or an integer (never a bool)."""
+    if not isinstance(name, str):
+        raise InvalidInput("a model name must be a string", got=type(name).__name__)
+    if version is not None and (isinstance(version, bool) or not isinstance(version, str | int)):
+        raise InvalidInput("a model version must be a string or an integer", got=repr(version))
 
 
 def _request_limit(version: ModelVersion, default: int) -> int:
@@ -163,7 +189,10 @@ class InferenceCore:
         ------
         ModelNotFound
             Listing the served models (or versions).
+        InvalidInput
+            ``name`` is not a string, or ``version`` not a string or integer.
         """
+        _check_name(name, version)
         with self._lock:
             versions = self._models.get(name)
             if not versions:
@@ -246,6 +275,7 @@ class InferenceCore:
         self, name: str | None = None, version: str | None = None
     ) -> list[dict[str, Any]]:
         """Triton's statistics of one model version, one model, or every model."""
+        _check_name(name or "", version or None)
         if name:
             if version:
                 return [self.get(name, version).statistics.as_dict()]

@@ -20,11 +20,12 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future
-from typing import Any
+from typing import Any, TypeVar
 
 import pyarrow as pa
 from pyarrow import flight
@@ -34,7 +35,7 @@ from ..batching import Completed
 from ..errors import ArrowInferError, InvalidInput, ServerUnavailable, error_to_dict, to_flight
 from ..protocol import SERVER_TIMES, dump_json, parse_json
 from ._auth import HEADERS_MIDDLEWARE, HeadersMiddleware, ModelControl, flight_authorization
-from ._core import InferenceCore, LoadedModel
+from ._core import InferenceCore, LoadedModel, unexpected
 from ._ordered import OrderedReplies, Reply
 
 __all__ = ["ACTIONS", "Action", "Exchange", "FlightService"]
@@ -60,8 +61,35 @@ Exchange = Callable[[Any, flight.MetadataRecordBatchReader, flight.MetadataRecor
 Action = tuple[str, Callable[[dict[str, Any]], Any]]
 
 
+_Call = TypeVar("_Call", bound=Callable[..., Any])
+
+
+def _guarded(method: _Call) -> _Call:
+    """Every exception of a Flight call reaches the client as arrowinfer's error JSON.
+
+    pyarrow would send any other exception's text and traceback (server paths) to the
+    client: an unexpected one becomes a generic ``ServerError`` whose details are logged.
+    """
+
+    @functools.wraps(method)
+    def call(self: FlightService, context: Any, *args: Any) -> Any:
+        try:
+            return method(self, context, *args)
+        except flight.FlightError:
+            raise
+        except ArrowInferError as err:
+            raise to_flight(err) from None
+        except Exception as err:  # noqa: BLE001 -- the one place Flight calls hide internals
+            raise to_flight(unexpected(err, f"Flight {method.__name__}")) from None
+
+    return call  # type: ignore[return-value]
+
+
 def _descriptor_model(descriptor: flight.FlightDescriptor) -> tuple[str, str | None]:
-    path = [p.decode() if isinstance(p, bytes) else p for p in (descriptor.path or [])]
+    try:
+        path = [p.decode() if isinstance(p, bytes) else p for p in (descriptor.path or [])]
+    except UnicodeDecodeError:
+        raise InvalidInput("a descriptor path must be UTF-8") from None
     if descriptor.descriptor_type != flight.DescriptorType.PATH or not 1 <= len(path) <= 2:
         raise InvalidInput(
             "a model is named by a path descriptor [model] or [model, version]",
@@ -146,11 +174,13 @@ class FlightService(flight.FlightServerBase):
         for model in self.core.served():
             yield self._info(model)
 
+    @_guarded
     def get_flight_info(
         self, context: Any, descriptor: flight.FlightDescriptor
     ) -> flight.FlightInfo:
         return self._info(self._lookup(descriptor))
 
+    @_guarded
     def get_schema(self, context: Any, descriptor: flight.FlightDescriptor) -> flight.SchemaResult:
         return flight.SchemaResult(self._lookup(descriptor).version.inputs)
 
@@ -185,6 +215,7 @@ class FlightService(flight.FlightServerBase):
         name = path[0].decode(errors="replace") if isinstance(path[0], bytes) else path[0]
         return self._exchanges.get(name)
 
+    @_guarded
     def do_exchange(
         self,
         context: Any,
@@ -276,9 +307,8 @@ class FlightService(flight.FlightServerBase):
             result = handler(body)
         except ArrowInferError as err:
             raise to_flight(err) from None
-        except Exception as err:
-            log.exception("action %s failed", action.type)
-            raise to_flight(err) from None
+        except Exception as err:  # noqa: BLE001 -- its text may hold server internals
+            raise to_flight(unexpected(err, f"action {action.type}")) from None
         yield dump_json(result)
 
     def _ready(self, body: dict[str, Any]) -> dict[str, bool]:
@@ -310,9 +340,9 @@ def _result(
         if isinstance(outcome, BaseException):
             raise outcome
         done = outcome.result()
-    except Exception as err:  # the request's error, for its client
+    except Exception as err:  # noqa: BLE001 -- the request's error, for its client
         if not isinstance(err, ArrowInferError):
-            log.error("request failed", exc_info=err)
+            err = unexpected(err, "request")
         if not empty:
             empty.append(pa.RecordBatch.from_pylist([], schema=outputs))
         meta["error"] = error_to_dict(err)

@@ -73,7 +73,7 @@ from ..errors import (
 from ..protocol import dump_json
 from ..schema import TensorSpec
 from ._auth import ModelControl
-from ._core import InferenceCore, LoadedModel
+from ._core import InferenceCore, LoadedModel, unexpected
 from ._ordered import MAX_PENDING
 from ._v2tensors import infer_response, request_batch, requested_outputs
 
@@ -101,9 +101,9 @@ def status_of(err: BaseException) -> tuple[grpc.StatusCode, str]:
     return getattr(grpc.StatusCode, name), message
 
 
-def _log_unexpected(err: BaseException, rpc: str) -> None:
-    if not isinstance(err, ArrowInferError):
-        log.error("KServe %s failed", rpc, exc_info=err)
+def _public(err: Exception, rpc: str) -> Exception:
+    """``err`` if it is arrowinfer's; else a generic error, its details logged with an id."""
+    return err if isinstance(err, ArrowInferError) else unexpected(err, f"KServe {rpc}")
 
 
 _Method = TypeVar("_Method", bound=Callable[..., Any])
@@ -117,7 +117,7 @@ def _unary(method: _Method) -> _Method:
         try:
             return method(self, request, context)
         except Exception as err:  # noqa: BLE001 -- the one place errors become status codes
-            _log_unexpected(err, method.__name__)
+            err = _public(err, method.__name__)
             code, message = status_of(err)
             detail = dump_json(
                 error_to_dict(err)
@@ -333,7 +333,7 @@ class KServeService(service_pb2_grpc.GRPCInferenceServiceServicer):
                     raise outcome
                 response = pb.ModelStreamInferResponse(infer_response=self._result(outcome))
             except Exception as err:  # noqa: BLE001 -- the stream's error_message, as Triton
-                _log_unexpected(err, "ModelStreamInfer")
+                err = _public(err, "ModelStreamInfer")
                 response = pb.ModelStreamInferResponse(
                     error_message=status_of(err)[1],
                     infer_response=pb.ModelInferResponse(

@@ -67,7 +67,7 @@ from ..errors import (
     to_flight,
 )
 from ..protocol import SERVER_TIMES, SHM_DESCRIPTOR, parse_json, peer_is_local
-from ._core import InferenceCore
+from ._core import InferenceCore, unexpected
 from ._ordered import OrderedReplies, Reply
 from ._regions import OutputTooSmall, Region, check_integer, read_request, write_result
 
@@ -286,6 +286,8 @@ class ShmService:
                 )
         except ArrowInferError as err:
             reply = {"error": error_to_dict(err)}
+        except Exception as err:  # noqa: BLE001 -- this request fails; the session goes on
+            reply = {"error": error_to_dict(unexpected(err, "shm request"))}
         if "id" in request:
             reply["id"] = request["id"]
         return reply
@@ -332,9 +334,8 @@ class ShmService:
             reply = {"error": error_to_dict(err), "needed": err.needed}
         except ArrowInferError as err:
             reply = {"error": error_to_dict(err)}
-        except Exception as err:
-            log.exception("shm request failed")
-            reply = {"error": error_to_dict(err)}
+        except Exception as err:  # noqa: BLE001 -- its text may hold server internals
+            reply = {"error": error_to_dict(unexpected(err, "shm request"))}
         else:
             reply = {
                 "output": {"region": item.output.name, "offset": item.offset, "length": length},
