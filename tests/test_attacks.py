@@ -895,3 +895,131 @@ def test_an_unexpected_server_error_shows_only_an_incident_id(
             beside.wait_some()
     finally:
         target.shm.on_request = None
+
+
+# -- 7: shared memory reaches only memory the client owns --------------------------------------
+
+OTHER_UID = 65534  # nobody
+
+
+def _as_other_user(location: str, victims: dict[str, str], answers: Any) -> None:
+    """Runs in a spawned child: drops to ``nobody``, then attacks over a shm session.
+
+    Modules are imported before the uid changes: the new user cannot read root's files.
+    """
+    import encodings.idna  # noqa: F401 -- grpc resolves names with it
+    import mmap as mmap_module
+
+    results: dict[str, Any] = {}
+    try:
+        os.setgid(OTHER_UID)
+        os.setuid(OTHER_UID)
+        session = RawSession(location)
+        for label, name in victims.items():
+            results[label] = session.ask({"op": "register", "name": name, "size": 4096})
+        # its own regions: accepted, and they work
+        own = f"arrowinfer-attack-own-{os.getpid()}"
+        sizes = {own + "-in": 1 << 20, own + "-out": 1 << 20, own + "-open": 4096}
+        memories = {}
+        for name, size in sizes.items():
+            fd = os.open(f"/dev/shm/{name}", os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+            os.ftruncate(fd, size)
+            memories[name] = (fd, mmap_module.mmap(fd, size))
+        os.fchmod(memories[own + "-open"][0], 0o644)  # its own, but others may read it
+        for name, size in sizes.items():
+            results[name.rsplit("-", 1)[1]] = session.ask(
+                {"op": "register", "name": name, "size": size}
+            )
+        batch = identity_batch(3, seed=4)
+        data = crafted_stream(batch, *ipc_messages(batch)[1:])
+        source = (own + "-in", memories[own + "-in"][1])
+        results["infer"] = shm_infer(session, "identity", data, source, own + "-out")
+        # shrink the input region under the server: its next read must fail, not SIGBUS
+        os.ftruncate(memories[own + "-in"][0], 64)
+        results["shrunk"] = session.ask(
+            {
+                "op": "infer",
+                "model": "identity",
+                "input": {"region": own + "-in", "offset": 0, "length": len(data)},
+                "output": {"region": own + "-out", "offset": 0, "size": 1 << 20},
+            }
+        )
+        os.ftruncate(memories[own + "-out"][0], 0)  # and the output region, to nothing
+        os.ftruncate(memories[own + "-in"][0], 1 << 20)
+        memories[own + "-in"][1][: len(data)] = data
+        results["shrunk_output"] = shm_infer(session, "identity", data, source, own + "-out")
+        session.close()
+        for name, (fd, memory) in memories.items():
+            memory.close()
+            os.close(fd)
+            os.unlink(f"/dev/shm/{name}")
+    except BaseException as err:  # noqa: BLE001 -- reported to the test, which fails on it
+        results["crash"] = f"{type(err).__name__}: {err}"
+    answers.put(results)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as another user")
+def test_shm_regions_of_other_users_are_refused(target: Server) -> None:
+    import multiprocessing
+
+    secret = b"root's secret " * 64
+    victims = {}
+    paths = []
+    for label, mode in (("private", 0o600), ("world", 0o666)):
+        name = f"arrowinfer-victim-{label}-{os.getpid()}"
+        path = Path("/dev/shm") / name
+        path.write_bytes(secret.ljust(4096, b"\0"))
+        os.chmod(path, mode)
+        victims[label] = name
+        paths.append(path)
+    context = multiprocessing.get_context("spawn")
+    answers = context.Queue()
+    try:
+        with GoodClient(target.location) as beside:
+            child = context.Process(target=_as_other_user, args=(target.location, victims, answers))
+            child.start()
+            results = answers.get(timeout=120)
+            child.join(WAIT)
+            beside.wait_some()
+        assert "crash" not in results, results
+        for label in victims:
+            assert error_of(results[label]) == "InvalidInput", results[label]
+            no_internals(json.dumps(results[label]))
+        assert "registered" in results["in"]
+        assert "registered" in results["out"]
+        assert error_of(results["open"]) == "InvalidInput"  # mode 0644: not private
+        assert "output" in results["infer"], results["infer"]
+        assert error_of(results["shrunk"]) == "InvalidInput"
+        assert "shrank" in results["shrunk"]["error"]["message"]
+        assert "output" in results["shrunk_output"], results["shrunk_output"]
+        for path in paths:  # untouched
+            assert path.read_bytes() == secret.ljust(4096, b"\0")
+    finally:
+        for path in paths:
+            path.unlink()
+
+
+def test_shm_own_regions_are_accepted_and_a_shrink_fails_alone(target: Server) -> None:
+    good = identity_batch(2)
+    data = crafted_stream(good, *ipc_messages(good)[1:])
+    with (
+        GoodClient(target.location) as beside,
+        raw_session(target) as session,
+        raw_region(1 << 20) as source,
+        raw_region(1 << 20) as (out, _),
+        raw_region(4096, mode=0o640) as (shared, _),
+    ):
+        for name in (source[0], out):
+            assert "registered" in session.ask({"op": "register", "name": name, "size": 1 << 20})
+        reply = session.ask({"op": "register", "name": shared, "size": 4096})
+        assert error_of(reply) == "InvalidInput", "group may read it: not private"
+        assert "output" in shm_infer(session, "identity", data, source, out)
+        os.truncate(f"/dev/shm/{source[0]}", 16)
+        request = {
+            "op": "infer",
+            "model": "identity",
+            "input": {"region": source[0], "offset": 0, "length": len(data)},
+            "output": {"region": out, "offset": 0, "size": 1 << 20},
+        }
+        assert error_of(session.ask(request)) == "InvalidInput"
+        beside.wait_some()

@@ -165,6 +165,8 @@ class Server:
             self.shm.close()
             self.core.close()
             raise
+        self.shm.server_port = None if unix_socket else int(self.flight.port)
+        self.shm.unix_socket = unix_socket
         self.host = host
         self.location = (
             f"grpc+unix://{unix_socket}" if unix_socket else f"{scheme}://{host}:{self.flight.port}"
