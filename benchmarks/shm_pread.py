@@ -50,13 +50,15 @@ def main() -> None:
             memory[:size] = os.urandom(size)
             region = Region(name, 2 * size + (1 << 20), os.geteuid())
             repeat = 2000 if size < (1 << 20) else 50
-            mapped = _median_us(lambda: pa.py_buffer(memory).slice(0, size), repeat)
-            read = _median_us(lambda: region.read(0, size), repeat)
+            mapped = _median_us(lambda m=memory, n=size: pa.py_buffer(m).slice(0, n), repeat)
+            read = _median_us(lambda r=region, n=size: r.read(0, n), repeat)
             values = np.frombuffer(memory, np.float32, size // 4).reshape(
                 -1, 1024 if size >= 4096 else 1
             )
             batch = pa.RecordBatch.from_arrays([tensors.from_numpy(values)], ["OUTPUT0"])
-            write = _median_us(lambda: region.write_result(size, size + (1 << 20), batch), repeat)
+            write = _median_us(
+                lambda r=region, n=size, b=batch: r.write_result(n, n + (1 << 20), b), repeat
+            )
             rows.append(
                 f"| {size / 1e6:.3f} | {mapped:.1f} | {read:.1f} | {size / read / 1e3:.2f} "
                 f"| {write:.1f} |"
@@ -70,11 +72,13 @@ def main() -> None:
     lines = [
         "# Shared-memory regions: pread/pwrite instead of a mapping",
         "",
-        "`python benchmarks/shm_pread.py`. Median µs per call on the server's `Region`. "
-        "*mapped*: the zero-copy view the server used before (no copy at all); *pread*: "
-        "the copy of a request into the server now; *write result*: encoding a result "
-        "batch as IPC and `pwrite` into the client's region (the mapping also copied it "
-        "once, so the extra cost is one staging copy).",
+        (
+            "`python benchmarks/shm_pread.py`. Median µs per call on the server's `Region`. "
+            "*mapped*: the zero-copy view the server used before (no copy at all); *pread*: "
+            "the copy of a request into the server now; *write result*: encoding a result "
+            "batch as IPC and `pwrite` into the client's region (the mapping also copied it "
+            "once, so the extra cost is one staging copy)."
+        ),
         "",
         "| MB | mapped view µs | pread µs | pread GB/s | write result µs |",
         "|---:|---:|---:|---:|---:|",

@@ -141,6 +141,8 @@ class FlightService(flight.FlightServerBase):
         self._descriptions = {**ACTIONS, **{k: d for k, (d, _) in (actions or {}).items()}}
         self._streams: set[OrderedReplies] = set()
         self._streams_lock = threading.Lock()
+        self._open = 0  # do_exchange calls in progress (inference and other exchanges)
+        self._idle = threading.Condition(self._streams_lock)
         self._draining = False
         self._actions: dict[str, Callable[[dict[str, Any]], Any]] = {
             "health": lambda body: {"live": True},
@@ -215,8 +217,34 @@ class FlightService(flight.FlightServerBase):
         name = path[0].decode(errors="replace") if isinstance(path[0], bytes) else path[0]
         return self._exchanges.get(name)
 
+    def wait_idle(self, timeout: float | None) -> bool:
+        """Wait until no ``do_exchange`` call is open (at most ``timeout`` s); True if none.
+
+        The server waits here after :meth:`drain` and before :meth:`shutdown`: gRPC stops
+        reading open streams once shutdown begins, and their clients' last requests would
+        be cancelled rather than answered.
+        """
+        with self._idle:
+            return self._idle.wait_for(lambda: self._open == 0, timeout)
+
     @_guarded
     def do_exchange(
+        self,
+        context: Any,
+        descriptor: flight.FlightDescriptor,
+        reader: flight.MetadataRecordBatchReader,
+        writer: flight.MetadataRecordBatchWriter,
+    ) -> None:
+        with self._idle:
+            self._open += 1
+        try:
+            self._do_exchange(context, descriptor, reader, writer)
+        finally:
+            with self._idle:
+                self._open -= 1
+                self._idle.notify_all()
+
+    def _do_exchange(
         self,
         context: Any,
         descriptor: flight.FlightDescriptor,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections.abc import Iterable
 from typing import Any
 
@@ -280,8 +281,11 @@ class Server:
         # until the exit timeout, then cancel them
         grace = self.exit_timeout if self.exit_timeout is not None else 365 * 86400.0
         kserve_stopped = self._kserve.stop(grace=grace) if self._kserve is not None else None
-        # Flight's shutdown returns once the calls in progress have finished; a client that
-        # ignores goaway would hold it for ever, so it is waited for only so long
+        # open streams finish first (their clients were asked to, and gRPC stops reading
+        # them once shutdown begins); a client that ignores goaway would hold the server
+        # for ever, so it is waited for only until the exit timeout
+        started = time.monotonic()
+        idle = self.flight.wait_idle(self.exit_timeout)
         finished = threading.Event()
 
         def shutdown() -> None:
@@ -289,7 +293,10 @@ class Server:
             finished.set()
 
         threading.Thread(target=shutdown, name="flight-shutdown", daemon=True).start()
-        if not finished.wait(self.exit_timeout):
+        left = None
+        if self.exit_timeout is not None:
+            left = max(self.exit_timeout - (time.monotonic() - started), 0.0)
+        if not (finished.wait(left if idle else 0.5) and idle):
             self.clean = False
             log.warning(
                 "streams still open %s s after the stop began: cancelling them",
