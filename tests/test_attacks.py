@@ -369,6 +369,14 @@ def test_check_data_covers_extension_types_and_nested_lists() -> None:
     check_data(jet)
     with pytest.raises(InvalidInput, match="malformed"):
         check_data(unchecked_batch(jet.schema, *wild_offsets(jet, 99)))
+    # a nested field name that is not UTF-8 (pyarrow would raise wherever it is read)
+    schema, metadata, body = ipc_messages(jet)
+    bad_schema = schema.replace(b"item", b"\xfftem")
+    assert bad_schema != schema
+    message = pa.ipc.read_message(pa.BufferReader(bad_schema))
+    renamed = unchecked_batch(pa.ipc.read_schema(message), metadata, body)
+    with pytest.raises(InvalidInput, match="malformed"):
+        check_data(renamed)
 
 
 # -- 2: no request makes the server hold more than --max-request-bytes ------------------------

@@ -236,7 +236,7 @@ class InferenceCore:
             raise ServerUnavailable("the server is not ready (starting or shutting down)")
         version = model.version
         max_rows = version.max_request_rows if version.max_batch_size > 0 else 1
-        check_data(batch, model=version.name)
+        check_data(batch, version.inputs, model=version.name)
         size = batch.nbytes  # what the server holds for it (checked: buffers are real)
         if size > model.max_request_bytes:
             raise InvalidInput(

@@ -36,7 +36,7 @@ from ..errors import ArrowInferError, InvalidInput, ServerUnavailable, error_to_
 from ..protocol import SERVER_TIMES, dump_json, parse_json
 from ._auth import HEADERS_MIDDLEWARE, HeadersMiddleware, ModelControl, flight_authorization
 from ._core import InferenceCore, LoadedModel, unexpected
-from ._ordered import OrderedReplies, Reply
+from ._ordered import OrderedReplies, Reply, read_chunks
 
 __all__ = ["ACTIONS", "Action", "Exchange", "FlightService"]
 
@@ -268,7 +268,7 @@ class FlightService(flight.FlightServerBase):
                 raise to_flight(ServerUnavailable("the server is shutting down"))
             self._streams.add(replies)
         try:
-            for chunk in reader:
+            for chunk in read_chunks(reader):
                 if chunk.data is None:
                     continue  # a metadata-only message asks for nothing
                 try:

@@ -20,15 +20,23 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pyarrow as pa
 from pyarrow import flight
 
+from ..errors import InvalidInput
 from ..protocol import GOAWAY, dump_json
 
-__all__ = ["GOAWAY_REASON", "MAX_PENDING", "MAX_PENDING_BYTES", "OrderedReplies", "Reply"]
+__all__ = [
+    "GOAWAY_REASON",
+    "MAX_PENDING",
+    "MAX_PENDING_BYTES",
+    "OrderedReplies",
+    "Reply",
+    "read_chunks",
+]
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +54,25 @@ MAX_PENDING = 32
 
 #: Bytes of request data one stream may have pending (one request is always admitted).
 MAX_PENDING_BYTES = 64 << 20
+
+
+def read_chunks(reader: flight.MetadataRecordBatchReader) -> Iterator[flight.FlightStreamChunk]:
+    """A stream's messages; one Arrow cannot decode ends the stream as ``InvalidInput``.
+
+    A message whose IPC metadata is malformed (a schema Arrow cannot read, a batch header
+    that is not a flatbuffer) leaves the reader with nothing to go on: the stream ends,
+    with Arrow's reason. Flight's own errors (the client cancelled) pass unchanged.
+    """
+    while True:
+        try:
+            chunk = reader.read_chunk()
+        except StopIteration:
+            return
+        except flight.FlightError:
+            raise
+        except (pa.ArrowException, OSError) as err:
+            raise InvalidInput(f"the stream holds a malformed Arrow IPC message: {err}") from None
+        yield chunk
 
 
 class OrderedReplies:

@@ -74,7 +74,7 @@ from ..errors import (
 )
 from ..protocol import SERVER_TIMES, SHM_DESCRIPTOR, parse_json, peer_is_local
 from ._core import InferenceCore, unexpected
-from ._ordered import OrderedReplies, Reply
+from ._ordered import OrderedReplies, Reply, read_chunks
 from ._peers import peer_uid
 from ._regions import OutputTooSmall, Region, read_request
 
@@ -247,7 +247,7 @@ class ShmService:
             self._sessions.add(session)
         replies.start()
         try:
-            for chunk in reader:
+            for chunk in read_chunks(reader):
                 item = self._handle(session, chunk)
                 replies.put(item, item.nbytes if isinstance(item, _Infer) else 0)
                 del item
