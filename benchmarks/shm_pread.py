@@ -23,8 +23,8 @@ import pyarrow as pa
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from arrowinfer import tensors
+from arrowinfer.bench.machine import describe, markdown
 from arrowinfer.server._regions import Region
-from benchmarks._machine import describe, markdown
 
 RESULTS = Path(__file__).resolve().parent / "results" / "shm_pread.md"
 
