@@ -1031,3 +1031,27 @@ def test_shm_own_regions_are_accepted_and_a_shrink_fails_alone(target: Server) -
         }
         assert error_of(session.ask(request)) == "InvalidInput"
         beside.wait_some()
+
+
+def test_repository_errors_name_files_inside_the_repository_only(tmp_path: Path) -> None:
+    from arrowinfer.errors import ModelError
+    from arrowinfer.examples import write_example_repository
+
+    repository = write_example_repository(tmp_path / "secret-place", models=["identity"])
+    (repository / "broken").mkdir()
+    (repository / "broken" / "config.pbtxt").write_text("garbage {")
+    with (
+        Server(
+            repository, port=0, kserve_port=None, metrics_port=None, model_control="explicit"
+        ) as server,
+        GoodClient(server.location) as beside,
+    ):
+        index = flight_action(server.location, "repository.index", {})
+        (broken,) = [e for e in index if e["name"] == "broken"]
+        assert broken["reason"].startswith("broken/config.pbtxt: invalid model config")
+        error = flight_action(server.location, "model.load", {"model": "broken"})
+        assert isinstance(error, ModelError)
+        for text in (json.dumps(index), str(error)):
+            assert "secret-place" not in text
+            assert str(tmp_path) not in text
+        beside.wait_some()

@@ -7,10 +7,12 @@ Flight, KServe v2 gRPC and the shared-memory service all call the same
 from __future__ import annotations
 
 import logging
+import os
 import secrets
 import threading
 from concurrent.futures import Future
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -140,7 +142,30 @@ class InferenceCore:
     # -- models --------------------------------------------------------------------------
 
     def load(self, name: str) -> list[LoadedModel]:
-        """Load (or reload) every selected version of a model."""
+        """Load (or reload) every selected version of a model.
+
+        Raises
+        ------
+        ModelError
+            Naming the file and the problem, by its path inside the repository: clients
+            see these messages (``repository.index``), and the server's paths are not
+            theirs to see.
+        ModelNotFound
+            No such model directory.
+        """
+        try:
+            return self._load(name)
+        except ModelError as err:
+            raise ModelError(self._inside_repository(str(err))) from None
+
+    def _inside_repository(self, text: str) -> str:
+        """``text`` with the repository's own path left out of every file it names."""
+        root = Path(self.repository.path)
+        for prefix in {str(root), str(root.resolve())}:
+            text = text.replace(prefix.rstrip(os.sep) + os.sep, "")
+        return text
+
+    def _load(self, name: str) -> list[LoadedModel]:
         versions = self.repository.load(name)
         loaded = {}
         try:
