@@ -1055,3 +1055,31 @@ def test_repository_errors_name_files_inside_the_repository_only(tmp_path: Path)
             assert "secret-place" not in text
             assert str(tmp_path) not in text
         beside.wait_some()
+
+
+# -- the serve command's security flags -------------------------------------------------------
+
+
+def test_serve_flags_and_their_defaults(tmp_path: Path) -> None:
+    from arrowinfer.cli import main, parser
+
+    args = parser().parse_args(["serve"])
+    assert args.max_request_bytes == 1 << 30
+    assert args.model_control_mode == "none"
+    assert args.admin_token_file is None
+    assert args.exit_timeout_secs == 30.0
+    tokens = tmp_path / "admin.txt"
+    tokens.write_text("admin-token\n")
+    for argv, words in (
+        (["--admin-token-file", str(tokens)], "needs --model-control-mode explicit"),
+        (["--max-request-bytes", "0"], "--max-request-bytes must be positive"),
+        (["--exit-timeout-secs", "-1"], "--exit-timeout-secs"),
+        (
+            ["--model-control-mode", "explicit", "--admin-token-file", str(tmp_path / "none")],
+            "--admin-token-file",
+        ),
+    ):
+        with pytest.raises(SystemExit, match=words):
+            main(["serve", str(tmp_path), *argv])
+    with pytest.raises(SystemExit):
+        parser().parse_args(["serve", "--model-control-mode", "open"])
