@@ -716,15 +716,45 @@ def _rss_bytes(pid: int) -> int:
     raise AssertionError("no VmRSS")
 
 
+def _flood_flight(location: str, kserve_port: int, sent: list[int]) -> None:
+    request = identity_batch(1024)  # 4 MiB
+    client = flight.FlightClient(location)
+    writer, _ = client.do_exchange(flight.FlightDescriptor.for_path("identity"))
+    writer.begin(request.schema)
+    with contextlib.suppress(pa.ArrowException, OSError):
+        for _ in range(150):
+            writer.write_batch(request)  # and never a read
+            sent[0] += 1
+
+
+def _flood_kserve(location: str, kserve_port: int, sent: list[int]) -> None:
+    request = pb.ModelInferRequest(model_name="identity")
+    request.inputs.add(name="INPUT0", datatype="FP32", shape=[1024, 1024])
+    request.raw_input_contents.append(payload(1024).tobytes())  # 4 MiB
+
+    def requests() -> Iterator[pb.ModelInferRequest]:
+        for _ in range(150):
+            yield request
+            sent[0] += 1
+
+    channel = grpc.insecure_channel(f"127.0.0.1:{kserve_port}")
+    stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+    responses = stub.ModelStreamInfer(requests())
+    with contextlib.suppress(grpc.RpcError):
+        responses.initial_metadata()  # the call runs; its responses are never read
+
+
+@pytest.mark.parametrize("flood", [_flood_flight, _flood_kserve], ids=["flight", "kserve"])
 def test_a_client_that_never_reads_is_not_read_either(
-    example_repository: Path, tmp_path: Path
+    example_repository: Path, tmp_path: Path, flood: Any
 ) -> None:
     import re
     import subprocess
     import sys
     import time
 
-    log = (tmp_path / "serve.log").open("w")
+    log_path = tmp_path / "serve.log"
+    log = log_path.open("w")
     process = subprocess.Popen(
         [
             sys.executable,
@@ -735,7 +765,7 @@ def test_a_client_that_never_reads_is_not_read_either(
             "--port",
             "0",
             "--kserve-port",
-            "-1",
+            "0",
             "--metrics-port",
             "-1",
             "--model",
@@ -752,21 +782,14 @@ def test_a_client_that_never_reads_is_not_read_either(
         found = re.search(r" on (grpc://\S+)", process.stdout.readline())
         assert found
         location = found.group(1)
-        request = identity_batch(1024)  # 4 MiB
+        port = re.search(r"KServe v2 gRPC listening on \S+:(\d+)", log_path.read_text())
+        assert port, log_path.read_text()
         with GoodClient(location) as beside:
             beside.wait_some(5)
             baseline = _rss_bytes(process.pid)
-
-            def flood() -> None:
-                client = flight.FlightClient(location)
-                writer, _ = client.do_exchange(flight.FlightDescriptor.for_path("identity"))
-                writer.begin(request.schema)
-                with contextlib.suppress(pa.ArrowException, OSError):
-                    for _ in range(150):
-                        writer.write_batch(request)  # and never a read
-                        sent[0] += 1
-
-            threading.Thread(target=flood, name="flood", daemon=True).start()
+            threading.Thread(
+                target=flood, args=(location, int(port.group(1)), sent), daemon=True
+            ).start()
             # wait until the attacker is stalled (the server stopped reading it)
             last, still = -1, 0
             deadline = time.monotonic() + WAIT
