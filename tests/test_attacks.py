@@ -716,10 +716,11 @@ def _rss_bytes(pid: int) -> int:
     raise AssertionError("no VmRSS")
 
 
-def _flood_flight(location: str, kserve_port: int, sent: list[int]) -> None:
+def _flood_flight(location: str, kserve_port: int, sent: list[int], keep: list[Any]) -> None:
     request = identity_batch(1024)  # 4 MiB
     client = flight.FlightClient(location)
-    writer, _ = client.do_exchange(flight.FlightDescriptor.for_path("identity"))
+    writer, reader = client.do_exchange(flight.FlightDescriptor.for_path("identity"))
+    keep.extend((client, writer, reader))  # the call stays open, never read
     writer.begin(request.schema)
     with contextlib.suppress(pa.ArrowException, OSError):
         for _ in range(150):
@@ -727,7 +728,7 @@ def _flood_flight(location: str, kserve_port: int, sent: list[int]) -> None:
             sent[0] += 1
 
 
-def _flood_kserve(location: str, kserve_port: int, sent: list[int]) -> None:
+def _flood_kserve(location: str, kserve_port: int, sent: list[int], keep: list[Any]) -> None:
     request = pb.ModelInferRequest(model_name="identity")
     request.inputs.add(name="INPUT0", datatype="FP32", shape=[1024, 1024])
     request.raw_input_contents.append(payload(1024).tobytes())  # 4 MiB
@@ -739,9 +740,8 @@ def _flood_kserve(location: str, kserve_port: int, sent: list[int]) -> None:
 
     channel = grpc.insecure_channel(f"127.0.0.1:{kserve_port}")
     stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
-    responses = stub.ModelStreamInfer(requests())
-    with contextlib.suppress(grpc.RpcError):
-        responses.initial_metadata()  # the call runs; its responses are never read
+    keep.append(channel)
+    keep.append(stub.ModelStreamInfer(requests()))  # the call stays open, never read
 
 
 @pytest.mark.parametrize("flood", [_flood_flight, _flood_kserve], ids=["flight", "kserve"])
@@ -777,6 +777,7 @@ def test_a_client_that_never_reads_is_not_read_either(
         text=True,
     )
     sent = [0]
+    keep: list[Any] = []
     try:
         assert process.stdout is not None
         found = re.search(r" on (grpc://\S+)", process.stdout.readline())
@@ -788,12 +789,12 @@ def test_a_client_that_never_reads_is_not_read_either(
             beside.wait_some(5)
             baseline = _rss_bytes(process.pid)
             threading.Thread(
-                target=flood, args=(location, int(port.group(1)), sent), daemon=True
+                target=flood, args=(location, int(port.group(1)), sent, keep), daemon=True
             ).start()
             # wait until the attacker is stalled (the server stopped reading it)
             last, still = -1, 0
             deadline = time.monotonic() + WAIT
-            while still < 20 and sent[0] < 150 and time.monotonic() < deadline:
+            while still < 60 and sent[0] < 150 and time.monotonic() < deadline:
                 still = still + 1 if sent[0] == last else 0
                 last = sent[0]
                 threading.Event().wait(0.05)
