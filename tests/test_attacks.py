@@ -667,7 +667,7 @@ def test_exit_timeout_ends_a_server_held_by_an_idle_stream(
             "--port",
             "0",
             "--kserve-port",
-            "-1",
+            "0",
             "--metrics-port",
             "-1",
             "--exit-timeout-secs",
@@ -684,17 +684,34 @@ def test_exit_timeout_ends_a_server_held_by_an_idle_stream(
         found = re.search(r" on (grpc://\S+)", line)
         assert found, line
         location = found.group(1)
+        port = re.search(
+            r"KServe v2 gRPC listening on \S+:(\d+)", (tmp_path / "serve.log").read_text()
+        )
+        assert port
         holder = flight.FlightClient(location)
+        channel = grpc.insecure_channel(f"127.0.0.1:{port.group(1)}")
+        idle = threading.Event()
+
+        def nothing() -> Iterator[pb.ModelInferRequest]:
+            idle.wait(WAIT)  # a KServe stream that sends nothing, and never ends
+            return
+            yield
+
         with GoodClient(location) as beside:
-            # the attacker: one request, then never reads, never finishes, ignores goaway
+            # the attackers: one request, then never read, never finish, ignore goaway
             writer, _ = holder.do_exchange(flight.FlightDescriptor.for_path("identity"))
             writer.begin(identity_batch(1).schema)
             writer.write_batch(identity_batch(1))
+            stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+            kserve_call = stub.ModelStreamInfer(nothing())
             beside.wait_some()
         started = time.monotonic()
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=WAIT) == 0
         assert time.monotonic() - started < 15
+        idle.set()
+        kserve_call.cancel()
+        channel.close()
         holder.close()
     finally:
         if process.poll() is None:
