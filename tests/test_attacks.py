@@ -1124,3 +1124,80 @@ def test_serve_flags_and_their_defaults(tmp_path: Path) -> None:
             main(["serve", str(tmp_path), *argv])
     with pytest.raises(SystemExit):
         parser().parse_args(["serve", "--model-control-mode", "open"])
+
+
+# -- 3: a request that fails inside a merged batch fails alone ---------------------------------
+
+TABLE = np.arange(10, dtype=np.float32) * 1.5
+
+
+def _write_lookup_model(root: Path) -> Path:
+    """``lookup``: OUT = TABLE[INDEX]; an index out of range fails inside onnxruntime."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from arrowinfer.examples import IR_VERSION, OPSET
+
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["TABLE", "INDEX"], ["OUT"], axis=0)],
+        "lookup",
+        inputs=[helper.make_tensor_value_info("INDEX", TensorProto.INT64, ["batch", 1])],
+        outputs=[helper.make_tensor_value_info("OUT", TensorProto.FLOAT, ["batch", 1])],
+        initializer=[helper.make_tensor("TABLE", TensorProto.FLOAT, [10], TABLE.tolist())],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    model.ir_version = IR_VERSION
+    (root / "lookup" / "1").mkdir(parents=True)
+    onnx.save(model, root / "lookup" / "1" / "model.onnx")
+    (root / "lookup" / "config.pbtxt").write_text(
+        'name: "lookup"\nplatform: "onnxruntime_onnx"\nmax_batch_size: 64\n'
+        'input [ { name: "INDEX" data_type: TYPE_INT64 dims: [ 1 ] } ]\n'
+        'output [ { name: "OUT" data_type: TYPE_FP32 dims: [ 1 ] } ]\n'
+        "dynamic_batching { max_queue_delay_microseconds: 20000 }\n"
+    )
+    return root
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="needs the correctness branch's isolation of any failure in _run_batch "
+    "(batching.py); remove this mark once it is merged",
+)
+def test_a_request_failing_in_onnxruntime_fails_alone(tmp_path: Path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    repository = _write_lookup_model(tmp_path)
+    with Server(repository, port=0, kserve_port=None, metrics_port=None) as server:
+        good_failures: list[str] = []
+        bad_outcomes: list[str] = []
+
+        def good(i: int) -> None:
+            with Client(server.location) as client:
+                for j in range(10):
+                    index = np.array([[(i + j) % 10]], dtype=np.int64)
+                    try:
+                        out = client.infer("lookup", {"INDEX": index}).column("OUT")
+                        if tensors.to_numpy(out)[0] != TABLE[index[0, 0]]:
+                            good_failures.append("wrong value")
+                    except Exception as err:  # noqa: BLE001 -- every failure counts
+                        good_failures.append(f"{type(err).__name__}: {err}")
+
+        def bad() -> None:
+            with Client(server.location, retries=0) as client:
+                for _ in range(10):
+                    try:
+                        client.infer("lookup", {"INDEX": np.array([[1000]], dtype=np.int64)})
+                        bad_outcomes.append("answered")
+                    except Exception as err:  # noqa: BLE001 -- the attacker's own error
+                        bad_outcomes.append(type(err).__name__)
+
+        with ThreadPoolExecutor(5) as pool:
+            futures = [pool.submit(good, i) for i in range(4)] + [pool.submit(bad)]
+            for future in futures:
+                future.result(WAIT * 4)
+        stats = server.core.get("lookup").statistics.as_dict()
+        assert not good_failures, good_failures[:5]
+        assert bad_outcomes == ["ServerError"] * 10, bad_outcomes
+        # the attacker's requests were merged with others, and those batches run again
+        # request by request (the batcher's count of such batches)
+        assert stats.get("arrowinfer", {}).get("isolated_batches", 0) > 0, stats
