@@ -24,7 +24,7 @@ from .. import tensors
 from ..errors import InvalidInput, ModelError
 from ..repository import ModelVersion
 from ..schema import datatype, to_column
-from .base import Backend, Timings
+from .base import ALIGNMENT, Backend, Timings, check_batch_dimension
 
 # Besides the backend, the pieces DeviceBackend shares: how a session is opened, how the
 # inputs are planned and how an output slice becomes a column.
@@ -179,11 +179,13 @@ def assemble_inputs(
     for name, dtype, shape, kind in plan or input_plan(model):
         if kind == "mask":
             counts = next(iter(ragged.values())).counts
-            feeds[name] = tensors.mask(counts, shape[0], shape=shape[1:], dtype=dtype)
+            feeds[name] = _aligned_empty((total, *shape), dtype)
+            feeds[name][...] = tensors.mask(counts, shape[0], shape=shape[1:], dtype=dtype)
         elif kind == "ragged":
-            feeds[name] = tensors.pad(ragged[name], shape[0], pad_value=model.pad_value).astype(
-                dtype, copy=False
-            )
+            values = ragged[name].values
+            padded = _aligned_empty((total, shape[0], *values.shape[1:]), values.dtype)
+            tensors.pad(ragged[name], shape[0], pad_value=model.pad_value, out=padded)
+            feeds[name] = padded.astype(dtype, copy=False)
         else:
             dense = _dense(model, name, _merged(requests, name))
             if not batching:
@@ -191,6 +193,14 @@ def assemble_inputs(
             else:
                 feeds[name] = dense.reshape((total, *shape))  # a view; -1 takes the rest
     return feeds
+
+
+def _aligned_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """An uninitialised C-contiguous array starting at a multiple of ``ALIGNMENT`` bytes."""
+    nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+    raw = np.empty(nbytes + ALIGNMENT, dtype=np.uint8)
+    skip = -raw.ctypes.data % ALIGNMENT
+    return raw[skip : skip + nbytes].view(dtype).reshape(shape)
 
 
 def _dense(model: ModelVersion, name: str, column: pa.Array | pa.ChunkedArray) -> np.ndarray:
@@ -266,10 +276,11 @@ class OnnxRuntimeBackend(Backend):
             raise ModelError(f"{model.path}: onnxruntime cannot load it: {err}") from err
         self._output_names = [o.name for o in model.config.output]
         self._plan = input_plan(model)
+        self.provider = self.session.get_providers()[0]
 
     def execute(self, requests: Sequence[pa.RecordBatch]) -> tuple[list[pa.RecordBatch], Timings]:
         t0 = time.perf_counter_ns()
-        feeds = assemble_inputs(self.model, requests, plan=self._plan)
+        feeds = self.aligned_feeds(assemble_inputs(self.model, requests, plan=self._plan))
         t1 = time.perf_counter_ns()
         values = self.session.run(self._output_names, feeds)
         t2 = time.perf_counter_ns()
@@ -280,6 +291,7 @@ class OnnxRuntimeBackend(Backend):
             reshaped = entry.HasField("reshape") and -1 not in dims
             batch = (len(value),) if batching else ()
             outputs[entry.name] = value.reshape(batch + dims) if reshaped else value
+        check_batch_dimension(self.model, outputs, sum(r.num_rows for r in requests))
         results = split_outputs(self.model, outputs, [r.num_rows for r in requests])
         t3 = time.perf_counter_ns()
         return results, Timings(t1 - t0, t2 - t1, t3 - t2)

@@ -163,6 +163,10 @@ class InferenceCore:
         version = model.version
         max_rows = version.max_request_rows if version.max_batch_size > 0 else 1
         validate(batch, version.inputs, model=version.name, max_rows=max_rows)
+        if batch.num_rows == 0:  # an event without jets: no rows back, the model not run
+            empty: Future[Completed] = Future()
+            empty.set_result(model.batcher.empty())
+            return empty
         return model.batcher.submit(batch)
 
     # -- management ----------------------------------------------------------------------
