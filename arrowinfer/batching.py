@@ -67,7 +67,14 @@ class Completed(NamedTuple):
 #: :data:`arrowinfer.backends.base.ALIGNMENT`) and the ``alignment_copy_ns`` spent on them;
 #: ``truncated_entries`` / ``truncated_items`` (ragged entries longer than the model's size,
 #: and the items padding cut from them).
-COUNTERS = ("alignment_copies", "alignment_copy_ns", "truncated_entries", "truncated_items")
+#: ``isolated_batches``: merged batches that failed and ran again request by request.
+COUNTERS = (
+    "alignment_copies",
+    "alignment_copy_ns",
+    "truncated_entries",
+    "truncated_items",
+    "isolated_batches",
+)
 
 
 @dataclass
@@ -332,6 +339,7 @@ class DynamicBatcher:
         except Exception as err:
             self.statistics.add_counters(backend.take_counters())
             if len(live) > 1:  # find the culprit: the others must not pay for it
+                self.statistics.add_counters({"isolated_batches": 1})
                 for request in live:  # (their futures are running already)
                     self._run_batch(backend, [request])
                 return

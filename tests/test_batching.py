@@ -522,6 +522,7 @@ def test_statistics_have_tritons_fields_and_count_what_ran(
         "alignment_copy_ns": 0,
         "truncated_entries": 0,
         "truncated_items": 0,
+        "isolated_batches": 0,
     }
     assert stats["name"] == batcher.model.name
     assert stats["version"] == "1"

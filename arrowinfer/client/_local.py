@@ -22,7 +22,7 @@ import pyarrow as pa
 
 from ..backends import Backend, create_backend
 from ..backends.base import truncation
-from ..errors import ModelNotFound, ServerError
+from ..errors import ArrowInferError, ModelNotFound, ServerError
 from ..protocol import result_metadata
 from ..repository import ModelVersion, Repository
 from ..schema import validate
@@ -99,17 +99,12 @@ class LocalTransport:
         max_rows = chosen.max_request_rows if chosen.max_batch_size > 0 else 1
         validate(batch, chosen.inputs, model=model, max_rows=max_rows)  # as the server does
         start = time.perf_counter_ns()
-        if batch.num_rows == 0:  # as the server: no rows back, the model not run
-            result = pa.RecordBatch.from_pylist([], schema=chosen.outputs)
-        elif chosen.max_batch_size > 0 and batch.num_rows > chosen.max_batch_size:
-            step = chosen.max_batch_size
-            parts = [batch.slice(i, step) for i in range(0, batch.num_rows, step)]
-            results: list[pa.RecordBatch] = []
-            for part in parts:  # one execute per slice, as the server's batcher would
-                results += backend.execute([part])[0]
-            result = pa.concat_batches(results)
-        else:
-            [result], _ = backend.execute([batch])
+        try:
+            result = self._execute(chosen, backend, batch)
+        except ArrowInferError:
+            raise
+        except Exception as err:  # onnxruntime's own errors: as the server reports them
+            raise ServerError(f"model {model!r}: execution failed: {err}") from err
         # the backend checks the batch dimension of every output; this checks what it returned
         if result.num_rows != batch.num_rows:
             raise ServerError(
@@ -128,6 +123,21 @@ class LocalTransport:
         if truncated.entries:
             message.update(truncated_entries=truncated.entries, truncated_items=truncated.items)
         return result.replace_schema_metadata(result_metadata(message))
+
+    @staticmethod
+    def _execute(chosen: ModelVersion, backend: Backend, batch: pa.RecordBatch) -> pa.RecordBatch:
+        if batch.num_rows == 0:  # as the server: no rows back, the model not run
+            result = pa.RecordBatch.from_pylist([], schema=chosen.outputs)
+        elif chosen.max_batch_size > 0 and batch.num_rows > chosen.max_batch_size:
+            step = chosen.max_batch_size
+            parts = [batch.slice(i, step) for i in range(0, batch.num_rows, step)]
+            results: list[pa.RecordBatch] = []
+            for part in parts:  # one execute per slice, as the server's batcher would
+                results += backend.execute([part])[0]
+            result = pa.concat_batches(results)
+        else:
+            [result], _ = backend.execute([batch])
+        return result
 
     def submit(
         self, model: str, version: str | None, batch: pa.RecordBatch

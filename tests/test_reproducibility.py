@@ -1,0 +1,521 @@
+"""Results a physicist can trust: the same bits on every path, never another request's rows.
+
+Real servers on ephemeral loopback ports (Flight over TCP and a Unix socket, shared memory,
+KServe v2 gRPC through tritonclient), the in-process core and the client's local fallback,
+over small ONNX models built here for what each test needs:
+
+- ``sum0``: ``ReduceSum`` over the batch axis (one row out, whatever comes in);
+- ``twice``: ``Concat(x, x)`` over the batch axis (2N rows out for N in);
+- ``gather``: looks its input up in a table of 10: an index out of range is an onnxruntime
+  error (not one of arrowinfer's) for that request only;
+- ``rsum257``: ``ReduceSum`` over 257 floats per row, and ``matmul``: ``x @ W`` with odd
+  sizes (37 x 19): onnxruntime's vectorised kernels round differently for differently
+  aligned inputs, so these show whether every path hands the model the same alignment.
+
+Every attack runs with a second, well-behaved client beside it whose every result is checked.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import queue
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import pyarrow as pa
+import pytest
+import tritonclient.grpc as tg
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from onnx import TensorProto, helper
+
+from arrowinfer import tensors
+from arrowinfer.client import Client, ShmTransport
+from arrowinfer.errors import ServerError
+from arrowinfer.examples import IR_VERSION, OPSET, write_example_repository
+from arrowinfer.server import Server
+
+WAIT = 30.0  # seconds any one answer may take: bounds every test, never a sleep
+DELAY_US = 50_000  # queue delay of the test models: concurrent requests merge
+TRANSPORTS = ["flight", "unix", "shm", "kserve", "core", "local"]
+REMOTE = ["flight", "unix", "shm", "kserve"]
+
+
+# -- models --------------------------------------------------------------------------------
+
+
+def _save(directory: Path, nodes: list[Any], inputs: list[Any], outputs: list[Any], **kw: Any):
+    graph = helper.make_graph(nodes, directory.name, inputs, outputs, **kw)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    model.ir_version = IR_VERSION
+    onnx.checker.check_model(model)
+    (directory / "1").mkdir(parents=True)
+    onnx.save(model, str(directory / "1" / "model.onnx"))
+
+
+def _config(directory: Path, inputs: str, outputs: str, *, max_batch_size: int = 64) -> None:
+    (directory / "config.pbtxt").write_text(
+        f'name: "{directory.name}"\nplatform: "onnxruntime_onnx"\n'
+        f"max_batch_size: {max_batch_size}\ninput [ {{ {inputs} }} ]\noutput [ {{ {outputs} }} ]\n"
+        f"dynamic_batching {{ max_queue_delay_microseconds: {DELAY_US} }}\n"
+    )
+
+
+def _float(name: str, *dims: Any) -> Any:
+    return helper.make_tensor_value_info(name, TensorProto.FLOAT, list(dims))
+
+
+def write_models(repository: Path) -> None:
+    """The test models of this file, beside the example models."""
+    axes0 = helper.make_tensor("axes", TensorProto.INT64, [1], [0])
+    axes1 = helper.make_tensor("axes", TensorProto.INT64, [1], [1])
+    d = repository / "sum0"
+    _save(
+        d,
+        [helper.make_node("ReduceSum", ["x", "axes"], ["y"], keepdims=1)],
+        [_float("x", "n", 4)],
+        [_float("y", "one", 4)],
+        initializer=[axes0],
+    )
+    _config(
+        d,
+        'name: "x" data_type: TYPE_FP32 dims: [ 4 ]',
+        'name: "y" data_type: TYPE_FP32 dims: [ 4 ]',
+    )
+    d = repository / "twice"
+    _save(
+        d,
+        [helper.make_node("Concat", ["x", "x"], ["y"], axis=0)],
+        [_float("x", "n", 4)],
+        [_float("y", "m", 4)],
+    )
+    _config(
+        d,
+        'name: "x" data_type: TYPE_FP32 dims: [ 4 ]',
+        'name: "y" data_type: TYPE_FP32 dims: [ 4 ]',
+    )
+    d = repository / "gather"
+    table = helper.make_tensor("table", TensorProto.FLOAT, [10], [float(i) for i in range(10)])
+    _save(
+        d,
+        [helper.make_node("Gather", ["table", "i"], ["y"], axis=0)],
+        [helper.make_tensor_value_info("i", TensorProto.INT64, ["n", 1])],
+        [_float("y", "n", 1)],
+        initializer=[table],
+    )
+    _config(
+        d,
+        'name: "i" data_type: TYPE_INT64 dims: [ 1 ]',
+        'name: "y" data_type: TYPE_FP32 dims: [ 1 ]',
+    )
+    d = repository / "rsum257"
+    _save(
+        d,
+        [helper.make_node("ReduceSum", ["x", "axes"], ["y"], keepdims=1)],
+        [_float("x", "n", 257)],
+        [_float("y", "n", 1)],
+        initializer=[axes1],
+    )
+    _config(
+        d,
+        'name: "x" data_type: TYPE_FP32 dims: [ 257 ]',
+        'name: "y" data_type: TYPE_FP32 dims: [ 1 ]',
+    )
+    d = repository / "matmul"
+    weights = np.random.default_rng(37).normal(size=(37, 19)).astype(np.float32)
+    w = helper.make_tensor("w", TensorProto.FLOAT, [37, 19], weights.ravel().tolist())
+    _save(
+        d,
+        [helper.make_node("MatMul", ["x", "w"], ["y"])],
+        [_float("x", "n", 37)],
+        [_float("y", "n", 19)],
+        initializer=[w],
+    )
+    _config(
+        d,
+        'name: "x" data_type: TYPE_FP32 dims: [ 37 ]',
+        'name: "y" data_type: TYPE_FP32 dims: [ 19 ]',
+    )
+
+
+@pytest.fixture(scope="module")
+def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = write_example_repository(tmp_path_factory.mktemp("repository"))
+    write_models(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def servers(repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """A TCP server (Flight, shm, KServe) and a Unix-socket server, both over ``repository``."""
+    sock = tmp_path_factory.mktemp("sock") / "arrowinfer.sock"
+    with (
+        Server(repository, port=0, kserve_port=0, metrics_port=None) as tcp,
+        Server(repository, unix_socket=str(sock), kserve_port=None, metrics_port=None) as unix,
+    ):
+        yield {"tcp": tcp, "unix": unix}
+
+
+# -- one request list through one path -------------------------------------------------------
+
+Outcome = dict[str, np.ndarray] | Exception
+
+
+def _arrays(batch: pa.RecordBatch) -> dict[str, np.ndarray]:
+    return {name: tensors.to_numpy(batch.column(name)) for name in batch.schema.names}
+
+
+def _client(kind: str, servers: dict[str, Server], repository: Path) -> Client:
+    tcp = servers["tcp"]
+    if kind == "flight":
+        return Client(tcp.location)
+    if kind == "unix":
+        return Client(servers["unix"].location)
+    if kind == "shm":
+        shm_url = tcp.location.replace("grpc", "shm", 1)
+        return Client(tcp.location, transport=ShmTransport(shm_url, min_shm_bytes=0))
+    if kind == "local":  # laptop mode: no server at all
+        return Client(fallback="local", repository=repository)
+    raise ValueError(kind)
+
+
+def run(
+    kind: str,
+    servers: dict[str, Server],
+    repository: Path,
+    model: str,
+    requests: list[dict[str, np.ndarray]],
+    *,
+    metadata: list[dict[str, str]] | None = None,
+) -> list[Outcome]:
+    """Send every request at once (so that the batcher may merge them); their outcomes.
+
+    ``metadata``, when given, receives each result's metadata (provenance, times).
+    """
+    if kind == "kserve":
+        return _run_kserve(servers["tcp"], model, requests, metadata)
+    if kind == "core":
+        core = servers["tcp"].core
+        loaded = core.get(model)
+        futures = [core.submit(loaded, tensors.batch_from_numpy(r)) for r in requests]
+        out: list[Outcome] = []
+        for future in futures:
+            try:
+                done = future.result(WAIT)
+            except Exception as err:  # noqa: BLE001 - the outcome under test
+                out.append(err)
+                continue
+            out.append(_arrays(done.batch))
+            if metadata is not None:
+                metadata.append({k: str(v) for k, v in done.metadata.items()})
+        return out
+    with _client(kind, servers, repository) as client:
+        futures = [client.infer_async(model, r) for r in requests]
+        out = []
+        for future in futures:
+            try:
+                batch = future.result(WAIT)
+            except Exception as err:  # noqa: BLE001 - the outcome under test
+                out.append(err)
+                continue
+            out.append(_arrays(batch))
+            if metadata is not None:
+                metadata.append(
+                    {k.decode(): v.decode() for k, v in (batch.schema.metadata or {}).items()}
+                )
+        return out
+
+
+def _run_kserve(
+    server: Server,
+    model: str,
+    requests: list[dict[str, np.ndarray]],
+    metadata: list[dict[str, str]] | None,
+) -> list[Outcome]:
+    answers: queue.Queue[tuple[int, Any, Any]] = queue.Queue()
+    client = tg.InferenceServerClient(f"127.0.0.1:{server.kserve_port}")
+    try:
+        for i, request in enumerate(requests):
+            inputs = []
+            for name, array in request.items():
+                kind = {"float32": "FP32", "int64": "INT64"}[array.dtype.name]
+                tensor = tg.InferInput(name, list(array.shape), kind)
+                tensor.set_data_from_numpy(array)
+                inputs.append(tensor)
+
+            def callback(result: Any, error: Any, i: int = i) -> None:
+                answers.put((i, result, error))
+
+            client.async_infer(model, inputs, callback)
+        got = dict((i, (r, e)) for i, r, e in (answers.get(timeout=WAIT) for _ in requests))
+    finally:
+        client.close()
+    out: list[Outcome] = []
+    for i in range(len(requests)):
+        result, error = got[i]
+        if error is not None:
+            out.append(ServerError(error.message()))
+            continue
+        response = result.get_response()
+        out.append({o.name: result.as_numpy(o.name) for o in response.outputs})
+        if metadata is not None:
+            metadata.append(
+                {k: str(p.string_param or p.int64_param) for k, p in response.parameters.items()}
+            )
+    return out
+
+
+class GoodClient:
+    """A well-behaved client beside an attack: ``identity`` requests, every result checked."""
+
+    def __init__(self, server: Server):
+        self._server = server
+        self._stop = threading.Event()
+        self.done = 0
+        self.failures: list[str] = []
+        self._thread = threading.Thread(target=self._run, name="good-client")
+
+    def _run(self) -> None:
+        rng = np.random.default_rng(7)
+        with Client(self._server.location) as client:
+            # until stopped, and at least 3 results (unless it keeps failing: the test fails)
+            while not self._stop.is_set() or (self.done < 3 and len(self.failures) < 3):
+                x = rng.normal(size=(5, 1024)).astype(np.float32)
+                try:
+                    y = tensors.to_numpy(client.infer("identity", {"INPUT0": x}).column(0))
+                except Exception as err:  # noqa: BLE001 - counted, and the test fails on it
+                    self.failures.append(repr(err))
+                    continue
+                if not np.array_equal(x, y):
+                    self.failures.append("wrong result")
+                self.done += 1
+
+    def __enter__(self) -> GoodClient:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(WAIT)
+        assert not self._thread.is_alive()
+        assert self.failures == []
+        assert self.done >= 3
+
+
+def _statistics(servers: dict[str, Server], model: str, kind: str = "flight") -> dict[str, int]:
+    """arrowinfer's counters of ``model`` in the server that ``kind`` of request goes to."""
+    (stats,) = servers["unix" if kind == "unix" else "tcp"].core.statistics(model)
+    return stats["arrowinfer"]
+
+
+# -- 1. the batch dimension, and any failure, belong to one request ---------------------------
+
+
+@pytest.mark.parametrize("kind", TRANSPORTS)
+def test_merged_requests_of_a_reducing_model_each_get_their_own_rows(
+    kind: str, servers: dict[str, Server], repository: Path
+) -> None:
+    """``sum0`` keeps one row: alone, a 1-row request is right; merged it would get the sum
+    of every request's rows. Merged batches are re-run request by request."""
+    before = _statistics(servers, "sum0", kind)["isolated_batches"]
+    rng = np.random.default_rng(1)
+    requests = [{"x": rng.normal(size=(1, 4)).astype(np.float32)} for _ in range(12)]
+    with GoodClient(servers["tcp"]):
+        outcomes = run(kind, servers, repository, "sum0", requests)
+    for request, outcome in zip(requests, outcomes, strict=True):
+        assert not isinstance(outcome, Exception), outcome
+        assert np.array_equal(outcome["y"].reshape(1, 4), request["x"])  # its own row only
+    if kind in REMOTE + ["core"]:  # the server's batcher merged some, and split them again
+        assert _statistics(servers, "sum0", kind)["isolated_batches"] > before
+
+
+@pytest.mark.parametrize("kind", TRANSPORTS)
+@pytest.mark.parametrize(("model", "rows_out"), [("sum0", 1), ("twice", 6)])
+def test_an_output_without_the_batch_dimension_fails_only_its_request(
+    kind: str, model: str, rows_out: int, servers: dict[str, Server], repository: Path
+) -> None:
+    rng = np.random.default_rng(2)
+    bad = {"x": rng.normal(size=(3, 4)).astype(np.float32)}
+    good = {"x": rng.normal(size=(1, 4)).astype(np.float32)}
+    requests = [good, bad, good] if model == "sum0" else [bad]
+    with GoodClient(servers["tcp"]):
+        outcomes = run(kind, servers, repository, model, requests)
+    failed = outcomes[1] if model == "sum0" else outcomes[0]
+    assert isinstance(failed, ServerError), failed
+    message = str(failed)
+    for word in [f"model {model!r}", "failed to split the output tensor 'y'", "3 rows"]:
+        assert word in message, message
+    assert f"first dimension is {rows_out}" in message
+    if model == "sum0":
+        for outcome in (outcomes[0], outcomes[2]):
+            assert not isinstance(outcome, Exception), outcome
+            assert np.array_equal(outcome["y"].reshape(1, 4), good["x"])
+
+
+@pytest.mark.parametrize("kind", TRANSPORTS)
+def test_an_onnxruntime_error_fails_only_its_request(
+    kind: str, servers: dict[str, Server], repository: Path
+) -> None:
+    """An index out of the model's table: onnxruntime's own error, for that request only."""
+    requests = [{"i": np.array([[i % 10], [(i + 3) % 10]], np.int64)} for i in range(10)]
+    requests[4] = {"i": np.array([[1], [99]], np.int64)}
+    with GoodClient(servers["tcp"]):
+        outcomes = run(kind, servers, repository, "gather", requests)
+    for i, (request, outcome) in enumerate(zip(requests, outcomes, strict=True)):
+        if i == 4:
+            assert isinstance(outcome, ServerError), outcome
+            assert "gather" in str(outcome)
+        else:
+            assert not isinstance(outcome, Exception), outcome
+            assert np.array_equal(outcome["y"].ravel(), request["i"].ravel().astype(np.float32))
+
+
+# -- 2. the same bits on every path ------------------------------------------------------------
+
+
+@settings(
+    max_examples=6,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    model=st.sampled_from(["rsum257", "matmul"]),
+    rows=st.lists(st.integers(1, 5), min_size=1, max_size=4),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_every_path_gives_the_same_bits(
+    servers: dict[str, Server], repository: Path, model: str, rows: list[int], seed: int
+) -> None:
+    width = 257 if model == "rsum257" else 37
+    rng = np.random.default_rng(seed)
+    # wide dynamic range: a different summation order shows in the last bits
+    requests = [
+        {
+            "x": (rng.normal(size=(n, width)) * 10.0 ** rng.integers(-3, 4, (n, width))).astype(
+                np.float32
+            )
+        }
+        for n in rows
+    ]
+    # one request at a time, so each runs alone: which requests share a batch is another
+    # question (test_batch_invariance), here only the path differs
+    outcomes = {
+        kind: [run(kind, servers, repository, model, [r])[0] for r in requests]
+        for kind in TRANSPORTS
+    }
+    reference = outcomes["core"]
+    for kind, got in outcomes.items():
+        for want, outcome in zip(reference, got, strict=True):
+            assert not isinstance(outcome, Exception), (kind, outcome)
+            assert isinstance(want, dict)
+            # bits, not values: NaN and -0.0 included
+            assert outcome["y"].reshape(want["y"].shape).tobytes() == want["y"].tobytes(), kind
+
+
+def _misaligned(array: np.ndarray, shift: int) -> np.ndarray:
+    """The same values at an address ``shift`` bytes past a multiple of 64."""
+    raw = np.empty(array.nbytes + 128, np.uint8)
+    start = -raw.ctypes.data % 64 + shift
+    out = raw[start : start + array.nbytes].view(array.dtype).reshape(array.shape)
+    out[...] = array
+    assert out.ctypes.data % 64 == shift
+    return out
+
+
+def test_unaligned_arrow_buffers_are_copied_once_aligned_and_counted(
+    servers: dict[str, Server],
+) -> None:
+    core = servers["tcp"].core
+    loaded = core.get("rsum257")
+    x = np.random.default_rng(5).normal(size=(3, 257)).astype(np.float32)
+    before = loaded.statistics.as_dict()["arrowinfer"]["alignment_copies"]
+    aligned = tensors.batch_from_numpy({"x": _misaligned(x, 0)})
+    want = core.submit(loaded, aligned).result(WAIT)
+    for shift in (4, 20, 44):
+        batch = tensors.batch_from_numpy({"x": _misaligned(x, shift)})
+        got = core.submit(loaded, batch).result(WAIT)
+        assert got.batch.column("y").to_numpy().tobytes() == (
+            want.batch.column("y").to_numpy().tobytes()
+        )
+    copies = loaded.statistics.as_dict()["arrowinfer"]["alignment_copies"] - before
+    assert copies == 3  # the aligned request was not copied, each shifted one once
+
+
+# -- 3. empty events ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", TRANSPORTS)
+def test_a_zero_row_request_gets_zero_rows_of_the_output_schema(
+    kind: str, servers: dict[str, Server], repository: Path
+) -> None:
+    before = servers["tcp"].core.statistics("facile")[0]["execution_count"]
+    requests = [
+        {"hits": np.zeros((0, 15), np.float32)},
+        {"hits": np.ones((2, 15), np.float32)},
+    ]
+    outcomes = run(kind, servers, repository, "facile", requests)
+    empty, full = outcomes
+    assert not isinstance(empty, Exception), empty
+    assert not isinstance(full, Exception), full
+    assert set(empty) == {"energy"}
+    assert empty["energy"].shape[0] == 0
+    assert empty["energy"].dtype == np.float32
+    assert full["energy"].shape[0] == 2
+    if kind in ("flight", "shm", "kserve", "core"):  # the model ran once, for the 2 rows
+        after = servers["tcp"].core.statistics("facile")[0]["execution_count"]
+        assert after == before + 1
+
+
+def _jets(counts: list[int], seed: int) -> dict[str, Any]:
+    rng = np.random.default_rng(seed)
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
+    return {
+        "points": tensors.Ragged(offsets, rng.normal(size=(offsets[-1], 2)).astype(np.float32)),
+        "features": tensors.Ragged(offsets, rng.normal(size=(offsets[-1], 7)).astype(np.float32)),
+    }
+
+
+@pytest.mark.parametrize("kind", ["flight", "unix", "shm", "core", "local"])
+def test_jets_without_constituents_are_padded_and_masked_as_usual(
+    kind: str, servers: dict[str, Server], repository: Path
+) -> None:
+    counts = [3, 0, 5, 0]
+    with_empty = run(kind, servers, repository, "jet_tagger", [_jets(counts, 9)])[0]
+    assert not isinstance(with_empty, Exception), with_empty
+    # each jet alone gives the same bits (the zero-item jets included)
+    alone = [
+        run(kind, servers, repository, "jet_tagger", [_jets([c], 100 + i)])[0]
+        for i, c in enumerate(counts)
+        if c == 0
+    ]
+    probabilities = with_empty["probabilities"]
+    assert probabilities.shape == (4, 5)
+    for outcome in alone:
+        assert not isinstance(outcome, Exception), outcome
+        # an empty jet's output does not depend on its (absent) constituents
+        assert outcome["probabilities"][0].tobytes() == probabilities[1].tobytes()
+        assert probabilities[1].tobytes() == probabilities[3].tobytes()
+    assert np.allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
+
+
+# -- 4. provenance -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", TRANSPORTS)
+def test_every_result_names_the_model_file_and_provider_that_made_it(
+    kind: str, servers: dict[str, Server], repository: Path
+) -> None:
+    sha = hashlib.sha256((repository / "facile" / "1" / "model.onnx").read_bytes()).hexdigest()
+    metadata: list[dict[str, str]] = []
+    requests = [{"hits": np.ones((n, 15), np.float32)} for n in (2, 0)]
+    outcomes = run(kind, servers, repository, "facile", requests, metadata=metadata)
+    assert not any(isinstance(o, Exception) for o in outcomes), outcomes
+    assert len(metadata) == 2  # the empty request's result too
+    for meta in metadata:
+        assert meta["model"] == "facile"
+        assert meta["model_version"] == "1"
+        assert meta["model_sha256"] == sha
+        assert meta["execution_provider"] == "CPUExecutionProvider"
