@@ -251,7 +251,7 @@ def _run_kserve(
                 answers.put((i, result, error))
 
             client.async_infer(model, inputs, callback)
-        got = dict((i, (r, e)) for i, r, e in (answers.get(timeout=WAIT) for _ in requests))
+        got = {i: (r, e) for i, r, e in (answers.get(timeout=WAIT) for _ in requests)}
     finally:
         client.close()
     out: list[Outcome] = []
@@ -329,7 +329,7 @@ def test_merged_requests_of_a_reducing_model_each_get_their_own_rows(
     for request, outcome in zip(requests, outcomes, strict=True):
         assert not isinstance(outcome, Exception), outcome
         assert np.array_equal(outcome["y"].reshape(1, 4), request["x"])  # its own row only
-    if kind in REMOTE + ["core"]:  # the server's batcher merged some, and split them again
+    if kind in [*REMOTE, "core"]:  # the server's batcher merged some, and split them again
         assert _statistics(servers, "sum0", kind)["isolated_batches"] > before
 
 
