@@ -48,7 +48,9 @@ REMOTE = ["flight", "unix", "shm", "kserve"]
 # -- models --------------------------------------------------------------------------------
 
 
-def _save(directory: Path, nodes: list[Any], inputs: list[Any], outputs: list[Any], **kw: Any):
+def _save(
+    directory: Path, nodes: list[Any], inputs: list[Any], outputs: list[Any], **kw: Any
+) -> None:
     graph = helper.make_graph(nodes, directory.name, inputs, outputs, **kw)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
     model.ir_version = IR_VERSION
@@ -214,11 +216,11 @@ def run(
                 metadata.append({k: str(v) for k, v in done.metadata.items()})
         return out
     with _client(kind, servers, repository) as client:
-        futures = [client.infer_async(model, r) for r in requests]
+        pending = [client.infer_async(model, r) for r in requests]
         out = []
-        for future in futures:
+        for answer in pending:
             try:
-                batch = future.result(WAIT)
+                batch = answer.result(WAIT)
             except Exception as err:  # noqa: BLE001 - the outcome under test
                 out.append(err)
                 continue
