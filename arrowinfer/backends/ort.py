@@ -9,9 +9,10 @@ result is a slice of the one output array.
 
 from __future__ import annotations
 
+import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import NamedTuple
 
 import numpy as np
@@ -33,6 +34,7 @@ __all__ = [
     "OnnxRuntimeBackend",
     "PlannedInput",
     "assemble_inputs",
+    "batch_invariant_rows",
     "input_plan",
     "model_shape",
     "output_column",
@@ -261,6 +263,45 @@ def output_column(field: pa.Field, value: np.ndarray) -> pa.Array:
     return to_column(field, tensors.Ragged(offsets, value.reshape((n * length, *value.shape[2:]))))
 
 
+def batch_invariant_rows(model: ModelVersion) -> int:
+    """The fixed execution batch size of ``arrowinfer.batch_invariant`` (0: off).
+
+    With ``arrowinfer.batch_invariant: "true"`` every execution runs ``max_batch_size`` rows:
+    the merged requests, then zero rows as padding. onnxruntime picks its kernels, tiling and
+    threading from the shapes it gets, so a batch of 3 and a batch of 40 may sum a row in
+    different orders; with one shape for every execution, a request's result no longer
+    depends on how many rows it shared its execution with (docs/reproducibility.md measures
+    what remains, and the cost).
+
+    Raises
+    ------
+    ModelError
+        For a value other than true/false, or a model without batching.
+    """
+    value = (model.parameter("arrowinfer.batch_invariant") or "false").strip().lower()
+    if value in ("false", "0", "no", "off"):
+        return 0
+    if value not in ("true", "1", "yes", "on"):
+        raise ModelError(
+            f"model {model.name!r}: parameter arrowinfer.batch_invariant must be true or false, "
+            f"got {value!r}"
+        )
+    if model.max_batch_size <= 0:
+        raise ModelError(
+            f"model {model.name!r}: arrowinfer.batch_invariant needs max_batch_size > 0"
+        )
+    return model.max_batch_size
+
+
+def _aligned_row_step(values: Iterable[np.ndarray]) -> int:
+    """The smallest number of rows after which a row of every array is 64-byte aligned again."""
+    step = 1
+    for value in values:
+        row_bytes = value.dtype.itemsize * int(np.prod(value.shape[1:], dtype=np.int64))
+        step = math.lcm(step, ALIGNMENT // math.gcd(row_bytes, ALIGNMENT) if row_bytes else 1)
+    return step
+
+
 class OnnxRuntimeBackend(Backend):
     """Runs a model version with onnxruntime (CPU, or CUDA when configured and available)."""
 
@@ -277,13 +318,24 @@ class OnnxRuntimeBackend(Backend):
         self._output_names = [o.name for o in model.config.output]
         self._plan = input_plan(model)
         self.provider = self.session.get_providers()[0]
+        self.fixed_rows = batch_invariant_rows(model)
 
     def execute(self, requests: Sequence[pa.RecordBatch]) -> tuple[list[pa.RecordBatch], Timings]:
+        if self.fixed_rows:
+            return self._execute_invariant(requests)
         t0 = time.perf_counter_ns()
         feeds = self.aligned_feeds(assemble_inputs(self.model, requests, plan=self._plan))
         t1 = time.perf_counter_ns()
-        values = self.session.run(self._output_names, feeds)
+        outputs = self._run(feeds)
         t2 = time.perf_counter_ns()
+        check_batch_dimension(self.model, outputs, sum(r.num_rows for r in requests))
+        results = split_outputs(self.model, outputs, [r.num_rows for r in requests])
+        t3 = time.perf_counter_ns()
+        return results, Timings(t1 - t0, t2 - t1, t3 - t2)
+
+    def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run the session; outputs by name, reshaped as the config says."""
+        values = self.session.run(self._output_names, feeds)
         outputs = {}
         batching = self.model.max_batch_size > 0
         for entry, value in zip(self.model.config.output, values, strict=True):
@@ -291,7 +343,56 @@ class OnnxRuntimeBackend(Backend):
             reshaped = entry.HasField("reshape") and -1 not in dims
             batch = (len(value),) if batching else ()
             outputs[entry.name] = value.reshape(batch + dims) if reshaped else value
-        check_batch_dimension(self.model, outputs, sum(r.num_rows for r in requests))
-        results = split_outputs(self.model, outputs, [r.num_rows for r in requests])
-        t3 = time.perf_counter_ns()
-        return results, Timings(t1 - t0, t2 - t1, t3 - t2)
+        return outputs
+
+    def _execute_invariant(
+        self, requests: Sequence[pa.RecordBatch]
+    ) -> tuple[list[pa.RecordBatch], Timings]:
+        """``arrowinfer.batch_invariant``: each execution has ``fixed_rows`` rows, and each
+        request starts at a 64-byte aligned row of every input, as it would alone.
+
+        onnxruntime's CPU kernels round by the shape of the batch and by the alignment of
+        each row (a row of 257 floats at row k of a batch starts 4k bytes off alignment), so
+        requests are placed at aligned rows, the gaps and the end filled with zeros. Requests
+        that do not fit in one execution (with their gaps) go to the next one: still merged,
+        never alone by necessity.
+        """
+        t0 = time.perf_counter_ns()
+        counts = [r.num_rows for r in requests]
+        merged = assemble_inputs(self.model, requests, plan=self._plan)
+        step = _aligned_row_step(merged.values())
+        groups: list[list[tuple[int, int, int]]] = [[]]  # (request, first row, row in merged)
+        place = 0
+        first = 0
+        for i, n in enumerate(counts):
+            if place + n > self.fixed_rows:
+                groups.append([])
+                place = 0
+            groups[-1].append((i, place, first))
+            first += n
+            place = -(-(place + n) // step) * step
+        parts: list[dict[str, np.ndarray]] = [{} for _ in requests]
+        infer_ns = 0
+        for group in groups:
+            feeds = {}
+            for name, value in merged.items():
+                padded = _aligned_empty((self.fixed_rows, *value.shape[1:]), value.dtype)
+                padded[...] = 0
+                for i, place, start in group:
+                    padded[place : place + counts[i]] = value[start : start + counts[i]]
+                feeds[name] = padded
+            start_ns = time.perf_counter_ns()
+            outputs = self._run(feeds)
+            infer_ns += time.perf_counter_ns() - start_ns
+            check_batch_dimension(self.model, outputs, self.fixed_rows)
+            for i, place, _ in group:
+                parts[i] = {k: v[place : place + counts[i]] for k, v in outputs.items()}
+        schema = self.model.outputs
+        results = [
+            pa.RecordBatch.from_arrays(
+                [output_column(field, part[field.name]) for field in schema], schema=schema
+            )
+            for part in parts
+        ]
+        total = time.perf_counter_ns() - t0
+        return results, Timings(total - infer_ns, infer_ns, 0)
