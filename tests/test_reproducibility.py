@@ -59,9 +59,11 @@ def _save(
     onnx.save(model, str(directory / "1" / "model.onnx"))
 
 
-def _config(directory: Path, inputs: str, outputs: str, *, max_batch_size: int = 64) -> None:
+def _config(
+    directory: Path, inputs: str, outputs: str, *, max_batch_size: int = 64, extra: str = ""
+) -> None:
     (directory / "config.pbtxt").write_text(
-        f'name: "{directory.name}"\nplatform: "onnxruntime_onnx"\n'
+        extra + "\n" + f'name: "{directory.name}"\nplatform: "onnxruntime_onnx"\n'
         f"max_batch_size: {max_batch_size}\ninput [ {{ {inputs} }} ]\noutput [ {{ {outputs} }} ]\n"
         f"dynamic_batching {{ max_queue_delay_microseconds: {DELAY_US} }}\n"
     )
@@ -126,6 +128,20 @@ def write_models(repository: Path) -> None:
         d,
         'name: "x" data_type: TYPE_FP32 dims: [ 257 ]',
         'name: "y" data_type: TYPE_FP32 dims: [ 1 ]',
+    )
+    d = repository / "rsum257_invariant"
+    _save(
+        d,
+        [helper.make_node("ReduceSum", ["x", "axes"], ["y"], keepdims=1)],
+        [_float("x", "n", 257)],
+        [_float("y", "n", 1)],
+        initializer=[axes1],
+    )
+    _config(
+        d,
+        'name: "x" data_type: TYPE_FP32 dims: [ 257 ]',
+        'name: "y" data_type: TYPE_FP32 dims: [ 1 ]',
+        extra='parameters { key: "arrowinfer.batch_invariant" value: { string_value: "true" } }',
     )
     d = repository / "matmul"
     weights = np.random.default_rng(37).normal(size=(37, 19)).astype(np.float32)
@@ -444,6 +460,36 @@ def test_unaligned_arrow_buffers_are_copied_once_aligned_and_counted(
         )
     copies = loaded.statistics.as_dict()["arrowinfer"]["alignment_copies"] - before
     assert copies == 3  # the aligned request was not copied, each shifted one once
+
+
+@pytest.mark.parametrize("model", ["rsum257_invariant", "matmul"])
+def test_batch_invariant_models_give_each_request_the_bits_it_gets_alone(
+    servers: dict[str, Server], repository: Path, model: str
+) -> None:
+    """With ``arrowinfer.batch_invariant`` (rsum257) or a kernel that is invariant anyway
+    (matmul, docs/reproducibility.md), merging changes no bit of any request's result."""
+    width = 257 if model.startswith("rsum") else 37
+    rng = np.random.default_rng(11)
+    requests = [
+        {
+            "x": (rng.normal(size=(n, width)) * 10.0 ** rng.integers(-3, 4, (n, width))).astype(
+                np.float32
+            )
+        }
+        for n in [1, 2, 3, 1, 5, 1, 1, 2, 7, 1, 1, 3]
+    ]
+    alone = [run("flight", servers, repository, model, [r])[0] for r in requests]
+    before = servers["tcp"].core.statistics(model)[0]["execution_count"]
+    merged = run("flight", servers, repository, model, requests)
+    executions = servers["tcp"].core.statistics(model)[0]["execution_count"] - before
+    assert executions < len(requests)  # some requests did share an execution
+    laptop = [run("local", servers, repository, model, [r])[0] for r in requests]
+    for want, got, local in zip(alone, merged, laptop, strict=True):
+        assert isinstance(want, dict)
+        assert isinstance(got, dict)
+        assert isinstance(local, dict)
+        assert got["y"].tobytes() == want["y"].tobytes()
+        assert local["y"].tobytes() == want["y"].tobytes()
 
 
 # -- 3. empty events ---------------------------------------------------------------------------
