@@ -17,9 +17,13 @@ Every attack runs with a second, well-behaved client beside it whose every resul
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import queue
+import shutil
 import threading
+import urllib.request
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -34,8 +38,16 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper
 
 from arrowinfer import tensors
-from arrowinfer.client import Client, ShmTransport
-from arrowinfer.errors import ServerError
+from arrowinfer.client import (
+    AsyncClient,
+    Client,
+    FallbackWarning,
+    ShmTransport,
+    TruncationWarning,
+    provenance,
+    truncation,
+)
+from arrowinfer.errors import InvalidInput, ModelError, ServerError
 from arrowinfer.examples import IR_VERSION, OPSET, write_example_repository
 from arrowinfer.server import Server
 
@@ -172,7 +184,7 @@ def servers(repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
     """A TCP server (Flight, shm, KServe) and a Unix-socket server, both over ``repository``."""
     sock = tmp_path_factory.mktemp("sock") / "arrowinfer.sock"
     with (
-        Server(repository, port=0, kserve_port=0, metrics_port=None) as tcp,
+        Server(repository, port=0, kserve_port=0, metrics_port=0) as tcp,
         Server(repository, unix_socket=str(sock), kserve_port=None, metrics_port=None) as unix,
     ):
         yield {"tcp": tcp, "unix": unix}
@@ -567,3 +579,170 @@ def test_every_result_names_the_model_file_and_provider_that_made_it(
         assert meta["model_version"] == "1"
         assert meta["model_sha256"] == sha
         assert meta["execution_provider"] == "CPUExecutionProvider"
+
+
+def _changed_copy(repository: Path, target: Path, model: str) -> Path:
+    """A copy of ``model`` whose file differs (its doc string) but computes the same."""
+    shutil.copytree(repository / model, target / model)
+    graph = onnx.load(str(target / model / "1" / "model.onnx"))
+    graph.doc_string = "a rebuilt copy"
+    onnx.save(graph, str(target / model / "1" / "model.onnx"))
+    return target
+
+
+def test_the_fallback_refuses_a_model_file_other_than_the_servers(
+    repository: Path, tmp_path: Path
+) -> None:
+    other = _changed_copy(repository, tmp_path / "other", "facile")
+    sha = hashlib.sha256((repository / "facile" / "1" / "model.onnx").read_bytes()).hexdigest()
+    local_sha = hashlib.sha256((other / "facile" / "1" / "model.onnx").read_bytes()).hexdigest()
+    assert sha != local_sha
+    hits = {"hits": np.ones((2, 15), np.float32)}
+    server = Server(repository, port=0, kserve_port=None, metrics_port=None, models=["facile"])
+    with server:
+        location = server.location
+        strict = Client(location, fallback="local", repository=other, retries=0, timeout=WAIT)
+        lenient = Client(
+            location,
+            fallback="local",
+            repository=other,
+            retries=0,
+            timeout=WAIT,
+            verify_fallback=False,
+        )
+        for client in (strict, lenient):  # each learns the server's sha256 from a result
+            assert provenance(client.infer("facile", hits))["model_sha256"] == sha
+    with strict, lenient:
+        with pytest.raises(ModelError, match=f"sha256 {local_sha}.*sha256 {sha}"):
+            strict.infer("facile", hits)
+        assert strict.counters["fallbacks_refused"] == 1
+        assert strict.counters.get("fallbacks", 0) == 0
+        with pytest.warns(FallbackWarning, match="facile"):
+            result = lenient.infer("facile", hits)
+        assert provenance(result)["model_sha256"] == local_sha  # and says whose it is
+        assert lenient.counters["fallbacks"] == 1
+
+
+def test_the_fallback_runs_the_same_model_file(repository: Path) -> None:
+    hits = {"hits": np.ones((2, 15), np.float32)}
+    server = Server(repository, port=0, kserve_port=None, metrics_port=None, models=["facile"])
+    with server:
+        client = Client(
+            server.location, fallback="local", repository=repository, retries=0, timeout=WAIT
+        )
+        remote = client.infer("facile", hits)
+    with client, pytest.warns(FallbackWarning, match="facile"):
+        local = client.infer("facile", hits)
+    assert provenance(local) == provenance(remote)
+    assert local.column(0).to_numpy().tobytes() == remote.column(0).to_numpy().tobytes()
+
+
+# -- 5. one bad event does not lose the others ---------------------------------------------------
+
+
+def _stream_inputs() -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(3)
+    return [
+        {"x": rng.normal(size=(1, 4)).astype(np.float32)},
+        {"x": rng.normal(size=(1, 3)).astype(np.float32)},  # refused by the client: shape
+        {"x": rng.normal(size=(3, 4)).astype(np.float32)},  # fails in the server: 1 row out
+        {"x": np.zeros((0, 4), np.float32)},  # empty: zero rows back
+        {"x": rng.normal(size=(1, 4)).astype(np.float32)},
+    ]
+
+
+def _check_outcomes(outcomes: list[Any], inputs: list[dict[str, np.ndarray]]) -> None:
+    assert len(outcomes) == len(inputs)
+    assert isinstance(outcomes[1], InvalidInput)
+    assert isinstance(outcomes[2], ServerError)
+    assert "failed to split" in str(outcomes[2])
+    for i in (0, 3, 4):
+        assert isinstance(outcomes[i], pa.RecordBatch), outcomes[i]
+        got = tensors.to_numpy(outcomes[i].column("y")).reshape(-1, 4)
+        assert got.tobytes() == inputs[i]["x"].tobytes()  # sum0 of one row is that row
+
+
+@pytest.mark.parametrize("kind", ["flight", "shm", "local"])
+def test_stream_errors_return_yields_each_result_or_exception_in_order(
+    kind: str, servers: dict[str, Server], repository: Path
+) -> None:
+    inputs = _stream_inputs()
+    with _client(kind, servers, repository) as client:
+        outcomes = list(client.stream("sum0", inputs, errors="return", window=2))
+        _check_outcomes(outcomes, inputs)
+        with pytest.raises(InvalidInput):  # the default raises, at the first failure
+            list(client.stream("sum0", inputs))
+        with pytest.raises(ValueError, match="errors must be"):
+            client.stream("sum0", inputs, errors="ignore")
+
+
+def test_async_stream_errors_return(servers: dict[str, Server]) -> None:
+    inputs = _stream_inputs()
+
+    async def main() -> list[Any]:
+        async with AsyncClient(servers["tcp"].location) as client:
+            with pytest.raises(ServerError):  # the default raises (here: the server's error)
+                async for _ in client.stream("sum0", [inputs[0], inputs[2], inputs[4]]):
+                    pass
+            return [o async for o in client.stream("sum0", inputs, errors="return", window=2)]
+
+    _check_outcomes(asyncio.run(main()), inputs)
+
+
+# -- 6. silent changes to the data ---------------------------------------------------------------
+
+
+def _scrape(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=WAIT) as r:
+        return str(r.read().decode())
+
+
+@pytest.mark.parametrize("kind", ["flight", "shm", "local"])
+def test_truncated_jets_are_counted_and_warned_about_once(
+    kind: str, servers: dict[str, Server], repository: Path
+) -> None:
+    before = _statistics(servers, "jet_tagger")
+    jets = _jets([120, 3, 100, 101], 4)  # the model takes 100 constituents: 2 jets cut
+    with _client(kind, servers, repository) as client:
+        with pytest.warns(TruncationWarning, match=r"jet_tagger.*2 entries.*21 items"):
+            first = client.infer("jet_tagger", jets)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # once per model: no second warning
+            second = client.infer("jet_tagger", jets)
+            fine = client.infer("jet_tagger", _jets([5, 100], 5))
+    assert truncation(first) == (2, 21)
+    assert truncation(second) == (2, 21)
+    assert truncation(fine) == (0, 0)
+    if kind != "local":
+        after = _statistics(servers, "jet_tagger")
+        assert after["truncated_entries"] - before["truncated_entries"] == 4
+        assert after["truncated_items"] - before["truncated_items"] == 42
+        port = servers["tcp"].metrics_port
+        assert port
+        line = next(
+            line
+            for line in _scrape(port).splitlines()
+            if line.startswith('arrowinfer_truncated_items{model="jet_tagger"')
+        )
+        assert float(line.split()[-1]) == after["truncated_items"]
+
+
+def test_float64_is_refused_unless_a_same_kind_cast_is_asked_for(
+    servers: dict[str, Server],
+) -> None:
+    wide = np.random.default_rng(8).normal(size=(4, 15))
+    with Client(servers["tcp"].location) as client:
+        with pytest.raises(InvalidInput, match="element type"):
+            client.infer("facile", {"hits": wide})
+        cast = client.infer("facile", {"hits": wide}, cast="same_kind")
+        narrow = client.infer("facile", {"hits": wide.astype(np.float32)})
+        assert cast.column(0).to_numpy().tobytes() == narrow.column(0).to_numpy().tobytes()
+        # same_kind never turns floats into integers
+        with pytest.raises(InvalidInput, match="element type"):
+            client.infer("gather", {"i": np.ones((2, 1))}, cast="same_kind")
+        with pytest.raises(ValueError, match="cast must be"):
+            client.infer("facile", {"hits": wide}, cast="unsafe")
+        outcomes = list(
+            client.stream("facile", [{"hits": wide}], cast="same_kind", errors="return")
+        )
+        assert isinstance(outcomes[0], pa.RecordBatch)

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import os
 import threading
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 
-from ._convert import conform, to_record_batch
+from ._convert import conform, to_record_batch, truncation
 from ._failover import FailoverTransport
 from ._shm import SHM_OPTIONS, check_shm, make_transport
 from ._transport import FLIGHT_OPTIONS, Transport, check_compression, check_options, check_token
@@ -26,6 +27,7 @@ __all__ = [
     "DEFAULT_URL",
     "USE_CLIENT_DEFAULT",
     "BaseClient",
+    "TruncationWarning",
     "UseClientDefault",
     "servers",
     "split_name",
@@ -40,6 +42,10 @@ DEFAULT_URL = "grpc://127.0.0.1:8815"
 #: The keyword options a client takes besides its own parameters: those of
 #: ``pyarrow.flight.FlightClient`` (TLS and others) and of shared memory, by name.
 CLIENT_OPTIONS = FLIGHT_OPTIONS | SHM_OPTIONS
+
+
+class TruncationWarning(UserWarning):
+    """A request's ragged inputs had more items than the model takes: some were cut."""
 
 
 class UseClientDefault:
@@ -92,6 +98,10 @@ class BaseClient:
         :data:`CLIENT_OPTIONS`).
     ValueError
         A bad value of ``compression``, ``shm``, ``fallback`` or ``token``.
+
+    Every result's schema metadata names what produced it (``provenance(result)``: model,
+    version, ``model_sha256``, execution provider); a result whose request's ragged inputs
+    were cut to the model's size warns once per model (:class:`TruncationWarning`).
     """
 
     def __init__(
@@ -108,6 +118,7 @@ class BaseClient:
         fallback: str = "error",
         repository: str | os.PathLike[str] | None = None,
         token: str | None = None,
+        verify_fallback: bool = True,
         **options: Any,
     ):
         check_options(type(self).__name__, options, CLIENT_OPTIONS)
@@ -134,6 +145,8 @@ class BaseClient:
         self._attempt_timeout = attempt_timeout
         self._health_interval = health_interval
         self._repository = repository if fallback == "local" else None
+        self._verify_fallback = verify_fallback
+        self._truncated_models: set[str] = set()  # warned about already
         self._transport: Transport | None = None
         self._schemas: dict[tuple[str, str | None], pa.Schema] = {}
         self._lock = threading.Lock()
@@ -171,6 +184,7 @@ class BaseClient:
             attempt_timeout=self._attempt_timeout,
             health_interval=self._health_interval,
             fallback=local,
+            verify_fallback=self._verify_fallback,
         )
 
     @property
@@ -196,9 +210,29 @@ class BaseClient:
         return schema
 
     @staticmethod
-    def _request(model: str, data: Any, schema: pa.Schema) -> pa.RecordBatch:
+    def _request(
+        model: str, data: Any, schema: pa.Schema, cast: str | None = None
+    ) -> pa.RecordBatch:
         """The request for ``data``, checked against and shaped to the model's ``schema``."""
-        return conform(to_record_batch(data), schema, model=model)
+        return conform(to_record_batch(data), schema, model=model, cast=cast)
+
+    def _received(self, model: str, result: pa.RecordBatch) -> pa.RecordBatch:
+        """A result, after a :class:`TruncationWarning` (once per model) if its request's
+        ragged inputs were cut to the model's size."""
+        entries, items = truncation(result)
+        if entries:
+            with self._lock:
+                first = model not in self._truncated_models
+                self._truncated_models.add(model)
+            if first:
+                warnings.warn(
+                    f"model {model!r}: {entries} entries of a request had more items than the "
+                    f"model takes; {items} items were cut (the server pads or truncates "
+                    "ragged inputs to the model's size; counted in its statistics)",
+                    TruncationWarning,
+                    stacklevel=3,
+                )
+        return result
 
     @staticmethod
     def _latest(listing: dict[str, dict[str, pa.Schema]]) -> dict[str, pa.Schema]:
