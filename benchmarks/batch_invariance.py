@@ -13,9 +13,10 @@ For each model (the example models, plus ``rsum257``: a ``ReduceSum`` over 257 f
 
 The largest difference, in units in the last place (ULP) of float32, between the target's
 rows merged and alone is the table's cell; 0 means bit-identical for every composition
-tried. Each model is measured twice: as served by default, and with the per-model switch
-``arrowinfer.batch_invariant: "true"`` (every execution padded to ``max_batch_size`` rows),
-whose cost is the median time of one execution of each batch size, with and without.
+tried. Each model is measured as served by default, and with the per-model switch
+``arrowinfer.batch_invariant``: ``"true"`` (every execution has ``max_batch_size`` rows) and
+``"32"`` (every execution has 32 rows); its cost is the median time of one ``execute`` of a
+request of 1, 16 and the largest number of rows tried, alone.
 
 The backend is called directly (in-process) because it is what the batcher calls with the
 merged requests; tests/test_reproducibility.py shows that every transport gives the backend
@@ -44,12 +45,14 @@ from onnx import TensorProto, helper
 
 from arrowinfer import tensors
 from arrowinfer.backends.ort import OnnxRuntimeBackend
+from arrowinfer.bench.machine import describe, markdown
+from arrowinfer.bench.requests import make_request as example_request
 from arrowinfer.examples import EXAMPLE_MODELS, IR_VERSION, OPSET, write_example_repository
 from arrowinfer.repository import ModelVersion, Repository
-from benchmarks._machine import describe, markdown
-from benchmarks.inprocess import make_request as example_request
 
 EXTRA_MODELS = ("rsum257", "matmul")
+#: How each model is measured: its label and its ``arrowinfer.batch_invariant`` setting.
+VARIANTS = (("default", None), ("invariant_max", "true"), ("invariant_32", "32"))
 TIMED_CALLS = 5
 
 
@@ -117,10 +120,12 @@ def _outputs(batch: pa.RecordBatch) -> list[np.ndarray]:
 def measure_model(version: ModelVersion, limit: int) -> dict[str, object]:
     """Max ULP per target size and composition, default and batch-invariant; and times."""
     row: dict[str, object] = {"model": version.name, "max_batch_size": version.max_batch_size}
-    invariant = dataclasses.replace(version, config=type(version.config)())
-    invariant.config.CopyFrom(version.config)
-    invariant.config.parameters["arrowinfer.batch_invariant"].string_value = "true"
-    for label, model in (("default", version), ("batch_invariant", invariant)):
+    for label, setting in VARIANTS:
+        model = version
+        if setting is not None:
+            model = dataclasses.replace(version, config=type(version.config)())
+            model.config.CopyFrom(version.config)
+            model.config.parameters["arrowinfer.batch_invariant"].string_value = setting
         backend = OnnxRuntimeBackend(model)
         worst = 0
         compositions = 0
@@ -142,7 +147,9 @@ def measure_model(version: ModelVersion, limit: int) -> dict[str, object]:
         row[f"{label}_compositions"] = compositions
         row[f"{label}_ms"] = {
             str(s): _time(backend, make_request(version.name, s, seed=7))
-            for s in sorted({1, min(16, version.max_batch_size), min(version.max_batch_size, limit)})
+            for s in sorted(
+                {1, min(16, version.max_batch_size), min(version.max_batch_size, limit)}
+            )
         }
         backend.close()
     return row
@@ -159,20 +166,35 @@ def _time(backend: OnnxRuntimeBackend, request: pa.RecordBatch) -> float:
 
 
 def table(rows: Sequence[dict[str, object]]) -> str:
-    """The results as a markdown table."""
+    """The results as markdown tables: max ULP, then the time of one execution."""
+    labels = [label for label, _ in VARIANTS]
     lines = [
-        "| model | max_batch_size | compositions | max ULP (default) | max ULP (batch_invariant) "
-        "| ms per execution, rows: default -> batch_invariant |",
-        "|---|---|---|---|---|---|",
+        "| model | max_batch_size | compositions | "
+        + " | ".join(f"max ULP ({label})" for label in labels)
+        + " |",
+        "|---|---|---|" + "---|" * len(labels),
+    ]
+    lines.extend(
+        f"| {r['model']} | {r['max_batch_size']} | {r['default_compositions']} | "
+        + " | ".join(str(r[f"{label}_max_ulp"]) for label in labels)
+        + " |"
+        for r in rows
+    )
+    lines += [
+        "",
+        "| model | rows in the request | "
+        + " | ".join(f"ms per execution ({label})" for label in labels)
+        + " |",
+        "|---|---|" + "---|" * len(labels),
     ]
     for r in rows:
         default_ms: dict[str, float] = r["default_ms"]  # type: ignore[assignment]
-        fixed_ms: dict[str, float] = r["batch_invariant_ms"]  # type: ignore[assignment]
-        times = "; ".join(f"{s}: {default_ms[s]} -> {fixed_ms[s]}" for s in default_ms)
-        lines.append(
-            f"| {r['model']} | {r['max_batch_size']} | {r['default_compositions']} "
-            f"| {r['default_max_ulp']} | {r['batch_invariant_max_ulp']} | {times} |"
-        )
+        for size in default_ms:
+            cells = " | ".join(
+                str(r[f"{label}_ms"][size])  # type: ignore[index]
+                for label in labels
+            )
+            lines.append(f"| {r['model']} | {size} | {cells} |")
     return "\n".join(lines)
 
 

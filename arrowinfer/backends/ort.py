@@ -266,31 +266,36 @@ def output_column(field: pa.Field, value: np.ndarray) -> pa.Array:
 def batch_invariant_rows(model: ModelVersion) -> int:
     """The fixed execution batch size of ``arrowinfer.batch_invariant`` (0: off).
 
-    With ``arrowinfer.batch_invariant: "true"`` every execution runs ``max_batch_size`` rows:
-    the merged requests, then zero rows as padding. onnxruntime picks its kernels, tiling and
-    threading from the shapes it gets, so a batch of 3 and a batch of 40 may sum a row in
-    different orders; with one shape for every execution, a request's result no longer
-    depends on how many rows it shared its execution with (docs/reproducibility.md measures
-    what remains, and the cost).
+    ``arrowinfer.batch_invariant: "true"`` runs every execution with ``max_batch_size`` rows,
+    ``"N"`` with N rows (smaller is cheaper for small requests): the merged requests, each
+    starting at a 64-byte aligned row, zeros between and after them. onnxruntime picks its
+    kernels and rounds by the shape of the batch and by the alignment of each row, so with
+    one shape for every execution and every request placed as it would be alone, a
+    request's result no longer depends on which requests share its execution
+    (docs/reproducibility.md measures it, and the cost).
 
     Raises
     ------
     ModelError
-        For a value other than true/false, or a model without batching.
+        For a value other than true/false or a positive integer, or a model without batching.
     """
     value = (model.parameter("arrowinfer.batch_invariant") or "false").strip().lower()
     if value in ("false", "0", "no", "off"):
         return 0
-    if value not in ("true", "1", "yes", "on"):
+    if value in ("true", "yes", "on"):
+        rows = model.max_batch_size
+    elif value.isdigit():
+        rows = int(value)
+    else:
         raise ModelError(
-            f"model {model.name!r}: parameter arrowinfer.batch_invariant must be true or false, "
-            f"got {value!r}"
+            f"model {model.name!r}: parameter arrowinfer.batch_invariant must be true, false "
+            f"or a number of rows, got {value!r}"
         )
     if model.max_batch_size <= 0:
         raise ModelError(
             f"model {model.name!r}: arrowinfer.batch_invariant needs max_batch_size > 0"
         )
-    return model.max_batch_size
+    return rows
 
 
 def _aligned_row_step(values: Iterable[np.ndarray]) -> int:
@@ -348,51 +353,53 @@ class OnnxRuntimeBackend(Backend):
     def _execute_invariant(
         self, requests: Sequence[pa.RecordBatch]
     ) -> tuple[list[pa.RecordBatch], Timings]:
-        """``arrowinfer.batch_invariant``: each execution has ``fixed_rows`` rows, and each
-        request starts at a 64-byte aligned row of every input, as it would alone.
+        """``arrowinfer.batch_invariant``: executions of ``fixed_rows`` rows each, every
+        request starting at a 64-byte aligned row of every input, as it would alone.
 
-        onnxruntime's CPU kernels round by the shape of the batch and by the alignment of
-        each row (a row of 257 floats at row k of a batch starts 4k bytes off alignment), so
-        requests are placed at aligned rows, the gaps and the end filled with zeros. Requests
-        that do not fit in one execution (with their gaps) go to the next one: still merged,
-        never alone by necessity.
+        The requests are laid out one after the other in one zero-filled buffer (each from
+        the next aligned row), which runs in slices of ``fixed_rows`` rows (rounded up to a
+        multiple of the alignment step, so that every slice starts aligned too). A request
+        may span two slices: each of its rows still sits at the alignment it has alone.
         """
         t0 = time.perf_counter_ns()
         counts = [r.num_rows for r in requests]
         merged = assemble_inputs(self.model, requests, plan=self._plan)
         step = _aligned_row_step(merged.values())
-        groups: list[list[tuple[int, int, int]]] = [[]]  # (request, first row, row in merged)
+        size = -(-self.fixed_rows // step) * step
+        starts = []
         place = 0
-        first = 0
-        for i, n in enumerate(counts):
-            if place + n > self.fixed_rows:
-                groups.append([])
-                place = 0
-            groups[-1].append((i, place, first))
-            first += n
-            place = -(-(place + n) // step) * step
-        parts: list[dict[str, np.ndarray]] = [{} for _ in requests]
-        infer_ns = 0
-        for group in groups:
-            feeds = {}
-            for name, value in merged.items():
-                padded = _aligned_empty((self.fixed_rows, *value.shape[1:]), value.dtype)
-                padded[...] = 0
-                for i, place, start in group:
-                    padded[place : place + counts[i]] = value[start : start + counts[i]]
-                feeds[name] = padded
-            start_ns = time.perf_counter_ns()
-            outputs = self._run(feeds)
-            infer_ns += time.perf_counter_ns() - start_ns
-            check_batch_dimension(self.model, outputs, self.fixed_rows)
-            for i, place, _ in group:
-                parts[i] = {k: v[place : place + counts[i]] for k, v in outputs.items()}
+        for n in counts:
+            place = -(-place // step) * step
+            starts.append(place)
+            place += n
+        total = -(-place // size) * size
+        feeds = {}
+        for name, value in merged.items():
+            laid = _aligned_empty((total, *value.shape[1:]), value.dtype)
+            laid[...] = 0
+            first = 0
+            for start, n in zip(starts, counts, strict=True):
+                laid[start : start + n] = value[first : first + n]
+                first += n
+            feeds[name] = laid
+        t1 = time.perf_counter_ns()
+        slices = []
+        for begin in range(0, total, size):
+            outputs = self._run({k: v[begin : begin + size] for k, v in feeds.items()})
+            check_batch_dimension(self.model, outputs, size)
+            slices.append(outputs)
+        t2 = time.perf_counter_ns()
+        joined = {
+            name: slices[0][name] if len(slices) == 1 else np.concatenate([o[name] for o in slices])
+            for name in slices[0]
+        }
         schema = self.model.outputs
         results = [
             pa.RecordBatch.from_arrays(
-                [output_column(field, part[field.name]) for field in schema], schema=schema
+                [output_column(f, joined[f.name][start : start + n]) for f in schema],
+                schema=schema,
             )
-            for part in parts
+            for start, n in zip(starts, counts, strict=True)
         ]
-        total = time.perf_counter_ns() - t0
-        return results, Timings(total - infer_ns, infer_ns, 0)
+        t3 = time.perf_counter_ns()
+        return results, Timings(t1 - t0, t2 - t1, t3 - t2)
