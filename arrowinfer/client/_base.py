@@ -14,9 +14,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 
-from ._convert import conform, to_record_batch, truncation
+from ._convert import conform, per_object, to_record_batch, truncation
 from ._failover import FailoverTransport
 from ._shm import SHM_OPTIONS, check_shm, make_transport
 from ._transport import FLIGHT_OPTIONS, Transport, check_compression, check_options, check_token
@@ -212,9 +213,15 @@ class BaseClient:
     @staticmethod
     def _request(
         model: str, data: Any, schema: pa.Schema, cast: str | None = None
-    ) -> pa.RecordBatch:
-        """The request for ``data``, checked against and shaped to the model's ``schema``."""
-        return conform(to_record_batch(data), schema, model=model, cast=cast)
+    ) -> tuple[pa.RecordBatch, np.ndarray | None]:
+        """The request for ``data``, checked against and shaped to the model's ``schema``
+        (``cast`` as for ``Client.infer``).
+
+        With it, the event offsets to :func:`regroup` its result by when ``data`` held
+        per-event collections for a per-object model (see :func:`per_object`), else None.
+        """
+        batch, events = per_object(to_record_batch(data), schema, model=model)
+        return conform(batch, schema, model=model, cast=cast), events
 
     def _received(self, model: str, result: pa.RecordBatch) -> pa.RecordBatch:
         """A result, after a :class:`TruncationWarning` (once per model) if its request's

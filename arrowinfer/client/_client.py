@@ -21,6 +21,7 @@ from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, Literal, overload
 
+import numpy as np
 import pyarrow as pa
 
 from ..errors import Timeout
@@ -34,6 +35,7 @@ from ._base import (
     servers,
     split_name,
 )
+from ._convert import regroup
 from ._transport import Transport
 
 __all__ = ["CLIENT_OPTIONS", "DEFAULT_TIMEOUT", "USE_CLIENT_DEFAULT", "Client", "servers"]
@@ -187,9 +189,23 @@ class Client(BaseClient):
     def _submit(
         self, name: str, ver: str | None, data: Any, cast: str | None
     ) -> Future[pa.RecordBatch]:
-        return self._live.submit(
-            name, ver, self._request(name, data, self._schema(name, ver), cast)
-        )
+        """Check and send one request; its future (per-event collections regrouped)."""
+        batch, events = self._request(name, data, self._schema(name, ver), cast)
+        sent = self._live.submit(name, ver, batch)
+        if events is None:
+            return sent
+        out: Future[pa.RecordBatch] = Future()
+
+        def settle(done: Future[pa.RecordBatch]) -> None:
+            if done.cancelled():
+                out.cancel()
+            elif (err := done.exception()) is not None:
+                out.set_exception(err)
+            else:
+                out.set_result(regroup(done.result(), events))
+
+        sent.add_done_callback(settle)
+        return out
 
     @overload
     def stream(
@@ -241,8 +257,22 @@ class Client(BaseClient):
         name, ver = split_name(model, version)
         if errors == "return":
             return self._outcomes(name, ver, data, window, cast)
-        requests = (self._request(name, d, self._schema(name, ver), cast) for d in data)
-        return (self._received(name, r) for r in self._live.stream(name, ver, requests, window))
+        return self._results(name, ver, data, window, cast)
+
+    def _results(
+        self, name: str, ver: str | None, data: Iterable[Any], window: int, cast: str | None
+    ) -> Iterator[pa.RecordBatch]:
+        """``stream(errors="raise")``: one stream of the transport, results in order."""
+        groupings: deque[np.ndarray | None] = deque()  # one per request sent, in order
+
+        def requests() -> Iterator[pa.RecordBatch]:
+            for item in data:
+                batch, events = self._request(name, item, self._schema(name, ver), cast)
+                groupings.append(events)
+                yield batch
+
+        for result in self._live.stream(name, ver, requests(), window):
+            yield self._received(name, regroup(result, groupings.popleft()))
 
     def _outcomes(
         self, name: str, ver: str | None, data: Iterable[Any], window: int, cast: str | None
