@@ -14,8 +14,12 @@ merges them into one batch of at most ``max_batch_size`` rows:
 - a request larger than ``max_batch_size`` is split into slices (no copy) that queue one
   after the other, and its results are joined again (one copy of the outputs).
 
-Requests are never reordered; a batch in which one request fails is re-run request by
-request so that only the bad request gets the error.
+Requests are never reordered. Whatever makes a merged batch fail (a bad request, an
+onnxruntime error, a model whose outputs do not keep the batch dimension, so that a
+request's rows cannot be told apart), its requests are re-run one by one, so that only the
+request that fails on its own gets the error and no request gets another request's rows.
+Every result carries its provenance (model, version, the model file's sha256, the execution
+provider) and what padding cut from its ragged inputs.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -110,8 +114,7 @@ class ModelStatistics:
     compute_infer: _Duration = field(default_factory=_Duration)
     compute_output: _Duration = field(default_factory=_Duration)
     batch_stats: dict[int, list[_Duration]] = field(default_factory=dict)
-    # arrowinfer's own counts: alignment_copies, alignment_copy_ns, truncated_entries,
-    # truncated_items (see COUNTERS)
+    # arrowinfer's own counts (COUNTERS)
     counters: dict[str, int] = field(default_factory=lambda: dict.fromkeys(COUNTERS, 0))
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -348,21 +351,18 @@ class DynamicBatcher:
                 err = ServerError(f"model {self.model.name!r}: execution failed: {err}")
             self._fail(live[0], err)
             return
-        counters = backend.take_counters()
+        counters = Counter(backend.take_counters())
         rows = sum(r.batch.num_rows for r in live)
         self.statistics.record_execution(rows, timings)
         end = time.perf_counter_ns()
         provenance = _provenance(self.model, backend)
         for request, result in zip(live, results, strict=True):
             metadata = dict(provenance)
-            truncated = truncation(self.model, request.batch)
-            if truncated.entries:
-                metadata["truncated_entries"] = truncated.entries
-                metadata["truncated_items"] = truncated.items
-                counters["truncated_entries"] = counters.get("truncated_entries", 0) + (
-                    truncated.entries
-                )
-                counters["truncated_items"] = counters.get("truncated_items", 0) + truncated.items
+            entries, items = truncation(self.model, request.batch)
+            if entries:  # the client warns its user; the statistics count it
+                cut = {"truncated_entries": entries, "truncated_items": items}
+                metadata.update(cut)
+                counters.update(cut)
             done = Completed(result, start - request.enqueued_ns, *timings, metadata=metadata)
             self.statistics.record_request(True, end - request.enqueued_ns, done)
             request.future.set_result(done)

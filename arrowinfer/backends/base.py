@@ -30,6 +30,7 @@ __all__ = [
     "Timings",
     "Truncation",
     "aligned",
+    "aligned_empty",
     "check_batch_dimension",
     "truncation",
 ]
@@ -105,11 +106,17 @@ def aligned(array: np.ndarray) -> np.ndarray:
     else a copy that is (same shape and dtype)."""
     if array.flags.c_contiguous and array.ctypes.data % ALIGNMENT == 0:
         return array
-    raw = np.empty(array.nbytes + ALIGNMENT, dtype=np.uint8)
-    skip = -raw.ctypes.data % ALIGNMENT
-    out = raw[skip : skip + array.nbytes].view(array.dtype).reshape(array.shape)
+    out = aligned_empty(array.shape, array.dtype)
     np.copyto(out, array)
     return out
+
+
+def aligned_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """An uninitialised C-contiguous array starting at a multiple of :data:`ALIGNMENT` bytes."""
+    nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+    raw = np.empty(nbytes + ALIGNMENT, dtype=np.uint8)
+    skip = -raw.ctypes.data % ALIGNMENT
+    return raw[skip : skip + nbytes].view(dtype).reshape(shape)
 
 
 def check_batch_dimension(model: ModelVersion, outputs: Mapping[str, object], rows: int) -> None:

@@ -25,7 +25,7 @@ from .. import tensors
 from ..errors import InvalidInput, ModelError
 from ..repository import ModelVersion
 from ..schema import datatype, to_column
-from .base import ALIGNMENT, Backend, Timings, check_batch_dimension
+from .base import ALIGNMENT, Backend, Timings, aligned_empty, check_batch_dimension
 
 # Besides the backend, the pieces DeviceBackend shares: how a session is opened, how the
 # inputs are planned and how an output slice becomes a column.
@@ -181,11 +181,11 @@ def assemble_inputs(
     for name, dtype, shape, kind in plan or input_plan(model):
         if kind == "mask":
             counts = next(iter(ragged.values())).counts
-            feeds[name] = _aligned_empty((total, *shape), dtype)
+            feeds[name] = aligned_empty((total, *shape), dtype)
             feeds[name][...] = tensors.mask(counts, shape[0], shape=shape[1:], dtype=dtype)
         elif kind == "ragged":
             values = ragged[name].values
-            padded = _aligned_empty((total, shape[0], *values.shape[1:]), values.dtype)
+            padded = aligned_empty((total, shape[0], *values.shape[1:]), values.dtype)
             tensors.pad(ragged[name], shape[0], pad_value=model.pad_value, out=padded)
             feeds[name] = padded.astype(dtype, copy=False)
         else:
@@ -195,14 +195,6 @@ def assemble_inputs(
             else:
                 feeds[name] = dense.reshape((total, *shape))  # a view; -1 takes the rest
     return feeds
-
-
-def _aligned_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
-    """An uninitialised C-contiguous array starting at a multiple of ``ALIGNMENT`` bytes."""
-    nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
-    raw = np.empty(nbytes + ALIGNMENT, dtype=np.uint8)
-    skip = -raw.ctypes.data % ALIGNMENT
-    return raw[skip : skip + nbytes].view(dtype).reshape(shape)
 
 
 def _dense(model: ModelVersion, name: str, column: pa.Array | pa.ChunkedArray) -> np.ndarray:
@@ -375,7 +367,7 @@ class OnnxRuntimeBackend(Backend):
         total = -(-place // size) * size
         feeds = {}
         for name, value in merged.items():
-            laid = _aligned_empty((total, *value.shape[1:]), value.dtype)
+            laid = aligned_empty((total, *value.shape[1:]), value.dtype)
             laid[...] = 0
             first = 0
             for start, n in zip(starts, counts, strict=True):
