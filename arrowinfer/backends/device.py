@@ -50,6 +50,7 @@ from .ort import (
     ORT_ERRORS,
     PlannedInput,
     assemble_inputs,
+    batch_invariant_rows,
     input_plan,
     model_shape,
     output_column,
@@ -598,6 +599,11 @@ class DeviceBackend(Backend):
         self, model: ModelVersion, *, xp: ModuleType | None = None, device: str = "cuda:0"
     ):
         super().__init__(model)
+        if batch_invariant_rows(model):  # not silently ignored: results would differ
+            raise ModelError(
+                f"model {model.name!r}: arrowinfer.batch_invariant is implemented on the CPU "
+                "backend only; serve this model on the CPU, or without the parameter"
+            )
         if xp is None:
             xp = _require_cuda(model, device)
         self.xp = xp
