@@ -615,7 +615,9 @@ def test_the_fallback_refuses_a_model_file_other_than_the_servers(
     with strict, lenient:
         with pytest.raises(ModelError, match=f"sha256 {local_sha}.*sha256 {sha}"):
             strict.infer("facile", hits)
-        assert strict.counters["fallbacks_refused"] == 1
+        with pytest.raises(ModelError, match="differs from the server's"):  # named version too
+            strict.infer("facile", hits, version=1)
+        assert strict.counters["fallbacks_refused"] == 2
         assert strict.counters.get("fallbacks", 0) == 0
         with pytest.warns(FallbackWarning, match="facile"):
             result = lenient.infer("facile", hits)

@@ -282,10 +282,13 @@ class FailoverTransport:
                     if member.models is not None:
                         member.models.add(model)  # it has it, whatever the last check said
                 answer = future.result()
-                sha = (answer.schema.metadata or {}).get(b"model_sha256")
-                if sha:
+                meta = answer.schema.metadata or {}
+                sha = meta.get(b"model_sha256")
+                if sha:  # asked for as given, and for the version that answered
+                    served = meta.get(b"model_version", b"").decode() or version
                     with self._lock:
                         self._reported[(model, version)] = sha.decode()
+                        self._reported[(model, served)] = sha.decode()
                 if not result.done():
                     result.set_result(answer)
             elif isinstance(error, TransportError):
