@@ -370,9 +370,12 @@ class DynamicBatcher:
 
     def empty(self) -> Completed:
         """The result of a request with no rows: no rows of the output schema, the model
-        not run (an event without jets is an ordinary event)."""
+        not run (an event without jets is an ordinary event). Counted as a successful
+        request of no rows and no execution."""
         empty = pa.RecordBatch.from_pylist([], schema=self.model.outputs)
-        return Completed(empty, 0, 0, 0, 0, metadata=_provenance(self.model, self._backends[0]))
+        done = Completed(empty, 0, 0, 0, 0, metadata=_provenance(self.model, self._backends[0]))
+        self.statistics.record_request(True, 0, done)
+        return done
 
     def _fail(self, request: _Request, error: BaseException) -> None:
         self.statistics.record_request(False, time.perf_counter_ns() - request.enqueued_ns)

@@ -511,7 +511,9 @@ def test_batch_invariant_models_give_each_request_the_bits_it_gets_alone(
 def test_a_zero_row_request_gets_zero_rows_of_the_output_schema(
     kind: str, servers: dict[str, Server], repository: Path
 ) -> None:
-    before = servers["tcp"].core.statistics("facile")[0]["execution_count"]
+    stats = servers["tcp"].core.statistics("facile")[0]
+    before = stats["execution_count"]
+    successes = stats["inference_stats"]["success"]["count"]
     requests = [
         {"hits": np.zeros((0, 15), np.float32)},
         {"hits": np.ones((2, 15), np.float32)},
@@ -525,8 +527,9 @@ def test_a_zero_row_request_gets_zero_rows_of_the_output_schema(
     assert empty["energy"].dtype == np.float32
     assert full["energy"].shape[0] == 2
     if kind in ("flight", "shm", "kserve", "core"):  # the model ran once, for the 2 rows
-        after = servers["tcp"].core.statistics("facile")[0]["execution_count"]
-        assert after == before + 1
+        after = servers["tcp"].core.statistics("facile")[0]
+        assert after["execution_count"] == before + 1
+        assert after["inference_stats"]["success"]["count"] == successes + 2  # both answered
 
 
 def _jets(counts: list[int], seed: int) -> dict[str, Any]:
