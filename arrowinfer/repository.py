@@ -28,6 +28,7 @@ Names a client sends are looked up among the models found on disk; they never be
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import re
@@ -99,6 +100,7 @@ class ModelVersion:
     mask_input: str | None = None
     pad_value: float = 0.0
     max_request_rows: int | None = None
+    sha256: str = ""  # of the model file (hex): every result names the file that made it
 
     @property
     def max_batch_size(self) -> int:
@@ -390,9 +392,22 @@ def load_model(model_dir: Path) -> list[ModelVersion]:
                 mask_input=mask,
                 pad_value=pad_value,
                 max_request_rows=max_request_rows,
+                sha256=file_sha256(path),
             )
         )
     return versions
+
+
+def file_sha256(path: Path) -> str:
+    """The sha256 (hex) of a file, read in blocks (models can be large)."""
+    digest = hashlib.sha256()
+    try:
+        with path.open("rb") as file:
+            while block := file.read(1 << 20):
+                digest.update(block)
+    except OSError as err:
+        raise ModelError(f"{path}: cannot read: {err.strerror or err}") from err
+    return digest.hexdigest()
 
 
 class Repository:

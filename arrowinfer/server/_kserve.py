@@ -219,7 +219,10 @@ class KServeService(service_pb2_grpc.GRPCInferenceServiceServicer):
     ) -> pb.ModelStatisticsResponse:
         stats = self.core.statistics(request.name or None, request.version or None)
         return pb.ModelStatisticsResponse(
-            model_stats=[json_format.ParseDict(s, pb.ModelStatistics()) for s in stats]
+            model_stats=[
+                json_format.ParseDict(s, pb.ModelStatistics(), ignore_unknown_fields=True)
+                for s in stats
+            ]
         )
 
     # -- repository ---------------------------------------------------------------------
