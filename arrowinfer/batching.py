@@ -11,6 +11,8 @@ merges them into one batch of at most ``max_batch_size`` rows:
 - a model without ``dynamic_batching`` runs each request on its own, as Triton does;
 - ``default_queue_policy { max_queue_size }`` bounds the queue: a request that finds it
   full fails at once with :class:`~arrowinfer.errors.ServerBusy`;
+- requests merge only when the inputs with variable dims have the same concrete shapes
+  (Triton's rule without ragged batching): a request of another shape ends the batch;
 - a request larger than ``max_batch_size`` is split into slices (no copy) that queue one
   after the other, and its results are joined again (one copy of the outputs).
 
@@ -137,6 +139,7 @@ class _Request:
     batch: pa.RecordBatch
     future: Future[Completed]
     enqueued_ns: int
+    shapes: tuple[Any, ...] = ()  # concrete shapes of variable inputs: the merge key
 
 
 def _choose(rows: Sequence[int], max_rows: int, preferred: Sequence[int]) -> int:
@@ -206,8 +209,11 @@ class DynamicBatcher:
 
     # -- submitting ----------------------------------------------------------------------
 
-    def submit(self, batch: pa.RecordBatch) -> Future[Completed]:
+    def submit(self, batch: pa.RecordBatch, *, shapes: tuple[Any, ...] = ()) -> Future[Completed]:
         """Queue one (validated) request; the future gives its result in the same row order.
+
+        ``shapes`` is what :func:`arrowinfer.schema.validate` returns: only requests with
+        equal ``shapes`` are merged into one batch.
 
         Raises
         ------
@@ -222,7 +228,7 @@ class DynamicBatcher:
                 batch.slice(i, self._max_rows) for i in range(0, batch.num_rows, self._max_rows)
             ]
         now = time.perf_counter_ns()
-        requests = [_Request(p, Future(), now) for p in parts]
+        requests = [_Request(p, Future(), now, shapes) for p in parts]
         with self._cond:
             if self._closed:
                 raise ServerUnavailable(f"model {self.model.name!r} is unloading")
@@ -259,7 +265,11 @@ class DynamicBatcher:
                     if not self._queue:  # another instance took them
                         return []
             if self._batching:
-                rows = [r.batch.num_rows for r in self._queue]
+                rows = []
+                for request in self._queue:
+                    if request.shapes != self._queue[0].shapes:
+                        break  # another shape: it cannot join this batch
+                    rows.append(request.batch.num_rows)
                 count = _choose(rows, self._max_rows, self._preferred)
             else:
                 count = 1

@@ -5,8 +5,17 @@ canonical form of the tensor per batch entry (see :mod:`arrowinfer.tensors`):
 
 - shape ``[]`` (or ``[1]``): a primitive column;
 - a fixed shape: ``arrow.fixed_shape_tensor(value_type, shape)``;
-- a ragged input (variable first dimension, or padded by the server to the model's size):
-  ``list<value_type>`` or ``list<fixed_size_list<...>>``.
+- a ragged input (padded by the server to the model's size), or a variable first
+  dimension and no other: ``list<value_type>`` or ``list<fixed_size_list<...>>``;
+- a variable dimension elsewhere (``[2, -1]``, ``[-1, -1]``):
+  ``arrow.variable_shape_tensor(value_type, uniform_shape)``
+  (:class:`arrowinfer.tensors.VariableShapeTensorType`).
+
+An input with variable dimensions that is not declared ragged is a dense tensor per
+request, as in Triton: its ``-1`` dims take any size, the same for every row of the
+request (:func:`validate` checks it and returns the sizes, by which the dynamic batcher
+merges only requests that agree). Besides the canonical type, a request may carry it as
+an ``arrow.fixed_shape_tensor`` (or nested ``fixed_size_list``) of its concrete shape.
 
 Field metadata keeps what Arrow's type cannot: ``datatype`` (Triton/KServe name, e.g.
 ``FP32``), ``shape`` (the config's dims as JSON, ``-1`` for variable) and, for ragged
@@ -27,7 +36,17 @@ import numpy as np
 import pyarrow as pa
 
 from .errors import InvalidInput
-from .tensors import Layout, Ragged, from_numpy, layout, ragged_from_numpy
+from .tensors import (
+    Layout,
+    Ragged,
+    from_numpy,
+    layout,
+    ragged_from_numpy,
+    ragged_to_numpy,
+    to_numpy,
+    variable_from_numpy,
+    variable_shape_tensor,
+)
 
 __all__ = [
     "DATATYPES",
@@ -111,16 +130,16 @@ def spec_field(spec: TensorSpec) -> pa.Field:
     """The Arrow field of one tensor in its canonical form."""
     value_type = spec.datatype.arrow
     shape = spec.shape
-    if spec.ragged or (shape and shape[0] == -1):
-        if any(d < 0 for d in shape[1:]):
+    if spec.ragged:
+        if any(d < 0 for d in shape):
             raise TypeError(
-                f"{spec.name}: only the first per-entry dimension may vary, got {list(shape)}"
+                f"{spec.name}: a ragged input needs fixed dims to pad to, got {list(shape)}"
             )
         type_ = pa.list_(_item_type(value_type, shape[1:]))
+    elif shape and shape[0] == -1 and all(d >= 0 for d in shape[1:]):
+        type_ = pa.list_(_item_type(value_type, shape[1:]))
     elif any(d < 0 for d in shape):
-        raise TypeError(
-            f"{spec.name}: only the first per-entry dimension may vary, got {list(shape)}"
-        )
+        type_ = variable_shape_tensor(value_type, shape)
     elif shape in ((), (1,)):
         type_ = value_type
     else:
@@ -154,7 +173,7 @@ def to_column(field: pa.Field, data: np.ndarray | Ragged) -> pa.Array:
     No copies (as :func:`arrowinfer.tensors.from_numpy`); shapes are reshaped as views.
     """
     want = layout(field.type)
-    if want.ragged:
+    if want.ragged and (isinstance(data, Ragged) or _declared_ragged(field)):
         if not isinstance(data, Ragged):
             raise TypeError(f"{field.name}: a ragged field needs a Ragged collection")
         return ragged_from_numpy(data.offsets, data.values).cast(field.type)
@@ -163,7 +182,18 @@ def to_column(field: pa.Field, data: np.ndarray | Ragged) -> pa.Array:
     n = len(data)
     if not want.shape:
         return from_numpy(data.reshape(n))
+    if want.ragged:  # a variable first dim sent dense: every row has the same length
+        length = data.shape[1] if data.ndim > 1 else 0
+        offsets = np.arange(n + 1, dtype=np.int32) * length
+        values = data.reshape((n * length, *data.shape[2:]))
+        return ragged_from_numpy(offsets, values).cast(field.type)
+    if -1 in want.shape:
+        return variable_from_numpy(data, want.shape)
     return from_numpy(data.reshape((n, *want.shape)))
+
+
+def _declared_ragged(field: pa.Field) -> bool:
+    return bool(field.metadata) and field.metadata.get(b"ragged") == b"pad"
 
 
 def describe(lay: Layout) -> str:
@@ -206,7 +236,7 @@ def validate(
     *,
     model: str,
     max_rows: int | None = None,
-) -> None:
+) -> tuple[tuple[str, tuple[int, ...]], ...]:
     """Check a request against a model's input signature.
 
     Parameters
@@ -220,11 +250,19 @@ def validate(
     max_rows
         The most rows one request may have, if limited.
 
+    Returns
+    -------
+    tuple
+        ``((input, shape), ...)``: the concrete per-entry shape of each input with variable
+        dims that is not declared ragged (empty when there is none). Requests whose shapes
+        differ cannot share a batch.
+
     Raises
     ------
     InvalidInput
         Naming the model and the input, with expected and received: missing or unexpected
-        columns, element type, per-entry shape (or ragged vs. fixed), nulls, zero rows.
+        columns, element type, per-entry shape (or ragged vs. fixed; rows of a dense input
+        with variable dims that differ in shape), nulls, zero rows.
     """
     names = set(batch.schema.names)
     expected_names = set(schema.names)
@@ -258,12 +296,16 @@ def validate(
             got=f"{batch.num_rows} rows",
         )
     canonical = batch.schema.equals(schema)  # what our clients send: types need no check
+    shapes: dict[str, tuple[int, ...]] = {}
     for field in schema:
         column = batch.column(field.name)
+        want = layout(field.type)
+        variable = -1 in want.shape and not _declared_ragged(field)
         if canonical:
             _check_nulls(column, model, field.name)
+            if variable:
+                shapes[field.name] = _entry_shape(column, want, model, field.name)
             continue
-        want = layout(field.type)
         try:
             got = layout(column.type)
         except TypeError:
@@ -282,7 +324,7 @@ def validate(
                 expected=f"{want.value_type} ({datatype(want.value_type).kserve})",
                 got=str(got.value_type),
             )
-        if got.ragged != want.ragged:
+        if got.ragged != want.ragged and not variable:
             how = "a list per entry (ragged)" if want.ragged else "a fixed shape per entry"
             raise InvalidInput(
                 f"expected {how}",
@@ -291,7 +333,10 @@ def validate(
                 expected=describe(want),
                 got=describe(got),
             )
-        if not _shape_matches(want.shape, got.shape):
+        _check_nulls(column, model, field.name)
+        if variable:
+            shapes[field.name] = _entry_shape(column, want, model, field.name)
+        elif not _shape_matches(want.shape, got.shape):
             raise InvalidInput(
                 "wrong shape per entry",
                 model=model,
@@ -299,7 +344,55 @@ def validate(
                 expected=describe(want),
                 got=describe(got),
             )
-        _check_nulls(column, model, field.name)
+    return tuple(shapes.items())
+
+
+def _entry_shape(
+    column: pa.Array | pa.ChunkedArray, want: Layout, model: str, name: str
+) -> tuple[int, ...]:
+    """The one concrete per-entry shape of a dense input with variable dims.
+
+    Raises
+    ------
+    InvalidInput
+        When rows differ in shape (a dense tensor has one shape), or it does not fit ``want``.
+    """
+    got = layout(column.type)
+    if got.ragged:
+        counts = ragged_to_numpy(column).counts
+        if len(counts) and np.any(counts != counts[0]):
+            raise InvalidInput(
+                "entries have different lengths; a dense input has one shape per request "
+                "(send entries of different lengths in separate requests)",
+                model=model,
+                input=name,
+                expected=describe(want),
+                got=f"lengths {int(counts.min())}..{int(counts.max())}",
+            )
+        shape = (int(counts[0]) if len(counts) else 0, *got.shape[1:])
+    elif getattr(column.type, "extension_name", None) == "arrow.variable_shape_tensor":
+        try:  # the rows' own shapes: a type's uniform_shape proves nothing about them
+            shape = to_numpy(column).shape[1:]
+        except ValueError as err:
+            raise InvalidInput(
+                f"{err}; a dense input has one shape per request",
+                model=model,
+                input=name,
+                expected=describe(want),
+            ) from None
+    else:
+        shape = got.shape
+    if len(shape) != len(want.shape) or any(
+        e not in (-1, g) for e, g in zip(want.shape, shape, strict=True)
+    ):
+        raise InvalidInput(
+            "wrong shape per entry",
+            model=model,
+            input=name,
+            expected=describe(want),
+            got=str(list(shape)),
+        )
+    return tuple(int(d) for d in shape)
 
 
 def _check_nulls(column: pa.Array | pa.ChunkedArray, model: str, name: str) -> None:

@@ -99,7 +99,9 @@ def conform(batch: pa.RecordBatch, schema: pa.Schema, *, model: str) -> pa.Recor
             columns.append(column)
             continue
         lay = tensors.layout(field.type)
-        if not lay.ragged:
+        if not lay.ragged or not tensors.layout(column.type).ragged:
+            # a dense array for a variable dim travels as the field's type (the stream's
+            # schema), one shape per request: validate() checked that
             columns.append(to_column(field, tensors.to_numpy(column)))
             continue
         ragged = tensors.ragged_to_numpy(column)

@@ -162,8 +162,8 @@ class InferenceCore:
             raise ServerUnavailable("the server is not ready (starting or shutting down)")
         version = model.version
         max_rows = version.max_request_rows if version.max_batch_size > 0 else 1
-        validate(batch, version.inputs, model=version.name, max_rows=max_rows)
-        return model.batcher.submit(batch)
+        shapes = validate(batch, version.inputs, model=version.name, max_rows=max_rows)
+        return model.batcher.submit(batch, shapes=shapes)
 
     # -- management ----------------------------------------------------------------------
 
