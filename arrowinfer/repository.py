@@ -110,15 +110,22 @@ class ModelVersion:
             return str(self.config.parameters[key].string_value)
         return default
 
-    def metadata(self) -> dict[str, Any]:
+    def metadata(self, *, mask: bool = False) -> dict[str, Any]:
         """KServe's ``ModelMetadata`` of this version as JSON.
+
+        Parameters
+        ----------
+        mask
+            List the ``arrowinfer.mask_input`` too. KServe clients send ragged inputs padded
+            and may send the mask with them; Flight clients send lists and never the mask
+            (the server fills it), so it is left out by default.
 
         Returns
         -------
         dict
             ``{"name", "versions": [str], "platform", "inputs", "outputs"}``; each tensor is
             ``{"name", "datatype": "FP32"..., "shape": [int]}`` with -1 for the batch
-            dimension of a batching model. The mask input is left out: the server fills it.
+            dimension of a batching model.
         """
         batch = [-1] if self.max_batch_size > 0 else []
 
@@ -136,7 +143,7 @@ class ModelVersion:
             "name": self.name,
             "versions": [str(self.version)],
             "platform": self.config.platform or "onnxruntime_onnx",
-            "inputs": tensors(c for c in self.config.input if c.name != self.mask_input),
+            "inputs": tensors(c for c in self.config.input if mask or c.name != self.mask_input),
             "outputs": tensors(self.config.output),
         }
 

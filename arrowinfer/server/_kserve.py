@@ -34,11 +34,16 @@ Inference
   sequence flags are accepted and ignored (one queue per model, no sequence batcher);
   shared-memory parameters and the classification extension are refused
   (INVALID_ARGUMENT).
-- **Ragged inputs are not available over KServe.** A model whose config makes inputs
-  ragged (``arrowinfer.ragged_inputs``, such as the example ``jet_tagger``'s ``points`` and
-  ``features``) takes a list of items per row, which a KServe tensor cannot express, and its
-  mask input is filled by the server. Such a request gets INVALID_ARGUMENT naming the
-  input; use the Arrow Flight endpoint for these models.
+- **Variable dims** (``-1`` anywhere in ``dims``) take any size >= 0, one size for the
+  whole request tensor, as in Triton.
+- **Ragged inputs travel padded.** A model whose config makes inputs ragged
+  (``arrowinfer.ragged_inputs``, such as the example ``jet_tagger``'s ``points`` and
+  ``features``) takes over KServe the dense tensors its metadata shows (``[-1, 100, 2]``),
+  and its mask input (``arrowinfer.mask_input``, listed in the metadata) may be sent with
+  them: it says how many items of each row are real (they come first, the padding after).
+  Without it every position is real. The server pads each row again with
+  ``arrowinfer.pad_value`` and fills the mask itself, exactly as for a Flight request of
+  lists, so the padding values a KServe client sends do not reach the model.
 - ``ModelStreamInfer`` serves a stream's requests pipelined, in order, and puts a failed
   request's error in ``ModelStreamInferResponse.error_message`` (with the request's ``id``
   in ``infer_response``) as Triton does; the stream goes on.
@@ -194,7 +199,8 @@ class KServeService(service_pb2_grpc.GRPCInferenceServiceServicer):
         self, request: pb.ModelMetadataRequest, context: Any
     ) -> pb.ModelMetadataResponse:
         model = self.core.get(request.name, request.version or None)
-        return json_format.ParseDict(model.version.metadata(), pb.ModelMetadataResponse())
+        metadata = model.version.metadata(mask=True)
+        return json_format.ParseDict(metadata, pb.ModelMetadataResponse())
 
     @_unary
     def ModelConfig(self, request: pb.ModelConfigRequest, context: Any) -> pb.ModelConfigResponse:

@@ -13,14 +13,15 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+from tritonclient.grpc import model_config_pb2 as mc
 from tritonclient.grpc import service_pb2 as pb
 
 from ..batching import Completed
 from ..errors import InvalidInput
 from ..protocol import SERVER_TIMES
 from ..repository import ModelVersion
-from ..schema import TensorSpec, tensor_specs, to_column
-from ..tensors import layout, ragged_to_numpy, to_numpy
+from ..schema import TensorSpec, datatype, tensor_specs, to_column
+from ..tensors import Ragged, layout, ragged_to_numpy, to_numpy
 
 __all__ = ["infer_response", "input_array", "request_batch", "requested_outputs"]
 
@@ -57,9 +58,12 @@ def _check_parameters(params: Any, model: str, input: str | None = None) -> None
 
 
 def _dims_match(expected: tuple[int, ...], got: tuple[int, ...]) -> bool:
+    """Triton's rule: equal dims, ``-1`` taking any size >= 0."""
     if expected in ((), (1,)) and got in ((), (1,)):
         return True
-    return expected == got
+    return len(expected) == len(got) and all(
+        e in (-1, g) for e, g in zip(expected, got, strict=True)
+    )
 
 
 def input_array(
@@ -136,7 +140,8 @@ def input_array(
         values = typed.astype(dt.numpy, copy=False)
         if values.dtype != wire and not np.array_equal(values, typed):
             raise InvalidInput(f"values out of range for {dt.kserve}", model=model, input=spec.name)
-    return values.reshape((rows, *spec.shape))
+    per_row = per_entry if -1 in spec.shape else spec.shape  # [] and [1] are one value
+    return values.reshape((rows, *per_row))
 
 
 def request_batch(version: ModelVersion, request: pb.ModelInferRequest) -> pa.RecordBatch:
@@ -152,15 +157,9 @@ def request_batch(version: ModelVersion, request: pb.ModelInferRequest) -> pa.Re
     _check_parameters(request.parameters, name)
     fields = {f.name: f for f in version.inputs}
     specs = {s.name: s for s in tensor_specs(version.inputs)}
-    ragged = [f.name for f in version.inputs if layout(f.type).ragged]
-    if ragged:
-        named = [t.name for t in request.inputs if t.name in ragged]
-        raise InvalidInput(
-            "ragged input (a list of items per row) is not available over KServe v2; "
-            "send this model's requests over Arrow Flight",
-            model=name,
-            input=(named or ragged)[0],
-        )
+    mask_spec = _mask_spec(version)
+    if mask_spec is not None:
+        specs[mask_spec.name] = mask_spec
     raw_contents = request.raw_input_contents
     if raw_contents and len(raw_contents) != len(request.inputs):
         raise InvalidInput(
@@ -170,21 +169,42 @@ def request_batch(version: ModelVersion, request: pb.ModelInferRequest) -> pa.Re
             got=len(raw_contents),
         )
     batching = version.max_batch_size > 0
-    names: list[str] = []
-    columns: list[pa.Array] = []
+    arrays: dict[str, np.ndarray] = {}
     for i, tensor in enumerate(request.inputs):
-        if tensor.name not in fields:
+        if tensor.name not in specs:
             raise InvalidInput(
                 f"unexpected input {tensor.name!r}",
                 model=name,
-                expected=list(fields),
+                expected=list(specs),
                 got=tensor.name,
             )
+        if tensor.name in arrays:
+            raise InvalidInput("input given twice", model=name, input=tensor.name)
         _check_parameters(tensor.parameters, name, tensor.name)
         raw = raw_contents[i] if raw_contents else None
-        array = input_array(specs[tensor.name], tensor, raw, model=name, batching=batching)
-        names.append(tensor.name)
-        columns.append(to_column(fields[tensor.name], array))
+        arrays[tensor.name] = input_array(
+            specs[tensor.name], tensor, raw, model=name, batching=batching
+        )
+    counts = _counts(version, arrays)
+    if counts is not None and any(
+        len(arrays[n]) != len(counts) for n in version.ragged_inputs if n in arrays
+    ):
+        raise InvalidInput(
+            "inputs have different batch sizes",
+            model=name,
+            got={n: len(a) for n, a in arrays.items()},
+        )
+    names: list[str] = []
+    columns: list[pa.Array] = []
+    for input_name, array in arrays.items():
+        if mask_spec is not None and input_name == mask_spec.name:
+            continue  # the server makes the mask from the counts, as for Flight requests
+        field = fields[input_name]
+        data: np.ndarray | Ragged = array
+        if input_name in version.ragged_inputs:
+            data = _unpadded(array, counts)
+        names.append(input_name)
+        columns.append(to_column(field, data))
     if not columns:
         raise InvalidInput("the request has no inputs", model=name, expected=list(fields))
     rows = {len(c) for c in columns}
@@ -195,6 +215,60 @@ def request_batch(version: ModelVersion, request: pb.ModelInferRequest) -> pa.Re
             got=dict(zip(names, (len(c) for c in columns), strict=True)),
         )
     return pa.RecordBatch.from_arrays(columns, names=names)
+
+
+def _mask_spec(version: ModelVersion) -> TensorSpec | None:
+    """The mask input as the model config declares it: KServe clients may send it."""
+    for entry in version.config.input:
+        if entry.name == version.mask_input:
+            dt = datatype(mc.DataType.Name(entry.data_type))
+            return TensorSpec(entry.name, dt, tuple(int(d) for d in entry.dims))
+    return None
+
+
+def _counts(version: ModelVersion, arrays: dict[str, np.ndarray]) -> np.ndarray | None:
+    """Real items per row of a model with ragged inputs sent padded (KServe tensors are dense).
+
+    From the mask when the request has it (real items first, then padding, in every row);
+    without it every position is real, as the request's shape says.
+
+    Raises
+    ------
+    InvalidInput
+        A mask that is not a prefix of real items in some row.
+    """
+    if not version.ragged_inputs:
+        return None
+    mask = arrays.get(version.mask_input) if version.mask_input else None
+    if mask is None:
+        first = next((arrays[n] for n in version.ragged_inputs if n in arrays), None)
+        if first is None:
+            return None
+        return np.full(len(first), first.shape[1], dtype=np.int64)
+    rows, length = mask.shape[:2]
+    real = mask.reshape(rows, length, -1).astype(bool).any(axis=2)
+    counts = real.sum(axis=1)
+    if not np.array_equal(real, np.arange(length) < counts[:, None]):
+        raise InvalidInput(
+            "the mask must mark the real items first and the padding after them in every row",
+            model=version.name,
+            input=version.mask_input,
+        )
+    return counts.astype(np.int64)
+
+
+def _unpadded(array: np.ndarray, counts: np.ndarray | None) -> Ragged:
+    """A padded ragged input ``(rows, length, *item)`` as the real items of each row."""
+    rows, length = array.shape[:2]
+    if counts is None:
+        counts = np.full(rows, length, dtype=np.int64)
+    offsets = np.zeros(rows + 1, dtype=np.int32)
+    np.cumsum(counts, out=offsets[1:])
+    if int(offsets[-1]) == rows * length:
+        values = array.reshape((rows * length, *array.shape[2:]))  # all real: a view
+    else:
+        values = array[np.arange(length) < counts[:, None]]  # the real items: one copy
+    return Ragged(offsets, values)
 
 
 def requested_outputs(version: ModelVersion, request: pb.ModelInferRequest) -> list[TensorSpec]:
