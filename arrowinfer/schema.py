@@ -188,7 +188,10 @@ def to_column(field: pa.Field, data: np.ndarray | Ragged) -> pa.Array:
         values = data.reshape((n * length, *data.shape[2:]))
         return ragged_from_numpy(offsets, values).cast(field.type)
     if -1 in want.shape:
-        return variable_from_numpy(data, want.shape)
+        column = variable_from_numpy(data, want.shape)
+        if column.type != field.type:  # the field read from IPC: Arrow C++'s own class
+            return field.type.wrap_array(column.storage.cast(field.type.storage_type))
+        return column
     return from_numpy(data.reshape((n, *want.shape)))
 
 
