@@ -174,10 +174,12 @@ def read_config(path: Path) -> ModelConfig:
 
 def _graph_io(
     model: onnx.ModelProto,
-) -> tuple[list[onnx.ValueInfoProto], list[onnx.ValueInfoProto]]:
+) -> tuple[list[onnx.ValueInfoProto], list[onnx.ValueInfoProto], list[onnx.ValueInfoProto]]:
+    """Required inputs, outputs, and inputs with a default (an initializer of the same name)."""
     initializers = {i.name for i in model.graph.initializer}
     inputs = [v for v in model.graph.input if v.name not in initializers]
-    return inputs, list(model.graph.output)
+    defaults = [v for v in model.graph.input if v.name in initializers]
+    return inputs, list(model.graph.output), defaults
 
 
 def _onnx_dims(value: onnx.ValueInfoProto) -> list[int]:
@@ -206,7 +208,7 @@ def complete_config(config: ModelConfig, model: onnx.ModelProto, path: Path) -> 
         When the config and the graph disagree: naming the file, the tensor and both values.
     """
     config = mc.ModelConfig.FromString(config.SerializeToString())
-    graph_inputs, graph_outputs = _graph_io(model)
+    graph_inputs, graph_outputs, defaults = _graph_io(model)
     all_tensors = graph_inputs + graph_outputs
     if not config.input and not config.output and not config.max_batch_size:
         batchable = all(_onnx_dims(v)[:1] == [-1] for v in all_tensors)
@@ -218,7 +220,8 @@ def complete_config(config: ModelConfig, model: onnx.ModelProto, path: Path) -> 
         ("input", graph_inputs, config.input),
         ("output", graph_outputs, config.output),
     ):
-        by_name = {v.name: v for v in graph}
+        # an input with a default (an initializer) may be named too; it is then optional
+        by_name = {v.name: v for v in graph + (defaults if kind == "input" else [])}
         if batch:
             for value in graph:
                 if _onnx_dims(value)[:1] != [-1]:
@@ -241,6 +244,8 @@ def complete_config(config: ModelConfig, model: onnx.ModelProto, path: Path) -> 
                     f"(graph {kind}s: {sorted(by_name)})"
                 )
             value = by_name[entry.name]
+            if kind == "input" and value in defaults and not entry.optional:
+                entry.optional = True  # the graph has its value when a request has none
             graph_type = _onnx_type(value, path)
             config_type = mc.DataType.Name(entry.data_type)
             if graph_type != config_type:
@@ -258,7 +263,7 @@ def complete_config(config: ModelConfig, model: onnx.ModelProto, path: Path) -> 
                     f"{path}: {kind} {entry.name!r}: config says dims {_dims_text(want)} "
                     f"(batch dimension included as -1), model.onnx says {_dims_text(graph_dims)}"
                 )
-        missing = sorted(set(by_name) - {e.name for e in entries})
+        missing = sorted({v.name for v in graph} - {e.name for e in entries})
         if kind == "input" and missing:
             raise ModelError(
                 f"{path}: graph inputs {missing} are not in the config's inputs "
@@ -305,7 +310,15 @@ def _specs(entries: object, ragged: set[str]) -> list[TensorSpec]:
             dt = datatype(mc.DataType.Name(entry.data_type))
         except TypeError as err:
             raise TypeError(f"tensor {entry.name!r}: {err}") from None
-        out.append(TensorSpec(entry.name, dt, tuple(entry.dims), ragged=entry.name in ragged))
+        out.append(
+            TensorSpec(
+                entry.name,
+                dt,
+                tuple(entry.dims),
+                ragged=entry.name in ragged,
+                optional=bool(getattr(entry, "optional", False)),
+            )
+        )
     return out
 
 
@@ -356,6 +369,20 @@ def load_model(model_dir: Path) -> list[ModelVersion]:
         if mask and not ragged:
             raise ModelError(
                 f"{config_path}: arrowinfer.mask_input {mask!r} needs arrowinfer.ragged_inputs"
+            )
+        optional = {e.name for e in full.input if e.optional}
+        if optional & (ragged | {mask}):
+            raise ModelError(
+                f"{config_path}: ragged or mask inputs {sorted(optional & (ragged | {mask}))} "
+                "cannot be optional"
+            )
+        required = {v.name for v in _graph_io(graph)[0]}
+        for name in sorted(optional & required):
+            log.warning(
+                "%s: input %r is optional in the config, but the ONNX graph has no default "
+                "for it: a request without it will fail in onnxruntime",
+                config_path,
+                name,
             )
         for entry in full.input:
             if (entry.name in ragged or entry.name == mask) and (

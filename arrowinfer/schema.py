@@ -117,6 +117,7 @@ class TensorSpec(NamedTuple):
     datatype: Datatype
     shape: tuple[int, ...]
     ragged: bool = False  # arrives as a list per entry; the server pads it to ``shape``
+    optional: bool = False  # a request may leave it out (config ``optional: true``)
 
 
 def _item_type(value_type: pa.DataType, shape: Sequence[int]) -> pa.DataType:
@@ -147,6 +148,8 @@ def spec_field(spec: TensorSpec) -> pa.Field:
     metadata = {"datatype": spec.datatype.kserve, "shape": json.dumps(list(shape))}
     if spec.ragged:
         metadata["ragged"] = "pad"
+    if spec.optional:
+        metadata["optional"] = "true"
     return pa.field(spec.name, type_, nullable=False, metadata=metadata)
 
 
@@ -163,7 +166,15 @@ def tensor_specs(schema: pa.Schema) -> list[TensorSpec]:
         lay = layout(field.type)
         shape = tuple(json.loads(meta["shape"])) if "shape" in meta else lay.shape
         dt = datatype(meta["datatype"]) if "datatype" in meta else datatype(lay.value_type)
-        out.append(TensorSpec(field.name, dt, shape, ragged=meta.get("ragged") == "pad"))
+        out.append(
+            TensorSpec(
+                field.name,
+                dt,
+                shape,
+                ragged=meta.get("ragged") == "pad",
+                optional=meta.get("optional") == "true",
+            )
+        )
     return out
 
 
@@ -193,6 +204,10 @@ def to_column(field: pa.Field, data: np.ndarray | Ragged) -> pa.Array:
             return field.type.wrap_array(column.storage.cast(field.type.storage_type))
         return column
     return from_numpy(data.reshape((n, *want.shape)))
+
+
+def _optional(field: pa.Field) -> bool:
+    return bool(field.metadata) and field.metadata.get(b"optional") == b"true"
 
 
 def _declared_ragged(field: pa.Field) -> bool:
@@ -239,7 +254,7 @@ def validate(
     *,
     model: str,
     max_rows: int | None = None,
-) -> tuple[tuple[str, tuple[int, ...]], ...]:
+) -> tuple[tuple[str, tuple[int, ...] | None], ...]:
     """Check a request against a model's input signature.
 
     Parameters
@@ -257,19 +272,21 @@ def validate(
     -------
     tuple
         ``((input, shape), ...)``: the concrete per-entry shape of each input with variable
-        dims that is not declared ragged (empty when there is none). Requests whose shapes
-        differ cannot share a batch.
+        dims that is not declared ragged, and ``(input, None)`` for each optional input the
+        request leaves out (empty when there is none). Requests for which it differs cannot
+        share a batch.
 
     Raises
     ------
     InvalidInput
-        Naming the model and the input, with expected and received: missing or unexpected
-        columns, element type, per-entry shape (or ragged vs. fixed; rows of a dense input
+        Naming the model and the input, with expected and received: missing (required) or
+        unexpected columns, element type, per-entry shape (or ragged vs. fixed; rows of a dense input
         with variable dims that differ in shape), nulls, zero rows.
     """
     names = set(batch.schema.names)
     expected_names = set(schema.names)
-    missing = [n for n in schema.names if n not in names]
+    omitted = [f.name for f in schema if f.name not in names and _optional(f)]
+    missing = [n for n in schema.names if n not in names and n not in omitted]
     if missing:
         raise InvalidInput(
             f"missing input column(s) {missing}",
@@ -299,8 +316,11 @@ def validate(
             got=f"{batch.num_rows} rows",
         )
     canonical = batch.schema.equals(schema)  # what our clients send: types need no check
-    shapes: dict[str, tuple[int, ...]] = {}
+    # requests that leave out different optional inputs cannot share a batch either
+    shapes: dict[str, tuple[int, ...] | None] = dict.fromkeys(omitted)
     for field in schema:
+        if field.name in shapes:
+            continue
         column = batch.column(field.name)
         want = layout(field.type)
         variable = -1 in want.shape and not _declared_ragged(field)

@@ -539,3 +539,130 @@ def test_batcher_merges_only_requests_of_one_shape(repository: Path) -> None:
         assert sorted(batcher.statistics.batch_stats) == [2, 4]
     finally:
         batcher.close()
+
+
+# -- optional inputs ---------------------------------------------------------------------------
+
+
+def write_optional_models(repo: Path) -> Path:
+    """Graph inputs with a default (an ONNX initializer of the same name), batching or not."""
+    graph = helper.make_graph(
+        [helper.make_node("Mul", ["x", "scale"], ["y"])],
+        "scaled",
+        [_fp32("x", ["N", 4]), _fp32("scale", ["N", 1])],
+        [_fp32("y", ["N", 4])],
+        [_const("scale", np.array([[2.0]], np.float32))],
+    )
+    _save(
+        repo,
+        "scaled",
+        graph,
+        """
+max_batch_size: 8
+input [
+  { name: "x" data_type: TYPE_FP32 dims: [ 4 ] },
+  { name: "scale" data_type: TYPE_FP32 dims: [ 1 ] optional: true }
+]
+output [ { name: "y" data_type: TYPE_FP32 dims: [ 4 ] } ]
+dynamic_batching { max_queue_delay_microseconds: 2000 }
+""",
+    )
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["x", "bias"], ["y"])],
+        "biased",
+        [_fp32("x", [4]), _fp32("bias", [4])],
+        [_fp32("y", [4])],
+        [_const("bias", np.array([1.0, 2.0, 3.0, 4.0], np.float32))],
+    )
+    # the config names only the required input: the default one is left to the graph
+    _save(
+        repo,
+        "biased",
+        graph,
+        """
+max_batch_size: 0
+input [ { name: "x" data_type: TYPE_FP32 dims: [ 4 ] } ]
+output [ { name: "y" data_type: TYPE_FP32 dims: [ 4 ] } ]
+""",
+    )
+    graph.name = "biased_optional"
+    _save(
+        repo,
+        "biased_optional",
+        graph,
+        """
+max_batch_size: 0
+input [
+  { name: "x" data_type: TYPE_FP32 dims: [ 4 ] },
+  { name: "bias" data_type: TYPE_FP32 dims: [ 4 ] }
+]
+output [ { name: "y" data_type: TYPE_FP32 dims: [ 4 ] } ]
+""",
+    )
+    return repo
+
+
+@pytest.fixture(scope="module")
+def optional_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    repo = write_optional_models(tmp_path_factory.mktemp("optional"))
+    with Server(repo, port=0, kserve_port=0, metrics_port=None) as running:
+        yield running
+
+
+def _optional_cases() -> list[tuple[str, dict[str, np.ndarray], np.ndarray]]:
+    x = rng.normal(size=(3, 4)).astype(np.float32)
+    scale = np.array([[0.5], [-1.0], [3.0]], np.float32)
+    bias = np.array([[10.0, 20.0, 30.0, 40.0]], np.float32)
+    return [
+        ("scaled", {"x": x}, x * 2.0),  # the initializer's default
+        ("scaled", {"x": x, "scale": scale}, x * scale),  # the client's value
+        ("biased", {"x": x[:1]}, x[:1] + np.array([1.0, 2.0, 3.0, 4.0], np.float32)),
+        ("biased_optional", {"x": x[:1]}, x[:1] + np.array([1.0, 2.0, 3.0, 4.0], np.float32)),
+        ("biased_optional", {"x": x[:1], "bias": bias}, x[:1] + bias),
+    ]
+
+
+def test_optional_inputs_load_as_optional(optional_server: Server) -> None:
+    with Client(optional_server.location) as client:
+        assert client.schema("scaled").names == ["x", "scale"]
+        assert client.schema("biased").names == ["x"]
+    with tg.InferenceServerClient(f"127.0.0.1:{optional_server.kserve_port}") as triton:
+        config = triton.get_model_config("biased_optional", as_json=True)["config"]
+        assert [i.get("optional", False) for i in config["input"]] == [False, True]
+
+
+def test_optional_inputs_may_be_left_out_over_flight_and_shm(optional_server: Server) -> None:
+    shm = ShmTransport(optional_server.location.replace("grpc", "shm", 1), min_shm_bytes=0)
+    with (
+        Client(optional_server.location) as flight_client,
+        Client(optional_server.location, transport=shm) as shm_client,
+    ):
+        for client in (flight_client, shm_client):
+            for model, inputs, want in _optional_cases():
+                got = tensors.to_numpy(client.infer(model, inputs).column("y"))
+                np.testing.assert_allclose(got, want, rtol=1e-6)
+        # the required input is still required
+        with pytest.raises(InvalidInput, match="missing"):
+            flight_client.infer("scaled", {"scale": np.ones((2, 1), np.float32)})
+
+
+def test_optional_inputs_may_be_left_out_over_kserve(optional_server: Server) -> None:
+    url = f"127.0.0.1:{optional_server.kserve_port}"
+    cases = _optional_cases()
+
+    with tg.InferenceServerClient(url) as triton:
+        for model, arrays, want in cases:
+            batching = model == "scaled"
+            response = triton.infer(model, _infer_inputs(arrays, batching), client_timeout=WAIT)
+            got = response.as_numpy("y")
+            np.testing.assert_allclose(got if batching else got[np.newaxis], want, rtol=1e-6)
+
+    async def together() -> list[Any]:
+        # requests with and without the optional input, queued together: never merged
+        async with tg_aio.InferenceServerClient(url) as client:
+            return await asyncio.gather(
+                *(client.infer("scaled", _infer_inputs(a, True)) for _, a, _ in cases[:2] * 3)
+            )
+
+    for response, (_, _, want) in zip(asyncio.run(together()), cases[:2] * 3, strict=True):
+        np.testing.assert_allclose(response.as_numpy("y"), want, rtol=1e-6)

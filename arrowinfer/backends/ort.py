@@ -185,7 +185,10 @@ def assemble_inputs(
     total = sum(r.num_rows for r in requests)
     ragged = _ragged_columns(model, requests) if model.ragged_inputs else {}
     feeds: dict[str, np.ndarray] = {}
+    given = set(requests[0].schema.names)  # the batcher merged requests that agree on it
     for name, dtype, shape, kind in plan or input_plan(model):
+        if kind == "dense" and name not in given:
+            continue  # an optional input left out: the graph's default (its initializer)
         if kind == "mask":
             counts = next(iter(ragged.values())).counts
             feeds[name] = tensors.mask(counts, shape[0], shape=shape[1:], dtype=dtype)

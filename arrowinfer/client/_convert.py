@@ -92,6 +92,10 @@ def conform(batch: pa.RecordBatch, schema: pa.Schema, *, model: str) -> pa.Recor
             if batch.schema.metadata == schema.metadata
             else batch.replace_schema_metadata(schema.metadata)
         )
+    given = set(batch.schema.names)
+    if not given.issuperset(schema.names):  # optional inputs left out (validate() allowed it)
+        fields = [f for f in schema if f.name in given]
+        schema = pa.schema(fields, metadata=schema.metadata)
     columns = []
     for field in schema:
         column = batch.column(field.name)
