@@ -272,6 +272,94 @@ def complete_config(config: ModelConfig, model: onnx.ModelProto, path: Path) -> 
     return config
 
 
+#: The ModelConfig fields arrowinfer implements, per message (the rest: see _config_fields).
+_SUPPORTED: dict[str, set[str]] = {
+    "ModelConfig": {
+        "name",
+        "platform",
+        "backend",
+        "version_policy",
+        "max_batch_size",
+        "input",
+        "output",
+        "dynamic_batching",
+        "instance_group",
+        "default_model_filename",
+        "parameters",
+    },
+    "ModelInput": {"name", "data_type", "dims", "reshape", "optional"},
+    "ModelOutput": {"name", "data_type", "dims", "reshape"},
+    "ModelDynamicBatching": {
+        "preferred_batch_size",
+        "max_queue_delay_microseconds",
+        "preserve_ordering",  # always: results come back in request order
+        "priority_levels",
+        "default_priority_level",
+        "default_queue_policy",
+        "priority_queue_policy",
+    },
+    "ModelInstanceGroup": {"name", "kind", "count"},
+}
+
+#: Fields whose meaning a model's results depend on: refused rather than ignored.
+_REFUSED: dict[str, str] = {
+    "sequence_batching": "stateful models need Triton's sequence batcher, which arrowinfer "
+    "does not have",
+    "ensemble_scheduling": "ensembles are not served",
+    "model_transaction_policy": "decoupled models (several responses per request) are not served",
+}
+
+
+def _config_fields(config: ModelConfig, path: Path) -> list[str]:
+    """The fields of ``config`` that arrowinfer does not implement (dotted paths).
+
+    Raises
+    ------
+    ModelError
+        For a field in :data:`_REFUSED` (a model that would give wrong results without it).
+    """
+    for name, why in _REFUSED.items():
+        if config.HasField(name) and (
+            name != "model_transaction_policy" or config.model_transaction_policy.decoupled
+        ):
+            raise ModelError(f"{path}: {name}: {why}")
+    ignored: list[str] = []
+
+    def walk(message: Any, prefix: str) -> None:
+        supported = _SUPPORTED.get(message.DESCRIPTOR.name)
+        for descriptor, value in message.ListFields():
+            where = f"{prefix}{descriptor.name}"
+            if descriptor.name == "model_transaction_policy":
+                continue  # not decoupled: nothing to do
+            if descriptor.name == "format" and value == mc.ModelInput.FORMAT_NONE:
+                continue
+            if supported is not None and descriptor.name not in supported:
+                ignored.append(where)
+            elif descriptor.message_type is not None and descriptor.message_type.name in _SUPPORTED:
+                items = [value] if hasattr(value, "DESCRIPTOR") else value  # repeated or one
+                for item in items:
+                    walk(item, where + ".")
+
+    walk(config, "")
+    return sorted(set(ignored))
+
+
+def _check_priorities(config: ModelConfig, path: Path) -> None:
+    dynamic = config.dynamic_batching
+    levels = dynamic.priority_levels
+    if levels and not 1 <= dynamic.default_priority_level <= levels:
+        raise ModelError(
+            f"{path}: dynamic_batching.default_priority_level must be in 1..{levels} "
+            f"(priority_levels), got {dynamic.default_priority_level}"
+        )
+    beyond = sorted(k for k in dynamic.priority_queue_policy if not 1 <= k <= max(levels, 0))
+    if beyond:
+        raise ModelError(
+            f"{path}: dynamic_batching.priority_queue_policy has levels {beyond} beyond "
+            f"priority_levels {levels}"
+        )
+
+
 def _versions(model_dir: Path, config: ModelConfig) -> list[int]:
     """The versions a config's version_policy selects among the version directories."""
     filename = config.default_model_filename or "model.onnx"
@@ -344,6 +432,15 @@ def load_model(model_dir: Path) -> list[ModelVersion]:
             f"{config_path}: platform {config.platform!r} / backend {config.backend!r} is not "
             "served here (only onnxruntime_onnx)"
         )
+    ignored = _config_fields(config, config_path)
+    if ignored:
+        log.warning(
+            "%s: arrowinfer does not implement config field(s) %s; they are ignored "
+            "(docs/model-config.md)",
+            config_path,
+            ", ".join(ignored),
+        )
+    _check_priorities(config, config_path)
     versions = []
     for number in _versions(model_dir, config):
         path = model_dir / str(number) / (config.default_model_filename or "model.onnx")

@@ -252,8 +252,8 @@ def test_identity_returns_its_input(triton: tg.InferenceServerClient) -> None:
     result = triton.infer(
         "identity",
         infer_inputs(arrays),
-        priority=1,  # accepted, ignored: one queue per model
-        timeout=int(WAIT * 1e6),  # microseconds: bounds the wait for the result
+        priority=1,  # the highest level (identity has one)
+        timeout=int(WAIT * 1e6),  # a queue timeout (us): only with allow_timeout_override
         parameters={"anything": "custom"},
         client_timeout=WAIT,
     )

@@ -146,12 +146,20 @@ class InferenceCore:
     # -- inference -----------------------------------------------------------------------
 
     def submit(
-        self, model: LoadedModel, batch: pa.RecordBatch, *, draining: bool = False
+        self,
+        model: LoadedModel,
+        batch: pa.RecordBatch,
+        *,
+        draining: bool = False,
+        priority: int = 0,
+        timeout_us: int = 0,
     ) -> Future[Completed]:
         """Validate a request and queue it; the future gives its result.
 
         ``draining=True`` accepts it while the server stops (not ready, models still
-        loaded): a request on a stream that was open before the stop began.
+        loaded): a request on a stream that was open before the stop began. ``priority``
+        and ``timeout_us`` are the request's, in Triton's meaning (see
+        :meth:`DynamicBatcher.submit`).
 
         Raises
         ------
@@ -163,7 +171,7 @@ class InferenceCore:
         version = model.version
         max_rows = version.max_request_rows if version.max_batch_size > 0 else 1
         shapes = validate(batch, version.inputs, model=version.name, max_rows=max_rows)
-        return model.batcher.submit(batch, shapes=shapes)
+        return model.batcher.submit(batch, shapes=shapes, priority=priority, timeout_us=timeout_us)
 
     # -- management ----------------------------------------------------------------------
 

@@ -29,11 +29,17 @@ Inference
   ``raw_output_contents`` with shape ``[batch, *dims]``, as Triton answers. Its
   ``parameters`` carry the server-side times (``queue_ns``, ``compute_input_ns``,
   ``compute_infer_ns``, ``compute_output_ns``), as Flight's ``app_metadata`` does.
-- Request parameters: ``timeout`` (microseconds, as tritonclient sends it) and the gRPC
-  deadline bound the wait for the result (then DEADLINE_EXCEEDED); ``priority`` and the
-  sequence flags are accepted and ignored (one queue per model, no sequence batcher);
-  shared-memory parameters and the classification extension are refused
-  (INVALID_ARGUMENT).
+- Request parameters, in Triton's meaning (its schedule-policy extension): ``priority``
+  (1 the highest; 0 or beyond ``priority_levels``: the model's default level) and
+  ``timeout``, a **queue** timeout in microseconds, honoured only when the model's queue
+  policy has ``allow_timeout_override`` and only to shorten its
+  ``default_timeout_microseconds``; a request still queued when it expires is answered at
+  once with UNAVAILABLE "Request timeout expired" (``timeout_action: REJECT``) or moved
+  behind the others (``DELAY``). Only the gRPC deadline (tritonclient's ``client_timeout``)
+  bounds the whole wait, with DEADLINE_EXCEEDED. (Before, ``timeout`` bounded the whole
+  wait like a deadline; it no longer does.) The sequence flags are accepted and ignored (no
+  sequence batcher); shared-memory parameters and the classification extension are
+  refused (INVALID_ARGUMENT).
 - **Variable dims** (``-1`` anywhere in ``dims``) take any size >= 0, one size for the
   whole request tensor, as in Triton.
 - **Ragged inputs travel padded.** A model whose config makes inputs ragged
@@ -141,16 +147,21 @@ class _Pending(NamedTuple):
     timeout: float | None
 
 
-def _timeout(request: pb.ModelInferRequest, remaining: float | None) -> float | None:
-    """Seconds to wait for a result: the request's ``timeout`` (us) and the gRPC deadline."""
+def _timeout(remaining: float | None) -> float | None:
+    """Seconds to wait for a result: the gRPC deadline's."""
     # without a deadline gRPC gives an enormous number of seconds
-    limits = [] if remaining is None or remaining > 1e9 else [max(remaining, 0.0)]
-    if "timeout" in request.parameters:
-        param = request.parameters["timeout"]
-        micros = param.int64_param or param.uint64_param
-        if micros > 0:
-            limits.append(micros / 1e6)
-    return min(limits) if limits else None
+    return None if remaining is None or remaining > 1e9 else max(remaining, 0.0)
+
+
+def _int_parameter(request: pb.ModelInferRequest, key: str) -> int:
+    """An integer request parameter (tritonclient sends int64 or uint64), 0 when absent."""
+    if key not in request.parameters:
+        return 0
+    param = request.parameters[key]
+    value = param.int64_param or param.uint64_param
+    if value < 0:
+        raise InvalidInput(f"parameter {key!r} must not be negative", got=value)
+    return int(value)
 
 
 # -- the servicer -----------------------------------------------------------------------
@@ -260,8 +271,14 @@ class KServeService(service_pb2_grpc.GRPCInferenceServiceServicer):
         model = self.core.get(request.model_name, request.model_version or None)
         outputs = requested_outputs(model.version, request)
         batch = request_batch(model.version, request)
-        future = self.core.submit(model, batch, draining=draining)
-        return _Pending(request, model, outputs, future, _timeout(request, remaining))
+        future = self.core.submit(
+            model,
+            batch,
+            draining=draining,
+            priority=_int_parameter(request, "priority"),
+            timeout_us=_int_parameter(request, "timeout"),
+        )
+        return _Pending(request, model, outputs, future, _timeout(remaining))
 
     @staticmethod
     def _result(pending: _Pending) -> pb.ModelInferResponse:

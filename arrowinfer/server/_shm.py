@@ -304,7 +304,13 @@ class ShmService:
         input_region.acquire()
         output.acquire()
         try:
-            future = self.core.submit(model, batch, draining=True)
+            future = self.core.submit(
+                model,
+                batch,
+                draining=True,
+                priority=check_integer(request.get("priority", 0), "the priority"),
+                timeout_us=check_integer(request.get("timeout", 0), "the timeout"),
+            )
         except BaseException:
             self._release(input_region, output)
             raise
