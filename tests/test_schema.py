@@ -135,7 +135,7 @@ def test_dense_variable_dims_in_every_form(shape: tuple[int, ...]) -> None:
             tensors.variable_from_numpy(other, anything),
         ]
     )
-    with pytest.raises(InvalidInput, match="one shape per request|different"):
+    with pytest.raises(InvalidInput, match=r"one shape per request|different"):
         validate(_one(mixed), schema, model="m")
 
 
