@@ -19,6 +19,9 @@ arrowinfer's own settings live in the config's ``parameters`` map:
 ``arrowinfer.max_request_rows``
     The most rows (events, jets, ...) one request may have (default: no limit); a bigger
     request is refused with ``InvalidInput`` before it is queued.
+``arrowinfer.warmup``
+    ``false`` skips the warm-up run a model without ``model_warmup`` gets at load (one
+    entry of zeros per instance; see :func:`default_warmup`).
 
 Triton's onnxruntime-backend parameters ``intra_op_thread_count`` and
 ``inter_op_thread_count`` are honoured as well.
@@ -35,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeAlias
 
+import numpy as np
 import onnx
 import pyarrow as pa
 from google.protobuf import text_format
@@ -50,8 +54,10 @@ __all__ = [
     "ModelVersion",
     "Repository",
     "complete_config",
+    "default_warmup",
     "load_model",
     "read_config",
+    "warmup_requests",
 ]
 
 log = logging.getLogger(__name__)
@@ -286,6 +292,7 @@ _SUPPORTED: dict[str, set[str]] = {
         "instance_group",
         "default_model_filename",
         "parameters",
+        "model_warmup",
     },
     "ModelInput": {"name", "data_type", "dims", "reshape", "optional"},
     "ModelOutput": {"name", "data_type", "dims", "reshape"},
@@ -524,6 +531,109 @@ def load_model(model_dir: Path) -> list[ModelVersion]:
             )
         )
     return versions
+
+
+def warmup_requests(version: ModelVersion) -> list[tuple[str, int, pa.RecordBatch]]:
+    """The config's ``model_warmup`` samples as requests: ``(name, runs, batch)``.
+
+    As Triton defines them: ``batch_size`` rows (one entry for a model without batching),
+    each input's ``dims``, and its data ``zero_data``, ``random_data`` or
+    ``input_data_file`` (raw little-endian values, row-major, in the model directory's
+    ``warmup/`` folder; one entry's worth, repeated for every row). ``count`` runs (at
+    least one). A ragged input is sent at full length; the mask input is the server's.
+
+    Raises
+    ------
+    ModelError
+        A sample that names unknown inputs, has another data type, or a missing or
+        wrongly sized file.
+    """
+    from .schema import to_column
+    from .tensors import Ragged
+
+    config_path = version.path.parent.parent / "config.pbtxt"
+    fields = {f.name: f for f in version.inputs}
+    rng = np.random.default_rng(0)
+    out = []
+    for sample in version.config.model_warmup:
+        where = f"{config_path}: model_warmup {sample.name!r}"
+        rows = max(int(sample.batch_size), 1)
+        names, columns = [], []
+        for name, spec in sample.inputs.items():
+            if name == version.mask_input:
+                continue
+            if name not in fields:
+                raise ModelError(f"{where}: no input {name!r} (inputs: {sorted(fields)})")
+            try:
+                dt = datatype(mc.DataType.Name(spec.data_type)).numpy
+            except TypeError as err:
+                raise ModelError(f"{where}: input {name!r}: {err}") from None
+            want = fields[name].metadata[b"datatype"].decode()
+            if datatype(dt).kserve != want:
+                raise ModelError(
+                    f"{where}: input {name!r} is {want}, the sample says "
+                    f"{mc.DataType.Name(spec.data_type)}"
+                )
+            dims = tuple(int(d) for d in spec.dims)
+            if any(d < 0 for d in dims):
+                raise ModelError(f"{where}: input {name!r}: dims must be concrete, got {dims}")
+            which = spec.WhichOneof("input_data_type")
+            size = int(np.prod(dims))
+            if which == "input_data_file":
+                path = version.path.parent.parent / "warmup" / spec.input_data_file
+                if path.name != spec.input_data_file or not path.is_file():
+                    raise ModelError(f"{where}: input {name!r}: no file warmup/{path.name}")
+                one = np.fromfile(path, dtype=dt.newbyteorder("<")).astype(dt, copy=False)
+                if one.size != size:
+                    raise ModelError(
+                        f"{where}: input {name!r}: {path} has {one.size} values, dims "
+                        f"{list(dims)} need {size}"
+                    )
+                entry = one.reshape(dims)
+            elif which == "random_data" and dt.kind == "f":
+                entry = rng.standard_normal(dims).astype(dt)
+            elif which == "random_data":
+                entry = rng.integers(0, 2 if dt.kind == "b" else 100, dims).astype(dt)
+            else:
+                entry = np.zeros(dims, dtype=dt)
+            data = np.ascontiguousarray(np.broadcast_to(entry, (rows, *dims)))
+            field = fields[name]
+            if name in version.ragged_inputs:
+                offsets = np.arange(rows + 1, dtype=np.int32) * (dims[0] if dims else 1)
+                columns.append(to_column(field, Ragged(offsets, data.reshape(-1, *dims[1:]))))
+            else:
+                columns.append(to_column(field, data))
+            names.append(name)
+        if not columns:
+            raise ModelError(f"{where}: no inputs")
+        out.append(
+            (sample.name, max(int(sample.count), 1), pa.RecordBatch.from_arrays(columns, names))
+        )
+    return out
+
+
+def default_warmup(version: ModelVersion) -> pa.RecordBatch:
+    """One entry of zeros for every required input (``-1`` dims of size 1).
+
+    The first onnxruntime run of a session costs hundreds of milliseconds (it sets up its
+    kernels, memory arena and threads); run at load, it is not a client's first request.
+    """
+    from .schema import tensor_specs, to_column
+    from .tensors import Ragged
+
+    names, columns = [], []
+    for column_field, spec in zip(version.inputs, tensor_specs(version.inputs), strict=True):
+        if spec.optional:
+            continue
+        dims = tuple(1 if d < 0 else d for d in spec.shape)
+        data = np.zeros((1, *dims), dtype=spec.datatype.numpy)
+        if spec.ragged:
+            offsets = np.array([0, dims[0]], dtype=np.int32)
+            columns.append(to_column(column_field, Ragged(offsets, data.reshape(-1, *dims[1:]))))
+        else:
+            columns.append(to_column(column_field, data))
+        names.append(column_field.name)
+    return pa.RecordBatch.from_arrays(columns, names)
 
 
 class Repository:

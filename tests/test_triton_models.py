@@ -666,3 +666,49 @@ def test_optional_inputs_may_be_left_out_over_kserve(optional_server: Server) ->
 
     for response, (_, _, want) in zip(asyncio.run(together()), cases[:2] * 3, strict=True):
         np.testing.assert_allclose(response.as_numpy("y"), want, rtol=1e-6)
+
+
+# -- warm-up -------------------------------------------------------------------------------
+
+
+WARMUP = """
+  {{ name: "sample" batch_size: 4 count: 2
+     inputs {{ key: "points" value: {{ data_type: TYPE_FP32 dims: [ 2, 5 ] {points} }} }}
+     inputs {{ key: "features" value: {{ data_type: TYPE_FP32 dims: [ 7, 5 ] random_data: true }} }}
+     inputs {{ key: "mask" value: {{ data_type: TYPE_FP32 dims: [ 1, 5 ] zero_data: true }} }}
+  }}
+"""
+
+
+def _with_warmup(tmp_path: Path, points: str) -> Path:
+    repo = write_repository(tmp_path)
+    config = repo / "particlenet_like" / "config.pbtxt"
+    config.write_text(config.read_text() + "model_warmup [" + WARMUP.format(points=points) + "]\n")
+    return repo / "particlenet_like"
+
+
+def test_model_warmup_runs_at_load(tmp_path: Path) -> None:
+    from arrowinfer.server._core import InferenceCore
+
+    model_dir = _with_warmup(tmp_path, 'input_data_file: "points.bin"')
+    (model_dir / "warmup").mkdir()
+    # Triton's format: the raw values of one entry, little-endian
+    rng.normal(size=(2, 5)).astype("<f4").tofile(model_dir / "warmup" / "points.bin")
+    core = InferenceCore(Repository(model_dir.parent), models=["particlenet_like"])
+    try:
+        loaded = core.get("particlenet_like")  # ready: the samples ran without error
+        batch = pa.RecordBatch.from_arrays(
+            [tensors.variable_from_numpy(v) for v in request("particlenet_like").values()],
+            list(request("particlenet_like")),
+        )
+        assert np.isfinite(tensors.to_numpy(core.submit(loaded, batch).result(WAIT).batch[0])).all()
+    finally:
+        core.close()
+    # a sample that cannot run keeps the model from loading, naming the sample's problem
+    (model_dir / "warmup" / "points.bin").write_bytes(b"\0" * 12)
+    from arrowinfer.errors import ModelError
+
+    with pytest.raises(ModelError, match=r"model_warmup 'sample'.*points.bin"):
+        InferenceCore(Repository(model_dir.parent), models=["particlenet_like"]).load(
+            "particlenet_like"
+        )

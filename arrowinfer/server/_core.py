@@ -18,7 +18,7 @@ from google.protobuf import json_format
 from ..backends import create_backend
 from ..batching import Completed, DynamicBatcher, ModelStatistics
 from ..errors import ModelError, ModelNotFound, ServerUnavailable
-from ..repository import ModelVersion, Repository
+from ..repository import ModelVersion, Repository, default_warmup, warmup_requests
 from ..schema import validate
 
 __all__ = ["InferenceCore", "LoadedModel"]
@@ -36,6 +36,40 @@ class LoadedModel:
     @property
     def statistics(self) -> ModelStatistics:
         return self.batcher.statistics
+
+
+def _warm_up(version: ModelVersion, backends: list[Any]) -> None:
+    """Run the config's ``model_warmup`` samples on every instance, before it serves.
+
+    Raises
+    ------
+    ModelError
+        A sample that cannot be built or fails to run: the model does not load, as in Triton.
+    """
+    samples = warmup_requests(version)
+    if not samples and version.parameter("arrowinfer.warmup", "true") != "false":
+        # arrowinfer's own: a session's first run is slow (see default_warmup); a model
+        # that cannot take zeros still loads, it only starts cold
+        batch = default_warmup(version)
+        for backend in backends:
+            try:
+                backend.execute([batch])
+            except Exception as err:  # noqa: BLE001 -- logged; the model still serves
+                log.warning("model %s: warm-up with zeros failed: %s", version.name, err)
+                break
+        return
+    for backend in backends:
+        for name, runs, batch in samples:
+            validate(batch, version.inputs, model=version.name)
+            for _ in range(runs):
+                try:
+                    backend.execute([batch])
+                except Exception as err:
+                    raise ModelError(
+                        f"model {version.name!r}: warmup sample {name!r} failed: {err}"
+                    ) from err
+    if samples:
+        log.info("model %s: %d warmup sample(s) run", version.name, len(samples))
 
 
 class InferenceCore:
@@ -82,6 +116,7 @@ class InferenceCore:
             for version in versions:
                 count = sum(g.count or 1 for g in version.config.instance_group) or 1
                 backends = [create_backend(version, device=self.device) for _ in range(count)]
+                _warm_up(version, backends)
                 loaded[version.version] = LoadedModel(version, DynamicBatcher(version, backends))
         except Exception:
             for model in loaded.values():
