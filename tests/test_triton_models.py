@@ -712,3 +712,36 @@ def test_model_warmup_runs_at_load(tmp_path: Path) -> None:
         InferenceCore(Repository(model_dir.parent), models=["particlenet_like"]).load(
             "particlenet_like"
         )
+
+
+# -- requests larger than max_batch_size -----------------------------------------------------
+
+
+def test_oversized_requests_split_over_flight_and_refused_over_kserve(
+    server: Server, repository: Path
+) -> None:
+    inputs = request("mlpf_like", rows=10, size=3)  # max_batch_size 4
+    want = reference(repository, "mlpf_like", inputs)
+    with Client(server.location) as client:  # split into 4 + 4 + 2 and joined
+        result = client.infer("mlpf_like", inputs)
+        assert_close({"id_probs": as_numpy(result.column("id_probs"))}, want)
+    with tg.InferenceServerClient(f"127.0.0.1:{server.kserve_port}") as triton:
+        with pytest.raises(InferenceServerException, match="batch-size must be <= 4") as caught:
+            triton.infer("mlpf_like", _infer_inputs(inputs, True), client_timeout=WAIT)
+        assert caught.value.status() == "StatusCode.INVALID_ARGUMENT"
+
+
+def test_oversized_kserve_requests_split_when_the_config_asks(tmp_path: Path) -> None:
+    repo = write_repository(tmp_path)
+    config = repo / "mlpf_like" / "config.pbtxt"
+    config.write_text(
+        config.read_text()
+        + 'parameters { key: "arrowinfer.kserve_split_oversized" value: { string_value: "true" } }\n'
+    )
+    inputs = request("mlpf_like", rows=10, size=3)
+    with (
+        Server(repo, port=0, kserve_port=0, metrics_port=None, models=["mlpf_like"]) as running,
+        tg.InferenceServerClient(f"127.0.0.1:{running.kserve_port}") as triton,
+    ):
+        response = triton.infer("mlpf_like", _infer_inputs(inputs, True), client_timeout=WAIT)
+    assert_close({"id_probs": response.as_numpy("id_probs")}, reference(repo, "mlpf_like", inputs))

@@ -42,6 +42,10 @@ Inference
   refused (INVALID_ARGUMENT).
 - **Variable dims** (``-1`` anywhere in ``dims``) take any size >= 0, one size for the
   whole request tensor, as in Triton.
+- A request with more rows than ``max_batch_size`` is refused as Triton refuses it
+  (INVALID_ARGUMENT "inference request batch-size must be <= N"), unless the model's config
+  has the parameter ``arrowinfer.kserve_split_oversized: "true"``: then it is split and
+  joined again, as Flight and shared-memory requests always are.
 - **Ragged inputs travel padded.** A model whose config makes inputs ragged
   (``arrowinfer.ragged_inputs``, such as the example ``jet_tagger``'s ``points`` and
   ``features``) takes over KServe the dense tensors its metadata shows (``[-1, 100, 2]``),

@@ -23,7 +23,7 @@ from ..repository import ModelVersion
 from ..schema import TensorSpec, datatype, tensor_specs, to_column
 from ..tensors import Ragged, layout, ragged_to_numpy, to_numpy
 
-__all__ = ["infer_response", "input_array", "request_batch", "requested_outputs"]
+__all__ = ["SPLIT_PARAMETER", "infer_response", "input_array", "request_batch", "requested_outputs"]
 
 #: The typed ``InferTensorContents`` field of each KServe datatype, and its numpy type.
 _CONTENTS: dict[str, tuple[str, np.dtype]] = {
@@ -39,6 +39,9 @@ _CONTENTS: dict[str, tuple[str, np.dtype]] = {
     "FP32": ("fp32_contents", np.dtype(np.float32)),
     "FP64": ("fp64_contents", np.dtype(np.float64)),
 }
+
+#: The model config parameter that lets KServe requests exceed ``max_batch_size`` (split).
+SPLIT_PARAMETER = "arrowinfer.kserve_split_oversized"
 
 #: Request parameters that would need features arrowinfer does not have over KServe.
 _REFUSED_PARAMETERS = {
@@ -213,6 +216,16 @@ def request_batch(version: ModelVersion, request: pb.ModelInferRequest) -> pa.Re
             "inputs have different batch sizes",
             model=name,
             got=dict(zip(names, (len(c) for c in columns), strict=True)),
+        )
+    (count,) = rows
+    limit = version.max_batch_size
+    if batching and count > limit and version.parameter(SPLIT_PARAMETER, "") != "true":
+        # Triton's answer; Flight and shm split such a request, KServe only when asked to
+        raise InvalidInput(
+            f"inference request batch-size must be <= {limit} for '{name}'",
+            model=name,
+            expected=f"<= {limit} rows (or parameter {SPLIT_PARAMETER}: true in the config)",
+            got=f"{count} rows",
         )
     return pa.RecordBatch.from_arrays(columns, names=names)
 
