@@ -105,6 +105,8 @@ class ModelVersion:
     mask_input: str | None = None
     pad_value: float = 0.0
     max_request_rows: int | None = None
+    #: The lines of each output's ``label_filename``, for the classification extension.
+    labels: dict[str, tuple[str, ...]] = field(default_factory=dict, repr=False)
 
     @property
     def max_batch_size(self) -> int:
@@ -295,7 +297,7 @@ _SUPPORTED: dict[str, set[str]] = {
         "model_warmup",
     },
     "ModelInput": {"name", "data_type", "dims", "reshape", "optional"},
-    "ModelOutput": {"name", "data_type", "dims", "reshape"},
+    "ModelOutput": {"name", "data_type", "dims", "reshape", "label_filename"},
     "ModelDynamicBatching": {
         "preferred_batch_size",
         "max_queue_delay_microseconds",
@@ -417,6 +419,20 @@ def _specs(entries: object, ragged: set[str]) -> list[TensorSpec]:
     return out
 
 
+def _labels(model_dir: Path, filename: str) -> tuple[str, ...]:
+    """One label per line of an output's ``label_filename`` (in the model's directory)."""
+    path = model_dir / filename
+    if path.name != filename or not path.is_file():
+        raise ModelError(
+            f"{model_dir / 'config.pbtxt'}: label_filename {filename!r}: no such file in "
+            f"{model_dir}"
+        )
+    try:
+        return tuple(path.read_text().splitlines())
+    except (OSError, UnicodeDecodeError) as err:
+        raise ModelError(f"{path}: cannot read the labels: {err}") from err
+
+
 def load_model(model_dir: Path) -> list[ModelVersion]:
     """Read one model's config and the versions its version policy selects.
 
@@ -516,6 +532,9 @@ def load_model(model_dir: Path) -> list[ModelVersion]:
                 raise ValueError(f"must be at least 1, got {max_request_rows}")
         except ValueError as err:
             raise ModelError(f"{config_path}: arrowinfer.max_request_rows: {err}") from err
+        labels = {
+            o.name: _labels(model_dir, o.label_filename) for o in full.output if o.label_filename
+        }
         versions.append(
             ModelVersion(
                 name=full.name,
@@ -528,6 +547,7 @@ def load_model(model_dir: Path) -> list[ModelVersion]:
                 mask_input=mask,
                 pad_value=pad_value,
                 max_request_rows=max_request_rows,
+                labels=labels,
             )
         )
     return versions

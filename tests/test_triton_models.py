@@ -745,3 +745,137 @@ def test_oversized_kserve_requests_split_when_the_config_asks(tmp_path: Path) ->
     ):
         response = triton.infer("mlpf_like", _infer_inputs(inputs, True), client_timeout=WAIT)
     assert_close({"id_probs": response.as_numpy("id_probs")}, reference(repo, "mlpf_like", inputs))
+
+
+# -- Triton's example repository, as Triton publishes its configs ------------------------------
+
+DENSENET_CONFIG = """name: "densenet_onnx"
+platform: "onnxruntime_onnx"
+max_batch_size : 0
+input [
+  {
+    name: "data_0"
+    data_type: TYPE_FP32
+    format: FORMAT_NCHW
+    dims: [ 3, 224, 224 ]
+    reshape { shape: [ 1, 3, 224, 224 ] }
+  }
+]
+output [
+  {
+    name: "fc6_1"
+    data_type: TYPE_FP32
+    dims: [ 1000 ]
+    reshape { shape: [ 1, 1000, 1, 1 ] }
+    label_filename: "densenet_labels.txt"
+  }
+]
+"""
+
+SIMPLE_CONFIG = """name: "simple"
+platform: "onnxruntime_onnx"
+max_batch_size: 8
+input [
+  {
+    name: "INPUT0"
+    data_type: TYPE_INT32
+    dims: [ 16 ]
+  },
+  {
+    name: "INPUT1"
+    data_type: TYPE_INT32
+    dims: [ 16 ]
+  }
+]
+output [
+  {
+    name: "OUTPUT0"
+    data_type: TYPE_INT32
+    dims: [ 16 ]
+  },
+  {
+    name: "OUTPUT1"
+    data_type: TYPE_INT32
+    dims: [ 16 ]
+  }
+]
+"""
+
+
+@pytest.fixture(scope="module")
+def triton_examples(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    repo = tmp_path_factory.mktemp("examples")
+    # densenet_onnx's signature with a small stand-in network: pool, then a 1x1 convolution
+    graph = helper.make_graph(
+        [
+            helper.make_node("GlobalAveragePool", ["data_0"], ["pooled"]),
+            helper.make_node("Conv", ["pooled", "w"], ["fc6_1"]),
+        ],
+        "densenet_onnx",
+        [_fp32("data_0", [1, 3, 224, 224])],
+        [_fp32("fc6_1", [1, 1000, 1, 1])],
+        [_const("w", rng.normal(size=(1000, 3, 1, 1)).astype(np.float32))],
+    )
+    _save(repo, "densenet_onnx", graph, DENSENET_CONFIG)
+    labels = [f"CLASS {i}" for i in range(1000)]
+    (repo / "densenet_onnx" / "densenet_labels.txt").write_text("\n".join(labels) + "\n")
+    graph = helper.make_graph(
+        [
+            helper.make_node("Add", ["INPUT0", "INPUT1"], ["OUTPUT0"]),
+            helper.make_node("Sub", ["INPUT0", "INPUT1"], ["OUTPUT1"]),
+        ],
+        "simple",
+        [
+            helper.make_tensor_value_info("INPUT0", TensorProto.INT32, ["N", 16]),
+            helper.make_tensor_value_info("INPUT1", TensorProto.INT32, ["N", 16]),
+        ],
+        [
+            helper.make_tensor_value_info("OUTPUT0", TensorProto.INT32, ["N", 16]),
+            helper.make_tensor_value_info("OUTPUT1", TensorProto.INT32, ["N", 16]),
+        ],
+    )
+    _save(repo, "simple", graph, SIMPLE_CONFIG)
+    return repo
+
+
+@pytest.fixture(scope="module")
+def examples_server(triton_examples: Path) -> Iterator[Server]:
+    with Server(triton_examples, port=0, kserve_port=0, metrics_port=None) as running:
+        yield running
+
+
+def test_triton_example_configs_load_unchanged_and_match_onnxruntime(
+    examples_server: Server, triton_examples: Path
+) -> None:
+    image = rng.random((3, 224, 224), dtype=np.float32)
+    session = ort.InferenceSession(str(triton_examples / "densenet_onnx" / "1" / "model.onnx"))
+    want_scores = session.run(None, {"data_0": image[np.newaxis]})[0].reshape(1000)
+    a = rng.integers(-100, 100, size=(3, 16), dtype=np.int32)
+    b = rng.integers(-100, 100, size=(3, 16), dtype=np.int32)
+    with Client(examples_server.location) as client:
+        scores = tensors.to_numpy(client.infer("densenet_onnx", {"data_0": image[np.newaxis]})[0])
+        np.testing.assert_allclose(scores[0], want_scores, rtol=1e-5, atol=1e-6)
+        simple = client.infer("simple", {"INPUT0": a, "INPUT1": b})
+        np.testing.assert_array_equal(tensors.to_numpy(simple.column("OUTPUT0")), a + b)
+        np.testing.assert_array_equal(tensors.to_numpy(simple.column("OUTPUT1")), a - b)
+    with tg.InferenceServerClient(f"127.0.0.1:{examples_server.kserve_port}") as triton:
+        # what Triton's image_client.py sends: the image without a batch dim, class_count 3
+        tensor = tg.InferInput("data_0", [3, 224, 224], "FP32")
+        tensor.set_data_from_numpy(image)
+        wanted = tg.InferRequestedOutput("fc6_1", class_count=3)
+        response = triton.infer("densenet_onnx", [tensor], outputs=[wanted])
+        top = np.argsort(-want_scores, kind="stable")[:3]
+        got = [item.decode() for item in response.as_numpy("fc6_1")]
+        assert [g.split(":")[1:] for g in got] == [[str(i), f"CLASS {i}"] for i in top]
+        for text, index in zip(got, top, strict=True):
+            assert float(text.split(":")[0]) == pytest.approx(want_scores[index], abs=1e-5)
+        # without class_count: the scores themselves
+        response = triton.infer("densenet_onnx", [tensor])
+        np.testing.assert_allclose(response.as_numpy("fc6_1"), want_scores, rtol=1e-5, atol=1e-6)
+        inputs = []
+        for name, value in (("INPUT0", a), ("INPUT1", b)):
+            inputs.append(tg.InferInput(name, [3, 16], "INT32"))
+            inputs[-1].set_data_from_numpy(value)
+        response = triton.infer("simple", inputs)
+        np.testing.assert_array_equal(response.as_numpy("OUTPUT0"), a + b)
+        np.testing.assert_array_equal(response.as_numpy("OUTPUT1"), a - b)

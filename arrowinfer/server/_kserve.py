@@ -38,8 +38,12 @@ Inference
   behind the others (``DELAY``). Only the gRPC deadline (tritonclient's ``client_timeout``)
   bounds the whole wait, with DEADLINE_EXCEEDED. (Before, ``timeout`` bounded the whole
   wait like a deadline; it no longer does.) The sequence flags are accepted and ignored (no
-  sequence batcher); shared-memory parameters and the classification extension are
-  refused (INVALID_ARGUMENT).
+  sequence batcher); shared-memory parameters are refused (INVALID_ARGUMENT).
+- The classification extension: a requested output with the ``classification`` parameter
+  (tritonclient's ``class_count``) comes back as ``BYTES`` of shape ``[batch, k]`` (``[k]``
+  without batching), the ``k`` highest scores of each row as ``"score:index:label"``, the
+  label from the output's ``label_filename`` (``"score:index"`` without one), as Triton
+  answers.
 - **Variable dims** (``-1`` anywhere in ``dims``) take any size >= 0, one size for the
   whole request tensor, as in Triton.
 - A request with more rows than ``max_batch_size`` is refused as Triton refuses it
@@ -206,7 +210,13 @@ class KServeService(service_pb2_grpc.GRPCInferenceServiceServicer):
         return pb.ServerMetadataResponse(
             name="arrowinfer",
             version=__version__,
-            extensions=["model_repository", "model_configuration", "statistics"],
+            extensions=[
+                "model_repository",
+                "model_configuration",
+                "statistics",
+                "classification",
+                "schedule_policy",
+            ],
         )
 
     @_unary

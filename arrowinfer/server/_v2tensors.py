@@ -48,7 +48,6 @@ _REFUSED_PARAMETERS = {
     "shared_memory_region": "Triton shared-memory regions are not supported; send the data",
     "shared_memory_byte_size": "Triton shared-memory regions are not supported; send the data",
     "shared_memory_offset": "Triton shared-memory regions are not supported; send the data",
-    "classification": "the classification extension is not supported",
 }
 
 
@@ -307,8 +306,46 @@ def requested_outputs(version: ModelVersion, request: pb.ModelInferRequest) -> l
                 got=requested.name,
             )
         _check_parameters(requested.parameters, version.name)
+        _class_count(requested, version.name)  # checked now, used for the response
         out.append(spec)
     return out
+
+
+def _class_count(requested: Any, model: str) -> int:
+    """The ``classification`` parameter of a requested output (0: not asked for)."""
+    if "classification" not in requested.parameters:
+        return 0
+    param = requested.parameters["classification"]
+    count = param.int64_param or param.uint64_param
+    if count < 1:
+        raise InvalidInput(
+            "parameter 'classification' (class_count) must be >= 1",
+            model=model,
+            input=requested.name,
+            got=count,
+        )
+    return int(count)
+
+
+def _classified(array: np.ndarray, count: int, labels: tuple[str, ...]) -> list[bytes]:
+    """Triton's classification: each row's ``count`` best scores as "score:index[:label]"."""
+    rows = array.reshape(len(array), -1)
+    count = min(count, rows.shape[1])
+    # stable, highest first; ties keep the lower index first, as a sort by score does
+    order = np.argsort(-rows.astype(np.float64), axis=1, kind="stable")[:, :count]
+    out = []
+    for row, indices in zip(rows, order, strict=True):
+        for index in indices:
+            text = f"{float(row[index]):f}:{int(index)}"
+            if index < len(labels):
+                text += f":{labels[index]}"
+            out.append(text.encode())
+    return out
+
+
+def _bytes_tensor(items: list[bytes]) -> bytes:
+    """KServe's raw BYTES contents: each element a 4-byte little-endian length, then its bytes."""
+    return b"".join(len(item).to_bytes(4, "little") + item for item in items)
 
 
 def _output_array(column: pa.Array | pa.ChunkedArray, name: str, model: str) -> np.ndarray:
@@ -345,8 +382,16 @@ def infer_response(
         model_name=version.name, model_version=str(version.version), id=request.id
     )
     batching = version.max_batch_size > 0
+    classes = {o.name: _class_count(o, version.name) for o in request.outputs}
     for spec in outputs:
         array = _output_array(done.batch.column(spec.name), spec.name, version.name)
+        if classes.get(spec.name):
+            items = _classified(array, classes[spec.name], version.labels.get(spec.name, ()))
+            per_row = len(items) // max(len(array), 1)
+            shape = [len(array), per_row] if batching else [per_row]
+            response.outputs.add(name=spec.name, datatype="BYTES", shape=shape)
+            response.raw_output_contents.append(_bytes_tensor(items))
+            continue
         entry = spec.shape if all(d >= 0 for d in spec.shape) else array.shape[1:]
         shape = [len(array), *entry] if batching else list(entry)
         response.outputs.add(name=spec.name, datatype=spec.datatype.kserve, shape=shape)
