@@ -599,7 +599,11 @@ def warmup_requests(version: ModelVersion) -> list[tuple[str, int, pa.RecordBatc
                 raise ModelError(f"{where}: input {name!r}: dims must be concrete, got {dims}")
             which = spec.WhichOneof("input_data_type")
             size = int(np.prod(dims))
-            if which == "input_data_file":
+            if dt == object:  # strings: empty ones (files of strings are not read here)
+                if which == "input_data_file":
+                    raise ModelError(f"{where}: input {name!r}: input_data_file of strings")
+                entry = np.full(dims, "", dtype=object)
+            elif which == "input_data_file":
                 path = version.path.parent.parent / "warmup" / spec.input_data_file
                 if path.name != spec.input_data_file or not path.is_file():
                     raise ModelError(f"{where}: input {name!r}: no file warmup/{path.name}")
@@ -647,6 +651,8 @@ def default_warmup(version: ModelVersion) -> pa.RecordBatch:
             continue
         dims = tuple(1 if d < 0 else d for d in spec.shape)
         data = np.zeros((1, *dims), dtype=spec.datatype.numpy)
+        if data.dtype == object:
+            data[...] = ""  # a string tensor of empty strings
         if spec.ragged:
             offsets = np.array([0, dims[0]], dtype=np.int32)
             columns.append(to_column(column_field, Ragged(offsets, data.reshape(-1, *dims[1:]))))

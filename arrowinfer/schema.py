@@ -50,6 +50,7 @@ from .tensors import (
 
 __all__ = [
     "DATATYPES",
+    "STRING",
     "Datatype",
     "TensorSpec",
     "datatype",
@@ -89,10 +90,16 @@ DATATYPES: tuple[Datatype, ...] = tuple(
     ]
 )
 
+#: ``TYPE_STRING`` / KServe ``BYTES``: numpy object arrays (``str`` for onnxruntime), Arrow
+#: ``string`` canonically; ``large_string``, ``binary`` and ``large_binary`` are the same type.
+STRING = Datatype("TYPE_STRING", "BYTES", np.dtype(object), pa.string())
+
 _BY_ANY: dict[object, Datatype] = {}
-for _dt in DATATYPES:
+for _dt in (*DATATYPES, STRING):
     for _key in (_dt.triton, _dt.kserve, _dt.numpy, _dt.arrow):
         _BY_ANY[_key] = _dt
+for _key in (pa.large_string(), pa.binary(), pa.large_binary(), np.dtype("U"), np.dtype("S")):
+    _BY_ANY[_key] = STRING
 
 
 def datatype(key: str | np.dtype | pa.DataType) -> Datatype:
@@ -101,11 +108,15 @@ def datatype(key: str | np.dtype | pa.DataType) -> Datatype:
     Raises
     ------
     TypeError
-        For types a tensor cannot hold here (``TYPE_STRING``/``BYTES``, ``BF16``, ...).
+        For types a tensor cannot hold here (``BF16``, ...).
     """
-    found = _BY_ANY.get(np.dtype(key) if isinstance(key, type) else key)
+    if isinstance(key, type):
+        key = np.dtype(key)
+    if isinstance(key, np.dtype) and key.kind in "US":
+        key = np.dtype(key.kind)  # any length of numpy string
+    found = _BY_ANY.get(key)
     if found is None:
-        supported = ", ".join(d.kserve for d in DATATYPES)
+        supported = ", ".join(d.kserve for d in (*DATATYPES, STRING))
         raise TypeError(f"unsupported tensor data type {key!r} (supported: {supported})")
     return found
 
@@ -140,9 +151,13 @@ def spec_field(spec: TensorSpec) -> pa.Field:
     elif shape and shape[0] == -1 and all(d >= 0 for d in shape[1:]):
         type_ = pa.list_(_item_type(value_type, shape[1:]))
     elif any(d < 0 for d in shape):
+        if spec.datatype is STRING:
+            raise TypeError(f"{spec.name}: strings with a variable dim after the first: {shape}")
         type_ = variable_shape_tensor(value_type, shape)
     elif shape in ((), (1,)):
         type_ = value_type
+    elif spec.datatype is STRING:  # fixed_shape_tensor holds fixed-width values only
+        type_ = _item_type(value_type, shape)
     else:
         type_ = pa.fixed_shape_tensor(value_type, list(shape))
     metadata = {"datatype": spec.datatype.kserve, "shape": json.dumps(list(shape))}
@@ -204,6 +219,15 @@ def to_column(field: pa.Field, data: np.ndarray | Ragged) -> pa.Array:
             return field.type.wrap_array(column.storage.cast(field.type.storage_type))
         return column
     return from_numpy(data.reshape((n, *want.shape)))
+
+
+def _is_string(type_: pa.DataType) -> bool:
+    return (
+        pa.types.is_string(type_)
+        or pa.types.is_large_string(type_)
+        or pa.types.is_binary(type_)
+        or pa.types.is_large_binary(type_)
+    )
 
 
 def _optional(field: pa.Field) -> bool:
@@ -339,7 +363,9 @@ def validate(
                 expected=describe(want),
                 got=str(column.type),
             ) from None
-        if got.value_type != want.value_type:
+        if got.value_type != want.value_type and not (
+            _is_string(got.value_type) and _is_string(want.value_type)
+        ):
             raise InvalidInput(
                 "wrong element type",
                 model=model,

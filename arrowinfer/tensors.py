@@ -173,14 +173,41 @@ def layout(type: pa.DataType) -> Layout:
         return Layout(inner.value_type, (type.list_size, *inner.shape), ragged=False)
     if pa.types.is_integer(type) or pa.types.is_floating(type) or pa.types.is_boolean(type):
         return Layout(type, (), ragged=False)
+    if _is_string(type):
+        return Layout(type, (), ragged=False)
     raise TypeError(f"not a tensor layout: {type}")
 
 
 # -- numpy -> Arrow ------------------------------------------------------------------------
 
 
+def _is_string(type: pa.DataType) -> bool:
+    return (
+        pa.types.is_string(type)
+        or pa.types.is_large_string(type)
+        or pa.types.is_binary(type)
+        or pa.types.is_large_binary(type)
+    )
+
+
+def _strings(flat: np.ndarray) -> pa.Array:
+    """Strings (numpy ``U``/``S`` or objects of ``str``/``bytes``): Arrow ``string`` when every
+    value is text, else ``binary``. Arrow lays them out anew: a copy by nature."""
+    if flat.dtype.kind == "U":
+        return pa.array(flat, type=pa.string())
+    if flat.dtype.kind == "S":
+        return pa.array(flat, type=pa.binary())
+    if all(isinstance(v, str) for v in flat):
+        return pa.array(flat, type=pa.string())
+    if all(isinstance(v, (bytes, bytearray)) for v in flat):
+        return pa.array(flat, type=pa.binary())
+    raise TypeError("an object array must hold only str or only bytes")
+
+
 def _primitive(flat: np.ndarray) -> pa.Array:
     """A 1-d numpy array as a primitive Arrow array, sharing its memory (booleans excepted)."""
+    if flat.dtype.kind in "OUS":
+        return _strings(flat)
     if flat.dtype == np.bool_:
         return pa.array(flat, type=pa.bool_())  # packs bits: the one unavoidable copy
     type_ = pa.from_numpy_dtype(flat.dtype)
@@ -212,14 +239,14 @@ def from_numpy(
     array = np.asarray(array)
     if array.ndim == 0:
         raise ValueError("a column needs a batch dimension; got a 0-d array")
-    if array.dtype.kind not in "biuf":
-        raise TypeError(f"not a numeric dtype: {array.dtype}")
+    if array.dtype.kind not in "biufOUS":
+        raise TypeError(f"not a numeric or string dtype: {array.dtype}")
     if 0 in array.shape[1:]:
         raise ValueError(f"per-entry shape {array.shape[1:]} has no values")
     flat = _primitive(np.ascontiguousarray(array).reshape(-1))  # copies non-contiguous input only
     if array.ndim == 1:
         return flat
-    if tensor_type == "fixed_size_list":
+    if tensor_type == "fixed_size_list" or _is_string(flat.type):
         for size in reversed(array.shape[1:]):
             flat = pa.FixedSizeListArray.from_arrays(flat, size)
         return flat
@@ -351,6 +378,8 @@ def _flat_values(array: pa.Array) -> pa.Array:
 
 
 def _primitive_to_numpy(array: pa.Array) -> np.ndarray:
+    if _is_string(array.type):
+        return array.to_numpy(zero_copy_only=False)  # objects of str or bytes: a copy
     if pa.types.is_boolean(array.type):
         return array.to_numpy(zero_copy_only=False)  # unpacks bits: a copy
     return array.to_numpy(zero_copy_only=True)

@@ -142,8 +142,11 @@ def test_dense_variable_dims_in_every_form(shape: tuple[int, ...]) -> None:
 def test_datatype_lookup() -> None:
     for key in ("TYPE_FP32", "FP32", np.dtype("float32"), pa.float32(), np.float32):
         assert datatype(key).kserve == "FP32"
-    with pytest.raises(TypeError, match=r"unsupported.*BYTES"):
-        datatype("BYTES")
+    # strings are one type under every name
+    for key in ("TYPE_STRING", "BYTES", pa.string(), pa.large_binary(), np.dtype("U5")):
+        assert datatype(key).triton == "TYPE_STRING"
+    with pytest.raises(TypeError, match=r"unsupported.*BF16"):
+        datatype("BF16")
 
 
 def test_good_requests_in_every_accepted_form() -> None:
@@ -206,7 +209,14 @@ BAD = {
         _with(points=pa.array([[[1.0, None]], [], []], pa.list_(pa.list_(pa.float32(), 2)))),
         r"input 'points': 1 null value",
     ),
-    "not a tensor": (_with(pt=pa.array(["a", "b", "c"])), r"input 'pt': not a tensor column"),
+    "not a tensor": (
+        _with(pt=pa.array([{"x": 1.0}, {"x": 2.0}, {"x": 3.0}])),
+        r"input 'pt': not a tensor column",
+    ),
+    "strings for numbers": (
+        _with(pt=pa.array(["a", "b", "c"])),
+        r"input 'pt': wrong element type.*string",
+    ),
 }
 
 

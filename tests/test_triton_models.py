@@ -879,3 +879,102 @@ def test_triton_example_configs_load_unchanged_and_match_onnxruntime(
         response = triton.infer("simple", inputs)
         np.testing.assert_array_equal(response.as_numpy("OUTPUT0"), a + b)
         np.testing.assert_array_equal(response.as_numpy("OUTPUT1"), a - b)
+
+
+# -- strings ---------------------------------------------------------------------------------
+
+
+def write_string_models(repo: Path) -> Path:
+    """A tokenizer-like model (strings -> ids, and the strings back) and a string [1] echo."""
+    vocabulary = ["the", "jet", "muon", "électron"]
+    graph = helper.make_graph(
+        [
+            helper.make_node(
+                "LabelEncoder",
+                ["words"],
+                ["ids"],
+                domain="ai.onnx.ml",
+                keys_strings=vocabulary,
+                values_int64s=list(range(1, len(vocabulary) + 1)),
+                default_int64=0,
+            ),
+            helper.make_node("Identity", ["words"], ["echo"]),
+        ],
+        "tokens",
+        [helper.make_tensor_value_info("words", TensorProto.STRING, ["N", 4])],
+        [
+            helper.make_tensor_value_info("ids", TensorProto.INT64, ["N", 4]),
+            helper.make_tensor_value_info("echo", TensorProto.STRING, ["N", 4]),
+        ],
+    )
+    (repo / "tokens" / "1").mkdir(parents=True)
+    model = helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid("ai.onnx.ml", 2)],
+    )
+    model.ir_version = IR_VERSION
+    onnx.save(model, str(repo / "tokens" / "1" / "model.onnx"))
+    (repo / "tokens" / "config.pbtxt").write_text(
+        'max_batch_size: 8\ninput [ { name: "words" data_type: TYPE_STRING dims: [ 4 ] } ]\n'
+        'output [ { name: "ids" data_type: TYPE_INT64 dims: [ 4 ] },\n'
+        '  { name: "echo" data_type: TYPE_STRING dims: [ 4 ] } ]\ndynamic_batching { }\n'
+    )
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["text"], ["same"])],
+        "echo",
+        [helper.make_tensor_value_info("text", TensorProto.STRING, ["N", 1])],
+        [helper.make_tensor_value_info("same", TensorProto.STRING, ["N", 1])],
+    )
+    _save(repo, "echo", graph, "max_batch_size: 8\n")  # the config completed from the graph
+    return repo
+
+
+WORDS = np.array([["the", "jet", "ζ", "muon"], ["électron", "", "the", "the"]], dtype=object)
+IDS = np.array([[1, 2, 0, 3], [4, 0, 1, 1]], dtype=np.int64)
+
+
+@pytest.fixture(scope="module")
+def string_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    repo = write_string_models(tmp_path_factory.mktemp("strings"))
+    with Server(repo, port=0, kserve_port=0, metrics_port=None) as running:
+        yield running
+
+
+def test_strings_over_flight_and_shared_memory(string_server: Server) -> None:
+    shm = ShmTransport(string_server.location.replace("grpc", "shm", 1), min_shm_bytes=0)
+    binary = np.array([[w.encode() for w in row] for row in WORDS], dtype=object)
+    with (
+        Client(string_server.location) as flight_client,
+        Client(string_server.location, transport=shm) as shm_client,
+    ):
+        for client in (flight_client, shm_client):
+            for words in (WORDS, binary):  # Arrow string, or binary holding UTF-8
+                result = client.infer("tokens", {"words": words})
+                np.testing.assert_array_equal(tensors.to_numpy(result.column("ids")), IDS)
+                assert tensors.to_numpy(result.column("echo")).tolist() == WORDS.tolist()
+            # a large_string column, one string per row
+            column = pa.array(["a", "βγ", ""], type=pa.large_string())
+            result = client.infer("echo", {"text": column})
+            assert result.column("same").to_pylist() == ["a", "βγ", ""]
+
+
+def test_strings_over_kserve_raw_and_typed(string_server: Server) -> None:
+    with tg.InferenceServerClient(f"127.0.0.1:{string_server.kserve_port}") as triton:
+        tensor = tg.InferInput("words", [2, 4], "BYTES")
+        tensor.set_data_from_numpy(WORDS)  # raw: length-prefixed UTF-8
+        response = triton.infer("tokens", [tensor], client_timeout=WAIT)
+        np.testing.assert_array_equal(response.as_numpy("ids"), IDS)
+        echo = response.as_numpy("echo")
+        assert [[v.decode() for v in row] for row in echo] == WORDS.tolist()
+    # typed bytes_contents, with the generated stub
+    import grpc
+    from tritonclient.grpc import service_pb2 as pb
+    from tritonclient.grpc import service_pb2_grpc
+
+    request = pb.ModelInferRequest(model_name="tokens")
+    words = request.inputs.add(name="words", datatype="BYTES", shape=[2, 4])
+    words.contents.bytes_contents.extend(w.encode() for w in WORDS.reshape(-1))
+    with grpc.insecure_channel(f"127.0.0.1:{string_server.kserve_port}") as channel:
+        response = service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request)
+    ids = np.frombuffer(response.raw_output_contents[0], dtype="<i8").reshape(2, 4)
+    np.testing.assert_array_equal(ids, IDS)

@@ -204,7 +204,23 @@ def assemble_inputs(
                 feeds[name] = dense[0].reshape(shape)
             else:
                 feeds[name] = dense.reshape((total, *shape))  # a view; -1 takes the rest
+            if feeds[name].dtype == object:
+                feeds[name] = _text(model, name, feeds[name])
     return feeds
+
+
+def _text(model: ModelVersion, name: str, array: np.ndarray) -> np.ndarray:
+    """A string tensor as onnxruntime takes it: ``str`` objects (bytes decoded as UTF-8)."""
+    flat = array.reshape(-1)
+    if all(isinstance(v, str) for v in flat):
+        return array
+    try:
+        text = [v.decode("utf-8") if isinstance(v, bytes) else v for v in flat]
+    except UnicodeDecodeError as err:
+        raise InvalidInput(
+            f"string input is not UTF-8 text: {err}", model=model.name, input=name
+        ) from None
+    return np.array(text, dtype=object).reshape(array.shape)
 
 
 def _dense(model: ModelVersion, name: str, column: pa.Array | pa.ChunkedArray) -> np.ndarray:

@@ -102,6 +102,9 @@ def input_array(
         )
     rows = shape[0] if batching else 1
     count = math.prod(shape)
+    per_row = per_entry if -1 in spec.shape else spec.shape  # [] and [1] are one value
+    if dt.kserve == "BYTES":
+        return _bytes_input(spec, tensor, raw, count, model=model).reshape((rows, *per_row))
     if raw is not None:
         if tensor.contents.ListFields():
             raise InvalidInput(
@@ -142,8 +145,71 @@ def input_array(
         values = typed.astype(dt.numpy, copy=False)
         if values.dtype != wire and not np.array_equal(values, typed):
             raise InvalidInput(f"values out of range for {dt.kserve}", model=model, input=spec.name)
-    per_row = per_entry if -1 in spec.shape else spec.shape  # [] and [1] are one value
     return values.reshape((rows, *per_row))
+
+
+def _bytes_input(
+    spec: TensorSpec,
+    tensor: pb.ModelInferRequest.InferInputTensor,
+    raw: bytes | None,
+    count: int,
+    *,
+    model: str,
+) -> np.ndarray:
+    """A BYTES tensor's ``count`` elements as an object array of ``bytes``.
+
+    Raw contents are KServe's: each element a 4-byte little-endian length, then its bytes;
+    typed contents are ``bytes_contents``.
+    """
+    if raw is not None:
+        if tensor.contents.ListFields():
+            raise InvalidInput(
+                "both raw_input_contents and typed contents given; use one",
+                model=model,
+                input=spec.name,
+            )
+        items: list[bytes] = []
+        offset = 0
+        view = memoryview(raw)
+        while offset < len(view) and len(items) < count:
+            if offset + 4 > len(view):
+                break
+            length = int.from_bytes(view[offset : offset + 4], "little")
+            offset += 4
+            if offset + length > len(view):
+                break
+            items.append(bytes(view[offset : offset + length]))
+            offset += length
+        if len(items) != count or offset != len(view):
+            raise InvalidInput(
+                "raw_input_contents is not the BYTES elements of the shape "
+                "(each a 4-byte little-endian length, then its bytes)",
+                model=model,
+                input=spec.name,
+                expected=f"{count} elements",
+                got=f"{len(items)} elements in {len(view)} bytes",
+            )
+    else:
+        given = [f.name for f, _ in tensor.contents.ListFields()]
+        if given != ["bytes_contents"]:
+            raise InvalidInput(
+                "no data: send raw_input_contents or bytes_contents",
+                model=model,
+                input=spec.name,
+                got=", ".join(given) or "nothing",
+            )
+        items = list(tensor.contents.bytes_contents)
+        if len(items) != count:
+            raise InvalidInput(
+                "bytes_contents does not match the shape",
+                model=model,
+                input=spec.name,
+                expected=f"{count} values",
+                got=f"{len(items)} values",
+            )
+    out = np.empty(count, dtype=object)
+    out[:] = items
+    return out
 
 
 def request_batch(version: ModelVersion, request: pb.ModelInferRequest) -> pa.RecordBatch:
@@ -395,6 +461,10 @@ def infer_response(
         entry = spec.shape if all(d >= 0 for d in spec.shape) else array.shape[1:]
         shape = [len(array), *entry] if batching else list(entry)
         response.outputs.add(name=spec.name, datatype=spec.datatype.kserve, shape=shape)
+        if array.dtype == object:  # strings: KServe's length-prefixed BYTES elements
+            items = [v.encode() if isinstance(v, str) else bytes(v) for v in array.reshape(-1)]
+            response.raw_output_contents.append(_bytes_tensor(items))
+            continue
         response.raw_output_contents.append(array.tobytes())  # protobuf needs bytes: one copy
     for key in SERVER_TIMES:
         response.parameters[key].int64_param = getattr(done, key)
