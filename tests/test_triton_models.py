@@ -978,3 +978,65 @@ def test_strings_over_kserve_raw_and_typed(string_server: Server) -> None:
         response = service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request)
     ids = np.frombuffer(response.raw_output_contents[0], dtype="<i8").reshape(2, 4)
     np.testing.assert_array_equal(ids, IDS)
+
+
+# -- every example model, random inputs, every transport ----------------------------------------
+
+
+def random_inputs(version: Any, rows: int) -> dict[str, Any]:
+    """Random inputs of a model's signature: ragged inputs as lists of random lengths (the
+    same per entry for every ragged input), variable dims of size 5."""
+    from arrowinfer.schema import tensor_specs
+
+    counts = rng.integers(0, 40, size=rows)
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
+    out: dict[str, Any] = {}
+    for spec in tensor_specs(version.inputs):
+        if spec.optional:
+            continue
+        dt = spec.datatype.numpy
+        if spec.ragged:
+            values = rng.normal(size=(int(offsets[-1]), *spec.shape[1:])).astype(dt)
+            out[spec.name] = tensors.Ragged(offsets, values)
+        else:
+            shape = tuple(5 if d < 0 else d for d in spec.shape)
+            out[spec.name] = rng.normal(size=(rows, *shape)).astype(dt)
+    return out
+
+
+def _padded(version: Any, inputs: dict[str, Any]) -> dict[str, np.ndarray]:
+    """The same request as KServe carries it: ragged inputs padded, the mask beside them."""
+    out: dict[str, np.ndarray] = {}
+    for name, value in inputs.items():
+        if isinstance(value, tensors.Ragged):
+            length = dict(zip(version.inputs.names, version.inputs, strict=True))[name]
+            size = json.loads(length.metadata[b"shape"])[0]
+            out[name] = tensors.pad(value, size, pad_value=version.pad_value)
+            if version.mask_input:
+                out[version.mask_input] = tensors.mask(value.counts, size, shape=(1,))
+        else:
+            out[name] = value
+    return out
+
+
+def test_every_example_model_is_finite_on_every_transport(
+    example_repository: Path,
+) -> None:
+    with Server(example_repository, port=0, kserve_port=0, metrics_port=None) as running:
+        versions = {m.version.name: m.version for m in running.core.served()}
+        shm = ShmTransport(running.location.replace("grpc", "shm", 1), min_shm_bytes=0)
+        with (
+            Client(running.location) as flight_client,
+            Client(running.location, transport=shm) as shm_client,
+            tg.InferenceServerClient(f"127.0.0.1:{running.kserve_port}") as triton,
+        ):
+            for name, version in sorted(versions.items()):
+                inputs = random_inputs(version, rows=3)
+                for client in (flight_client, shm_client):
+                    result = client.infer(name, inputs)
+                    for column in result.columns:
+                        assert np.all(np.isfinite(as_numpy(column))), name
+                padded = _padded(version, inputs)
+                response = triton.infer(name, _infer_inputs(padded, True), client_timeout=WAIT)
+                for output in version.outputs.names:
+                    assert np.all(np.isfinite(response.as_numpy(output))), (name, output)
