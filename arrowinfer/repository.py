@@ -31,6 +31,7 @@ Names a client sends are looked up among the models found on disk; they never be
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import re
@@ -107,6 +108,7 @@ class ModelVersion:
     max_request_rows: int | None = None
     #: The lines of each output's ``label_filename``, for the classification extension.
     labels: dict[str, tuple[str, ...]] = field(default_factory=dict, repr=False)
+    sha256: str = ""  # of the model file (hex): every result names the file that made it
 
     @property
     def max_batch_size(self) -> int:
@@ -548,6 +550,7 @@ def load_model(model_dir: Path) -> list[ModelVersion]:
                 pad_value=pad_value,
                 max_request_rows=max_request_rows,
                 labels=labels,
+                sha256=file_sha256(path),
             )
         )
     return versions
@@ -660,6 +663,18 @@ def default_warmup(version: ModelVersion) -> pa.RecordBatch:
             columns.append(to_column(column_field, data))
         names.append(column_field.name)
     return pa.RecordBatch.from_arrays(columns, names)
+
+
+def file_sha256(path: Path) -> str:
+    """The sha256 (hex) of a file, read in blocks (models can be large)."""
+    digest = hashlib.sha256()
+    try:
+        with path.open("rb") as file:
+            while block := file.read(1 << 20):
+                digest.update(block)
+    except OSError as err:
+        raise ModelError(f"{path}: cannot read: {err.strerror or err}") from err
+    return digest.hexdigest()
 
 
 class Repository:

@@ -53,6 +53,7 @@ __all__ = [
     "STRING",
     "Datatype",
     "TensorSpec",
+    "check_data",
     "datatype",
     "describe",
     "signature",
@@ -272,6 +273,46 @@ def _nulls(array: pa.Array | pa.ChunkedArray) -> int:
     return total
 
 
+def _read_names(fields: list[pa.Field]) -> None:
+    """Read every field's name, nested ones too (each raises if it is not UTF-8)."""
+    while fields:
+        field = fields.pop()
+        _ = field.name
+        kind = field.type
+        while isinstance(kind, pa.BaseExtensionType):
+            kind = kind.storage_type
+        fields.extend(kind.field(i) for i in range(kind.num_fields))
+
+
+def check_data(
+    batch: pa.RecordBatch | pa.Table, expected: pa.Schema | None = None, *, model: str | None = None
+) -> None:
+    """Check that a batch's buffers hold what its metadata declares, before anything reads them.
+
+    A batch received over the wire is only metadata over the client's buffers: a length,
+    offset or null count can claim more than the buffers hold, and numpy or onnxruntime
+    would then read (or send back) memory past them. This is Arrow's full validation
+    (``validate(full=True)``): every column, nested child and extension storage, its
+    buffer sizes, list offsets (in range and increasing) and UTF-8. It costs a few
+    microseconds for fixed-size data and a pass over the offsets of list columns; it is
+    never skipped (a cache may skip the signature check of :func:`validate`, never this).
+    Names (of fields and nested fields) must be UTF-8 too; a schema equal to ``expected``
+    (the model's signature: what arrowinfer's clients send) needs no second look at them.
+
+    Raises
+    ------
+    InvalidInput
+        Arrow's reason, which names only the column and the sizes.
+    """
+    try:
+        batch.validate(full=True)
+        if expected is None or not batch.schema.equals(expected):
+            # pyarrow decodes names as UTF-8 whenever they are read: read them all now
+            _read_names(list(batch.schema))
+    except (pa.ArrowException, ValueError, TypeError) as err:
+        raise InvalidInput(f"the request's Arrow data is malformed: {err}", model=model) from None
+
+
 def validate(
     batch: pa.RecordBatch | pa.Table,
     schema: pa.Schema,
@@ -304,8 +345,9 @@ def validate(
     ------
     InvalidInput
         Naming the model and the input, with expected and received: missing (required) or
-        unexpected columns, element type, per-entry shape (or ragged vs. fixed; rows of a dense input
-        with variable dims that differ in shape), nulls, zero rows.
+        unexpected columns, element type, per-entry shape (or ragged vs. fixed; rows of a
+        dense input with variable dims that differ in shape), nulls. A request of zero rows
+        is valid (its result has zero rows).
     """
     names = set(batch.schema.names)
     expected_names = set(schema.names)
@@ -328,10 +370,6 @@ def validate(
         )
     if len(set(batch.schema.names)) != len(batch.schema.names):
         raise InvalidInput("duplicate column names", model=model, got=batch.schema.names)
-    if batch.num_rows == 0:
-        raise InvalidInput(
-            "the request has no rows", model=model, expected=">= 1 row", got="0 rows"
-        )
     if max_rows is not None and batch.num_rows > max_rows:
         raise InvalidInput(
             "too many rows in one request",

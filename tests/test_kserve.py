@@ -429,7 +429,10 @@ def _write_pair_model(root: Path) -> Path:
 @pytest.fixture(scope="module")
 def pair_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     repository = _write_pair_model(tmp_path_factory.mktemp("pair_repository"))
-    with Server(repository, port=0, kserve_port=0, metrics_port=None) as running:
+    # explicit model control: test_load_and_unload calls RepositoryModelLoad/Unload
+    with Server(
+        repository, port=0, kserve_port=0, metrics_port=None, model_control="explicit"
+    ) as running:
         yield running
 
 

@@ -91,7 +91,9 @@ from ..errors import (
 )
 from ..protocol import dump_json
 from ..schema import TensorSpec
-from ._core import InferenceCore, LoadedModel
+from ._auth import ModelControl
+from ._core import InferenceCore, LoadedModel, unexpected
+from ._ordered import MAX_PENDING, MAX_PENDING_BYTES
 from ._v2tensors import infer_response, request_batch, requested_outputs
 
 __all__ = ["MAX_MESSAGE_BYTES", "KServeService", "start_kserve", "status_of"]
@@ -100,6 +102,9 @@ log = logging.getLogger(__name__)
 
 #: gRPC message size limit both ways (Triton's and tritonclient's: INT32_MAX).
 MAX_MESSAGE_BYTES = 2**31 - 1
+
+#: Room for the protobuf fields around a request's data (names, shapes, parameters).
+_ENVELOPE_BYTES = 1 << 20
 
 # -- errors: the one place that maps exceptions to status codes --------------------------
 
@@ -115,9 +120,9 @@ def status_of(err: BaseException) -> tuple[grpc.StatusCode, str]:
     return getattr(grpc.StatusCode, name), message
 
 
-def _log_unexpected(err: BaseException, rpc: str) -> None:
-    if not isinstance(err, ArrowInferError):
-        log.error("KServe %s failed", rpc, exc_info=err)
+def _public(err: Exception, rpc: str) -> Exception:
+    """``err`` if it is arrowinfer's; else a generic error, its details logged with an id."""
+    return err if isinstance(err, ArrowInferError) else unexpected(err, f"KServe {rpc}")
 
 
 _Method = TypeVar("_Method", bound=Callable[..., Any])
@@ -131,7 +136,7 @@ def _unary(method: _Method) -> _Method:
         try:
             return method(self, request, context)
         except Exception as err:  # noqa: BLE001 -- the one place errors become status codes
-            _log_unexpected(err, method.__name__)
+            err = _public(err, method.__name__)
             code, message = status_of(err)
             detail = dump_json(
                 error_to_dict(err)
@@ -182,8 +187,13 @@ class KServeService(service_pb2_grpc.GRPCInferenceServiceServicer):
     use :func:`start_kserve`.
     """
 
-    def __init__(self, core: InferenceCore):
+    def __init__(self, core: InferenceCore, model_control: ModelControl | None = None):
         self.core = core
+        self.control = model_control or ModelControl()
+
+    def _check_control(self, action: str, context: Any) -> None:
+        metadata = context.invocation_metadata() or ()
+        self.control.check(action, [value for key, value in metadata if key == "authorization"])
 
     # -- health and metadata ------------------------------------------------------------
 
@@ -240,7 +250,10 @@ class KServeService(service_pb2_grpc.GRPCInferenceServiceServicer):
     ) -> pb.ModelStatisticsResponse:
         stats = self.core.statistics(request.name or None, request.version or None)
         return pb.ModelStatisticsResponse(
-            model_stats=[json_format.ParseDict(s, pb.ModelStatistics()) for s in stats]
+            model_stats=[
+                json_format.ParseDict(s, pb.ModelStatistics(), ignore_unknown_fields=True)
+                for s in stats
+            ]
         )
 
     # -- repository ---------------------------------------------------------------------
@@ -260,6 +273,7 @@ class KServeService(service_pb2_grpc.GRPCInferenceServiceServicer):
     def RepositoryModelLoad(
         self, request: pb.RepositoryModelLoadRequest, context: Any
     ) -> pb.RepositoryModelLoadResponse:
+        self._check_control("load", context)
         override = sorted(k for k in request.parameters if k == "config" or k.startswith("file:"))
         if override:
             raise InvalidInput(
@@ -274,6 +288,7 @@ class KServeService(service_pb2_grpc.GRPCInferenceServiceServicer):
     def RepositoryModelUnload(
         self, request: pb.RepositoryModelUnloadRequest, context: Any
     ) -> pb.RepositoryModelUnloadResponse:
+        self._check_control("unload", context)
         self.core.unload(request.model_name)
         return pb.RepositoryModelUnloadResponse()
 
@@ -317,13 +332,30 @@ class KServeService(service_pb2_grpc.GRPCInferenceServiceServicer):
         self, request_iterator: Iterable[pb.ModelInferRequest], context: Any
     ) -> Iterator[pb.ModelStreamInferResponse]:
         """Pipelined: requests are read and queued while earlier ones run; answers in order."""
-        pending: queue.SimpleQueue[tuple[pb.ModelInferRequest, _Pending | Exception] | None] = (
-            queue.SimpleQueue()
-        )
+        # back-pressure: at most MAX_PENDING requests (MAX_PENDING_BYTES of their data) whose
+        # responses are not sent yet; beyond that the stream is not read, and a client that
+        # does not read its responses is stopped by gRPC's flow control
+        Entry = tuple[pb.ModelInferRequest, _Pending | Exception, int]
+        pending: queue.SimpleQueue[Entry | None] = queue.SimpleQueue()
+        room = threading.Condition()
+        held = [0, 0]  # requests, bytes
+
+        def wait_for_room() -> bool:
+            """Wait until the stream may read another request; False once the call is gone."""
+            with room:
+                while held[0] and (held[0] >= MAX_PENDING or held[1] >= MAX_PENDING_BYTES):
+                    if not context.is_active():
+                        return False
+                    room.wait(0.2)
+            return context.is_active()
 
         def read() -> None:
+            requests = iter(request_iterator)
             try:
-                for request in request_iterator:
+                while wait_for_room():
+                    request = next(requests, None)
+                    if request is None:
+                        return
                     try:
                         # an open stream is served to its end, even while the server stops
                         item: _Pending | Exception = self._submit(
@@ -331,7 +363,11 @@ class KServeService(service_pb2_grpc.GRPCInferenceServiceServicer):
                         )
                     except Exception as err:  # noqa: BLE001 -- answered in its response
                         item = err
-                    pending.put((request, item))
+                    size = sum(len(raw) for raw in request.raw_input_contents)
+                    with room:
+                        held[0] += 1
+                        held[1] += size
+                    pending.put((request, item, size))
             except grpc.RpcError as err:  # the client cancelled or went away
                 log.debug("KServe stream closed while reading: %s", err)
             finally:
@@ -339,14 +375,14 @@ class KServeService(service_pb2_grpc.GRPCInferenceServiceServicer):
 
         reader = threading.Thread(target=read, name="kserve-stream-reader", daemon=True)
         reader.start()
-        while (item := pending.get()) is not None:
-            request, outcome = item
+        while (entry := pending.get()) is not None:
+            request, outcome, size = entry
             try:
                 if isinstance(outcome, Exception):
                     raise outcome
                 response = pb.ModelStreamInferResponse(infer_response=self._result(outcome))
             except Exception as err:  # noqa: BLE001 -- the stream's error_message, as Triton
-                _log_unexpected(err, "ModelStreamInfer")
+                err = _public(err, "ModelStreamInfer")
                 response = pb.ModelStreamInferResponse(
                     error_message=status_of(err)[1],
                     infer_response=pb.ModelInferResponse(
@@ -355,7 +391,12 @@ class KServeService(service_pb2_grpc.GRPCInferenceServiceServicer):
                         id=request.id,
                     ),
                 )
+            del entry, outcome, request  # drop the request's data before waiting to send
             yield response
+            with room:
+                held[0] -= 1
+                held[1] -= size
+                room.notify_all()
         reader.join()
 
 
@@ -366,8 +407,10 @@ def start_kserve(
     *,
     max_workers: int = 32,
     max_message_bytes: int = MAX_MESSAGE_BYTES,
+    max_request_bytes: int | None = None,
     tls: tuple[bytes, bytes] | None = None,
     interceptors: Sequence[grpc.ServerInterceptor] = (),
+    model_control: ModelControl | None = None,
 ) -> tuple[grpc.Server, int]:
     """Serve ``core`` over KServe v2 gRPC on ``host:port``; returns the server and its port.
 
@@ -383,10 +426,17 @@ def start_kserve(
         this many at a time.
     max_message_bytes
         Largest request or response (both ways), at least 256 MB; the default is Triton's.
+    max_request_bytes
+        Bound requests lower (the server's ``--max-request-bytes``): gRPC refuses a larger
+        message, gzip/deflate-compressed or not (gRPC checks the decompressed size and
+        stops decompressing there), before any of it reaches Python. A little room is
+        left for the protobuf around the data.
     tls
         ``(certificate_chain, private_key)`` as PEM bytes: listen with TLS.
     interceptors
         gRPC server interceptors (the bearer-token check, say), run before every RPC.
+    model_control
+        Who may call ``RepositoryModelLoad``/``Unload`` (default: nobody).
 
     Raises
     ------
@@ -395,16 +445,21 @@ def start_kserve(
     """
     if max_message_bytes < 256 * 2**20:
         raise ValueError(f"max_message_bytes must be at least 256 MiB, got {max_message_bytes}")
+    receive = max_message_bytes
+    if max_request_bytes is not None:
+        receive = min(receive, max_request_bytes + _ENVELOPE_BYTES)
     server = grpc.server(
         ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="kserve"),
         options=[
             ("grpc.max_send_message_length", max_message_bytes),
-            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_receive_message_length", receive),
             ("grpc.so_reuseport", 0),  # a port in use is an error, not a silent share
         ],
         interceptors=list(interceptors),
     )
-    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(KServeService(core), server)
+    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
+        KServeService(core, model_control), server
+    )
     address = f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
     try:
         if tls is None:

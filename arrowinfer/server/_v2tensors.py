@@ -437,7 +437,8 @@ def infer_response(
     """The response to ``request``: the ``outputs`` of ``done.batch`` as raw tensors.
 
     Each output has shape ``[batch, *dims]`` (a non-batching model: ``dims``) in
-    ``raw_output_contents``; the server-side times go in ``parameters``.
+    ``raw_output_contents``; the server-side times and the provenance (``model``,
+    ``model_version``, ``model_sha256``, ``execution_provider``) go in ``parameters``.
 
     Raises
     ------
@@ -468,4 +469,9 @@ def infer_response(
         response.raw_output_contents.append(array.tobytes())  # protobuf needs bytes: one copy
     for key in SERVER_TIMES:
         response.parameters[key].int64_param = getattr(done, key)
+    for key, value in done.metadata.items():  # provenance, truncation
+        if isinstance(value, int):
+            response.parameters[key].int64_param = value
+        else:
+            response.parameters[key].string_param = str(value)
     return response
