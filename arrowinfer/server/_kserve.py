@@ -29,16 +29,35 @@ Inference
   ``raw_output_contents`` with shape ``[batch, *dims]``, as Triton answers. Its
   ``parameters`` carry the server-side times (``queue_ns``, ``compute_input_ns``,
   ``compute_infer_ns``, ``compute_output_ns``), as Flight's ``app_metadata`` does.
-- Request parameters: ``timeout`` (microseconds, as tritonclient sends it) and the gRPC
-  deadline bound the wait for the result (then DEADLINE_EXCEEDED); ``priority`` and the
-  sequence flags are accepted and ignored (one queue per model, no sequence batcher);
-  shared-memory parameters and the classification extension are refused
-  (INVALID_ARGUMENT).
-- **Ragged inputs are not available over KServe.** A model whose config makes inputs
-  ragged (``arrowinfer.ragged_inputs``, such as the example ``jet_tagger``'s ``points`` and
-  ``features``) takes a list of items per row, which a KServe tensor cannot express, and its
-  mask input is filled by the server. Such a request gets INVALID_ARGUMENT naming the
-  input; use the Arrow Flight endpoint for these models.
+- Request parameters, in Triton's meaning (its schedule-policy extension): ``priority``
+  (1 the highest; 0 or beyond ``priority_levels``: the model's default level) and
+  ``timeout``, a **queue** timeout in microseconds, honoured only when the model's queue
+  policy has ``allow_timeout_override`` and only to shorten its
+  ``default_timeout_microseconds``; a request still queued when it expires is answered at
+  once with UNAVAILABLE "Request timeout expired" (``timeout_action: REJECT``) or moved
+  behind the others (``DELAY``). Only the gRPC deadline (tritonclient's ``client_timeout``)
+  bounds the whole wait, with DEADLINE_EXCEEDED. (Before, ``timeout`` bounded the whole
+  wait like a deadline; it no longer does.) The sequence flags are accepted and ignored (no
+  sequence batcher); shared-memory parameters are refused (INVALID_ARGUMENT).
+- The classification extension: a requested output with the ``classification`` parameter
+  (tritonclient's ``class_count``) comes back as ``BYTES`` of shape ``[batch, k]`` (``[k]``
+  without batching), the ``k`` highest scores of each row as ``"score:index:label"``, the
+  label from the output's ``label_filename`` (``"score:index"`` without one), as Triton
+  answers.
+- **Variable dims** (``-1`` anywhere in ``dims``) take any size >= 0, one size for the
+  whole request tensor, as in Triton.
+- A request with more rows than ``max_batch_size`` is refused as Triton refuses it
+  (INVALID_ARGUMENT "inference request batch-size must be <= N"), unless the model's config
+  has the parameter ``arrowinfer.kserve_split_oversized: "true"``: then it is split and
+  joined again, as Flight and shared-memory requests always are.
+- **Ragged inputs travel padded.** A model whose config makes inputs ragged
+  (``arrowinfer.ragged_inputs``, such as the example ``jet_tagger``'s ``points`` and
+  ``features``) takes over KServe the dense tensors its metadata shows (``[-1, 100, 2]``),
+  and its mask input (``arrowinfer.mask_input``, listed in the metadata) may be sent with
+  them: it says how many items of each row are real (they come first, the padding after).
+  Without it every position is real. The server pads each row again with
+  ``arrowinfer.pad_value`` and fills the mask itself, exactly as for a Flight request of
+  lists, so the padding values a KServe client sends do not reach the model.
 - ``ModelStreamInfer`` serves a stream's requests pipelined, in order, and puts a failed
   request's error in ``ModelStreamInferResponse.error_message`` (with the request's ``id``
   in ``infer_response``) as Triton does; the stream goes on.
@@ -141,16 +160,21 @@ class _Pending(NamedTuple):
     timeout: float | None
 
 
-def _timeout(request: pb.ModelInferRequest, remaining: float | None) -> float | None:
-    """Seconds to wait for a result: the request's ``timeout`` (us) and the gRPC deadline."""
+def _timeout(remaining: float | None) -> float | None:
+    """Seconds to wait for a result: the gRPC deadline's."""
     # without a deadline gRPC gives an enormous number of seconds
-    limits = [] if remaining is None or remaining > 1e9 else [max(remaining, 0.0)]
-    if "timeout" in request.parameters:
-        param = request.parameters["timeout"]
-        micros = param.int64_param or param.uint64_param
-        if micros > 0:
-            limits.append(micros / 1e6)
-    return min(limits) if limits else None
+    return None if remaining is None or remaining > 1e9 else max(remaining, 0.0)
+
+
+def _int_parameter(request: pb.ModelInferRequest, key: str) -> int:
+    """An integer request parameter (tritonclient sends int64 or uint64), 0 when absent."""
+    if key not in request.parameters:
+        return 0
+    param = request.parameters[key]
+    value = param.int64_param or param.uint64_param
+    if value < 0:
+        raise InvalidInput(f"parameter {key!r} must not be negative", got=value)
+    return int(value)
 
 
 # -- the servicer -----------------------------------------------------------------------
@@ -196,7 +220,13 @@ class KServeService(service_pb2_grpc.GRPCInferenceServiceServicer):
         return pb.ServerMetadataResponse(
             name="arrowinfer",
             version=__version__,
-            extensions=["model_repository", "model_configuration", "statistics"],
+            extensions=[
+                "model_repository",
+                "model_configuration",
+                "statistics",
+                "classification",
+                "schedule_policy",
+            ],
         )
 
     @_unary
@@ -204,7 +234,8 @@ class KServeService(service_pb2_grpc.GRPCInferenceServiceServicer):
         self, request: pb.ModelMetadataRequest, context: Any
     ) -> pb.ModelMetadataResponse:
         model = self.core.get(request.name, request.version or None)
-        return json_format.ParseDict(model.version.metadata(), pb.ModelMetadataResponse())
+        metadata = model.version.metadata(mask=True)
+        return json_format.ParseDict(metadata, pb.ModelMetadataResponse())
 
     @_unary
     def ModelConfig(self, request: pb.ModelConfigRequest, context: Any) -> pb.ModelConfigResponse:
@@ -269,8 +300,14 @@ class KServeService(service_pb2_grpc.GRPCInferenceServiceServicer):
         model = self.core.get(request.model_name, request.model_version or None)
         outputs = requested_outputs(model.version, request)
         batch = request_batch(model.version, request)
-        future = self.core.submit(model, batch, draining=draining)
-        return _Pending(request, model, outputs, future, _timeout(request, remaining))
+        future = self.core.submit(
+            model,
+            batch,
+            draining=draining,
+            priority=_int_parameter(request, "priority"),
+            timeout_us=_int_parameter(request, "timeout"),
+        )
+        return _Pending(request, model, outputs, future, _timeout(remaining))
 
     @staticmethod
     def _result(pending: _Pending) -> pb.ModelInferResponse:
