@@ -9,18 +9,32 @@ merges them into one batch of at most ``max_batch_size`` rows:
 - it stops waiting as soon as the largest ``preferred_batch_size`` (or ``max_batch_size``)
   is reached, and otherwise cuts the batch at the largest preferred size it can form;
 - a model without ``dynamic_batching`` runs each request on its own, as Triton does;
-- ``default_queue_policy { max_queue_size }`` bounds the queue: a request that finds it
-  full fails at once with :class:`~arrowinfer.errors.ServerBusy`;
+- queue policies as Triton documents them: ``default_queue_policy`` and, with
+  ``priority_levels``, ``priority_queue_policy`` per level (``default_priority_level`` for
+  requests without a priority; level 1 is served first). ``max_queue_size`` bounds a
+  level's queue: a request that finds it full fails at once with
+  :class:`~arrowinfer.errors.ServerBusy`. ``default_timeout_microseconds`` bounds the time a
+  request may wait in the queue (from its arrival); a request may ask for a shorter one when
+  ``allow_timeout_override`` is true. Past it, ``timeout_action: REJECT`` (the default)
+  answers the request at once with :class:`~arrowinfer.errors.ServerUnavailable` "Request
+  timeout expired" (Triton's message, UNAVAILABLE), even while the instances are busy;
+  ``DELAY`` moves it behind every request of its level that has not timed out;
+- requests merge only when the inputs with variable dims have the same concrete shapes
+  (Triton's rule without ragged batching): a request of another shape ends the batch;
 - a request larger than ``max_batch_size`` is split into slices (no copy) that queue one
   after the other, and its results are joined again (one copy of the outputs).
 
-Requests are never reordered; a batch in which one request fails is re-run request by
-request so that only the bad request gets the error.
+Requests are never reordered. Whatever makes a merged batch fail (a bad request, an
+onnxruntime error, a model whose outputs do not keep the batch dimension, so that a
+request's rows cannot be told apart), its requests are re-run one by one, so that only the
+request that fails on its own gets the error and no request gets another request's rows.
+Every result carries its provenance (model, version, the model file's sha256, the execution
+provider) and what padding cut from its ragged inputs.
 
-A caller with nothing else to do may ask for its request to run *inline*: when the queue is
-empty, no queue delay applies (no batching, or ``max_queue_delay_microseconds: 0``) and an
-instance is idle, the request runs at once on that instance in the caller's thread, with
-the same statistics and error handling, instead of going through the queue and the
+A caller with nothing else to do may ask for its request to run *inline*: when no request
+is queued, no queue delay applies (no batching, or ``max_queue_delay_microseconds: 0``) and
+an instance is idle, the request runs at once on that instance in the caller's thread,
+with the same statistics and error handling, instead of going through the queue and the
 instance's thread (two thread hand-offs, which cost a one-row request more CPU than the
 model). Otherwise it is queued as usual. (A front end asks for it only when none of its
 stream's earlier requests is pending, so a stream's requests keep their order; an inline
@@ -29,34 +43,63 @@ request may start beside one that another instance took from the queue that inst
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import logging
 import threading
 import time
-from collections import deque
-from collections.abc import Sequence
+from collections import Counter, deque
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any, NamedTuple
 
 import pyarrow as pa
 
 from .backends import Backend, Timings
+from .backends.base import truncation
 from .errors import ArrowInferError, ServerBusy, ServerError, ServerUnavailable
 from .repository import ModelVersion
 
-__all__ = ["Completed", "DynamicBatcher", "ModelStatistics"]
+__all__ = ["COUNTERS", "Completed", "DynamicBatcher", "ModelStatistics"]
 
 log = logging.getLogger(__name__)
 
 
+_NO_METADATA: Mapping[str, Any] = MappingProxyType({})
+
+
 class Completed(NamedTuple):
-    """A request's result and where its time went inside the server (nanoseconds)."""
+    """A request's result, where its time went inside the server (nanoseconds), and what
+    its reply says beside the data (``metadata``).
+
+    ``metadata`` holds the provenance (``model``, ``model_version``, ``model_sha256``,
+    ``execution_provider``: :data:`arrowinfer.protocol.PROVENANCE`) and, when padding cut
+    the request's ragged inputs, ``truncated_entries`` and ``truncated_items``.
+    """
 
     batch: pa.RecordBatch
     queue_ns: int
     compute_input_ns: int
     compute_infer_ns: int
     compute_output_ns: int
+    metadata: Mapping[str, Any] = _NO_METADATA
+
+
+#: arrowinfer's own per-model counters, beside Triton's statistics:
+#: ``alignment_copies`` (inputs copied because they were not 64-byte aligned, see
+#: :data:`arrowinfer.backends.base.ALIGNMENT`) and the ``alignment_copy_ns`` spent on them;
+#: ``truncated_entries`` / ``truncated_items`` (ragged entries longer than the model's size,
+#: and the items padding cut from them).
+#: ``isolated_batches``: merged batches that failed and ran again request by request.
+COUNTERS = (
+    "alignment_copies",
+    "alignment_copy_ns",
+    "truncated_entries",
+    "truncated_items",
+    "isolated_batches",
+)
 
 
 @dataclass
@@ -92,6 +135,8 @@ class ModelStatistics:
     compute_infer: _Duration = field(default_factory=_Duration)
     compute_output: _Duration = field(default_factory=_Duration)
     batch_stats: dict[int, list[_Duration]] = field(default_factory=dict)
+    # arrowinfer's own counts (COUNTERS)
+    counters: dict[str, int] = field(default_factory=lambda: dict.fromkeys(COUNTERS, 0))
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def record_execution(self, rows: int, timings: Timings) -> None:
@@ -112,8 +157,19 @@ class ModelStatistics:
                 self.compute_infer.add(done.compute_infer_ns)
                 self.compute_output.add(done.compute_output_ns)
 
+    def add_counters(self, counts: Mapping[str, int]) -> None:
+        """Add to arrowinfer's own counters (:data:`COUNTERS`)."""
+        if counts:
+            with self._lock:
+                for key, value in counts.items():
+                    self.counters[key] = self.counters.get(key, 0) + value
+
     def as_dict(self) -> dict[str, Any]:
-        """Triton's ``ModelStatistics`` JSON for this model version."""
+        """Triton's ``ModelStatistics`` JSON for this model version.
+
+        Beside Triton's fields, ``"arrowinfer"`` holds :data:`COUNTERS` (readers of Triton's
+        message ignore it).
+        """
         with self._lock:
             return {
                 "name": self.name,
@@ -138,14 +194,40 @@ class ModelStatistics:
                     }
                     for size, d in sorted(self.batch_stats.items())
                 ],
+                "arrowinfer": dict(self.counters),
             }
 
 
-@dataclass
+@dataclass(eq=False)
 class _Request:
     batch: pa.RecordBatch
     future: Future[Completed]
     enqueued_ns: int
+    shapes: tuple[Any, ...] = ()  # concrete shapes of variable inputs: the merge key
+    level: int = 1  # priority level, 1 the highest
+    deadline_ns: int = 0  # when its queue timeout expires; 0: never
+    queued: bool = True  # still waiting (not taken, rejected or delayed)
+
+
+_DELAY = 1  # ModelQueuePolicy.TimeoutAction.DELAY
+
+
+class QueuePolicy(NamedTuple):
+    """Triton's ``ModelQueuePolicy`` of one priority level."""
+
+    timeout_ns: int  # default_timeout_microseconds; 0: none
+    delay: bool  # timeout_action DELAY (else REJECT)
+    allow_override: bool  # a request may ask for a shorter timeout
+    max_size: int  # max_queue_size; 0: unbounded
+
+    @classmethod
+    def of(cls, policy: Any) -> QueuePolicy:
+        return cls(
+            int(policy.default_timeout_microseconds) * 1000,
+            policy.timeout_action == _DELAY,
+            bool(policy.allow_timeout_override),
+            int(policy.max_queue_size),
+        )
 
 
 def _choose(rows: Sequence[int], max_rows: int, preferred: Sequence[int]) -> int:
@@ -198,10 +280,22 @@ class DynamicBatcher:
             int(p) for p in dynamic.preferred_batch_size if p <= self._max_rows
         )
         self._enough = self._preferred[-1] if self._preferred else self._max_rows
-        self._max_queue = int(dynamic.default_queue_policy.max_queue_size)
-        self._queue: deque[_Request] = deque()
+        levels = max(int(dynamic.priority_levels), 1)
+        default = int(dynamic.default_priority_level)
+        self._default_level = default if 1 <= default <= levels else 1
+        self._policies = [
+            QueuePolicy.of(dynamic.priority_queue_policy.get(level, dynamic.default_queue_policy))
+            for level in range(1, levels + 1)
+        ]
+        # per level: the requests waiting, then those delayed past their timeout (DELAY)
+        self._queues: list[deque[_Request]] = [deque() for _ in range(2 * levels)]
+        self._count = 0
         self._queued_rows = 0
-        self._cond = threading.Condition()
+        lock = threading.Lock()
+        self._cond = threading.Condition(lock)  # the instances wait on it for requests
+        self._reaper_cond = threading.Condition(lock)  # the reaper, for the next deadline
+        self._deadlines: list[tuple[int, int, _Request]] = []  # a heap
+        self._sequence = itertools.count()
         self._closed = False
         self._backends = list(backends)
         # held while an instance executes, by its thread or by an inline caller
@@ -214,16 +308,36 @@ class DynamicBatcher:
             )
             for i, b in enumerate(self._backends)
         ]
+        if any(p.timeout_ns or p.allow_override for p in self._policies):
+            self._threads.append(
+                threading.Thread(
+                    target=self._reap, name=f"queue-timeouts-{model.name}", daemon=True
+                )
+            )
         for thread in self._threads:
             thread.start()
 
     # -- submitting ----------------------------------------------------------------------
 
-    def submit(self, batch: pa.RecordBatch, *, inline: bool = False) -> Future[Completed]:
+    def submit(
+        self,
+        batch: pa.RecordBatch,
+        *,
+        shapes: tuple[Any, ...] = (),
+        priority: int = 0,
+        timeout_us: int = 0,
+        inline: bool = False,
+    ) -> Future[Completed]:
         """Queue one (validated) request; the future gives its result in the same row order.
 
-        ``inline=True``: run it in this thread, now, if the queue is empty, no queue delay
-        applies and an instance is idle (the future is then done on return); else queue it.
+        ``shapes`` is what :func:`arrowinfer.schema.validate` returns: only requests with
+        equal ``shapes`` are merged into one batch. ``priority`` (1 the highest; 0 or out of
+        range: ``default_priority_level``) and ``timeout_us`` (a queue timeout in
+        microseconds, honoured when the level's policy has ``allow_timeout_override`` and it
+        is shorter than the policy's own; 0: none) have Triton's meaning. ``inline=True``:
+        run it in this thread, now, if nothing is queued, no queue delay applies and an
+        instance is idle (the future is then done on return; it never waits, so no queue
+        timeout applies); else queue it.
 
         Raises
         ------
@@ -237,60 +351,150 @@ class DynamicBatcher:
             parts = [
                 batch.slice(i, self._max_rows) for i in range(0, batch.num_rows, self._max_rows)
             ]
+        level = priority if 1 <= priority <= len(self._policies) else self._default_level
+        policy = self._policies[level - 1]
+        timeout_ns = policy.timeout_ns
+        if timeout_us > 0 and policy.allow_override:
+            # a request may shorten its level's timeout, never lengthen it (Triton)
+            timeout_ns = min(timeout_ns or timeout_us * 1000, timeout_us * 1000)
         now = time.perf_counter_ns()
-        requests = [_Request(p, Future(), now) for p in parts]
+        deadline = now + timeout_ns if timeout_ns else 0
+        requests = [_Request(p, Future(), now, shapes, level, deadline) for p in parts]
         if inline and len(requests) == 1 and self._inline and self._run_inline(requests[0]):
             return requests[0].future
+        waiting, delayed = self._queues[2 * level - 2], self._queues[2 * level - 1]
         with self._cond:
             if self._closed:
                 raise ServerUnavailable(f"model {self.model.name!r} is unloading")
             # a request finding the queue full is refused; one split into more parts than
             # max_queue_size still enters a queue with room, or it could never be served
-            if self._max_queue and len(self._queue) >= self._max_queue:
+            queued = len(waiting) + len(delayed)
+            if policy.max_size and queued >= policy.max_size:
                 raise ServerBusy(
                     f"model {self.model.name!r}: server busy, the queue is full "
-                    f"({len(self._queue)} requests waiting, max_queue_size {self._max_queue})"
+                    f"({queued} requests waiting, max_queue_size {policy.max_size})"
                 )
-            self._queue.extend(requests)
+            waiting.extend(requests)
+            self._count += len(requests)
             self._queued_rows += batch.num_rows
             self._cond.notify()
+            if deadline:
+                for request in requests:
+                    heapq.heappush(self._deadlines, (deadline, next(self._sequence), request))
+                if self._deadlines[0][2] is requests[0]:
+                    self._reaper_cond.notify()  # a new earliest deadline
         if len(requests) == 1:
             return requests[0].future
         return _joined([r.future for r in requests])
 
     # -- scheduling ----------------------------------------------------------------------
 
+    def _waiting(self) -> Iterator[_Request]:
+        """The queued requests in the order they are served: by level, delayed ones last."""
+        for queue in self._queues:
+            yield from queue
+
     def _take(self) -> list[_Request] | None:
-        """Wait for the next batch under the lock; None once closed and drained."""
-        with self._cond:
-            while not self._queue:
+        """Wait for the next batch; None once closed and drained."""
+        expired: list[_Request] = []
+        try:
+            with self._cond:
+                return self._take_locked(expired)
+        finally:
+            self._reject(expired)  # unlocked: a future's callbacks may do anything
+
+    def _take_locked(self, expired: list[_Request]) -> list[_Request] | None:
+        while True:
+            while not self._count:
                 if self._closed:
                     return None
                 self._cond.wait()
-            if self._batching and self._delay_ns:
-                while not self._closed and self._queued_rows < self._enough:
-                    # the oldest request now: another instance may have taken the previous one
-                    left = self._queue[0].enqueued_ns + self._delay_ns - time.perf_counter_ns()
-                    if left <= 0:
-                        break
-                    self._cond.wait(left / 1e9)
-                    if not self._queue:  # another instance took them
-                        return []
-            if self._batching:
-                rows = [r.batch.num_rows for r in self._queue]
-                count = _choose(rows, self._max_rows, self._preferred)
-            else:
-                count = 1
-            taken = [self._queue.popleft() for _ in range(count)]
-            self._queued_rows -= sum(r.batch.num_rows for r in taken)
-            if self._queue:
-                self._cond.notify()  # another idle instance can start the next batch
-            return taken
+            # a request past its timeout is not run, even if the reaper has not seen it yet
+            self._expire(time.perf_counter_ns(), expired)
+            if self._count:
+                break
+        if self._batching and self._delay_ns:
+            while not self._closed and self._queued_rows < self._enough:
+                # the first request now: another instance may have taken the previous one
+                first = next(self._waiting())
+                left = first.enqueued_ns + self._delay_ns - time.perf_counter_ns()
+                if left <= 0:
+                    break
+                self._cond.wait(left / 1e9)
+                self._expire(time.perf_counter_ns(), expired)
+                if not self._count:  # another instance took them, or they timed out
+                    return []
+        if self._batching:
+            rows = []
+            shapes = next(self._waiting()).shapes
+            for request in self._waiting():
+                if request.shapes != shapes:
+                    break  # another shape: it cannot join this batch
+                rows.append(request.batch.num_rows)
+            count = _choose(rows, self._max_rows, self._preferred)
+        else:
+            count = 1
+        taken: list[_Request] = []
+        for queue in self._queues:
+            while queue and len(taken) < count:
+                taken.append(queue.popleft())
+        for request in taken:
+            request.queued = False
+        self._count -= count
+        self._queued_rows -= sum(r.batch.num_rows for r in taken)
+        if self._count:
+            self._cond.notify()  # another idle instance can start the next batch
+        return taken
+
+    # -- queue timeouts ------------------------------------------------------------------
+
+    def _expire(self, now: int, rejected: list[_Request]) -> None:
+        """Apply the timeout action to every waiting request past its deadline (locked).
+
+        REJECT: it leaves the queue and goes into ``rejected`` (failed once unlocked);
+        DELAY: it moves behind the requests of its level that have not timed out.
+        """
+        while self._deadlines and self._deadlines[0][0] <= now:
+            _, _, request = heapq.heappop(self._deadlines)
+            if not request.queued:
+                continue  # taken already
+            self._queues[2 * request.level - 2].remove(request)
+            if self._policies[request.level - 1].delay:
+                self._queues[2 * request.level - 1].append(request)
+                continue
+            request.queued = False
+            self._count -= 1
+            self._queued_rows -= request.batch.num_rows
+            rejected.append(request)
+
+    def _reject(self, requests: list[_Request]) -> None:
+        for request in requests:
+            if request.future.set_running_or_notify_cancel():
+                waited = (time.perf_counter_ns() - request.enqueued_ns) // 1000
+                error = ServerUnavailable(
+                    f"Request timeout expired (model {self.model.name!r}, {waited} us in the queue)"
+                )
+                self._fail(request, error)
+
+    def _reap(self) -> None:
+        """Answer requests whose queue timeout expires at once, while the instances are busy."""
+        while True:
+            expired: list[_Request] = []
+            with self._reaper_cond:
+                if self._closed:
+                    return  # the instances drain the queue, and _take still expires
+                self._expire(time.perf_counter_ns(), expired)
+                if not expired:
+                    left = (
+                        self._deadlines[0][0] - time.perf_counter_ns() if self._deadlines else None
+                    )
+                    self._reaper_cond.wait(None if left is None else max(left, 0) / 1e9)
+            self._reject(expired)
 
     def _run_inline(self, request: _Request) -> bool:
         """Run a request on an idle instance in this thread; False if none is free now."""
         with self._cond:
-            if self._closed or self._queue or self._running >= len(self._backends):
+            if self._closed or self._count or self._running >= len(self._backends):
                 return False
             index = next(
                 (i for i, lock in enumerate(self._instance_locks) if lock.acquire(blocking=False)),
@@ -299,6 +503,7 @@ class DynamicBatcher:
             if index is None:
                 return False
             self._running += 1
+            request.queued = False  # never queued: the reaper has nothing to expire
         try:
             self._execute(self._backends[index], [request])
         finally:
@@ -330,31 +535,54 @@ class DynamicBatcher:
             self._run_batch(backend, live)
 
     def _run_batch(self, backend: Backend, live: list[_Request]) -> None:
+        """Run requests as one batch; on any failure, run each alone to find the culprit.
+
+        Whatever fails (a bad request, an onnxruntime error, a model whose outputs do not
+        keep the batch dimension), the requests of a merged batch run again one by one, so
+        that only the request that fails on its own gets an error, and no request ever gets
+        rows computed from another request's data.
+        """
         start = time.perf_counter_ns()
         try:
             results, timings = backend.execute([r.batch for r in live])
-            if len(results) != len(live):
-                raise RuntimeError(f"{len(results)} results for {len(live)} requests")
-        except ArrowInferError as err:
+            _check_results(self.model.name, live, results)
+        except Exception as err:
+            self.statistics.add_counters(backend.take_counters())
             if len(live) > 1:  # find the culprit: the others must not pay for it
+                self.statistics.add_counters({"isolated_batches": 1})
                 for request in live:  # (their futures are running already)
                     self._run_batch(backend, [request])
                 return
+            if not isinstance(err, ArrowInferError):
+                log.error("model %s: execution failed", self.model.name, exc_info=err)
+                err = ServerError(f"model {self.model.name!r}: execution failed: {err}")
             self._fail(live[0], err)
             return
-        except Exception as err:
-            log.exception("model %s: execution failed", self.model.name)
-            error = ServerError(f"model {self.model.name!r}: execution failed: {err}")
-            for request in live:
-                self._fail(request, error)
-            return
+        counters = Counter(backend.take_counters())
         rows = sum(r.batch.num_rows for r in live)
         self.statistics.record_execution(rows, timings)
         end = time.perf_counter_ns()
+        provenance = _provenance(self.model, backend)
         for request, result in zip(live, results, strict=True):
-            done = Completed(result, start - request.enqueued_ns, *timings)
+            metadata = dict(provenance)
+            entries, items = truncation(self.model, request.batch)
+            if entries:  # the client warns its user; the statistics count it
+                cut = {"truncated_entries": entries, "truncated_items": items}
+                metadata.update(cut)
+                counters.update(cut)
+            done = Completed(result, start - request.enqueued_ns, *timings, metadata=metadata)
             self.statistics.record_request(True, end - request.enqueued_ns, done)
             request.future.set_result(done)
+        self.statistics.add_counters(counters)
+
+    def empty(self) -> Completed:
+        """The result of a request with no rows: no rows of the output schema, the model
+        not run (an event without jets is an ordinary event). Counted as a successful
+        request of no rows and no execution."""
+        empty = pa.RecordBatch.from_pylist([], schema=self.model.outputs)
+        done = Completed(empty, 0, 0, 0, 0, metadata=_provenance(self.model, self._backends[0]))
+        self.statistics.record_request(True, 0, done)
+        return done
 
     def _fail(self, request: _Request, error: BaseException) -> None:
         self.statistics.record_request(False, time.perf_counter_ns() - request.enqueued_ns)
@@ -370,18 +598,41 @@ class DynamicBatcher:
     @property
     def queued(self) -> int:
         """Requests waiting now."""
-        return len(self._queue)
+        return self._count
 
     def close(self, timeout: float | None = None) -> None:
         """Stop taking requests, finish the queued ones, stop the instances."""
         with self._cond:
             self._closed = True
             self._cond.notify_all()
+            self._reaper_cond.notify_all()
         for thread in self._threads:
             thread.join(timeout)
         for backend, lock in zip(self._backends, self._instance_locks, strict=True):
             with lock:  # an inline run in progress ends first
                 backend.close()
+
+
+def _provenance(model: ModelVersion, backend: Backend) -> dict[str, Any]:
+    """What produced a result: the keys of :data:`arrowinfer.protocol.PROVENANCE`."""
+    return {
+        "model": model.name,
+        "model_version": str(model.version),
+        "model_sha256": model.sha256,
+        "execution_provider": backend.provider,
+    }
+
+
+def _check_results(model: str, live: list[_Request], results: list[pa.RecordBatch]) -> None:
+    """One result per request, each with its request's rows, whatever the backend."""
+    if len(results) != len(live):
+        raise ServerError(f"model {model!r}: {len(results)} results for {len(live)} requests")
+    for request, result in zip(live, results, strict=True):
+        if result.num_rows != request.batch.num_rows:
+            raise ServerError(
+                f"model {model!r}: a result has {result.num_rows} rows for a request of "
+                f"{request.batch.num_rows}"
+            )
 
 
 def _joined(futures: list[Future[Completed]]) -> Future[Completed]:
@@ -408,9 +659,20 @@ def _joined(futures: list[Future[Completed]]) -> Future[Completed]:
                 compute_input_ns=sum(p.compute_input_ns for p in parts),
                 compute_infer_ns=sum(p.compute_infer_ns for p in parts),
                 compute_output_ns=sum(p.compute_output_ns for p in parts),
+                metadata=_joined_metadata([p.metadata for p in parts]),
             )
         )
 
     for future in futures:
         future.add_done_callback(one_done)
+    return out
+
+
+def _joined_metadata(parts: list[Mapping[str, Any]]) -> dict[str, Any]:
+    """The metadata of a split request's parts: the provenance, truncation counts summed."""
+    out = dict(parts[0])
+    for key in ("truncated_entries", "truncated_items"):
+        total = sum(int(p.get(key, 0)) for p in parts)
+        if total:
+            out[key] = total
     return out

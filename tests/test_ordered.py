@@ -44,7 +44,7 @@ class Held(flight.FlightServerBase):
         replies.start()
         try:
             for i, _ in enumerate(reader):
-                replies.put((i, self.futures[i]), self.futures[i])
+                replies.put((i, self.futures[i]), ready=self.futures[i])
                 if i == COUNT - 1:
                     replies.goaway()
                     self.all_read.set()

@@ -57,8 +57,10 @@ CALL = flight.FlightCallOptions(timeout=DEADLINE)  # no raw Flight call can hang
 
 @pytest.fixture
 def fresh_server(example_repository: Path) -> Iterator[Server]:
-    """A server of its own, for tests that count or change its state."""
-    with Server(example_repository, port=0, kserve_port=0, metrics_port=0) as running:
+    """A server of its own, for tests that count or change its state (load, unload)."""
+    with Server(
+        example_repository, port=0, kserve_port=0, metrics_port=0, model_control="explicit"
+    ) as running:
         yield running
 
 
@@ -284,7 +286,7 @@ def test_bad_requests_on_a_stream_get_empty_error_batches(
         requests = [
             (facile_batch(schema, good), b'{"id": 1}'),
             (nulls, b'{"id": 2}'),
-            (facile_batch(schema, hits(0)), b'{"id": 3}'),  # zero rows
+            (facile_batch(schema, hits(0)), b'{"id": 3}'),  # zero rows: zero rows back
             (facile_batch(schema, good), b"not json"),
             (facile_batch(schema, good), b"[1, 2]"),  # JSON, but not an object
             (facile_batch(schema, good), b'{"id": 6}'),
@@ -294,7 +296,12 @@ def test_bad_requests_on_a_stream_get_empty_error_batches(
     check_facile_results([results[0], results[5]], [good, good], facile_session)
     assert [meta.get("id") for _, meta in results] == [1, 2, 3, None, None, 6]
     _assert_invalid(*results[1], "input 'hits'", "null")
-    _assert_invalid(*results[2], "no rows")
+    empty, empty_meta = results[2]
+    assert "error" not in empty_meta
+    assert empty.num_rows == 0
+    assert empty.schema.names == ["energy"]
+    assert empty_meta["model"] == "facile"
+    assert len(empty_meta["model_sha256"]) == 64
     assert "metadata is not JSON" in results[3][1]["error"]["message"]
     assert results[3][0].num_rows == 0
     assert "JSON object" in results[4][1]["error"]["message"]
@@ -312,9 +319,10 @@ def test_bad_requests_on_a_stream_get_empty_error_batches(
             tensors.ragged_from_numpy(np.array([0, 1, 2, 3], np.int32), np.ones(3, np.float32)),
             ["input 'hits'", "fixed shape"],
         ),
-        (pa.array(["a", "b", "c"]), ["input 'hits'", "not a tensor"]),
+        (pa.array(["a", "b", "c"]), ["input 'hits'", "element type", "string"]),
+        (pa.array([{"x": 1}, {"x": 2}, {"x": 3}]), ["input 'hits'", "not a tensor"]),
     ],
-    ids=["scalar", "float64", "shape14", "shape3x5", "ragged", "string"],
+    ids=["scalar", "float64", "shape14", "shape3x5", "ragged", "string", "struct"],
 )
 def test_a_stream_of_the_wrong_type_gets_an_error_per_request(
     server: Server, facile_session: ort.InferenceSession, column: pa.Array, words: list[str]
@@ -496,9 +504,11 @@ def test_model_metadata_is_kserve_like(server: Server) -> None:
         ("model.config", {"model": "nope"}, "ModelNotFound", ["facile"]),
         ("model.metadata", {"model": "facile", "version": "3"}, "ModelNotFound", ["facile/1"]),
         ("model.statistics", {"model": "nope"}, "ModelNotFound", ["facile"]),
-        ("model.load", {}, "InvalidInput", ["'model'"]),
-        ("model.load", {"model": "nope"}, "ModelNotFound", ["nope"]),
-        ("model.unload", {"model": "nope"}, "ModelNotFound", ["facile"]),
+        # model control is off by default (Triton's mode none): refused before the body is
+        # read; explicit mode's errors are in test_security's fenced-server tests
+        ("model.load", {}, "RequestError", ["model control mode is 'none'"]),
+        ("model.load", {"model": "nope"}, "RequestError", ["--model-control-mode explicit"]),
+        ("model.unload", {"model": "facile"}, "RequestError", ["model control"]),
     ],
 )
 def test_action_errors(
@@ -534,6 +544,7 @@ def test_model_statistics_count_requests(fresh_server: Server) -> None:
             "execution_count",
             "inference_stats",
             "batch_stats",
+            "arrowinfer",
         }
         assert set(before["inference_stats"]) == {
             "success",
@@ -641,7 +652,9 @@ def test_a_model_reloaded_with_other_outputs_ends_open_streams(
     shutil.copytree(example_repository, repository, ignore=shutil.ignore_patterns("jet*", "top*"))
     values = hits(3, seed=5)
     with (
-        Server(repository, port=0, kserve_port=None, metrics_port=None) as server,
+        Server(
+            repository, port=0, kserve_port=None, metrics_port=None, model_control="explicit"
+        ) as server,
         connect(server) as client,
     ):
         stream = OpenStream(client, "facile", input_schema(client, "facile"))

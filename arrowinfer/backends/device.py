@@ -45,11 +45,12 @@ from ..errors import InvalidInput, ModelError
 from ..repository import ModelVersion
 from ..schema import datatype
 from ._cupy import import_cupy
-from .base import Backend, Timings
+from .base import Backend, Timings, check_batch_dimension
 from .ort import (
     ORT_ERRORS,
     PlannedInput,
     assemble_inputs,
+    batch_invariant_rows,
     input_plan,
     model_shape,
     output_column,
@@ -332,6 +333,8 @@ class DeviceAssembler:
             array = ragged.values.reshape((n, length, *ragged.values.shape[1:]))
         else:
             array = tensors.to_numpy(column)
+        if entry.shape.count(-1) > 1:  # variable dims: the request's own shape (validated)
+            return array
         try:
             return array.reshape((n, *entry.shape))  # a view; -1 takes the rest
         except ValueError:
@@ -386,8 +389,13 @@ class DeviceAssembler:
 
         dense: dict[str, dict[int, np.ndarray]] = {}
         targets: dict[tuple[str, str], Array] = {}  # lane -> its device array
+        given = set(requests[live[0]].schema.names) if live else set()
+        left_out = set()  # optional inputs the requests leave out (the batcher merged alike)
         for entry in self.plan:
             if entry.kind != "dense":
+                continue
+            if live and entry.name not in given:
+                left_out.add(entry.name)
                 continue
             views = {i: self._dense(entry, requests[i]) for i in live}
             shapes = {tuple(v.shape[1:]) for v in views.values()}
@@ -455,7 +463,11 @@ class DeviceAssembler:
                         )
                     elif entry.kind == "mask":
                         fill_mask(offsets_dev, out, xp=self.xp)
-        return {entry.name: self.buffers[entry.name][:total] for entry in self.plan}
+        return {
+            entry.name: self.buffers[entry.name][:total]
+            for entry in self.plan
+            if entry.name not in left_out
+        }
 
     def _lanes(self, targets: dict[tuple[str, str], Array]) -> dict[tuple[str, str], _Lane]:
         """One lane per device array; with CuPy, each gets its region of the staging buffer."""
@@ -598,6 +610,11 @@ class DeviceBackend(Backend):
         self, model: ModelVersion, *, xp: ModuleType | None = None, device: str = "cuda:0"
     ):
         super().__init__(model)
+        if batch_invariant_rows(model):  # not silently ignored: results would differ
+            raise ModelError(
+                f"model {model.name!r}: arrowinfer.batch_invariant is implemented on the CPU "
+                "backend only; serve this model on the CPU, or without the parameter"
+            )
         if xp is None:
             xp = _require_cuda(model, device)
         self.xp = xp
@@ -613,6 +630,7 @@ class DeviceBackend(Backend):
             if self.on_device:
                 self.stream = xp.cuda.Stream(non_blocking=True)
             self.session, self._bind = _session(model, self.on_device, self.device_id)
+            self.provider = self.session.get_providers()[0]
             if model.max_batch_size > 0:
                 self.assembler = DeviceAssembler(
                     xp,
@@ -647,8 +665,11 @@ class DeviceBackend(Backend):
                 }
             if self.stream is not None:
                 self.stream.synchronize()  # the model reads the buffers outside the stream
+            else:  # numpy: host arrays, aligned as on the CPU backend's path
+                inputs = self.aligned_feeds(inputs)
             t1 = time.perf_counter_ns()
             outputs = self._run(inputs, sum(rows))
+            check_batch_dimension(self.model, outputs, sum(rows))
             t2 = time.perf_counter_ns()
             if self.assembler is not None:
                 results = [self._result(part) for part in self.assembler.split(outputs, rows)]

@@ -29,16 +29,35 @@ Inference
   ``raw_output_contents`` with shape ``[batch, *dims]``, as Triton answers. Its
   ``parameters`` carry the server-side times (``queue_ns``, ``compute_input_ns``,
   ``compute_infer_ns``, ``compute_output_ns``), as Flight's ``app_metadata`` does.
-- Request parameters: ``timeout`` (microseconds, as tritonclient sends it) and the gRPC
-  deadline bound the wait for the result (then DEADLINE_EXCEEDED); ``priority`` and the
-  sequence flags are accepted and ignored (one queue per model, no sequence batcher);
-  shared-memory parameters and the classification extension are refused
-  (INVALID_ARGUMENT).
-- **Ragged inputs are not available over KServe.** A model whose config makes inputs
-  ragged (``arrowinfer.ragged_inputs``, such as the example ``jet_tagger``'s ``points`` and
-  ``features``) takes a list of items per row, which a KServe tensor cannot express, and its
-  mask input is filled by the server. Such a request gets INVALID_ARGUMENT naming the
-  input; use the Arrow Flight endpoint for these models.
+- Request parameters, in Triton's meaning (its schedule-policy extension): ``priority``
+  (1 the highest; 0 or beyond ``priority_levels``: the model's default level) and
+  ``timeout``, a **queue** timeout in microseconds, honoured only when the model's queue
+  policy has ``allow_timeout_override`` and only to shorten its
+  ``default_timeout_microseconds``; a request still queued when it expires is answered at
+  once with UNAVAILABLE "Request timeout expired" (``timeout_action: REJECT``) or moved
+  behind the others (``DELAY``). Only the gRPC deadline (tritonclient's ``client_timeout``)
+  bounds the whole wait, with DEADLINE_EXCEEDED. (Before, ``timeout`` bounded the whole
+  wait like a deadline; it no longer does.) The sequence flags are accepted and ignored (no
+  sequence batcher); shared-memory parameters are refused (INVALID_ARGUMENT).
+- The classification extension: a requested output with the ``classification`` parameter
+  (tritonclient's ``class_count``) comes back as ``BYTES`` of shape ``[batch, k]`` (``[k]``
+  without batching), the ``k`` highest scores of each row as ``"score:index:label"``, the
+  label from the output's ``label_filename`` (``"score:index"`` without one), as Triton
+  answers.
+- **Variable dims** (``-1`` anywhere in ``dims``) take any size >= 0, one size for the
+  whole request tensor, as in Triton.
+- A request with more rows than ``max_batch_size`` is refused as Triton refuses it
+  (INVALID_ARGUMENT "inference request batch-size must be <= N"), unless the model's config
+  has the parameter ``arrowinfer.kserve_split_oversized: "true"``: then it is split and
+  joined again, as Flight and shared-memory requests always are.
+- **Ragged inputs travel padded.** A model whose config makes inputs ragged
+  (``arrowinfer.ragged_inputs``, such as the example ``jet_tagger``'s ``points`` and
+  ``features``) takes over KServe the dense tensors its metadata shows (``[-1, 100, 2]``),
+  and its mask input (``arrowinfer.mask_input``, listed in the metadata) may be sent with
+  them: it says how many items of each row are real (they come first, the padding after).
+  Without it every position is real. The server pads each row again with
+  ``arrowinfer.pad_value`` and fills the mask itself, exactly as for a Flight request of
+  lists, so the padding values a KServe client sends do not reach the model.
 - ``ModelStreamInfer`` serves a stream's requests pipelined, in order, and puts a failed
   request's error in ``ModelStreamInferResponse.error_message`` (with the request's ``id``
   in ``infer_response``) as Triton does; the stream goes on.
@@ -72,7 +91,9 @@ from ..errors import (
 )
 from ..protocol import dump_json
 from ..schema import TensorSpec
-from ._core import InferenceCore, LoadedModel
+from ._auth import ModelControl
+from ._core import InferenceCore, LoadedModel, unexpected
+from ._ordered import MAX_PENDING, MAX_PENDING_BYTES
 from ._v2tensors import infer_response, request_batch, requested_outputs
 
 __all__ = ["MAX_MESSAGE_BYTES", "KServeService", "start_kserve", "status_of"]
@@ -81,6 +102,9 @@ log = logging.getLogger(__name__)
 
 #: gRPC message size limit both ways (Triton's and tritonclient's: INT32_MAX).
 MAX_MESSAGE_BYTES = 2**31 - 1
+
+#: Room for the protobuf fields around a request's data (names, shapes, parameters).
+_ENVELOPE_BYTES = 1 << 20
 
 # -- errors: the one place that maps exceptions to status codes --------------------------
 
@@ -96,9 +120,9 @@ def status_of(err: BaseException) -> tuple[grpc.StatusCode, str]:
     return getattr(grpc.StatusCode, name), message
 
 
-def _log_unexpected(err: BaseException, rpc: str) -> None:
-    if not isinstance(err, ArrowInferError):
-        log.error("KServe %s failed", rpc, exc_info=err)
+def _public(err: Exception, rpc: str) -> Exception:
+    """``err`` if it is arrowinfer's; else a generic error, its details logged with an id."""
+    return err if isinstance(err, ArrowInferError) else unexpected(err, f"KServe {rpc}")
 
 
 _Method = TypeVar("_Method", bound=Callable[..., Any])
@@ -112,7 +136,7 @@ def _unary(method: _Method) -> _Method:
         try:
             return method(self, request, context)
         except Exception as err:  # noqa: BLE001 -- the one place errors become status codes
-            _log_unexpected(err, method.__name__)
+            err = _public(err, method.__name__)
             code, message = status_of(err)
             detail = dump_json(
                 error_to_dict(err)
@@ -136,16 +160,21 @@ class _Pending(NamedTuple):
     timeout: float | None
 
 
-def _timeout(request: pb.ModelInferRequest, remaining: float | None) -> float | None:
-    """Seconds to wait for a result: the request's ``timeout`` (us) and the gRPC deadline."""
+def _timeout(remaining: float | None) -> float | None:
+    """Seconds to wait for a result: the gRPC deadline's."""
     # without a deadline gRPC gives an enormous number of seconds
-    limits = [] if remaining is None or remaining > 1e9 else [max(remaining, 0.0)]
-    if "timeout" in request.parameters:
-        param = request.parameters["timeout"]
-        micros = param.int64_param or param.uint64_param
-        if micros > 0:
-            limits.append(micros / 1e6)
-    return min(limits) if limits else None
+    return None if remaining is None or remaining > 1e9 else max(remaining, 0.0)
+
+
+def _int_parameter(request: pb.ModelInferRequest, key: str) -> int:
+    """An integer request parameter (tritonclient sends int64 or uint64), 0 when absent."""
+    if key not in request.parameters:
+        return 0
+    param = request.parameters[key]
+    value = param.int64_param or param.uint64_param
+    if value < 0:
+        raise InvalidInput(f"parameter {key!r} must not be negative", got=value)
+    return int(value)
 
 
 # -- the servicer -----------------------------------------------------------------------
@@ -158,8 +187,13 @@ class KServeService(service_pb2_grpc.GRPCInferenceServiceServicer):
     use :func:`start_kserve`.
     """
 
-    def __init__(self, core: InferenceCore):
+    def __init__(self, core: InferenceCore, model_control: ModelControl | None = None):
         self.core = core
+        self.control = model_control or ModelControl()
+
+    def _check_control(self, action: str, context: Any) -> None:
+        metadata = context.invocation_metadata() or ()
+        self.control.check(action, [value for key, value in metadata if key == "authorization"])
 
     # -- health and metadata ------------------------------------------------------------
 
@@ -186,7 +220,13 @@ class KServeService(service_pb2_grpc.GRPCInferenceServiceServicer):
         return pb.ServerMetadataResponse(
             name="arrowinfer",
             version=__version__,
-            extensions=["model_repository", "model_configuration", "statistics"],
+            extensions=[
+                "model_repository",
+                "model_configuration",
+                "statistics",
+                "classification",
+                "schedule_policy",
+            ],
         )
 
     @_unary
@@ -194,7 +234,8 @@ class KServeService(service_pb2_grpc.GRPCInferenceServiceServicer):
         self, request: pb.ModelMetadataRequest, context: Any
     ) -> pb.ModelMetadataResponse:
         model = self.core.get(request.name, request.version or None)
-        return json_format.ParseDict(model.version.metadata(), pb.ModelMetadataResponse())
+        metadata = model.version.metadata(mask=True)
+        return json_format.ParseDict(metadata, pb.ModelMetadataResponse())
 
     @_unary
     def ModelConfig(self, request: pb.ModelConfigRequest, context: Any) -> pb.ModelConfigResponse:
@@ -209,7 +250,10 @@ class KServeService(service_pb2_grpc.GRPCInferenceServiceServicer):
     ) -> pb.ModelStatisticsResponse:
         stats = self.core.statistics(request.name or None, request.version or None)
         return pb.ModelStatisticsResponse(
-            model_stats=[json_format.ParseDict(s, pb.ModelStatistics()) for s in stats]
+            model_stats=[
+                json_format.ParseDict(s, pb.ModelStatistics(), ignore_unknown_fields=True)
+                for s in stats
+            ]
         )
 
     # -- repository ---------------------------------------------------------------------
@@ -229,6 +273,7 @@ class KServeService(service_pb2_grpc.GRPCInferenceServiceServicer):
     def RepositoryModelLoad(
         self, request: pb.RepositoryModelLoadRequest, context: Any
     ) -> pb.RepositoryModelLoadResponse:
+        self._check_control("load", context)
         override = sorted(k for k in request.parameters if k == "config" or k.startswith("file:"))
         if override:
             raise InvalidInput(
@@ -243,6 +288,7 @@ class KServeService(service_pb2_grpc.GRPCInferenceServiceServicer):
     def RepositoryModelUnload(
         self, request: pb.RepositoryModelUnloadRequest, context: Any
     ) -> pb.RepositoryModelUnloadResponse:
+        self._check_control("unload", context)
         self.core.unload(request.model_name)
         return pb.RepositoryModelUnloadResponse()
 
@@ -259,8 +305,15 @@ class KServeService(service_pb2_grpc.GRPCInferenceServiceServicer):
         model = self.core.get(request.model_name, request.model_version or None)
         outputs = requested_outputs(model.version, request)
         batch = request_batch(model.version, request)
-        future = self.core.submit(model, batch, draining=draining, inline=inline)
-        return _Pending(request, model, outputs, future, _timeout(request, remaining))
+        future = self.core.submit(
+            model,
+            batch,
+            draining=draining,
+            priority=_int_parameter(request, "priority"),
+            timeout_us=_int_parameter(request, "timeout"),
+            inline=inline,
+        )
+        return _Pending(request, model, outputs, future, _timeout(remaining))
 
     @staticmethod
     def _result(pending: _Pending) -> pb.ModelInferResponse:
@@ -286,13 +339,30 @@ class KServeService(service_pb2_grpc.GRPCInferenceServiceServicer):
         self, request_iterator: Iterable[pb.ModelInferRequest], context: Any
     ) -> Iterator[pb.ModelStreamInferResponse]:
         """Pipelined: requests are read and queued while earlier ones run; answers in order."""
-        pending: queue.SimpleQueue[tuple[pb.ModelInferRequest, _Pending | Exception] | None] = (
-            queue.SimpleQueue()
-        )
+        # back-pressure: at most MAX_PENDING requests (MAX_PENDING_BYTES of their data) whose
+        # responses are not sent yet; beyond that the stream is not read, and a client that
+        # does not read its responses is stopped by gRPC's flow control
+        Entry = tuple[pb.ModelInferRequest, _Pending | Exception, int]
+        pending: queue.SimpleQueue[Entry | None] = queue.SimpleQueue()
+        room = threading.Condition()
+        held = [0, 0]  # requests, bytes
+
+        def wait_for_room() -> bool:
+            """Wait until the stream may read another request; False once the call is gone."""
+            with room:
+                while held[0] and (held[0] >= MAX_PENDING or held[1] >= MAX_PENDING_BYTES):
+                    if not context.is_active():
+                        return False
+                    room.wait(0.2)
+            return context.is_active()
 
         def read() -> None:
+            requests = iter(request_iterator)
             try:
-                for request in request_iterator:
+                while wait_for_room():
+                    request = next(requests, None)
+                    if request is None:
+                        return
                     try:
                         # an open stream is served to its end, even while the server stops
                         item: _Pending | Exception = self._submit(
@@ -300,7 +370,11 @@ class KServeService(service_pb2_grpc.GRPCInferenceServiceServicer):
                         )
                     except Exception as err:  # noqa: BLE001 -- answered in its response
                         item = err
-                    pending.put((request, item))
+                    size = sum(len(raw) for raw in request.raw_input_contents)
+                    with room:
+                        held[0] += 1
+                        held[1] += size
+                    pending.put((request, item, size))
             except grpc.RpcError as err:  # the client cancelled or went away
                 log.debug("KServe stream closed while reading: %s", err)
             finally:
@@ -308,14 +382,14 @@ class KServeService(service_pb2_grpc.GRPCInferenceServiceServicer):
 
         reader = threading.Thread(target=read, name="kserve-stream-reader", daemon=True)
         reader.start()
-        while (item := pending.get()) is not None:
-            request, outcome = item
+        while (entry := pending.get()) is not None:
+            request, outcome, size = entry
             try:
                 if isinstance(outcome, Exception):
                     raise outcome
                 response = pb.ModelStreamInferResponse(infer_response=self._result(outcome))
             except Exception as err:  # noqa: BLE001 -- the stream's error_message, as Triton
-                _log_unexpected(err, "ModelStreamInfer")
+                err = _public(err, "ModelStreamInfer")
                 response = pb.ModelStreamInferResponse(
                     error_message=status_of(err)[1],
                     infer_response=pb.ModelInferResponse(
@@ -324,7 +398,12 @@ class KServeService(service_pb2_grpc.GRPCInferenceServiceServicer):
                         id=request.id,
                     ),
                 )
+            del entry, outcome, request  # drop the request's data before waiting to send
             yield response
+            with room:
+                held[0] -= 1
+                held[1] -= size
+                room.notify_all()
         reader.join()
 
 
@@ -335,8 +414,10 @@ def start_kserve(
     *,
     max_workers: int = 32,
     max_message_bytes: int = MAX_MESSAGE_BYTES,
+    max_request_bytes: int | None = None,
     tls: tuple[bytes, bytes] | None = None,
     interceptors: Sequence[grpc.ServerInterceptor] = (),
+    model_control: ModelControl | None = None,
 ) -> tuple[grpc.Server, int]:
     """Serve ``core`` over KServe v2 gRPC on ``host:port``; returns the server and its port.
 
@@ -352,10 +433,17 @@ def start_kserve(
         this many at a time.
     max_message_bytes
         Largest request or response (both ways), at least 256 MB; the default is Triton's.
+    max_request_bytes
+        Bound requests lower (the server's ``--max-request-bytes``): gRPC refuses a larger
+        message, gzip/deflate-compressed or not (gRPC checks the decompressed size and
+        stops decompressing there), before any of it reaches Python. A little room is
+        left for the protobuf around the data.
     tls
         ``(certificate_chain, private_key)`` as PEM bytes: listen with TLS.
     interceptors
         gRPC server interceptors (the bearer-token check, say), run before every RPC.
+    model_control
+        Who may call ``RepositoryModelLoad``/``Unload`` (default: nobody).
 
     Raises
     ------
@@ -364,16 +452,21 @@ def start_kserve(
     """
     if max_message_bytes < 256 * 2**20:
         raise ValueError(f"max_message_bytes must be at least 256 MiB, got {max_message_bytes}")
+    receive = max_message_bytes
+    if max_request_bytes is not None:
+        receive = min(receive, max_request_bytes + _ENVELOPE_BYTES)
     server = grpc.server(
         ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="kserve"),
         options=[
             ("grpc.max_send_message_length", max_message_bytes),
-            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_receive_message_length", receive),
             ("grpc.so_reuseport", 0),  # a port in use is an error, not a silent share
         ],
         interceptors=list(interceptors),
     )
-    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(KServeService(core), server)
+    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
+        KServeService(core, model_control), server
+    )
     address = f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
     try:
         if tls is None:

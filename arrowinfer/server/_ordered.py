@@ -1,20 +1,26 @@
 """Ordered, pipelined replies on one server stream, shared by the Flight and shm front ends.
 
 A stream's reader submits requests as it reads them and puts each one here, in request
-order; a writer thread beside it writes their replies in that order, so requests run while
-later ones are still being read, and replies never overtake each other. An item put with
-the future its reply waits for reaches the writer thread only once that future is done
-(its done-callback queues it, numbered), so the thread wakes once per reply, not once for
-the item and again for its result. Server
+order; a writer thread beside it waits for each in turn and writes its reply, so requests
+run while later ones are still being read, and replies never overtake each other. Server
 shutdown puts a ``goaway`` in the same queue, so it lands after the replies of every
 request read so far. When a write fails (the client went away), the writer keeps taking
 items, so that each is finished (its resources released), but writes nothing more; the
 reader sees :attr:`OrderedReplies.failure` and stops reading.
 
-When nothing is pending (every item put so far is written), the reader may write a reply
-itself (:meth:`OrderedReplies.write_now`): a request that ran inline in the reader's
-thread then goes out without waking the writer thread, the fast path of one request at
-a time.
+An item put with the future its reply waits for reaches the writer thread only once that
+future is done (its done-callback queues it, numbered), so the thread wakes once per reply,
+not once for the item and again for its result; items are written in the order they were
+put whatever order their futures complete in. When nothing is pending (every item put so
+far is written), the reader may write a reply itself (:meth:`OrderedReplies.write_now`): a
+request that ran inline in the reader's thread then goes out without waking the writer
+thread, the fast path of one request at a time.
+
+Back-pressure: a stream holds at most :data:`MAX_PENDING` requests (and about
+:data:`MAX_PENDING_BYTES` of their data) whose replies are not written yet. :meth:`put`
+blocks the stream's reader beyond that, so a client that sends without reading its
+results stops being read (gRPC's flow control then stops its sending) instead of making
+the server hold every result.
 """
 
 from __future__ import annotations
@@ -22,16 +28,24 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from typing import Any
 
 import pyarrow as pa
 from pyarrow import flight
 
+from ..errors import InvalidInput
 from ..protocol import GOAWAY, dump_json
 
-__all__ = ["GOAWAY_REASON", "OrderedReplies", "Reply"]
+__all__ = [
+    "GOAWAY_REASON",
+    "MAX_PENDING",
+    "MAX_PENDING_BYTES",
+    "OrderedReplies",
+    "Reply",
+    "read_chunks",
+]
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +57,31 @@ Reply = tuple[pa.RecordBatch | None, dict[str, Any]]
 
 _GOAWAY = object()
 _END = object()
+
+#: Requests of one stream whose replies are not written yet, at most.
+MAX_PENDING = 32
+
+#: Bytes of request data one stream may have pending (one request is always admitted).
+MAX_PENDING_BYTES = 64 << 20
+
+
+def read_chunks(reader: flight.MetadataRecordBatchReader) -> Iterator[flight.FlightStreamChunk]:
+    """A stream's messages; one Arrow cannot decode ends the stream as ``InvalidInput``.
+
+    A message whose IPC metadata is malformed (a schema Arrow cannot read, a batch header
+    that is not a flatbuffer) leaves the reader with nothing to go on: the stream ends,
+    with Arrow's reason. Flight's own errors (the client cancelled) pass unchanged.
+    """
+    while True:
+        try:
+            chunk = reader.read_chunk()
+        except StopIteration:
+            return
+        except flight.FlightError:
+            raise
+        except (pa.ArrowException, OSError) as err:
+            raise InvalidInput(f"the stream holds a malformed Arrow IPC message: {err}") from None
+        yield chunk
 
 
 class OrderedReplies:
@@ -56,8 +95,9 @@ class OrderedReplies:
     writer
         The stream's Flight writer (``begin`` already called if batches are written).
     finish
-        Turns a queued item into its reply; runs on the writer thread and may block (wait
-        for a result). It must not raise: a request's error is part of its reply.
+        Turns a queued item into its reply; runs on the writer thread (or the reader's, in
+        :meth:`write_now`) and may block (wait for a result). It must not raise: a
+        request's error is part of its reply.
     name
         The writer thread's name.
     """
@@ -72,11 +112,13 @@ class OrderedReplies:
         self._writer = writer
         self._finish = finish
         self._items: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        # items put and not yet written (counted under _count_lock); every write holds
-        # _write_lock, so a reply written by the reader and the writer's never interleave
-        self._pending = 0
-        self._count_lock = threading.Lock()
-        self._numbered = 0  # the next item's place in the stream (under _count_lock)
+        # _room guards the counts below; every write holds _write_lock, so that a reply
+        # written by the reader (write_now) and the writer thread's never interleave
+        self._room = threading.Condition()
+        self._pending = 0  # items put (goaway included) whose replies are not written yet
+        self._pending_bytes = 0
+        self._closing = False
+        self._numbered = 0  # the next item's place in the stream
         self._write_lock = threading.Lock()
         #: The error that broke the stream (the client went away), once a write failed.
         self.failure: BaseException | None = None
@@ -95,27 +137,33 @@ class OrderedReplies:
         """Is every item put so far written (a new request would be next in line)?"""
         return self._pending == 0
 
-    def _number(self, item: Any, *, counted: bool = True) -> tuple[int, Any]:
-        with self._count_lock:
-            self._pending += counted
-            place = self._numbered
-            self._numbered += 1
-        return place, item
-
-    def put(self, item: Any, ready: Future[Any] | None = None) -> None:
+    def put(self, item: Any, size: int = 0, *, ready: Future[Any] | None = None) -> None:
         """Queue the next request's item; its reply follows those put before.
 
-        ``ready``: the future the item's reply waits for; the writer thread gets the item
-        once it is done (the callback only queues it: it never blocks the thread that
-        completes the future).
+        ``size`` is the bytes of request data it holds. Blocks while the stream has
+        :data:`MAX_PENDING` replies (or :data:`MAX_PENDING_BYTES`) not written yet: the
+        client is not reading them. ``ready``: the future the item's reply waits for; the
+        writer thread gets the item once it is done (the callback only queues it, so it
+        never blocks the thread that completes the future).
         """
-        numbered = self._number(item)
+        with self._room:
+            while (
+                self._pending
+                and (self._pending >= MAX_PENDING or self._pending_bytes + size > MAX_PENDING_BYTES)
+                and self.failure is None
+                and not self._closing
+            ):
+                self._room.wait()
+            self._pending += 1
+            self._pending_bytes += size
+            entry = (self._numbered, item, size)
+            self._numbered += 1
         if ready is None:
-            self._items.put(numbered)
+            self._items.put(entry)
         else:
-            ready.add_done_callback(lambda _: self._items.put(numbered))
+            ready.add_done_callback(lambda _: self._items.put(entry))
 
-    def write_now(self, item: Any) -> bool:
+    def write_now(self, item: Any, size: int = 0) -> bool:
         """Write an item's reply in this thread if nothing is pending; else queue it.
 
         Returns whether it was written here (False: queued, as :meth:`put`).
@@ -124,50 +172,62 @@ class OrderedReplies:
             # 0 pending: every earlier reply is written (the count drops after the write),
             # and a goaway put from now on waits for this lock, so it lands after this reply
             if self._pending == 0 and self.started:
-                self._write(self._finish(item))
+                reply = self._finish(item)
+                if self.failure is None:
+                    self._write(reply)
                 return True
-        self.put(item)
+        self.put(item, size)
         return False
 
     def goaway(self) -> None:
         """Ask the client to finish the stream, after the replies queued so far."""
-        self._items.put(self._number(_GOAWAY))
+        with self._room:
+            self._pending += 1
+            entry = (self._numbered, _GOAWAY, 0)
+            self._numbered += 1
+        self._items.put(entry)
 
     def close(self) -> None:
         """Finish every queued item, write their replies, and stop the writer thread.
 
         Not started: nothing is written (the items are dropped).
         """
-        self._items.put(self._number(_END, counted=False))
+        with self._room:
+            self._closing = True
+            self._room.notify_all()
+            entry = (self._numbered, _END, 0)
+            self._numbered += 1
+        self._items.put(entry)
         if self.started:
             self._thread.join()
 
     def _run(self) -> None:
-        arrived: dict[int, Any] = {}  # items that came before their turn, by place
+        arrived: dict[int, tuple[Any, int]] = {}  # items that came before their turn
         turn = 0
         while True:
-            place, item = self._items.get()
-            arrived[place] = item
+            place, item, size = self._items.get()
+            arrived[place] = (item, size)
             while turn in arrived:
-                item = arrived.pop(turn)
+                item, size = arrived.pop(turn)
                 turn += 1
                 if item is _END:
                     return
-                if item is _GOAWAY:
-                    reply: Reply = (None, {GOAWAY: GOAWAY_REASON})
-                else:
-                    reply = self._finish(item)
+                goaway: Reply = (None, {GOAWAY: GOAWAY_REASON})
+                reply: Reply | None = goaway if item is _GOAWAY else self._finish(item)
                 item = None  # drop what it holds (mapped regions) before the next wait
-                with self._write_lock:
-                    self._write(reply)
-                with self._count_lock:
-                    self._pending -= 1
-                del reply
+                try:
+                    with self._write_lock:
+                        if self.failure is None and reply is not None:
+                            self._write(reply)
+                        # else the stream is gone: drain the queue so the reader can finish
+                finally:
+                    reply = None
+                    with self._room:
+                        self._pending -= 1
+                        self._pending_bytes -= size
+                        self._room.notify_all()
 
     def _write(self, reply: Reply) -> None:
-        """Write one reply (under the write lock); nothing once the stream is gone."""
-        if self.failure is not None:
-            return  # the stream is gone; the items still drain so the reader can finish
         batch, meta = reply
         try:
             if batch is None:
@@ -176,4 +236,6 @@ class OrderedReplies:
                 self._writer.write_with_metadata(batch, dump_json(meta))
         except (pa.ArrowException, OSError) as err:  # the client went away
             log.debug("stream closed while writing: %s", err)
-            self.failure = err
+            with self._room:
+                self.failure = err
+                self._room.notify_all()

@@ -10,14 +10,21 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections.abc import Iterable
 from typing import Any
 
 import grpc
 
 from ..repository import Repository
-from ._auth import BearerTokenInterceptor, BearerTokenMiddleware, TokenCheck, read_tls
-from ._core import InferenceCore
+from ._auth import (
+    BearerTokenInterceptor,
+    BearerTokenMiddleware,
+    ModelControl,
+    TokenCheck,
+    read_tls,
+)
+from ._core import MAX_REQUEST_BYTES, InferenceCore
 from ._flight import ACTIONS as FLIGHT_ACTIONS
 from ._flight import FlightService
 from ._kserve import start_kserve
@@ -67,6 +74,27 @@ class Server:
         Accept only calls (Flight and KServe) with the header ``authorization: Bearer
         <token>`` for one of these tokens; others get UNAUTHENTICATED and run nothing.
         None (default): no check. Send tokens over TLS only.
+    max_request_bytes
+        The most bytes of data one request may make the server hold (default 1 GiB); a
+        model's config parameter ``arrowinfer.max_request_bytes`` overrides it for that
+        model. KServe messages beyond it are refused by gRPC before they are read; see
+        ``docs/security.md`` for what each transport bounds, and when.
+    model_control
+        Triton's ``--model-control-mode``: ``none`` (default: the repository is loaded at
+        start, load/unload calls are refused), ``explicit`` (the calls are allowed; with
+        ``admin_tokens``, or when ``auth_tokens`` are on, only with an admin token) or
+        ``poll`` (models whose files change are reloaded every ``repository_poll_secs``;
+        the calls are refused).
+    admin_tokens
+        The tokens that may load and unload models in ``explicit`` mode.
+    repository_poll_secs
+        How often ``poll`` mode looks at the repository.
+    exit_timeout
+        Seconds :meth:`stop` waits for open streams to finish (Triton's
+        ``--exit-timeout-secs``, default 30); then it cancels what it can (KServe calls,
+        queued requests), stops the models and returns, with :attr:`clean` False when a
+        Flight stream was still open (the process should exit then: ``arrowinfer serve``
+        does). None waits for ever.
     flight_options
         Passed to ``pyarrow.flight.FlightServerBase`` (middleware, ...).
     """
@@ -87,10 +115,23 @@ class Server:
         tls_cert: str | os.PathLike[str] | None = None,
         tls_key: str | os.PathLike[str] | None = None,
         auth_tokens: Iterable[str] | None = None,
+        max_request_bytes: int = MAX_REQUEST_BYTES,
+        model_control: str = "none",
+        admin_tokens: Iterable[str] | None = None,
+        repository_poll_secs: float = 15.0,
+        exit_timeout: float | None = 30.0,
         flight_options: dict[str, Any] | None = None,
     ):
         tls = read_tls(tls_cert, tls_key)
         check = TokenCheck(auth_tokens) if auth_tokens is not None else None
+        control = ModelControl(
+            model_control,
+            TokenCheck(admin_tokens) if admin_tokens is not None else None,
+            tokens_on=check is not None,
+        )
+        self.exit_timeout = exit_timeout
+        #: False when :meth:`stop` gave up waiting for an open stream (``exit_timeout``).
+        self.clean = True
         options = dict(flight_options or {})
         if tls is not None:
             options["tls_certificates"] = [tls]
@@ -100,7 +141,9 @@ class Server:
                 "arrowinfer.auth": BearerTokenMiddleware(check),
             }
         repo = repository if isinstance(repository, Repository) else Repository(repository)
-        self.core = InferenceCore(repo, device=device, models=models)
+        self.core = InferenceCore(
+            repo, device=device, models=models, max_request_bytes=max_request_bytes
+        )
         scheme = "grpc+tls" if tls is not None else "grpc"
         location = f"grpc+unix://{unix_socket}" if unix_socket else f"{scheme}://{host}:{port}"
         self.shm = ShmService(self.core, allow_remote=allow_client_shm)
@@ -116,12 +159,15 @@ class Server:
                 location,
                 exchanges=exchanges,
                 actions={SHM_STATUS: (SHM_ACTIONS[SHM_STATUS], shm_status)},
+                model_control=control,
                 **options,
             )
         except BaseException:
             self.shm.close()
             self.core.close()
             raise
+        self.shm.server_port = None if unix_socket else int(self.flight.port)
+        self.shm.unix_socket = unix_socket
         self.host = host
         self.location = (
             f"grpc+unix://{unix_socket}" if unix_socket else f"{scheme}://{host}:{self.flight.port}"
@@ -134,8 +180,10 @@ class Server:
                     self.core,
                     host,
                     kserve_port,
+                    max_request_bytes=max_request_bytes,
                     tls=tls,
                     interceptors=[BearerTokenInterceptor(check)] if check is not None else [],
+                    model_control=control,
                 )
             except BaseException:
                 self.flight.shutdown()
@@ -151,6 +199,12 @@ class Server:
             )
         self._stopped = threading.Event()
         self._stopping = threading.Lock()
+        self._poller: threading.Thread | None = None
+        if model_control == "poll":
+            self._poller = threading.Thread(
+                target=self._poll, args=(repository_poll_secs,), name="repository-poll", daemon=True
+            )
+            self._poller.start()
         log.info("Flight listening on %s", self.location)
         if self.kserve_port is not None:
             log.info("KServe v2 gRPC listening on %s:%d", host, self.kserve_port)
@@ -185,15 +239,80 @@ class Server:
                 return
             self._stop()
 
+    def _poll(self, seconds: float) -> None:
+        """``poll`` mode: reload models whose files changed, load new ones, unload gone ones."""
+        seen = self._snapshot()
+        while not self._stopped.wait(seconds):
+            try:
+                now = self._snapshot()
+            except OSError:  # the repository itself is being changed: look again later
+                log.exception("repository poll")
+                continue
+            for name in sorted(set(seen) | set(now)):
+                if name in now and now[name] is None:  # unreadable now: decide next time
+                    now[name] = seen.get(name)
+                    continue
+                if seen.get(name) == now.get(name):
+                    continue
+                try:
+                    if name in now:
+                        self.core.load(name)
+                    else:
+                        self.core.unload(name)
+                except Exception:  # a bad model must not stop the polling
+                    log.exception("repository poll: model %s", name)
+            seen = now
+
+    def _snapshot(self) -> dict[str, tuple[tuple[str, int, int], ...] | None]:
+        """Every model directory's files with their modification times and sizes.
+
+        None for a directory that could not be walked (it changed meanwhile).
+        """
+        out: dict[str, tuple[tuple[str, int, int], ...] | None] = {}
+        root = self.core.repository.path
+        for name in self.core.repository.names():
+            files = []
+            try:  # a directory may change (or go) while it is walked: seen next time
+                for path in sorted((root / name).rglob("*")):
+                    info = path.stat()
+                    files.append((str(path.relative_to(root)), info.st_mtime_ns, info.st_size))
+            except OSError:
+                out[name] = None
+                continue
+            out[name] = tuple(files)
+        return out
+
     def _stop(self) -> None:
         self.core.ready = False
         # else an idle client stream would hold shutdown() forever
         self.flight.drain()
         if self._shared_memory:
             self.shm.drain()
-        # KServe: refuse new RPCs at once, give the ones in progress (and open streams) time
-        kserve_stopped = self._kserve.stop(grace=5.0) if self._kserve is not None else None
-        self.flight.shutdown()  # returns once the calls in progress have finished
+        # KServe: refuse new RPCs at once, give the ones in progress (and open streams)
+        # until the exit timeout, then cancel them
+        grace = self.exit_timeout if self.exit_timeout is not None else 365 * 86400.0
+        kserve_stopped = self._kserve.stop(grace=grace) if self._kserve is not None else None
+        # open streams finish first (their clients were asked to, and gRPC stops reading
+        # them once shutdown begins); a client that ignores goaway would hold the server
+        # for ever, so it is waited for only until the exit timeout
+        started = time.monotonic()
+        idle = self.flight.wait_idle(self.exit_timeout)
+        finished = threading.Event()
+
+        def shutdown() -> None:
+            self.flight.shutdown()
+            finished.set()
+
+        threading.Thread(target=shutdown, name="flight-shutdown", daemon=True).start()
+        left = None
+        if self.exit_timeout is not None:
+            left = max(self.exit_timeout - (time.monotonic() - started), 0.0)
+        if not (finished.wait(left if idle else 0.5) and idle):
+            self.clean = False
+            log.warning(
+                "streams still open %s s after the stop began: cancelling them",
+                self.exit_timeout,
+            )
         self.shm.close()
         if kserve_stopped is not None:
             kserve_stopped.wait()
