@@ -8,10 +8,13 @@ unchanged; the generated classes come from tritonclient (``service_pb2``,
 
 Implemented: ``ServerLive``, ``ServerReady``, ``ModelReady``, ``ServerMetadata``,
 ``ModelMetadata``, ``ModelConfig``, ``ModelInfer``, ``ModelStreamInfer``,
-``ModelStatistics``, ``RepositoryIndex``, ``RepositoryModelLoad`` and
-``RepositoryModelUnload``. The shared-memory, trace and log-settings RPCs answer
-``UNIMPLEMENTED`` (the generated base class): arrowinfer's shared memory is its own Arrow
-IPC transport, not Triton's regions.
+``ModelStatistics``, ``RepositoryIndex``, ``RepositoryModelLoad``,
+``RepositoryModelUnload`` and the system shared-memory RPCs
+(``SystemSharedMemoryRegister``, ``...Unregister``, ``...Status``; the rules are
+:mod:`._v2memory`'s). The CUDA shared-memory RPCs answer ``UNIMPLEMENTED`` with a message
+saying so; the trace and log-settings RPCs answer ``UNIMPLEMENTED`` (the generated base
+class). What the gRPC and HTTP front ends share lives in :mod:`._v2`, :mod:`._v2tensors`
+and :mod:`._v2memory`.
 
 Inference
 ---------
@@ -32,8 +35,9 @@ Inference
 - Request parameters: ``timeout`` (microseconds, as tritonclient sends it) and the gRPC
   deadline bound the wait for the result (then DEADLINE_EXCEEDED); ``priority`` and the
   sequence flags are accepted and ignored (one queue per model, no sequence batcher);
-  shared-memory parameters and the classification extension are refused
-  (INVALID_ARGUMENT).
+  the classification extension is refused (INVALID_ARGUMENT). ``shared_memory_region``,
+  ``shared_memory_offset`` and ``shared_memory_byte_size`` on an input or output place it
+  in a registered system shared-memory region.
 - **Ragged inputs are not available over KServe.** A model whose config makes inputs
   ragged (``arrowinfer.ragged_inputs``, such as the example ``jet_tagger``'s ``points`` and
   ``features``) takes a list of items per row, which a KServe tensor cannot express, and its
@@ -51,29 +55,19 @@ import logging
 import queue
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeout
-from typing import Any, NamedTuple, TypeVar
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
 
 import grpc
 from google.protobuf import json_format
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc
 
-from .. import __version__
-from ..batching import Completed
-from ..errors import (
-    ArrowInferError,
-    InvalidInput,
-    ServerUnavailable,
-    Timeout,
-    error_to_dict,
-    grpc_status,
-)
+from ..errors import ArrowInferError, Unsupported, error_to_dict, grpc_status
 from ..protocol import dump_json
-from ..schema import TensorSpec
-from ._core import InferenceCore, LoadedModel
-from ._v2tensors import infer_response, request_batch, requested_outputs
+from . import _v2
+from ._core import InferenceCore
+from ._v2memory import CUDA_UNSUPPORTED, SystemRegions
 
 __all__ = ["MAX_MESSAGE_BYTES", "KServeService", "start_kserve", "status_of"]
 
@@ -123,31 +117,6 @@ def _unary(method: _Method) -> _Method:
     return rpc  # type: ignore[return-value]
 
 
-# -- requests ------------------------------------------------------------------------
-
-
-class _Pending(NamedTuple):
-    """A submitted request: what its response needs."""
-
-    request: pb.ModelInferRequest
-    model: LoadedModel
-    outputs: list[TensorSpec]
-    future: Future[Completed]
-    timeout: float | None
-
-
-def _timeout(request: pb.ModelInferRequest, remaining: float | None) -> float | None:
-    """Seconds to wait for a result: the request's ``timeout`` (us) and the gRPC deadline."""
-    # without a deadline gRPC gives an enormous number of seconds
-    limits = [] if remaining is None or remaining > 1e9 else [max(remaining, 0.0)]
-    if "timeout" in request.parameters:
-        param = request.parameters["timeout"]
-        micros = param.int64_param or param.uint64_param
-        if micros > 0:
-            limits.append(micros / 1e6)
-    return min(limits) if limits else None
-
-
 # -- the servicer -----------------------------------------------------------------------
 
 
@@ -158,8 +127,9 @@ class KServeService(service_pb2_grpc.GRPCInferenceServiceServicer):
     use :func:`start_kserve`.
     """
 
-    def __init__(self, core: InferenceCore):
+    def __init__(self, core: InferenceCore, regions: SystemRegions | None = None):
         self.core = core
+        self.regions = regions
 
     # -- health and metadata ------------------------------------------------------------
 
@@ -183,11 +153,7 @@ class KServeService(service_pb2_grpc.GRPCInferenceServiceServicer):
     def ServerMetadata(
         self, request: pb.ServerMetadataRequest, context: Any
     ) -> pb.ServerMetadataResponse:
-        return pb.ServerMetadataResponse(
-            name="arrowinfer",
-            version=__version__,
-            extensions=["model_repository", "model_configuration", "statistics"],
-        )
+        return pb.ServerMetadataResponse(**_v2.server_metadata())
 
     @_unary
     def ModelMetadata(
@@ -218,9 +184,7 @@ class KServeService(service_pb2_grpc.GRPCInferenceServiceServicer):
     def RepositoryIndex(
         self, request: pb.RepositoryIndexRequest, context: Any
     ) -> pb.RepositoryIndexResponse:
-        entries = self.core.index()
-        if request.ready:
-            entries = [e for e in entries if e["state"] == "READY"]
+        entries = _v2.index(self.core, request.ready)
         return pb.RepositoryIndexResponse(
             models=[pb.RepositoryIndexResponse.ModelIndex(**e) for e in entries]
         )
@@ -229,13 +193,7 @@ class KServeService(service_pb2_grpc.GRPCInferenceServiceServicer):
     def RepositoryModelLoad(
         self, request: pb.RepositoryModelLoadRequest, context: Any
     ) -> pb.RepositoryModelLoadResponse:
-        override = sorted(k for k in request.parameters if k == "config" or k.startswith("file:"))
-        if override:
-            raise InvalidInput(
-                f"loading with parameters {override} (a config or files sent by the client) is "
-                "not supported; change the repository and load again",
-                model=request.model_name,
-            )
+        _v2.check_load_parameters(request.model_name, request.parameters)
         self.core.load(request.model_name)
         return pb.RepositoryModelLoadResponse()
 
@@ -246,41 +204,80 @@ class KServeService(service_pb2_grpc.GRPCInferenceServiceServicer):
         self.core.unload(request.model_name)
         return pb.RepositoryModelUnloadResponse()
 
+    # -- system shared memory ------------------------------------------------------------
+
+    def _regions(self) -> SystemRegions:
+        if self.regions is None:
+            raise Unsupported("system shared memory is not served by this server")
+        return self.regions
+
+    @_unary
+    def SystemSharedMemoryRegister(
+        self, request: pb.SystemSharedMemoryRegisterRequest, context: Any
+    ) -> pb.SystemSharedMemoryRegisterResponse:
+        self._regions().register(
+            context.peer(), request.name, request.key, request.offset, request.byte_size
+        )
+        return pb.SystemSharedMemoryRegisterResponse()
+
+    @_unary
+    def SystemSharedMemoryUnregister(
+        self, request: pb.SystemSharedMemoryUnregisterRequest, context: Any
+    ) -> pb.SystemSharedMemoryUnregisterResponse:
+        self._regions().unregister(context.peer(), request.name)
+        return pb.SystemSharedMemoryUnregisterResponse()
+
+    @_unary
+    def SystemSharedMemoryStatus(
+        self, request: pb.SystemSharedMemoryStatusRequest, context: Any
+    ) -> pb.SystemSharedMemoryStatusResponse:
+        response = pb.SystemSharedMemoryStatusResponse()
+        for region in self._regions().status(context.peer(), request.name):
+            response.regions[region["name"]].CopyFrom(
+                pb.SystemSharedMemoryStatusResponse.RegionStatus(**region)
+            )
+        return response
+
+    @_unary
+    def CudaSharedMemoryRegister(self, request: Any, context: Any) -> Any:
+        raise Unsupported(CUDA_UNSUPPORTED)
+
+    @_unary
+    def CudaSharedMemoryUnregister(self, request: Any, context: Any) -> Any:
+        raise Unsupported(CUDA_UNSUPPORTED)
+
+    @_unary
+    def CudaSharedMemoryStatus(self, request: Any, context: Any) -> Any:
+        raise Unsupported(CUDA_UNSUPPORTED)
+
     # -- inference ----------------------------------------------------------------------
 
     def _submit(
-        self, request: pb.ModelInferRequest, remaining: float | None, *, draining: bool = False
-    ) -> _Pending:
-        model = self.core.get(request.model_name, request.model_version or None)
-        outputs = requested_outputs(model.version, request)
-        batch = request_batch(model.version, request)
-        future = self.core.submit(model, batch, draining=draining)
-        return _Pending(request, model, outputs, future, _timeout(request, remaining))
+        self, request: pb.ModelInferRequest, context: Any, *, draining: bool = False
+    ) -> _v2.Pending:
+        return _v2.submit(
+            self.core,
+            request,
+            context.time_remaining(),
+            regions=self.regions,
+            peer=context.peer(),
+            draining=draining,
+        )
 
-    @staticmethod
-    def _result(pending: _Pending) -> pb.ModelInferResponse:
-        try:
-            done = pending.future.result(pending.timeout)
-        except FutureTimeout:
-            pending.future.cancel()
-            raise Timeout(
-                f"model {pending.model.version.name!r}: no result within {pending.timeout:.3g} s"
-            ) from None
-        except CancelledError:  # the client went away before its batch ran
-            raise ServerUnavailable("the request was cancelled") from None
-        return infer_response(pending.model.version, pending.request, pending.outputs, done)
+    def _result(self, pending: _v2.Pending, context: Any) -> pb.ModelInferResponse:
+        return _v2.wait_result(pending, regions=self.regions, peer=context.peer())
 
     @_unary
     def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
-        pending = self._submit(request, context.time_remaining())
+        pending = self._submit(request, context)
         context.add_callback(pending.future.cancel)  # a request nobody waits for is dropped
-        return self._result(pending)
+        return self._result(pending, context)
 
     def ModelStreamInfer(
         self, request_iterator: Iterable[pb.ModelInferRequest], context: Any
     ) -> Iterator[pb.ModelStreamInferResponse]:
         """Pipelined: requests are read and queued while earlier ones run; answers in order."""
-        pending: queue.SimpleQueue[tuple[pb.ModelInferRequest, _Pending | Exception] | None] = (
+        pending: queue.SimpleQueue[tuple[pb.ModelInferRequest, _v2.Pending | Exception] | None] = (
             queue.SimpleQueue()
         )
 
@@ -289,8 +286,8 @@ class KServeService(service_pb2_grpc.GRPCInferenceServiceServicer):
                 for request in request_iterator:
                     try:
                         # an open stream is served to its end, even while the server stops
-                        item: _Pending | Exception = self._submit(
-                            request, context.time_remaining(), draining=True
+                        item: _v2.Pending | Exception = self._submit(
+                            request, context, draining=True
                         )
                     except Exception as err:  # noqa: BLE001 -- answered in its response
                         item = err
@@ -307,7 +304,9 @@ class KServeService(service_pb2_grpc.GRPCInferenceServiceServicer):
             try:
                 if isinstance(outcome, Exception):
                     raise outcome
-                response = pb.ModelStreamInferResponse(infer_response=self._result(outcome))
+                response = pb.ModelStreamInferResponse(
+                    infer_response=self._result(outcome, context)
+                )
             except Exception as err:  # noqa: BLE001 -- the stream's error_message, as Triton
                 _log_unexpected(err, "ModelStreamInfer")
                 response = pb.ModelStreamInferResponse(
@@ -331,6 +330,7 @@ def start_kserve(
     max_message_bytes: int = MAX_MESSAGE_BYTES,
     tls: tuple[bytes, bytes] | None = None,
     interceptors: Sequence[grpc.ServerInterceptor] = (),
+    regions: SystemRegions | None = None,
 ) -> tuple[grpc.Server, int]:
     """Serve ``core`` over KServe v2 gRPC on ``host:port``; returns the server and its port.
 
@@ -350,6 +350,9 @@ def start_kserve(
         ``(certificate_chain, private_key)`` as PEM bytes: listen with TLS.
     interceptors
         gRPC server interceptors (the bearer-token check, say), run before every RPC.
+    regions
+        The server's system shared-memory regions (shared with its HTTP front end); None:
+        the system shared-memory RPCs answer UNIMPLEMENTED.
 
     Raises
     ------
@@ -367,7 +370,9 @@ def start_kserve(
         ],
         interceptors=list(interceptors),
     )
-    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(KServeService(core), server)
+    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
+        KServeService(core, regions), server
+    )
     address = f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
     try:
         if tls is None:

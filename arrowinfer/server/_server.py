@@ -1,8 +1,9 @@
-"""The server: one inference core behind Flight (with shared memory), KServe v2 gRPC and metrics.
+"""The server: one core behind Flight (with shared memory), KServe v2 gRPC and HTTP, metrics.
 
 This module wires the front ends, which know nothing of each other, to one
 :class:`InferenceCore`: Flight serves the core and takes the shared-memory sessions as one
-of its exchange handlers; KServe serves the same core on its own port.
+of its exchange handlers; KServe gRPC and KServe HTTP serve the same core on their own
+ports and share one set of Triton system shared-memory regions.
 """
 
 from __future__ import annotations
@@ -20,9 +21,11 @@ from ._auth import BearerTokenInterceptor, BearerTokenMiddleware, TokenCheck, re
 from ._core import InferenceCore
 from ._flight import ACTIONS as FLIGHT_ACTIONS
 from ._flight import FlightService
+from ._http import DEFAULT_MAX_REQUEST_BYTES, HttpServer, start_http
 from ._kserve import start_kserve
 from ._metrics import StatisticsCollector, metrics_registry, start_metrics_server
 from ._shm import SHM_ACTIONS, SHM_DESCRIPTOR, SHM_STATUS, ShmService
+from ._v2memory import SystemRegions
 
 __all__ = ["ACTIONS", "Server"]
 
@@ -46,13 +49,23 @@ class Server:
     kserve_port
         KServe v2 gRPC port on ``host`` (Triton's protocol, for ``tritonclient.grpc``);
         None disables it, 0 picks a free one (see :attr:`kserve_port`).
+    http_port
+        KServe v2 HTTP/REST port on ``host`` (Triton's, for ``tritonclient.http`` and
+        curl); None (the default here; ``arrowinfer serve`` listens on 8000 as Triton does)
+        disables it, 0 picks a free one (see :attr:`http_port`).
+    max_request_bytes
+        The largest HTTP request body, compressed and again decompressed.
     allow_client_shm
-        Accept shared-memory sessions from clients that are not on this host's loopback
-        or a Unix socket (they must share this host's ``/dev/shm``); off by default.
+        Accept shared memory from clients that are not on this host's loopback or a Unix
+        socket (they must share this host's ``/dev/shm``): arrowinfer's own sessions, and
+        Triton's system shared-memory regions over KServe gRPC and HTTP (registering
+        files of the server's own user). Off by default: then only local clients use
+        shared memory, each with files of its own user.
     shared_memory
-        Serve shared-memory sessions at all (default). False: the session descriptor is
-        unknown, as any unknown model is, and clients use Flight (a worker behind a relay,
-        which cannot see its clients' addresses).
+        Serve shared memory at all (default). False: the session descriptor is unknown,
+        as any unknown model is, and clients use Flight (a worker behind a relay, which
+        cannot see its clients' addresses); the KServe system shared-memory calls answer
+        UNIMPLEMENTED (HTTP 501).
     metrics_port
         Prometheus ``/metrics`` port on ``host``; None disables it, 0 picks a free one.
     device
@@ -79,6 +92,8 @@ class Server:
         port: int = 8815,
         unix_socket: str | None = None,
         kserve_port: int | None = 8001,
+        http_port: int | None = None,
+        max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
         metrics_port: int | None = 8002,
         allow_client_shm: bool = False,
         shared_memory: bool = True,
@@ -104,6 +119,7 @@ class Server:
         scheme = "grpc+tls" if tls is not None else "grpc"
         location = f"grpc+unix://{unix_socket}" if unix_socket else f"{scheme}://{host}:{port}"
         self.shm = ShmService(self.core, allow_remote=allow_client_shm)
+        self.regions = SystemRegions(allow_remote=allow_client_shm) if shared_memory else None
         self._shared_memory = shared_memory
         exchanges = {SHM_DESCRIPTOR: self.shm.session} if shared_memory else {}
 
@@ -136,12 +152,35 @@ class Server:
                     kserve_port,
                     tls=tls,
                     interceptors=[BearerTokenInterceptor(check)] if check is not None else [],
+                    regions=self.regions,
                 )
             except BaseException:
                 self.flight.shutdown()
                 self.shm.close()
                 self.core.close()
                 raise
+        self._http: HttpServer | None = None
+        self.http_port: int | None = None
+        if http_port is not None:
+            try:
+                self._http = start_http(
+                    self.core,
+                    host,
+                    http_port,
+                    regions=self.regions,
+                    max_request_bytes=max_request_bytes,
+                    tls_cert=tls_cert,
+                    tls_key=tls_key,
+                    check=check,
+                )
+            except BaseException:
+                if self._kserve is not None:
+                    self._kserve.stop(None)
+                self.flight.shutdown()
+                self.shm.close()
+                self.core.close()
+                raise
+            self.http_port = self._http.port
         self._metrics_server = None
         self.metrics_port: int | None = None
         if metrics_port is not None:
@@ -154,6 +193,8 @@ class Server:
         log.info("Flight listening on %s", self.location)
         if self.kserve_port is not None:
             log.info("KServe v2 gRPC listening on %s:%d", host, self.kserve_port)
+        if self.http_port is not None:
+            log.info("KServe v2 HTTP listening on %s:%d", host, self.http_port)
         if self.metrics_port is not None:
             log.info("metrics on http://%s:%d/metrics", host, self.metrics_port)
 
@@ -193,10 +234,14 @@ class Server:
             self.shm.drain()
         # KServe: refuse new RPCs at once, give the ones in progress (and open streams) time
         kserve_stopped = self._kserve.stop(grace=5.0) if self._kserve is not None else None
+        if self._http is not None:
+            self._http.stop(grace=5.0)
         self.flight.shutdown()  # returns once the calls in progress have finished
         self.shm.close()
         if kserve_stopped is not None:
             kserve_stopped.wait()
+        if self.regions is not None:
+            self.regions.close()
         self.core.close()
         if self._metrics_server is not None:
             self._metrics_server.shutdown()

@@ -8,8 +8,10 @@ raw versus typed contents, ragged inputs, refused parameters) are those of
 
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Any
+from collections.abc import Iterator
+from typing import Any, NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -21,6 +23,7 @@ from ..protocol import SERVER_TIMES
 from ..repository import ModelVersion
 from ..schema import TensorSpec, tensor_specs, to_column
 from ..tensors import layout, ragged_to_numpy, to_numpy
+from ._v2memory import SystemRegions
 
 __all__ = ["infer_response", "input_array", "request_batch", "requested_outputs"]
 
@@ -41,11 +44,11 @@ _CONTENTS: dict[str, tuple[str, np.dtype]] = {
 
 #: Request parameters that would need features arrowinfer does not have over KServe.
 _REFUSED_PARAMETERS = {
-    "shared_memory_region": "Triton shared-memory regions are not supported; send the data",
-    "shared_memory_byte_size": "Triton shared-memory regions are not supported; send the data",
-    "shared_memory_offset": "Triton shared-memory regions are not supported; send the data",
     "classification": "the classification extension is not supported",
 }
+
+#: The parameters that place a tensor in a system shared-memory region.
+_SHM_PARAMETERS = ("shared_memory_region", "shared_memory_byte_size", "shared_memory_offset")
 
 
 def _check_parameters(params: Any, model: str, input: str | None = None) -> None:
@@ -54,6 +57,62 @@ def _check_parameters(params: Any, model: str, input: str | None = None) -> None
             raise InvalidInput(
                 f"parameter {key!r}: {_REFUSED_PARAMETERS[key]}", model=model, input=input
             )
+
+
+@contextlib.contextmanager
+def _naming(model: str, tensor: str) -> Iterator[None]:
+    """Add the model and tensor to a region's error (the region knows neither)."""
+    try:
+        yield
+    except InvalidInput as err:
+        raise InvalidInput(
+            err.reason, model=model, input=tensor, expected=err.expected, got=err.got
+        ) from None
+
+
+class ShmPlace(NamedTuple):
+    """Where a tensor lies in a system shared-memory region."""
+
+    region: str
+    offset: int
+    byte_size: int
+
+
+def shm_place(
+    params: Any, regions: SystemRegions | None, *, model: str, tensor: str
+) -> ShmPlace | None:
+    """The region, offset and byte size a tensor's parameters name, or None for none.
+
+    Raises
+    ------
+    InvalidInput
+        Shared-memory parameters without a server that serves regions, or without the
+        region's name and byte size.
+    """
+    if not any(key in params for key in _SHM_PARAMETERS):
+        return None
+    if regions is None:
+        raise InvalidInput(
+            "system shared memory is not served here; send the data", model=model, input=tensor
+        )
+    if "shared_memory_region" not in params or "shared_memory_byte_size" not in params:
+        raise InvalidInput(
+            "shared memory needs shared_memory_region and shared_memory_byte_size",
+            model=model,
+            input=tensor,
+        )
+
+    def integer(key: str) -> int:
+        if key not in params:
+            return 0
+        p = params[key]
+        return int(p.int64_param or p.uint64_param)
+
+    return ShmPlace(
+        params["shared_memory_region"].string_param,
+        integer("shared_memory_offset"),
+        integer("shared_memory_byte_size"),
+    )
 
 
 def _dims_match(expected: tuple[int, ...], got: tuple[int, ...]) -> bool:
@@ -139,14 +198,29 @@ def input_array(
     return values.reshape((rows, *spec.shape))
 
 
-def request_batch(version: ModelVersion, request: pb.ModelInferRequest) -> pa.RecordBatch:
+def _expected_bytes(spec: TensorSpec, tensor: pb.ModelInferRequest.InferInputTensor) -> int:
+    return math.prod(int(d) for d in tensor.shape) * spec.datatype.numpy.itemsize
+
+
+def request_batch(
+    version: ModelVersion,
+    request: pb.ModelInferRequest,
+    *,
+    regions: SystemRegions | None = None,
+    peer: str = "",
+) -> pa.RecordBatch:
     """A v2 request as the Arrow record batch the core takes (one column per input).
+
+    An input in system shared memory (``shared_memory_*`` parameters) is read from the
+    peer's region (``regions``); ``raw_input_contents`` then holds the other inputs' data,
+    in order.
 
     Raises
     ------
     InvalidInput
-        Refused parameters, ragged inputs, unknown inputs, or data that does not match an
-        input's datatype and shape (see :func:`input_array`).
+        Refused parameters, ragged inputs, unknown inputs, data that does not match an
+        input's datatype and shape (see :func:`input_array`), or a shared-memory place
+        that is not the peer's or lies outside its region.
     """
     name = version.name
     _check_parameters(request.parameters, name)
@@ -161,14 +235,17 @@ def request_batch(version: ModelVersion, request: pb.ModelInferRequest) -> pa.Re
             model=name,
             input=(named or ragged)[0],
         )
+    places = [shm_place(t.parameters, regions, model=name, tensor=t.name) for t in request.inputs]
     raw_contents = request.raw_input_contents
-    if raw_contents and len(raw_contents) != len(request.inputs):
+    sent = sum(place is None for place in places)
+    if raw_contents and len(raw_contents) != sent:
         raise InvalidInput(
-            "raw_input_contents must have one entry per input",
+            "raw_input_contents must have one entry per input not in shared memory",
             model=name,
-            expected=len(request.inputs),
+            expected=sent,
             got=len(raw_contents),
         )
+    raw_index = 0
     batching = version.max_batch_size > 0
     names: list[str] = []
     columns: list[pa.Array] = []
@@ -181,7 +258,26 @@ def request_batch(version: ModelVersion, request: pb.ModelInferRequest) -> pa.Re
                 got=tensor.name,
             )
         _check_parameters(tensor.parameters, name, tensor.name)
-        raw = raw_contents[i] if raw_contents else None
+        place = places[i]
+        raw: bytes | None
+        if place is not None:
+            expected = _expected_bytes(specs[tensor.name], tensor)
+            if place.byte_size != expected:  # checked before reading: no huge reads
+                raise InvalidInput(
+                    "shared_memory_byte_size does not match the shape",
+                    model=name,
+                    input=tensor.name,
+                    expected=expected,
+                    got=place.byte_size,
+                )
+            assert regions is not None  # shm_place refused it otherwise
+            with _naming(name, tensor.name):
+                raw = regions.read(peer, place.region, place.offset, place.byte_size)
+        elif raw_contents:
+            raw = raw_contents[raw_index]
+            raw_index += 1
+        else:
+            raw = None
         array = input_array(specs[tensor.name], tensor, raw, model=name, batching=batching)
         names.append(tensor.name)
         columns.append(to_column(fields[tensor.name], array))
@@ -197,13 +293,22 @@ def request_batch(version: ModelVersion, request: pb.ModelInferRequest) -> pa.Re
     return pa.RecordBatch.from_arrays(columns, names=names)
 
 
-def requested_outputs(version: ModelVersion, request: pb.ModelInferRequest) -> list[TensorSpec]:
+def requested_outputs(
+    version: ModelVersion,
+    request: pb.ModelInferRequest,
+    *,
+    regions: SystemRegions | None = None,
+    peer: str = "",
+) -> list[TensorSpec]:
     """The outputs a request asks for (all of them when it names none), in its order.
+
+    An output to be written into system shared memory must name a region of the peer's
+    (checked here, before the request runs).
 
     Raises
     ------
     InvalidInput
-        An unknown output, or a refused parameter on one.
+        An unknown output, a refused parameter on one, or an unknown region.
     """
     specs = tensor_specs(version.outputs)
     if not request.outputs:
@@ -220,6 +325,11 @@ def requested_outputs(version: ModelVersion, request: pb.ModelInferRequest) -> l
                 got=requested.name,
             )
         _check_parameters(requested.parameters, version.name)
+        place = shm_place(requested.parameters, regions, model=version.name, tensor=spec.name)
+        if place is not None:
+            assert regions is not None  # shm_place refused it otherwise
+            with _naming(version.name, spec.name):  # the region is the peer's
+                regions.write(peer, place.region, place.offset, b"")
         out.append(spec)
     return out
 
@@ -243,27 +353,55 @@ def infer_response(
     request: pb.ModelInferRequest,
     outputs: list[TensorSpec],
     done: Completed,
+    *,
+    regions: SystemRegions | None = None,
+    peer: str = "",
 ) -> pb.ModelInferResponse:
     """The response to ``request``: the ``outputs`` of ``done.batch`` as raw tensors.
 
     Each output has shape ``[batch, *dims]`` (a non-batching model: ``dims``) in
-    ``raw_output_contents``; the server-side times go in ``parameters``.
+    ``raw_output_contents``; the server-side times go in ``parameters``. An output the
+    request placed in system shared memory is written there; its
+    ``raw_output_contents`` entry is empty and its parameters say where it lies
+    (``shared_memory_region``, ``shared_memory_byte_size``, ``shared_memory_offset``).
 
     Raises
     ------
     InvalidInput
-        An output has a different length per row (a KServe tensor cannot hold it).
+        An output has a different length per row (a KServe tensor cannot hold it), or
+        does not fit its shared-memory place.
     """
     response = pb.ModelInferResponse(
         model_name=version.name, model_version=str(version.version), id=request.id
     )
     batching = version.max_batch_size > 0
+    params = {r.name: r.parameters for r in request.outputs}
     for spec in outputs:
         array = _output_array(done.batch.column(spec.name), spec.name, version.name)
         entry = spec.shape if all(d >= 0 for d in spec.shape) else array.shape[1:]
         shape = [len(array), *entry] if batching else list(entry)
-        response.outputs.add(name=spec.name, datatype=spec.datatype.kserve, shape=shape)
-        response.raw_output_contents.append(array.tobytes())  # protobuf needs bytes: one copy
+        tensor = response.outputs.add(name=spec.name, datatype=spec.datatype.kserve, shape=shape)
+        place = shm_place(params.get(spec.name, {}), regions, model=version.name, tensor=spec.name)
+        if place is None:
+            response.raw_output_contents.append(array.tobytes())  # protobuf needs bytes: a copy
+            continue
+        data = np.ascontiguousarray(array).view(np.uint8).reshape(-1)
+        if len(data) > place.byte_size:
+            raise InvalidInput(
+                "the output does not fit its shared_memory_byte_size",
+                model=version.name,
+                input=spec.name,
+                expected=len(data),
+                got=place.byte_size,
+            )
+        assert regions is not None  # shm_place refused it otherwise
+        with _naming(version.name, spec.name):
+            regions.write(peer, place.region, place.offset, data.data)
+        tensor.parameters["shared_memory_region"].string_param = place.region
+        tensor.parameters["shared_memory_byte_size"].int64_param = len(data)
+        if place.offset:
+            tensor.parameters["shared_memory_offset"].int64_param = place.offset
+        response.raw_output_contents.append(b"")  # keeps the entries aligned with outputs
     for key in SERVER_TIMES:
         response.parameters[key].int64_param = getattr(done, key)
     return response
