@@ -262,6 +262,16 @@ class SystemRegions:
             )
         return region, region.offset + offset
 
+    def check(self, peer: str, name: str, offset: int, size: int) -> None:
+        """Refuse a place that is not inside a region of the peer's user (before running).
+
+        Raises
+        ------
+        InvalidInput
+            Outside the region, or an unknown region.
+        """
+        self._window(peer, name, offset, size)
+
     def read(self, peer: str, name: str, offset: int, size: int) -> bytes:
         """``size`` bytes at ``offset`` in a region of the peer's user.
 

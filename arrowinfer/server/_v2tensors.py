@@ -328,8 +328,8 @@ def requested_outputs(
         place = shm_place(requested.parameters, regions, model=version.name, tensor=spec.name)
         if place is not None:
             assert regions is not None  # shm_place refused it otherwise
-            with _naming(version.name, spec.name):  # the region is the peer's
-                regions.write(peer, place.region, place.offset, b"")
+            with _naming(version.name, spec.name):  # before the request runs
+                regions.check(peer, place.region, place.offset, place.byte_size)
         out.append(spec)
     return out
 
