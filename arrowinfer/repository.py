@@ -308,9 +308,9 @@ def load_model(model_dir: Path) -> list[ModelVersion]:
     Raises
     ------
     ModelError
-        For an unreadable or invalid config, a corrupt ONNX file, a config that disagrees
-        with the graph, an unsupported data type or no version to serve; the message names
-        the file and the problem.
+        For an unreadable or invalid config, a sequence model (``sequence_batching``), a
+        corrupt ONNX file, a config that disagrees with the graph, an unsupported data
+        type or no version to serve; the message names the file and the problem.
     """
     config_path = model_dir / "config.pbtxt"
     config = read_config(config_path) if config_path.exists() else mc.ModelConfig()
@@ -319,6 +319,13 @@ def load_model(model_dir: Path) -> list[ModelVersion]:
             f"{config_path}: name {config.name!r} differs from its directory {model_dir.name!r}"
         )
     config.name = model_dir.name
+    if config.HasField("sequence_batching"):
+        # Served as if stateless, a sequence model would get its requests without their
+        # sequence's state and order: wrong answers, not an error. Refuse it instead.
+        raise ModelError(
+            f"{config_path}: sequence_batching: sequence (stateful) models are not supported; "
+            "remove sequence_batching to serve the model as stateless"
+        )
     if config.backend not in ("", "onnxruntime") or config.platform not in ("", "onnxruntime_onnx"):
         raise ModelError(
             f"{config_path}: platform {config.platform!r} / backend {config.backend!r} is not "
