@@ -108,9 +108,9 @@ class ModelNotFound(RequestError, KeyError):
         self.available = sorted(available)
         what = f"model {model!r}" + (f" version {version}" if version else "")
         close = difflib.get_close_matches(model, self.available, n=3)
-        known = ", ".join(close or self.available) or "none"
-        hint = "did you mean" if close else "available"
-        super().__init__(f"{what} is not served ({hint}: {known})")
+        known = f"available: {', '.join(self.available) or 'none'}"
+        hint = f"did you mean: {', '.join(close)}; {known}" if close else known
+        super().__init__(f"{what} is not served ({hint})")
 
     def __str__(self) -> str:  # KeyError would quote the message
         return str(self.args[0])
@@ -216,7 +216,7 @@ def public_class(err: BaseException) -> type[ArrowInferError]:
     """
     for cls in type(err).__mro__:
         if cls in STATUS_CODES:
-            return cls  # type: ignore[return-value]
+            return cls
     return ServerError
 
 
@@ -317,7 +317,9 @@ def to_flight(err: BaseException) -> flight.FlightError:
 
 
 #: What a Flight error without arrowinfer's JSON means (another server, or the transport).
-_FLIGHT_CLASSES: tuple[tuple[type[flight.FlightError], type[ArrowInferError]], ...] = (
+_FLIGHT_CLASSES: tuple[tuple[type[Exception], type[ArrowInferError]], ...] = (
+    # raised by the client itself: a batch over ``write_size_limit_bytes``, anywhere
+    (flight.FlightWriteSizeExceededError, InvalidInput),
     (flight.FlightUnavailableError, ServerUnavailable),
     (flight.FlightTimedOutError, Timeout),
     (flight.FlightCancelledError, ServerUnavailable),
@@ -329,7 +331,7 @@ _FLIGHT_CLASSES: tuple[tuple[type[flight.FlightError], type[ArrowInferError]], .
 _MAX_INFO_BYTES = 1024 * 1024
 
 
-def from_flight(exc: flight.FlightError) -> ArrowInferError:
+def from_flight(exc: flight.FlightError | flight.FlightWriteSizeExceededError) -> ArrowInferError:
     """The arrowinfer error for a Flight error a client received.
 
     ``extra_info`` holding an error's JSON gives the error itself; otherwise the Flight
@@ -360,8 +362,8 @@ def from_exception(exc: BaseException, where: str) -> ArrowInferError:
     """
     if isinstance(exc, ArrowInferError):
         return exc
-    if isinstance(exc, flight.FlightError):
-        return from_flight(exc)
+    if isinstance(exc, flight.FlightError | flight.FlightWriteSizeExceededError):
+        return from_flight(exc)  # the second is an ArrowInvalid, not a FlightError
     if isinstance(exc, pa.ArrowException | OSError | EOFError):
         return ServerUnavailable(f"{where}: {exc}")
     return ServerError(f"{where}: {type(exc).__name__}: {exc}")

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -26,9 +29,18 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pyarrow import flight
 
+import arrowinfer
 from arrowinfer import events, tensors
-from arrowinfer.client import AsyncClient, Client, server_times, to_awkward
+from arrowinfer.client import (
+    AsyncClient,
+    Client,
+    FlightTransport,
+    ShmTransport,
+    server_times,
+    to_awkward,
+)
 from arrowinfer.errors import (
+    ArrowInferError,
     InvalidInput,
     ModelNotFound,
     RequestError,
@@ -329,6 +341,109 @@ def test_compression_gives_the_same_results(
 def test_unknown_compression_is_refused_at_once(server: Server) -> None:
     with pytest.raises(ValueError, match="compression"):
         Client(server.location, compression="gzip")
+    with pytest.raises(ValueError, match="compression"):
+        AsyncClient(server.location, compression="gzip")
+
+
+@pytest.mark.parametrize("make", [Client, AsyncClient])
+def test_unknown_options_are_refused_at_the_door(server: Server, make: type[Any]) -> None:
+    """A typo is a TypeError naming it, before anything is made; never swallowed."""
+    threads = threading.active_count()
+    with pytest.raises(TypeError, match=r"'tls_root_cert'.*did you mean 'tls_root_certs'"):
+        make(server.location, tls_root_cert=b"")
+    with pytest.raises(TypeError, match=r"unexpected keyword argument 'timout'"):
+        make(server.location, timout=3)
+    with pytest.raises(TypeError, match="'retry'"):
+        make(server.location, fallback="local", repository=".", retry=1)  # no server needed
+    assert threading.active_count() == threads  # nothing was started
+
+
+def test_documented_options_are_passed_on(server: Server) -> None:
+    for bad in ({"timeout_s": 3}, {"copy_result": True}):
+        with pytest.raises(TypeError, match=f"'{next(iter(bad))}'"):
+            FlightTransport(server.location, **bad)
+    with pytest.raises(TypeError, match="'copy_result'"):
+        ShmTransport(server.location, copy_result=True)
+    # Flight options by name, and shared-memory options that Flight does not need
+    with Client(
+        server.location,
+        timeout=DEADLINE,
+        write_size_limit_bytes=1024,
+        generic_options=[("grpc.max_receive_message_length", 1 << 26)],
+        copy_results=True,
+    ) as client:
+        assert client.infer("facile", {"hits": hits(3)}).num_rows == 3
+        with pytest.raises(InvalidInput, match=r"write_size_limit_bytes|exceed"):
+            client.infer("identity", {"INPUT0": np.ones((4, 1024), np.float32)})
+
+
+def test_top_package_exports_the_clients() -> None:
+    assert arrowinfer.Client is Client
+    assert arrowinfer.AsyncClient is AsyncClient
+    assert "Client" in arrowinfer.__all__
+    assert arrowinfer.__version__[:1].isdigit()
+
+
+# -- a lean client: pyarrow and numpy only -------------------------------------------------
+
+HEAVY = ("onnxruntime", "onnx", "grpc", "google.protobuf", "tritonclient", "tqdm")
+
+#: Refuses the heavy modules outright, then runs a real request.
+LEAN = """
+import importlib.abc, json, sys
+HEAVY = tuple(json.loads(sys.argv[3]))
+def heavy(name):
+    return any(name == h or name.startswith(h + ".") for h in HEAVY)
+class Refuse(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if heavy(name):
+            raise ImportError(f"{name} is not installed here")
+if sys.argv[2] == "refuse":
+    sys.meta_path.insert(0, Refuse())
+import numpy as np
+import arrowinfer.client
+from arrowinfer.client import Client
+import arrowinfer
+loaded = sorted(m for m in sys.modules if heavy(m))
+with arrowinfer.Client(sys.argv[1], timeout=30) as client:
+    rows = client.infer("facile", {"hits": np.ones((3, 15), np.float32)}).num_rows
+print(json.dumps({"loaded": loaded, "rows": rows}))
+"""
+
+
+def run_python(script: str, *args: str) -> Any:
+    """Run a script in a fresh interpreter with this checkout first; its JSON output."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path.cwd()), *sys.path])}
+    done = subprocess.run(
+        [sys.executable, "-c", script, *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("mode", ["look", "refuse"])
+def test_the_client_imports_none_of_the_server_dependencies(server: Server, mode: str) -> None:
+    """``look``: none is in sys.modules after the import; ``refuse``: none is installed."""
+    out = run_python(LEAN, server.location, mode, json.dumps(HEAVY))
+    assert out == {"loaded": [], "rows": 3}
+
+
+def test_the_local_fallback_loads_onnxruntime_when_used(example_repository: Path) -> None:
+    script = """
+import json, sys, warnings
+import numpy as np
+from arrowinfer.client import Client
+with Client(fallback="local", repository=sys.argv[1], timeout=30) as client:
+    before = "onnxruntime" in sys.modules
+    rows = client.infer("facile", {"hits": np.ones((3, 15), np.float32)}).num_rows
+print(json.dumps([before, rows, "onnxruntime" in sys.modules]))
+"""
+    assert run_python(script, str(example_repository)) == [False, 3, True]
 
 
 # -- AsyncClient -----------------------------------------------------------------------------
@@ -403,6 +518,85 @@ def test_async_client_does_not_block_the_event_loop(server: Server) -> None:
             assert [r.num_rows for r in results] == [8] * 20
             stop.set()
             await ticking
+
+    asyncio.run(main())
+
+
+#: 200 requests at once on one AsyncClient, in a process of its own (the server's threads
+#: are not the client's): the most threads seen, and what the default executor ran.
+CONCURRENT = """
+import asyncio, concurrent.futures, json, os, sys, threading
+import numpy as np
+from arrowinfer import AsyncClient
+
+class Counting(concurrent.futures.ThreadPoolExecutor):
+    submitted = 0
+    def submit(self, *args, **kwargs):
+        Counting.submitted += 1
+        return super().submit(*args, **kwargs)
+
+def threads():
+    return max(threading.active_count(), len(os.listdir("/proc/self/task")))
+
+async def main():
+    asyncio.get_running_loop().set_default_executor(Counting(max_workers=1))
+    most = threads()
+    async with AsyncClient(sys.argv[1], timeout=60) as client:
+        inputs = [np.full((i % 7 + 1, 15), i / 200, np.float32) for i in range(200)]
+        tasks = [asyncio.create_task(client.infer("facile", {"hits": v})) for v in inputs]
+        while not all(t.done() for t in tasks):
+            most = max(most, threads())
+            await asyncio.sleep(0.001)
+        energies = [t.result().column("energy").to_pylist() for t in tasks]
+    print(json.dumps({"most": most, "executor": Counting.submitted, "energies": energies}))
+
+asyncio.run(main())
+"""
+
+
+def test_200_concurrent_infers_take_no_thread_per_request(server: Server, client: Client) -> None:
+    out = run_python(CONCURRENT, server.location)
+    assert out["most"] < 40
+    assert out["executor"] == 0
+    for i, got in enumerate(out["energies"]):
+        values = np.full((i % 7 + 1, 15), i / 200, np.float32)
+        want = column(client.infer("facile", {"hits": values}), "energy")
+        np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+def test_async_client_uses_arrowinfer_servers_and_closes(
+    server: Server, refused_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def io_threads() -> int:
+        return sum(t.name == "arrowinfer-async-io" for t in threading.enumerate())
+
+    async def main() -> None:
+        before = io_threads()
+        monkeypatch.setenv("ARROWINFER_SERVERS", server.location)
+        client = AsyncClient(timeout=DEADLINE)
+        assert client.url == server.location
+        assert io_threads() == before + 1
+        result = await client.infer("facile", {"hits": hits(2)})
+        assert result.num_rows == 2
+        assert client.transports[0].location == server.location
+        await client.aclose()
+        await client.aclose()  # again: nothing happens
+        deadline = time.monotonic() + DEADLINE
+        while io_threads() > before and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        assert io_threads() == before
+
+        # a transport that cannot be made: async with raises it, every call too
+        broken = AsyncClient(refused_url.replace("grpc", "shm", 1), timeout=DEADLINE)
+        with pytest.raises(ArrowInferError):
+            await broken.models()
+        with pytest.raises(ArrowInferError):
+            async with broken:
+                pass
+        deadline = time.monotonic() + DEADLINE  # the failed async with closed it
+        while io_threads() > before and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        assert io_threads() == before
 
     asyncio.run(main())
 

@@ -718,7 +718,8 @@ def test_model_dir_refuses_what_is_not_a_model_name(named_repo: Repository, name
 
 def test_unknown_name_lists_close_matches(named_repo: Repository) -> None:
     with pytest.raises(
-        ModelNotFound, match=r"'jet_taggr' is not served \(did you mean: jet_tagger\)"
+        ModelNotFound,
+        match=r"'jet_taggr' is not served \(did you mean: jet_tagger; available: facile, ",
     ):
         named_repo.model_dir("jet_taggr")
     with pytest.raises(ModelNotFound, match=r"available: facile, identity, jet_tagger"):

@@ -11,14 +11,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from ._client import (
-    CLIENT_OPTIONS,
-    DEFAULT_TIMEOUT,
-    USE_CLIENT_DEFAULT,
-    AsyncClient,
-    BaseClient,
-    Client,
-)
+from ._async import AsyncClient
+from ._base import CLIENT_OPTIONS, DEFAULT_TIMEOUT, USE_CLIENT_DEFAULT, BaseClient
+from ._client import Client
 from ._convert import conform, server_times, to_awkward, to_record_batch
 from ._failover import FailoverTransport, FallbackWarning
 from ._shm import ShmTransport

@@ -99,14 +99,17 @@ def conform(batch: pa.RecordBatch, schema: pa.Schema, *, model: str) -> pa.Recor
             columns.append(column)
             continue
         lay = tensors.layout(field.type)
-        data = tensors.ragged_to_numpy(column) if lay.ragged else tensors.to_numpy(column)
-        if lay.ragged and data.offsets.dtype != np.int32:
-            if len(data.values) > np.iinfo(np.int32).max:
+        if not lay.ragged:
+            columns.append(to_column(field, tensors.to_numpy(column)))
+            continue
+        ragged = tensors.ragged_to_numpy(column)
+        if ragged.offsets.dtype != np.int32:
+            if len(ragged.values) > np.iinfo(np.int32).max:
                 raise InvalidInput(
                     "too many items for 32-bit list offsets", model=model, input=field.name
                 )
-            data = tensors.Ragged(data.offsets.astype(np.int32), data.values)
-        columns.append(to_column(field, data))
+            ragged = tensors.Ragged(ragged.offsets.astype(np.int32), ragged.values)
+        columns.append(to_column(field, ragged))
     return pa.RecordBatch.from_arrays(columns, schema=schema)
 
 

@@ -80,7 +80,10 @@ def check_options(owner: str, options: Mapping[str, Any], known: Collection[str]
 class Transport(Protocol):
     """What a client needs from a connection to one server."""
 
-    location: str
+    @property
+    def location(self) -> str:
+        """The server (or servers), for messages."""
+        ...
 
     def models(self, timeout: float | None = None) -> dict[str, dict[str, pa.Schema]]:
         """Input schemas by model name and version."""
