@@ -19,7 +19,7 @@ from ..backends import create_backend
 from ..batching import Completed, DynamicBatcher, ModelStatistics
 from ..errors import ModelError, ModelNotFound, ServerUnavailable
 from ..repository import ModelVersion, Repository
-from ..schema import validate
+from ..schema import check_data, validate
 
 __all__ = ["InferenceCore", "LoadedModel"]
 
@@ -150,6 +150,9 @@ class InferenceCore:
     ) -> Future[Completed]:
         """Validate a request and queue it; the future gives its result.
 
+        Every front end comes through here, and nothing reads the request's buffers before:
+        first :func:`~arrowinfer.schema.check_data` (lengths, offsets and buffer sizes
+        agree), then the model's signature (:func:`~arrowinfer.schema.validate`).
         ``draining=True`` accepts it while the server stops (not ready, models still
         loaded): a request on a stream that was open before the stop began.
 
@@ -162,6 +165,7 @@ class InferenceCore:
             raise ServerUnavailable("the server is not ready (starting or shutting down)")
         version = model.version
         max_rows = version.max_request_rows if version.max_batch_size > 0 else 1
+        check_data(batch, model=version.name)
         validate(batch, version.inputs, model=version.name, max_rows=max_rows)
         return model.batcher.submit(batch)
 
