@@ -67,7 +67,7 @@ from ..schema import datatype
 from . import _v2
 from ._auth import TokenCheck
 from ._core import InferenceCore
-from ._v2memory import CUDA_UNSUPPORTED, SystemRegions
+from ._v2memory import CUDA_UNSUPPORTED, NO_PEER, Peer, SystemRegions
 
 __all__ = ["DEFAULT_MAX_REQUEST_BYTES", "HTTP_STATUS", "HttpServer", "start_http"]
 
@@ -117,12 +117,14 @@ def _endpoint(handler: Handler) -> Handler:
     return run
 
 
-def _peer(request: Request) -> str:
+def _peer(request: Request) -> Peer:
     """The client as gRPC writes a peer (``ipv4:127.0.0.1:5000``), for the shm rules."""
     if request.client is None:
-        return ""
+        return NO_PEER
     host, port = request.client.host, request.client.port
-    return f"ipv6:[{host}]:{port}" if ":" in host else f"ipv4:{host}:{port}"
+    server = request.scope.get("server")
+    address = f"ipv6:[{host}]:{port}" if ":" in host else f"ipv4:{host}:{port}"
+    return Peer(address, int(server[1]) if server and server[1] else None)
 
 
 # -- bodies -------------------------------------------------------------------------------

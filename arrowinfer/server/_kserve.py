@@ -67,7 +67,7 @@ from ..errors import ArrowInferError, Unsupported, error_to_dict, grpc_status
 from ..protocol import dump_json
 from . import _v2
 from ._core import InferenceCore
-from ._v2memory import CUDA_UNSUPPORTED, SystemRegions
+from ._v2memory import CUDA_UNSUPPORTED, Peer, SystemRegions
 
 __all__ = ["MAX_MESSAGE_BYTES", "KServeService", "start_kserve", "status_of"]
 
@@ -130,6 +130,10 @@ class KServeService(service_pb2_grpc.GRPCInferenceServiceServicer):
     def __init__(self, core: InferenceCore, regions: SystemRegions | None = None):
         self.core = core
         self.regions = regions
+        self.port: int | None = None  # set once bound: picks a peer's socket in /proc/net/tcp
+
+    def _peer(self, context: Any) -> Peer:
+        return Peer(context.peer(), self.port)
 
     # -- health and metadata ------------------------------------------------------------
 
@@ -216,7 +220,7 @@ class KServeService(service_pb2_grpc.GRPCInferenceServiceServicer):
         self, request: pb.SystemSharedMemoryRegisterRequest, context: Any
     ) -> pb.SystemSharedMemoryRegisterResponse:
         self._regions().register(
-            context.peer(), request.name, request.key, request.offset, request.byte_size
+            self._peer(context), request.name, request.key, request.offset, request.byte_size
         )
         return pb.SystemSharedMemoryRegisterResponse()
 
@@ -224,7 +228,7 @@ class KServeService(service_pb2_grpc.GRPCInferenceServiceServicer):
     def SystemSharedMemoryUnregister(
         self, request: pb.SystemSharedMemoryUnregisterRequest, context: Any
     ) -> pb.SystemSharedMemoryUnregisterResponse:
-        self._regions().unregister(context.peer(), request.name)
+        self._regions().unregister(self._peer(context), request.name)
         return pb.SystemSharedMemoryUnregisterResponse()
 
     @_unary
@@ -232,7 +236,7 @@ class KServeService(service_pb2_grpc.GRPCInferenceServiceServicer):
         self, request: pb.SystemSharedMemoryStatusRequest, context: Any
     ) -> pb.SystemSharedMemoryStatusResponse:
         response = pb.SystemSharedMemoryStatusResponse()
-        for region in self._regions().status(context.peer(), request.name):
+        for region in self._regions().status(self._peer(context), request.name):
             response.regions[region["name"]].CopyFrom(
                 pb.SystemSharedMemoryStatusResponse.RegionStatus(**region)
             )
@@ -260,12 +264,12 @@ class KServeService(service_pb2_grpc.GRPCInferenceServiceServicer):
             request,
             context.time_remaining(),
             regions=self.regions,
-            peer=context.peer(),
+            peer=self._peer(context),
             draining=draining,
         )
 
     def _result(self, pending: _v2.Pending, context: Any) -> pb.ModelInferResponse:
-        return _v2.wait_result(pending, regions=self.regions, peer=context.peer())
+        return _v2.wait_result(pending, regions=self.regions, peer=self._peer(context))
 
     @_unary
     def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
@@ -370,9 +374,8 @@ def start_kserve(
         ],
         interceptors=list(interceptors),
     )
-    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
-        KServeService(core, regions), server
-    )
+    servicer = KServeService(core, regions)
+    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
     address = f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
     try:
         if tls is None:
@@ -388,5 +391,6 @@ def start_kserve(
     if not bound:
         server.stop(None)
         raise OSError(f"KServe gRPC cannot listen on {address} (in use?)") from cause
+    servicer.port = bound
     server.start()
     return server, bound

@@ -20,7 +20,7 @@ from ..batching import Completed
 from ..errors import InvalidInput, ServerUnavailable, Timeout
 from ..schema import TensorSpec
 from ._core import InferenceCore, LoadedModel
-from ._v2memory import SystemRegions
+from ._v2memory import NO_PEER, Peer, SystemRegions
 from ._v2tensors import infer_response, request_batch, requested_outputs
 
 __all__ = [
@@ -100,7 +100,7 @@ def submit(
     remaining: float | None,
     *,
     regions: SystemRegions | None = None,
-    peer: str = "",
+    peer: Peer = NO_PEER,
     draining: bool = False,
 ) -> Pending:
     """Convert and queue one request (``remaining``: seconds the transport still allows).
@@ -127,7 +127,7 @@ def _timed_out(pending: Pending) -> Timeout:
 
 
 def wait_result(
-    pending: Pending, *, regions: SystemRegions | None = None, peer: str = ""
+    pending: Pending, *, regions: SystemRegions | None = None, peer: Peer = NO_PEER
 ) -> pb.ModelInferResponse:
     """Block for a request's result; its response (outputs in regions written there).
 
@@ -150,7 +150,7 @@ def wait_result(
 
 
 async def wait_result_async(
-    pending: Pending, *, regions: SystemRegions | None = None, peer: str = ""
+    pending: Pending, *, regions: SystemRegions | None = None, peer: Peer = NO_PEER
 ) -> pb.ModelInferResponse:
     """:func:`wait_result` for an event loop: waits without holding a thread.
 

@@ -9,13 +9,14 @@ This is what ``tritonclient.utils.shared_memory`` and CMSSW's SonicTriton do.
 Rules (the same as arrowinfer's own shared memory, for requests that are not trusted):
 
 - A peer on this host's loopback is identified by its user id, read from the kernel's
-  table of TCP sockets (``/proc/net/tcp``, ``tcp6``): it may register only shared-memory
-  files that its user owns, and use, list and unregister only the regions its user
-  registered. A peer whose user cannot be found is refused.
+  table of TCP sockets (:func:`._peers.peer_uid`): it may register only shared-memory
+  files of its own user with mode 0600 (:func:`._peers.open_region`), and use, list and
+  unregister only the regions its user registered. A peer whose user cannot be found is
+  refused (UNAUTHENTICATED, HTTP 401).
 - A peer that is not on loopback is refused unless the server was started with
   ``allow_client_shm`` (``--allow-client-shm``; for containers that share ``/dev/shm``):
-  then it may register files owned by the server's own user, and all such peers share one
-  owner.
+  then it may register files of the server's own user (mode 0600), and all such peers
+  share one owner.
 - Keys are plain names in ``/dev/shm`` (``/name``): no path, no symlink (``O_NOFOLLOW``),
   regular files only, the window inside the file when registered.
 - Data moves with ``pread``/``pwrite`` on the file, never through a mapping: a client that
@@ -27,23 +28,17 @@ Rules (the same as arrowinfer's own shared memory, for requests that are not tru
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import re
-import stat
 import threading
-import urllib.parse
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from ..errors import InvalidInput
 from ..protocol import peer_is_local
+from ._peers import open_region, peer_uid
 
-__all__ = ["CUDA_UNSUPPORTED", "SystemRegions", "peer_uid"]
-
-#: Where POSIX shared-memory objects live.
-SHM_DIR = Path("/dev/shm")
+__all__ = ["CUDA_UNSUPPORTED", "NO_PEER", "Peer", "SystemRegions"]
 
 _KEY = re.compile(r"^/?([A-Za-z0-9_][A-Za-z0-9_.\-]{0,254})$")
 
@@ -53,55 +48,15 @@ CUDA_UNSUPPORTED = (
 )
 
 
-def _endpoint(peer: str) -> tuple[str, int] | None:
-    """``(address, port)`` of a gRPC-style peer ``ipv4:1.2.3.4:5`` / ``ipv6:[::1]:5``."""
-    kind, _, rest = peer.partition(":")
-    rest = urllib.parse.unquote(rest)
-    if kind == "ipv6" and rest.startswith("["):
-        host, _, port = rest[1:].partition("]:")
-    elif kind in ("ipv4", "ipv6"):
-        host, _, port = rest.rpartition(":")
-    else:
-        return None
-    try:
-        return str(ipaddress.ip_address(host)), int(port)
-    except ValueError:
-        return None
+class Peer(NamedTuple):
+    """A KServe client: gRPC's peer string (``ipv4:127.0.0.1:5000``) and the server port."""
+
+    address: str
+    server_port: int | None = None
 
 
-def _proc_address(address: str, port: int) -> str:
-    """How ``/proc/net/tcp{,6}`` writes an endpoint: the address in host byte order, hex."""
-    packed = ipaddress.ip_address(address).packed
-    words = [packed[i : i + 4][::-1].hex().upper() for i in range(0, len(packed), 4)]
-    return "".join(words) + f":{port:04X}"
-
-
-def peer_uid(peer: str) -> int | None:
-    """The user id of a loopback TCP peer (``ipv4:127.0.0.1:PORT``), or None if not found.
-
-    The client's socket is the one whose local end is the peer's address: its row in
-    ``/proc/net/tcp`` (or ``tcp6``) gives its owner. Only meaningful for loopback peers,
-    whose sockets are in this host's (this network namespace's) table.
-    """
-    endpoint = _endpoint(peer)
-    if endpoint is None:
-        return None
-    address, port = endpoint
-    ip = ipaddress.ip_address(address)
-    candidates = [(Path("/proc/net/tcp6" if ip.version == 6 else "/proc/net/tcp"), address)]
-    if ip.version == 4:  # a dual-stack socket shows an IPv4 peer as ::ffff:a.b.c.d
-        candidates.append((Path("/proc/net/tcp6"), f"::ffff:{address}"))
-    for table, shown in candidates:
-        want = _proc_address(shown, port)
-        try:
-            lines = table.read_text().splitlines()[1:]
-        except OSError:
-            continue
-        for line in lines:
-            fields = line.split()
-            if len(fields) > 7 and fields[1] == want and fields[3] == "01":  # ESTABLISHED
-                return int(fields[7])
-    return None
+#: No peer known: shared memory is refused to it (unless remote peers are admitted).
+NO_PEER = Peer("")
 
 
 @dataclass
@@ -136,27 +91,26 @@ class SystemRegions:
         self._regions: dict[str, _Region] = {}
         self._lock = threading.Lock()
 
-    def _owner(self, peer: str) -> int | None:
+    def _owner(self, peer: Peer) -> int | None:
         """Who a peer is, for the regions: its uid, or None for an admitted remote peer.
 
         Raises
         ------
         InvalidInput
-            A remote peer without ``allow_remote``, or a local one whose user is unknown.
+            A remote peer without ``allow_remote``.
+        Unauthenticated
+            A local peer whose user the kernel cannot tell.
         """
-        if not peer_is_local(peer):
+        if not peer.address.startswith("unix") and not peer_is_local(peer.address):
             if not self.allow_remote:
                 raise InvalidInput(
                     "system shared memory is served to clients on this host only (the "
                     "server's --allow-client-shm admits others that share its /dev/shm)"
                 )
             return None
-        uid = peer_uid(peer)
-        if uid is None:
-            raise InvalidInput("system shared memory: cannot tell which user this client is")
-        return uid
+        return peer_uid(peer.address, server_port=peer.server_port)
 
-    def register(self, peer: str, name: str, key: str, offset: int, byte_size: int) -> None:
+    def register(self, peer: Peer, name: str, key: str, offset: int, byte_size: int) -> None:
         """Register ``/dev/shm/KEY``'s bytes ``[offset, offset + byte_size)`` as ``name``.
 
         Raises
@@ -179,20 +133,9 @@ class SystemRegions:
                 "system shared memory: offset must be >= 0 and byte_size > 0",
                 got={"offset": offset, "byte_size": byte_size},
             )
-        path = SHM_DIR / match.group(1)
+        # an admitted remote peer may use files of the server's own user only
+        fd, info = open_region(match.group(1), os.geteuid() if owner is None else owner)
         try:
-            fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except OSError as err:
-            raise InvalidInput(
-                f"system shared memory: cannot open {key!r}: {err.strerror}"
-            ) from None
-        try:
-            info = os.fstat(fd)
-            expected_owner = os.geteuid() if owner is None else owner
-            if not stat.S_ISREG(info.st_mode):
-                raise InvalidInput(f"system shared memory: {key!r} is not a regular file")
-            if info.st_uid != expected_owner:
-                raise InvalidInput(f"system shared memory: {key!r} belongs to another user")
             if offset + byte_size > info.st_size:
                 raise InvalidInput(
                     f"system shared memory: region {name!r} lies outside {key!r}",
@@ -216,7 +159,7 @@ class SystemRegions:
             raise InvalidInput(f"system shared memory: no region {name!r} is registered")
         return region
 
-    def unregister(self, peer: str, name: str | None = None) -> None:
+    def unregister(self, peer: Peer, name: str | None = None) -> None:
         """Unregister one region of the peer's user, or all of them (``name`` None/empty).
 
         Raises
@@ -238,7 +181,7 @@ class SystemRegions:
         for region in gone:
             os.close(region.fd)
 
-    def status(self, peer: str, name: str | None = None) -> list[dict[str, Any]]:
+    def status(self, peer: Peer, name: str | None = None) -> list[dict[str, Any]]:
         """The peer's user's regions (one when ``name`` is given): name, key, offset, size.
 
         Raises
@@ -252,7 +195,7 @@ class SystemRegions:
         with self._lock:
             return [r.as_dict() for _, r in sorted(self._regions.items()) if r.owner == owner]
 
-    def _window(self, peer: str, name: str, offset: int, size: int) -> tuple[_Region, int]:
+    def _window(self, peer: Peer, name: str, offset: int, size: int) -> tuple[_Region, int]:
         region = self._get(self._owner(peer), name)
         if offset < 0 or size < 0 or offset + size > region.byte_size:
             raise InvalidInput(
@@ -262,7 +205,7 @@ class SystemRegions:
             )
         return region, region.offset + offset
 
-    def check(self, peer: str, name: str, offset: int, size: int) -> None:
+    def check(self, peer: Peer, name: str, offset: int, size: int) -> None:
         """Refuse a place that is not inside a region of the peer's user (before running).
 
         Raises
@@ -272,7 +215,7 @@ class SystemRegions:
         """
         self._window(peer, name, offset, size)
 
-    def read(self, peer: str, name: str, offset: int, size: int) -> bytes:
+    def read(self, peer: Peer, name: str, offset: int, size: int) -> bytes:
         """``size`` bytes at ``offset`` in a region of the peer's user.
 
         Raises
@@ -288,7 +231,7 @@ class SystemRegions:
             )
         return data
 
-    def write(self, peer: str, name: str, offset: int, data: bytes | memoryview) -> None:
+    def write(self, peer: Peer, name: str, offset: int, data: bytes | memoryview) -> None:
         """Write ``data`` at ``offset`` into a region of the peer's user.
 
         Raises

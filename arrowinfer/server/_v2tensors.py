@@ -23,7 +23,7 @@ from ..protocol import SERVER_TIMES
 from ..repository import ModelVersion
 from ..schema import TensorSpec, tensor_specs, to_column
 from ..tensors import layout, ragged_to_numpy, to_numpy
-from ._v2memory import SystemRegions
+from ._v2memory import NO_PEER, Peer, SystemRegions
 
 __all__ = ["infer_response", "input_array", "request_batch", "requested_outputs"]
 
@@ -207,7 +207,7 @@ def request_batch(
     request: pb.ModelInferRequest,
     *,
     regions: SystemRegions | None = None,
-    peer: str = "",
+    peer: Peer = NO_PEER,
 ) -> pa.RecordBatch:
     """A v2 request as the Arrow record batch the core takes (one column per input).
 
@@ -298,7 +298,7 @@ def requested_outputs(
     request: pb.ModelInferRequest,
     *,
     regions: SystemRegions | None = None,
-    peer: str = "",
+    peer: Peer = NO_PEER,
 ) -> list[TensorSpec]:
     """The outputs a request asks for (all of them when it names none), in its order.
 
@@ -355,7 +355,7 @@ def infer_response(
     done: Completed,
     *,
     regions: SystemRegions | None = None,
-    peer: str = "",
+    peer: Peer = NO_PEER,
 ) -> pb.ModelInferResponse:
     """The response to ``request``: the ``outputs`` of ``done.batch`` as raw tensors.
 
