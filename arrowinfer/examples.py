@@ -19,6 +19,8 @@ model             stands in for                          inputs -> outputs (batc
                                                          mask [100, 1] -> probabilities [5]
 ``toptag_cnn``    CNN top tagger on jet images           image [1, 37, 37] -> probabilities [2]
 ``identity``      Triton's transport-test model          INPUT0 [1024] -> OUTPUT0 [1024]
+``track_sum``     event-level Deep Sets, ragged batching pt [var] (concatenated, with offsets)
+                                                         -> score [1], n_tracks [1]
 ================  =====================================  ===================================
 
 This module only builds and writes ONNX files; it never runs them (only
@@ -50,7 +52,7 @@ __all__ = [
     "write_example_repository",
 ]
 
-EXAMPLE_MODELS: tuple[str, ...] = ("facile", "jet_tagger", "toptag_cnn", "identity")
+EXAMPLE_MODELS: tuple[str, ...] = ("facile", "jet_tagger", "toptag_cnn", "identity", "track_sum")
 """Names of the example models, in the order they are written."""
 
 OPSET = 17
@@ -243,6 +245,36 @@ def _build_toptag_cnn(g: _Graph) -> None:
     g.op("Softmax", [logits], prefix="softmax", output="probabilities", axis=-1)
 
 
+def _build_track_sum(g: _Graph) -> None:
+    # "pt" is every event's tracks concatenated ([values]); "offsets" ([events + 1]) says
+    # where each event's tracks start, as Triton's batch input WITH_ZERO gives it.
+    x = g.op("Unsqueeze", ["pt", g.constant("axis1", np.array([1], np.int64))], prefix="col")
+    h = g.relu(g.dense(x, 1, 16, prefix="phi1"), "phi1")  # per track: [values, 16]
+    y = g.dense(h, 16, 1, prefix="phi2", gain=1.0)  # [values, 1]
+    y = g.op("Flatten", [y], prefix="flat", axis=0)  # [1, values]
+    y = g.op("Squeeze", [y, g.constant("axis0", np.array([0], np.int64))], prefix="vec")
+    # Segment sums without padding: cumsum with a leading 0, then end minus start.
+    zero = g.constant("zero", np.zeros(1, np.float32))
+    padded = g.op("Concat", [zero, y], prefix="lead0", axis=0)  # [values + 1]
+    cumsum = g.op("CumSum", [padded, g.constant("axis", np.array(0, np.int64))], prefix="cs")
+    offsets = g.op("Cast", ["offsets"], prefix="offsets64", to=TensorProto.INT64)
+    first = g.constant("first", np.array([0], np.int64))
+    second = g.constant("second", np.array([1], np.int64))
+    last = g.constant("last", np.array([-1], np.int64))
+    end = g.constant("end", np.array([np.iinfo(np.int64).max], np.int64))
+    starts = g.op("Slice", [offsets, first, last, first], prefix="starts")  # [events]
+    ends = g.op("Slice", [offsets, second, end, first], prefix="ends")  # [events]
+    sums = g.op(
+        "Sub",
+        [g.op("Gather", [cumsum, ends], prefix="at_end"), g.op("Gather", [cumsum, starts])],
+        prefix="segment_sum",
+    )
+    count = g.op("Cast", [g.op("Sub", [ends, starts], prefix="n")], prefix="nf", to=1)
+    mean = g.op("Div", [sums, g.op("Max", [count, g.constant("one", _scalar(1.0))])])
+    g.op("Unsqueeze", [mean, second], prefix="score", output="score")  # [events, 1]
+    g.op("Unsqueeze", [count, second], prefix="n_tracks", output="n_tracks")
+
+
 def _build_identity(g: _Graph) -> None:
     g.op("Identity", ["INPUT0"], prefix="identity", output="OUTPUT0")
 
@@ -275,6 +307,11 @@ class _Spec:
     architecture: str
     serving: str
     references: tuple[str, ...]
+    # Triton's ragged batching: inputs with allow_ragged_batch (1-D in the graph, every
+    # event's values concatenated) and the batch inputs (kind, target, source) the server
+    # makes for them (INT32, 1-D).
+    ragged_batch: tuple[str, ...] = ()
+    batch_inputs: tuple[tuple[str, str, str], ...] = ()
 
 
 _SONIC_GPU = (
@@ -422,6 +459,40 @@ _SPECS: dict[str, _Spec] = {
         ),
         references=(_SONIC_CMS,),
     ),
+    "track_sum": _Spec(
+        seed=20190005,
+        title="Track sum: an event-level Deep Sets over ragged tracks, without padding",
+        inputs=(_Tensor("pt", (-1,), "transverse momenta of the event's tracks (any number)"),),
+        outputs=(
+            _Tensor("score", (1,), "mean over the event's tracks of a per-track MLP"),
+            _Tensor("n_tracks", (1,), "number of tracks of the event"),
+        ),
+        build=_build_track_sum,
+        max_batch_size=4096,
+        dynamic_batching="max_queue_delay_microseconds: 100",
+        parameters=(),
+        ragged_batch=("pt",),
+        batch_inputs=(("BATCH_ACCUMULATED_ELEMENT_COUNT_WITH_ZERO", "offsets", "pt"),),
+        stands_in_for=(
+            "Event- or jet-level networks over a variable number of constituents, served\n"
+            "the way CMS asked Triton for: with ragged batching, the events of many\n"
+            "requests are concatenated into one tensor without padding, and the model\n"
+            "reads each event's extent from an offsets tensor the server makes."
+        ),
+        architecture=(
+            "Per-track MLP 1 -> 16 -> 1 (ReLU) on the concatenated `pt` values; per-event\n"
+            "mean via a cumulative sum and the offsets (`cumsum[end] - cumsum[start]`,\n"
+            "divided by `max(n, 1)`, so an event without tracks scores 0)."
+        ),
+        serving=(
+            "`max_batch_size: 4096`, dynamic batching with a 100 us queue delay, one CPU\n"
+            "instance. `pt` has `allow_ragged_batch: true`, and the `batch_input`\n"
+            "`offsets` (BATCH_ACCUMULATED_ELEMENT_COUNT_WITH_ZERO, INT32, `[events + 1]`)\n"
+            "is made by the server. Over Arrow Flight each event is a list of `pt`; over\n"
+            "KServe a request is `[1, n]` (or `[k, n]`: k events of n tracks each)."
+        ),
+        references=(_SONIC_CMS,),
+    ),
 }
 
 
@@ -471,8 +542,16 @@ def build_model(name: str) -> onnx.ModelProto:
         g.nodes,
         name,
         inputs=[
-            helper.make_tensor_value_info(t.name, TensorProto.FLOAT, [_BATCH, *t.dims])
+            helper.make_tensor_value_info(
+                t.name,
+                TensorProto.FLOAT,
+                ["values"] if t.name in spec.ragged_batch else [_BATCH, *t.dims],
+            )
             for t in spec.inputs
+        ]
+        + [
+            helper.make_tensor_value_info(target, TensorProto.INT32, [f"{target}_size"])
+            for _, target, _ in spec.batch_inputs
         ],
         outputs=[
             helper.make_tensor_value_info(t.name, TensorProto.FLOAT, [_BATCH, *t.dims])
@@ -531,6 +610,7 @@ def config_text(name: str) -> str:
                 f'    name: "{t.name}"',
                 "    data_type: TYPE_FP32",
                 f"    dims: [ {dims} ]",
+                *(["    allow_ragged_batch: true"] if t.name in spec.ragged_batch else []),
                 "  }" + ("," if i < len(items) - 1 else ""),
             ]
         lines.append("]")
@@ -544,6 +624,20 @@ def config_text(name: str) -> str:
         f"max_batch_size: {spec.max_batch_size}",
         *tensors("input", spec.inputs),
         *tensors("output", spec.outputs),
+        *[
+            line
+            for kind, target, source in spec.batch_inputs
+            for line in (
+                "batch_input [",
+                "  {",
+                f"    kind: {kind}",
+                f'    target_name: "{target}"',
+                "    data_type: TYPE_INT32",
+                f'    source_input: "{source}"',
+                "  }",
+                "]",
+            )
+        ],
         "dynamic_batching {",
         f"  {spec.dynamic_batching}",
         "}",

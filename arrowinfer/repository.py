@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeAlias
 
+import numpy as np
 import onnx
 import pyarrow as pa
 from google.protobuf import text_format
@@ -45,7 +46,9 @@ from .errors import ModelError, ModelNotFound
 from .schema import TensorSpec, datatype, signature
 
 __all__ = [
+    "BATCH_INPUT_KINDS",
     "DEFAULT_MAX_BATCH_SIZE",
+    "BatchInput",
     "ModelConfig",
     "ModelVersion",
     "Repository",
@@ -81,12 +84,43 @@ _ONNX_TO_TRITON: dict[int, str] = {
 }
 
 
+#: Triton's ``batch_input`` kinds that are served (the ones ragged batching needs).
+BATCH_INPUT_KINDS = (
+    "BATCH_ELEMENT_COUNT",
+    "BATCH_ACCUMULATED_ELEMENT_COUNT",
+    "BATCH_ACCUMULATED_ELEMENT_COUNT_WITH_ZERO",
+    "BATCH_MAX_ELEMENT_COUNT_AS_SHAPE",
+)
+
+
+@dataclass(frozen=True)
+class BatchInput:
+    """One of Triton's ``batch_input``: a tensor the server makes for each batch.
+
+    ``kind`` is one of :data:`BATCH_INPUT_KINDS`; ``target`` the model input it fills;
+    ``dtype`` its numpy type; ``source`` the ragged-batch input whose element counts (per
+    row: the number of values of that row) it describes. For a batch of B rows with
+    counts ``c``: ``BATCH_ELEMENT_COUNT`` is ``c`` ([B]), ``..._ACCUMULATED_...`` is
+    ``cumsum(c)`` ([B]), ``..._WITH_ZERO`` is ``[0, *cumsum(c)]`` ([B + 1], the offsets
+    of each row's values), ``BATCH_MAX_ELEMENT_COUNT_AS_SHAPE`` has shape ``[max(c)]``
+    (its values are zeros; only its shape says something).
+    """
+
+    kind: str
+    target: str
+    dtype: np.dtype
+    source: str
+
+
 @dataclass(frozen=True)
 class ModelVersion:
     """One loadable version of a model: its config, its ONNX file and its Arrow signatures.
 
     ``inputs`` is what clients send (ragged inputs as lists, without the mask input the
-    server fills); ``outputs`` is what they get back.
+    server fills); ``outputs`` is what they get back. ``ragged_batch_inputs`` are the
+    inputs with Triton's ``allow_ragged_batch``: the requests' values are concatenated
+    without padding into one 1-D tensor, described to the model by ``batch_inputs``
+    (which the server computes; clients never send them).
     """
 
     name: str
@@ -99,6 +133,8 @@ class ModelVersion:
     mask_input: str | None = None
     pad_value: float = 0.0
     max_request_rows: int | None = None
+    ragged_batch_inputs: tuple[str, ...] = ()
+    batch_inputs: tuple[BatchInput, ...] = ()
 
     @property
     def max_batch_size(self) -> int:
@@ -207,6 +243,10 @@ def complete_config(config: ModelConfig, model: onnx.ModelProto, path: Path) -> 
     if not config.platform and not config.backend:
         config.platform = "onnxruntime_onnx"
     batch = 1 if config.max_batch_size > 0 else 0
+    # Ragged-batch inputs reach the model concatenated (1-D, no batch dimension), and
+    # batch inputs are made by the server: neither has the batch dimension of the others.
+    ragged_batch = {e.name for e in config.input if e.allow_ragged_batch}
+    targets = {t for b in config.batch_input for t in b.target_name}
     for kind, graph, entries in (
         ("input", graph_inputs, config.input),
         ("output", graph_outputs, config.output),
@@ -214,6 +254,8 @@ def complete_config(config: ModelConfig, model: onnx.ModelProto, path: Path) -> 
         by_name = {v.name: v for v in graph}
         if batch:
             for value in graph:
+                if kind == "input" and value.name in ragged_batch | targets:
+                    continue
                 if _onnx_dims(value)[:1] != [-1]:
                     raise ModelError(
                         f"{path}: {kind} {value.name!r}: config says max_batch_size "
@@ -222,6 +264,8 @@ def complete_config(config: ModelConfig, model: onnx.ModelProto, path: Path) -> 
                     )
         if not entries:
             for value in graph:
+                if kind == "input" and value.name in targets:
+                    continue
                 entry = entries.add()
                 entry.name = value.name
                 entry.data_type = mc.DataType.Value(_onnx_type(value, path))
@@ -242,6 +286,14 @@ def complete_config(config: ModelConfig, model: onnx.ModelProto, path: Path) -> 
                     f"model.onnx says {graph_type}"
                 )
             graph_dims = _onnx_dims(value)
+            if kind == "input" and entry.name in ragged_batch:
+                if len(graph_dims) != 1:
+                    raise ModelError(
+                        f"{path}: input {entry.name!r} has allow_ragged_batch, so the model "
+                        f"takes it concatenated as one 1-D tensor; model.onnx says "
+                        f"{_dims_text(graph_dims)}"
+                    )
+                continue
             dims = list(entry.reshape.shape) if entry.HasField("reshape") else list(entry.dims)
             want = ([-1] if batch else []) + dims
             if len(graph_dims) != len(want) or any(
@@ -251,7 +303,7 @@ def complete_config(config: ModelConfig, model: onnx.ModelProto, path: Path) -> 
                     f"{path}: {kind} {entry.name!r}: config says dims {_dims_text(want)} "
                     f"(batch dimension included as -1), model.onnx says {_dims_text(graph_dims)}"
                 )
-        missing = sorted(set(by_name) - {e.name for e in entries})
+        missing = sorted(set(by_name) - {e.name for e in entries} - targets)
         if kind == "input" and missing:
             raise ModelError(
                 f"{path}: graph inputs {missing} are not in the config's inputs "
@@ -302,6 +354,46 @@ def _specs(entries: object, ragged: set[str]) -> list[TensorSpec]:
     return out
 
 
+def _ragged_batching(
+    config: ModelConfig, config_path: Path
+) -> tuple[tuple[str, ...], tuple[BatchInput, ...]]:
+    """The ``allow_ragged_batch`` inputs and the ``batch_input`` entries of a config.
+
+    Raises
+    ------
+    ModelError
+        Ragged batching without batching, a batch input of a kind not served, without
+        exactly one target, with a source that is not a ragged-batch input, or of a data
+        type other than INT32, INT64 or FP32.
+    """
+    ragged = tuple(e.name for e in config.input if e.allow_ragged_batch)
+    if ragged and config.max_batch_size <= 0:
+        raise ModelError(
+            f"{config_path}: allow_ragged_batch on {list(ragged)} needs batching "
+            "(max_batch_size > 0)"
+        )
+    out = []
+    for entry in config.batch_input:
+        kind = mc.BatchInput.Kind.Name(entry.kind)
+        where = f"{config_path}: batch_input {list(entry.target_name)}"
+        if kind not in BATCH_INPUT_KINDS:
+            raise ModelError(f"{where}: kind {kind} is not served (served: {BATCH_INPUT_KINDS})")
+        if len(entry.target_name) != 1 or len(entry.source_input) != 1:
+            raise ModelError(f"{where}: give exactly one target_name and one source_input")
+        (source,) = entry.source_input
+        if source not in ragged:
+            raise ModelError(
+                f"{where}: source_input {source!r} is not an input with allow_ragged_batch "
+                f"(those are {list(ragged)})"
+            )
+        type_name = mc.DataType.Name(entry.data_type)
+        if type_name not in ("TYPE_INT32", "TYPE_INT64", "TYPE_FP32"):
+            raise ModelError(f"{where}: data_type {type_name}: use TYPE_INT32, INT64 or FP32")
+        dtype = datatype(type_name).numpy
+        out.append(BatchInput(kind, entry.target_name[0], dtype, source))
+    return ragged, tuple(out)
+
+
 def load_model(model_dir: Path) -> list[ModelVersion]:
     """Read one model's config and the versions its version policy selects.
 
@@ -347,6 +439,7 @@ def load_model(model_dir: Path) -> list[ModelVersion]:
             n.strip() for n in params.get("arrowinfer.ragged_inputs", "").split(",") if n.strip()
         }
         mask = params.get("arrowinfer.mask_input") or None
+        ragged_batch, batch_inputs = _ragged_batching(full, config_path)
         names = {i.name for i in full.input}
         unknown = sorted((ragged | ({mask} if mask else set())) - names)
         if unknown:
@@ -395,6 +488,8 @@ def load_model(model_dir: Path) -> list[ModelVersion]:
                 outputs=outputs,
                 ragged_inputs=tuple(sorted(ragged)),
                 mask_input=mask,
+                ragged_batch_inputs=ragged_batch,
+                batch_inputs=batch_inputs,
                 pad_value=pad_value,
                 max_request_rows=max_request_rows,
             )

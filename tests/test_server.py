@@ -40,12 +40,13 @@ from arrowinfer.server import ACTIONS, Server
 from arrowinfer.server._metrics import StatisticsCollector, metrics_registry, start_metrics_server
 
 ROOT = Path(__file__).resolve().parents[1]
-MODELS = ["facile", "identity", "jet_tagger", "toptag_cnn"]
+MODELS = ["facile", "identity", "jet_tagger", "toptag_cnn", "track_sum"]
 INPUTS = {
     "facile": ["hits"],
     "identity": ["INPUT0"],
     "jet_tagger": ["points", "features"],
     "toptag_cnn": ["image"],
+    "track_sum": ["pt"],  # no offsets: the server makes that batch input
 }
 TIMES = ("queue_ns", "compute_input_ns", "compute_infer_ns", "compute_output_ns")
 DEADLINE = 30.0  # seconds any wait in this file may take before the test fails

@@ -22,7 +22,7 @@ from ..errors import InvalidInput
 from ..protocol import SERVER_TIMES
 from ..repository import ModelVersion
 from ..schema import TensorSpec, tensor_specs, to_column
-from ..tensors import layout, ragged_to_numpy, to_numpy
+from ..tensors import Ragged, layout, ragged_to_numpy, to_numpy
 from ._v2memory import NO_PEER, Peer, SystemRegions
 
 __all__ = ["infer_response", "input_array", "request_batch", "requested_outputs"]
@@ -116,9 +116,12 @@ def shm_place(
 
 
 def _dims_match(expected: tuple[int, ...], got: tuple[int, ...]) -> bool:
+    """Triton's rule: equal dims, ``-1`` taking any size >= 0."""
     if expected in ((), (1,)) and got in ((), (1,)):
         return True
-    return expected == got
+    return len(expected) == len(got) and all(
+        e in (-1, g) for e, g in zip(expected, got, strict=True)
+    )
 
 
 def input_array(
@@ -195,7 +198,16 @@ def input_array(
         values = typed.astype(dt.numpy, copy=False)
         if values.dtype != wire and not np.array_equal(values, typed):
             raise InvalidInput(f"values out of range for {dt.kserve}", model=model, input=spec.name)
-    return values.reshape((rows, *spec.shape))
+    per_row = per_entry if -1 in spec.shape else spec.shape  # [] and [1] are one value
+    return values.reshape((rows, *per_row))
+
+
+def _rows_as_lists(array: np.ndarray) -> Ragged:
+    """A dense ``[rows, n, *item]`` tensor as rows of ``n`` items each (no copy)."""
+    rows, length = array.shape[:2]
+    dtype = np.int64 if rows * length > np.iinfo(np.int32).max else np.int32
+    offsets = np.arange(rows + 1, dtype=dtype) * length
+    return Ragged(offsets, array.reshape((rows * length, *array.shape[2:])))
 
 
 def _expected_bytes(spec: TensorSpec, tensor: pb.ModelInferRequest.InferInputTensor) -> int:
@@ -226,7 +238,11 @@ def request_batch(
     _check_parameters(request.parameters, name)
     fields = {f.name: f for f in version.inputs}
     specs = {s.name: s for s in tensor_specs(version.inputs)}
-    ragged = [f.name for f in version.inputs if layout(f.type).ragged]
+    ragged = [  # ragged-batch inputs are sent dense, one list per request row
+        f.name
+        for f in version.inputs
+        if layout(f.type).ragged and f.name not in version.ragged_batch_inputs
+    ]
     if ragged:
         named = [t.name for t in request.inputs if t.name in ragged]
         raise InvalidInput(
@@ -279,8 +295,11 @@ def request_batch(
         else:
             raw = None
         array = input_array(specs[tensor.name], tensor, raw, model=name, batching=batching)
+        field = fields[tensor.name]
+        # a ragged-batch input's variable first dim: each request row is one list
+        data = _rows_as_lists(array) if tensor.name in version.ragged_batch_inputs else array
         names.append(tensor.name)
-        columns.append(to_column(fields[tensor.name], array))
+        columns.append(to_column(field, data))
     if not columns:
         raise InvalidInput("the request has no inputs", model=name, expected=list(fields))
     rows = {len(c) for c in columns}
