@@ -418,6 +418,7 @@ def load_model(model_dir: Path) -> list[ModelVersion]:
             f"{config_path}: sequence_batching: sequence (stateful) models are not supported; "
             "remove sequence_batching to serve the model as stateless"
         )
+    ragged_batch, batch_inputs = _ragged_batching(config, config_path)
     if config.backend not in ("", "onnxruntime") or config.platform not in ("", "onnxruntime_onnx"):
         raise ModelError(
             f"{config_path}: platform {config.platform!r} / backend {config.backend!r} is not "
@@ -439,7 +440,6 @@ def load_model(model_dir: Path) -> list[ModelVersion]:
             n.strip() for n in params.get("arrowinfer.ragged_inputs", "").split(",") if n.strip()
         }
         mask = params.get("arrowinfer.mask_input") or None
-        ragged_batch, batch_inputs = _ragged_batching(full, config_path)
         names = {i.name for i in full.input}
         unknown = sorted((ragged | ({mask} if mask else set())) - names)
         if unknown:

@@ -42,7 +42,9 @@ Inference
   ragged (``arrowinfer.ragged_inputs``, such as the example ``jet_tagger``'s ``points`` and
   ``features``) takes a list of items per row, which a KServe tensor cannot express, and its
   mask input is filled by the server. Such a request gets INVALID_ARGUMENT naming the
-  input; use the Arrow Flight endpoint for these models.
+  input; use the Arrow Flight endpoint for these models. Triton's ragged batching
+  (``allow_ragged_batch`` inputs) is served: each request row ``[n]`` of any ``n`` is one
+  list, concatenated with the others without padding (docs/protocol-support.md).
 - ``ModelStreamInfer`` serves a stream's requests pipelined, in order, and puts a failed
   request's error in ``ModelStreamInferResponse.error_message`` (with the request's ``id``
   in ``infer_response``) as Triton does; the stream goes on.
