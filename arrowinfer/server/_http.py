@@ -52,7 +52,7 @@ import struct
 import threading
 import zlib
 from collections.abc import Awaitable, Callable, Iterable
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from starlette.applications import Starlette
@@ -275,12 +275,22 @@ def _json_data(tensor: dict[str, Any], kserve: str, shape: list[int], what: str)
     return cast.astype(target.newbyteorder("<"), copy=False).tobytes()
 
 
+class BinaryOutputs(NamedTuple):
+    """Which outputs go back as binary data: those named so, else the request's default."""
+
+    default: bool
+    named: dict[str, bool]
+
+    def __call__(self, output: str) -> bool:
+        return self.named.get(output, self.default)
+
+
 def infer_request(
     model: str, version: str, header: dict[str, Any], binary: memoryview
-) -> tuple[pb.ModelInferRequest, dict[str, bool]]:
+) -> tuple[pb.ModelInferRequest, BinaryOutputs]:
     """The gRPC request a JSON inference header (and its binary part) describes.
 
-    Returns the request and, for each requested output, whether it goes back as binary.
+    Returns the request and which outputs go back as binary data.
 
     Raises
     ------
@@ -292,9 +302,7 @@ def infer_request(
         request.id = str(header["id"])
     params = header.get("parameters") or {}
     _parameters(request.parameters, params, "request", skip=("binary_data_output",))
-    binary_default = (
-        bool(params.get("binary_data_output", False)) if isinstance(params, dict) else False
-    )
+    binary_default = bool(params.get("binary_data_output", False))  # a dict: checked above
     inputs = header.get("inputs")
     if not isinstance(inputs, list):
         raise InvalidInput("the request needs 'inputs', a list of tensors")
@@ -319,7 +327,7 @@ def infer_request(
             continue  # read from the region
         size = tensor_params.get("binary_data_size")
         if size is not None:
-            if not isinstance(size, int) or size < 0 or cursor + size > len(binary):
+            if type(size) is not int or size < 0 or cursor + size > len(binary):
                 raise InvalidInput(
                     f"{what}: binary_data_size beyond the binary data",
                     expected=f"at most {len(binary) - cursor}",
@@ -346,7 +354,7 @@ def infer_request(
         requested = request.outputs.add(name=entry["name"])
         _parameters(requested.parameters, out_params, f"output {entry['name']!r}", ("binary_data",))
         binary_outputs[entry["name"]] = bool(out_params.get("binary_data", binary_default))
-    return request, {"": binary_default, **binary_outputs}
+    return request, BinaryOutputs(binary_default, binary_outputs)
 
 
 def _strings(raw: bytes) -> list[str]:
@@ -359,7 +367,7 @@ def _strings(raw: bytes) -> list[str]:
 
 
 def infer_answer(
-    response: pb.ModelInferResponse, binary: dict[str, bool]
+    response: pb.ModelInferResponse, binary: BinaryOutputs
 ) -> tuple[bytes, int | None]:
     """The HTTP body of a gRPC response: JSON header, then binary outputs; header length.
 
@@ -383,7 +391,7 @@ def infer_answer(
             entry["parameters"] = {
                 k: v.string_param or v.int64_param for k, v in tensor.parameters.items()
             }
-        elif binary.get(tensor.name, binary[""]):
+        elif binary(tensor.name):
             entry["parameters"] = {"binary_data_size": len(raw)}
             blobs.append(raw)
         elif tensor.datatype == "BYTES":
