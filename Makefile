@@ -58,7 +58,7 @@ $(VENV)/.installed-bench: pyproject.toml | $(BIN)/python
 	touch $@ $(VENV)/.installed
 
 bench: $(VENV)/.installed-bench
-	$(BIN)/arrowinfer bench $(ARGS)
+	$(BIN)/arrowinfer bench --out benchmarks/results --update-readme README.md $(ARGS)
 
 clean:
 	rm -rf $(VENV) $(MIN_VENV) .pytest_cache .ruff_cache .mypy_cache

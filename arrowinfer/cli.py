@@ -24,10 +24,10 @@ log = logging.getLogger("arrowinfer")
 
 def default_repository() -> Path:
     """The built-in example repository, written into the user's cache on first use."""
-    from .examples import write_example_repository
+    from .examples import ALL_MODELS, write_example_repository
 
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return write_example_repository(cache / "arrowinfer" / "examples")
+    return write_example_repository(cache / "arrowinfer" / "examples", models=ALL_MODELS)
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -100,50 +100,105 @@ def _models(args: argparse.Namespace) -> int:
     return 0
 
 
-def _infer(args: argparse.Namespace) -> int:
-    from .client import infer_file
+_URL_SCHEMES = ("grpc", "grpc+tcp", "grpc+tls", "grpc+unix", "shm", "shm+unix")
 
-    rows = infer_file(
-        args.url,
-        args.model,
-        args.input,
-        args.output,
-        batch_rows=args.batch_rows,
-        columns=args.column or None,
-        progress=not args.quiet,
-    )
-    print(f"wrote {rows} rows to {args.output}")
+
+def _check_urls(url: str) -> list[str]:
+    """The server URLs of ``url`` (comma-separated), each with a scheme the client knows.
+
+    ``@FILE`` (a server list a batch job wrote) is left to the client to read.
+    """
+    urls = url.replace(",", " ").split()
+    for u in urls:
+        scheme, sep, _ = u.partition("://")
+        if u != "local" and not u.startswith("@") and not (sep and scheme in _URL_SCHEMES):
+            raise _UsageError(
+                f"bad server URL {u!r}: expected SCHEME://HOST:PORT with SCHEME one of "
+                f"{', '.join(_URL_SCHEMES)} (e.g. grpc://{u if not sep else '127.0.0.1:8815'}), "
+                "or 'local' with --repository"
+            )
+    return urls
+
+
+class _UsageError(Exception):
+    """A wrong argument: printed as one line, exit status 2."""
+
+
+def _infer(args: argparse.Namespace) -> int:
+    import warnings
+
+    import pyarrow as pa
+
+    from .client import Client, FallbackWarning
+    from .files import FileArgumentError, check_output, infer_files
+
+    urls = _check_urls(args.url)
+    local = urls == ["local"]
+    if (local or args.fallback == "local") and not args.repository:
+        raise _UsageError("running locally ('local' or --fallback local) needs --repository REPO")
+    if args.repository and not Path(args.repository).is_dir():
+        raise _UsageError(f"--repository: no such directory {args.repository!r}")
+    if args.step_size < 1:
+        raise _UsageError(f"--step-size must be at least 1, got {args.step_size}")
+    mapping = dict(args.input or [])
+    keep = None if args.keep is None else [c for c in args.keep.split(",") if c]
+    try:
+        check_output(args.output)
+        fallback = "local" if local or args.fallback == "local" else "error"
+        # A fallback is reported once, on one line, not as a Python warning with its source.
+        warnings.simplefilter("once", FallbackWarning)
+        warnings.showwarning = lambda message, category, *_: print(
+            f"{category.__name__}: {message}", file=sys.stderr
+        )
+        with Client(args.url, fallback=fallback, repository=args.repository) as client:
+            stats = infer_files(
+                client,
+                args.model,
+                args.inputs,
+                args.output,
+                mapping=mapping,
+                keep=keep,
+                tree=args.tree,
+                step_size=args.step_size,
+                progress=not args.quiet,
+            )
+    except FileArgumentError as err:
+        raise _UsageError(str(err)) from None
+    except (OSError, pa.ArrowException) as err:  # a file that breaks while it is read
+        print(f"arrowinfer infer: {err}", file=sys.stderr)
+        return 1
+    if stats.interrupted:
+        where = (
+            f"{args.output} holds the first {stats.events} events"
+            if stats.events
+            else "no event was done, no output written"
+        )
+        print(f"interrupted: {where}", file=sys.stderr)
+        return 130
+    print(f"wrote {stats.events} events to {args.output}")
     return 0
 
 
 def _bench(args: argparse.Namespace) -> int:
-    import runpy
+    from .bench.transports import main as bench
 
-    # The benchmarks live in the source tree (benchmarks/), next to their results.
-    script = Path(__file__).resolve().parent.parent / "benchmarks" / "transports.py"
-    if not script.exists():
-        print(
-            "arrowinfer bench runs benchmarks/transports.py from a source checkout", file=sys.stderr
-        )
-        return 2
-    sys.argv = [str(script), *args.bench_args]
-    runpy.run_path(str(script), run_name="__main__")
-    return 0
+    return bench(args.bench_args)
 
 
 def _examples(args: argparse.Namespace) -> int:
-    from .examples import write_example_repository
+    from .examples import ALL_MODELS, write_example_repository
 
-    path = write_example_repository(args.directory, overwrite=args.overwrite)
+    path = write_example_repository(args.directory, models=ALL_MODELS, overwrite=args.overwrite)
     print(f"example model repository written to {path}")
     return 0
 
 
-def _column_mapping(text: str) -> str:
-    name, sep, column = text.partition("=")
-    if not (name and sep and column):
-        raise argparse.ArgumentTypeError(f"expected INPUT=COLUMN, got {text!r}")
-    return text
+def _input_mapping(text: str) -> tuple[str, list[str]]:
+    name, sep, columns = text.partition("=")
+    names = [c.strip() for c in columns.split(",")]
+    if not (name and sep and all(names)):
+        raise argparse.ArgumentTypeError(f"expected NAME=COLUMN[,COLUMN...], got {text!r}")
+    return name, names
 
 
 def parser() -> argparse.ArgumentParser:
@@ -247,35 +302,69 @@ def parser() -> argparse.ArgumentParser:
 
     infer = sub.add_parser(
         "infer",
-        help="run a model over a file of events",
-        description="Send the events of an Arrow IPC (.arrow/.arrows/.feather) or Parquet file "
-        "to a server, and write the results (one row per input row) as Arrow IPC or Parquet, "
-        "chosen by the output file's extension.",
+        help="run a model over event files (ROOT, Parquet, Arrow)",
+        description="Run a model over the events of ROOT files (uproot; --tree), Parquet or "
+        "Arrow IPC files, local paths, globs or http(s):// URLs, read --step-size events at a "
+        "time and pipelined to the server(s). The output has one row per event: the "
+        "identifying columns (--keep) and the model's outputs (per-object outputs as per-event "
+        "lists), as Parquet, Arrow IPC (.arrow, .feather) or ROOT (.root), by extension. "
+        "Ctrl-C stops and leaves the events done so far.",
     )
-    infer.add_argument("url", help="server, e.g. grpc://127.0.0.1:8815")
+    infer.add_argument(
+        "url",
+        help="server(s), e.g. grpc://127.0.0.1:8815 (comma-separated for several), or 'local' "
+        "to run the model in this process from --repository",
+    )
     infer.add_argument("model", help="model name (optionally NAME/VERSION)")
-    infer.add_argument("input", help="input file (.arrow, .arrows, .feather, .parquet)")
-    infer.add_argument("output", help="output file (.arrow or .parquet)")
+    infer.add_argument("inputs", nargs="+", metavar="INPUT", help="event files, globs or URLs")
+    infer.add_argument("output", help="output file (.parquet, .arrow, .feather or .root)")
     infer.add_argument(
+        "--input",
         "--column",
+        dest="input",
         action="append",
-        type=_column_mapping,
-        metavar="INPUT=COLUMN",
-        help="map a model input to a file column (repeatable)",
+        type=_input_mapping,
+        metavar="NAME=COL[,COL...]",
+        help="make model input NAME from these columns (repeatable): one column as it is, "
+        "several per-event scalars stacked into [n], several per-object lists (Jet_pt,Jet_eta) "
+        "stacked into [var, n] per event, or one row per object for a per-object model. "
+        "Default: the column named like the input. --column is an alias",
     )
     infer.add_argument(
-        "--batch-rows", type=int, default=4096, help="rows per request (default: %(default)s)"
+        "--keep",
+        metavar="COL[,COL...]",
+        help="columns copied to the output (default: run,luminosityBlock,event where present; "
+        "'' for none)",
     )
+    infer.add_argument("--tree", default="Events", help="TTree of ROOT files (default: Events)")
+    infer.add_argument(
+        "--step-size",
+        "--batch-rows",
+        dest="step_size",
+        type=int,
+        default=5000,
+        metavar="N",
+        help="events read and sent per request (default: %(default)s)",
+    )
+    infer.add_argument(
+        "--fallback",
+        choices=("error", "local"),
+        default="error",
+        help="'local': run the model in this process (from --repository) when the servers "
+        "fail (default: %(default)s)",
+    )
+    infer.add_argument("--repository", metavar="REPO", help="model repository for local runs")
     infer.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     infer.set_defaults(run=_infer)
 
     bench = sub.add_parser(
         "bench",
-        help="compare every transport on this machine (benchmarks/transports.py)",
+        help="compare every transport on this machine",
         description="Run one model over every transport (in-process, Flight TCP, Flight Unix "
         "socket, shared memory, KServe v2 gRPC via tritonclient) and write JSON, Markdown and "
-        "plots into benchmarks/results/. Options: --quick (under two minutes), "
-        "--triton-url HOST:PORT (also a real Triton server), --out DIR, --no-readme.",
+        "plots into --out DIR (default ./arrowinfer-bench-results). Options: --quick (under "
+        "two minutes), --triton-url HOST:PORT (also a real Triton server), --update-readme "
+        "[README] (also its summary table; nothing else is written without it).",
     )
     bench.set_defaults(run=_bench)
 
@@ -300,6 +389,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         return int(args.run(args))
+    except _UsageError as err:
+        print(f"arrowinfer {args.command}: {err}", file=sys.stderr)
+        return 2
     except ArrowInferError as err:
         print(f"{type(err).__name__}: {err}", file=sys.stderr)
         return 1

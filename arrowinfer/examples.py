@@ -21,7 +21,13 @@ model             stands in for                          inputs -> outputs (batc
 ``identity``      Triton's transport-test model          INPUT0 [1024] -> OUTPUT0 [1024]
 ``track_sum``     event-level Deep Sets, ragged batching pt [var] (concatenated, with offsets)
                                                          -> score [1], n_tracks [1]
+``jet_score``     a per-jet tagger over NanoAOD branches jet [8] -> score [1] (one row a jet)
+``event_jets``    Deep Sets event classifier over the    jets [16, 5] (ragged), mask [16, 1]
+                  event's NanoAOD jets                   -> probabilities [2]
 ================  =====================================  ===================================
+
+The last two (`ANALYSIS_MODELS`) read branches that CMS NanoAOD really has
+(`JET_SCORE_BRANCHES`, `EVENT_JETS_BRANCHES`), so they run on the open-data sample as it is.
 
 This module only builds and writes ONNX files; it never runs them (only
 ``arrowinfer.backends`` imports onnxruntime).
@@ -43,8 +49,12 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 __all__ = [
+    "ALL_MODELS",
+    "ANALYSIS_MODELS",
+    "EVENT_JETS_BRANCHES",
     "EXAMPLE_MODELS",
     "IR_VERSION",
+    "JET_SCORE_BRANCHES",
     "OPSET",
     "build_model",
     "config_text",
@@ -53,7 +63,14 @@ __all__ = [
 ]
 
 EXAMPLE_MODELS: tuple[str, ...] = ("facile", "jet_tagger", "toptag_cnn", "identity", "track_sum")
-"""Names of the example models, in the order they are written."""
+"""Names of the SONIC stand-in models, in the order they are written (the default of
+:func:`write_example_repository`)."""
+
+ANALYSIS_MODELS: tuple[str, ...] = ("jet_score", "event_jets")
+"""Names of the models that read CMS NanoAOD branches as they are (the open-data sample)."""
+
+ALL_MODELS: tuple[str, ...] = EXAMPLE_MODELS + ANALYSIS_MODELS
+"""Every example model: what ``arrowinfer examples`` and ``arrowinfer serve`` write."""
 
 OPSET = 17
 """ONNX opset of the default domain used by every example model."""
@@ -203,33 +220,88 @@ def _build_facile(g: _Graph) -> None:
     g.dense(h, 32, 1, prefix="dense3", gain=1.0, output="energy")
 
 
+def _masked_mean(g: _Graph, h: str, mask: str) -> str:
+    """Mean of ``h [B, N, H]`` over the real items (``mask [B, N, 1]`` is 1), as ``[B, H]``."""
+    # Multiplying by the mask alone is not enough: a padded slot whose garbage makes h
+    # infinite or NaN gives inf * 0 = NaN. Where() drops those slots whatever they hold, so
+    # the output depends on the real items only, which the server's pad/truncate step
+    # relies on.
+    zero = g.constant("zero", _scalar(0.0))
+    one = g.constant("one", _scalar(1.0))
+    weighted = g.op("Mul", [h, mask], prefix="mask/mul")
+    is_pad = g.op("Equal", [mask, zero], prefix="mask/is_pad")
+    masked = g.op("Where", [is_pad, zero, weighted], prefix="mask/where")
+
+    # sum(h * mask) / max(sum(mask), 1): the max() keeps a set with no item at all
+    # (all-zero mask: a jet without particles, an event without jets) finite, not 0 / 0.
+    axis = g.constant("particle_axis", np.array([1], dtype=np.int64))
+    total = g.op("ReduceSum", [masked, axis], prefix="pool/sum", keepdims=0)  # [B, H]
+    count = g.op("ReduceSum", [mask, axis], prefix="pool/count", keepdims=0)  # [B, 1]
+    count = g.op("Max", [count, one], prefix="pool/clamp")
+    return g.op("Div", [total, count], prefix="pool/mean")
+
+
 def _build_jet_tagger(g: _Graph) -> None:
     # Per-particle network phi, shared by all particles (Deep Sets / Energy Flow Network).
     x = g.op("Concat", ["points", "features"], prefix="concat", axis=-1)  # [B, 100, 9]
     h = g.relu(g.dense_nd(x, 9, 64, prefix="phi1"), "phi1")
     h = g.relu(g.dense_nd(h, 64, 64, prefix="phi2"), "phi2")  # [B, 100, 64]
-
-    # Mask the padded slots. Multiplying by the mask alone is not enough: a padded slot
-    # whose garbage makes h infinite or NaN gives inf * 0 = NaN. Where() drops those
-    # slots whatever they hold, so the output depends on the real particles only,
-    # which the server's pad/truncate step relies on.
-    zero = g.constant("zero", _scalar(0.0))
-    one = g.constant("one", _scalar(1.0))
-    weighted = g.op("Mul", [h, "mask"], prefix="mask/mul")
-    is_pad = g.op("Equal", ["mask", zero], prefix="mask/is_pad")
-    masked = g.op("Where", [is_pad, zero, weighted], prefix="mask/where")
-
-    # Masked mean over particles: sum(h * mask) / max(sum(mask), 1). The max() keeps
-    # a jet with no particle at all (all-zero mask) finite instead of 0 / 0.
-    axis = g.constant("particle_axis", np.array([1], dtype=np.int64))
-    total = g.op("ReduceSum", [masked, axis], prefix="pool/sum", keepdims=0)  # [B, 64]
-    count = g.op("ReduceSum", ["mask", axis], prefix="pool/count", keepdims=0)  # [B, 1]
-    count = g.op("Max", [count, one], prefix="pool/clamp")
-    pooled = g.op("Div", [total, count], prefix="pool/mean")
+    pooled = _masked_mean(g, h, "mask")
 
     # Jet-level network F.
     h = g.relu(g.dense(pooled, 64, 32, prefix="f1"), "f1")
     logits = g.dense(h, 32, 5, prefix="f2", gain=1.0)
+    g.op("Softmax", [logits], prefix="softmax", output="probabilities", axis=-1)
+
+
+#: The NanoAOD jet branches ``jet_score`` reads, in order, and their typical centre and
+#: spread in CMS open data (so that the network sees inputs of order one).
+JET_SCORE_BRANCHES: tuple[str, ...] = (
+    "Jet_pt",
+    "Jet_eta",
+    "Jet_phi",
+    "Jet_mass",
+    "Jet_btagCSVV2",
+    "Jet_qgl",
+    "Jet_area",
+    "Jet_nConstituents",
+)
+_JET_CENTRE = (30.0, 0.0, 0.0, 5.0, -5.0, 0.0, 0.5, 12.0)
+_JET_SPREAD = (25.0, 2.3, 1.8, 3.0, 5.0, 0.8, 0.05, 5.5)
+
+#: The NanoAOD jet branches of each jet that ``event_jets`` reads, in order.
+EVENT_JETS_BRANCHES: tuple[str, ...] = (
+    "Jet_pt",
+    "Jet_eta",
+    "Jet_phi",
+    "Jet_mass",
+    "Jet_btagCSVV2",
+)
+_EVENT_JETS_MAX = 16
+
+
+def _standardise(g: _Graph, x: str, centre: tuple[float, ...], spread: tuple[float, ...]) -> str:
+    """``(x - centre) / spread`` per feature (the last axis)."""
+    c = g.constant("norm/centre", np.array(centre, dtype=np.float32))
+    s = g.constant("norm/spread", np.array(spread, dtype=np.float32))
+    return g.op("Div", [g.op("Sub", [x, c], prefix="norm/sub"), s], prefix="norm/div")
+
+
+def _build_jet_score(g: _Graph) -> None:
+    x = _standardise(g, "jet", _JET_CENTRE, _JET_SPREAD)
+    h = g.relu(g.dense(x, 8, 32, prefix="dense1"), "dense1")
+    h = g.relu(g.dense(h, 32, 32, prefix="dense2"), "dense2")
+    logit = g.dense(h, 32, 1, prefix="dense3", gain=1.0)
+    g.op("Sigmoid", [logit], prefix="sigmoid", output="score")
+
+
+def _build_event_jets(g: _Graph) -> None:
+    x = _standardise(g, "jets", _JET_CENTRE[:5], _JET_SPREAD[:5])  # [B, 16, 5]
+    h = g.relu(g.dense_nd(x, 5, 32, prefix="phi1"), "phi1")
+    h = g.relu(g.dense_nd(h, 32, 32, prefix="phi2"), "phi2")  # [B, 16, 32]
+    pooled = _masked_mean(g, h, "mask")
+    h = g.relu(g.dense(pooled, 32, 16, prefix="f1"), "f1")
+    logits = g.dense(h, 16, 2, prefix="f2", gain=1.0)
     g.op("Softmax", [logits], prefix="softmax", output="probabilities", axis=-1)
 
 
@@ -299,14 +371,15 @@ class _Spec:
     outputs: tuple[_Tensor, ...]
     build: Callable[[_Graph], None]
     max_batch_size: int
-    # Fields of the config's dynamic_batching message, in protobuf text format.
-    dynamic_batching: str
+    # The config's dynamic_batching message.
+    max_queue_delay_us: int
     # arrowinfer's and the backend's own settings (the config's parameters map).
     parameters: tuple[tuple[str, str], ...]
     stands_in_for: str
     architecture: str
     serving: str
     references: tuple[str, ...]
+    preferred_batch_sizes: tuple[int, ...] = ()
     # Triton's ragged batching: inputs with allow_ragged_batch (1-D in the graph, every
     # event's values concatenated) and the batch inputs (kind, target, source) the server
     # makes for them (INT32, 1-D).
@@ -349,7 +422,7 @@ _SPECS: dict[str, _Spec] = {
         build=_build_facile,
         max_batch_size=16384,
         # no delay: merge whatever is queued, never hold a lone request back
-        dynamic_batching="max_queue_delay_microseconds: 0",
+        max_queue_delay_us=0,
         parameters=(),
         stands_in_for=(
             "FACILE, the small fully connected network that CMS studied for the local\n"
@@ -379,7 +452,8 @@ _SPECS: dict[str, _Spec] = {
         outputs=(_Tensor("probabilities", (5,), "class probabilities (softmax over 5 classes)"),),
         build=_build_jet_tagger,
         max_batch_size=1024,
-        dynamic_batching=("max_queue_delay_microseconds: 500\n  preferred_batch_size: [ 64, 256 ]"),
+        max_queue_delay_us=500,
+        preferred_batch_sizes=(64, 256),
         parameters=(
             ("arrowinfer.ragged_inputs", "points,features"),
             ("arrowinfer.mask_input", "mask"),
@@ -418,7 +492,7 @@ _SPECS: dict[str, _Spec] = {
         outputs=(_Tensor("probabilities", (2,), "(QCD, top) probabilities"),),
         build=_build_toptag_cnn,
         max_batch_size=256,
-        dynamic_batching="max_queue_delay_microseconds: 1000",
+        max_queue_delay_us=1000,
         parameters=(("intra_op_thread_count", "2"),),
         stands_in_for=(
             "The ResNet-50-based top-quark tagger on jet images that the SONIC FPGA and\n"
@@ -446,7 +520,7 @@ _SPECS: dict[str, _Spec] = {
         outputs=(_Tensor("OUTPUT0", (1024,), "INPUT0, unchanged"),),
         build=_build_identity,
         max_batch_size=16384,
-        dynamic_batching="max_queue_delay_microseconds: 0",
+        max_queue_delay_us=0,
         parameters=(),
         stands_in_for=(
             "Nothing physical: like the `identity`/`simple` models of Triton's examples\n"
@@ -460,7 +534,7 @@ _SPECS: dict[str, _Spec] = {
         references=(_SONIC_CMS,),
     ),
     "track_sum": _Spec(
-        seed=20190005,
+        seed=20190007,
         title="Track sum: an event-level Deep Sets over ragged tracks, without padding",
         inputs=(_Tensor("pt", (-1,), "transverse momenta of the event's tracks (any number)"),),
         outputs=(
@@ -469,7 +543,7 @@ _SPECS: dict[str, _Spec] = {
         ),
         build=_build_track_sum,
         max_batch_size=4096,
-        dynamic_batching="max_queue_delay_microseconds: 100",
+        max_queue_delay_us=100,
         parameters=(),
         ragged_batch=("pt",),
         batch_inputs=(("BATCH_ACCUMULATED_ELEMENT_COUNT_WITH_ZERO", "offsets", "pt"),),
@@ -493,6 +567,82 @@ _SPECS: dict[str, _Spec] = {
         ),
         references=(_SONIC_CMS,),
     ),
+    "jet_score": _Spec(
+        seed=20190005,
+        title="Per-jet tagger over NanoAOD jet branches",
+        inputs=(
+            _Tensor(
+                "jet",
+                (len(JET_SCORE_BRANCHES),),
+                "one jet: " + ", ".join(f"`{b}`" for b in JET_SCORE_BRANCHES),
+            ),
+        ),
+        outputs=(_Tensor("score", (1,), "tag score in (0, 1) (sigmoid)"),),
+        build=_build_jet_score,
+        max_batch_size=65536,
+        max_queue_delay_us=100,
+        parameters=(),
+        stands_in_for=(
+            "A per-jet tagger of a NanoAOD analysis (b or quark/gluon tagging refined from\n"
+            "the jet's kinematics and its stored tagger outputs). It reads eight branches\n"
+            "that CMS NanoAOD really has for every jet, so it runs on the CMS open-data\n"
+            "sample as it is: one request row per jet, e.g.\n"
+            "`arrowinfer infer URL jet_score FILE.root out.parquet "
+            "--input jet=" + ",".join(JET_SCORE_BRANCHES) + "`\n"
+            "(the scores come back as one list per event, one value per jet)."
+        ),
+        architecture=(
+            "Fixed standardisation `(x - centre) / spread` per feature (typical values of\n"
+            "open-data jets, in the graph), then an MLP 8 -> 32 -> 32 -> 1 with ReLU and a\n"
+            "Sigmoid output."
+        ),
+        serving=(
+            "`max_batch_size: 65536` (all jets of a chunk of events in one batch), dynamic\n"
+            "batching with a 100 us queue delay, one CPU instance."
+        ),
+        references=(_DEEPAK8, _SONIC_CMS),
+    ),
+    "event_jets": _Spec(
+        seed=20190006,
+        title="Event classifier: Deep Sets over each event's NanoAOD jets",
+        inputs=(
+            _Tensor(
+                "jets",
+                (_EVENT_JETS_MAX, len(EVENT_JETS_BRANCHES)),
+                "the event's jets: " + ", ".join(f"`{b}`" for b in EVENT_JETS_BRANCHES),
+            ),
+            _Tensor("mask", (_EVENT_JETS_MAX, 1), "1 for a real jet, 0 for padding"),
+        ),
+        outputs=(_Tensor("probabilities", (2,), "(background, signal) probabilities"),),
+        build=_build_event_jets,
+        max_batch_size=4096,
+        max_queue_delay_us=200,
+        parameters=(
+            ("arrowinfer.ragged_inputs", "jets"),
+            ("arrowinfer.mask_input", "mask"),
+            ("arrowinfer.pad_value", "0"),
+        ),
+        stands_in_for=(
+            "An event-level classifier over the set of jets of each event (a ttbar vs\n"
+            "background discriminant, say), permutation invariant as Deep Sets / Energy\n"
+            "Flow Networks are. Clients send each event's jets as a ragged list, only the\n"
+            "real jets travel, e.g. `--input jets=" + ",".join(EVENT_JETS_BRANCHES) + "`;\n"
+            "an event without jets is fine (its mask is all zero)."
+        ),
+        architecture=(
+            "Fixed standardisation per feature; per-jet MLP 5 -> 32 -> 32 with ReLU;\n"
+            "masked mean over the jets, `sum(h * mask) / max(sum(mask), 1)` (padded slots\n"
+            "cannot change the output, whatever they hold); event MLP 32 -> 16 -> 2 with\n"
+            "ReLU; Softmax."
+        ),
+        serving=(
+            f"`max_batch_size: 4096`, dynamic batching with a 200 us queue delay. The\n"
+            f"server pads or truncates each event's jets to {_EVENT_JETS_MAX} "
+            "(`arrowinfer.ragged_inputs`) and\n"
+            "fills `mask` itself (`arrowinfer.mask_input`)."
+        ),
+        references=(_EFN, _SONIC_CMS),
+    ),
 }
 
 
@@ -501,7 +651,7 @@ def _spec(name: str) -> _Spec:
         return _SPECS[name]
     except KeyError:
         raise ValueError(
-            f"unknown example model {name!r}; expected one of {', '.join(EXAMPLE_MODELS)}"
+            f"unknown example model {name!r}; expected one of {', '.join(ALL_MODELS)}"
         ) from None
 
 
@@ -584,68 +734,64 @@ def config_text(name: str) -> str:
     Parameters
     ----------
     name : str
-        One of `EXAMPLE_MODELS`.
+        One of `ALL_MODELS`.
 
     Returns
     -------
     str
-        Triton's ``ModelConfig`` in protobuf text format, the content of
-        ``config.pbtxt``: platform ``onnxruntime_onnx``, inputs and outputs as in the
-        ONNX graph (without the batch dimension, which ``max_batch_size`` implies),
-        dynamic batching, one CPU instance and the model's ``parameters``.
+        Triton's ``ModelConfig`` (the generated protobuf class) printed in protobuf text
+        format, the content of ``config.pbtxt``, after two comment lines: platform
+        ``onnxruntime_onnx``, inputs and outputs as in the ONNX graph (without the batch
+        dimension, which ``max_batch_size`` implies), dynamic batching, one CPU instance
+        and the model's ``parameters``.
 
     Raises
     ------
     ValueError
         If `name` is not an example model.
     """
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2 as mc
+
     spec = _spec(name)
-
-    def tensors(field: str, items: tuple[_Tensor, ...]) -> list[str]:
-        lines = [f"{field} ["]
-        for i, t in enumerate(items):
-            dims = ", ".join(map(str, t.dims))
-            lines += [
-                "  {",
-                f'    name: "{t.name}"',
-                "    data_type: TYPE_FP32",
-                f"    dims: [ {dims} ]",
-                *(["    allow_ragged_batch: true"] if t.name in spec.ragged_batch else []),
-                "  }" + ("," if i < len(items) - 1 else ""),
-            ]
-        lines.append("]")
-        return lines
-
-    lines = [
-        f"# arrowinfer example model {name!r}: {spec.title}.",
-        "# The weights are random: outputs are meaningless physics-wise (see README.md).",
-        f'name: "{name}"',
-        'platform: "onnxruntime_onnx"',
-        f"max_batch_size: {spec.max_batch_size}",
-        *tensors("input", spec.inputs),
-        *tensors("output", spec.outputs),
-        *[
-            line
-            for kind, target, source in spec.batch_inputs
-            for line in (
-                "batch_input [",
-                "  {",
-                f"    kind: {kind}",
-                f'    target_name: "{target}"',
-                "    data_type: TYPE_INT32",
-                f'    source_input: "{source}"',
-                "  }",
-                "]",
+    config = mc.ModelConfig(
+        name=name,
+        platform="onnxruntime_onnx",
+        max_batch_size=spec.max_batch_size,
+        input=[
+            mc.ModelInput(
+                name=t.name,
+                data_type=mc.TYPE_FP32,
+                dims=t.dims,
+                allow_ragged_batch=t.name in spec.ragged_batch,
             )
+            for t in spec.inputs
         ],
-        "dynamic_batching {",
-        f"  {spec.dynamic_batching}",
-        "}",
-        "instance_group [ { count: 1 kind: KIND_CPU } ]",
-    ]
+        batch_input=[
+            mc.BatchInput(
+                kind=mc.BatchInput.Kind.Value(kind),
+                target_name=[target],
+                data_type=mc.TYPE_INT32,
+                source_input=[source],
+            )
+            for kind, target, source in spec.batch_inputs
+        ],
+        output=[
+            mc.ModelOutput(name=t.name, data_type=mc.TYPE_FP32, dims=t.dims) for t in spec.outputs
+        ],
+        dynamic_batching=mc.ModelDynamicBatching(
+            max_queue_delay_microseconds=spec.max_queue_delay_us,
+            preferred_batch_size=spec.preferred_batch_sizes,
+        ),
+        instance_group=[mc.ModelInstanceGroup(count=1, kind=mc.ModelInstanceGroup.Kind.KIND_CPU)],
+    )
     for key, value in spec.parameters:
-        lines.append(f'parameters {{ key: "{key}" value {{ string_value: "{value}" }} }}')
-    return "\n".join(lines) + "\n"
+        config.parameters[key].string_value = value
+    header = (
+        f"# arrowinfer example model {name!r}: {spec.title}.\n"
+        "# The weights are random: outputs are meaningless physics-wise (see README.md).\n"
+    )
+    return header + text_format.MessageToString(config)
 
 
 def model_card(name: str) -> str:
@@ -760,7 +906,7 @@ def write_example_repository(
             f"models must be an iterable of model names, got the string {models!r}; "
             f"use models=[{models!r}]"
         )
-    names = EXAMPLE_MODELS if models is None else tuple(models)
+    names = EXAMPLE_MODELS if models is None else tuple(models)  # see ALL_MODELS
     for name in names:
         _spec(name)  # fail before writing anything
 

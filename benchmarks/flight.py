@@ -32,11 +32,7 @@ import pyarrow as pa
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
 
 from arrowinfer.backends import create_backend
-from arrowinfer.client import Client, FlightTransport, conform
-from arrowinfer.examples import write_example_repository
-from arrowinfer.repository import Repository
-from benchmarks._machine import describe, markdown
-from benchmarks.harness import (
+from arrowinfer.bench.harness import (
     Measurement,
     arrowinfer_server,
     echo_server,
@@ -45,7 +41,11 @@ from benchmarks.harness import (
     reset_peak_rss,
     rss_bytes,
 )
-from benchmarks.inprocess import make_request
+from arrowinfer.bench.machine import describe, markdown
+from arrowinfer.bench.requests import make_request
+from arrowinfer.client import Client, FlightTransport, conform
+from arrowinfer.examples import write_example_repository
+from arrowinfer.repository import Repository
 
 MB = 10**6
 

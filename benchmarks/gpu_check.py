@@ -51,10 +51,10 @@ from arrowinfer import events, tensors
 from arrowinfer.backends import import_cupy
 from arrowinfer.backends.device import DeviceBackend
 from arrowinfer.backends.ort import OnnxRuntimeBackend
+from arrowinfer.bench.machine import describe, markdown
 from arrowinfer.errors import ModelError
 from arrowinfer.examples import EXAMPLE_MODELS, write_example_repository
 from arrowinfer.repository import ModelVersion, Repository
-from benchmarks._machine import describe, markdown
 
 BATCH_SIZES = (1, 16, 128, 1024, 4096)
 REQUESTS_PER_BATCH = 4  # a batch merges this many requests, as from several clients

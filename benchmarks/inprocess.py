@@ -29,14 +29,13 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 
-from arrowinfer import events, tensors
 from arrowinfer.backends import create_backend
+from arrowinfer.bench.machine import OtherLoad, describe, markdown
+from arrowinfer.bench.requests import make_request
 from arrowinfer.examples import EXAMPLE_MODELS, write_example_repository
 from arrowinfer.repository import Repository
-from benchmarks._machine import OtherLoad, describe, markdown
 
 #: What one row (batch entry) of each example model is.
 ROW = {"facile": "HCAL hit", "jet_tagger": "jet", "toptag_cnn": "jet", "identity": "4 KiB payload"}
@@ -44,26 +43,6 @@ ROW = {"facile": "HCAL hit", "jet_tagger": "jet", "toptag_cnn": "jet", "identity
 WARMUP_CALLS = 2
 MIN_CALLS = 3
 NOISY_PERCENT = 5  # others' CPU share above which a cell is flagged
-
-
-def make_request(model: str, rows: int, *, seed: int = 0) -> pa.RecordBatch:
-    """A synthetic request of ``rows`` batch entries for one of the example models."""
-    if model == "facile":
-        # Whole events' hits, flattened to one row per hit: ~2000 hits per event.
-        n_events = rows // 1500 + 2
-        hits = events.synthetic_hcal_hits(n_events, seed=seed).column("hits").flatten()
-        if len(hits) < rows:
-            raise RuntimeError(f"{n_events} synthetic events gave {len(hits)} hits < {rows}")
-        column = tensors.from_numpy(tensors.to_numpy(hits[:rows]))  # fixed_shape_tensor [15]
-        return pa.RecordBatch.from_arrays([column], ["hits"])
-    if model == "jet_tagger":
-        return events.synthetic_jet_constituents(rows, seed=seed)
-    if model == "toptag_cnn":
-        return events.synthetic_jet_images(rows, seed=seed)
-    if model == "identity":
-        values = np.random.default_rng(seed).standard_normal((rows, 1024), dtype=np.float32)
-        return pa.RecordBatch.from_arrays([tensors.from_numpy(values)], ["INPUT0"])
-    raise ValueError(f"no synthetic input for model {model!r}")
 
 
 def batch_sizes(max_batch_size: int) -> list[int]:

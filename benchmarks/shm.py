@@ -33,25 +33,13 @@ import pyarrow as pa
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
 
+from arrowinfer.bench.harness import Measurement, arrowinfer_server, markdown_table, measure
+from arrowinfer.bench.machine import OtherLoad, describe, markdown
+from arrowinfer.bench.requests import make_request, one_intra_op_thread
 from arrowinfer.client import Client, ShmTransport, conform
 from arrowinfer.examples import write_example_repository
-from benchmarks._machine import OtherLoad, describe, markdown
-from benchmarks.harness import Measurement, arrowinfer_server, markdown_table, measure
-from benchmarks.inprocess import make_request
 
 SIZES = ((1024, "4 MB"), (8192, "32 MB"))
-
-
-def one_intra_op_thread(repository: Path, models: tuple[str, ...] = ("identity", "facile")) -> Path:
-    """Give the models one onnxruntime thread: neither an identity copy nor one row needs
-    more, and an idle pool's spinning threads would take the CPUs the transports measure."""
-    for model in models:
-        config = repository / model / "config.pbtxt"
-        config.write_text(
-            config.read_text()
-            + '\nparameters { key: "intra_op_thread_count" value: { string_value: "1" } }\n'
-        )
-    return repository
 
 
 def _copy(src: np.ndarray, dst: np.ndarray) -> Future[object]:

@@ -32,12 +32,11 @@ import pyarrow as pa
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
 
+from arrowinfer.bench.harness import Measurement, arrowinfer_server, markdown_table, measure
+from arrowinfer.bench.machine import describe, markdown
+from arrowinfer.bench.requests import make_request, one_intra_op_thread
 from arrowinfer.client import Client, conform
 from arrowinfer.examples import write_example_repository
-from benchmarks._machine import describe, markdown
-from benchmarks.harness import Measurement, arrowinfer_server, markdown_table, measure
-from benchmarks.inprocess import make_request
-from benchmarks.shm import one_intra_op_thread
 
 MODELS = ("facile", "jet_tagger")
 

@@ -1,16 +1,13 @@
-"""Tag the jets of a CMS NanoAOD file on a Dask cluster, with the model on arrowinfer servers.
+"""Score the jets of a CMS NanoAOD file on a Dask cluster, with the model on arrowinfer servers.
 
 The event loop of SONIC on Dask: the jets of the CMS Open Data ttbar sample
 (``nanoAOD_2015_CMS_Open_Data_ttbar.root``, found with
 :func:`arrowinfer.events.shared_data_dir`) become one row per jet in an Arrow-backed Dask
-DataFrame, and :func:`arrowinfer.dask.infer_partitions` runs the example ``jet_tagger`` over
-every partition, one client per Dask worker process, with the requests going to the servers.
-
-**A demonstration, not physics.** NanoAOD keeps jets, not their particles, and
-``jet_tagger`` (a ParticleNet stand-in with random weights) wants particles. Each jet is
-handed to it as a *single constituent* at the jet axis: points ``[(0, 0)]`` and features
-``[(0, 0, log pt, log E, 0, 0, 0)]`` (``arrowinfer.events.CONSTITUENT_FEATURES``). The shapes
-and the data flow are real; the scores mean nothing.
+DataFrame, and :func:`arrowinfer.dask.infer_partitions` runs the example per-jet tagger
+``jet_score`` over every partition, one client per Dask worker process, with the requests
+going to the servers. ``jet_score`` reads eight branches NanoAOD really has for every jet
+(``arrowinfer.examples.JET_SCORE_BRANCHES``); its weights are random, so the scores mean
+nothing physics-wise, but the inputs and the data flow are the real ones.
 
 Usage::
 
@@ -33,41 +30,33 @@ import pyarrow as pa
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a clone
 
-from arrowinfer import events
+from arrowinfer import events, tensors
+from arrowinfer.examples import JET_SCORE_BRANCHES
 
 SAMPLE = "nanoAOD_2015_CMS_Open_Data_ttbar.root"
 
 
 def jets_table(path: Path, entry_stop: int | None = None) -> pa.Table:
-    """One row per jet: event number, jet index, pt/eta/phi/mass and jet_tagger's inputs."""
-    table = events.read_nanoaod(
-        path, branches=("event", "Jet_pt", "Jet_eta", "Jet_phi", "Jet_mass"), entry_stop=entry_stop
-    )
+    """One row per jet: event number, jet index, pt and jet_score's input ``jet`` [8]."""
+    branches = ("event", *JET_SCORE_BRANCHES)
+    table = events.read_nanoaod(path, branches=branches, entry_stop=entry_stop)
     pt_list = table.column("Jet_pt").combine_chunks()
     offsets = pt_list.offsets.to_numpy()
     n_jets = np.diff(offsets)
-    flat = {
-        name: table.column(f"Jet_{name}").combine_chunks().flatten().to_numpy()
-        for name in ("pt", "eta", "phi", "mass")
-    }
-    n = len(flat["pt"])
-    energy = np.sqrt((flat["pt"] * np.cosh(flat["eta"])) ** 2 + flat["mass"] ** 2)
-    features = np.zeros((n, 7), dtype=np.float32)  # one constituent at the jet axis
-    features[:, 2] = np.log(flat["pt"])
-    features[:, 3] = np.log(energy)
-    one_each = pa.array(np.arange(n + 1, dtype=np.int32))  # offsets: one item per jet
-
-    def constituents(values: np.ndarray, size: int) -> pa.Array:
-        items = pa.FixedSizeListArray.from_arrays(pa.array(values.ravel()), size)
-        return pa.ListArray.from_arrays(one_each, items)
-
+    features = np.stack(
+        [
+            table.column(b).combine_chunks().flatten().to_numpy().astype(np.float32)
+            for b in JET_SCORE_BRANCHES
+        ],
+        axis=1,
+    )
+    n = len(features)
     return pa.table(
         {
             "event": np.repeat(table.column("event").to_numpy(), n_jets),
             "jet": np.arange(n) - np.repeat(offsets[:-1], n_jets),  # index within the event
-            **flat,
-            "points": constituents(np.zeros((n, 2), dtype=np.float32), 2),
-            "features": constituents(features, 7),
+            "pt": features[:, 0],
+            "features": tensors.from_numpy(features),
         }
     )
 
@@ -118,18 +107,19 @@ def main(argv: list[str] | None = None) -> int:
         stack.enter_context(DaskClient(cluster))
         frame = jets.to_pandas(types_mapper=pd.ArrowDtype)
         collection = dd.from_pandas(frame, npartitions=args.partitions)
-        scores = infer_partitions(collection, "jet_tagger", servers=servers, batch_rows=1024)
+        scores = infer_partitions(
+            collection, "jet_score", servers=servers, columns={"jet": "features"}, batch_rows=4096
+        )
         start = time.perf_counter()
         result = scores.compute()
         elapsed = time.perf_counter() - start
 
-    probabilities = np.stack(result["probabilities"].to_numpy())
+    score = np.stack(result["score"].to_numpy()).ravel()
     print(
-        f"tagged {len(result)} jets in {elapsed:.2f} s ({len(result) / elapsed:,.0f} jets/s) "
+        f"scored {len(result)} jets in {elapsed:.2f} s ({len(result) / elapsed:,.0f} jets/s) "
         f"on {args.workers} Dask workers, {args.partitions} partitions"
     )
-    print("mean score per class:", np.round(probabilities.mean(axis=0), 3))
-    print("jets per most likely class:", np.bincount(probabilities.argmax(axis=1), minlength=5))
+    print(f"mean score {score.mean():.3f}; jets with score > 0.5: {(score > 0.5).sum()}")
     return 0
 
 

@@ -13,7 +13,7 @@ import pytest
 from arrowinfer import tensors
 from arrowinfer.cli import main
 from arrowinfer.client import Client
-from arrowinfer.examples import EXAMPLE_MODELS
+from arrowinfer.examples import ALL_MODELS
 from arrowinfer.server import Server
 
 MODELS = ["facile", "identity", "jet_tagger", "toptag_cnn", "track_sum"]
@@ -23,8 +23,8 @@ def test_examples_writes_the_repository(tmp_path: Path, capsys: pytest.CaptureFi
     target = tmp_path / "repo"
     assert main(["examples", str(target)]) == 0
     assert str(target) in capsys.readouterr().out
-    assert sorted(p.name for p in target.iterdir()) == sorted(EXAMPLE_MODELS)
-    for name in EXAMPLE_MODELS:
+    assert sorted(p.name for p in target.iterdir()) == sorted(ALL_MODELS)
+    for name in ALL_MODELS:
         assert (target / name / "config.pbtxt").stat().st_size > 0
         assert (target / name / "1" / "model.onnx").stat().st_size > 0
     # a second run keeps what is there; --overwrite rewrites it
@@ -91,7 +91,7 @@ def test_infer_a_file(
     out = tmp_path / target
     args = ["infer", server.location, "facile", str(path), str(out), "--column", "hits=h"]
     assert main([*args, "--batch-rows", "128", "-q"]) == 0
-    assert capsys.readouterr().out.strip() == f"wrote 1000 rows to {out}"
+    assert capsys.readouterr().out.strip() == f"wrote 1000 events to {out}"
     result = read(out)
     assert result.num_rows == events_table.num_rows
     assert result.schema.names == ["energy"]
@@ -133,7 +133,7 @@ def test_errors_print_their_type_and_exit_1(
     assert main(["infer", server.location, "facile", str(path), str(out), "-q"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("InvalidInput: model 'facile': ")
-    assert "no column for input(s) ['hits']" in err
+    assert "no column ['hits']" in err
     assert "got ['channel', 'h']" in err
 
 
@@ -150,7 +150,7 @@ def test_no_server_is_an_error_too(
         assert capsys.readouterr().err.startswith("ServerUnavailable: ")
 
 
-@pytest.mark.parametrize("mapping", ["hits", "=h", "hits="])
+@pytest.mark.parametrize("mapping", ["hits", "=h", "hits=", "hits=a,,b"])
 def test_a_bad_column_mapping_is_a_usage_error(
     server: Server, tmp_path: Path, capsys: pytest.CaptureFixture[str], mapping: str
 ) -> None:
@@ -158,4 +158,20 @@ def test_a_bad_column_mapping_is_a_usage_error(
     with pytest.raises(SystemExit) as info:
         main(args)
     assert info.value.code == 2
-    assert f"expected INPUT=COLUMN, got {mapping!r}" in capsys.readouterr().err
+    assert f"expected NAME=COLUMN[,COLUMN...], got {mapping!r}" in capsys.readouterr().err
+
+
+def test_bench_is_part_of_the_package_and_writes_only_where_told(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from arrowinfer.bench import transports
+
+    # imported as a module of the package, never run from the source tree by path
+    assert Path(transports.__file__).parent.name == "bench"
+    assert Path("arrowinfer-bench-results") == transports.RESULTS  # relative: the cwd
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as info:
+        main(["bench", "--update-readme", "README.md"])  # no README here: refused first
+    assert info.value.code == 2
+    assert "--update-readme: no such file 'README.md'" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []

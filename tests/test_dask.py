@@ -23,6 +23,7 @@ distributed = pytest.importorskip(
 from arrowinfer import events, tensors
 from arrowinfer.client import Client
 from arrowinfer.dask import close_clients, infer_partitions
+from arrowinfer.examples import JET_SCORE_BRANCHES, write_example_repository
 from arrowinfer.server import Server
 
 pytestmark = pytest.mark.timeout(90)
@@ -154,7 +155,7 @@ def test_dask_awkward_partitions(
     )
 
 
-def test_example_builds_jet_tagger_inputs_from_nanoaod(servers: list[Server]) -> None:
+def test_example_builds_jet_score_inputs_from_nanoaod(tmp_path: Path) -> None:
     data = events.shared_data_dir()
     sample = data / "nanoAOD_2015_CMS_Open_Data_ttbar.root" if data else None
     if sample is None or not sample.exists():
@@ -168,9 +169,16 @@ def test_example_builds_jet_tagger_inputs_from_nanoaod(servers: list[Server]) ->
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)
     jets = example.jets_table(sample, entry_stop=50)
-    nanoaod = events.read_nanoaod(sample, entry_stop=50)
-    assert jets.num_rows == sum(nanoaod.column("nJet").to_pylist())
-    assert jets.column("points").combine_chunks().value_lengths().to_pylist() == [1] * len(jets)
-    with Client(servers[0].location) as client:
-        scores = client.infer("jet_tagger", jets.select(["points", "features"]))
+    nanoaod = events.read_nanoaod(sample, branches=JET_SCORE_BRANCHES, entry_stop=50)
+    assert jets.num_rows == sum(
+        nanoaod.column("Jet_pt").combine_chunks().value_lengths().to_pylist()
+    )
+    features = tensors.to_numpy(jets.column("features").combine_chunks())
+    for i, branch in enumerate(JET_SCORE_BRANCHES):  # the real branches, one row per jet
+        np.testing.assert_array_equal(
+            features[:, i], nanoaod.column(branch).combine_chunks().flatten().to_numpy()
+        )
+    repository = write_example_repository(tmp_path, models=["jet_score"])
+    with Client("local", fallback="local", repository=repository) as client:
+        scores = client.infer("jet_score", {"jet": features})
     assert scores.num_rows == jets.num_rows

@@ -18,7 +18,7 @@ from tritonclient.grpc import model_config_pb2
 
 from arrowinfer import examples
 
-MODELS = examples.EXAMPLE_MODELS
+MODELS = examples.ALL_MODELS
 N_PARTICLES = 100
 
 
@@ -34,7 +34,9 @@ def _parse_config(text: str) -> model_config_pb2.ModelConfig:
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
-    return examples.write_example_repository(tmp_path_factory.mktemp("repo") / "models")
+    return examples.write_example_repository(
+        tmp_path_factory.mktemp("repo") / "models", models=MODELS
+    )
 
 
 @pytest.fixture(scope="module")
@@ -139,6 +141,17 @@ _SETTINGS = {
     "toptag_cnn": (256, 1000, [], {"intra_op_thread_count": "2"}),
     "identity": (16384, 0, [], {}),
     "track_sum": (4096, 100, [], {}),
+    "jet_score": (65536, 100, [], {}),
+    "event_jets": (
+        4096,
+        200,
+        [],
+        {
+            "arrowinfer.ragged_inputs": "jets",
+            "arrowinfer.mask_input": "mask",
+            "arrowinfer.pad_value": "0",
+        },
+    ),
 }
 _SIGNATURES = {
     "facile": ({"hits": [15]}, {"energy": [1]}),
@@ -149,6 +162,8 @@ _SIGNATURES = {
     "toptag_cnn": ({"image": [1, 37, 37]}, {"probabilities": [2]}),
     "identity": ({"INPUT0": [1024]}, {"OUTPUT0": [1024]}),
     "track_sum": ({"pt": [-1]}, {"score": [1], "n_tracks": [1]}),
+    "jet_score": ({"jet": [8]}, {"score": [1]}),
+    "event_jets": ({"jets": [16, 5], "mask": [16, 1]}, {"probabilities": [2]}),
 }
 
 
@@ -380,6 +395,56 @@ def test_bad_arguments_fail_before_writing(tmp_path: pathlib.Path) -> None:
         examples.build_model("nope")
     with pytest.raises(ValueError, match="unknown example model"):
         examples.config_text("nope")
+
+
+def test_config_text_is_protobuf_text_format() -> None:
+    # Printed from a ModelConfig by protobuf itself: parsing and printing again gives the
+    # same text, comment lines aside.
+    for name in MODELS:
+        text = examples.config_text(name)
+        body = "".join(line + "\n" for line in text.splitlines() if not line.startswith("#"))
+        assert text_format.MessageToString(_parse_config(text)) == body
+
+
+def _nanoaod_jets(branches: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """Offsets per event and the values [n_jets, len(branches)] of the CMS open-data sample."""
+    uproot = pytest.importorskip("uproot")
+    from arrowinfer.events import shared_data_dir
+
+    data = shared_data_dir()
+    sample = None if data is None else data / "nanoAOD_2015_CMS_Open_Data_ttbar.root"
+    if sample is None or not sample.exists():
+        pytest.skip("no CMS open-data sample in ../shared/data")
+    with uproot.open(sample) as file:
+        arrays = file["Events"].arrays(list(branches), library="np")
+    counts = np.array([len(a) for a in arrays[branches[0]]])
+    values = np.stack([np.concatenate(arrays[b]).astype(np.float32) for b in branches], axis=1)
+    return np.concatenate([[0], np.cumsum(counts)]), values
+
+
+def test_jet_score_on_real_jets(sessions: dict[str, ort.InferenceSession]) -> None:
+    _, jets = _nanoaod_jets(examples.JET_SCORE_BRANCHES)
+    (score,) = sessions["jet_score"].run(["score"], {"jet": jets})
+    assert score.shape == (len(jets), 1)
+    assert ((score > 0) & (score < 1)).all()
+    assert score.std() > 0.01  # the standardisation keeps it away from saturation
+
+
+def test_event_jets_on_real_events(sessions: dict[str, ort.InferenceSession]) -> None:
+    offsets, jets = _nanoaod_jets(examples.EVENT_JETS_BRANCHES)
+    n = len(offsets) - 1
+    padded = np.full((n + 1, 16, 5), 1e30, dtype=np.float32)  # garbage in padded slots
+    mask = np.zeros((n + 1, 16, 1), dtype=np.float32)  # the last event has no jets
+    for i in range(n):
+        k = min(16, offsets[i + 1] - offsets[i])
+        padded[i, :k] = jets[offsets[i] : offsets[i] + k]
+        mask[i, :k] = 1
+    (probabilities,) = sessions["event_jets"].run(["probabilities"], {"jets": padded, "mask": mask})
+    assert np.isfinite(probabilities).all()
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
+    clean = np.where(mask > 0, padded, 0).astype(np.float32)
+    (again,) = sessions["event_jets"].run(["probabilities"], {"jets": clean, "mask": mask})
+    np.testing.assert_array_equal(again, probabilities)  # padding cannot change it
 
 
 def test_does_not_import_onnxruntime() -> None:

@@ -22,10 +22,12 @@ from collections.abc import AsyncIterator, Callable, Iterable
 from concurrent.futures import Future
 from typing import Any, TypeVar
 
+import numpy as np
 import pyarrow as pa
 
 from ..errors import Timeout
 from ._base import USE_CLIENT_DEFAULT, BaseClient, UseClientDefault, model_metadata, split_name
+from ._convert import regroup
 from ._transport import Transport
 
 __all__ = ["AsyncClient"]
@@ -155,9 +157,12 @@ class AsyncClient(BaseClient):
         self, name: str, ver: str | None, data: Any
     ) -> asyncio.Future[pa.RecordBatch]:
         """Check and send one request; an asyncio future of its result."""
-        batch = self._request(name, data, await self._schema(name, ver))
+        batch, events = self._request(name, data, await self._schema(name, ver))
         sent = await self._call(lambda t: t.submit(name, ver, batch))
-        return asyncio.wrap_future(sent)  # its callback settles it on this loop: no thread
+        result = asyncio.wrap_future(sent)  # its callback settles it on this loop: no thread
+        if events is None:
+            return result
+        return asyncio.ensure_future(_regrouped(result, events))
 
     async def infer(
         self,
@@ -214,3 +219,7 @@ class AsyncClient(BaseClient):
 
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
+
+
+async def _regrouped(result: asyncio.Future[pa.RecordBatch], events: np.ndarray) -> pa.RecordBatch:
+    return regroup(await result, events)

@@ -13,9 +13,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 
-from ._convert import conform, to_record_batch
+from ._convert import conform, per_object, to_record_batch
 from ._failover import FailoverTransport
 from ._shm import SHM_OPTIONS, check_shm, make_transport
 from ._transport import FLIGHT_OPTIONS, Transport, check_compression, check_options, check_token
@@ -196,9 +197,16 @@ class BaseClient:
         return schema
 
     @staticmethod
-    def _request(model: str, data: Any, schema: pa.Schema) -> pa.RecordBatch:
-        """The request for ``data``, checked against and shaped to the model's ``schema``."""
-        return conform(to_record_batch(data), schema, model=model)
+    def _request(
+        model: str, data: Any, schema: pa.Schema
+    ) -> tuple[pa.RecordBatch, np.ndarray | None]:
+        """The request for ``data``, checked against and shaped to the model's ``schema``.
+
+        With it, the event offsets to :func:`regroup` its result by when ``data`` held
+        per-event collections for a per-object model (see :func:`per_object`), else None.
+        """
+        batch, events = per_object(to_record_batch(data), schema, model=model)
+        return conform(batch, schema, model=model), events
 
     @staticmethod
     def _latest(listing: dict[str, dict[str, pa.Schema]]) -> dict[str, pa.Schema]:

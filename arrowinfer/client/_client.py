@@ -15,11 +15,13 @@ its asyncio twin.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 
 from ..errors import Timeout
@@ -33,6 +35,7 @@ from ._base import (
     servers,
     split_name,
 )
+from ._convert import regroup
 from ._transport import Transport
 
 __all__ = ["CLIENT_OPTIONS", "DEFAULT_TIMEOUT", "USE_CLIENT_DEFAULT", "Client", "servers"]
@@ -161,7 +164,22 @@ class Client(BaseClient):
     ) -> Future[pa.RecordBatch]:
         """Like :meth:`infer`, but returns at once with a ``concurrent.futures.Future``."""
         name, ver = split_name(model, version)
-        return self._live.submit(name, ver, self._request(name, data, self._schema(name, ver)))
+        batch, events = self._request(name, data, self._schema(name, ver))
+        sent = self._live.submit(name, ver, batch)
+        if events is None:
+            return sent
+        out: Future[pa.RecordBatch] = Future()
+
+        def settle(done: Future[pa.RecordBatch]) -> None:
+            if done.cancelled():
+                out.cancel()
+            elif (err := done.exception()) is not None:
+                out.set_exception(err)
+            else:
+                out.set_result(regroup(done.result(), events))
+
+        sent.add_done_callback(settle)
+        return out
 
     def stream(
         self,
@@ -176,8 +194,16 @@ class Client(BaseClient):
         At most ``window`` requests are in flight at once.
         """
         name, ver = split_name(model, version)
-        requests = (self._request(name, d, self._schema(name, ver)) for d in data)
-        return self._live.stream(name, ver, requests, window)
+        groupings: deque[np.ndarray | None] = deque()  # one per request sent, in order
+
+        def requests() -> Iterator[pa.RecordBatch]:
+            for item in data:
+                batch, events = self._request(name, item, self._schema(name, ver))
+                groupings.append(events)
+                yield batch
+
+        for result in self._live.stream(name, ver, requests(), window):
+            yield regroup(result, groupings.popleft())
 
     def close(self) -> None:
         """Close the streams and the connection."""

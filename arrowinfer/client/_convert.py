@@ -13,7 +13,15 @@ from ..errors import InvalidInput
 from ..protocol import SERVER_TIMES
 from ..schema import to_column, validate
 
-__all__ = ["SERVER_TIMES", "conform", "server_times", "to_awkward", "to_record_batch"]
+__all__ = [
+    "SERVER_TIMES",
+    "conform",
+    "per_object",
+    "regroup",
+    "server_times",
+    "to_awkward",
+    "to_record_batch",
+]
 
 
 def _is_awkward(data: object) -> bool:
@@ -111,6 +119,69 @@ def conform(batch: pa.RecordBatch, schema: pa.Schema, *, model: str) -> pa.Recor
             ragged = tensors.Ragged(ragged.offsets.astype(np.int32), ragged.values)
         columns.append(to_column(field, ragged))
     return pa.RecordBatch.from_arrays(columns, schema=schema)
+
+
+def _is_list(type: pa.DataType) -> bool:
+    return pa.types.is_list(type) or pa.types.is_large_list(type)
+
+
+def per_object(
+    batch: pa.RecordBatch, schema: pa.Schema, *, model: str
+) -> tuple[pa.RecordBatch, np.ndarray | None]:
+    """A per-event collection sent to a per-object model, as that model's rows.
+
+    When every input column of ``batch`` is a ``list``/``large_list`` one level deeper than
+    the model's input (events of hits for ``facile``, which takes one hit per row), the
+    request is the objects themselves: the lists' values (a view: no copy), with the
+    events' offsets to :func:`regroup` the results by. Otherwise ``batch`` is returned as it
+    is, with None.
+
+    Raises
+    ------
+    InvalidInput
+        When the columns are per-event collections of different lengths.
+    """
+    fields = [f for f in schema if f.name in batch.schema.names]
+    if not fields or not all(
+        _is_list(batch.column(f.name).type)
+        and (not _is_list(f.type) or _is_list(batch.column(f.name).type.value_type))
+        for f in fields
+    ):
+        return batch, None
+    offsets: np.ndarray | None = None
+    columns = []
+    for field in fields:
+        column = batch.column(field.name)
+        mine = column.offsets.to_numpy()
+        mine = mine - mine[0]  # a slice's offsets start where its first event does
+        if offsets is None:
+            offsets = mine
+        elif not np.array_equal(offsets, mine):
+            raise InvalidInput(
+                "per-event collections of different lengths for a per-object model",
+                model=model,
+                input=field.name,
+                expected=f"as many objects per event as {fields[0].name!r}",
+            )
+        columns.append(column.flatten())  # this slice's values only
+    flat = pa.RecordBatch.from_arrays(columns, names=[f.name for f in fields])
+    return flat, offsets
+
+
+def regroup(result: pa.RecordBatch, offsets: np.ndarray | None) -> pa.RecordBatch:
+    """Per-object results back into per-event lists with the request's ``offsets``.
+
+    The output columns become ``list<...>`` over the same buffers (no copy); an event without
+    objects gets an empty list. ``offsets`` None: ``result`` as it is.
+    """
+    if offsets is None:
+        return result
+    bounds = pa.array(offsets.astype(np.int32, copy=False))
+    columns = [pa.ListArray.from_arrays(bounds, column) for column in result.columns]
+    fields = [f.with_type(c.type) for f, c in zip(result.schema, columns, strict=True)]
+    return pa.RecordBatch.from_arrays(
+        columns, schema=pa.schema(fields, metadata=result.schema.metadata)
+    )
 
 
 def server_times(result: pa.RecordBatch) -> dict[str, int]:

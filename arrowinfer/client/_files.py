@@ -1,40 +1,16 @@
-"""Run a model over a file of events: Arrow IPC or Parquet in, Arrow IPC or Parquet out."""
+"""Run a model over a file of events (kept for ``arrowinfer.client.infer_file``).
+
+The work is done by :mod:`arrowinfer.files`, outside ``client/``, because it needs uproot,
+awkward and tqdm, which a client on a worker node does not: they load only when this is
+called.
+"""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
-from pathlib import Path
+from collections.abc import Sequence
 
-import pyarrow as pa
-import pyarrow.parquet as pq
-from tqdm import tqdm
-
-from ..errors import InvalidInput
-from ._client import Client
-
-__all__ = ["infer_file", "read_batches"]
-
-
-def read_batches(
-    path: str | os.PathLike[str], rows: int
-) -> tuple[pa.Schema, int, Iterator[pa.RecordBatch]]:
-    """Schema, row count and batches of at most ``rows`` rows of an IPC or Parquet file."""
-    path = Path(path)
-    if path.suffix == ".parquet":
-        parquet = pq.ParquetFile(path)
-        return (
-            parquet.schema_arrow,
-            parquet.metadata.num_rows,
-            parquet.iter_batches(batch_size=rows),
-        )
-    source = pa.memory_map(str(path))
-    try:
-        reader = pa.ipc.open_file(source)
-        table = reader.read_all()
-    except pa.ArrowInvalid:
-        table = pa.ipc.open_stream(pa.memory_map(str(path))).read_all()
-    return table.schema, table.num_rows, iter(table.to_batches(max_chunksize=rows))
+__all__ = ["infer_file"]
 
 
 def infer_file(
@@ -47,45 +23,26 @@ def infer_file(
     columns: Sequence[str] | None = None,
     progress: bool = True,
 ) -> int:
-    """Stream a file's events through a model and write the results; returns rows written.
+    """Stream a file's events through a model and write the results; returns events written.
 
-    ``columns`` maps model inputs to file columns as ``INPUT=COLUMN`` (default: same names).
-    Output format by extension: ``.parquet`` or Arrow IPC file otherwise.
+    ``columns`` maps model inputs to file columns as ``INPUT=COLUMN[,COLUMN...]`` (default:
+    same names). The formats are those of :func:`arrowinfer.files.infer_files`.
     """
-    mapping = dict(c.split("=", 1) for c in columns or ())
-    schema, total, batches = read_batches(input, batch_rows)
-    output = Path(output)
-    written = 0
+    from ..files import infer_files
+    from ._client import Client
+
+    mapping = {}
+    for text in columns or ():
+        name, _, cols = text.partition("=")
+        mapping[name] = cols.split(",")
     with Client(url) as client:
-        names = client.schema(model).names
-        missing = [n for n in names if mapping.get(n, n) not in schema.names]
-        if missing:
-            raise InvalidInput(
-                f"{input}: no column for input(s) {missing} (map them as INPUT=COLUMN)",
-                model=model,
-                expected=[mapping.get(n, n) for n in names],
-                got=schema.names,
-            )
-
-        def requests() -> Iterator[dict[str, pa.Array]]:
-            for batch in batches:
-                yield {n: batch.column(mapping.get(n, n)) for n in names}
-
-        writer: pq.ParquetWriter | pa.ipc.RecordBatchFileWriter | None = None
-        try:
-            with tqdm(total=total, unit="rows", disable=not progress) as bar:
-                for result in client.stream(model, requests()):
-                    rows = result.replace_schema_metadata(None)  # drop the server times
-                    if writer is None:
-                        writer = (
-                            pq.ParquetWriter(output, rows.schema)
-                            if output.suffix == ".parquet"
-                            else pa.ipc.new_file(output, rows.schema)
-                        )
-                    writer.write_batch(rows)
-                    written += rows.num_rows
-                    bar.update(rows.num_rows)
-        finally:
-            if writer is not None:
-                writer.close()
-    return written
+        stats = infer_files(
+            client,
+            model,
+            [os.fspath(input)],
+            output,
+            mapping=mapping,
+            step_size=batch_rows,
+            progress=progress,
+        )
+    return stats.events

@@ -13,6 +13,7 @@ import importlib.metadata
 import os
 import platform
 import subprocess
+import sys
 from pathlib import Path
 
 __all__ = ["PACKAGES", "SIMD_FLAGS", "OtherLoad", "describe", "markdown"]
@@ -175,4 +176,4 @@ class OtherLoad:
 
 
 if __name__ == "__main__":
-    print(markdown(describe()))
+    sys.stdout.write(markdown(describe()) + "\n")

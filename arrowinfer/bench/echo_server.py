@@ -25,7 +25,8 @@ class Echo(flight.FlightServerBase):
 
 def main() -> int:
     server = Echo("grpc://127.0.0.1:0")
-    print(f"listening on grpc://127.0.0.1:{server.port}", flush=True)
+    sys.stdout.write(f"listening on grpc://127.0.0.1:{server.port}\n")
+    sys.stdout.flush()
     stopped = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stopped.set())
     signal.signal(signal.SIGINT, lambda *_: stopped.set())
