@@ -325,10 +325,6 @@ def _build_track_sum(g: _Graph) -> None:
     y = g.dense(h, 16, 1, prefix="phi2", gain=1.0)  # [values, 1]
     y = g.op("Flatten", [y], prefix="flat", axis=0)  # [1, values]
     y = g.op("Squeeze", [y, g.constant("axis0", np.array([0], np.int64))], prefix="vec")
-    # Segment sums without padding: cumsum with a leading 0, then end minus start.
-    zero = g.constant("zero", np.zeros(1, np.float32))
-    padded = g.op("Concat", [zero, y], prefix="lead0", axis=0)  # [values + 1]
-    cumsum = g.op("CumSum", [padded, g.constant("axis", np.array(0, np.int64))], prefix="cs")
     offsets = g.op("Cast", ["offsets"], prefix="offsets64", to=TensorProto.INT64)
     first = g.constant("first", np.array([0], np.int64))
     second = g.constant("second", np.array([1], np.int64))
@@ -336,11 +332,28 @@ def _build_track_sum(g: _Graph) -> None:
     end = g.constant("end", np.array([np.iinfo(np.int64).max], np.int64))
     starts = g.op("Slice", [offsets, first, last, first], prefix="starts")  # [events]
     ends = g.op("Slice", [offsets, second, end, first], prefix="ends")  # [events]
-    sums = g.op(
-        "Sub",
-        [g.op("Gather", [cumsum, ends], prefix="at_end"), g.op("Gather", [cumsum, starts])],
-        prefix="segment_sum",
+    # Each track's event: mark where events 1.. start, then an (exact) integer cumsum.
+    # A float cumsum over the batch would make an event's sum depend on the events
+    # before it; this way every event is summed alone, whatever it is batched with.
+    inner = g.op("Slice", [offsets, second, last, first], prefix="inner_starts")
+    ones = g.op("Add", [g.op("Sub", [inner, inner]), second], prefix="ones")
+    slots = g.op("Add", [g.op("Shape", ["pt"]), second], prefix="slots")  # values + 1
+    zeros = g.op(
+        "ConstantOfShape",
+        [slots],
+        prefix="zeros",
+        value=helper.make_tensor("zero_i", TensorProto.INT64, [1], [0]),
     )
+    marks = g.op("ScatterElements", [zeros, inner, ones], prefix="marks", reduction="add")
+    event = g.op("CumSum", [marks, g.constant("axis", np.array(0, np.int64))], prefix="event")
+    event = g.op("Slice", [event, first, last, first], prefix="event_of_track")  # [values]
+    empty = g.op(
+        "ConstantOfShape",
+        [g.op("Shape", [ends])],
+        prefix="sum0",
+        value=helper.make_tensor("zero_f", TensorProto.FLOAT, [1], [0.0]),
+    )
+    sums = g.op("ScatterElements", [empty, event, y], prefix="segment_sum", reduction="add")
     count = g.op("Cast", [g.op("Sub", [ends, starts], prefix="n")], prefix="nf", to=1)
     mean = g.op("Div", [sums, g.op("Max", [count, g.constant("one", _scalar(1.0))])])
     g.op("Unsqueeze", [mean, second], prefix="score", output="score")  # [events, 1]
@@ -555,8 +568,9 @@ _SPECS: dict[str, _Spec] = {
         ),
         architecture=(
             "Per-track MLP 1 -> 16 -> 1 (ReLU) on the concatenated `pt` values; per-event\n"
-            "mean via a cumulative sum and the offsets (`cumsum[end] - cumsum[start]`,\n"
-            "divided by `max(n, 1)`, so an event without tracks scores 0)."
+            "mean: each track's event from the offsets (an integer cumsum of event starts),\n"
+            "a ScatterElements sum per event, divided by `max(n, 1)` (an event without\n"
+            "tracks scores 0). Each event is summed alone: batching changes no bit."
         ),
         serving=(
             "`max_batch_size: 4096`, dynamic batching with a 100 us queue delay, one CPU\n"

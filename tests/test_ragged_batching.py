@@ -203,7 +203,8 @@ def test_track_sum_over_flight(server: Server) -> None:
     for events, result in zip(batches, results, strict=True):
         expected = track_sum_reference(server, events)
         got_score = np.array(result.column("score").to_pylist(), np.float32)
-        np.testing.assert_allclose(got_score, expected["score"][:, 0], rtol=1e-5, atol=1e-6)
+        # each event is summed alone in the model: batched with others, the same bits
+        np.testing.assert_array_equal(got_score, expected["score"][:, 0])
         got_n = result.column("n_tracks").to_pylist()
         assert got_n == [len(e) for e in events]
         assert np.isfinite(got_score).all()
@@ -244,7 +245,7 @@ def test_track_sum_over_kserve(server: Server, protocol: str) -> None:
         client.close()
     for event, answer in zip(events, answers, strict=True):
         expected = track_sum_reference(server, [event])
-        np.testing.assert_allclose(answer.as_numpy("score"), expected["score"], rtol=1e-5)
+        np.testing.assert_array_equal(answer.as_numpy("score"), expected["score"])
         assert answer.as_numpy("n_tracks").tolist() == [[float(len(event))]]
 
 
