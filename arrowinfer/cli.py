@@ -44,6 +44,16 @@ def _serve(args: argparse.Namespace) -> int:
         tokens = read_token_file(args.auth_token_file) if args.auth_token_file else None
     except (OSError, ValueError) as err:
         raise SystemExit(f"arrowinfer serve: --auth-token-file: {err}") from None
+    try:
+        admin = read_token_file(args.admin_token_file) if args.admin_token_file else None
+    except (OSError, ValueError) as err:
+        raise SystemExit(f"arrowinfer serve: --admin-token-file: {err}") from None
+    if admin is not None and args.model_control_mode != "explicit":
+        raise SystemExit("arrowinfer serve: --admin-token-file needs --model-control-mode explicit")
+    if args.max_request_bytes < 1:
+        raise SystemExit("arrowinfer serve: --max-request-bytes must be positive")
+    if args.exit_timeout_secs < 0:
+        raise SystemExit("arrowinfer serve: --exit-timeout-secs must be >= 0")
     options = {
         "host": args.host,
         "port": args.port,
@@ -55,6 +65,10 @@ def _serve(args: argparse.Namespace) -> int:
         "tls_cert": args.tls_cert,
         "tls_key": args.tls_key,
         "auth_tokens": tokens,
+        "max_request_bytes": args.max_request_bytes,
+        "model_control": args.model_control_mode,
+        "admin_tokens": admin,
+        "exit_timeout": float(args.exit_timeout_secs),
     }
     server: Server | WorkerPool
     if args.workers < 1:
@@ -87,6 +101,12 @@ def _serve(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, stop)
     print(f"arrowinfer serving {repository} on {server.location}", flush=True)
     server.wait()
+    if not getattr(server, "clean", True):
+        # a client kept its stream open past --exit-timeout-secs: gRPC would wait for it at
+        # exit, so leave without waiting (its stream is cancelled with the process)
+        log.warning("exiting with streams still open (--exit-timeout-secs)")
+        logging.shutdown()
+        os._exit(0)
     return 0
 
 
@@ -291,6 +311,36 @@ def parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="accept only calls with 'authorization: Bearer <token>' for a token in FILE "
         "(one per line, # comments); use with TLS, or tokens travel in clear text",
+    )
+    serve.add_argument(
+        "--max-request-bytes",
+        type=int,
+        default=1 << 30,
+        metavar="N",
+        help="refuse requests with more than N bytes of data, decompressed (default: "
+        "%(default)s; a model's config parameter arrowinfer.max_request_bytes overrides it)",
+    )
+    serve.add_argument(
+        "--model-control-mode",
+        choices=["none", "explicit", "poll"],
+        default="none",
+        help="none: load the repository at start, refuse load/unload calls; explicit: allow "
+        "them (only with an admin token when tokens are on); poll: reload models whose "
+        "files change (default: %(default)s)",
+    )
+    serve.add_argument(
+        "--admin-token-file",
+        metavar="FILE",
+        help="with --model-control-mode explicit: only these tokens (one per line) may load "
+        "and unload models",
+    )
+    serve.add_argument(
+        "--exit-timeout-secs",
+        type=float,
+        default=30.0,
+        metavar="S",
+        help="on SIGTERM/SIGINT, wait this long for open streams to finish, then cancel them "
+        "and exit (default: %(default)s)",
     )
     serve.set_defaults(run=_serve)
 

@@ -201,7 +201,20 @@ def _nulls(array: pa.Array | pa.ChunkedArray) -> int:
     return total
 
 
-def check_data(batch: pa.RecordBatch | pa.Table, *, model: str | None = None) -> None:
+def _read_names(fields: list[pa.Field]) -> None:
+    """Read every field's name, nested ones too (each raises if it is not UTF-8)."""
+    while fields:
+        field = fields.pop()
+        _ = field.name
+        kind = field.type
+        while isinstance(kind, pa.BaseExtensionType):
+            kind = kind.storage_type
+        fields.extend(kind.field(i) for i in range(kind.num_fields))
+
+
+def check_data(
+    batch: pa.RecordBatch | pa.Table, expected: pa.Schema | None = None, *, model: str | None = None
+) -> None:
     """Check that a batch's buffers hold what its metadata declares, before anything reads them.
 
     A batch received over the wire is only metadata over the client's buffers: a length,
@@ -211,6 +224,8 @@ def check_data(batch: pa.RecordBatch | pa.Table, *, model: str | None = None) ->
     buffer sizes, list offsets (in range and increasing) and UTF-8. It costs a few
     microseconds for fixed-size data and a pass over the offsets of list columns; it is
     never skipped (a cache may skip the signature check of :func:`validate`, never this).
+    Names (of fields and nested fields) must be UTF-8 too; a schema equal to ``expected``
+    (the model's signature: what arrowinfer's clients send) needs no second look at them.
 
     Raises
     ------
@@ -219,6 +234,9 @@ def check_data(batch: pa.RecordBatch | pa.Table, *, model: str | None = None) ->
     """
     try:
         batch.validate(full=True)
+        if expected is None or not batch.schema.equals(expected):
+            # pyarrow decodes names as UTF-8 whenever they are read: read them all now
+            _read_names(list(batch.schema))
     except (pa.ArrowException, ValueError, TypeError) as err:
         raise InvalidInput(f"the request's Arrow data is malformed: {err}", model=model) from None
 

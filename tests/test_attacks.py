@@ -369,3 +369,689 @@ def test_check_data_covers_extension_types_and_nested_lists() -> None:
     check_data(jet)
     with pytest.raises(InvalidInput, match="malformed"):
         check_data(unchecked_batch(jet.schema, *wild_offsets(jet, 99)))
+    # a nested field name that is not UTF-8 (pyarrow would raise wherever it is read)
+    schema, metadata, body = ipc_messages(jet)
+    bad_schema = schema.replace(b"item", b"\xfftem")
+    assert bad_schema != schema
+    message = pa.ipc.read_message(pa.BufferReader(bad_schema))
+    renamed = unchecked_batch(pa.ipc.read_schema(message), metadata, body)
+    with pytest.raises(InvalidInput, match="malformed"):
+        check_data(renamed)
+
+
+# -- 2: no request makes the server hold more than --max-request-bytes ------------------------
+
+LIMIT = 1 << 20
+
+
+@pytest.fixture(scope="module")
+def bounded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """A server with a 1 MiB request bound; ``facile`` may take 8 MiB (its config says so)."""
+    from arrowinfer.examples import write_example_repository
+
+    repository = write_example_repository(
+        tmp_path_factory.mktemp("bounded"), models=["identity", "facile"]
+    )
+    config = repository / "facile" / "config.pbtxt"
+    config.write_text(
+        config.read_text()
+        + '\nparameters { key: "arrowinfer.max_request_bytes" value { string_value: "8388608" } }\n'
+    )
+    with Server(
+        repository, port=0, kserve_port=0, metrics_port=None, max_request_bytes=LIMIT
+    ) as running:
+        yield running
+
+
+def test_flight_request_over_the_bound_is_invalid_input(bounded: Server) -> None:
+    big = identity_batch(LIMIT // 4096 + 1)
+    with GoodClient(bounded.location) as beside:
+        replies = flight_exchange(bounded.location, ["identity"], [big, identity_batch(2)])
+        beside.wait_some()
+    assert error_of(replies[0]) == "InvalidInput"
+    assert "max_request_bytes" in replies[0]["error"]["message"]
+    assert "error" not in replies[1]
+
+
+def test_flight_compressed_request_is_bounded_by_its_decompressed_size(bounded: Server) -> None:
+    zeros = pa.RecordBatch.from_arrays(
+        [tensors.from_numpy(np.zeros((1024, 1024), np.float32))], ["INPUT0"]
+    )  # 4 MiB that zstd makes a few hundred bytes
+    client = flight.FlightClient(bounded.location)
+    with GoodClient(bounded.location) as beside:
+        writer, reader = client.do_exchange(flight.FlightDescriptor.for_path("identity"), OPTIONS)
+        writer.begin(zeros.schema, options=pa.ipc.IpcWriteOptions(compression="zstd"))
+        writer.write_batch(zeros)
+        reply = json.loads(reader.read_chunk().app_metadata.to_pybytes())
+        writer.write_batch(identity_batch(3))
+        good = reader.read_chunk()
+        writer.done_writing()
+        writer.close()
+        beside.wait_some()
+    client.close()
+    assert error_of(reply) == "InvalidInput"
+    assert "max_request_bytes" in reply["error"]["message"]
+    assert good.data.num_rows == 3
+
+
+def test_model_parameter_overrides_the_bound(bounded: Server) -> None:
+    rows = (2 * LIMIT) // 60  # facile: 15 float32 per row, 2 MiB in all
+    data = np.random.default_rng(3).standard_normal((rows, 15), dtype=np.float32)
+    with Client(bounded.location) as client:
+        assert client.infer("facile", {"hits": data}).num_rows == rows
+    assert bounded.core.get("facile").max_request_bytes == 8 << 20
+    assert bounded.core.get("identity").max_request_bytes == LIMIT
+
+
+def _compressed_claiming(batch: pa.RecordBatch, size: int) -> bytes:
+    """A zstd IPC stream whose first buffer claims ``size`` bytes once decompressed."""
+    sink = pa.BufferOutputStream()
+    options = pa.ipc.IpcWriteOptions(compression="zstd")
+    with pa.ipc.new_stream(sink, batch.schema, options=options) as writer:
+        writer.write_batch(batch)
+    reader = pa.BufferReader(sink.getvalue())
+    schema = pa.ipc.read_message(reader).serialize().to_pybytes()
+    message = pa.ipc.read_message(reader)
+    body = bytearray(message.body.to_pybytes())
+    first = next(i for i in range(0, len(body), 8) if struct.unpack_from("<q", body, i)[0] > 0)
+    struct.pack_into("<q", body, first, size)
+    return (
+        schema
+        + frame(message.metadata.to_pybytes(), bytes(body))
+        + struct.pack("<Ii", 0xFFFFFFFF, 0)
+    )
+
+
+def test_shm_compressed_request_is_refused_before_decompression(bounded: Server) -> None:
+    from arrowinfer.server._regions import decoded_size
+
+    zeros = pa.RecordBatch.from_arrays(
+        [tensors.from_numpy(np.zeros((512, 1024), np.float32))], ["INPUT0"]
+    )
+    stream = _compressed_claiming(zeros, 1 << 40)  # a terabyte, were it decompressed
+    reader = pa.BufferReader(stream)
+    pa.ipc.read_message(reader)
+    assert decoded_size(pa.ipc.read_message(reader)) >= 1 << 40
+    with (
+        GoodClient(bounded.location) as beside,
+        raw_session(bounded) as session,
+        raw_region(1 << 20) as source,
+        raw_region(1 << 20) as (out, _),
+    ):
+        for name in (source[0], out):
+            assert "registered" in session.ask({"op": "register", "name": name, "size": 1 << 20})
+        reply = shm_infer(session, "identity", stream, source, out)
+        assert error_of(reply) == "InvalidInput"
+        assert "max_request_bytes" in reply["error"]["message"]
+        plain = crafted_stream(zeros, *ipc_messages(zeros)[1:])  # 2 MiB > 1 MiB, plain
+        assert len(plain) > LIMIT
+        with raw_region(4 << 20) as large:
+            session.ask({"op": "register", "name": large[0], "size": 4 << 20})
+            assert error_of(shm_infer(session, "identity", plain, large, out)) == "InvalidInput"
+        small = identity_batch(2)
+        assert "output" in shm_infer(
+            session, "identity", crafted_stream(small, *ipc_messages(small)[1:]), source, out
+        )
+        beside.wait_some()
+
+
+def test_kserve_message_over_the_bound_is_refused_by_grpc(bounded: Server) -> None:
+    channel, stub = kserve_stub(bounded)
+    rows = LIMIT // 4096 + 512  # beyond the bound and its envelope
+    request = pb.ModelInferRequest(model_name="identity")
+    request.inputs.add(name="INPUT0", datatype="FP32", shape=[rows, 1024])
+    request.raw_input_contents.append(b"\0" * (rows * 4096))
+    with GoodClient(bounded.location) as beside, channel:
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.ModelInfer(request, timeout=WAIT)
+        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        # under the gRPC bound but over the data bound: the core refuses it
+        rows = LIMIT // 4096 + 1
+        request = pb.ModelInferRequest(model_name="identity")
+        request.inputs.add(name="INPUT0", datatype="FP32", shape=[rows, 1024])
+        request.raw_input_contents.append(b"\0" * (rows * 4096))
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.ModelInfer(request, timeout=WAIT)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        beside.wait_some()
+
+
+# -- 3: model control is closed unless the operator opens it ----------------------------------
+
+
+def flight_action(location: str, name: str, body: dict[str, Any], token: str | None = None) -> Any:
+    """Run one Flight action; its JSON result, or the arrowinfer error it raised."""
+    from arrowinfer.errors import from_flight
+
+    client = flight.FlightClient(location)
+    headers = [(b"authorization", f"Bearer {token}".encode())] if token else []
+    try:
+        options = flight.FlightCallOptions(timeout=WAIT, headers=headers)
+        results = list(client.do_action(flight.Action(name, json.dumps(body).encode()), options))
+        return json.loads(results[0].body.to_pybytes())
+    except flight.FlightError as err:
+        return from_flight(err)
+    finally:
+        client.close()
+
+
+def kserve_unload(server: Server, model: str, token: str | None = None) -> grpc.StatusCode:
+    channel, stub = kserve_stub(server)
+    metadata = [("authorization", f"Bearer {token}")] if token else []
+    with channel:
+        try:
+            stub.RepositoryModelUnload(
+                pb.RepositoryModelUnloadRequest(model_name=model), timeout=WAIT, metadata=metadata
+            )
+        except grpc.RpcError as err:
+            return err.code()
+    return grpc.StatusCode.OK
+
+
+def test_model_control_none_refuses_load_and_unload(target: Server) -> None:
+    from arrowinfer.errors import RequestError
+
+    with GoodClient(target.location) as beside:
+        for action in ("model.unload", "model.load"):
+            error = flight_action(target.location, action, {"model": "identity"})
+            assert isinstance(error, RequestError)
+            assert "model control mode is 'none'" in str(error)
+        assert kserve_unload(target, "identity") == grpc.StatusCode.INVALID_ARGUMENT
+        beside.wait_some()
+    assert target.core.get("identity") is not None
+
+
+def test_model_control_explicit_needs_an_admin_token(example_repository: Path) -> None:
+    from arrowinfer.errors import Unauthenticated
+
+    with Server(
+        example_repository,
+        port=0,
+        kserve_port=0,
+        metrics_port=None,
+        auth_tokens={"user-token", "admin-token"},
+        admin_tokens={"admin-token"},
+        model_control="explicit",
+    ) as server:
+        with GoodClient(server.location, token="user-token") as beside:
+            for token in ("user-token", None, "admin-token-x"):
+                error = flight_action(server.location, "model.unload", {"model": "facile"}, token)
+                assert isinstance(error, Unauthenticated), (token, error)
+                assert kserve_unload(server, "facile", token) == grpc.StatusCode.UNAUTHENTICATED
+            assert server.core.get("facile") is not None
+            reply = flight_action(server.location, "model.load", {"model": "facile"}, "admin-token")
+            assert reply == {"loaded": [1]}
+            assert kserve_unload(server, "facile", "admin-token") == grpc.StatusCode.OK
+            beside.wait_some()
+        assert [m.version.name for m in server.core.served()].count("facile") == 0
+
+
+def test_model_control_explicit_with_tokens_and_no_admin_list_refuses(
+    example_repository: Path,
+) -> None:
+    from arrowinfer.errors import Unauthenticated
+
+    with Server(
+        example_repository,
+        port=0,
+        kserve_port=None,
+        metrics_port=None,
+        auth_tokens={"user-token"},
+        model_control="explicit",
+    ) as server:
+        error = flight_action(server.location, "model.unload", {"model": "facile"}, "user-token")
+        assert isinstance(error, Unauthenticated)
+        assert "admin" in str(error)
+
+
+def test_model_control_poll_reloads_changed_models(tmp_path: Path) -> None:
+    from arrowinfer.errors import RequestError
+    from arrowinfer.examples import write_example_repository
+
+    repository = write_example_repository(tmp_path / "repo", models=["identity", "facile"])
+    with Server(
+        repository,
+        port=0,
+        kserve_port=None,
+        metrics_port=None,
+        model_control="poll",
+        repository_poll_secs=0.1,
+    ) as server:
+        with GoodClient(server.location) as beside:
+            before = server.core.get("facile")
+            config = repository / "facile" / "config.pbtxt"
+            config.write_text(config.read_text() + "\n# changed\n")
+            wait_until(lambda: server.core.get("facile") is not before, "facile reloaded")
+            error = flight_action(server.location, "model.unload", {"model": "identity"})
+            assert isinstance(error, RequestError)
+            assert "'poll'" in str(error)
+            beside.wait_some()
+        import shutil
+
+        shutil.rmtree(repository / "facile")
+        wait_until(
+            lambda: "facile" not in [m.version.name for m in server.core.served()],
+            "facile unloaded once its directory is gone",
+        )
+
+
+def wait_until(condition: Any, what: str) -> None:
+    stop = threading.Event()
+    for _ in range(int(WAIT * 20)):
+        if condition():
+            return
+        stop.wait(0.05)
+    raise AssertionError(f"timed out waiting: {what}")
+
+
+# -- 4: a client that ignores goaway cannot hold a stopping server ----------------------------
+
+
+def test_exit_timeout_ends_a_server_held_by_an_idle_stream(
+    example_repository: Path, tmp_path: Path
+) -> None:
+    import re
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    log = (tmp_path / "serve.log").open("w")
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "arrowinfer.cli",
+            "serve",
+            str(example_repository),
+            "--port",
+            "0",
+            "--kserve-port",
+            "-1",
+            "--metrics-port",
+            "-1",
+            "--exit-timeout-secs",
+            "1",
+        ],
+        cwd=Path(__file__).resolve().parents[1],
+        stdout=subprocess.PIPE,
+        stderr=log,
+        text=True,
+    )
+    try:
+        assert process.stdout is not None
+        line = process.stdout.readline()
+        found = re.search(r" on (grpc://\S+)", line)
+        assert found, line
+        location = found.group(1)
+        holder = flight.FlightClient(location)
+        with GoodClient(location) as beside:
+            # the attacker: one request, then never reads, never finishes, ignores goaway
+            writer, _ = holder.do_exchange(flight.FlightDescriptor.for_path("identity"))
+            writer.begin(identity_batch(1).schema)
+            writer.write_batch(identity_batch(1))
+            beside.wait_some()
+        started = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=WAIT) == 0
+        assert time.monotonic() - started < 15
+        holder.close()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(WAIT)
+        if process.stdout is not None:
+            process.stdout.close()
+        log.close()
+    assert "streams still open" in (tmp_path / "serve.log").read_text()
+
+
+# -- 5: a client that does not read its results cannot make the server hold them ---------------
+
+
+def _rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+def test_a_client_that_never_reads_is_not_read_either(
+    example_repository: Path, tmp_path: Path
+) -> None:
+    import re
+    import subprocess
+    import sys
+    import time
+
+    log = (tmp_path / "serve.log").open("w")
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "arrowinfer.cli",
+            "serve",
+            str(example_repository),
+            "--port",
+            "0",
+            "--kserve-port",
+            "-1",
+            "--metrics-port",
+            "-1",
+            "--model",
+            "identity",
+        ],
+        cwd=Path(__file__).resolve().parents[1],
+        stdout=subprocess.PIPE,
+        stderr=log,
+        text=True,
+    )
+    sent = [0]
+    try:
+        assert process.stdout is not None
+        found = re.search(r" on (grpc://\S+)", process.stdout.readline())
+        assert found
+        location = found.group(1)
+        request = identity_batch(1024)  # 4 MiB
+        with GoodClient(location) as beside:
+            beside.wait_some(5)
+            baseline = _rss_bytes(process.pid)
+
+            def flood() -> None:
+                client = flight.FlightClient(location)
+                writer, _ = client.do_exchange(flight.FlightDescriptor.for_path("identity"))
+                writer.begin(request.schema)
+                with contextlib.suppress(pa.ArrowException, OSError):
+                    for _ in range(150):
+                        writer.write_batch(request)  # and never a read
+                        sent[0] += 1
+
+            threading.Thread(target=flood, name="flood", daemon=True).start()
+            # wait until the attacker is stalled (the server stopped reading it)
+            last, still = -1, 0
+            deadline = time.monotonic() + WAIT
+            while still < 20 and sent[0] < 150 and time.monotonic() < deadline:
+                still = still + 1 if sent[0] == last else 0
+                last = sent[0]
+                threading.Event().wait(0.05)
+            grown = _rss_bytes(process.pid) - baseline
+            beside.wait_some(5)  # and the good client is served all along
+        assert sent[0] < 150, "the server read every request of a client that reads nothing"
+        assert grown < 400 << 20, f"the server grew by {grown >> 20} MiB"
+    finally:
+        process.kill()
+        process.wait(WAIT)
+        process.stdout.close() if process.stdout is not None else None
+        log.close()
+
+
+# -- 6: malformed requests fail alone, and never show the server's insides --------------------
+
+
+def test_malformed_stream_metadata_fails_that_request_only(target: Server) -> None:
+    client = flight.FlightClient(target.location)
+    good = identity_batch(2)
+    deep = b'{"a": ' + b"[" * 5000 + b"]" * 5000 + b"}"
+    bad_metadata = [deep, b"\xff\xfe{}", b"[1, 2]", b'{"id": NaN}', b"{" * 100_000]
+    with GoodClient(target.location) as beside:
+        writer, reader = client.do_exchange(flight.FlightDescriptor.for_path("identity"), OPTIONS)
+        writer.begin(good.schema)
+        for metadata in bad_metadata:
+            writer.write_with_metadata(good, metadata)
+            reply = json.loads(reader.read_chunk().app_metadata.to_pybytes())
+            assert error_of(reply) == "InvalidInput", metadata[:20]
+            no_internals(reply["error"]["message"])
+            writer.write_batch(good)  # the stream goes on
+            chunk = reader.read_chunk()
+            assert chunk.data.num_rows == 2
+        writer.done_writing()
+        writer.close()
+        beside.wait_some()
+    client.close()
+
+
+WRONG_BODIES = [
+    ("model.config", {"model": "identity", "version": [1]}),
+    ("model.config", {"model": ["identity"]}),
+    ("model.metadata", {"model": "identity", "version": True}),
+    ("model.statistics", {"model": 5}),
+    ("model.statistics", {"model": "identity", "version": {"x": 1}}),
+    ("model.config", {"model": "identity", "version": 1e300}),
+]
+
+
+def test_actions_with_wrong_json_types_are_invalid_input(target: Server) -> None:
+    from arrowinfer.errors import InvalidInput
+
+    with GoodClient(target.location) as beside:
+        for name, body in WRONG_BODIES:
+            error = flight_action(target.location, name, body)
+            assert isinstance(error, InvalidInput), (name, body, error)
+            no_internals(str(error))
+        for raw in (b"\xff", b"[]", b'{"model": ' + b"[" * 3000 + b"]" * 3000 + b"}"):
+            client = flight.FlightClient(target.location)
+            with pytest.raises(flight.FlightError) as caught:
+                list(client.do_action(flight.Action("model.config", raw), OPTIONS))
+            client.close()
+            no_internals(str(caught.value))
+            assert b"InvalidInput" in (caught.value.extra_info or b"")
+        beside.wait_some()
+
+
+def test_shm_requests_with_wrong_json_types_are_invalid_input(target: Server) -> None:
+    requests: list[Any] = [
+        {"op": "infer", "model": "identity", "version": [1], "input": {}, "output": {}},
+        {"op": "infer", "model": 7, "input": {}, "output": {}},
+        {"op": 5},
+        {"op": "register", "name": 5, "size": "x"},
+        {"op": "register", "name": "x", "size": 1e300},
+        {"op": "unregister", "name": {"a": 1}},
+        {"op": "infer", "model": "identity", "input": {"region": [1]}, "output": {}},
+        {"op": "infer", "model": "identity", "input": [], "output": None},
+        ["not", "an", "object"],
+    ]
+    with GoodClient(target.location) as beside, raw_session(target) as session:
+        for request in requests:
+            reply = session.ask(request)
+            assert error_of(reply) == "InvalidInput", (request, reply)
+            no_internals(json.dumps(reply))
+        for raw in (b"\xff\xfe", b'{"op": ' + b"[" * 3000 + b"]" * 3000 + b"}", b"{"):
+            reply = session.ask(raw)
+            assert error_of(reply) == "InvalidInput"
+        assert session.ask({"op": "unregister", "name": "nothing"})["error"]["type"]
+        beside.wait_some()
+
+
+def test_invalid_utf8_descriptors_fail_without_harm(target: Server) -> None:
+    client = flight.FlightClient(target.location)
+    with GoodClient(target.location) as beside:
+        for path in ([b"\xff\xfe"], [b"identity", b"\xff"]):
+            with pytest.raises(flight.FlightError) as caught:
+                client.get_flight_info(flight.FlightDescriptor.for_path(*path), OPTIONS)
+            no_internals(str(caught.value))
+        beside.wait_some()
+    client.close()
+
+
+def test_an_unexpected_server_error_shows_only_an_incident_id(
+    target: Server, caplog: pytest.LogCaptureFixture
+) -> None:
+    def explode(batch: pa.RecordBatch, region: Any) -> None:
+        raise RuntimeError("secret detail in /opt/server/internal.py")
+
+    good = identity_batch(2)
+    data = crafted_stream(good, *ipc_messages(good)[1:])
+    target.shm.on_request = explode
+    try:
+        with (
+            GoodClient(target.location) as beside,
+            raw_session(target) as session,
+            raw_region(1 << 20) as source,
+            raw_region(1 << 20) as (out, _),
+        ):
+            for name in (source[0], out):
+                session.ask({"op": "register", "name": name, "size": 1 << 20})
+            reply = shm_infer(session, "identity", data, source, out)
+            assert error_of(reply) == "ServerError"
+            message = reply["error"]["message"]
+            assert "secret" not in message
+            no_internals(message)
+            incident = message.split("incident ")[1].split(")")[0]
+            assert any(incident in r.getMessage() for r in caplog.records)
+            target.shm.on_request = None
+            assert "output" in shm_infer(session, "identity", data, source, out)
+            beside.wait_some()
+    finally:
+        target.shm.on_request = None
+
+
+# -- 7: shared memory reaches only memory the client owns --------------------------------------
+
+OTHER_UID = 65534  # nobody
+
+
+def _as_other_user(location: str, victims: dict[str, str], answers: Any) -> None:
+    """Runs in a spawned child: drops to ``nobody``, then attacks over a shm session.
+
+    Modules are imported before the uid changes: the new user cannot read root's files.
+    """
+    import encodings.idna  # noqa: F401 -- grpc resolves names with it
+    import mmap as mmap_module
+
+    results: dict[str, Any] = {}
+    try:
+        os.setgid(OTHER_UID)
+        os.setuid(OTHER_UID)
+        session = RawSession(location)
+        for label, name in victims.items():
+            results[label] = session.ask({"op": "register", "name": name, "size": 4096})
+        # its own regions: accepted, and they work
+        own = f"arrowinfer-attack-own-{os.getpid()}"
+        sizes = {own + "-in": 1 << 20, own + "-out": 1 << 20, own + "-open": 4096}
+        memories = {}
+        for name, size in sizes.items():
+            fd = os.open(f"/dev/shm/{name}", os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+            os.ftruncate(fd, size)
+            memories[name] = (fd, mmap_module.mmap(fd, size))
+        os.fchmod(memories[own + "-open"][0], 0o644)  # its own, but others may read it
+        for name, size in sizes.items():
+            results[name.rsplit("-", 1)[1]] = session.ask(
+                {"op": "register", "name": name, "size": size}
+            )
+        batch = identity_batch(3, seed=4)
+        data = crafted_stream(batch, *ipc_messages(batch)[1:])
+        source = (own + "-in", memories[own + "-in"][1])
+        results["infer"] = shm_infer(session, "identity", data, source, own + "-out")
+        # shrink the input region under the server: its next read must fail, not SIGBUS
+        os.ftruncate(memories[own + "-in"][0], 64)
+        results["shrunk"] = session.ask(
+            {
+                "op": "infer",
+                "model": "identity",
+                "input": {"region": own + "-in", "offset": 0, "length": len(data)},
+                "output": {"region": own + "-out", "offset": 0, "size": 1 << 20},
+            }
+        )
+        os.ftruncate(memories[own + "-out"][0], 0)  # and the output region, to nothing
+        os.ftruncate(memories[own + "-in"][0], 1 << 20)
+        memories[own + "-in"][1][: len(data)] = data
+        results["shrunk_output"] = shm_infer(session, "identity", data, source, own + "-out")
+        session.close()
+        for name, (fd, memory) in memories.items():
+            memory.close()
+            os.close(fd)
+            os.unlink(f"/dev/shm/{name}")
+    except BaseException as err:  # noqa: BLE001 -- reported to the test, which fails on it
+        results["crash"] = f"{type(err).__name__}: {err}"
+    answers.put(results)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as another user")
+def test_shm_regions_of_other_users_are_refused(target: Server) -> None:
+    import multiprocessing
+
+    secret = b"root's secret " * 64
+    victims = {}
+    paths = []
+    for label, mode in (("private", 0o600), ("world", 0o666)):
+        name = f"arrowinfer-victim-{label}-{os.getpid()}"
+        path = Path("/dev/shm") / name
+        path.write_bytes(secret.ljust(4096, b"\0"))
+        os.chmod(path, mode)
+        victims[label] = name
+        paths.append(path)
+    context = multiprocessing.get_context("spawn")
+    answers = context.Queue()
+    try:
+        with GoodClient(target.location) as beside:
+            child = context.Process(target=_as_other_user, args=(target.location, victims, answers))
+            child.start()
+            results = answers.get(timeout=120)
+            child.join(WAIT)
+            beside.wait_some()
+        assert "crash" not in results, results
+        for label in victims:
+            assert error_of(results[label]) == "InvalidInput", results[label]
+            no_internals(json.dumps(results[label]))
+        assert "registered" in results["in"]
+        assert "registered" in results["out"]
+        assert error_of(results["open"]) == "InvalidInput"  # mode 0644: not private
+        assert "output" in results["infer"], results["infer"]
+        assert error_of(results["shrunk"]) == "InvalidInput"
+        assert "shrank" in results["shrunk"]["error"]["message"]
+        assert "output" in results["shrunk_output"], results["shrunk_output"]
+        for path in paths:  # untouched
+            assert path.read_bytes() == secret.ljust(4096, b"\0")
+    finally:
+        for path in paths:
+            path.unlink()
+
+
+def test_shm_own_regions_are_accepted_and_a_shrink_fails_alone(target: Server) -> None:
+    good = identity_batch(2)
+    data = crafted_stream(good, *ipc_messages(good)[1:])
+    with (
+        GoodClient(target.location) as beside,
+        raw_session(target) as session,
+        raw_region(1 << 20) as source,
+        raw_region(1 << 20) as (out, _),
+        raw_region(4096, mode=0o640) as (shared, _),
+    ):
+        for name in (source[0], out):
+            assert "registered" in session.ask({"op": "register", "name": name, "size": 1 << 20})
+        reply = session.ask({"op": "register", "name": shared, "size": 4096})
+        assert error_of(reply) == "InvalidInput", "group may read it: not private"
+        assert "output" in shm_infer(session, "identity", data, source, out)
+        os.truncate(f"/dev/shm/{source[0]}", 16)
+        request = {
+            "op": "infer",
+            "model": "identity",
+            "input": {"region": source[0], "offset": 0, "length": len(data)},
+            "output": {"region": out, "offset": 0, "size": 1 << 20},
+        }
+        assert error_of(session.ask(request)) == "InvalidInput"
+        beside.wait_some()
+
+
+def test_repository_errors_name_files_inside_the_repository_only(tmp_path: Path) -> None:
+    from arrowinfer.errors import ModelError
+    from arrowinfer.examples import write_example_repository
+
+    repository = write_example_repository(tmp_path / "secret-place", models=["identity"])
+    (repository / "broken").mkdir()
+    (repository / "broken" / "config.pbtxt").write_text("garbage {")
+    with (
+        Server(
+            repository, port=0, kserve_port=None, metrics_port=None, model_control="explicit"
+        ) as server,
+        GoodClient(server.location) as beside,
+    ):
+        index = flight_action(server.location, "repository.index", {})
+        (broken,) = [e for e in index if e["name"] == "broken"]
+        assert broken["reason"].startswith("broken/config.pbtxt: invalid model config")
+        error = flight_action(server.location, "model.load", {"model": "broken"})
+        assert isinstance(error, ModelError)
+        for text in (json.dumps(index), str(error)):
+            assert "secret-place" not in text
+            assert str(tmp_path) not in text
+        beside.wait_some()

@@ -748,7 +748,13 @@ def test_requests_in_flight_when_the_server_stops_get_their_results(
 def test_a_client_follows_model_reloads(example_repository: Path) -> None:
     values = {"hits": hits(4, seed=9)}
     with (
-        Server(example_repository, port=0, kserve_port=None, metrics_port=None) as server,
+        Server(
+            example_repository,
+            port=0,
+            kserve_port=None,
+            metrics_port=None,
+            model_control="explicit",
+        ) as server,
         Client(server.location, timeout=DEADLINE) as client,
         flight.connect(server.location) as raw,
     ):

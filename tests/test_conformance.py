@@ -88,7 +88,14 @@ def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(repository: Path) -> Iterator[Server]:
-    with Server(repository, port=0, kserve_port=0, http_port=0, metrics_port=None) as running:
+    with Server(  # Triton's model-control example needs --model-control-mode explicit
+        repository,
+        port=0,
+        kserve_port=0,
+        http_port=0,
+        metrics_port=None,
+        model_control="explicit",
+    ) as running:
         yield running
 
 

@@ -155,9 +155,23 @@ def test_statistics_count_http_inferences(server: Server, client: th.InferenceSe
     assert {s["name"] for s in every} >= {"facile", "identity", "toptag_cnn"}
 
 
+def test_model_control_is_off_by_default(server: Server) -> None:
+    """As Triton with --model-control-mode none: load and unload are refused, nothing moves."""
+    for action in ("load", "unload"):
+        status, _, data = call(server, "POST", f"/v2/repository/models/facile/{action}", b"{}")
+        assert status == 400
+        assert "model control mode" in error_of(data)
+    assert call(server, "GET", "/v2/models/facile/ready")[0] == 200
+
+
 def test_repository_index_load_unload(example_repository: Path) -> None:
     with Server(
-        example_repository, port=0, kserve_port=None, http_port=0, metrics_port=None
+        example_repository,
+        port=0,
+        kserve_port=None,
+        http_port=0,
+        metrics_port=None,
+        model_control="explicit",
     ) as server:
         client = th.InferenceServerClient(f"127.0.0.1:{server.http_port}")
         try:

@@ -471,7 +471,8 @@ def fenced(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Server, P
     repo = write_example_repository(base / "repo", models=["facile"])
     write_example_repository(base / "outside", models=["facile", "identity"])
     (base / "x").mkdir()
-    with Server(repo, port=0, kserve_port=0, metrics_port=None) as server:
+    # explicit: the load and unload calls run, and must still never reach the files
+    with Server(repo, port=0, kserve_port=0, metrics_port=None, model_control="explicit") as server:
         yield server, base
 
 

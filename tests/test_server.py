@@ -58,8 +58,10 @@ CALL = flight.FlightCallOptions(timeout=DEADLINE)  # no raw Flight call can hang
 
 @pytest.fixture
 def fresh_server(example_repository: Path) -> Iterator[Server]:
-    """A server of its own, for tests that count or change its state."""
-    with Server(example_repository, port=0, kserve_port=0, metrics_port=0) as running:
+    """A server of its own, for tests that count or change its state (load, unload)."""
+    with Server(
+        example_repository, port=0, kserve_port=0, metrics_port=0, model_control="explicit"
+    ) as running:
         yield running
 
 
@@ -497,9 +499,11 @@ def test_model_metadata_is_kserve_like(server: Server) -> None:
         ("model.config", {"model": "nope"}, "ModelNotFound", ["facile"]),
         ("model.metadata", {"model": "facile", "version": "3"}, "ModelNotFound", ["facile/1"]),
         ("model.statistics", {"model": "nope"}, "ModelNotFound", ["facile"]),
-        ("model.load", {}, "InvalidInput", ["'model'"]),
-        ("model.load", {"model": "nope"}, "ModelNotFound", ["nope"]),
-        ("model.unload", {"model": "nope"}, "ModelNotFound", ["facile"]),
+        # model control is off by default (Triton's mode none): refused before the body is
+        # read; explicit mode's errors are in test_security's fenced-server tests
+        ("model.load", {}, "RequestError", ["model control mode is 'none'"]),
+        ("model.load", {"model": "nope"}, "RequestError", ["--model-control-mode explicit"]),
+        ("model.unload", {"model": "facile"}, "RequestError", ["model control"]),
     ],
 )
 def test_action_errors(
@@ -642,7 +646,9 @@ def test_a_model_reloaded_with_other_outputs_ends_open_streams(
     shutil.copytree(example_repository, repository, ignore=shutil.ignore_patterns("jet*", "top*"))
     values = hits(3, seed=5)
     with (
-        Server(repository, port=0, kserve_port=None, metrics_port=None) as server,
+        Server(
+            repository, port=0, kserve_port=None, metrics_port=None, model_control="explicit"
+        ) as server,
         connect(server) as client,
     ):
         stream = OpenStream(client, "facile", input_schema(client, "facile"))

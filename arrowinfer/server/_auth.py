@@ -17,11 +17,15 @@ from typing import Any
 import grpc
 from pyarrow import flight
 
-from ..errors import Unauthenticated, to_flight
+from ..errors import RequestError, Unauthenticated, to_flight
 
 __all__ = [
+    "HEADERS_MIDDLEWARE",
+    "MODEL_CONTROL_MODES",
     "BearerTokenInterceptor",
     "BearerTokenMiddleware",
+    "HeadersMiddleware",
+    "ModelControl",
     "TokenCheck",
     "read_tls",
     "read_token_file",
@@ -100,6 +104,89 @@ def _denying(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
     if handler.response_streaming:
         return grpc.unary_stream_rpc_method_handler(_deny, **codec)
     return grpc.unary_unary_rpc_method_handler(_deny, **codec)
+
+
+#: The name of :class:`HeadersMiddleware` in a Flight server's middleware.
+HEADERS_MIDDLEWARE = "arrowinfer.headers"
+
+#: Triton's ``--model-control-mode`` values.
+MODEL_CONTROL_MODES = ("none", "explicit", "poll")
+
+
+class _Headers(flight.ServerMiddleware):
+    def __init__(self, headers: dict[str, list[str | bytes]]):
+        self.headers = headers
+
+
+class HeadersMiddleware(flight.ServerMiddlewareFactory):
+    """Keeps each Flight call's headers, for handlers that need them (admin tokens)."""
+
+    def start_call(self, info: Any, headers: dict[str, list[str | bytes]]) -> _Headers:
+        return _Headers(headers)
+
+
+def flight_authorization(context: Any) -> list[str | bytes]:
+    """The ``authorization`` header values of a Flight call (with :class:`HeadersMiddleware`)."""
+    middleware = context.get_middleware(HEADERS_MIDDLEWARE)
+    return list(middleware.headers.get("authorization", [])) if middleware is not None else []
+
+
+class ModelControl:
+    """Who may load and unload models: Triton's ``--model-control-mode``.
+
+    Parameters
+    ----------
+    mode
+        ``none`` (default): the repository is loaded at start and load/unload calls are
+        refused. ``explicit``: the calls are allowed; with ``admin`` only from a caller
+        with one of its tokens, and when the server checks tokens at all
+        (``tokens_on``) never without one. ``poll``: the server reloads models whose
+        files change; the calls are refused.
+    admin
+        The admin tokens (``--admin-token-file``).
+    tokens_on
+        The server checks bearer tokens on every call.
+
+    Raises
+    ------
+    ValueError
+        An unknown mode.
+    """
+
+    def __init__(
+        self, mode: str = "none", admin: TokenCheck | None = None, *, tokens_on: bool = False
+    ):
+        if mode not in MODEL_CONTROL_MODES:
+            raise ValueError(
+                f"model control mode must be one of {MODEL_CONTROL_MODES}, got {mode!r}"
+            )
+        self.mode = mode
+        self._admin = admin
+        self._tokens_on = tokens_on
+
+    def check(self, action: str, authorization: Iterable[str | bytes]) -> None:
+        """Allow ``action`` (``load``/``unload``) for a caller with these header values.
+
+        Raises
+        ------
+        RequestError
+            Model control is off (``none``) or automatic (``poll``).
+        Unauthenticated
+            Admin tokens are needed and the caller has none of them.
+        """
+        if self.mode != "explicit":
+            raise RequestError(
+                f"model {action} is not allowed: the server's model control mode is "
+                f"{self.mode!r} (start it with --model-control-mode explicit to allow it)"
+            )
+        if self._admin is not None:
+            if not self._admin(authorization):
+                raise Unauthenticated(f"model {action} needs an admin token (--admin-token-file)")
+        elif self._tokens_on:
+            raise Unauthenticated(
+                f"model {action} needs an admin token, and the server has none "
+                "(start it with --admin-token-file)"
+            )
 
 
 def read_token_file(path: str | os.PathLike[str]) -> set[str]:

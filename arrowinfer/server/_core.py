@@ -7,9 +7,12 @@ Flight, KServe v2 gRPC and the shared-memory service all call the same
 from __future__ import annotations
 
 import logging
+import os
+import secrets
 import threading
 from concurrent.futures import Future
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -17,13 +20,68 @@ from google.protobuf import json_format
 
 from ..backends import create_backend
 from ..batching import Completed, DynamicBatcher, ModelStatistics
-from ..errors import ModelError, ModelNotFound, ServerUnavailable
+from ..errors import InvalidInput, ModelError, ModelNotFound, ServerError, ServerUnavailable
 from ..repository import ModelVersion, Repository
 from ..schema import check_data, validate
 
-__all__ = ["InferenceCore", "LoadedModel"]
+__all__ = [
+    "MAX_REQUEST_BYTES",
+    "MAX_REQUEST_BYTES_PARAMETER",
+    "InferenceCore",
+    "LoadedModel",
+    "unexpected",
+]
 
 log = logging.getLogger(__name__)
+
+#: The most bytes of data one request may make the server hold (``--max-request-bytes``).
+MAX_REQUEST_BYTES = 1 << 30
+
+#: The model config parameter that overrides it for one model.
+MAX_REQUEST_BYTES_PARAMETER = "arrowinfer.max_request_bytes"
+
+
+def unexpected(err: BaseException, what: str) -> ServerError:
+    """The error a client gets for an exception the server did not expect.
+
+    Its text, type and traceback may show server internals (paths, code, memory): they go
+    to the log under a random incident id, and the client gets only that id.
+    """
+    incident = secrets.token_hex(6)
+    log.error("%s failed (incident %s)", what, incident, exc_info=err)
+    return ServerError(f"internal error (incident {incident}); the server log has the details")
+
+
+def _check_name(name: object, version: object) -> None:
+    """A model name is a string, a version a string or an integer (never a bool)."""
+    if not isinstance(name, str):
+        raise InvalidInput("a model name must be a string", got=type(name).__name__)
+    if version is not None and (isinstance(version, bool) or not isinstance(version, str | int)):
+        raise InvalidInput("a model version must be a string or an integer", got=repr(version))
+
+
+def _request_limit(version: ModelVersion, default: int) -> int:
+    """The model's ``arrowinfer.max_request_bytes`` parameter, else ``default``.
+
+    Raises
+    ------
+    ModelError
+        The parameter is not a positive integer.
+    """
+    param = version.config.parameters.get(MAX_REQUEST_BYTES_PARAMETER)
+    text = param.string_value.strip() if param is not None else ""
+    if not text:
+        return default
+    try:
+        limit = int(text)
+    except ValueError:
+        limit = 0
+    if limit < 1:
+        raise ModelError(
+            f"model {version.name!r}: {MAX_REQUEST_BYTES_PARAMETER} must be a positive "
+            f"integer (bytes), got {text!r}"
+        )
+    return limit
 
 
 @dataclass
@@ -32,6 +90,8 @@ class LoadedModel:
 
     version: ModelVersion
     batcher: DynamicBatcher
+    #: The most bytes of data one request may have (:data:`MAX_REQUEST_BYTES` or the model's).
+    max_request_bytes: int = MAX_REQUEST_BYTES
 
     @property
     def statistics(self) -> ModelStatistics:
@@ -49,6 +109,9 @@ class InferenceCore:
         ``"cpu"`` or ``"cuda:N"`` for every model, overriding their instance groups.
     models
         Only these models are loaded at start (all when None).
+    max_request_bytes
+        The most bytes of data one request may have (its Arrow buffers, decompressed);
+        a model's config parameter ``arrowinfer.max_request_bytes`` overrides it.
     """
 
     def __init__(
@@ -57,9 +120,13 @@ class InferenceCore:
         *,
         device: str | None = None,
         models: list[str] | None = None,
+        max_request_bytes: int = MAX_REQUEST_BYTES,
     ):
+        if max_request_bytes < 1:
+            raise ValueError(f"max_request_bytes must be positive, got {max_request_bytes}")
         self.repository = repository
         self.device = device
+        self.max_request_bytes = max_request_bytes
         self._models: dict[str, dict[int, LoadedModel]] = {}
         self._failed: dict[str, str] = {}
         self._lock = threading.RLock()
@@ -75,14 +142,40 @@ class InferenceCore:
     # -- models --------------------------------------------------------------------------
 
     def load(self, name: str) -> list[LoadedModel]:
-        """Load (or reload) every selected version of a model."""
+        """Load (or reload) every selected version of a model.
+
+        Raises
+        ------
+        ModelError
+            Naming the file and the problem, by its path inside the repository: clients
+            see these messages (``repository.index``), and the server's paths are not
+            theirs to see.
+        ModelNotFound
+            No such model directory.
+        """
+        try:
+            return self._load(name)
+        except ModelError as err:
+            raise ModelError(self._inside_repository(str(err))) from None
+
+    def _inside_repository(self, text: str) -> str:
+        """``text`` with the repository's own path left out of every file it names."""
+        root = Path(self.repository.path)
+        for prefix in {str(root), str(root.resolve())}:
+            text = text.replace(prefix.rstrip(os.sep) + os.sep, "")
+        return text
+
+    def _load(self, name: str) -> list[LoadedModel]:
         versions = self.repository.load(name)
         loaded = {}
         try:
             for version in versions:
+                limit = _request_limit(version, self.max_request_bytes)
                 count = sum(g.count or 1 for g in version.config.instance_group) or 1
                 backends = [create_backend(version, device=self.device) for _ in range(count)]
-                loaded[version.version] = LoadedModel(version, DynamicBatcher(version, backends))
+                loaded[version.version] = LoadedModel(
+                    version, DynamicBatcher(version, backends), limit
+                )
         except Exception:
             for model in loaded.values():
                 model.batcher.close()
@@ -121,7 +214,10 @@ class InferenceCore:
         ------
         ModelNotFound
             Listing the served models (or versions).
+        InvalidInput
+            ``name`` is not a string, or ``version`` not a string or integer.
         """
+        _check_name(name, version)
         with self._lock:
             versions = self._models.get(name)
             if not versions:
@@ -165,7 +261,15 @@ class InferenceCore:
             raise ServerUnavailable("the server is not ready (starting or shutting down)")
         version = model.version
         max_rows = version.max_request_rows if version.max_batch_size > 0 else 1
-        check_data(batch, model=version.name)
+        check_data(batch, version.inputs, model=version.name)
+        size = batch.nbytes  # what the server holds for it (checked: buffers are real)
+        if size > model.max_request_bytes:
+            raise InvalidInput(
+                "the request is too large (max_request_bytes)",
+                model=version.name,
+                expected=f"<= {model.max_request_bytes} bytes of data",
+                got=f"{size} bytes",
+            )
         validate(batch, version.inputs, model=version.name, max_rows=max_rows)
         return model.batcher.submit(batch)
 
@@ -196,6 +300,7 @@ class InferenceCore:
         self, name: str | None = None, version: str | None = None
     ) -> list[dict[str, Any]]:
         """Triton's statistics of one model version, one model, or every model."""
+        _check_name(name or "", version or None)
         if name:
             if version:
                 return [self.get(name, version).statistics.as_dict()]

@@ -20,11 +20,12 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future
-from typing import Any
+from typing import Any, TypeVar
 
 import pyarrow as pa
 from pyarrow import flight
@@ -33,8 +34,9 @@ from .. import __version__
 from ..batching import Completed
 from ..errors import ArrowInferError, InvalidInput, ServerUnavailable, error_to_dict, to_flight
 from ..protocol import SERVER_TIMES, dump_json, parse_json
-from ._core import InferenceCore, LoadedModel
-from ._ordered import OrderedReplies, Reply
+from ._auth import HEADERS_MIDDLEWARE, HeadersMiddleware, ModelControl, flight_authorization
+from ._core import InferenceCore, LoadedModel, unexpected
+from ._ordered import OrderedReplies, Reply, read_chunks
 
 __all__ = ["ACTIONS", "Action", "Exchange", "FlightService"]
 
@@ -59,8 +61,35 @@ Exchange = Callable[[Any, flight.MetadataRecordBatchReader, flight.MetadataRecor
 Action = tuple[str, Callable[[dict[str, Any]], Any]]
 
 
+_Call = TypeVar("_Call", bound=Callable[..., Any])
+
+
+def _guarded(method: _Call) -> _Call:
+    """Every exception of a Flight call reaches the client as arrowinfer's error JSON.
+
+    pyarrow would send any other exception's text and traceback (server paths) to the
+    client: an unexpected one becomes a generic ``ServerError`` whose details are logged.
+    """
+
+    @functools.wraps(method)
+    def call(self: FlightService, context: Any, *args: Any) -> Any:
+        try:
+            return method(self, context, *args)
+        except flight.FlightError:
+            raise
+        except ArrowInferError as err:
+            raise to_flight(err) from None
+        except Exception as err:  # noqa: BLE001 -- the one place Flight calls hide internals
+            raise to_flight(unexpected(err, f"Flight {method.__name__}")) from None
+
+    return call  # type: ignore[return-value]
+
+
 def _descriptor_model(descriptor: flight.FlightDescriptor) -> tuple[str, str | None]:
-    path = [p.decode() if isinstance(p, bytes) else p for p in (descriptor.path or [])]
+    try:
+        path = [p.decode() if isinstance(p, bytes) else p for p in (descriptor.path or [])]
+    except UnicodeDecodeError:
+        raise InvalidInput("a descriptor path must be UTF-8") from None
     if descriptor.descriptor_type != flight.DescriptorType.PATH or not 1 <= len(path) <= 2:
         raise InvalidInput(
             "a model is named by a path descriptor [model] or [model, version]",
@@ -84,6 +113,8 @@ class FlightService(flight.FlightServerBase):
         path (the server's shared-memory sessions, say); they take precedence over models.
     actions
         More actions, by name: ``(description, handler)``.
+    model_control
+        Who may ``model.load``/``model.unload`` (default: nobody, Triton's mode ``none``).
     **kwargs
         Passed to ``pyarrow.flight.FlightServerBase`` (TLS certificates, middleware, ...).
     """
@@ -95,14 +126,23 @@ class FlightService(flight.FlightServerBase):
         *,
         exchanges: Mapping[str, Exchange] | None = None,
         actions: Mapping[str, Action] | None = None,
+        model_control: ModelControl | None = None,
         **kwargs: Any,
     ):
+        # every call's headers stay readable by the handlers (the admin token)
+        kwargs["middleware"] = {
+            **kwargs.get("middleware", {}),
+            HEADERS_MIDDLEWARE: HeadersMiddleware(),
+        }
         super().__init__(location, **kwargs)
         self.core = core
+        self.control = model_control or ModelControl()
         self._exchanges = dict(exchanges or {})
         self._descriptions = {**ACTIONS, **{k: d for k, (d, _) in (actions or {}).items()}}
         self._streams: set[OrderedReplies] = set()
         self._streams_lock = threading.Lock()
+        self._open = 0  # do_exchange calls in progress (inference and other exchanges)
+        self._idle = threading.Condition(self._streams_lock)
         self._draining = False
         self._actions: dict[str, Callable[[dict[str, Any]], Any]] = {
             "health": lambda body: {"live": True},
@@ -136,11 +176,13 @@ class FlightService(flight.FlightServerBase):
         for model in self.core.served():
             yield self._info(model)
 
+    @_guarded
     def get_flight_info(
         self, context: Any, descriptor: flight.FlightDescriptor
     ) -> flight.FlightInfo:
         return self._info(self._lookup(descriptor))
 
+    @_guarded
     def get_schema(self, context: Any, descriptor: flight.FlightDescriptor) -> flight.SchemaResult:
         return flight.SchemaResult(self._lookup(descriptor).version.inputs)
 
@@ -175,7 +217,34 @@ class FlightService(flight.FlightServerBase):
         name = path[0].decode(errors="replace") if isinstance(path[0], bytes) else path[0]
         return self._exchanges.get(name)
 
+    def wait_idle(self, timeout: float | None) -> bool:
+        """Wait until no ``do_exchange`` call is open (at most ``timeout`` s); True if none.
+
+        The server waits here after :meth:`drain` and before :meth:`shutdown`: gRPC stops
+        reading open streams once shutdown begins, and their clients' last requests would
+        be cancelled rather than answered.
+        """
+        with self._idle:
+            return self._idle.wait_for(lambda: self._open == 0, timeout)
+
+    @_guarded
     def do_exchange(
+        self,
+        context: Any,
+        descriptor: flight.FlightDescriptor,
+        reader: flight.MetadataRecordBatchReader,
+        writer: flight.MetadataRecordBatchWriter,
+    ) -> None:
+        with self._idle:
+            self._open += 1
+        try:
+            self._do_exchange(context, descriptor, reader, writer)
+        finally:
+            with self._idle:
+                self._open -= 1
+                self._idle.notify_all()
+
+    def _do_exchange(
         self,
         context: Any,
         descriptor: flight.FlightDescriptor,
@@ -199,7 +268,7 @@ class FlightService(flight.FlightServerBase):
                 raise to_flight(ServerUnavailable("the server is shutting down"))
             self._streams.add(replies)
         try:
-            for chunk in reader:
+            for chunk in read_chunks(reader):
                 if chunk.data is None:
                     continue  # a metadata-only message asks for nothing
                 try:
@@ -233,7 +302,8 @@ class FlightService(flight.FlightServerBase):
                     future = self.core.submit(model, chunk.data, draining=True)
                 except ArrowInferError as err:
                     future = err
-                replies.put((future, request_meta.get("id")))
+                # the buffers' sizes, not nbytes: that would read unchecked offsets
+                replies.put((future, request_meta.get("id")), chunk.data.get_total_buffer_size())
                 if replies.failure is not None or stale:
                     break
         finally:
@@ -257,15 +327,16 @@ class FlightService(flight.FlightServerBase):
                     expected=sorted(self._descriptions),
                     got=action.type,
                 )
+            if action.type in ("model.load", "model.unload"):
+                self.control.check(action.type.partition(".")[2], flight_authorization(context))
             body = parse_json(
                 action.body.to_pybytes() if action.body is not None else None, "the action body"
             )
             result = handler(body)
         except ArrowInferError as err:
             raise to_flight(err) from None
-        except Exception as err:
-            log.exception("action %s failed", action.type)
-            raise to_flight(err) from None
+        except Exception as err:  # noqa: BLE001 -- its text may hold server internals
+            raise to_flight(unexpected(err, f"action {action.type}")) from None
         yield dump_json(result)
 
     def _ready(self, body: dict[str, Any]) -> dict[str, bool]:
@@ -297,9 +368,9 @@ def _result(
         if isinstance(outcome, BaseException):
             raise outcome
         done = outcome.result()
-    except Exception as err:  # the request's error, for its client
+    except Exception as err:  # noqa: BLE001 -- the request's error, for its client
         if not isinstance(err, ArrowInferError):
-            log.error("request failed", exc_info=err)
+            err = unexpected(err, "request")
         if not empty:
             empty.append(pa.RecordBatch.from_pylist([], schema=outputs))
         meta["error"] = error_to_dict(err)

@@ -65,16 +65,16 @@ from ..errors import ArrowInferError, InvalidInput, Unsupported, grpc_status
 from ..protocol import parse_json
 from ..schema import datatype
 from . import _v2
-from ._auth import TokenCheck
-from ._core import InferenceCore
+from ._auth import ModelControl, TokenCheck
+from ._core import MAX_REQUEST_BYTES, InferenceCore
 from ._v2memory import CUDA_UNSUPPORTED, NO_PEER, Peer, SystemRegions
 
 __all__ = ["DEFAULT_MAX_REQUEST_BYTES", "HTTP_STATUS", "HttpServer", "start_http"]
 
 log = logging.getLogger(__name__)
 
-#: The largest request body (compressed, and again decompressed) by default: 1 GiB.
-DEFAULT_MAX_REQUEST_BYTES = 2**30
+#: The largest request body (compressed, and again decompressed) by default: the core's.
+DEFAULT_MAX_REQUEST_BYTES = MAX_REQUEST_BYTES
 
 #: The HTTP status of each gRPC status code, as Triton's HTTP server answers the same
 #: errors (a request timeout is UNAVAILABLE in Triton: 503).
@@ -413,10 +413,20 @@ def infer_answer(
 class _Api:
     """The endpoints, over one core and one set of shared-memory regions."""
 
-    def __init__(self, core: InferenceCore, regions: SystemRegions | None, max_request_bytes: int):
+    def __init__(
+        self,
+        core: InferenceCore,
+        regions: SystemRegions | None,
+        max_request_bytes: int,
+        control: ModelControl,
+    ):
         self.core = core
         self.regions = regions
         self.limit = max_request_bytes
+        self.control = control
+
+    def _check_control(self, action: str, request: Request) -> None:
+        self.control.check(action, request.headers.getlist("authorization"))
 
     def _regions(self) -> SystemRegions:
         if self.regions is None:
@@ -467,12 +477,14 @@ class _Api:
 
     async def load(self, request: Request) -> Response:
         name = request.path_params["model"]
+        self._check_control("load", request)
         body = await self._json(request, "the load request")
         _v2.check_load_parameters(name, body.get("parameters") or {})
         await asyncio.to_thread(self.core.load, name)  # loading takes seconds: not on the loop
         return Response(status_code=200)
 
     async def unload(self, request: Request) -> Response:
+        self._check_control("unload", request)
         await self._json(request, "the unload request")
         await asyncio.to_thread(self.core.unload, request.path_params["model"])
         return Response(status_code=200)
@@ -594,9 +606,11 @@ def application(
     regions: SystemRegions | None = None,
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
     check: TokenCheck | None = None,
+    model_control: ModelControl | None = None,
 ) -> Any:
     """The ASGI application serving ``core`` (see the module's endpoints)."""
-    app = Starlette(routes=_routes(_Api(core, regions, max_request_bytes)))
+    api = _Api(core, regions, max_request_bytes, model_control or ModelControl())
+    app = Starlette(routes=_routes(api))
 
     async def not_found(request: Request, exc: Exception) -> Response:
         return JSONResponse({"error": f"no endpoint {request.method} {request.url.path}"}, 404)
@@ -617,8 +631,9 @@ class HttpServer:
         self._thread = thread
         self.port = port
 
-    def stop(self, grace: float = 5.0) -> None:
-        """Stop accepting; give the requests in progress ``grace`` seconds, then close."""
+    def stop(self, grace: float | None = 5.0) -> None:
+        """Stop accepting; give the requests in progress ``grace`` seconds (None: all the
+        time they take), then close."""
         self._server.config.timeout_graceful_shutdown = grace
         self._server.should_exit = True
         self._thread.join()
@@ -634,6 +649,7 @@ def start_http(
     tls_cert: str | os.PathLike[str] | None = None,
     tls_key: str | os.PathLike[str] | None = None,
     check: TokenCheck | None = None,
+    model_control: ModelControl | None = None,
 ) -> HttpServer:
     """Serve ``core`` over KServe v2 HTTP/REST on ``host:port`` (0: a free port).
 
@@ -648,6 +664,8 @@ def start_http(
         PEM files: serve HTTPS.
     check
         Require a bearer token (401 without).
+    model_control
+        Who may load and unload models (default: nobody), as over gRPC.
 
     Raises
     ------
@@ -668,7 +686,13 @@ def start_http(
     except OSError as err:
         sock.close()
         raise OSError(f"KServe HTTP cannot listen on {host}:{port}: {err.strerror}") from err
-    app = application(core, regions=regions, max_request_bytes=max_request_bytes, check=check)
+    app = application(
+        core,
+        regions=regions,
+        max_request_bytes=max_request_bytes,
+        check=check,
+        model_control=model_control,
+    )
     config = uvicorn.Config(
         app,
         lifespan="off",

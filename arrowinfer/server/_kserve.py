@@ -68,7 +68,9 @@ from tritonclient.grpc import service_pb2_grpc
 from ..errors import ArrowInferError, Unsupported, error_to_dict, grpc_status
 from ..protocol import dump_json
 from . import _v2
-from ._core import InferenceCore
+from ._auth import ModelControl
+from ._core import InferenceCore, unexpected
+from ._ordered import MAX_PENDING
 from ._v2memory import CUDA_UNSUPPORTED, Peer, SystemRegions
 
 __all__ = ["MAX_MESSAGE_BYTES", "KServeService", "start_kserve", "status_of"]
@@ -77,6 +79,9 @@ log = logging.getLogger(__name__)
 
 #: gRPC message size limit both ways (Triton's and tritonclient's: INT32_MAX).
 MAX_MESSAGE_BYTES = 2**31 - 1
+
+#: Room for the protobuf fields around a request's data (names, shapes, parameters).
+_ENVELOPE_BYTES = 1 << 20
 
 # -- errors: the one place that maps exceptions to status codes --------------------------
 
@@ -92,9 +97,9 @@ def status_of(err: BaseException) -> tuple[grpc.StatusCode, str]:
     return getattr(grpc.StatusCode, name), message
 
 
-def _log_unexpected(err: BaseException, rpc: str) -> None:
-    if not isinstance(err, ArrowInferError):
-        log.error("KServe %s failed", rpc, exc_info=err)
+def _public(err: Exception, rpc: str) -> Exception:
+    """``err`` if it is arrowinfer's; else a generic error, its details logged with an id."""
+    return err if isinstance(err, ArrowInferError) else unexpected(err, f"KServe {rpc}")
 
 
 _Method = TypeVar("_Method", bound=Callable[..., Any])
@@ -108,7 +113,7 @@ def _unary(method: _Method) -> _Method:
         try:
             return method(self, request, context)
         except Exception as err:  # noqa: BLE001 -- the one place errors become status codes
-            _log_unexpected(err, method.__name__)
+            err = _public(err, method.__name__)
             code, message = status_of(err)
             detail = dump_json(
                 error_to_dict(err)
@@ -129,10 +134,20 @@ class KServeService(service_pb2_grpc.GRPCInferenceServiceServicer):
     use :func:`start_kserve`.
     """
 
-    def __init__(self, core: InferenceCore, regions: SystemRegions | None = None):
+    def __init__(
+        self,
+        core: InferenceCore,
+        model_control: ModelControl | None = None,
+        regions: SystemRegions | None = None,
+    ):
         self.core = core
+        self.control = model_control or ModelControl()
         self.regions = regions
         self.port: int | None = None  # set once bound: picks a peer's socket in /proc/net/tcp
+
+    def _check_control(self, action: str, context: Any) -> None:
+        metadata = context.invocation_metadata() or ()
+        self.control.check(action, [value for key, value in metadata if key == "authorization"])
 
     def _peer(self, context: Any) -> Peer:
         return Peer(context.peer(), self.port)
@@ -199,6 +214,7 @@ class KServeService(service_pb2_grpc.GRPCInferenceServiceServicer):
     def RepositoryModelLoad(
         self, request: pb.RepositoryModelLoadRequest, context: Any
     ) -> pb.RepositoryModelLoadResponse:
+        self._check_control("load", context)
         _v2.check_load_parameters(request.model_name, request.parameters)
         self.core.load(request.model_name)
         return pb.RepositoryModelLoadResponse()
@@ -207,6 +223,7 @@ class KServeService(service_pb2_grpc.GRPCInferenceServiceServicer):
     def RepositoryModelUnload(
         self, request: pb.RepositoryModelUnloadRequest, context: Any
     ) -> pb.RepositoryModelUnloadResponse:
+        self._check_control("unload", context)
         self.core.unload(request.model_name)
         return pb.RepositoryModelUnloadResponse()
 
@@ -283,9 +300,20 @@ class KServeService(service_pb2_grpc.GRPCInferenceServiceServicer):
         self, request_iterator: Iterable[pb.ModelInferRequest], context: Any
     ) -> Iterator[pb.ModelStreamInferResponse]:
         """Pipelined: requests are read and queued while earlier ones run; answers in order."""
-        pending: queue.SimpleQueue[tuple[pb.ModelInferRequest, _v2.Pending | Exception] | None] = (
-            queue.SimpleQueue()
+        # bounded: a client that does not read its responses stops being read (back-pressure)
+        pending: queue.Queue[tuple[pb.ModelInferRequest, _v2.Pending | Exception] | None] = (
+            queue.Queue(maxsize=MAX_PENDING)
         )
+
+        def offer(entry: tuple[pb.ModelInferRequest, _v2.Pending | Exception] | None) -> bool:
+            """Queue an entry, waiting for room while the stream is alive; False if it died."""
+            while context.is_active():
+                try:
+                    pending.put(entry, timeout=0.2)
+                    return True
+                except queue.Full:
+                    continue
+            return False
 
         def read() -> None:
             try:
@@ -297,11 +325,12 @@ class KServeService(service_pb2_grpc.GRPCInferenceServiceServicer):
                         )
                     except Exception as err:  # noqa: BLE001 -- answered in its response
                         item = err
-                    pending.put((request, item))
+                    if not offer((request, item)):
+                        return
             except grpc.RpcError as err:  # the client cancelled or went away
                 log.debug("KServe stream closed while reading: %s", err)
             finally:
-                pending.put(None)
+                offer(None)
 
         reader = threading.Thread(target=read, name="kserve-stream-reader", daemon=True)
         reader.start()
@@ -314,7 +343,7 @@ class KServeService(service_pb2_grpc.GRPCInferenceServiceServicer):
                     infer_response=self._result(outcome, context)
                 )
             except Exception as err:  # noqa: BLE001 -- the stream's error_message, as Triton
-                _log_unexpected(err, "ModelStreamInfer")
+                err = _public(err, "ModelStreamInfer")
                 response = pb.ModelStreamInferResponse(
                     error_message=status_of(err)[1],
                     infer_response=pb.ModelInferResponse(
@@ -334,8 +363,10 @@ def start_kserve(
     *,
     max_workers: int = 32,
     max_message_bytes: int = MAX_MESSAGE_BYTES,
+    max_request_bytes: int | None = None,
     tls: tuple[bytes, bytes] | None = None,
     interceptors: Sequence[grpc.ServerInterceptor] = (),
+    model_control: ModelControl | None = None,
     regions: SystemRegions | None = None,
 ) -> tuple[grpc.Server, int]:
     """Serve ``core`` over KServe v2 gRPC on ``host:port``; returns the server and its port.
@@ -352,10 +383,17 @@ def start_kserve(
         this many at a time.
     max_message_bytes
         Largest request or response (both ways), at least 256 MB; the default is Triton's.
+    max_request_bytes
+        Bound requests lower (the server's ``--max-request-bytes``): gRPC refuses a larger
+        message, gzip/deflate-compressed or not (gRPC checks the decompressed size and
+        stops decompressing there), before any of it reaches Python. A little room is
+        left for the protobuf around the data.
     tls
         ``(certificate_chain, private_key)`` as PEM bytes: listen with TLS.
     interceptors
         gRPC server interceptors (the bearer-token check, say), run before every RPC.
+    model_control
+        Who may call ``RepositoryModelLoad``/``Unload`` (default: nobody).
     regions
         The server's system shared-memory regions (shared with its HTTP front end); None:
         the system shared-memory RPCs answer UNIMPLEMENTED.
@@ -367,16 +405,19 @@ def start_kserve(
     """
     if max_message_bytes < 256 * 2**20:
         raise ValueError(f"max_message_bytes must be at least 256 MiB, got {max_message_bytes}")
+    receive = max_message_bytes
+    if max_request_bytes is not None:
+        receive = min(receive, max_request_bytes + _ENVELOPE_BYTES)
     server = grpc.server(
         ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="kserve"),
         options=[
             ("grpc.max_send_message_length", max_message_bytes),
-            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_receive_message_length", receive),
             ("grpc.so_reuseport", 0),  # a port in use is an error, not a silent share
         ],
         interceptors=list(interceptors),
     )
-    servicer = KServeService(core, regions)
+    servicer = KServeService(core, model_control, regions)
     service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
     address = f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
     try:

@@ -7,6 +7,12 @@ shutdown puts a ``goaway`` in the same queue, so it lands after the replies of e
 request read so far. When a write fails (the client went away), the writer keeps taking
 items, so that each is finished (its resources released), but writes nothing more; the
 reader sees :attr:`OrderedReplies.failure` and stops reading.
+
+Back-pressure: a stream holds at most :data:`MAX_PENDING` requests (and about
+:data:`MAX_PENDING_BYTES` of their data) whose replies are not written yet. :meth:`put`
+blocks the stream's reader beyond that, so a client that sends without reading its
+results stops being read (gRPC's flow control then stops its sending) instead of making
+the server hold every result.
 """
 
 from __future__ import annotations
@@ -14,15 +20,23 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pyarrow as pa
 from pyarrow import flight
 
+from ..errors import InvalidInput
 from ..protocol import GOAWAY, dump_json
 
-__all__ = ["GOAWAY_REASON", "OrderedReplies", "Reply"]
+__all__ = [
+    "GOAWAY_REASON",
+    "MAX_PENDING",
+    "MAX_PENDING_BYTES",
+    "OrderedReplies",
+    "Reply",
+    "read_chunks",
+]
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +48,31 @@ Reply = tuple[pa.RecordBatch | None, dict[str, Any]]
 
 _GOAWAY = object()
 _END = object()
+
+#: Requests of one stream whose replies are not written yet, at most.
+MAX_PENDING = 32
+
+#: Bytes of request data one stream may have pending (one request is always admitted).
+MAX_PENDING_BYTES = 64 << 20
+
+
+def read_chunks(reader: flight.MetadataRecordBatchReader) -> Iterator[flight.FlightStreamChunk]:
+    """A stream's messages; one Arrow cannot decode ends the stream as ``InvalidInput``.
+
+    A message whose IPC metadata is malformed (a schema Arrow cannot read, a batch header
+    that is not a flatbuffer) leaves the reader with nothing to go on: the stream ends,
+    with Arrow's reason. Flight's own errors (the client cancelled) pass unchanged.
+    """
+    while True:
+        try:
+            chunk = reader.read_chunk()
+        except StopIteration:
+            return
+        except flight.FlightError:
+            raise
+        except (pa.ArrowException, OSError) as err:
+            raise InvalidInput(f"the stream holds a malformed Arrow IPC message: {err}") from None
+        yield chunk
 
 
 class OrderedReplies:
@@ -63,6 +102,10 @@ class OrderedReplies:
         self._writer = writer
         self._finish = finish
         self._items: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._room = threading.Condition()
+        self._pending = 0
+        self._pending_bytes = 0
+        self._closing = False
         #: The error that broke the stream (the client went away), once a write failed.
         self.failure: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
@@ -75,9 +118,24 @@ class OrderedReplies:
     def started(self) -> bool:
         return self._thread.ident is not None
 
-    def put(self, item: Any) -> None:
-        """Queue the next request's item; its reply follows those put before."""
-        self._items.put(item)
+    def put(self, item: Any, size: int = 0) -> None:
+        """Queue the next request's item; its reply follows those put before.
+
+        ``size`` is the bytes of request data it holds. Blocks while the stream has
+        :data:`MAX_PENDING` replies (or :data:`MAX_PENDING_BYTES`) not written yet: the
+        client is not reading them.
+        """
+        with self._room:
+            while (
+                self._pending
+                and (self._pending >= MAX_PENDING or self._pending_bytes + size > MAX_PENDING_BYTES)
+                and self.failure is None
+                and not self._closing
+            ):
+                self._room.wait()
+            self._pending += 1
+            self._pending_bytes += size
+        self._items.put((item, size))
 
     def goaway(self) -> None:
         """Ask the client to finish the stream, after the replies queued so far."""
@@ -88,25 +146,43 @@ class OrderedReplies:
 
         Not started: nothing is written (the items are dropped).
         """
+        with self._room:
+            self._closing = True
+            self._room.notify_all()
         self._items.put(_END)
         if self.started:
             self._thread.join()
 
     def _run(self) -> None:
-        while (item := self._items.get()) is not _END:
-            if item is _GOAWAY:
-                reply: Reply = (None, {GOAWAY: GOAWAY_REASON})
+        while (entry := self._items.get()) is not _END:
+            size = None
+            if entry is _GOAWAY:
+                reply: Reply | None = (None, {GOAWAY: GOAWAY_REASON})
             else:
+                item, size = entry
                 reply = self._finish(item)
-            item = None  # drop what it holds (mapped regions) before the next wait
-            if self.failure is not None:
-                continue  # the stream is gone; drain the queue so the reader can finish
-            batch, meta = reply
+            entry = item = None  # drop what it holds (mapped regions) before the next wait
             try:
-                if batch is None:
-                    self._writer.write_metadata(dump_json(meta))
-                else:
-                    self._writer.write_with_metadata(batch, dump_json(meta))
-            except (pa.ArrowException, OSError) as err:  # the client went away
-                log.debug("stream closed while writing: %s", err)
+                if self.failure is None and reply is not None:
+                    self._write(reply)
+                # else the stream is gone: drain the queue so that the reader can finish
+            finally:
+                reply = None
+                if size is not None:
+                    with self._room:
+                        self._pending -= 1
+                        self._pending_bytes -= size
+                        self._room.notify_all()
+
+    def _write(self, reply: Reply) -> None:
+        batch, meta = reply
+        try:
+            if batch is None:
+                self._writer.write_metadata(dump_json(meta))
+            else:
+                self._writer.write_with_metadata(batch, dump_json(meta))
+        except (pa.ArrowException, OSError) as err:  # the client went away
+            log.debug("stream closed while writing: %s", err)
+            with self._room:
                 self.failure = err
+                self._room.notify_all()

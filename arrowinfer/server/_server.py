@@ -11,17 +11,24 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections.abc import Iterable
 from typing import Any
 
 import grpc
 
 from ..repository import Repository
-from ._auth import BearerTokenInterceptor, BearerTokenMiddleware, TokenCheck, read_tls
-from ._core import InferenceCore
+from ._auth import (
+    BearerTokenInterceptor,
+    BearerTokenMiddleware,
+    ModelControl,
+    TokenCheck,
+    read_tls,
+)
+from ._core import MAX_REQUEST_BYTES, InferenceCore
 from ._flight import ACTIONS as FLIGHT_ACTIONS
 from ._flight import FlightService
-from ._http import DEFAULT_MAX_REQUEST_BYTES, HttpServer, start_http
+from ._http import HttpServer, start_http
 from ._kserve import start_kserve
 from ._metrics import StatisticsCollector, metrics_registry, start_metrics_server
 from ._shm import SHM_ACTIONS, SHM_DESCRIPTOR, SHM_STATUS, ShmService
@@ -53,8 +60,6 @@ class Server:
         KServe v2 HTTP/REST port on ``host`` (Triton's, for ``tritonclient.http`` and
         curl); None (the default here; ``arrowinfer serve`` listens on 8000 as Triton does)
         disables it, 0 picks a free one (see :attr:`http_port`).
-    max_request_bytes
-        The largest HTTP request body, compressed and again decompressed.
     allow_client_shm
         Accept shared memory from clients that are not on this host's loopback or a Unix
         socket (they must share this host's ``/dev/shm``): arrowinfer's own sessions, and
@@ -80,6 +85,28 @@ class Server:
         Accept only calls (Flight and KServe) with the header ``authorization: Bearer
         <token>`` for one of these tokens; others get UNAUTHENTICATED and run nothing.
         None (default): no check. Send tokens over TLS only.
+    max_request_bytes
+        The most bytes of data one request may make the server hold (default 1 GiB); a
+        model's config parameter ``arrowinfer.max_request_bytes`` overrides it for that
+        model. KServe messages beyond it are refused by gRPC before they are read, and
+        HTTP bodies beyond it, compressed or once decompressed, by the HTTP front end; see
+        ``docs/security.md`` for what each transport bounds, and when.
+    model_control
+        Triton's ``--model-control-mode``: ``none`` (default: the repository is loaded at
+        start, load/unload calls are refused), ``explicit`` (the calls are allowed; with
+        ``admin_tokens``, or when ``auth_tokens`` are on, only with an admin token) or
+        ``poll`` (models whose files change are reloaded every ``repository_poll_secs``;
+        the calls are refused).
+    admin_tokens
+        The tokens that may load and unload models in ``explicit`` mode.
+    repository_poll_secs
+        How often ``poll`` mode looks at the repository.
+    exit_timeout
+        Seconds :meth:`stop` waits for open streams to finish (Triton's
+        ``--exit-timeout-secs``, default 30); then it cancels what it can (KServe calls,
+        queued requests), stops the models and returns, with :attr:`clean` False when a
+        Flight stream was still open (the process should exit then: ``arrowinfer serve``
+        does). None waits for ever.
     flight_options
         Passed to ``pyarrow.flight.FlightServerBase`` (middleware, ...).
     """
@@ -93,7 +120,6 @@ class Server:
         unix_socket: str | None = None,
         kserve_port: int | None = 8001,
         http_port: int | None = None,
-        max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
         metrics_port: int | None = 8002,
         allow_client_shm: bool = False,
         shared_memory: bool = True,
@@ -102,10 +128,23 @@ class Server:
         tls_cert: str | os.PathLike[str] | None = None,
         tls_key: str | os.PathLike[str] | None = None,
         auth_tokens: Iterable[str] | None = None,
+        max_request_bytes: int = MAX_REQUEST_BYTES,
+        model_control: str = "none",
+        admin_tokens: Iterable[str] | None = None,
+        repository_poll_secs: float = 15.0,
+        exit_timeout: float | None = 30.0,
         flight_options: dict[str, Any] | None = None,
     ):
         tls = read_tls(tls_cert, tls_key)
         check = TokenCheck(auth_tokens) if auth_tokens is not None else None
+        control = ModelControl(
+            model_control,
+            TokenCheck(admin_tokens) if admin_tokens is not None else None,
+            tokens_on=check is not None,
+        )
+        self.exit_timeout = exit_timeout
+        #: False when :meth:`stop` gave up waiting for an open stream (``exit_timeout``).
+        self.clean = True
         options = dict(flight_options or {})
         if tls is not None:
             options["tls_certificates"] = [tls]
@@ -115,7 +154,9 @@ class Server:
                 "arrowinfer.auth": BearerTokenMiddleware(check),
             }
         repo = repository if isinstance(repository, Repository) else Repository(repository)
-        self.core = InferenceCore(repo, device=device, models=models)
+        self.core = InferenceCore(
+            repo, device=device, models=models, max_request_bytes=max_request_bytes
+        )
         scheme = "grpc+tls" if tls is not None else "grpc"
         location = f"grpc+unix://{unix_socket}" if unix_socket else f"{scheme}://{host}:{port}"
         self.shm = ShmService(self.core, allow_remote=allow_client_shm)
@@ -132,12 +173,15 @@ class Server:
                 location,
                 exchanges=exchanges,
                 actions={SHM_STATUS: (SHM_ACTIONS[SHM_STATUS], shm_status)},
+                model_control=control,
                 **options,
             )
         except BaseException:
             self.shm.close()
             self.core.close()
             raise
+        self.shm.server_port = None if unix_socket else int(self.flight.port)
+        self.shm.unix_socket = unix_socket
         self.host = host
         self.location = (
             f"grpc+unix://{unix_socket}" if unix_socket else f"{scheme}://{host}:{self.flight.port}"
@@ -150,8 +194,10 @@ class Server:
                     self.core,
                     host,
                     kserve_port,
+                    max_request_bytes=max_request_bytes,
                     tls=tls,
                     interceptors=[BearerTokenInterceptor(check)] if check is not None else [],
+                    model_control=control,
                     regions=self.regions,
                 )
             except BaseException:
@@ -172,6 +218,7 @@ class Server:
                     tls_cert=tls_cert,
                     tls_key=tls_key,
                     check=check,
+                    model_control=control,
                 )
             except BaseException:
                 if self._kserve is not None:
@@ -190,6 +237,12 @@ class Server:
             )
         self._stopped = threading.Event()
         self._stopping = threading.Lock()
+        self._poller: threading.Thread | None = None
+        if model_control == "poll":
+            self._poller = threading.Thread(
+                target=self._poll, args=(repository_poll_secs,), name="repository-poll", daemon=True
+            )
+            self._poller.start()
         log.info("Flight listening on %s", self.location)
         if self.kserve_port is not None:
             log.info("KServe v2 gRPC listening on %s:%d", host, self.kserve_port)
@@ -226,17 +279,71 @@ class Server:
                 return
             self._stop()
 
+    def _poll(self, seconds: float) -> None:
+        """``poll`` mode: reload models whose files changed, load new ones, unload gone ones."""
+        seen = self._snapshot()
+        while not self._stopped.wait(seconds):
+            now = self._snapshot()
+            for name in sorted(set(seen) | set(now)):
+                if seen.get(name) == now.get(name):
+                    continue
+                try:
+                    if name in now:
+                        self.core.load(name)
+                    else:
+                        self.core.unload(name)
+                except Exception:  # a bad model must not stop the polling
+                    log.exception("repository poll: model %s", name)
+            seen = now
+
+    def _snapshot(self) -> dict[str, tuple[tuple[str, int, int], ...]]:
+        """Every model directory's files with their modification times and sizes."""
+        out: dict[str, tuple[tuple[str, int, int], ...]] = {}
+        root = self.core.repository.path
+        for name in self.core.repository.names():
+            files = []
+            for path in sorted((root / name).rglob("*")):
+                try:
+                    info = path.stat()
+                except OSError:
+                    continue
+                files.append((str(path.relative_to(root)), info.st_mtime_ns, info.st_size))
+            out[name] = tuple(files)
+        return out
+
     def _stop(self) -> None:
         self.core.ready = False
         # else an idle client stream would hold shutdown() forever
         self.flight.drain()
         if self._shared_memory:
             self.shm.drain()
-        # KServe: refuse new RPCs at once, give the ones in progress (and open streams) time
-        kserve_stopped = self._kserve.stop(grace=5.0) if self._kserve is not None else None
-        if self._http is not None:
-            self._http.stop(grace=5.0)
-        self.flight.shutdown()  # returns once the calls in progress have finished
+        # KServe: refuse new RPCs at once, give the ones in progress (and open streams)
+        # until the exit timeout, then cancel them
+        grace = self.exit_timeout if self.exit_timeout is not None else 365 * 86400.0
+        kserve_stopped = self._kserve.stop(grace=grace) if self._kserve is not None else None
+        if self._http is not None:  # the same for HTTP: requests in progress get the time
+            self._http.stop(grace=self.exit_timeout)
+        # open streams finish first (their clients were asked to, and gRPC stops reading
+        # them once shutdown begins); a client that ignores goaway would hold the server
+        # for ever, so it is waited for only until the exit timeout
+        started = time.monotonic()
+        idle = self.flight.wait_idle(self.exit_timeout)
+        finished = threading.Event()
+
+        def shutdown() -> None:
+            self.flight.shutdown()
+            finished.set()
+
+        threading.Thread(target=shutdown, name="flight-shutdown", daemon=True).start()
+        left = None
+        if self.exit_timeout is not None:
+            left = max(self.exit_timeout - (time.monotonic() - started), 0.0)
+        if not (finished.wait(left if idle else 0.5) and idle):
+            self.clean = False
+            log.warning(
+                "streams still open %s s after the stop began: cancelling them",
+                self.exit_timeout,
+            )
         self.shm.close()
         if kserve_stopped is not None:
             kserve_stopped.wait()

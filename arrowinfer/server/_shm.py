@@ -26,27 +26,33 @@ Control channel
     read, as on inference streams.
 
 Data
-    The request batch is read zero-copy from the server's mapping of the input region: the
-    model's input arrays are views of the client's memory. The result is written once,
-    into the client's output region.
+    The request's IPC stream is read from the input region with ``pread`` (one copy into
+    the server), and the result is written once into the client's output region with
+    ``pwrite``. Regions are never mapped: a client that shrinks its file (``ftruncate``)
+    under a mapping would kill the server with ``SIGBUS``; a short read fails that
+    request alone.
 
 Safety
-    Names are plain file names in ``/dev/shm`` (no path separator, no leading dot); symlinks
-    and anything but regular files are refused, and so are regions smaller than their
-    registered size, and offsets or lengths outside a region: each an ``InvalidInput`` on
-    that request alone. A session's regions are its own; when its stream ends or breaks
-    (the client is gone), every one of them is unmapped. Sessions are accepted from
-    clients on this host only (a loopback or Unix-socket peer) unless the server was
-    started with ``allow_client_shm=True`` (``arrowinfer serve --allow-client-shm``), for
-    clients that share this host's ``/dev/shm`` over another network path (containers of
-    one pod, say). Regions are files of the client's user, mode 0600: the server must run
-    as the same user (or root). A client that shrinks a region's file while the server
-    reads it can crash the server (``SIGBUS``), as with Triton: local clients are trusted.
+    The server reaches only memory the client can reach itself. It learns the peer's uid
+    from the kernel (``_peers.py``: ``/proc/net/tcp`` for loopback TCP; for a Unix socket
+    that only the server's user can reach, the server's uid) and registers only regions
+    that are regular files of that uid with mode 0600, checked on the open file. Names
+    are plain file names in ``/dev/shm`` (no path separator, no leading dot); symlinks,
+    regions smaller than their registered size, and offsets or lengths outside a region
+    are refused: each an ``InvalidInput`` on that request alone. A session's regions are
+    its own; when its stream ends or breaks (the client is gone), every one of them is
+    closed. Sessions are accepted from clients on this host only (a loopback or
+    Unix-socket peer) unless the server was started with ``allow_client_shm=True``
+    (``arrowinfer serve --allow-client-shm``), for clients that share this host's
+    ``/dev/shm`` over another network path (containers of one pod, say): the server
+    cannot tell those clients' uids, and lets them use the private files of its own user
+    (run it as a user of its own).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -67,9 +73,10 @@ from ..errors import (
     to_flight,
 )
 from ..protocol import SERVER_TIMES, SHM_DESCRIPTOR, parse_json, peer_is_local
-from ._core import InferenceCore
-from ._ordered import OrderedReplies, Reply
-from ._regions import OutputTooSmall, Region, check_integer, read_request, write_result
+from ._core import InferenceCore, unexpected
+from ._ordered import OrderedReplies, Reply, read_chunks
+from ._peers import peer_uid
+from ._regions import OutputTooSmall, Region, read_request
 
 __all__ = [
     "SHM_ACTIONS",
@@ -89,8 +96,11 @@ SHM_ACTIONS = {
     SHM_STATUS: "Shared-memory sessions and mapped regions -> {sessions, regions, bytes}"
 }
 
-#: Regions one session may have mapped at once.
+#: Regions one session may have registered at once.
 MAX_REGIONS = 4096
+
+#: Bytes of IPC framing (schema message, padding) allowed beyond a request's data.
+_IPC_FRAMING = 1 << 20
 
 
 def check_peer(peer: str, allow_remote: bool) -> None:
@@ -118,13 +128,15 @@ class _Infer:
     offset: int
     size: int
     id: Any
+    nbytes: int = 0  # the request's data: what the stream's back-pressure counts
 
 
 class _Session:
     """One client's control stream and the regions it registered."""
 
-    def __init__(self, peer: str, replies: OrderedReplies):
+    def __init__(self, peer: str, uid: int, replies: OrderedReplies):
         self.peer = peer
+        self.uid = uid  # regions must be files of this user
         self.regions: dict[str, Region] = {}
         self.replies = replies
         self.schemas = SchemaCache()
@@ -156,6 +168,9 @@ class ShmService:
     def __init__(self, core: InferenceCore, *, allow_remote: bool = False):
         self.core = core
         self.allow_remote = allow_remote
+        #: Where the server listens, to learn a peer's uid (set by the server once bound).
+        self.server_port: int | None = None
+        self.unix_socket: str | None = None
         #: Test hook: called with each request batch and its input region, before it runs.
         self.on_request: Callable[[pa.RecordBatch, Region], None] | None = None
         self._sessions: set[_Session] = set()
@@ -221,18 +236,21 @@ class ShmService:
         peer = context.peer()
         try:
             check_peer(peer, self.allow_remote)
+            uid = self._uid(peer)
         except ArrowInferError as err:
             raise to_flight(err) from None
         replies = OrderedReplies(writer, self._reply, name="shm-writer")
-        session = _Session(peer, replies)
+        session = _Session(peer, uid, replies)
         with self._lock:
             if self._draining:
                 raise to_flight(ServerUnavailable("the server is shutting down"))
             self._sessions.add(session)
         replies.start()
         try:
-            for chunk in reader:
-                replies.put(self._handle(session, chunk))
+            for chunk in read_chunks(reader):
+                item = self._handle(session, chunk)
+                replies.put(item, item.nbytes if isinstance(item, _Infer) else 0)
+                del item
                 if replies.failure is not None:
                     break
         except (pa.ArrowException, OSError) as err:  # the client went away
@@ -243,6 +261,23 @@ class ShmService:
                 self._sessions.discard(session)
             self._close_regions(session)
             log.debug("shm session of %s ended", peer)
+
+    def _uid(self, peer: str) -> int:
+        """The peer's uid; with ``allow_remote``, the server's own for a peer it cannot tell.
+
+        Raises
+        ------
+        Unauthenticated
+            A local peer whose uid the kernel does not tell.
+        """
+        try:
+            return peer_uid(peer, server_port=self.server_port, unix_socket=self.unix_socket)
+        except ArrowInferError:
+            if not self.allow_remote:
+                raise
+            # --allow-client-shm trusts the network: such clients may use this user's
+            # private files in /dev/shm (run the server as a user of its own)
+            return os.geteuid()
 
     def _handle(self, session: _Session, chunk: flight.FlightStreamChunk) -> Any:
         """One request: its reply, or an :class:`_Infer` whose reply comes later."""
@@ -257,7 +292,7 @@ class ShmService:
             if op == "register":
                 if len(session.regions) >= MAX_REGIONS:
                     raise InvalidInput(f"a session may register at most {MAX_REGIONS} regions")
-                region = Region(request.get("name"), request.get("size"))
+                region = Region(request.get("name"), request.get("size"), session.uid)
                 with session.lock:
                     known = region.name in session.regions
                     if not known:
@@ -283,6 +318,8 @@ class ShmService:
                 )
         except ArrowInferError as err:
             reply = {"error": error_to_dict(err)}
+        except Exception as err:  # noqa: BLE001 -- this request fails; the session goes on
+            reply = {"error": error_to_dict(unexpected(err, "shm request"))}
         if "id" in request:
             reply["id"] = request["id"]
         return reply
@@ -292,12 +329,20 @@ class ShmService:
         source = _place(request, "input")
         target = _place(request, "output")
         input_region = session.region(source.get("region"))
-        view = input_region.slice(source.get("offset", 0), source.get("length"), "input")
         output = session.region(target.get("region"))
-        offset = check_integer(target.get("offset", 0), "the output offset")
-        size = check_integer(target.get("size"), "the output size")
-        output.slice(offset, size, "output", minimum=0)  # checked now, written later
-        batch = read_request(view, session.schemas)
+        offset, size = output.check(
+            target.get("offset", 0), target.get("size"), "output", minimum=0
+        )
+        start, length = input_region.check(source.get("offset", 0), source.get("length"), "input")
+        if length > model.max_request_bytes + _IPC_FRAMING:
+            raise InvalidInput(
+                "the request is too large (max_request_bytes)",
+                model=model.version.name,
+                expected=f"<= {model.max_request_bytes} bytes of data",
+                got=f"{length} bytes of IPC stream",
+            )
+        view = input_region.read(start, length)
+        batch = read_request(view, session.schemas, max_bytes=model.max_request_bytes)
         del view
         if self.on_request is not None:
             self.on_request(batch, input_region)
@@ -308,7 +353,8 @@ class ShmService:
         except BaseException:
             self._release(input_region, output)
             raise
-        return _Infer(future, input_region, output, offset, size, request.get("id"))
+        nbytes = batch.get_total_buffer_size()
+        return _Infer(future, input_region, output, offset, size, request.get("id"), nbytes)
 
     def _release(self, *regions: Region) -> None:
         for region in regions:
@@ -319,18 +365,15 @@ class ShmService:
         reply: dict[str, Any] = {}
         try:
             done = item.future.result()
-            target = item.output.writable(item.offset, item.size)
-            length = write_result(target, done.batch)
-            del target
+            length = item.output.write_result(item.offset, item.size, done.batch)
         except OutputTooSmall as err:
             # it travels as InvalidInput (with expected/got); "needed" tells the client to
             # offer a bigger region
             reply = {"error": error_to_dict(err), "needed": err.needed}
         except ArrowInferError as err:
             reply = {"error": error_to_dict(err)}
-        except Exception as err:
-            log.exception("shm request failed")
-            reply = {"error": error_to_dict(err)}
+        except Exception as err:  # noqa: BLE001 -- its text may hold server internals
+            reply = {"error": error_to_dict(unexpected(err, "shm request"))}
         else:
             reply = {
                 "output": {"region": item.output.name, "offset": item.offset, "length": length},

@@ -35,10 +35,12 @@ parent process owns the public ports and supervises them:
   ``arrowinfer_worker_request_success_total{worker, model, version}`` (since the worker started)
   and ``arrowinfer_worker_connections{worker}``. ``/v2/health/ready`` answers 200 once every
   worker has started, while at least one serves and the server is not stopping.
-- **Shared memory** works through the relay (a client's session and its Flight stream ride
-  one connection, so one worker). A worker cannot see a relayed client's address, though:
-  with a non-loopback ``host`` and without ``allow_client_shm``, the workers refuse
-  shared-memory sessions from everyone, rather than accept them from remote peers.
+- **Shared memory** is off in workers unless ``allow_client_shm`` is given. A worker sees
+  the relay, not the client, so it can learn neither the client's address nor its uid,
+  and without the uid it cannot check that a region is the client's own
+  (``docs/security.md``). With ``allow_client_shm`` the operator trusts every client
+  that can reach the port; sessions then ride the relay (a client's session and its
+  Flight stream share one connection, so one worker).
 
 Nothing crosses the process boundary but JSON (the worker's settings on its stdin, its
 private address on its stdout) and the Flight protocol.

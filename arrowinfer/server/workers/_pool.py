@@ -24,7 +24,6 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 from pyarrow import flight
 
-from ...protocol import is_loopback_host
 from .._metrics import start_metrics_server
 from ._child import COMMAND
 from ._collector import PoolCollector, Scrape, WorkerState
@@ -110,7 +109,10 @@ class WorkerPool:
         self._options = {k: _jsonable(v) for k, v in server_options.items()}
         tls = server_options.get("tls_cert") is not None
         allow_shm = bool(server_options.get("allow_client_shm", False))
-        self._shm = allow_shm or is_loopback_host(host)
+        # a worker sees the relay, not the client: it cannot learn the client's uid, so it
+        # cannot check that a region is the client's own (docs/security.md); shared memory
+        # through workers only where the operator trusts every client (allow_client_shm)
+        self._shm = allow_shm
         tokens = sorted(server_options.get("auth_tokens") or [])
         self._call_options = flight.FlightCallOptions(
             timeout=_STATS_TIMEOUT_S,
