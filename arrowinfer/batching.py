@@ -14,8 +14,12 @@ merges them into one batch of at most ``max_batch_size`` rows:
 - a request larger than ``max_batch_size`` is split into slices (no copy) that queue one
   after the other, and its results are joined again (one copy of the outputs).
 
-Requests are never reordered; a batch in which one request fails is re-run request by
-request so that only the bad request gets the error.
+Requests are never reordered. Whatever makes a merged batch fail (a bad request, an
+onnxruntime error, a model whose outputs do not keep the batch dimension, so that a
+request's rows cannot be told apart), its requests are re-run one by one, so that only the
+request that fails on its own gets the error and no request gets another request's rows.
+Every result carries its provenance (model, version, the model file's sha256, the execution
+provider) and what padding cut from its ragged inputs.
 """
 
 from __future__ import annotations
@@ -23,31 +27,58 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import deque
-from collections.abc import Sequence
+from collections import Counter, deque
+from collections.abc import Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any, NamedTuple
 
 import pyarrow as pa
 
 from .backends import Backend, Timings
+from .backends.base import truncation
 from .errors import ArrowInferError, ServerBusy, ServerError, ServerUnavailable
 from .repository import ModelVersion
 
-__all__ = ["Completed", "DynamicBatcher", "ModelStatistics"]
+__all__ = ["COUNTERS", "Completed", "DynamicBatcher", "ModelStatistics"]
 
 log = logging.getLogger(__name__)
 
 
+_NO_METADATA: Mapping[str, Any] = MappingProxyType({})
+
+
 class Completed(NamedTuple):
-    """A request's result and where its time went inside the server (nanoseconds)."""
+    """A request's result, where its time went inside the server (nanoseconds), and what
+    its reply says beside the data (``metadata``).
+
+    ``metadata`` holds the provenance (``model``, ``model_version``, ``model_sha256``,
+    ``execution_provider``: :data:`arrowinfer.protocol.PROVENANCE`) and, when padding cut
+    the request's ragged inputs, ``truncated_entries`` and ``truncated_items``.
+    """
 
     batch: pa.RecordBatch
     queue_ns: int
     compute_input_ns: int
     compute_infer_ns: int
     compute_output_ns: int
+    metadata: Mapping[str, Any] = _NO_METADATA
+
+
+#: arrowinfer's own per-model counters, beside Triton's statistics:
+#: ``alignment_copies`` (inputs copied because they were not 64-byte aligned, see
+#: :data:`arrowinfer.backends.base.ALIGNMENT`) and the ``alignment_copy_ns`` spent on them;
+#: ``truncated_entries`` / ``truncated_items`` (ragged entries longer than the model's size,
+#: and the items padding cut from them).
+#: ``isolated_batches``: merged batches that failed and ran again request by request.
+COUNTERS = (
+    "alignment_copies",
+    "alignment_copy_ns",
+    "truncated_entries",
+    "truncated_items",
+    "isolated_batches",
+)
 
 
 @dataclass
@@ -83,6 +114,8 @@ class ModelStatistics:
     compute_infer: _Duration = field(default_factory=_Duration)
     compute_output: _Duration = field(default_factory=_Duration)
     batch_stats: dict[int, list[_Duration]] = field(default_factory=dict)
+    # arrowinfer's own counts (COUNTERS)
+    counters: dict[str, int] = field(default_factory=lambda: dict.fromkeys(COUNTERS, 0))
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def record_execution(self, rows: int, timings: Timings) -> None:
@@ -103,8 +136,19 @@ class ModelStatistics:
                 self.compute_infer.add(done.compute_infer_ns)
                 self.compute_output.add(done.compute_output_ns)
 
+    def add_counters(self, counts: Mapping[str, int]) -> None:
+        """Add to arrowinfer's own counters (:data:`COUNTERS`)."""
+        if counts:
+            with self._lock:
+                for key, value in counts.items():
+                    self.counters[key] = self.counters.get(key, 0) + value
+
     def as_dict(self) -> dict[str, Any]:
-        """Triton's ``ModelStatistics`` JSON for this model version."""
+        """Triton's ``ModelStatistics`` JSON for this model version.
+
+        Beside Triton's fields, ``"arrowinfer"`` holds :data:`COUNTERS` (readers of Triton's
+        message ignore it).
+        """
         with self._lock:
             return {
                 "name": self.name,
@@ -129,6 +173,7 @@ class ModelStatistics:
                     }
                     for size, d in sorted(self.batch_stats.items())
                 ],
+                "arrowinfer": dict(self.counters),
             }
 
 
@@ -283,31 +328,54 @@ class DynamicBatcher:
             self._run_batch(backend, live)
 
     def _run_batch(self, backend: Backend, live: list[_Request]) -> None:
+        """Run requests as one batch; on any failure, run each alone to find the culprit.
+
+        Whatever fails (a bad request, an onnxruntime error, a model whose outputs do not
+        keep the batch dimension), the requests of a merged batch run again one by one, so
+        that only the request that fails on its own gets an error, and no request ever gets
+        rows computed from another request's data.
+        """
         start = time.perf_counter_ns()
         try:
             results, timings = backend.execute([r.batch for r in live])
-            if len(results) != len(live):
-                raise RuntimeError(f"{len(results)} results for {len(live)} requests")
-        except ArrowInferError as err:
+            _check_results(self.model.name, live, results)
+        except Exception as err:
+            self.statistics.add_counters(backend.take_counters())
             if len(live) > 1:  # find the culprit: the others must not pay for it
+                self.statistics.add_counters({"isolated_batches": 1})
                 for request in live:  # (their futures are running already)
                     self._run_batch(backend, [request])
                 return
+            if not isinstance(err, ArrowInferError):
+                log.error("model %s: execution failed", self.model.name, exc_info=err)
+                err = ServerError(f"model {self.model.name!r}: execution failed: {err}")
             self._fail(live[0], err)
             return
-        except Exception as err:
-            log.exception("model %s: execution failed", self.model.name)
-            error = ServerError(f"model {self.model.name!r}: execution failed: {err}")
-            for request in live:
-                self._fail(request, error)
-            return
+        counters = Counter(backend.take_counters())
         rows = sum(r.batch.num_rows for r in live)
         self.statistics.record_execution(rows, timings)
         end = time.perf_counter_ns()
+        provenance = _provenance(self.model, backend)
         for request, result in zip(live, results, strict=True):
-            done = Completed(result, start - request.enqueued_ns, *timings)
+            metadata = dict(provenance)
+            entries, items = truncation(self.model, request.batch)
+            if entries:  # the client warns its user; the statistics count it
+                cut = {"truncated_entries": entries, "truncated_items": items}
+                metadata.update(cut)
+                counters.update(cut)
+            done = Completed(result, start - request.enqueued_ns, *timings, metadata=metadata)
             self.statistics.record_request(True, end - request.enqueued_ns, done)
             request.future.set_result(done)
+        self.statistics.add_counters(counters)
+
+    def empty(self) -> Completed:
+        """The result of a request with no rows: no rows of the output schema, the model
+        not run (an event without jets is an ordinary event). Counted as a successful
+        request of no rows and no execution."""
+        empty = pa.RecordBatch.from_pylist([], schema=self.model.outputs)
+        done = Completed(empty, 0, 0, 0, 0, metadata=_provenance(self.model, self._backends[0]))
+        self.statistics.record_request(True, 0, done)
+        return done
 
     def _fail(self, request: _Request, error: BaseException) -> None:
         self.statistics.record_request(False, time.perf_counter_ns() - request.enqueued_ns)
@@ -336,6 +404,28 @@ class DynamicBatcher:
             backend.close()
 
 
+def _provenance(model: ModelVersion, backend: Backend) -> dict[str, Any]:
+    """What produced a result: the keys of :data:`arrowinfer.protocol.PROVENANCE`."""
+    return {
+        "model": model.name,
+        "model_version": str(model.version),
+        "model_sha256": model.sha256,
+        "execution_provider": backend.provider,
+    }
+
+
+def _check_results(model: str, live: list[_Request], results: list[pa.RecordBatch]) -> None:
+    """One result per request, each with its request's rows, whatever the backend."""
+    if len(results) != len(live):
+        raise ServerError(f"model {model!r}: {len(results)} results for {len(live)} requests")
+    for request, result in zip(live, results, strict=True):
+        if result.num_rows != request.batch.num_rows:
+            raise ServerError(
+                f"model {model!r}: a result has {result.num_rows} rows for a request of "
+                f"{request.batch.num_rows}"
+            )
+
+
 def _joined(futures: list[Future[Completed]]) -> Future[Completed]:
     """One future for the parts of a split request: outputs concatenated, times summed."""
     out: Future[Completed] = Future()
@@ -360,9 +450,20 @@ def _joined(futures: list[Future[Completed]]) -> Future[Completed]:
                 compute_input_ns=sum(p.compute_input_ns for p in parts),
                 compute_infer_ns=sum(p.compute_infer_ns for p in parts),
                 compute_output_ns=sum(p.compute_output_ns for p in parts),
+                metadata=_joined_metadata([p.metadata for p in parts]),
             )
         )
 
     for future in futures:
         future.add_done_callback(one_done)
+    return out
+
+
+def _joined_metadata(parts: list[Mapping[str, Any]]) -> dict[str, Any]:
+    """The metadata of a split request's parts: the provenance, truncation counts summed."""
+    out = dict(parts[0])
+    for key in ("truncated_entries", "truncated_items"):
+        total = sum(int(p.get(key, 0)) for p in parts)
+        if total:
+            out[key] = total
     return out

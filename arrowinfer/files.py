@@ -438,11 +438,30 @@ def check_output(path: str | os.PathLike[str]) -> str:
     return fmt
 
 
+def _required(type: pa.DataType) -> pa.DataType:
+    """``type`` with every nested list item declared non-nullable."""
+    if pa.types.is_list(type) or pa.types.is_large_list(type) or pa.types.is_fixed_size_list(type):
+        item = pa.field(type.value_field.name, _required(type.value_type), nullable=False)
+        if pa.types.is_fixed_size_list(type):
+            return pa.list_(item, type.list_size)
+        return pa.large_list(item) if pa.types.is_large_list(type) else pa.list_(item)
+    return type
+
+
 def _for_root(table: pa.Table) -> dict[str, Any]:
     """Branches for uproot's writer: awkward arrays, regular dimensions as numpy."""
     import awkward as ak
 
-    plain = pa.table([_plain(c.combine_chunks()) for c in table.columns], names=table.column_names)
+    columns = [_plain(c.combine_chunks()) for c in table.columns]
+    # Results have no nulls: declared so, awkward reads no option types (``?float32``), which
+    # older uproot writers refuse. A view: the buffers are the same.
+    fields = [
+        pa.field(name, _required(c.type), nullable=False)
+        for name, c in zip(table.column_names, columns, strict=True)
+    ]
+    plain = pa.table(
+        [c.view(f.type) for c, f in zip(columns, fields, strict=True)], schema=pa.schema(fields)
+    )
     array = ak.from_arrow(plain, highlevel=True)
     return {name: array[name] for name in table.column_names}
 

@@ -25,8 +25,11 @@ __all__ = [
     "GOAWAY",
     "MAX_JSON_BYTES",
     "MAX_JSON_DEPTH",
+    "PROVENANCE",
+    "RESULT_KEYS",
     "SERVER_TIMES",
     "SHM_DESCRIPTOR",
+    "TRUNCATION",
     "dump_json",
     "goaway",
     "goaway_reason",
@@ -34,8 +37,8 @@ __all__ = [
     "is_shm_descriptor",
     "parse_json",
     "peer_is_local",
+    "result_metadata",
     "shm_descriptor",
-    "times_metadata",
 ]
 
 #: The descriptor path of the shared-memory control channel (a Flight ``do_exchange``).
@@ -45,6 +48,18 @@ SHM_DESCRIPTOR = "arrowinfer.shm"
 #: (Flight ``app_metadata``, shm replies, KServe ``parameters``) and of its schema metadata
 #: on the client.
 SERVER_TIMES = ("queue_ns", "compute_input_ns", "compute_infer_ns", "compute_output_ns")
+
+#: What produced a result, carried by every result beside its times: the model's name, its
+#: version, the sha256 (hex) of the model file, and where it ran (onnxruntime's execution
+#: provider, e.g. ``CPUExecutionProvider``). Keys as for :data:`SERVER_TIMES`.
+PROVENANCE = ("model", "model_version", "model_sha256", "execution_provider")
+
+#: Present when padding to the model's fixed size cut the request's ragged inputs: how many
+#: of its entries lost items, and how many items they lost.
+TRUNCATION = ("truncated_entries", "truncated_items")
+
+#: Every key a result's metadata may carry beside its data.
+RESULT_KEYS = SERVER_TIMES + PROVENANCE + TRUNCATION
 
 #: The key of the control message that asks a client to finish a stream:
 #: ``{"goaway": reason}``, metadata only. Requests already sent still get their replies.
@@ -73,9 +88,10 @@ def is_shm_descriptor(descriptor: flight.FlightDescriptor) -> bool:
     )
 
 
-def times_metadata(message: Mapping[str, Any]) -> dict[bytes, bytes]:
-    """The server times of a reply (a parsed JSON message) as schema metadata of its result."""
-    return {key.encode(): str(message[key]).encode() for key in SERVER_TIMES if key in message}
+def result_metadata(message: Mapping[str, Any]) -> dict[bytes, bytes]:
+    """A reply's :data:`RESULT_KEYS` (times, provenance, truncation; from a parsed JSON
+    message) as the schema metadata of its result on the client."""
+    return {key.encode(): str(message[key]).encode() for key in RESULT_KEYS if key in message}
 
 
 def goaway(reason: str) -> bytes:

@@ -28,6 +28,7 @@ Names a client sends are looked up among the models found on disk; they never be
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import re
@@ -135,6 +136,7 @@ class ModelVersion:
     max_request_rows: int | None = None
     ragged_batch_inputs: tuple[str, ...] = ()
     batch_inputs: tuple[BatchInput, ...] = ()
+    sha256: str = ""  # of the model file (hex): every result names the file that made it
 
     @property
     def max_batch_size(self) -> int:
@@ -492,9 +494,22 @@ def load_model(model_dir: Path) -> list[ModelVersion]:
                 batch_inputs=batch_inputs,
                 pad_value=pad_value,
                 max_request_rows=max_request_rows,
+                sha256=file_sha256(path),
             )
         )
     return versions
+
+
+def file_sha256(path: Path) -> str:
+    """The sha256 (hex) of a file, read in blocks (models can be large)."""
+    digest = hashlib.sha256()
+    try:
+        with path.open("rb") as file:
+            while block := file.read(1 << 20):
+                digest.update(block)
+    except OSError as err:
+        raise ModelError(f"{path}: cannot read: {err.strerror or err}") from err
+    return digest.hexdigest()
 
 
 class Repository:

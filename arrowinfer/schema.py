@@ -265,7 +265,8 @@ def validate(
     ------
     InvalidInput
         Naming the model and the input, with expected and received: missing or unexpected
-        columns, element type, per-entry shape (or ragged vs. fixed), nulls, zero rows.
+        columns, element type, per-entry shape (or ragged vs. fixed), nulls. A request of
+        zero rows is valid (its result has zero rows).
     """
     names = set(batch.schema.names)
     expected_names = set(schema.names)
@@ -287,10 +288,6 @@ def validate(
         )
     if len(set(batch.schema.names)) != len(batch.schema.names):
         raise InvalidInput("duplicate column names", model=model, got=batch.schema.names)
-    if batch.num_rows == 0:
-        raise InvalidInput(
-            "the request has no rows", model=model, expected=">= 1 row", got="0 rows"
-        )
     if max_rows is not None and batch.num_rows > max_rows:
         raise InvalidInput(
             "too many rows in one request",

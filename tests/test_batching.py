@@ -385,23 +385,29 @@ def model_name_in(error: BaseException, batcher: DynamicBatcher) -> bool:
     return batcher.model.name in str(error)
 
 
-def test_a_crashing_backend_fails_its_batch_with_server_error_and_keeps_serving(
+def test_a_crashing_request_fails_alone_with_server_error_and_the_batcher_keeps_serving(
     make_model: MakeModel, start: Start, caplog: pytest.LogCaptureFixture
 ) -> None:
+    # any failure of a merged batch (here a plain Python error, not arrowinfer's own) makes
+    # its requests run again one by one: only the request that crashes on its own fails
     batcher, backend = start(make_model(), held=True)
     first = hold_first(batcher, backend)
     crash = pa.RecordBatch.from_arrays([pa.array([BOOM], pa.float32())], names=["x"])
-    futures = [batcher.submit(request(0, 1)), batcher.submit(crash)]
+    futures = [batcher.submit(request(0, 1)), batcher.submit(crash), batcher.submit(request(2, 2))]
     backend.hold.set()
-    for future in futures:
-        with pytest.raises(ServerError) as raised:
-            future.result(WAIT)
-        assert model_name_in(raised.value, batcher)
-        assert "the backend crashed" in str(raised.value)
+    assert result(futures[0]) == expected(request(0, 1))
+    assert result(futures[2]) == expected(request(2, 2))
+    with pytest.raises(ServerError) as raised:
+        futures[1].result(WAIT)
+    assert model_name_in(raised.value, batcher)
+    assert "the backend crashed" in str(raised.value)
     assert "execution failed" in caplog.text
     result(first)
+    assert backend.rows[1:] == [[1, 1, 2], [1], [1], [2]]
     assert result(batcher.submit(request(1, 2))) == expected(request(1, 2))
-    assert batcher.statistics.as_dict()["inference_stats"]["fail"]["count"] == 2
+    stats = batcher.statistics.as_dict()["inference_stats"]
+    assert stats["fail"]["count"] == 1
+    assert stats["success"]["count"] == 4
 
 
 class WrongCount(Doubling):
@@ -409,12 +415,16 @@ class WrongCount(Doubling):
         results, timings = super().execute(requests)
         if len(requests) == 2:
             return results[:1], timings
+        if any(r.column("x")[0].as_py() == BAD + 10 for r in requests):
+            return [results[0].slice(0, 0)], timings  # a result without the request's rows
         return results, timings
 
 
-def test_a_backend_returning_the_wrong_number_of_results_fails_the_batch(
+def test_a_backend_returning_the_wrong_number_of_results_or_rows_is_caught(
     make_model: MakeModel,
 ) -> None:
+    # a merged batch with too few results runs again request by request (each then gets
+    # its own, right result); a lone request whose result lacks its rows fails
     model = make_model()
     backend = WrongCount(model)
     backend.hold.clear()
@@ -424,9 +434,12 @@ def test_a_backend_returning_the_wrong_number_of_results_fails_the_batch(
         futures = [batcher.submit(request(i, 1)) for i in range(2)]
         backend.hold.set()
         result(first)
-        for future in futures:
-            with pytest.raises(ServerError, match="results"):
-                future.result(WAIT)
+        for i, future in enumerate(futures):
+            assert result(future) == expected(request(i, 1))
+        assert [len(r) for r in backend.rows[1:]] == [2, 1, 1]
+        short = pa.RecordBatch.from_arrays([pa.array([BAD + 10], pa.float32())], names=["x"])
+        with pytest.raises(ServerError, match="0 rows for a request of 1"):
+            batcher.submit(short).result(WAIT)
         assert result(batcher.submit(request(5, 1))) == expected(request(5, 1))
     finally:
         backend.hold.set()
@@ -502,6 +515,14 @@ def test_statistics_have_tritons_fields_and_count_what_ran(
         "execution_count",
         "inference_stats",
         "batch_stats",
+        "arrowinfer",  # arrowinfer's own counters beside Triton's fields
+    }
+    assert stats["arrowinfer"] == {
+        "alignment_copies": 0,
+        "alignment_copy_ns": 0,
+        "truncated_entries": 0,
+        "truncated_items": 0,
+        "isolated_batches": 0,
     }
     assert stats["name"] == batcher.model.name
     assert stats["version"] == "1"

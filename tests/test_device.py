@@ -535,3 +535,26 @@ def test_gpu_matches_cpu_backend(
                 np.testing.assert_allclose(
                     tensors.to_numpy(g[key]), tensors.to_numpy(e[key]), rtol=1e-2, atol=1e-3
                 )
+
+
+def test_batch_invariant_is_refused_where_it_is_not_implemented(tmp_path: pathlib.Path) -> None:
+    # the switch changes results: a backend without it must say so, not ignore it
+    def config(value: str) -> str:
+        return (
+            'max_batch_size: 8\ninput [ { name: "x" data_type: TYPE_FP32 dims: [ 2 ] } ]\n'
+            'output [ { name: "y" data_type: TYPE_FP32 dims: [ 2 ] } ]\n'
+            f'parameters {{ key: "arrowinfer.batch_invariant" value: {{ string_value: "{value}" }} }}\n'
+        )
+
+    neg = helper.make_node("Neg", ["x"], ["y"])
+    model = _write_model(tmp_path, "invariant", neg, "2", config("8"))
+    with pytest.raises(ModelError, match="batch_invariant is implemented on the CPU"):
+        DeviceBackend(model, xp=np)
+    cpu = OnnxRuntimeBackend(model)
+    assert cpu.fixed_rows == 8
+    x = np.arange(6, dtype=np.float32).reshape(3, 2)
+    (result,), _ = cpu.execute([pa.RecordBatch.from_arrays([tensors.from_numpy(x)], ["x"])])
+    assert np.array_equal(tensors.to_numpy(result.column("y")), -x)
+    bad = _write_model(tmp_path, "bad", neg, "2", config("maybe"))
+    with pytest.raises(ModelError, match="must be true, false or a number"):
+        OnnxRuntimeBackend(bad)

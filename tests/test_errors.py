@@ -291,7 +291,11 @@ def test_json_metadata_and_control_messages() -> None:
     message = protocol.parse_json(protocol.goaway("the server is shutting down"))
     assert protocol.goaway_reason(message) == "the server is shutting down"
     assert protocol.goaway_reason({"queue_ns": 1}) is None
-    assert protocol.times_metadata({"queue_ns": 5, "other": 1}) == {b"queue_ns": b"5"}
+    assert protocol.result_metadata({"queue_ns": 5, "other": 1}) == {b"queue_ns": b"5"}
+    assert protocol.result_metadata({"model_sha256": "ab", "truncated_items": 3}) == {
+        b"model_sha256": b"ab",
+        b"truncated_items": b"3",
+    }
 
 
 @pytest.mark.parametrize(

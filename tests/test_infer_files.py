@@ -83,9 +83,13 @@ def read(path: Path) -> pa.Table:
     if path.suffix == ".root":
         with uproot.open(path) as file:
             table = ak.to_arrow_table(file["Events"].arrays(), extensionarray=False)
+        # older uproot writers add a counter branch "nX" for each jagged branch X: not ours
+        names = [
+            n for n in table.column_names if not (n[:1] == "n" and n[1:] in table.column_names)
+        ]
         # uproot keeps branches in its own order: put the kept columns first, as written
-        order = [n for n in KEEP if n in table.column_names]
-        return table.select(order + [n for n in table.column_names if n not in order])
+        order = [n for n in KEEP if n in names]
+        return table.select(order + [n for n in names if n not in order])
     with pa.memory_map(str(path)) as source:
         return pa.ipc.open_file(source).read_all()
 

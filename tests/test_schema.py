@@ -162,8 +162,11 @@ def test_bad_requests_say_what_is_wrong(case: str) -> None:
 
 def test_row_limits() -> None:
     empty = batch({k: v.slice(0, 0) for k, v in good_batch().items()})
-    with pytest.raises(InvalidInput, match="no rows"):
-        validate(empty, SCHEMA, model="m")
+    validate(empty, SCHEMA, model="m", max_rows=1)  # an event without jets is valid
+    columns = good_batch()
+    columns["image"] = tensors.from_numpy(np.zeros((3, 1, 4, 4), np.float64))
+    with pytest.raises(InvalidInput, match="wrong element type"):  # and is still checked
+        validate(batch({k: v.slice(0, 0) for k, v in columns.items()}), SCHEMA, model="m")
     with pytest.raises(InvalidInput, match=r"too many rows.*<= 2 rows, got 3 rows"):
         validate(batch(good_batch(3)), SCHEMA, model="m", max_rows=2)
     validate(batch(good_batch(2)), SCHEMA, model="m", max_rows=2)

@@ -287,7 +287,7 @@ def test_bad_requests_on_a_stream_get_empty_error_batches(
         requests = [
             (facile_batch(schema, good), b'{"id": 1}'),
             (nulls, b'{"id": 2}'),
-            (facile_batch(schema, hits(0)), b'{"id": 3}'),  # zero rows
+            (facile_batch(schema, hits(0)), b'{"id": 3}'),  # zero rows: zero rows back
             (facile_batch(schema, good), b"not json"),
             (facile_batch(schema, good), b"[1, 2]"),  # JSON, but not an object
             (facile_batch(schema, good), b'{"id": 6}'),
@@ -297,7 +297,12 @@ def test_bad_requests_on_a_stream_get_empty_error_batches(
     check_facile_results([results[0], results[5]], [good, good], facile_session)
     assert [meta.get("id") for _, meta in results] == [1, 2, 3, None, None, 6]
     _assert_invalid(*results[1], "input 'hits'", "null")
-    _assert_invalid(*results[2], "no rows")
+    empty, empty_meta = results[2]
+    assert "error" not in empty_meta
+    assert empty.num_rows == 0
+    assert empty.schema.names == ["energy"]
+    assert empty_meta["model"] == "facile"
+    assert len(empty_meta["model_sha256"]) == 64
     assert "metadata is not JSON" in results[3][1]["error"]["message"]
     assert results[3][0].num_rows == 0
     assert "JSON object" in results[4][1]["error"]["message"]
@@ -539,6 +544,7 @@ def test_model_statistics_count_requests(fresh_server: Server) -> None:
             "execution_count",
             "inference_stats",
             "batch_stats",
+            "arrowinfer",
         }
         assert set(before["inference_stats"]) == {
             "success",

@@ -4,19 +4,42 @@ A backend takes a list of requests (record batches already validated against the
 input signature) and returns one result batch per request, like a Triton backend's
 ``execute(requests) -> responses``: whether requests are merged on the host or assembled on
 a device is the backend's business.
+
+Also here, shared by every backend and the batcher: the 64-byte alignment of the arrays a
+model reads (:func:`aligned`), the check that a batched output keeps the batch dimension
+(:func:`check_batch_dimension`) and the count of what padding truncated (:func:`truncation`).
 """
 
 from __future__ import annotations
 
 import abc
-from collections.abc import Sequence
+import time
+from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 
+import numpy as np
 import pyarrow as pa
 
+from .. import tensors
+from ..errors import ServerError
 from ..repository import ModelVersion
 
-__all__ = ["Backend", "Timings"]
+__all__ = [
+    "ALIGNMENT",
+    "Backend",
+    "Timings",
+    "Truncation",
+    "aligned",
+    "aligned_empty",
+    "check_batch_dimension",
+    "truncation",
+]
+
+#: The alignment (bytes) of every array handed to a model: Arrow's own buffer alignment.
+#: onnxruntime's CPU kernels take different vectorised paths (and so round differently)
+#: for differently aligned inputs; gRPC hands received buffers over at any address, so
+#: without this the same event could give other bits over Flight than in-process.
+ALIGNMENT = 64
 
 
 class Timings(NamedTuple):
@@ -27,11 +50,27 @@ class Timings(NamedTuple):
     compute_output_ns: int
 
 
+class Truncation(NamedTuple):
+    """What padding to the model's size cut from one request's ragged inputs."""
+
+    entries: int  # batch entries that lost items
+    items: int  # items lost, summed over those entries
+
+
 class Backend(abc.ABC):
-    """One instance of one model version (a Triton ``instance_group`` member)."""
+    """One instance of one model version (a Triton ``instance_group`` member).
+
+    ``provider`` names where it runs (onnxruntime's execution provider, e.g.
+    ``CPUExecutionProvider``): every result carries it. ``counters`` accumulate
+    ``alignment_copies`` and ``alignment_copy_ns`` until the batcher takes them
+    (:meth:`take_counters`); one backend is used by one thread at a time.
+    """
+
+    provider = "unknown"
 
     def __init__(self, model: ModelVersion):
         self.model = model
+        self.counters: dict[str, int] = {}
 
     @abc.abstractmethod
     def execute(self, requests: Sequence[pa.RecordBatch]) -> tuple[list[pa.RecordBatch], Timings]:
@@ -42,3 +81,80 @@ class Backend(abc.ABC):
 
     def close(self) -> None:  # noqa: B027 - most backends hold nothing to release
         """Release the instance's resources."""
+
+    def take_counters(self) -> dict[str, int]:
+        """The counters since the last call (and start again from zero)."""
+        counters, self.counters = self.counters, {}
+        return counters
+
+    def aligned_feeds(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The feeds, each C-contiguous at a multiple of :data:`ALIGNMENT` (copies counted)."""
+        out = {}
+        for name, value in feeds.items():
+            start = time.perf_counter_ns()
+            out[name] = aligned(value)
+            if out[name] is not value:
+                self.counters["alignment_copies"] = self.counters.get("alignment_copies", 0) + 1
+                self.counters["alignment_copy_ns"] = self.counters.get("alignment_copy_ns", 0) + (
+                    time.perf_counter_ns() - start
+                )
+        return out
+
+
+def aligned(array: np.ndarray) -> np.ndarray:
+    """``array`` itself when it is C-contiguous at a multiple of :data:`ALIGNMENT` bytes,
+    else a copy that is (same shape and dtype)."""
+    if array.flags.c_contiguous and array.ctypes.data % ALIGNMENT == 0:
+        return array
+    out = aligned_empty(array.shape, array.dtype)
+    np.copyto(out, array)
+    return out
+
+
+def aligned_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """An uninitialised C-contiguous array starting at a multiple of :data:`ALIGNMENT` bytes."""
+    nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+    raw = np.empty(nbytes + ALIGNMENT, dtype=np.uint8)
+    skip = -raw.ctypes.data % ALIGNMENT
+    return raw[skip : skip + nbytes].view(dtype).reshape(shape)
+
+
+def check_batch_dimension(model: ModelVersion, outputs: Mapping[str, object], rows: int) -> None:
+    """Every output of a batching model has ``rows`` rows (its first dimension).
+
+    Raises
+    ------
+    ServerError
+        Naming the model, the output and both sizes (Triton's "failed to split the output
+        tensor"): the model does not keep the batch dimension (a reduction over it, or more
+        rows out than in), so its rows cannot be handed back request by request.
+    """
+    if model.max_batch_size <= 0:
+        return
+    for name, value in outputs.items():
+        shape: tuple[int, ...] = tuple(getattr(value, "shape", ()))
+        got = int(shape[0]) if shape else None
+        if got != rows:
+            raise ServerError(
+                f"model {model.name!r}: failed to split the output tensor {name!r}: the batch "
+                f"has {rows} rows, the output's first dimension is "
+                f"{got if got is not None else 'missing (a scalar)'}; the model must keep the "
+                "batch dimension"
+            )
+
+
+def _ragged_size(model: ModelVersion, name: str) -> int:
+    entry = next(e for e in model.config.input if e.name == name)
+    dims = entry.reshape.shape if entry.HasField("reshape") else entry.dims
+    return int(dims[0])
+
+
+def truncation(model: ModelVersion, batch: pa.RecordBatch) -> Truncation:
+    """What padding to the model's fixed size cuts from one request's ragged inputs."""
+    if not model.ragged_inputs or batch.num_rows == 0:
+        return Truncation(0, 0)
+    lost = np.zeros(batch.num_rows, dtype=np.int64)
+    for name in model.ragged_inputs:
+        counts = tensors.ragged_to_numpy(batch.column(name)).counts
+        np.maximum(lost, counts - _ragged_size(model, name), out=lost)
+    return Truncation(int(np.count_nonzero(lost)), int(lost.sum()))

@@ -45,11 +45,12 @@ from ..errors import InvalidInput, ModelError
 from ..repository import ModelVersion
 from ..schema import datatype
 from ._cupy import import_cupy
-from .base import Backend, Timings
+from .base import Backend, Timings, check_batch_dimension
 from .ort import (
     ORT_ERRORS,
     PlannedInput,
     assemble_inputs,
+    batch_invariant_rows,
     input_plan,
     model_shape,
     output_column,
@@ -598,6 +599,11 @@ class DeviceBackend(Backend):
         self, model: ModelVersion, *, xp: ModuleType | None = None, device: str = "cuda:0"
     ):
         super().__init__(model)
+        if batch_invariant_rows(model):  # not silently ignored: results would differ
+            raise ModelError(
+                f"model {model.name!r}: arrowinfer.batch_invariant is implemented on the CPU "
+                "backend only; serve this model on the CPU, or without the parameter"
+            )
         if xp is None:
             xp = _require_cuda(model, device)
         self.xp = xp
@@ -613,6 +619,7 @@ class DeviceBackend(Backend):
             if self.on_device:
                 self.stream = xp.cuda.Stream(non_blocking=True)
             self.session, self._bind = _session(model, self.on_device, self.device_id)
+            self.provider = self.session.get_providers()[0]
             if model.max_batch_size > 0:
                 self.assembler = DeviceAssembler(
                     xp,
@@ -647,8 +654,11 @@ class DeviceBackend(Backend):
                 }
             if self.stream is not None:
                 self.stream.synchronize()  # the model reads the buffers outside the stream
+            else:  # numpy: host arrays, aligned as on the CPU backend's path
+                inputs = self.aligned_feeds(inputs)
             t1 = time.perf_counter_ns()
             outputs = self._run(inputs, sum(rows))
+            check_batch_dimension(self.model, outputs, sum(rows))
             t2 = time.perf_counter_ns()
             if self.assembler is not None:
                 results = [self._result(part) for part in self.assembler.split(outputs, rows)]

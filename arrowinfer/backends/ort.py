@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import NamedTuple
 
 import numpy as np
@@ -25,7 +25,7 @@ from .. import tensors
 from ..errors import InvalidInput, ModelError
 from ..repository import ModelVersion
 from ..schema import datatype, to_column
-from .base import Backend, Timings
+from .base import ALIGNMENT, Backend, Timings, aligned_empty, check_batch_dimension
 
 # Besides the backend, the pieces DeviceBackend shares: how a session is opened, how the
 # inputs are planned and how an output slice becomes a column.
@@ -35,6 +35,7 @@ __all__ = [
     "PlannedInput",
     "assemble_inputs",
     "batch_input",
+    "batch_invariant_rows",
     "input_plan",
     "model_shape",
     "output_column",
@@ -224,11 +225,13 @@ def assemble_inputs(
             feeds[name] = batch_input(made.kind, elements[made.source], dtype)
         elif kind == "mask":
             counts = next(iter(ragged.values())).counts
-            feeds[name] = tensors.mask(counts, shape[0], shape=shape[1:], dtype=dtype)
+            feeds[name] = aligned_empty((total, *shape), dtype)
+            feeds[name][...] = tensors.mask(counts, shape[0], shape=shape[1:], dtype=dtype)
         elif kind == "ragged":
-            feeds[name] = tensors.pad(ragged[name], shape[0], pad_value=model.pad_value).astype(
-                dtype, copy=False
-            )
+            values = ragged[name].values
+            padded = aligned_empty((total, shape[0], *values.shape[1:]), values.dtype)
+            tensors.pad(ragged[name], shape[0], pad_value=model.pad_value, out=padded)
+            feeds[name] = padded.astype(dtype, copy=False)
         else:
             dense = _dense(model, name, _merged(requests, name))
             if not batching:
@@ -296,6 +299,55 @@ def output_column(field: pa.Field, value: np.ndarray) -> pa.Array:
     return to_column(field, tensors.Ragged(offsets, value.reshape((n * length, *value.shape[2:]))))
 
 
+def batch_invariant_rows(model: ModelVersion) -> int:
+    """The fixed execution batch size of ``arrowinfer.batch_invariant`` (0: off).
+
+    ``arrowinfer.batch_invariant: "true"`` runs every execution with ``max_batch_size`` rows,
+    ``"N"`` with N rows (smaller is cheaper for small requests): the merged requests, each
+    starting at a 64-byte aligned row, zeros between and after them. onnxruntime picks its
+    kernels and rounds by the shape of the batch and by the alignment of each row, so with
+    one shape for every execution and every request placed as it would be alone, a
+    request's result no longer depends on which requests share its execution
+    (docs/reproducibility.md measures it, and the cost).
+
+    Raises
+    ------
+    ModelError
+        For a value other than true/false or a positive integer, or a model without batching.
+    """
+    value = (model.parameter("arrowinfer.batch_invariant") or "false").strip().lower()
+    if value in ("false", "0", "no", "off"):
+        return 0
+    if value in ("true", "yes", "on"):
+        rows = model.max_batch_size
+    elif value.isdigit():
+        rows = int(value)
+    else:
+        raise ModelError(
+            f"model {model.name!r}: parameter arrowinfer.batch_invariant must be true, false "
+            f"or a number of rows, got {value!r}"
+        )
+    if model.ragged_batch_inputs:  # its fixed slices of rows cannot cut 1-D concatenations
+        raise ModelError(
+            f"model {model.name!r}: arrowinfer.batch_invariant cannot be combined with "
+            f"allow_ragged_batch (inputs {list(model.ragged_batch_inputs)})"
+        )
+    if model.max_batch_size <= 0:
+        raise ModelError(
+            f"model {model.name!r}: arrowinfer.batch_invariant needs max_batch_size > 0"
+        )
+    return rows
+
+
+def _aligned_row_step(values: Iterable[np.ndarray]) -> int:
+    """The smallest number of rows after which a row of every array is 64-byte aligned again."""
+    step = 1
+    for value in values:
+        row_bytes = value.dtype.itemsize * int(np.prod(value.shape[1:], dtype=np.int64))
+        step = math.lcm(step, ALIGNMENT // math.gcd(row_bytes, ALIGNMENT) if row_bytes else 1)
+    return step
+
+
 class OnnxRuntimeBackend(Backend):
     """Runs a model version with onnxruntime (CPU, or CUDA when configured and available)."""
 
@@ -311,13 +363,25 @@ class OnnxRuntimeBackend(Backend):
             raise ModelError(f"{model.path}: onnxruntime cannot load it: {err}") from err
         self._output_names = [o.name for o in model.config.output]
         self._plan = input_plan(model)
+        self.provider = self.session.get_providers()[0]
+        self.fixed_rows = batch_invariant_rows(model)
 
     def execute(self, requests: Sequence[pa.RecordBatch]) -> tuple[list[pa.RecordBatch], Timings]:
+        if self.fixed_rows:
+            return self._execute_invariant(requests)
         t0 = time.perf_counter_ns()
-        feeds = assemble_inputs(self.model, requests, plan=self._plan)
+        feeds = self.aligned_feeds(assemble_inputs(self.model, requests, plan=self._plan))
         t1 = time.perf_counter_ns()
-        values = self.session.run(self._output_names, feeds)
+        outputs = self._run(feeds)
         t2 = time.perf_counter_ns()
+        check_batch_dimension(self.model, outputs, sum(r.num_rows for r in requests))
+        results = split_outputs(self.model, outputs, [r.num_rows for r in requests])
+        t3 = time.perf_counter_ns()
+        return results, Timings(t1 - t0, t2 - t1, t3 - t2)
+
+    def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run the session; outputs by name, reshaped as the config says."""
+        values = self.session.run(self._output_names, feeds)
         outputs = {}
         batching = self.model.max_batch_size > 0
         for entry, value in zip(self.model.config.output, values, strict=True):
@@ -325,6 +389,58 @@ class OnnxRuntimeBackend(Backend):
             reshaped = entry.HasField("reshape") and -1 not in dims
             batch = (len(value),) if batching else ()
             outputs[entry.name] = value.reshape(batch + dims) if reshaped else value
-        results = split_outputs(self.model, outputs, [r.num_rows for r in requests])
+        return outputs
+
+    def _execute_invariant(
+        self, requests: Sequence[pa.RecordBatch]
+    ) -> tuple[list[pa.RecordBatch], Timings]:
+        """``arrowinfer.batch_invariant``: executions of ``fixed_rows`` rows each, every
+        request starting at a 64-byte aligned row of every input, as it would alone.
+
+        The requests are laid out one after the other in one zero-filled buffer (each from
+        the next aligned row), which runs in slices of ``fixed_rows`` rows (rounded up to a
+        multiple of the alignment step, so that every slice starts aligned too). A request
+        may span two slices: each of its rows still sits at the alignment it has alone.
+        """
+        t0 = time.perf_counter_ns()
+        counts = [r.num_rows for r in requests]
+        merged = assemble_inputs(self.model, requests, plan=self._plan)
+        step = _aligned_row_step(merged.values())
+        size = -(-self.fixed_rows // step) * step
+        starts = []
+        place = 0
+        for n in counts:
+            place = -(-place // step) * step
+            starts.append(place)
+            place += n
+        total = -(-place // size) * size
+        feeds = {}
+        for name, value in merged.items():
+            laid = aligned_empty((total, *value.shape[1:]), value.dtype)
+            laid[...] = 0
+            first = 0
+            for start, n in zip(starts, counts, strict=True):
+                laid[start : start + n] = value[first : first + n]
+                first += n
+            feeds[name] = laid
+        t1 = time.perf_counter_ns()
+        slices = []
+        for begin in range(0, total, size):
+            outputs = self._run({k: v[begin : begin + size] for k, v in feeds.items()})
+            check_batch_dimension(self.model, outputs, size)
+            slices.append(outputs)
+        t2 = time.perf_counter_ns()
+        joined = {
+            name: slices[0][name] if len(slices) == 1 else np.concatenate([o[name] for o in slices])
+            for name in slices[0]
+        }
+        schema = self.model.outputs
+        results = [
+            pa.RecordBatch.from_arrays(
+                [output_column(f, joined[f.name][start : start + n]) for f in schema],
+                schema=schema,
+            )
+            for start, n in zip(starts, counts, strict=True)
+        ]
         t3 = time.perf_counter_ns()
         return results, Timings(t1 - t0, t2 - t1, t3 - t2)

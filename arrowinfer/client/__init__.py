@@ -12,9 +12,22 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from ._async import AsyncClient
-from ._base import CLIENT_OPTIONS, DEFAULT_TIMEOUT, USE_CLIENT_DEFAULT, BaseClient
+from ._base import (
+    CLIENT_OPTIONS,
+    DEFAULT_TIMEOUT,
+    USE_CLIENT_DEFAULT,
+    BaseClient,
+    TruncationWarning,
+)
 from ._client import Client
-from ._convert import conform, server_times, to_awkward, to_record_batch
+from ._convert import (
+    conform,
+    provenance,
+    server_times,
+    to_awkward,
+    to_record_batch,
+    truncation,
+)
 from ._failover import FailoverTransport, FallbackWarning
 from ._shm import ShmTransport
 from ._transport import FlightTransport, Transport
@@ -36,11 +49,14 @@ __all__ = [
     "LocalTransport",
     "ShmTransport",
     "Transport",
+    "TruncationWarning",
     "conform",
     "infer_file",
+    "provenance",
     "server_times",
     "to_awkward",
     "to_record_batch",
+    "truncation",
 ]
 
 #: Names imported on first use, and their modules: their dependencies are not the client's.

@@ -154,10 +154,10 @@ class AsyncClient(BaseClient):
         return self._remember_schema(model, version, schema)
 
     async def _submit(
-        self, name: str, ver: str | None, data: Any
+        self, name: str, ver: str | None, data: Any, cast: str | None = None
     ) -> asyncio.Future[pa.RecordBatch]:
         """Check and send one request; an asyncio future of its result."""
-        batch, events = self._request(name, data, await self._schema(name, ver))
+        batch, events = self._request(name, data, await self._schema(name, ver), cast)
         sent = await self._call(lambda t: t.submit(name, ver, batch))
         result = asyncio.wrap_future(sent)  # its callback settles it on this loop: no thread
         if events is None:
@@ -171,28 +171,55 @@ class AsyncClient(BaseClient):
         *,
         version: str | int | None = None,
         timeout: float | UseClientDefault | None = USE_CLIENT_DEFAULT,
+        cast: str | None = None,
     ) -> pa.RecordBatch:
         """See :meth:`Client.infer`."""
         name, ver = split_name(model, version)
         wait = self._wait_for(timeout)
-        result = await self._submit(name, ver, data)
+        result = await self._submit(name, ver, data, cast)
         try:
-            return await asyncio.wait_for(result, wait)
+            return self._received(name, await asyncio.wait_for(result, wait))
         except asyncio.TimeoutError:
             raise Timeout(f"model {name!r}: no answer within {wait} s") from None
 
     async def stream(
-        self, model: str, data: Iterable[Any], *, version: str | int | None = None, window: int = 16
-    ) -> AsyncIterator[pa.RecordBatch]:
-        """See :meth:`Client.stream`: results in order, at most ``window`` in flight."""
+        self,
+        model: str,
+        data: Iterable[Any],
+        *,
+        version: str | int | None = None,
+        window: int = 16,
+        errors: str = "raise",
+        cast: str | None = None,
+    ) -> AsyncIterator[Any]:
+        """See :meth:`Client.stream`: results in order, at most ``window`` in flight;
+        ``errors="return"`` yields each request's result or its exception."""
+        if errors not in ("raise", "return"):
+            raise ValueError(f"errors must be 'raise' or 'return', got {errors!r}")
         name, ver = split_name(model, version)
         in_flight: deque[asyncio.Future[pa.RecordBatch]] = deque()
+
+        async def outcome(future: asyncio.Future[pa.RecordBatch]) -> Any:
+            if errors == "raise":
+                return self._received(name, await future)
+            try:
+                return self._received(name, await future)
+            except Exception as err:  # noqa: BLE001 - the request's outcome, in order
+                return err
+
         for item in data:
             if len(in_flight) >= window:
-                yield await in_flight.popleft()
-            in_flight.append(await self._submit(name, ver, item))
+                yield await outcome(in_flight.popleft())
+            try:
+                in_flight.append(await self._submit(name, ver, item, cast))
+            except Exception as err:
+                if errors == "raise":
+                    raise
+                refused: asyncio.Future[pa.RecordBatch] = asyncio.get_running_loop().create_future()
+                refused.set_exception(err)
+                in_flight.append(refused)
         while in_flight:
-            yield await in_flight.popleft()
+            yield await outcome(in_flight.popleft())
 
     async def aclose(self) -> None:
         """Close the streams and the connection; the I/O thread ends."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import threading
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from ._convert import conform, per_object, to_record_batch
+from ._convert import conform, per_object, to_record_batch, truncation
 from ._failover import FailoverTransport
 from ._shm import SHM_OPTIONS, check_shm, make_transport
 from ._transport import FLIGHT_OPTIONS, Transport, check_compression, check_options, check_token
@@ -27,6 +28,7 @@ __all__ = [
     "DEFAULT_URL",
     "USE_CLIENT_DEFAULT",
     "BaseClient",
+    "TruncationWarning",
     "UseClientDefault",
     "servers",
     "split_name",
@@ -41,6 +43,10 @@ DEFAULT_URL = "grpc://127.0.0.1:8815"
 #: The keyword options a client takes besides its own parameters: those of
 #: ``pyarrow.flight.FlightClient`` (TLS and others) and of shared memory, by name.
 CLIENT_OPTIONS = FLIGHT_OPTIONS | SHM_OPTIONS
+
+
+class TruncationWarning(UserWarning):
+    """A request's ragged inputs had more items than the model takes: some were cut."""
 
 
 class UseClientDefault:
@@ -93,6 +99,10 @@ class BaseClient:
         :data:`CLIENT_OPTIONS`).
     ValueError
         A bad value of ``compression``, ``shm``, ``fallback`` or ``token``.
+
+    Every result's schema metadata names what produced it (``provenance(result)``: model,
+    version, ``model_sha256``, execution provider); a result whose request's ragged inputs
+    were cut to the model's size warns once per model (:class:`TruncationWarning`).
     """
 
     def __init__(
@@ -109,6 +119,7 @@ class BaseClient:
         fallback: str = "error",
         repository: str | os.PathLike[str] | None = None,
         token: str | None = None,
+        verify_fallback: bool = True,
         **options: Any,
     ):
         check_options(type(self).__name__, options, CLIENT_OPTIONS)
@@ -135,6 +146,8 @@ class BaseClient:
         self._attempt_timeout = attempt_timeout
         self._health_interval = health_interval
         self._repository = repository if fallback == "local" else None
+        self._verify_fallback = verify_fallback
+        self._truncated_models: set[str] = set()  # warned about already
         self._transport: Transport | None = None
         self._schemas: dict[tuple[str, str | None], pa.Schema] = {}
         self._lock = threading.Lock()
@@ -172,6 +185,7 @@ class BaseClient:
             attempt_timeout=self._attempt_timeout,
             health_interval=self._health_interval,
             fallback=local,
+            verify_fallback=self._verify_fallback,
         )
 
     @property
@@ -198,15 +212,34 @@ class BaseClient:
 
     @staticmethod
     def _request(
-        model: str, data: Any, schema: pa.Schema
+        model: str, data: Any, schema: pa.Schema, cast: str | None = None
     ) -> tuple[pa.RecordBatch, np.ndarray | None]:
-        """The request for ``data``, checked against and shaped to the model's ``schema``.
+        """The request for ``data``, checked against and shaped to the model's ``schema``
+        (``cast`` as for ``Client.infer``).
 
         With it, the event offsets to :func:`regroup` its result by when ``data`` held
         per-event collections for a per-object model (see :func:`per_object`), else None.
         """
         batch, events = per_object(to_record_batch(data), schema, model=model)
-        return conform(batch, schema, model=model), events
+        return conform(batch, schema, model=model, cast=cast), events
+
+    def _received(self, model: str, result: pa.RecordBatch) -> pa.RecordBatch:
+        """A result, after a :class:`TruncationWarning` (once per model) if its request's
+        ragged inputs were cut to the model's size."""
+        entries, items = truncation(result)
+        if entries:
+            with self._lock:
+                first = model not in self._truncated_models
+                self._truncated_models.add(model)
+            if first:
+                warnings.warn(
+                    f"model {model!r}: {entries} entries of a request had more items than the "
+                    f"model takes; {items} items were cut (the server pads or truncates "
+                    "ragged inputs to the model's size; counted in its statistics)",
+                    TruncationWarning,
+                    stacklevel=3,
+                )
+        return result
 
     @staticmethod
     def _latest(listing: dict[str, dict[str, pa.Schema]]) -> dict[str, pa.Schema]:

@@ -19,7 +19,7 @@ from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
-from typing import Any
+from typing import Any, Literal, overload
 
 import numpy as np
 import pyarrow as pa
@@ -76,6 +76,12 @@ class Client(BaseClient):
         ``repository``, with a ``FallbackWarning`` and a count in :attr:`counters`.
     repository
         The model repository for ``fallback="local"``.
+    verify_fallback
+        True (default): once a server has reported the sha256 of a model's file (every
+        result carries it), the local fallback refuses to run a local file whose sha256
+        differs (``ModelError``, counted as ``fallbacks_refused``): its results would not
+        be the server's. False: run it anyway. Without any server ever reached (laptop mode)
+        there is nothing to compare; results carry the local file's sha256.
     token
         A bearer token for servers that ask for one (``arrowinfer serve
         --auth-token-file``); sent on every call. Use TLS, or it travels in clear text.
@@ -122,6 +128,7 @@ class Client(BaseClient):
         *,
         version: str | int | None = None,
         timeout: float | UseClientDefault | None = USE_CLIENT_DEFAULT,
+        cast: str | None = None,
     ) -> pa.RecordBatch:
         """Run a model over a batch of events; one result row per input row.
 
@@ -136,12 +143,21 @@ class Client(BaseClient):
             A model version (default: the latest).
         timeout
             Seconds to wait (default: the client's).
+        cast
+            None (default): an input of another element type than the model's (float64
+            for a float32 model, say) is an ``InvalidInput``. ``"same_kind"``: convert what
+            numpy converts with ``casting="same_kind"`` (float64 -> float32, never float ->
+            int), one copy of that input.
 
         Returns
         -------
         pyarrow.RecordBatch
-            One column per model output. The server-side times of the request are in its
-            schema metadata (see :func:`arrowinfer.client.server_times`).
+            One column per model output; zero rows for a request of zero rows (the model is
+            not run). Its schema metadata holds the server-side times
+            (:func:`arrowinfer.client.server_times`) and the provenance
+            (:func:`arrowinfer.client.provenance`: ``model``, ``model_version``,
+            ``model_sha256``, ``execution_provider``). A :class:`TruncationWarning`, once
+            per model, says that ragged inputs were cut to the model's size.
 
         Raises
         ------
@@ -152,19 +168,29 @@ class Client(BaseClient):
         """
         name, _ = split_name(model, version)
         wait = self._wait_for(timeout)
-        future = self.infer_async(model, data, version=version)
+        future = self._submit(name, split_name(model, version)[1], data, cast)
         try:
-            return future.result(wait)
+            return self._received(name, future.result(wait))
         except FutureTimeout:
             future.cancel()
             raise Timeout(f"model {name!r}: no answer within {wait} s") from None
 
     def infer_async(
-        self, model: str, data: Any, *, version: str | int | None = None
+        self, model: str, data: Any, *, version: str | int | None = None, cast: str | None = None
     ) -> Future[pa.RecordBatch]:
         """Like :meth:`infer`, but returns at once with a ``concurrent.futures.Future``."""
         name, ver = split_name(model, version)
-        batch, events = self._request(name, data, self._schema(name, ver))
+        future = self._submit(name, ver, data, cast)
+        future.add_done_callback(
+            lambda f: None if f.cancelled() or f.exception() else self._received(name, f.result())
+        )
+        return future
+
+    def _submit(
+        self, name: str, ver: str | None, data: Any, cast: str | None
+    ) -> Future[pa.RecordBatch]:
+        """Check and send one request; its future (per-event collections regrouped)."""
+        batch, events = self._request(name, data, self._schema(name, ver), cast)
         sent = self._live.submit(name, ver, batch)
         if events is None:
             return sent
@@ -181,6 +207,7 @@ class Client(BaseClient):
         sent.add_done_callback(settle)
         return out
 
+    @overload
     def stream(
         self,
         model: str,
@@ -188,22 +215,86 @@ class Client(BaseClient):
         *,
         version: str | int | None = None,
         window: int = 16,
-    ) -> Iterator[pa.RecordBatch]:
+        errors: Literal["raise"] = "raise",
+        cast: str | None = None,
+    ) -> Iterator[pa.RecordBatch]: ...
+
+    @overload
+    def stream(
+        self,
+        model: str,
+        data: Iterable[Any],
+        *,
+        version: str | int | None = None,
+        window: int = 16,
+        errors: Literal["return"],
+        cast: str | None = None,
+    ) -> Iterator[pa.RecordBatch | Exception]: ...
+
+    def stream(
+        self,
+        model: str,
+        data: Iterable[Any],
+        *,
+        version: str | int | None = None,
+        window: int = 16,
+        errors: str = "raise",
+        cast: str | None = None,
+    ) -> Iterator[pa.RecordBatch] | Iterator[pa.RecordBatch | Exception]:
         """Pipeline many requests on one stream; yields their results in order.
 
         At most ``window`` requests are in flight at once.
+
+        ``errors="raise"`` (default): the first request that fails (refused here before it
+        is sent, or by the server) raises its error, and the stream ends there: results
+        of later requests already sent are lost to the caller. ``errors="return"``: every
+        request yields, in order, its result or its exception (an ``Exception`` instance,
+        not raised), and the stream goes on: one bad event does not lose the others.
+        ``cast`` as for :meth:`infer`.
         """
+        if errors not in ("raise", "return"):
+            raise ValueError(f"errors must be 'raise' or 'return', got {errors!r}")
         name, ver = split_name(model, version)
+        if errors == "return":
+            return self._outcomes(name, ver, data, window, cast)
+        return self._results(name, ver, data, window, cast)
+
+    def _results(
+        self, name: str, ver: str | None, data: Iterable[Any], window: int, cast: str | None
+    ) -> Iterator[pa.RecordBatch]:
+        """``stream(errors="raise")``: one stream of the transport, results in order."""
         groupings: deque[np.ndarray | None] = deque()  # one per request sent, in order
 
         def requests() -> Iterator[pa.RecordBatch]:
             for item in data:
-                batch, events = self._request(name, item, self._schema(name, ver))
+                batch, events = self._request(name, item, self._schema(name, ver), cast)
                 groupings.append(events)
                 yield batch
 
         for result in self._live.stream(name, ver, requests(), window):
-            yield regroup(result, groupings.popleft())
+            yield self._received(name, regroup(result, groupings.popleft()))
+
+    def _outcomes(
+        self, name: str, ver: str | None, data: Iterable[Any], window: int, cast: str | None
+    ) -> Iterator[pa.RecordBatch | Exception]:
+        """``stream(errors="return")``: each request's result or exception, in order."""
+        in_flight: deque[Future[pa.RecordBatch]] = deque()
+
+        def outcome(future: Future[pa.RecordBatch]) -> pa.RecordBatch | Exception:
+            error = future.exception()
+            return self._received(name, future.result()) if error is None else error
+
+        for item in data:
+            if len(in_flight) >= window:
+                yield outcome(in_flight.popleft())
+            try:
+                future = self._submit(name, ver, item, cast)
+            except Exception as err:  # noqa: BLE001 - refused here: this request's outcome
+                future = Future()
+                future.set_exception(err)
+            in_flight.append(future)
+        while in_flight:
+            yield outcome(in_flight.popleft())
 
     def close(self) -> None:
         """Close the streams and the connection."""

@@ -10,17 +10,20 @@ import pyarrow as pa
 
 from .. import tensors
 from ..errors import InvalidInput
-from ..protocol import SERVER_TIMES
+from ..protocol import PROVENANCE, SERVER_TIMES, TRUNCATION
 from ..schema import to_column, validate
 
 __all__ = [
+    "CASTS",
     "SERVER_TIMES",
     "conform",
     "per_object",
+    "provenance",
     "regroup",
     "server_times",
     "to_awkward",
     "to_record_batch",
+    "truncation",
 ]
 
 
@@ -81,18 +84,35 @@ def _column(value: Any) -> pa.Array:
     return tensors.from_numpy(np.asarray(value))
 
 
-def conform(batch: pa.RecordBatch, schema: pa.Schema, *, model: str) -> pa.RecordBatch:
+#: The values of ``cast``: None (no conversion: another element type is an error), or
+#: ``"same_kind"`` (numpy's rule: float64 -> float32, int64 -> int32 and the like; never
+#: float -> int).
+CASTS = (None, "same_kind")
+
+
+def conform(
+    batch: pa.RecordBatch, schema: pa.Schema, *, model: str, cast: str | None = None
+) -> pa.RecordBatch:
     """Check a request against the model's signature and give it exactly that schema.
 
     Equivalent layouts (nested ``fixed_size_list`` for a tensor, ``large_list``, awkward's
     extension types) are rebuilt in the canonical types from the same buffers: values are
-    never copied (only the offsets of a ``large_list``, narrowed to int32).
+    never copied (only the offsets of a ``large_list``, narrowed to int32). With
+    ``cast="same_kind"``, a column of another element type that numpy casts with
+    ``casting="same_kind"`` (float64 from awkward arithmetic for a float32 model, say) is
+    converted: one copy of its values; rounding to the model's type is the caller's choice.
 
     Raises
     ------
     InvalidInput
         Before anything is sent, with the message the server would give.
+    ValueError
+        An unknown ``cast``.
     """
+    if cast not in CASTS:
+        raise ValueError(f"cast must be one of {CASTS}, got {cast!r}")
+    if cast is not None:
+        batch = _cast(batch, schema, cast)
     validate(batch, schema, model=model)
     if batch.schema.equals(schema, check_metadata=False) and batch.schema.names == schema.names:
         return (
@@ -119,6 +139,46 @@ def conform(batch: pa.RecordBatch, schema: pa.Schema, *, model: str) -> pa.Recor
             ragged = tensors.Ragged(ragged.offsets.astype(np.int32), ragged.values)
         columns.append(to_column(field, ragged))
     return pa.RecordBatch.from_arrays(columns, schema=schema)
+
+
+def _cast(batch: pa.RecordBatch, schema: pa.Schema, casting: Any) -> pa.RecordBatch:
+    """The columns whose element type numpy casts to the model's under ``casting``, cast."""
+    columns = []
+    for name, column in zip(batch.schema.names, batch.columns, strict=True):
+        known = name in schema.names
+        columns.append(_cast_column(column, schema.field(name), casting) if known else column)
+    return pa.RecordBatch.from_arrays(columns, names=batch.schema.names)
+
+
+def _cast_column(column: pa.Array, field: pa.Field, casting: Any) -> pa.Array:
+    try:
+        got, want = tensors.layout(column.type), tensors.layout(field.type)
+    except TypeError:
+        return column  # not a tensor column: validate() says so
+    source, target = got.value_type.to_pandas_dtype(), want.value_type.to_pandas_dtype()
+    if got.value_type == want.value_type or not np.can_cast(source, target, casting):
+        return column  # the same type, or a cast not allowed: validate() says so
+    if got.ragged:
+        ragged = tensors.ragged_to_numpy(column)
+        return tensors.ragged_from_numpy(ragged.offsets, ragged.values.astype(target))
+    return tensors.from_numpy(tensors.to_numpy(column).astype(target))
+
+
+def provenance(result: pa.RecordBatch) -> dict[str, str]:
+    """What produced a result: ``model``, ``model_version``, ``model_sha256`` (of the model
+    file) and ``execution_provider`` (e.g. ``CPUExecutionProvider``), from its schema
+    metadata; servers and the local fallback both set them."""
+    meta = result.schema.metadata or {}
+    return {key: meta[key.encode()].decode() for key in PROVENANCE if key.encode() in meta}
+
+
+def truncation(result: pa.RecordBatch) -> tuple[int, int]:
+    """``(entries, items)`` that padding to the model's size cut from the request's ragged
+    inputs (``(0, 0)`` when nothing was cut)."""
+    meta = result.schema.metadata or {}
+    return tuple(  # type: ignore[return-value]
+        int(meta.get(key.encode(), b"0")) for key in TRUNCATION
+    )
 
 
 def _is_list(type: pa.DataType) -> bool:

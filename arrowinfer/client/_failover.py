@@ -13,6 +13,11 @@
   (the model in-process, :class:`~arrowinfer.client._local.LocalTransport`) with a warning,
   counted in :attr:`FailoverTransport.counters`; without a fallback the error names every
   server tried.
+- **Same model:** every server result names the sha256 of the model file that made it.
+  Once a server has reported a model's sha256, the fallback refuses (``ModelError``, counted
+  as ``fallbacks_refused``) to run a local model file whose sha256 differs, unless
+  ``verify_fallback=False``: its results would not be the server's. With no server ever
+  reached (laptop mode) there is nothing to compare, and the fallback runs.
 
 Every request resolves exactly once, so ``stream()`` yields one result per request, in
 order, even when a server dies in the middle of it.
@@ -35,7 +40,14 @@ from typing import Any
 
 import pyarrow as pa
 
-from ..errors import ArrowInferError, ModelNotFound, ServerUnavailable, Timeout, TransportError
+from ..errors import (
+    ArrowInferError,
+    ModelError,
+    ModelNotFound,
+    ServerUnavailable,
+    Timeout,
+    TransportError,
+)
 from ._transport import Transport, in_order
 
 __all__ = ["FailoverTransport", "FallbackWarning"]
@@ -123,6 +135,9 @@ class FailoverTransport:
         Seconds between background health checks of every server.
     fallback
         Where to run a request no server could run (None: raise instead).
+    verify_fallback
+        Refuse to fall back to a local model whose sha256 differs from the one a server
+        reported for it (default True).
     """
 
     def __init__(
@@ -134,6 +149,7 @@ class FailoverTransport:
         attempt_timeout: float | None = None,
         health_interval: float = 2.0,
         fallback: Transport | None = None,
+        verify_fallback: bool = True,
     ):
         if not members and fallback is None:
             raise ValueError("no servers and no fallback: nothing can run a request")
@@ -142,6 +158,9 @@ class FailoverTransport:
         self._backoff = backoff
         self._attempt_timeout = attempt_timeout
         self._fallback = fallback
+        self._verify_fallback = verify_fallback
+        # (model, requested version) -> the model_sha256 a server reported last
+        self._reported: dict[tuple[str, str | None], str] = {}
         self._lock = threading.Lock()
         self.counters: Counter[str] = Counter()
         self._warned: set[str] = set()
@@ -262,8 +281,16 @@ class FailoverTransport:
                 with self._lock:
                     if member.models is not None:
                         member.models.add(model)  # it has it, whatever the last check said
+                answer = future.result()
+                meta = answer.schema.metadata or {}
+                sha = meta.get(b"model_sha256")
+                if sha:  # asked for as given, and for the version that answered
+                    served = meta.get(b"model_version", b"").decode() or version
+                    with self._lock:
+                        self._reported[(model, version)] = sha.decode()
+                        self._reported[(model, served)] = sha.decode()
                 if not result.done():
-                    result.set_result(future.result())
+                    result.set_result(answer)
             elif isinstance(error, TransportError):
                 self._release(member, False)
                 retry(error)
@@ -314,6 +341,11 @@ class FailoverTransport:
         said = (str(e) if str(e).startswith(where) else f"{where}: {e}" for where, e in errors)
         detail = "; ".join(dict.fromkeys(said)) or f"no server serves model {model!r}"
         if self._fallback is not None:
+            refused = self._refuse_fallback(model, version)
+            if refused is not None:
+                self._count("fallbacks_refused")
+                result.set_exception(refused)
+                return
             self._count("fallbacks")
             with self._lock:  # once per model; never without servers (laptop mode)
                 first = model not in self._warned and bool(self._members)
@@ -341,6 +373,24 @@ class FailoverTransport:
         message = f"model {model!r}: no server could run it (servers tried: {servers}): {detail}"
         timed_out = bool(errors) and all(isinstance(e, Timeout) for _, e in errors)
         result.set_exception(Timeout(message) if timed_out else ServerUnavailable(message))
+
+    def _refuse_fallback(self, model: str, version: str | None) -> ModelError | None:
+        """Why the local model must not stand in for the server's (None: it may)."""
+        with self._lock:
+            reported = self._reported.get((model, version))
+        if reported is None or not self._verify_fallback:
+            return None
+        try:
+            local = self._fallback.sha256(model, version)  # type: ignore[union-attr]
+        except Exception as err:  # noqa: BLE001 - the fallback cannot load it: say so
+            return ModelError(f"model {model!r}: the local fallback cannot load it: {err}")
+        if local == reported:
+            return None
+        return ModelError(
+            f"model {model!r}: no server could run it, and the local fallback's model file "
+            f"(sha256 {local}) differs from the server's (sha256 {reported}): its results "
+            "would not be the server's; refusing to fall back (verify_fallback=False allows it)"
+        )
 
     def stream(
         self, model: str, version: str | None, batches: Iterable[pa.RecordBatch], window: int

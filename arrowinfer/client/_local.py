@@ -1,8 +1,11 @@
 """Running models in this process: SONIC's local fallback, and laptop mode.
 
 :class:`LocalTransport` reads a model repository and runs its models with the same
-backends the server uses (``arrowinfer.backends``), so its results are the server's, bit for
-bit. It imports ``backends/``, never ``server/``.
+backends the server uses (``arrowinfer.backends``), with the same checks (row counts, the
+batch dimension of every output, 64-byte aligned inputs), so its results are the server's
+bit for bit (``tests/test_reproducibility.py``). Each result's schema metadata carries its
+provenance as a server's does (``model``, ``model_version``, ``model_sha256``,
+``execution_provider``). It imports ``backends/``, never ``server/``.
 """
 
 from __future__ import annotations
@@ -18,7 +21,9 @@ from typing import Any
 import pyarrow as pa
 
 from ..backends import Backend, create_backend
-from ..errors import ModelNotFound
+from ..backends.base import truncation
+from ..errors import ArrowInferError, ModelNotFound, ServerError
+from ..protocol import result_metadata
 from ..repository import ModelVersion, Repository
 from ..schema import validate
 from ._transport import in_order
@@ -85,12 +90,45 @@ class LocalTransport:
             return json_format.MessageToDict(version.config, preserving_proto_field_name=True)
         raise NotImplementedError(f"action {name!r} is not available in-process")
 
+    def sha256(self, model: str, version: str | None) -> str:
+        """The sha256 (hex) of the model file a request for ``model`` would run here."""
+        return self._model(model, version)[0].sha256
+
     def _run(self, model: str, version: str | None, batch: pa.RecordBatch) -> pa.RecordBatch:
         chosen, backend = self._model(model, version)
         max_rows = chosen.max_request_rows if chosen.max_batch_size > 0 else 1
         validate(batch, chosen.inputs, model=model, max_rows=max_rows)  # as the server does
         start = time.perf_counter_ns()
-        if chosen.max_batch_size > 0 and batch.num_rows > chosen.max_batch_size:
+        try:
+            result = self._execute(chosen, backend, batch)
+        except ArrowInferError:
+            raise
+        except Exception as err:  # onnxruntime's own errors: as the server reports them
+            raise ServerError(f"model {model!r}: execution failed: {err}") from err
+        # the backend checks the batch dimension of every output; this checks what it returned
+        if result.num_rows != batch.num_rows:
+            raise ServerError(
+                f"model {model!r}: a result has {result.num_rows} rows for a request of "
+                f"{batch.num_rows}"
+            )
+        elapsed = time.perf_counter_ns() - start
+        truncated = truncation(chosen, batch)
+        message: dict[str, Any] = {
+            "compute_infer_ns": elapsed,
+            "model": chosen.name,
+            "model_version": str(chosen.version),
+            "model_sha256": chosen.sha256,
+            "execution_provider": backend.provider,
+        }
+        if truncated.entries:
+            message.update(truncated_entries=truncated.entries, truncated_items=truncated.items)
+        return result.replace_schema_metadata(result_metadata(message))
+
+    @staticmethod
+    def _execute(chosen: ModelVersion, backend: Backend, batch: pa.RecordBatch) -> pa.RecordBatch:
+        if batch.num_rows == 0:  # as the server: no rows back, the model not run
+            result = pa.RecordBatch.from_pylist([], schema=chosen.outputs)
+        elif chosen.max_batch_size > 0 and batch.num_rows > chosen.max_batch_size:
             step = chosen.max_batch_size
             parts = [batch.slice(i, step) for i in range(0, batch.num_rows, step)]
             results: list[pa.RecordBatch] = []
@@ -99,8 +137,7 @@ class LocalTransport:
             result = pa.concat_batches(results)
         else:
             [result], _ = backend.execute([batch])
-        elapsed = time.perf_counter_ns() - start
-        return result.replace_schema_metadata({"compute_infer_ns": str(elapsed)})
+        return result
 
     def submit(
         self, model: str, version: str | None, batch: pa.RecordBatch

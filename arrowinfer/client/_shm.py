@@ -66,7 +66,7 @@ from pyarrow import flight
 
 from .._ipc import SchemaCache, encode, read_stream
 from ..errors import ArrowInferError, ServerUnavailable, Timeout, TransportError
-from ..protocol import SHM_DESCRIPTOR, dump_json, is_loopback_host, shm_descriptor, times_metadata
+from ..protocol import SHM_DESCRIPTOR, dump_json, is_loopback_host, result_metadata, shm_descriptor
 from ._stream import OrderedStream, Reply
 from ._transport import (
     FLIGHT_OPTIONS,
@@ -535,7 +535,7 @@ class ShmTransport:
             data = pa.foreign_buffer(view.address, length, base=lease)
             weakref.finalize(lease, self._give_back, output)
         batch = read_stream(data, self._schemas)
-        times = times_metadata(reply)
+        times = result_metadata(reply)
         if times:
             batch = batch.replace_schema_metadata({**(batch.schema.metadata or {}), **times})
         return batch

@@ -23,7 +23,7 @@ import pyarrow as pa
 from pyarrow import flight
 
 from ..errors import ArrowInferError, error_from_dict
-from ..protocol import dump_json, times_metadata
+from ..protocol import dump_json, result_metadata
 from ._stream import OrderedStream, Reply, map_flight_errors
 
 __all__ = [
@@ -147,7 +147,7 @@ def _result(reply: Reply) -> pa.RecordBatch:
         raise error_from_reply(reply.meta)
     batch = reply.data
     assert batch is not None  # a metadata-only message is not a reply on a data stream
-    times = times_metadata(reply.meta)
+    times = result_metadata(reply.meta)
     return (
         batch.replace_schema_metadata({**(batch.schema.metadata or {}), **times})
         if times

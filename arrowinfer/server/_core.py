@@ -271,6 +271,10 @@ class InferenceCore:
                 got=f"{size} bytes",
             )
         validate(batch, version.inputs, model=version.name, max_rows=max_rows)
+        if batch.num_rows == 0:  # an event without jets: no rows back, the model not run
+            empty: Future[Completed] = Future()
+            empty.set_result(model.batcher.empty())
+            return empty
         return model.batcher.submit(batch)
 
     # -- management ----------------------------------------------------------------------

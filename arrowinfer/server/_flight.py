@@ -6,7 +6,8 @@
   writes is one request; the server writes exactly one result batch per request, in order.
   Requests are pipelined: the stream is read while earlier requests run. A failed request
   gets an empty batch whose ``app_metadata`` holds the error; a good one's ``app_metadata``
-  holds the server-side times (``queue_ns``, ``compute_input_ns``, ...).
+  holds the server-side times (``queue_ns``, ``compute_input_ns``, ...) and the result's
+  provenance (``model``, ``model_version``, ``model_sha256``, ``execution_provider``).
   When the server stops it writes a metadata-only message ``{"goaway": reason}`` on every
   open stream, after the results of the requests it has read: the client finishes its
   writing (half-close), reads the remaining results, and opens no more requests there.
@@ -376,6 +377,7 @@ def _result(
         meta["error"] = error_to_dict(err)
         return empty[0], meta
     meta.update({key: getattr(done, key) for key in SERVER_TIMES})
+    meta.update(done.metadata)  # provenance, truncation
     return done.batch, meta
 
 

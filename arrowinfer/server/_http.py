@@ -357,6 +357,12 @@ def infer_request(
     return request, BinaryOutputs(binary_default, binary_outputs)
 
 
+def _parameter(param: Any) -> Any:
+    """A protobuf ``InferParameter`` as its JSON value (int, bool, float or string)."""
+    which = param.WhichOneof("parameter_choice")
+    return getattr(param, which) if which else None
+
+
 def _strings(raw: bytes) -> list[str]:
     out, at = [], 0
     while at + 4 <= len(raw):
@@ -379,7 +385,7 @@ def infer_answer(
     }
     if response.id:
         header["id"] = response.id
-    header["parameters"] = {k: v.int64_param for k, v in response.parameters.items()}
+    header["parameters"] = {k: _parameter(v) for k, v in response.parameters.items()}
     outputs, blobs = [], []
     for tensor, raw in zip(response.outputs, response.raw_output_contents, strict=True):
         entry: dict[str, Any] = {
@@ -388,9 +394,7 @@ def infer_answer(
             "shape": list(tensor.shape),
         }
         if "shared_memory_region" in tensor.parameters:
-            entry["parameters"] = {
-                k: v.string_param or v.int64_param for k, v in tensor.parameters.items()
-            }
+            entry["parameters"] = {k: _parameter(v) for k, v in tensor.parameters.items()}
         elif binary(tensor.name):
             entry["parameters"] = {"binary_data_size": len(raw)}
             blobs.append(raw)

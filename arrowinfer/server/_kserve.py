@@ -70,7 +70,7 @@ from ..protocol import dump_json
 from . import _v2
 from ._auth import ModelControl
 from ._core import InferenceCore, unexpected
-from ._ordered import MAX_PENDING
+from ._ordered import MAX_PENDING, MAX_PENDING_BYTES
 from ._v2memory import CUDA_UNSUPPORTED, Peer, SystemRegions
 
 __all__ = ["MAX_MESSAGE_BYTES", "KServeService", "start_kserve", "status_of"]
@@ -196,7 +196,10 @@ class KServeService(service_pb2_grpc.GRPCInferenceServiceServicer):
     ) -> pb.ModelStatisticsResponse:
         stats = self.core.statistics(request.name or None, request.version or None)
         return pb.ModelStatisticsResponse(
-            model_stats=[json_format.ParseDict(s, pb.ModelStatistics()) for s in stats]
+            model_stats=[
+                json_format.ParseDict(s, pb.ModelStatistics(), ignore_unknown_fields=True)
+                for s in stats
+            ]
         )
 
     # -- repository ---------------------------------------------------------------------
@@ -300,24 +303,30 @@ class KServeService(service_pb2_grpc.GRPCInferenceServiceServicer):
         self, request_iterator: Iterable[pb.ModelInferRequest], context: Any
     ) -> Iterator[pb.ModelStreamInferResponse]:
         """Pipelined: requests are read and queued while earlier ones run; answers in order."""
-        # bounded: a client that does not read its responses stops being read (back-pressure)
-        pending: queue.Queue[tuple[pb.ModelInferRequest, _v2.Pending | Exception] | None] = (
-            queue.Queue(maxsize=MAX_PENDING)
-        )
+        # back-pressure: at most MAX_PENDING requests (MAX_PENDING_BYTES of their data) whose
+        # responses are not sent yet; beyond that the stream is not read, and a client that
+        # does not read its responses is stopped by gRPC's flow control
+        Entry = tuple[pb.ModelInferRequest, _v2.Pending | Exception, int]
+        pending: queue.SimpleQueue[Entry | None] = queue.SimpleQueue()
+        room = threading.Condition()
+        held = [0, 0]  # requests, bytes
 
-        def offer(entry: tuple[pb.ModelInferRequest, _v2.Pending | Exception] | None) -> bool:
-            """Queue an entry, waiting for room while the stream is alive; False if it died."""
-            while context.is_active():
-                try:
-                    pending.put(entry, timeout=0.2)
-                    return True
-                except queue.Full:
-                    continue
-            return False
+        def wait_for_room() -> bool:
+            """Wait until the stream may read another request; False once the call is gone."""
+            with room:
+                while held[0] and (held[0] >= MAX_PENDING or held[1] >= MAX_PENDING_BYTES):
+                    if not context.is_active():
+                        return False
+                    room.wait(0.2)
+            return context.is_active()
 
         def read() -> None:
+            requests = iter(request_iterator)
             try:
-                for request in request_iterator:
+                while wait_for_room():
+                    request = next(requests, None)
+                    if request is None:
+                        return
                     try:
                         # an open stream is served to its end, even while the server stops
                         item: _v2.Pending | Exception = self._submit(
@@ -325,17 +334,20 @@ class KServeService(service_pb2_grpc.GRPCInferenceServiceServicer):
                         )
                     except Exception as err:  # noqa: BLE001 -- answered in its response
                         item = err
-                    if not offer((request, item)):
-                        return
+                    size = sum(len(raw) for raw in request.raw_input_contents)
+                    with room:
+                        held[0] += 1
+                        held[1] += size
+                    pending.put((request, item, size))
             except grpc.RpcError as err:  # the client cancelled or went away
                 log.debug("KServe stream closed while reading: %s", err)
             finally:
-                offer(None)
+                pending.put(None)
 
         reader = threading.Thread(target=read, name="kserve-stream-reader", daemon=True)
         reader.start()
-        while (item := pending.get()) is not None:
-            request, outcome = item
+        while (entry := pending.get()) is not None:
+            request, outcome, size = entry
             try:
                 if isinstance(outcome, Exception):
                     raise outcome
@@ -352,7 +364,12 @@ class KServeService(service_pb2_grpc.GRPCInferenceServiceServicer):
                         id=request.id,
                     ),
                 )
+            del entry, outcome, request  # drop the request's data before waiting to send
             yield response
+            with room:
+                held[0] -= 1
+                held[1] -= size
+                room.notify_all()
         reader.join()
 
 

@@ -24,6 +24,7 @@ from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.registry import Collector
 
 __all__ = [
+    "ARROWINFER_COUNTERS",
     "TRITON_COUNTERS",
     "StatisticsCollector",
     "address_family",
@@ -73,6 +74,26 @@ TRITON_COUNTERS: dict[str, tuple[str, Callable[[dict[str, Any]], float]]] = {
     ),
 }
 
+#: arrowinfer's own counters (statistics ``"arrowinfer"``), by metric name -> (help, key).
+ARROWINFER_COUNTERS: dict[str, tuple[str, str]] = {
+    "arrowinfer_truncated_entries": (
+        "Ragged entries (jets, events) with more items than the model takes, cut to its size",
+        "truncated_entries",
+    ),
+    "arrowinfer_truncated_items": (
+        "Items (constituents, hits) cut from ragged entries longer than the model takes",
+        "truncated_items",
+    ),
+    "arrowinfer_alignment_copies": (
+        "Inputs copied because they were not 64-byte aligned (same bits on every path)",
+        "alignment_copies",
+    ),
+    "arrowinfer_isolated_batches": (
+        "Merged batches that failed and ran again request by request",
+        "isolated_batches",
+    ),
+}
+
 _BATCH_BUCKETS = [2**i for i in range(17)]
 
 
@@ -95,6 +116,11 @@ class StatisticsCollector(Collector):
             family = UnknownMetricFamily(name, help_text, labels=labels)
             for s in stats:
                 family.add_metric([s["name"], s["version"]], read(s))
+            yield family
+        for name, (help_text, key) in ARROWINFER_COUNTERS.items():
+            family = UnknownMetricFamily(name, help_text, labels=labels)
+            for s in stats:
+                family.add_metric([s["name"], s["version"]], s.get("arrowinfer", {}).get(key, 0))
             yield family
         pending = GaugeMetricFamily(
             "nv_inference_pending_request_count",

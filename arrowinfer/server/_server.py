@@ -283,8 +283,15 @@ class Server:
         """``poll`` mode: reload models whose files changed, load new ones, unload gone ones."""
         seen = self._snapshot()
         while not self._stopped.wait(seconds):
-            now = self._snapshot()
+            try:
+                now = self._snapshot()
+            except OSError:  # the repository itself is being changed: look again later
+                log.exception("repository poll")
+                continue
             for name in sorted(set(seen) | set(now)):
+                if name in now and now[name] is None:  # unreadable now: decide next time
+                    now[name] = seen.get(name)
+                    continue
                 if seen.get(name) == now.get(name):
                     continue
                 try:
@@ -296,18 +303,22 @@ class Server:
                     log.exception("repository poll: model %s", name)
             seen = now
 
-    def _snapshot(self) -> dict[str, tuple[tuple[str, int, int], ...]]:
-        """Every model directory's files with their modification times and sizes."""
-        out: dict[str, tuple[tuple[str, int, int], ...]] = {}
+    def _snapshot(self) -> dict[str, tuple[tuple[str, int, int], ...] | None]:
+        """Every model directory's files with their modification times and sizes.
+
+        None for a directory that could not be walked (it changed meanwhile).
+        """
+        out: dict[str, tuple[tuple[str, int, int], ...] | None] = {}
         root = self.core.repository.path
         for name in self.core.repository.names():
             files = []
-            for path in sorted((root / name).rglob("*")):
-                try:
+            try:  # a directory may change (or go) while it is walked: seen next time
+                for path in sorted((root / name).rglob("*")):
                     info = path.stat()
-                except OSError:
-                    continue
-                files.append((str(path.relative_to(root)), info.st_mtime_ns, info.st_size))
+                    files.append((str(path.relative_to(root)), info.st_mtime_ns, info.st_size))
+            except OSError:
+                out[name] = None
+                continue
             out[name] = tuple(files)
         return out
 

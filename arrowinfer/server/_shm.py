@@ -378,6 +378,7 @@ class ShmService:
             reply = {
                 "output": {"region": item.output.name, "offset": item.offset, "length": length},
                 **{key: getattr(done, key) for key in SERVER_TIMES},
+                **done.metadata,  # provenance, truncation
             }
             del done
         finally:

@@ -379,8 +379,9 @@ def infer_response(
     """The response to ``request``: the ``outputs`` of ``done.batch`` as raw tensors.
 
     Each output has shape ``[batch, *dims]`` (a non-batching model: ``dims``) in
-    ``raw_output_contents``; the server-side times go in ``parameters``. An output the
-    request placed in system shared memory is written there; its
+    ``raw_output_contents``; the server-side times and the provenance (``model``,
+    ``model_version``, ``model_sha256``, ``execution_provider``) go in ``parameters``. An
+    output the request placed in system shared memory is written there; its
     ``raw_output_contents`` entry is empty and its parameters say where it lies
     (``shared_memory_region``, ``shared_memory_byte_size``, ``shared_memory_offset``).
 
@@ -423,4 +424,9 @@ def infer_response(
         response.raw_output_contents.append(b"")  # keeps the entries aligned with outputs
     for key in SERVER_TIMES:
         response.parameters[key].int64_param = getattr(done, key)
+    for key, value in done.metadata.items():  # provenance, truncation
+        if isinstance(value, int):
+            response.parameters[key].int64_param = value
+        else:
+            response.parameters[key].string_param = str(value)
     return response

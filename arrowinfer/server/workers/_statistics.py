@@ -23,8 +23,8 @@ def _add(a: Any, b: Any) -> Any:
 def merge_statistics(sources: Iterable[list[dict[str, Any]]]) -> list[dict[str, Any]]:
     """Sum lists of Triton ``ModelStatistics`` JSON (one list per process) per model version.
 
-    Counts and durations add up, ``batch_stats`` add up per batch size, and
-    ``last_inference`` is the latest. Returns one entry per (name, version), sorted.
+    Counts and durations add up (arrowinfer's own counters too), ``batch_stats`` add up per
+    batch size, and ``last_inference`` is the latest. Returns one entry per (name, version), sorted.
     """
     merged: dict[tuple[str, str], dict[str, Any]] = {}
     for stats in sources:
@@ -39,7 +39,7 @@ def merge_statistics(sources: Iterable[list[dict[str, Any]]]) -> list[dict[str, 
             for b in s.get("batch_stats", []):
                 size = b["batch_size"]
                 batches[size] = _add(batches[size], b) if size in batches else dict(b)
-            for name in ("inference_count", "execution_count", "inference_stats"):
+            for name in ("inference_count", "execution_count", "inference_stats", "arrowinfer"):
                 if name in s:
                     into[name] = _add(into[name], s[name]) if name in into else s[name]
             into["last_inference"] = last
