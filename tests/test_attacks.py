@@ -1158,11 +1158,6 @@ def _write_lookup_model(root: Path) -> Path:
     return root
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs the correctness branch's isolation of any failure in _run_batch "
-    "(batching.py); remove this mark once it is merged",
-)
 def test_a_request_failing_in_onnxruntime_fails_alone(tmp_path: Path) -> None:
     from concurrent.futures import ThreadPoolExecutor
 

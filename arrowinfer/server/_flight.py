@@ -304,7 +304,12 @@ class FlightService(flight.FlightServerBase):
                 except ArrowInferError as err:
                     future = err
                 # the buffers' sizes, not nbytes: that would read unchecked offsets
-                replies.put((future, request_meta.get("id")), chunk.data.get_total_buffer_size())
+                size = chunk.data.get_total_buffer_size()
+                # a refused request's data (its error's traceback holds it too) goes once its
+                # reply is written, not when the next request comes
+                del chunk
+                replies.put((future, request_meta.get("id")), size)
+                del future
                 if replies.failure is not None or stale:
                     break
         finally:
