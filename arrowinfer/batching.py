@@ -9,8 +9,18 @@ merges them into one batch of at most ``max_batch_size`` rows:
 - it stops waiting as soon as the largest ``preferred_batch_size`` (or ``max_batch_size``)
   is reached, and otherwise cuts the batch at the largest preferred size it can form;
 - a model without ``dynamic_batching`` runs each request on its own, as Triton does;
-- ``default_queue_policy { max_queue_size }`` bounds the queue: a request that finds it
-  full fails at once with :class:`~arrowinfer.errors.ServerBusy`;
+- queue policies as Triton documents them: ``default_queue_policy`` and, with
+  ``priority_levels``, ``priority_queue_policy`` per level (``default_priority_level`` for
+  requests without a priority; level 1 is served first). ``max_queue_size`` bounds a
+  level's queue: a request that finds it full fails at once with
+  :class:`~arrowinfer.errors.ServerBusy`. ``default_timeout_microseconds`` bounds the time a
+  request may wait in the queue (from its arrival); a request may ask for a shorter one when
+  ``allow_timeout_override`` is true. Past it, ``timeout_action: REJECT`` (the default)
+  answers the request at once with :class:`~arrowinfer.errors.ServerUnavailable` "Request
+  timeout expired" (Triton's message, UNAVAILABLE), even while the instances are busy;
+  ``DELAY`` moves it behind every request of its level that has not timed out;
+- requests merge only when the inputs with variable dims have the same concrete shapes
+  (Triton's rule without ragged batching): a request of another shape ends the batch;
 - a request larger than ``max_batch_size`` is split into slices (no copy) that queue one
   after the other, and its results are joined again (one copy of the outputs).
 
@@ -24,11 +34,13 @@ provider) and what padding cut from its ragged inputs.
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import logging
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -177,11 +189,36 @@ class ModelStatistics:
             }
 
 
-@dataclass
+@dataclass(eq=False)
 class _Request:
     batch: pa.RecordBatch
     future: Future[Completed]
     enqueued_ns: int
+    shapes: tuple[Any, ...] = ()  # concrete shapes of variable inputs: the merge key
+    level: int = 1  # priority level, 1 the highest
+    deadline_ns: int = 0  # when its queue timeout expires; 0: never
+    queued: bool = True  # still waiting (not taken, rejected or delayed)
+
+
+_DELAY = 1  # ModelQueuePolicy.TimeoutAction.DELAY
+
+
+class QueuePolicy(NamedTuple):
+    """Triton's ``ModelQueuePolicy`` of one priority level."""
+
+    timeout_ns: int  # default_timeout_microseconds; 0: none
+    delay: bool  # timeout_action DELAY (else REJECT)
+    allow_override: bool  # a request may ask for a shorter timeout
+    max_size: int  # max_queue_size; 0: unbounded
+
+    @classmethod
+    def of(cls, policy: Any) -> QueuePolicy:
+        return cls(
+            int(policy.default_timeout_microseconds) * 1000,
+            policy.timeout_action == _DELAY,
+            bool(policy.allow_timeout_override),
+            int(policy.max_queue_size),
+        )
 
 
 def _choose(rows: Sequence[int], max_rows: int, preferred: Sequence[int]) -> int:
@@ -234,10 +271,22 @@ class DynamicBatcher:
             int(p) for p in dynamic.preferred_batch_size if p <= self._max_rows
         )
         self._enough = self._preferred[-1] if self._preferred else self._max_rows
-        self._max_queue = int(dynamic.default_queue_policy.max_queue_size)
-        self._queue: deque[_Request] = deque()
+        levels = max(int(dynamic.priority_levels), 1)
+        default = int(dynamic.default_priority_level)
+        self._default_level = default if 1 <= default <= levels else 1
+        self._policies = [
+            QueuePolicy.of(dynamic.priority_queue_policy.get(level, dynamic.default_queue_policy))
+            for level in range(1, levels + 1)
+        ]
+        # per level: the requests waiting, then those delayed past their timeout (DELAY)
+        self._queues: list[deque[_Request]] = [deque() for _ in range(2 * levels)]
+        self._count = 0
         self._queued_rows = 0
-        self._cond = threading.Condition()
+        lock = threading.Lock()
+        self._cond = threading.Condition(lock)  # the instances wait on it for requests
+        self._reaper_cond = threading.Condition(lock)  # the reaper, for the next deadline
+        self._deadlines: list[tuple[int, int, _Request]] = []  # a heap
+        self._sequence = itertools.count()
         self._closed = False
         self._backends = list(backends)
         self._threads = [
@@ -246,13 +295,32 @@ class DynamicBatcher:
             )
             for i, b in enumerate(self._backends)
         ]
+        if any(p.timeout_ns or p.allow_override for p in self._policies):
+            self._threads.append(
+                threading.Thread(
+                    target=self._reap, name=f"queue-timeouts-{model.name}", daemon=True
+                )
+            )
         for thread in self._threads:
             thread.start()
 
     # -- submitting ----------------------------------------------------------------------
 
-    def submit(self, batch: pa.RecordBatch) -> Future[Completed]:
+    def submit(
+        self,
+        batch: pa.RecordBatch,
+        *,
+        shapes: tuple[Any, ...] = (),
+        priority: int = 0,
+        timeout_us: int = 0,
+    ) -> Future[Completed]:
         """Queue one (validated) request; the future gives its result in the same row order.
+
+        ``shapes`` is what :func:`arrowinfer.schema.validate` returns: only requests with
+        equal ``shapes`` are merged into one batch. ``priority`` (1 the highest; 0 or out of
+        range: ``default_priority_level``) and ``timeout_us`` (a queue timeout in
+        microseconds, honoured when the level's policy has ``allow_timeout_override`` and it
+        is shorter than the policy's own; 0: none) have Triton's meaning.
 
         Raises
         ------
@@ -266,53 +334,143 @@ class DynamicBatcher:
             parts = [
                 batch.slice(i, self._max_rows) for i in range(0, batch.num_rows, self._max_rows)
             ]
+        level = priority if 1 <= priority <= len(self._policies) else self._default_level
+        policy = self._policies[level - 1]
+        timeout_ns = policy.timeout_ns
+        if timeout_us > 0 and policy.allow_override:
+            # a request may shorten its level's timeout, never lengthen it (Triton)
+            timeout_ns = min(timeout_ns or timeout_us * 1000, timeout_us * 1000)
         now = time.perf_counter_ns()
-        requests = [_Request(p, Future(), now) for p in parts]
+        deadline = now + timeout_ns if timeout_ns else 0
+        requests = [_Request(p, Future(), now, shapes, level, deadline) for p in parts]
+        waiting, delayed = self._queues[2 * level - 2], self._queues[2 * level - 1]
         with self._cond:
             if self._closed:
                 raise ServerUnavailable(f"model {self.model.name!r} is unloading")
             # a request finding the queue full is refused; one split into more parts than
             # max_queue_size still enters a queue with room, or it could never be served
-            if self._max_queue and len(self._queue) >= self._max_queue:
+            queued = len(waiting) + len(delayed)
+            if policy.max_size and queued >= policy.max_size:
                 raise ServerBusy(
                     f"model {self.model.name!r}: server busy, the queue is full "
-                    f"({len(self._queue)} requests waiting, max_queue_size {self._max_queue})"
+                    f"({queued} requests waiting, max_queue_size {policy.max_size})"
                 )
-            self._queue.extend(requests)
+            waiting.extend(requests)
+            self._count += len(requests)
             self._queued_rows += batch.num_rows
             self._cond.notify()
+            if deadline:
+                for request in requests:
+                    heapq.heappush(self._deadlines, (deadline, next(self._sequence), request))
+                if self._deadlines[0][2] is requests[0]:
+                    self._reaper_cond.notify()  # a new earliest deadline
         if len(requests) == 1:
             return requests[0].future
         return _joined([r.future for r in requests])
 
     # -- scheduling ----------------------------------------------------------------------
 
+    def _waiting(self) -> Iterator[_Request]:
+        """The queued requests in the order they are served: by level, delayed ones last."""
+        for queue in self._queues:
+            yield from queue
+
     def _take(self) -> list[_Request] | None:
-        """Wait for the next batch under the lock; None once closed and drained."""
-        with self._cond:
-            while not self._queue:
+        """Wait for the next batch; None once closed and drained."""
+        expired: list[_Request] = []
+        try:
+            with self._cond:
+                return self._take_locked(expired)
+        finally:
+            self._reject(expired)  # unlocked: a future's callbacks may do anything
+
+    def _take_locked(self, expired: list[_Request]) -> list[_Request] | None:
+        while True:
+            while not self._count:
                 if self._closed:
                     return None
                 self._cond.wait()
-            if self._batching and self._delay_ns:
-                while not self._closed and self._queued_rows < self._enough:
-                    # the oldest request now: another instance may have taken the previous one
-                    left = self._queue[0].enqueued_ns + self._delay_ns - time.perf_counter_ns()
-                    if left <= 0:
-                        break
-                    self._cond.wait(left / 1e9)
-                    if not self._queue:  # another instance took them
-                        return []
-            if self._batching:
-                rows = [r.batch.num_rows for r in self._queue]
-                count = _choose(rows, self._max_rows, self._preferred)
-            else:
-                count = 1
-            taken = [self._queue.popleft() for _ in range(count)]
-            self._queued_rows -= sum(r.batch.num_rows for r in taken)
-            if self._queue:
-                self._cond.notify()  # another idle instance can start the next batch
-            return taken
+            # a request past its timeout is not run, even if the reaper has not seen it yet
+            self._expire(time.perf_counter_ns(), expired)
+            if self._count:
+                break
+        if self._batching and self._delay_ns:
+            while not self._closed and self._queued_rows < self._enough:
+                # the first request now: another instance may have taken the previous one
+                first = next(self._waiting())
+                left = first.enqueued_ns + self._delay_ns - time.perf_counter_ns()
+                if left <= 0:
+                    break
+                self._cond.wait(left / 1e9)
+                self._expire(time.perf_counter_ns(), expired)
+                if not self._count:  # another instance took them, or they timed out
+                    return []
+        if self._batching:
+            rows = []
+            shapes = next(self._waiting()).shapes
+            for request in self._waiting():
+                if request.shapes != shapes:
+                    break  # another shape: it cannot join this batch
+                rows.append(request.batch.num_rows)
+            count = _choose(rows, self._max_rows, self._preferred)
+        else:
+            count = 1
+        taken: list[_Request] = []
+        for queue in self._queues:
+            while queue and len(taken) < count:
+                taken.append(queue.popleft())
+        for request in taken:
+            request.queued = False
+        self._count -= count
+        self._queued_rows -= sum(r.batch.num_rows for r in taken)
+        if self._count:
+            self._cond.notify()  # another idle instance can start the next batch
+        return taken
+
+    # -- queue timeouts ------------------------------------------------------------------
+
+    def _expire(self, now: int, rejected: list[_Request]) -> None:
+        """Apply the timeout action to every waiting request past its deadline (locked).
+
+        REJECT: it leaves the queue and goes into ``rejected`` (failed once unlocked);
+        DELAY: it moves behind the requests of its level that have not timed out.
+        """
+        while self._deadlines and self._deadlines[0][0] <= now:
+            _, _, request = heapq.heappop(self._deadlines)
+            if not request.queued:
+                continue  # taken already
+            self._queues[2 * request.level - 2].remove(request)
+            if self._policies[request.level - 1].delay:
+                self._queues[2 * request.level - 1].append(request)
+                continue
+            request.queued = False
+            self._count -= 1
+            self._queued_rows -= request.batch.num_rows
+            rejected.append(request)
+
+    def _reject(self, requests: list[_Request]) -> None:
+        for request in requests:
+            if request.future.set_running_or_notify_cancel():
+                waited = (time.perf_counter_ns() - request.enqueued_ns) // 1000
+                error = ServerUnavailable(
+                    f"Request timeout expired (model {self.model.name!r}, {waited} us in the queue)"
+                )
+                self._fail(request, error)
+
+    def _reap(self) -> None:
+        """Answer requests whose queue timeout expires at once, while the instances are busy."""
+        while True:
+            expired: list[_Request] = []
+            with self._reaper_cond:
+                if self._closed:
+                    return  # the instances drain the queue, and _take still expires
+                self._expire(time.perf_counter_ns(), expired)
+                if not expired:
+                    left = (
+                        self._deadlines[0][0] - time.perf_counter_ns() if self._deadlines else None
+                    )
+                    self._reaper_cond.wait(None if left is None else max(left, 0) / 1e9)
+            self._reject(expired)
 
     def _run(self, backend: Backend) -> None:
         while (taken := self._take()) is not None:
@@ -391,13 +549,14 @@ class DynamicBatcher:
     @property
     def queued(self) -> int:
         """Requests waiting now."""
-        return len(self._queue)
+        return self._count
 
     def close(self, timeout: float | None = None) -> None:
         """Stop taking requests, finish the queued ones, stop the instances."""
         with self._cond:
             self._closed = True
             self._cond.notify_all()
+            self._reaper_cond.notify_all()
         for thread in self._threads:
             thread.join(timeout)
         for backend in self._backends:

@@ -19,6 +19,9 @@ arrowinfer's own settings live in the config's ``parameters`` map:
 ``arrowinfer.max_request_rows``
     The most rows (events, jets, ...) one request may have (default: no limit); a bigger
     request is refused with ``InvalidInput`` before it is queued.
+``arrowinfer.warmup``
+    ``false`` skips the warm-up run a model without ``model_warmup`` gets at load (one
+    entry of zeros per instance; see :func:`default_warmup`).
 
 Triton's onnxruntime-backend parameters ``intra_op_thread_count`` and
 ``inter_op_thread_count`` are honoured as well.
@@ -54,8 +57,10 @@ __all__ = [
     "ModelVersion",
     "Repository",
     "complete_config",
+    "default_warmup",
     "load_model",
     "read_config",
+    "warmup_requests",
 ]
 
 log = logging.getLogger(__name__)
@@ -136,6 +141,8 @@ class ModelVersion:
     max_request_rows: int | None = None
     ragged_batch_inputs: tuple[str, ...] = ()
     batch_inputs: tuple[BatchInput, ...] = ()
+    #: The lines of each output's ``label_filename``, for the classification extension.
+    labels: dict[str, tuple[str, ...]] = field(default_factory=dict, repr=False)
     sha256: str = ""  # of the model file (hex): every result names the file that made it
 
     @property
@@ -148,15 +155,22 @@ class ModelVersion:
             return str(self.config.parameters[key].string_value)
         return default
 
-    def metadata(self) -> dict[str, Any]:
+    def metadata(self, *, mask: bool = False) -> dict[str, Any]:
         """KServe's ``ModelMetadata`` of this version as JSON.
+
+        Parameters
+        ----------
+        mask
+            List the ``arrowinfer.mask_input`` too. KServe clients send ragged inputs padded
+            and may send the mask with them; Flight clients send lists and never the mask
+            (the server fills it), so it is left out by default.
 
         Returns
         -------
         dict
             ``{"name", "versions": [str], "platform", "inputs", "outputs"}``; each tensor is
             ``{"name", "datatype": "FP32"..., "shape": [int]}`` with -1 for the batch
-            dimension of a batching model. The mask input is left out: the server fills it.
+            dimension of a batching model.
         """
         batch = [-1] if self.max_batch_size > 0 else []
 
@@ -174,7 +188,7 @@ class ModelVersion:
             "name": self.name,
             "versions": [str(self.version)],
             "platform": self.config.platform or "onnxruntime_onnx",
-            "inputs": tensors(c for c in self.config.input if c.name != self.mask_input),
+            "inputs": tensors(c for c in self.config.input if mask or c.name != self.mask_input),
             "outputs": tensors(self.config.output),
         }
 
@@ -205,10 +219,12 @@ def read_config(path: Path) -> ModelConfig:
 
 def _graph_io(
     model: onnx.ModelProto,
-) -> tuple[list[onnx.ValueInfoProto], list[onnx.ValueInfoProto]]:
+) -> tuple[list[onnx.ValueInfoProto], list[onnx.ValueInfoProto], list[onnx.ValueInfoProto]]:
+    """Required inputs, outputs, and inputs with a default (an initializer of the same name)."""
     initializers = {i.name for i in model.graph.initializer}
     inputs = [v for v in model.graph.input if v.name not in initializers]
-    return inputs, list(model.graph.output)
+    defaults = [v for v in model.graph.input if v.name in initializers]
+    return inputs, list(model.graph.output), defaults
 
 
 def _onnx_dims(value: onnx.ValueInfoProto) -> list[int]:
@@ -237,7 +253,7 @@ def complete_config(config: ModelConfig, model: onnx.ModelProto, path: Path) -> 
         When the config and the graph disagree: naming the file, the tensor and both values.
     """
     config = mc.ModelConfig.FromString(config.SerializeToString())
-    graph_inputs, graph_outputs = _graph_io(model)
+    graph_inputs, graph_outputs, defaults = _graph_io(model)
     all_tensors = graph_inputs + graph_outputs
     if not config.input and not config.output and not config.max_batch_size:
         batchable = all(_onnx_dims(v)[:1] == [-1] for v in all_tensors)
@@ -253,7 +269,8 @@ def complete_config(config: ModelConfig, model: onnx.ModelProto, path: Path) -> 
         ("input", graph_inputs, config.input),
         ("output", graph_outputs, config.output),
     ):
-        by_name = {v.name: v for v in graph}
+        # an input with a default (an initializer) may be named too; it is then optional
+        by_name = {v.name: v for v in graph + (defaults if kind == "input" else [])}
         if batch:
             for value in graph:
                 if kind == "input" and value.name in ragged_batch | targets:
@@ -280,6 +297,8 @@ def complete_config(config: ModelConfig, model: onnx.ModelProto, path: Path) -> 
                     f"(graph {kind}s: {sorted(by_name)})"
                 )
             value = by_name[entry.name]
+            if kind == "input" and value in defaults and not entry.optional:
+                entry.optional = True  # the graph has its value when a request has none
             graph_type = _onnx_type(value, path)
             config_type = mc.DataType.Name(entry.data_type)
             if graph_type != config_type:
@@ -305,13 +324,102 @@ def complete_config(config: ModelConfig, model: onnx.ModelProto, path: Path) -> 
                     f"{path}: {kind} {entry.name!r}: config says dims {_dims_text(want)} "
                     f"(batch dimension included as -1), model.onnx says {_dims_text(graph_dims)}"
                 )
-        missing = sorted(set(by_name) - {e.name for e in entries} - targets)
+        missing = sorted({v.name for v in graph} - {e.name for e in entries} - targets)
         if kind == "input" and missing:
             raise ModelError(
                 f"{path}: graph inputs {missing} are not in the config's inputs "
                 f"(config inputs: {sorted(e.name for e in entries)})"
             )
     return config
+
+
+#: The ModelConfig fields arrowinfer implements, per message (the rest: see _config_fields).
+_SUPPORTED: dict[str, set[str]] = {
+    "ModelConfig": {
+        "name",
+        "platform",
+        "backend",
+        "version_policy",
+        "max_batch_size",
+        "input",
+        "output",
+        "dynamic_batching",
+        "instance_group",
+        "default_model_filename",
+        "parameters",
+        "model_warmup",
+    },
+    "ModelInput": {"name", "data_type", "dims", "reshape", "optional"},
+    "ModelOutput": {"name", "data_type", "dims", "reshape", "label_filename"},
+    "ModelDynamicBatching": {
+        "preferred_batch_size",
+        "max_queue_delay_microseconds",
+        "preserve_ordering",  # always: results come back in request order
+        "priority_levels",
+        "default_priority_level",
+        "default_queue_policy",
+        "priority_queue_policy",
+    },
+    "ModelInstanceGroup": {"name", "kind", "count"},
+}
+
+#: Fields whose meaning a model's results depend on: refused rather than ignored.
+_REFUSED: dict[str, str] = {
+    "sequence_batching": "stateful models need Triton's sequence batcher, which arrowinfer "
+    "does not have",
+    "ensemble_scheduling": "ensembles are not served",
+    "model_transaction_policy": "decoupled models (several responses per request) are not served",
+}
+
+
+def _config_fields(config: ModelConfig, path: Path) -> list[str]:
+    """The fields of ``config`` that arrowinfer does not implement (dotted paths).
+
+    Raises
+    ------
+    ModelError
+        For a field in :data:`_REFUSED` (a model that would give wrong results without it).
+    """
+    for name, why in _REFUSED.items():
+        if config.HasField(name) and (
+            name != "model_transaction_policy" or config.model_transaction_policy.decoupled
+        ):
+            raise ModelError(f"{path}: {name}: {why}")
+    ignored: list[str] = []
+
+    def walk(message: Any, prefix: str) -> None:
+        supported = _SUPPORTED.get(message.DESCRIPTOR.name)
+        for descriptor, value in message.ListFields():
+            where = f"{prefix}{descriptor.name}"
+            if descriptor.name == "model_transaction_policy":
+                continue  # not decoupled: nothing to do
+            if descriptor.name == "format" and value == mc.ModelInput.FORMAT_NONE:
+                continue
+            if supported is not None and descriptor.name not in supported:
+                ignored.append(where)
+            elif descriptor.message_type is not None and descriptor.message_type.name in _SUPPORTED:
+                items = [value] if hasattr(value, "DESCRIPTOR") else value  # repeated or one
+                for item in items:
+                    walk(item, where + ".")
+
+    walk(config, "")
+    return sorted(set(ignored))
+
+
+def _check_priorities(config: ModelConfig, path: Path) -> None:
+    dynamic = config.dynamic_batching
+    levels = dynamic.priority_levels
+    if levels and not 1 <= dynamic.default_priority_level <= levels:
+        raise ModelError(
+            f"{path}: dynamic_batching.default_priority_level must be in 1..{levels} "
+            f"(priority_levels), got {dynamic.default_priority_level}"
+        )
+    beyond = sorted(k for k in dynamic.priority_queue_policy if not 1 <= k <= max(levels, 0))
+    if beyond:
+        raise ModelError(
+            f"{path}: dynamic_batching.priority_queue_policy has levels {beyond} beyond "
+            f"priority_levels {levels}"
+        )
 
 
 def _versions(model_dir: Path, config: ModelConfig) -> list[int]:
@@ -352,8 +460,26 @@ def _specs(entries: object, ragged: set[str]) -> list[TensorSpec]:
             dt = datatype(mc.DataType.Name(entry.data_type))
         except TypeError as err:
             raise TypeError(f"tensor {entry.name!r}: {err}") from None
-        out.append(TensorSpec(entry.name, dt, tuple(entry.dims), ragged=entry.name in ragged))
+        out.append(
+            TensorSpec(
+                entry.name,
+                dt,
+                tuple(entry.dims),
+                ragged=entry.name in ragged,
+                optional=bool(getattr(entry, "optional", False)),
+            )
+        )
     return out
+
+
+def _mark_ragged_batch(schema: pa.Schema, names: tuple[str, ...]) -> pa.Schema:
+    """Mark ragged-batch inputs (field metadata ``ragged: batch``): a list per row, of any
+    length, which requests need not agree on (see :func:`arrowinfer.schema.validate`)."""
+    for name in names:
+        i = schema.get_field_index(name)
+        field = schema.field(i)
+        schema = schema.set(i, field.with_metadata({**(field.metadata or {}), b"ragged": b"batch"}))
+    return schema
 
 
 def _ragged_batching(
@@ -396,6 +522,20 @@ def _ragged_batching(
     return ragged, tuple(out)
 
 
+def _labels(model_dir: Path, filename: str) -> tuple[str, ...]:
+    """One label per line of an output's ``label_filename`` (in the model's directory)."""
+    path = model_dir / filename
+    if path.name != filename or not path.is_file():
+        raise ModelError(
+            f"{model_dir / 'config.pbtxt'}: label_filename {filename!r}: no such file in "
+            f"{model_dir}"
+        )
+    try:
+        return tuple(path.read_text().splitlines())
+    except (OSError, UnicodeDecodeError) as err:
+        raise ModelError(f"{path}: cannot read the labels: {err}") from err
+
+
 def load_model(model_dir: Path) -> list[ModelVersion]:
     """Read one model's config and the versions its version policy selects.
 
@@ -426,6 +566,15 @@ def load_model(model_dir: Path) -> list[ModelVersion]:
             f"{config_path}: platform {config.platform!r} / backend {config.backend!r} is not "
             "served here (only onnxruntime_onnx)"
         )
+    ignored = _config_fields(config, config_path)
+    if ignored:
+        log.warning(
+            "%s: arrowinfer does not implement config field(s) %s; they are ignored "
+            "(docs/model-config.md)",
+            config_path,
+            ", ".join(ignored),
+        )
+    _check_priorities(config, config_path)
     versions = []
     for number in _versions(model_dir, config):
         path = model_dir / str(number) / (config.default_model_filename or "model.onnx")
@@ -452,6 +601,20 @@ def load_model(model_dir: Path) -> list[ModelVersion]:
             raise ModelError(
                 f"{config_path}: arrowinfer.mask_input {mask!r} needs arrowinfer.ragged_inputs"
             )
+        optional = {e.name for e in full.input if e.optional}
+        if optional & (ragged | {mask}):
+            raise ModelError(
+                f"{config_path}: ragged or mask inputs {sorted(optional & (ragged | {mask}))} "
+                "cannot be optional"
+            )
+        required = {v.name for v in _graph_io(graph)[0]}
+        for name in sorted(optional & required):
+            log.warning(
+                "%s: input %r is optional in the config, but the ONNX graph has no default "
+                "for it: a request without it will fail in onnxruntime",
+                config_path,
+                name,
+            )
         for entry in full.input:
             if (entry.name in ragged or entry.name == mask) and (
                 not entry.dims or any(d < 0 for d in entry.dims)
@@ -466,6 +629,7 @@ def load_model(model_dir: Path) -> list[ModelVersion]:
                 metadata={"model": full.name, "version": str(number)},
             )
             outputs = signature(_specs(full.output, set()))
+            inputs = _mark_ragged_batch(inputs, ragged_batch)
         except TypeError as err:
             source = config_path if config_path.exists() else path
             raise ModelError(f"{source}: {err}") from err
@@ -480,6 +644,9 @@ def load_model(model_dir: Path) -> list[ModelVersion]:
                 raise ValueError(f"must be at least 1, got {max_request_rows}")
         except ValueError as err:
             raise ModelError(f"{config_path}: arrowinfer.max_request_rows: {err}") from err
+        labels = {
+            o.name: _labels(model_dir, o.label_filename) for o in full.output if o.label_filename
+        }
         versions.append(
             ModelVersion(
                 name=full.name,
@@ -494,10 +661,120 @@ def load_model(model_dir: Path) -> list[ModelVersion]:
                 batch_inputs=batch_inputs,
                 pad_value=pad_value,
                 max_request_rows=max_request_rows,
+                labels=labels,
                 sha256=file_sha256(path),
             )
         )
     return versions
+
+
+def warmup_requests(version: ModelVersion) -> list[tuple[str, int, pa.RecordBatch]]:
+    """The config's ``model_warmup`` samples as requests: ``(name, runs, batch)``.
+
+    As Triton defines them: ``batch_size`` rows (one entry for a model without batching),
+    each input's ``dims``, and its data ``zero_data``, ``random_data`` or
+    ``input_data_file`` (raw little-endian values, row-major, in the model directory's
+    ``warmup/`` folder; one entry's worth, repeated for every row). ``count`` runs (at
+    least one). A ragged input is sent at full length; the mask input is the server's.
+
+    Raises
+    ------
+    ModelError
+        A sample that names unknown inputs, has another data type, or a missing or
+        wrongly sized file.
+    """
+    from .schema import to_column
+    from .tensors import Ragged
+
+    config_path = version.path.parent.parent / "config.pbtxt"
+    fields = {f.name: f for f in version.inputs}
+    rng = np.random.default_rng(0)
+    out = []
+    for sample in version.config.model_warmup:
+        where = f"{config_path}: model_warmup {sample.name!r}"
+        rows = max(int(sample.batch_size), 1)
+        names, columns = [], []
+        for name, spec in sample.inputs.items():
+            if name == version.mask_input:
+                continue
+            if name not in fields:
+                raise ModelError(f"{where}: no input {name!r} (inputs: {sorted(fields)})")
+            try:
+                dt = datatype(mc.DataType.Name(spec.data_type)).numpy
+            except TypeError as err:
+                raise ModelError(f"{where}: input {name!r}: {err}") from None
+            want = fields[name].metadata[b"datatype"].decode()
+            if datatype(dt).kserve != want:
+                raise ModelError(
+                    f"{where}: input {name!r} is {want}, the sample says "
+                    f"{mc.DataType.Name(spec.data_type)}"
+                )
+            dims = tuple(int(d) for d in spec.dims)
+            if any(d < 0 for d in dims):
+                raise ModelError(f"{where}: input {name!r}: dims must be concrete, got {dims}")
+            which = spec.WhichOneof("input_data_type")
+            size = int(np.prod(dims))
+            if dt == object:  # strings: empty ones (files of strings are not read here)
+                if which == "input_data_file":
+                    raise ModelError(f"{where}: input {name!r}: input_data_file of strings")
+                entry = np.full(dims, "", dtype=object)
+            elif which == "input_data_file":
+                path = version.path.parent.parent / "warmup" / spec.input_data_file
+                if path.name != spec.input_data_file or not path.is_file():
+                    raise ModelError(f"{where}: input {name!r}: no file warmup/{path.name}")
+                one = np.fromfile(path, dtype=dt.newbyteorder("<")).astype(dt, copy=False)
+                if one.size != size:
+                    raise ModelError(
+                        f"{where}: input {name!r}: {path} has {one.size} values, dims "
+                        f"{list(dims)} need {size}"
+                    )
+                entry = one.reshape(dims)
+            elif which == "random_data" and dt.kind == "f":
+                entry = rng.standard_normal(dims).astype(dt)
+            elif which == "random_data":
+                entry = rng.integers(0, 2 if dt.kind == "b" else 100, dims).astype(dt)
+            else:
+                entry = np.zeros(dims, dtype=dt)
+            data = np.ascontiguousarray(np.broadcast_to(entry, (rows, *dims)))
+            field = fields[name]
+            if name in version.ragged_inputs:
+                offsets = np.arange(rows + 1, dtype=np.int32) * (dims[0] if dims else 1)
+                columns.append(to_column(field, Ragged(offsets, data.reshape(-1, *dims[1:]))))
+            else:
+                columns.append(to_column(field, data))
+            names.append(name)
+        if not columns:
+            raise ModelError(f"{where}: no inputs")
+        out.append(
+            (sample.name, max(int(sample.count), 1), pa.RecordBatch.from_arrays(columns, names))
+        )
+    return out
+
+
+def default_warmup(version: ModelVersion) -> pa.RecordBatch:
+    """One entry of zeros for every required input (``-1`` dims of size 1).
+
+    The first onnxruntime run of a session costs hundreds of milliseconds (it sets up its
+    kernels, memory arena and threads); run at load, it is not a client's first request.
+    """
+    from .schema import tensor_specs, to_column
+    from .tensors import Ragged
+
+    names, columns = [], []
+    for column_field, spec in zip(version.inputs, tensor_specs(version.inputs), strict=True):
+        if spec.optional:
+            continue
+        dims = tuple(1 if d < 0 else d for d in spec.shape)
+        data = np.zeros((1, *dims), dtype=spec.datatype.numpy)
+        if data.dtype == object:
+            data[...] = ""  # a string tensor of empty strings
+        if spec.ragged:
+            offsets = np.array([0, dims[0]], dtype=np.int32)
+            columns.append(to_column(column_field, Ragged(offsets, data.reshape(-1, *dims[1:]))))
+        else:
+            columns.append(to_column(column_field, data))
+        names.append(column_field.name)
+    return pa.RecordBatch.from_arrays(columns, names)
 
 
 def file_sha256(path: Path) -> str:

@@ -5,8 +5,17 @@ canonical form of the tensor per batch entry (see :mod:`arrowinfer.tensors`):
 
 - shape ``[]`` (or ``[1]``): a primitive column;
 - a fixed shape: ``arrow.fixed_shape_tensor(value_type, shape)``;
-- a ragged input (variable first dimension, or padded by the server to the model's size):
-  ``list<value_type>`` or ``list<fixed_size_list<...>>``.
+- a ragged input (padded by the server to the model's size), or a variable first
+  dimension and no other: ``list<value_type>`` or ``list<fixed_size_list<...>>``;
+- a variable dimension elsewhere (``[2, -1]``, ``[-1, -1]``):
+  ``arrow.variable_shape_tensor(value_type, uniform_shape)``
+  (:class:`arrowinfer.tensors.VariableShapeTensorType`).
+
+An input with variable dimensions that is not declared ragged is a dense tensor per
+request, as in Triton: its ``-1`` dims take any size, the same for every row of the
+request (:func:`validate` checks it and returns the sizes, by which the dynamic batcher
+merges only requests that agree). Besides the canonical type, a request may carry it as
+an ``arrow.fixed_shape_tensor`` (or nested ``fixed_size_list``) of its concrete shape.
 
 Field metadata keeps what Arrow's type cannot: ``datatype`` (Triton/KServe name, e.g.
 ``FP32``), ``shape`` (the config's dims as JSON, ``-1`` for variable) and, for ragged
@@ -27,10 +36,21 @@ import numpy as np
 import pyarrow as pa
 
 from .errors import InvalidInput
-from .tensors import Layout, Ragged, from_numpy, layout, ragged_from_numpy
+from .tensors import (
+    Layout,
+    Ragged,
+    from_numpy,
+    layout,
+    ragged_from_numpy,
+    ragged_to_numpy,
+    to_numpy,
+    variable_from_numpy,
+    variable_shape_tensor,
+)
 
 __all__ = [
     "DATATYPES",
+    "STRING",
     "Datatype",
     "TensorSpec",
     "check_data",
@@ -71,10 +91,16 @@ DATATYPES: tuple[Datatype, ...] = tuple(
     ]
 )
 
+#: ``TYPE_STRING`` / KServe ``BYTES``: numpy object arrays (``str`` for onnxruntime), Arrow
+#: ``string`` canonically; ``large_string``, ``binary`` and ``large_binary`` are the same type.
+STRING = Datatype("TYPE_STRING", "BYTES", np.dtype(object), pa.string())
+
 _BY_ANY: dict[object, Datatype] = {}
-for _dt in DATATYPES:
+for _dt in (*DATATYPES, STRING):
     for _key in (_dt.triton, _dt.kserve, _dt.numpy, _dt.arrow):
         _BY_ANY[_key] = _dt
+for _key in (pa.large_string(), pa.binary(), pa.large_binary(), np.dtype("U"), np.dtype("S")):
+    _BY_ANY[_key] = STRING
 
 
 def datatype(key: str | np.dtype | pa.DataType) -> Datatype:
@@ -83,11 +109,15 @@ def datatype(key: str | np.dtype | pa.DataType) -> Datatype:
     Raises
     ------
     TypeError
-        For types a tensor cannot hold here (``TYPE_STRING``/``BYTES``, ``BF16``, ...).
+        For types a tensor cannot hold here (``BF16``, ...).
     """
-    found = _BY_ANY.get(np.dtype(key) if isinstance(key, type) else key)
+    if isinstance(key, type):
+        key = np.dtype(key)
+    if isinstance(key, np.dtype) and key.kind in "US":
+        key = np.dtype(key.kind)  # any length of numpy string
+    found = _BY_ANY.get(key)
     if found is None:
-        supported = ", ".join(d.kserve for d in DATATYPES)
+        supported = ", ".join(d.kserve for d in (*DATATYPES, STRING))
         raise TypeError(f"unsupported tensor data type {key!r} (supported: {supported})")
     return found
 
@@ -99,6 +129,7 @@ class TensorSpec(NamedTuple):
     datatype: Datatype
     shape: tuple[int, ...]
     ragged: bool = False  # arrives as a list per entry; the server pads it to ``shape``
+    optional: bool = False  # a request may leave it out (config ``optional: true``)
 
 
 def _item_type(value_type: pa.DataType, shape: Sequence[int]) -> pa.DataType:
@@ -112,23 +143,29 @@ def spec_field(spec: TensorSpec) -> pa.Field:
     """The Arrow field of one tensor in its canonical form."""
     value_type = spec.datatype.arrow
     shape = spec.shape
-    if spec.ragged or (shape and shape[0] == -1):
-        if any(d < 0 for d in shape[1:]):
+    if spec.ragged:
+        if any(d < 0 for d in shape):
             raise TypeError(
-                f"{spec.name}: only the first per-entry dimension may vary, got {list(shape)}"
+                f"{spec.name}: a ragged input needs fixed dims to pad to, got {list(shape)}"
             )
         type_ = pa.list_(_item_type(value_type, shape[1:]))
+    elif shape and shape[0] == -1 and all(d >= 0 for d in shape[1:]):
+        type_ = pa.list_(_item_type(value_type, shape[1:]))
     elif any(d < 0 for d in shape):
-        raise TypeError(
-            f"{spec.name}: only the first per-entry dimension may vary, got {list(shape)}"
-        )
+        if spec.datatype is STRING:
+            raise TypeError(f"{spec.name}: strings with a variable dim after the first: {shape}")
+        type_ = variable_shape_tensor(value_type, shape)
     elif shape in ((), (1,)):
         type_ = value_type
+    elif spec.datatype is STRING:  # fixed_shape_tensor holds fixed-width values only
+        type_ = _item_type(value_type, shape)
     else:
         type_ = pa.fixed_shape_tensor(value_type, list(shape))
     metadata = {"datatype": spec.datatype.kserve, "shape": json.dumps(list(shape))}
     if spec.ragged:
         metadata["ragged"] = "pad"
+    if spec.optional:
+        metadata["optional"] = "true"
     return pa.field(spec.name, type_, nullable=False, metadata=metadata)
 
 
@@ -145,7 +182,15 @@ def tensor_specs(schema: pa.Schema) -> list[TensorSpec]:
         lay = layout(field.type)
         shape = tuple(json.loads(meta["shape"])) if "shape" in meta else lay.shape
         dt = datatype(meta["datatype"]) if "datatype" in meta else datatype(lay.value_type)
-        out.append(TensorSpec(field.name, dt, shape, ragged=meta.get("ragged") == "pad"))
+        out.append(
+            TensorSpec(
+                field.name,
+                dt,
+                shape,
+                ragged=meta.get("ragged") == "pad",
+                optional=meta.get("optional") == "true",
+            )
+        )
     return out
 
 
@@ -155,7 +200,7 @@ def to_column(field: pa.Field, data: np.ndarray | Ragged) -> pa.Array:
     No copies (as :func:`arrowinfer.tensors.from_numpy`); shapes are reshaped as views.
     """
     want = layout(field.type)
-    if want.ragged:
+    if want.ragged and (isinstance(data, Ragged) or _declared_ragged(field)):
         if not isinstance(data, Ragged):
             raise TypeError(f"{field.name}: a ragged field needs a Ragged collection")
         return ragged_from_numpy(data.offsets, data.values).cast(field.type)
@@ -164,7 +209,41 @@ def to_column(field: pa.Field, data: np.ndarray | Ragged) -> pa.Array:
     n = len(data)
     if not want.shape:
         return from_numpy(data.reshape(n))
+    if want.ragged:  # a variable first dim sent dense: every row has the same length
+        length = data.shape[1] if data.ndim > 1 else 0
+        offsets = np.arange(n + 1, dtype=np.int32) * length
+        values = data.reshape((n * length, *data.shape[2:]))
+        return ragged_from_numpy(offsets, values).cast(field.type)
+    if -1 in want.shape:
+        column = variable_from_numpy(data, want.shape)
+        if column.type != field.type:  # the field read from IPC: Arrow C++'s own class
+            return field.type.wrap_array(column.storage.cast(field.type.storage_type))
+        return column
     return from_numpy(data.reshape((n, *want.shape)))
+
+
+def _is_string(type_: pa.DataType) -> bool:
+    return (
+        pa.types.is_string(type_)
+        or pa.types.is_large_string(type_)
+        or pa.types.is_binary(type_)
+        or pa.types.is_large_binary(type_)
+    )
+
+
+def _optional(field: pa.Field) -> bool:
+    return bool(field.metadata) and field.metadata.get(b"optional") == b"true"
+
+
+def _declared_ragged(field: pa.Field) -> bool:
+    return bool(field.metadata) and field.metadata.get(b"ragged") == b"pad"
+
+
+def _any_lengths(field: pa.Field) -> bool:
+    """A list per entry whose lengths requests need not agree on: padded by the server
+    (``ragged: pad``), or concatenated for Triton's ragged batching (``ragged: batch``, set
+    by the repository for ``allow_ragged_batch`` inputs)."""
+    return bool(field.metadata) and field.metadata.get(b"ragged") in (b"pad", b"batch")
 
 
 def describe(lay: Layout) -> str:
@@ -247,7 +326,7 @@ def validate(
     *,
     model: str,
     max_rows: int | None = None,
-) -> None:
+) -> tuple[tuple[str, tuple[int, ...] | None], ...]:
     """Check a request against a model's input signature.
 
     Parameters
@@ -261,16 +340,26 @@ def validate(
     max_rows
         The most rows one request may have, if limited.
 
+    Returns
+    -------
+    tuple
+        ``((input, shape), ...)``: the concrete per-entry shape of each input with variable
+        dims that is not declared ragged, and ``(input, None)`` for each optional input the
+        request leaves out (empty when there is none). Requests for which it differs cannot
+        share a batch.
+
     Raises
     ------
     InvalidInput
-        Naming the model and the input, with expected and received: missing or unexpected
-        columns, element type, per-entry shape (or ragged vs. fixed), nulls. A request of
-        zero rows is valid (its result has zero rows).
+        Naming the model and the input, with expected and received: missing (required) or
+        unexpected columns, element type, per-entry shape (or ragged vs. fixed; rows of a
+        dense input with variable dims that differ in shape), nulls. A request of zero rows
+        is valid (its result has zero rows).
     """
     names = set(batch.schema.names)
     expected_names = set(schema.names)
-    missing = [n for n in schema.names if n not in names]
+    omitted = [f.name for f in schema if f.name not in names and _optional(f)]
+    missing = [n for n in schema.names if n not in names and n not in omitted]
     if missing:
         raise InvalidInput(
             f"missing input column(s) {missing}",
@@ -296,12 +385,19 @@ def validate(
             got=f"{batch.num_rows} rows",
         )
     canonical = batch.schema.equals(schema)  # what our clients send: types need no check
+    # requests that leave out different optional inputs cannot share a batch either
+    shapes: dict[str, tuple[int, ...] | None] = dict.fromkeys(omitted)
     for field in schema:
+        if field.name in shapes:
+            continue
         column = batch.column(field.name)
+        want = layout(field.type)
+        variable = -1 in want.shape and not _any_lengths(field)
         if canonical:
             _check_nulls(column, model, field.name)
+            if variable:
+                shapes[field.name] = _entry_shape(column, want, model, field.name)
             continue
-        want = layout(field.type)
         try:
             got = layout(column.type)
         except TypeError:
@@ -312,7 +408,9 @@ def validate(
                 expected=describe(want),
                 got=str(column.type),
             ) from None
-        if got.value_type != want.value_type:
+        if got.value_type != want.value_type and not (
+            _is_string(got.value_type) and _is_string(want.value_type)
+        ):
             raise InvalidInput(
                 "wrong element type",
                 model=model,
@@ -320,7 +418,7 @@ def validate(
                 expected=f"{want.value_type} ({datatype(want.value_type).kserve})",
                 got=str(got.value_type),
             )
-        if got.ragged != want.ragged:
+        if got.ragged != want.ragged and not variable:
             how = "a list per entry (ragged)" if want.ragged else "a fixed shape per entry"
             raise InvalidInput(
                 f"expected {how}",
@@ -329,7 +427,10 @@ def validate(
                 expected=describe(want),
                 got=describe(got),
             )
-        if not _shape_matches(want.shape, got.shape):
+        _check_nulls(column, model, field.name)
+        if variable:
+            shapes[field.name] = _entry_shape(column, want, model, field.name)
+        elif not _shape_matches(want.shape, got.shape):
             raise InvalidInput(
                 "wrong shape per entry",
                 model=model,
@@ -337,7 +438,55 @@ def validate(
                 expected=describe(want),
                 got=describe(got),
             )
-        _check_nulls(column, model, field.name)
+    return tuple(shapes.items())
+
+
+def _entry_shape(
+    column: pa.Array | pa.ChunkedArray, want: Layout, model: str, name: str
+) -> tuple[int, ...]:
+    """The one concrete per-entry shape of a dense input with variable dims.
+
+    Raises
+    ------
+    InvalidInput
+        When rows differ in shape (a dense tensor has one shape), or it does not fit ``want``.
+    """
+    got = layout(column.type)
+    if got.ragged:
+        counts = ragged_to_numpy(column).counts
+        if len(counts) and np.any(counts != counts[0]):
+            raise InvalidInput(
+                "entries have different lengths; a dense input has one shape per request "
+                "(send entries of different lengths in separate requests)",
+                model=model,
+                input=name,
+                expected=describe(want),
+                got=f"lengths {int(counts.min())}..{int(counts.max())}",
+            )
+        shape = (int(counts[0]) if len(counts) else 0, *got.shape[1:])
+    elif getattr(column.type, "extension_name", None) == "arrow.variable_shape_tensor":
+        try:  # the rows' own shapes: a type's uniform_shape proves nothing about them
+            shape = to_numpy(column).shape[1:]
+        except ValueError as err:
+            raise InvalidInput(
+                f"{err}; a dense input has one shape per request",
+                model=model,
+                input=name,
+                expected=describe(want),
+            ) from None
+    else:
+        shape = got.shape
+    if len(shape) != len(want.shape) or any(
+        e not in (-1, g) for e, g in zip(want.shape, shape, strict=True)
+    ):
+        raise InvalidInput(
+            "wrong shape per entry",
+            model=model,
+            input=name,
+            expected=describe(want),
+            got=str(list(shape)),
+        )
+    return tuple(int(d) for d in shape)
 
 
 def _check_nulls(column: pa.Array | pa.ChunkedArray, model: str, name: str) -> None:

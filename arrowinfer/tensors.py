@@ -10,6 +10,8 @@ numpy (per batch entry)                 Arrow column                  numpy -> A
                                         (or nested ``fixed_size_list``)
 ragged: ``Ragged(offsets, values)``     ``list``/``large_list`` of    no
 with ``values`` ``(total, *shape)``     primitive/``fixed_size_list``
+``(n, *shape)`` with variable dims       ``arrow.variable_shape_tensor``  no
+(one shape for the whole batch)
 ======================================  ============================  ===================
 
 Copies happen only where the layouts differ, and are documented where they happen:
@@ -19,10 +21,22 @@ sliced list column (rebased to start at 0; the values are never copied).
 
 Extension types (``arrow.fixed_shape_tensor``, and awkward's ``awkward<...>`` types from
 ``ak.to_arrow``) are read through their storage.
+
+pyarrow has no class for Arrow's canonical ``arrow.variable_shape_tensor`` extension (a
+tensor per row whose shape may differ from row to row: storage
+``struct<data: list<T>, shape: fixed_size_list<int32>[ndim]>``, metadata
+``{"uniform_shape": [...]}`` with ``null`` for a dimension that varies):
+:class:`VariableShapeTensorType` is that type, written
+it travels over IPC and Flight under its canonical name (Arrow C++ knows the name: read
+back, the type is a ``pyarrow.BaseExtensionType`` that :func:`layout` and :func:`to_numpy`
+recognise by its ``extension_name``). Here it carries inputs and outputs
+whose config has a ``-1`` in a dimension other than the first (``[2, -1]``, ``[-1, -1]``):
+a dense tensor per request, every row of one batch with the same shape.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from typing import Literal, NamedTuple, TypeAlias
 
@@ -32,6 +46,7 @@ import pyarrow as pa
 __all__ = [
     "Layout",
     "Ragged",
+    "VariableShapeTensorType",
     "batch_from_numpy",
     "batch_to_numpy",
     "from_numpy",
@@ -41,6 +56,8 @@ __all__ = [
     "ragged_from_numpy",
     "ragged_to_numpy",
     "to_numpy",
+    "variable_from_numpy",
+    "variable_shape_tensor",
 ]
 
 Column: TypeAlias = pa.Array | pa.ChunkedArray
@@ -75,6 +92,57 @@ class Layout(NamedTuple):
     ragged: bool
 
 
+class VariableShapeTensorType(pa.ExtensionType):
+    """Arrow's canonical ``arrow.variable_shape_tensor`` (no permutation, no dim names).
+
+    Parameters
+    ----------
+    value_type
+        The element type.
+    uniform_shape
+        One entry per dimension: its size, or ``-1`` (JSON ``null``) where it varies.
+    """
+
+    def __init__(self, value_type: pa.DataType, uniform_shape: tuple[int, ...]):
+        self.value_type = value_type
+        self.uniform_shape = tuple(int(d) for d in uniform_shape)
+        storage = pa.struct(
+            [
+                pa.field("data", pa.list_(value_type)),
+                pa.field("shape", pa.list_(pa.int32(), len(self.uniform_shape))),
+            ]
+        )
+        super().__init__(storage, "arrow.variable_shape_tensor")
+
+    def __arrow_ext_serialize__(self) -> bytes:
+        uniform = [None if d < 0 else d for d in self.uniform_shape]
+        return json.dumps({"uniform_shape": uniform}).encode()
+
+    @classmethod
+    def __arrow_ext_deserialize__(
+        cls, storage_type: pa.DataType, serialized: bytes
+    ) -> VariableShapeTensorType:
+        meta = json.loads(serialized.decode() or "{}")
+        ndim = storage_type.field("shape").type.list_size
+        if meta.get("permutation") not in (None, list(range(ndim))):
+            raise TypeError("arrow.variable_shape_tensor with a permutation is not supported")
+        uniform = meta.get("uniform_shape") or [None] * ndim
+        data_type = storage_type.field("data").type
+        return cls(data_type.value_type, tuple(-1 if d is None else int(d) for d in uniform))
+
+
+def variable_shape_tensor(
+    value_type: pa.DataType, uniform_shape: tuple[int, ...] | list[int]
+) -> VariableShapeTensorType:
+    """The ``arrow.variable_shape_tensor`` type; ``-1`` marks a varying dimension."""
+    return VariableShapeTensorType(value_type, tuple(uniform_shape))
+
+
+def _is_variable(type: pa.DataType) -> bool:
+    """Arrow C++ knows the canonical type itself: read from IPC, it is a BaseExtensionType."""
+    return getattr(type, "extension_name", None) == "arrow.variable_shape_tensor"
+
+
 def layout(type: pa.DataType) -> Layout:
     """The per-entry value type and shape of an Arrow column type.
 
@@ -85,6 +153,12 @@ def layout(type: pa.DataType) -> Layout:
     """
     if isinstance(type, pa.FixedShapeTensorType):
         return Layout(type.value_type, tuple(type.shape), ragged=False)
+    if isinstance(type, VariableShapeTensorType):
+        return Layout(type.value_type, type.uniform_shape, ragged=False)
+    if _is_variable(type):  # uniform_shape is not readable from Python: every dim may vary
+        storage = type.storage_type
+        ndim = storage.field("shape").type.list_size
+        return Layout(storage.field("data").type.value_type, (-1,) * ndim, ragged=False)
     if isinstance(type, pa.BaseExtensionType):
         return layout(type.storage_type)
     if pa.types.is_list(type) or pa.types.is_large_list(type):
@@ -99,14 +173,41 @@ def layout(type: pa.DataType) -> Layout:
         return Layout(inner.value_type, (type.list_size, *inner.shape), ragged=False)
     if pa.types.is_integer(type) or pa.types.is_floating(type) or pa.types.is_boolean(type):
         return Layout(type, (), ragged=False)
+    if _is_string(type):
+        return Layout(type, (), ragged=False)
     raise TypeError(f"not a tensor layout: {type}")
 
 
 # -- numpy -> Arrow ------------------------------------------------------------------------
 
 
+def _is_string(type: pa.DataType) -> bool:
+    return (
+        pa.types.is_string(type)
+        or pa.types.is_large_string(type)
+        or pa.types.is_binary(type)
+        or pa.types.is_large_binary(type)
+    )
+
+
+def _strings(flat: np.ndarray) -> pa.Array:
+    """Strings (numpy ``U``/``S`` or objects of ``str``/``bytes``): Arrow ``string`` when every
+    value is text, else ``binary``. Arrow lays them out anew: a copy by nature."""
+    if flat.dtype.kind == "U":
+        return pa.array(flat, type=pa.string())
+    if flat.dtype.kind == "S":
+        return pa.array(flat, type=pa.binary())
+    if all(isinstance(v, str) for v in flat):
+        return pa.array(flat, type=pa.string())
+    if all(isinstance(v, (bytes, bytearray)) for v in flat):
+        return pa.array(flat, type=pa.binary())
+    raise TypeError("an object array must hold only str or only bytes")
+
+
 def _primitive(flat: np.ndarray) -> pa.Array:
     """A 1-d numpy array as a primitive Arrow array, sharing its memory (booleans excepted)."""
+    if flat.dtype.kind in "OUS":
+        return _strings(flat)
     if flat.dtype == np.bool_:
         return pa.array(flat, type=pa.bool_())  # packs bits: the one unavoidable copy
     type_ = pa.from_numpy_dtype(flat.dtype)
@@ -138,14 +239,14 @@ def from_numpy(
     array = np.asarray(array)
     if array.ndim == 0:
         raise ValueError("a column needs a batch dimension; got a 0-d array")
-    if array.dtype.kind not in "biuf":
-        raise TypeError(f"not a numeric dtype: {array.dtype}")
+    if array.dtype.kind not in "biufOUS":
+        raise TypeError(f"not a numeric or string dtype: {array.dtype}")
     if 0 in array.shape[1:]:
         raise ValueError(f"per-entry shape {array.shape[1:]} has no values")
     flat = _primitive(np.ascontiguousarray(array).reshape(-1))  # copies non-contiguous input only
     if array.ndim == 1:
         return flat
-    if tensor_type == "fixed_size_list":
+    if tensor_type == "fixed_size_list" or _is_string(flat.type):
         for size in reversed(array.shape[1:]):
             flat = pa.FixedSizeListArray.from_arrays(flat, size)
         return flat
@@ -157,6 +258,58 @@ def from_numpy(
     storage = pa.FixedSizeListArray.from_arrays(flat, int(np.prod(array.shape[1:])))
     ext = pa.fixed_shape_tensor(flat.type, list(array.shape[1:]))
     return pa.ExtensionArray.from_storage(ext, storage)
+
+
+def variable_from_numpy(
+    array: np.ndarray, uniform_shape: tuple[int, ...] | None = None
+) -> pa.Array:
+    """A dense array ``(n, *shape)`` as an ``arrow.variable_shape_tensor`` column.
+
+    Every row gets ``shape``; the values are not copied (booleans and non-C-contiguous
+    input excepted), the ``n`` offsets and shapes are small new arrays.
+    ``uniform_shape`` (default: ``shape`` itself) is the type's, ``-1`` where it varies.
+    """
+    array = np.asarray(array)
+    if array.ndim < 2:
+        raise ValueError(f"a variable-shape tensor column needs (n, *shape), got {array.shape}")
+    n, shape = array.shape[0], array.shape[1:]
+    uniform = tuple(shape) if uniform_shape is None else tuple(uniform_shape)
+    if len(uniform) != len(shape) or any(
+        u not in (-1, d) for u, d in zip(uniform, shape, strict=True)
+    ):
+        raise ValueError(f"shape {list(shape)} does not fit {list(uniform)}")
+    size = int(np.prod(shape))
+    if n * size > np.iinfo(np.int32).max:
+        raise ValueError(f"{n * size} values do not fit a column's 32-bit list offsets")
+    values = _primitive(np.ascontiguousarray(array).reshape(-1))
+    offsets = np.arange(n + 1, dtype=np.int32) * size
+    data = pa.ListArray.from_arrays(_primitive(offsets), values)
+    shapes = pa.FixedSizeListArray.from_arrays(
+        _primitive(np.tile(np.asarray(shape, dtype=np.int32), n)), len(shape)
+    )
+    type_ = VariableShapeTensorType(values.type, uniform)
+    storage = pa.StructArray.from_arrays([data, shapes], fields=list(type_.storage_type))
+    return pa.ExtensionArray.from_storage(type_, storage)
+
+
+def _variable_to_numpy(array: pa.Array) -> np.ndarray:
+    """A ``arrow.variable_shape_tensor`` column whose rows share one shape, as ``(n, *shape)``."""
+    storage = array.storage
+    _check_no_nulls(storage)
+    ndim = storage.type.field("shape").type.list_size
+    data, shape_column = storage.flatten()  # the children of these rows (slicing honoured)
+    shapes = _flat_values(shape_column).to_numpy(zero_copy_only=True).reshape(len(array), ndim)
+    if len(array) and np.any(shapes != shapes[0]):
+        raise ValueError("the rows of a variable-shape tensor column have different shapes")
+    shape = tuple(int(d) for d in shapes[0]) if len(array) else (0,) * ndim
+    _check_no_nulls(data)
+    offsets = data.offsets.to_numpy(zero_copy_only=True)
+    start, stop = int(offsets[0]), int(offsets[-1])
+    if stop - start != len(array) * int(np.prod(shape)):
+        raise ValueError("a variable-shape tensor's data does not match its shapes")
+    values = data.values.slice(start, stop - start)
+    _check_no_nulls(values)
+    return _primitive_to_numpy(values).reshape((len(array), *shape))
 
 
 def ragged_from_numpy(offsets: np.ndarray, values: np.ndarray) -> pa.Array:
@@ -225,6 +378,8 @@ def _flat_values(array: pa.Array) -> pa.Array:
 
 
 def _primitive_to_numpy(array: pa.Array) -> np.ndarray:
+    if _is_string(array.type):
+        return array.to_numpy(zero_copy_only=False)  # objects of str or bytes: a copy
     if pa.types.is_boolean(array.type):
         return array.to_numpy(zero_copy_only=False)  # unpacks bits: a copy
     return array.to_numpy(zero_copy_only=True)
@@ -248,6 +403,8 @@ def to_numpy(column: Column) -> np.ndarray:
     lay = layout(array.type)
     if lay.ragged:
         raise TypeError(f"ragged column ({array.type}): use ragged_to_numpy")
+    if _is_variable(array.type):
+        return _variable_to_numpy(array)
     permutation = getattr(array.type, "permutation", None)
     if permutation and list(permutation) != sorted(permutation):
         _check_no_nulls(_storage(array))

@@ -26,7 +26,7 @@ from tritonclient.utils import InferenceServerException
 from arrowinfer.client import Client
 from arrowinfer.examples import IR_VERSION, OPSET
 from arrowinfer.server import Server
-from arrowinfer.tensors import to_numpy
+from arrowinfer.tensors import Ragged, to_numpy
 
 WAIT = 30.0  # seconds any one answer may take: bounds every test, never a sleep
 
@@ -141,9 +141,48 @@ def test_model_metadata(triton: tg.InferenceServerClient) -> None:
     assert [(t.name, t.datatype, list(t.shape)) for t in meta.outputs] == [
         ("probabilities", "FP32", [-1, 2])
     ]
-    # the mask input the server fills is not the client's business
+    # a ragged model shows the padded tensors it takes over KServe, and its mask
     tagger = triton.get_model_metadata("jet_tagger", as_json=True, client_timeout=WAIT)
-    assert [t["name"] for t in tagger["inputs"]] == ["points", "features"]
+    assert [(t["name"], t["shape"]) for t in tagger["inputs"]] == [
+        ("points", ["-1", "100", "2"]),
+        ("features", ["-1", "100", "7"]),
+        ("mask", ["-1", "100", "1"]),
+    ]
+
+
+def _padded_jets(counts: list[int]) -> dict[str, np.ndarray]:
+    """Jets padded to 100 constituents with 0 (the model's pad value), and their mask."""
+    n = len(counts)
+    real = np.arange(100) < np.asarray(counts)[:, None]
+    points = rng.normal(size=(n, 100, 2)).astype(np.float32) * real[..., None]
+    features = rng.normal(size=(n, 100, 7)).astype(np.float32) * real[..., None]
+    return {"points": points, "features": features, "mask": real[..., None].astype(np.float32)}
+
+
+def test_ragged_model_takes_the_padded_tensors_its_metadata_shows(
+    server: Server, triton: tg.InferenceServerClient
+) -> None:
+    counts = [3, 100, 0, 41]
+    jets = _padded_jets(counts)
+    with Client(server.location) as client:
+        offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
+        real = jets["mask"][..., 0].astype(bool)
+        lists = {name: Ragged(offsets, jets[name][real]) for name in ("points", "features")}
+        want = to_numpy(client.infer("jet_tagger", lists).column("probabilities"))
+    # with the mask: the real constituents as the Flight lists have them
+    got = triton.infer("jet_tagger", infer_inputs(jets), client_timeout=WAIT)
+    np.testing.assert_array_equal(got.as_numpy("probabilities"), want)
+    # without it every position is real: the same as 100 constituents per jet over Flight
+    full = {k: v for k, v in jets.items() if k != "mask"}
+    got = triton.infer("jet_tagger", infer_inputs(full), client_timeout=WAIT)
+    with Client(server.location) as client:
+        every = {
+            k: Ragged(np.arange(5, dtype=np.int32) * 100, v.reshape(400, -1))
+            for k, v in full.items()
+        }
+        want_full = to_numpy(client.infer("jet_tagger", every).column("probabilities"))
+    np.testing.assert_array_equal(got.as_numpy("probabilities"), want_full)
+    assert np.all(np.isfinite(want_full))
 
 
 def test_model_config(triton: tg.InferenceServerClient) -> None:
@@ -225,8 +264,8 @@ def test_identity_returns_its_input(triton: tg.InferenceServerClient) -> None:
     result = triton.infer(
         "identity",
         infer_inputs(arrays),
-        priority=1,  # accepted, ignored: one queue per model
-        timeout=int(WAIT * 1e6),  # microseconds: bounds the wait for the result
+        priority=1,  # the highest level (identity has one)
+        timeout=int(WAIT * 1e6),  # a queue timeout (us): only with allow_timeout_override
         parameters={"anything": "custom"},
         client_timeout=WAIT,
     )
@@ -288,7 +327,7 @@ def test_stream_reports_errors_in_the_response_and_goes_on(
     arrays, _ = REQUESTS["facile"]
     try:
         triton.async_stream_infer("no_such_model", infer_inputs(arrays), request_id="bad")
-        triton.async_stream_infer("jet_tagger", infer_inputs(arrays), request_id="ragged")
+        triton.async_stream_infer("jet_tagger", _holey_mask(), request_id="ragged")
         triton.async_stream_infer("facile", infer_inputs(arrays), request_id="good")
         outcomes = [results.get(timeout=WAIT) for _ in range(3)]
     finally:
@@ -297,7 +336,7 @@ def test_stream_reports_errors_in_the_response_and_goes_on(
     assert isinstance(missing, InferenceServerException)
     assert "no_such_model" in missing.message()
     assert isinstance(ragged, InferenceServerException)
-    assert "'points'" in ragged.message()
+    assert "'mask'" in ragged.message()
     assert error is None
     assert good.get_response().id == "good"
     assert_like_flight(server, "facile", good)
@@ -519,13 +558,10 @@ def _shared_memory() -> list[tg.InferInput]:
     return [tensor]
 
 
-def _ragged() -> list[tg.InferInput]:
-    return infer_inputs(
-        {
-            "points": np.zeros((2, 100, 2), np.float32),
-            "features": np.zeros((2, 100, 7), np.float32),
-        }
-    )
+def _holey_mask() -> list[tg.InferInput]:
+    jets = _padded_jets([5, 5])
+    jets["mask"][0, 2] = 0  # padding before a real item: no list of items says that
+    return infer_inputs(jets)
 
 
 @pytest.mark.parametrize(
@@ -535,10 +571,10 @@ def _ragged() -> list[tg.InferInput]:
         ("facile", _wrong_datatype, "INVALID_ARGUMENT", ["'facile'", "'hits'", "FP32", "FP64"]),
         ("facile", _wrong_shape, "INVALID_ARGUMENT", ["'facile'", "'hits'", "[-1, 15]", "14"]),
         ("facile", _unknown_input, "INVALID_ARGUMENT", ["'facile'", "'hit'"]),
-        ("jet_tagger", _ragged, "INVALID_ARGUMENT", ["'jet_tagger'", "'points'", "Flight"]),
+        ("jet_tagger", _holey_mask, "INVALID_ARGUMENT", ["'jet_tagger'", "'mask'", "first"]),
         ("facile", _shared_memory, "INVALID_ARGUMENT", ["'facile'", "'hits'", "shared"]),
     ],
-    ids=["unknown-model", "datatype", "shape", "input-name", "ragged", "shared-memory"],
+    ids=["unknown-model", "datatype", "shape", "input-name", "mask", "shared-memory"],
 )
 def test_errors_have_tritons_status_codes(
     server: Server,

@@ -10,7 +10,15 @@ from hypothesis import strategies as st
 
 from arrowinfer import tensors
 from arrowinfer.errors import InvalidInput
-from arrowinfer.schema import DATATYPES, TensorSpec, datatype, signature, tensor_specs, validate
+from arrowinfer.schema import (
+    DATATYPES,
+    TensorSpec,
+    datatype,
+    signature,
+    tensor_specs,
+    to_column,
+    validate,
+)
 
 FP32 = datatype("FP32")
 
@@ -76,15 +84,69 @@ def test_signature_round_trips_to_specs(specs: list) -> None:
 def test_variable_dims() -> None:
     schema = signature([TensorSpec("x", FP32, (-1, 3))])
     assert schema.field("x").type == pa.list_(pa.list_(pa.float32(), 3))
-    with pytest.raises(TypeError, match="only the first"):
-        signature([TensorSpec("x", FP32, (3, -1))])
+    # a variable dim elsewhere is Arrow's canonical variable-shape tensor
+    for shape in [(3, -1), (-1, -1), (-1,) * 3]:
+        field = signature([TensorSpec("x", FP32, shape)]).field("x")
+        assert field.type.extension_name == "arrow.variable_shape_tensor"
+        assert tensors.layout(field.type).shape == shape
+    # a ragged input pads to fixed dims: a -1 there has no size to pad to
+    with pytest.raises(TypeError, match="fixed dims to pad to"):
+        signature([TensorSpec("x", FP32, (3, -1), ragged=True)])
+
+
+def _one(column: pa.Array, name: str = "x") -> pa.RecordBatch:
+    return pa.RecordBatch.from_arrays([column], [name])
+
+
+@pytest.mark.parametrize("shape", [(2, -1), (-1, 25), (-1,), (-1, -1)])
+def test_dense_variable_dims_in_every_form(shape: tuple[int, ...]) -> None:
+    schema = signature([TensorSpec("x", FP32, shape)])
+    concrete = tuple(7 if d < 0 else d for d in shape)
+    data = np.random.default_rng(1).random((3, *concrete), dtype=np.float32)
+    forms = [
+        tensors.from_numpy(data),
+        tensors.from_numpy(data, tensor_type="fixed_size_list"),
+        tensors.variable_from_numpy(data),
+        to_column(schema.field("x"), data),  # the canonical form
+    ]
+    if len(shape) == 1:
+        forms[0] = tensors.from_numpy(data)  # (n, 7): a fixed_shape_tensor of [7]
+    for column in forms:
+        assert validate(_one(column), schema, model="m") == (("x", concrete),)
+        assert np.array_equal(
+            tensors.to_numpy(column)
+            if not tensors.layout(column.type).ragged
+            else tensors.ragged_to_numpy(column).values.reshape(data.shape),
+            data,
+        )
+    # IPC turns the type into Arrow C++'s own class: still recognised
+    ipc = pa.ipc.read_record_batch(_one(forms[3]).serialize(), _one(forms[3]).schema)
+    assert validate(ipc, schema, model="m") == (("x", concrete),)
+    # a size that differs from a fixed dim, or rows of different shapes: refused
+    bad = tuple(d + 1 if d > 0 else 7 for d in shape)
+    if bad != concrete:
+        with pytest.raises(InvalidInput, match="wrong shape"):
+            validate(_one(tensors.from_numpy(np.zeros((2, *bad), np.float32))), schema, model="m")
+    anything = (-1,) * len(shape)
+    other = np.zeros((1, *(c + 1 for c in concrete)), np.float32)
+    mixed = pa.concat_arrays(
+        [
+            tensors.variable_from_numpy(data, anything),
+            tensors.variable_from_numpy(other, anything),
+        ]
+    )
+    with pytest.raises(InvalidInput, match=r"one shape per request|different"):
+        validate(_one(mixed), schema, model="m")
 
 
 def test_datatype_lookup() -> None:
     for key in ("TYPE_FP32", "FP32", np.dtype("float32"), pa.float32(), np.float32):
         assert datatype(key).kserve == "FP32"
-    with pytest.raises(TypeError, match=r"unsupported.*BYTES"):
-        datatype("BYTES")
+    # strings are one type under every name
+    for key in ("TYPE_STRING", "BYTES", pa.string(), pa.large_binary(), np.dtype("U5")):
+        assert datatype(key).triton == "TYPE_STRING"
+    with pytest.raises(TypeError, match=r"unsupported.*BF16"):
+        datatype("BF16")
 
 
 def test_good_requests_in_every_accepted_form() -> None:
@@ -147,7 +209,14 @@ BAD = {
         _with(points=pa.array([[[1.0, None]], [], []], pa.list_(pa.list_(pa.float32(), 2)))),
         r"input 'points': 1 null value",
     ),
-    "not a tensor": (_with(pt=pa.array(["a", "b", "c"])), r"input 'pt': not a tensor column"),
+    "not a tensor": (
+        _with(pt=pa.array([{"x": 1.0}, {"x": 2.0}, {"x": 3.0}])),
+        r"input 'pt': not a tensor column",
+    ),
+    "strings for numbers": (
+        _with(pt=pa.array(["a", "b", "c"])),
+        r"input 'pt': wrong element type.*string",
+    ),
 }
 
 

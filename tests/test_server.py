@@ -320,9 +320,10 @@ def test_bad_requests_on_a_stream_get_empty_error_batches(
             tensors.ragged_from_numpy(np.array([0, 1, 2, 3], np.int32), np.ones(3, np.float32)),
             ["input 'hits'", "fixed shape"],
         ),
-        (pa.array(["a", "b", "c"]), ["input 'hits'", "not a tensor"]),
+        (pa.array(["a", "b", "c"]), ["input 'hits'", "element type", "string"]),
+        (pa.array([{"x": 1}, {"x": 2}, {"x": 3}]), ["input 'hits'", "not a tensor"]),
     ],
-    ids=["scalar", "float64", "shape14", "shape3x5", "ragged", "string"],
+    ids=["scalar", "float64", "shape14", "shape3x5", "ragged", "string", "struct"],
 )
 def test_a_stream_of_the_wrong_type_gets_an_error_per_request(
     server: Server, facile_session: ort.InferenceSession, column: pa.Array, words: list[str]

@@ -148,13 +148,25 @@ def test_nulls_are_refused() -> None:
 
 def test_not_a_tensor_layout() -> None:
     with pytest.raises(TypeError, match="not a tensor layout"):
-        tensors.layout(pa.string())
+        tensors.layout(pa.struct([("x", pa.float32())]))
     with pytest.raises(TypeError, match="lists of lists"):
         tensors.layout(pa.list_(pa.list_(pa.float32())))
     with pytest.raises(TypeError, match="ragged"):
         tensors.to_numpy(pa.array([[1.0]], type=pa.list_(pa.float32())))
-    with pytest.raises(TypeError, match="numeric"):
-        tensors.from_numpy(np.array(["a"]))
+    with pytest.raises(TypeError, match="numeric or string"):
+        tensors.from_numpy(np.array([1 + 2j]))
+    with pytest.raises(TypeError, match="only str or only bytes"):
+        tensors.from_numpy(np.array(["a", b"b"], dtype=object))
+
+
+def test_strings_are_tensors_of_text() -> None:
+    words = np.array([["a", "ζ"], ["", "bc"]], dtype=object)
+    column = tensors.from_numpy(words)  # fixed_shape_tensor takes fixed-width values only
+    assert column.type == pa.list_(pa.string(), 2)
+    assert tensors.layout(column.type) == tensors.Layout(pa.string(), (2,), ragged=False)
+    assert tensors.to_numpy(column).tolist() == words.tolist()
+    assert tensors.from_numpy(np.array(["x", "yz"])).type == pa.string()
+    assert tensors.from_numpy(np.array([b"x"], dtype=object)).type == pa.binary()
 
 
 # -- ragged collections ----------------------------------------------------------------------

@@ -106,6 +106,8 @@ def aligned(array: np.ndarray) -> np.ndarray:
     else a copy that is (same shape and dtype)."""
     if array.flags.c_contiguous and array.ctypes.data % ALIGNMENT == 0:
         return array
+    if array.dtype == object:  # strings: references, which onnxruntime copies as text anyway
+        return np.ascontiguousarray(array)
     out = aligned_empty(array.shape, array.dtype)
     np.copyto(out, array)
     return out

@@ -152,7 +152,9 @@ def batch_input(kind: str, counts: np.ndarray, dtype: np.dtype) -> np.ndarray:
     raise ValueError(f"batch input kind {kind} is not served")
 
 
-def _merged(requests: Sequence[pa.RecordBatch], name: str) -> pa.Array | pa.ChunkedArray:
+def _merged(
+    model: ModelVersion, requests: Sequence[pa.RecordBatch], name: str
+) -> pa.Array | pa.ChunkedArray:
     """One input column over all requests: Arrow concatenates them in C++ (one copy)."""
     columns = [r.column(name) for r in requests]
     if len(columns) == 1:
@@ -162,11 +164,15 @@ def _merged(requests: Sequence[pa.RecordBatch], name: str) -> pa.Array | pa.Chun
     # Forms that validate() accepts as equal (fixed_shape_tensor or nested fixed_size_list,
     # primitive for [1], list or large_list, items nullable or not) do not concatenate in
     # Arrow: merge them through numpy, still one copy.
-    if tensors.layout(columns[0].type).ragged:
+    if all(tensors.layout(c.type).ragged for c in columns):
         parts = [tensors.ragged_to_numpy(c) for c in columns]
         offsets = np.zeros(sum(len(p) for p in parts) + 1, dtype=np.int64)
         np.cumsum(np.concatenate([p.counts for p in parts]), out=offsets[1:])
         return tensors.ragged_from_numpy(offsets, np.concatenate([p.values for p in parts]))
+    # a dense input with variable dims comes in several forms (list, variable-shape or
+    # fixed-shape tensor); the batcher merged only requests of one shape
+    if any(-1 in tensors.layout(c.type).shape for c in columns):
+        return tensors.from_numpy(np.concatenate([_dense(model, name, c) for c in columns]))
     return tensors.from_numpy(
         np.concatenate([tensors.to_numpy(c).reshape(len(c), -1) for c in columns])
     )
@@ -176,7 +182,10 @@ def _ragged_columns(
     model: ModelVersion, requests: Sequence[pa.RecordBatch]
 ) -> dict[str, tensors.Ragged]:
     """The ragged inputs of all requests, which must have the same items per entry."""
-    out = {name: tensors.ragged_to_numpy(_merged(requests, name)) for name in model.ragged_inputs}
+    out = {
+        name: tensors.ragged_to_numpy(_merged(model, requests, name))
+        for name in model.ragged_inputs
+    }
     counts = [r.counts for r in out.values()]
     if any(not np.array_equal(counts[0], c) for c in counts[1:]):
         raise InvalidInput(
@@ -216,9 +225,12 @@ def assemble_inputs(
     feeds: dict[str, np.ndarray] = {}
     elements: dict[str, np.ndarray] = {}  # values per row of each ragged-batch input
     makers = {b.target: b for b in model.batch_inputs}
+    given = set(requests[0].schema.names)  # the batcher merged requests that agree on it
     for name, dtype, shape, kind in plan or input_plan(model):
+        if kind == "dense" and name not in given:
+            continue  # an optional input left out: the graph's default (its initializer)
         if kind == "ragged_batch":
-            values, elements[name] = _ragged_batch(_merged(requests, name))
+            values, elements[name] = _ragged_batch(_merged(model, requests, name))
             feeds[name] = values.astype(dtype, copy=False)
         elif kind == "batch_input":
             made = makers[name]
@@ -233,12 +245,30 @@ def assemble_inputs(
             tensors.pad(ragged[name], shape[0], pad_value=model.pad_value, out=padded)
             feeds[name] = padded.astype(dtype, copy=False)
         else:
-            dense = _dense(model, name, _merged(requests, name))
-            if not batching:
+            dense = _dense(model, name, _merged(model, requests, name))
+            if shape.count(-1) > 1:  # variable dims: the request's own shape is the model's
+                feeds[name] = dense if batching else dense[0]
+            elif not batching:
                 feeds[name] = dense[0].reshape(shape)
             else:
                 feeds[name] = dense.reshape((total, *shape))  # a view; -1 takes the rest
+            if feeds[name].dtype == object:
+                feeds[name] = _text(model, name, feeds[name])
     return feeds
+
+
+def _text(model: ModelVersion, name: str, array: np.ndarray) -> np.ndarray:
+    """A string tensor as onnxruntime takes it: ``str`` objects (bytes decoded as UTF-8)."""
+    flat = array.reshape(-1)
+    if all(isinstance(v, str) for v in flat):
+        return array
+    try:
+        text = [v.decode("utf-8") if isinstance(v, bytes) else v for v in flat]
+    except UnicodeDecodeError as err:
+        raise InvalidInput(
+            f"string input is not UTF-8 text: {err}", model=model.name, input=name
+        ) from None
+    return np.array(text, dtype=object).reshape(array.shape)
 
 
 def _dense(model: ModelVersion, name: str, column: pa.Array | pa.ChunkedArray) -> np.ndarray:

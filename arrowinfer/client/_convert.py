@@ -120,6 +120,10 @@ def conform(
             if batch.schema.metadata == schema.metadata
             else batch.replace_schema_metadata(schema.metadata)
         )
+    given = set(batch.schema.names)
+    if not given.issuperset(schema.names):  # optional inputs left out (validate() allowed it)
+        fields = [f for f in schema if f.name in given]
+        schema = pa.schema(fields, metadata=schema.metadata)
     columns = []
     for field in schema:
         column = batch.column(field.name)
@@ -127,7 +131,9 @@ def conform(
             columns.append(column)
             continue
         lay = tensors.layout(field.type)
-        if not lay.ragged:
+        if not lay.ragged or not tensors.layout(column.type).ragged:
+            # a dense array for a variable dim travels as the field's type (the stream's
+            # schema), one shape per request: validate() checked that
             columns.append(to_column(field, tensors.to_numpy(column)))
             continue
         ragged = tensors.ragged_to_numpy(column)

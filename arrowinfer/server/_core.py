@@ -21,7 +21,7 @@ from google.protobuf import json_format
 from ..backends import create_backend
 from ..batching import Completed, DynamicBatcher, ModelStatistics
 from ..errors import InvalidInput, ModelError, ModelNotFound, ServerError, ServerUnavailable
-from ..repository import ModelVersion, Repository
+from ..repository import ModelVersion, Repository, default_warmup, warmup_requests
 from ..schema import check_data, validate
 
 __all__ = [
@@ -96,6 +96,40 @@ class LoadedModel:
     @property
     def statistics(self) -> ModelStatistics:
         return self.batcher.statistics
+
+
+def _warm_up(version: ModelVersion, backends: list[Any]) -> None:
+    """Run the config's ``model_warmup`` samples on every instance, before it serves.
+
+    Raises
+    ------
+    ModelError
+        A sample that cannot be built or fails to run: the model does not load, as in Triton.
+    """
+    samples = warmup_requests(version)
+    if not samples and version.parameter("arrowinfer.warmup", "true") != "false":
+        # arrowinfer's own: a session's first run is slow (see default_warmup); a model
+        # that cannot take zeros still loads, it only starts cold
+        batch = default_warmup(version)
+        for backend in backends:
+            try:
+                backend.execute([batch])
+            except Exception as err:  # noqa: BLE001 -- logged; the model still serves
+                log.warning("model %s: warm-up with zeros failed: %s", version.name, err)
+                break
+        return
+    for backend in backends:
+        for name, runs, batch in samples:
+            validate(batch, version.inputs, model=version.name)
+            for _ in range(runs):
+                try:
+                    backend.execute([batch])
+                except Exception as err:
+                    raise ModelError(
+                        f"model {version.name!r}: warmup sample {name!r} failed: {err}"
+                    ) from err
+    if samples:
+        log.info("model %s: %d warmup sample(s) run", version.name, len(samples))
 
 
 class InferenceCore:
@@ -173,6 +207,7 @@ class InferenceCore:
                 limit = _request_limit(version, self.max_request_bytes)
                 count = sum(g.count or 1 for g in version.config.instance_group) or 1
                 backends = [create_backend(version, device=self.device) for _ in range(count)]
+                _warm_up(version, backends)
                 loaded[version.version] = LoadedModel(
                     version, DynamicBatcher(version, backends), limit
                 )
@@ -242,7 +277,13 @@ class InferenceCore:
     # -- inference -----------------------------------------------------------------------
 
     def submit(
-        self, model: LoadedModel, batch: pa.RecordBatch, *, draining: bool = False
+        self,
+        model: LoadedModel,
+        batch: pa.RecordBatch,
+        *,
+        draining: bool = False,
+        priority: int = 0,
+        timeout_us: int = 0,
     ) -> Future[Completed]:
         """Validate a request and queue it; the future gives its result.
 
@@ -250,7 +291,9 @@ class InferenceCore:
         first :func:`~arrowinfer.schema.check_data` (lengths, offsets and buffer sizes
         agree), then the model's signature (:func:`~arrowinfer.schema.validate`).
         ``draining=True`` accepts it while the server stops (not ready, models still
-        loaded): a request on a stream that was open before the stop began.
+        loaded): a request on a stream that was open before the stop began. ``priority``
+        and ``timeout_us`` are the request's, in Triton's meaning (see
+        :meth:`DynamicBatcher.submit`).
 
         Raises
         ------
@@ -270,12 +313,12 @@ class InferenceCore:
                 expected=f"<= {model.max_request_bytes} bytes of data",
                 got=f"{size} bytes",
             )
-        validate(batch, version.inputs, model=version.name, max_rows=max_rows)
+        shapes = validate(batch, version.inputs, model=version.name, max_rows=max_rows)
         if batch.num_rows == 0:  # an event without jets: no rows back, the model not run
             empty: Future[Completed] = Future()
             empty.set_result(model.batcher.empty())
             return empty
-        return model.batcher.submit(batch)
+        return model.batcher.submit(batch, shapes=shapes, priority=priority, timeout_us=timeout_us)
 
     # -- management ----------------------------------------------------------------------
 

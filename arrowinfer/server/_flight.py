@@ -300,7 +300,13 @@ class FlightService(flight.FlightServerBase):
                         )
                     # an open stream is served to its end, even while the server stops:
                     # new streams are refused then, and this one was asked to finish
-                    future = self.core.submit(model, chunk.data, draining=True)
+                    future = self.core.submit(
+                        model,
+                        chunk.data,
+                        draining=True,
+                        priority=_meta_int(request_meta, "priority"),
+                        timeout_us=_meta_int(request_meta, "timeout"),
+                    )
                 except ArrowInferError as err:
                     future = err
                 # the buffers' sizes, not nbytes: that would read unchecked offsets
@@ -384,6 +390,16 @@ def _result(
     meta.update({key: getattr(done, key) for key in SERVER_TIMES})
     meta.update(done.metadata)  # provenance, truncation
     return done.batch, meta
+
+
+def _meta_int(meta: dict[str, Any], key: str) -> int:
+    """A request's ``priority`` or ``timeout`` (microseconds) from its app_metadata; 0: none."""
+    value = meta.get(key, 0)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise InvalidInput(
+            f"request metadata {key!r} must be a non-negative integer", got=repr(value)[:40]
+        )
+    return value
 
 
 def _required(body: dict[str, Any], key: str) -> str:

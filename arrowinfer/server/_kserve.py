@@ -32,19 +32,40 @@ Inference
   ``raw_output_contents`` with shape ``[batch, *dims]``, as Triton answers. Its
   ``parameters`` carry the server-side times (``queue_ns``, ``compute_input_ns``,
   ``compute_infer_ns``, ``compute_output_ns``), as Flight's ``app_metadata`` does.
-- Request parameters: ``timeout`` (microseconds, as tritonclient sends it) and the gRPC
-  deadline bound the wait for the result (then DEADLINE_EXCEEDED); ``priority`` and the
-  sequence flags are accepted and ignored (one queue per model, no sequence batcher);
-  the classification extension is refused (INVALID_ARGUMENT). ``shared_memory_region``,
-  ``shared_memory_offset`` and ``shared_memory_byte_size`` on an input or output place it
-  in a registered system shared-memory region.
-- **Ragged inputs are not available over KServe.** A model whose config makes inputs
-  ragged (``arrowinfer.ragged_inputs``, such as the example ``jet_tagger``'s ``points`` and
-  ``features``) takes a list of items per row, which a KServe tensor cannot express, and its
-  mask input is filled by the server. Such a request gets INVALID_ARGUMENT naming the
-  input; use the Arrow Flight endpoint for these models. Triton's ragged batching
-  (``allow_ragged_batch`` inputs) is served: each request row ``[n]`` of any ``n`` is one
-  list, concatenated with the others without padding (docs/protocol-support.md).
+- Request parameters, in Triton's meaning (its schedule-policy extension): ``priority``
+  (1 the highest; 0 or beyond ``priority_levels``: the model's default level) and
+  ``timeout``, a **queue** timeout in microseconds, honoured only when the model's queue
+  policy has ``allow_timeout_override`` and only to shorten its
+  ``default_timeout_microseconds``; a request still queued when it expires is answered at
+  once with UNAVAILABLE "Request timeout expired" (``timeout_action: REJECT``) or moved
+  behind the others (``DELAY``). Only the gRPC deadline (tritonclient's ``client_timeout``)
+  bounds the whole wait, with DEADLINE_EXCEEDED. (Before, ``timeout`` bounded the whole
+  wait like a deadline; it no longer does.) The sequence flags are accepted and ignored (no
+  sequence batcher). ``shared_memory_region``, ``shared_memory_offset`` and
+  ``shared_memory_byte_size`` on an input or output place it in a registered system
+  shared-memory region.
+- The classification extension: a requested output with the ``classification`` parameter
+  (tritonclient's ``class_count``) comes back as ``BYTES`` of shape ``[batch, k]`` (``[k]``
+  without batching), the ``k`` highest scores of each row as ``"score:index:label"``, the
+  label from the output's ``label_filename`` (``"score:index"`` without one), as Triton
+  answers.
+- **Variable dims** (``-1`` anywhere in ``dims``) take any size >= 0, one size for the
+  whole request tensor, as in Triton.
+- A request with more rows than ``max_batch_size`` is refused as Triton refuses it
+  (INVALID_ARGUMENT "inference request batch-size must be <= N"), unless the model's config
+  has the parameter ``arrowinfer.kserve_split_oversized: "true"``: then it is split and
+  joined again, as Flight and shared-memory requests always are.
+- **Ragged inputs travel padded.** A model whose config makes inputs ragged
+  (``arrowinfer.ragged_inputs``, such as the example ``jet_tagger``'s ``points`` and
+  ``features``) takes over KServe the dense tensors its metadata shows (``[-1, 100, 2]``),
+  and its mask input (``arrowinfer.mask_input``, listed in the metadata) may be sent with
+  them: it says how many items of each row are real (they come first, the padding after).
+  Without it every position is real. The server pads each row again with
+  ``arrowinfer.pad_value`` and fills the mask itself, exactly as for a Flight request of
+  lists, so the padding values a KServe client sends do not reach the model. Triton's
+  ragged batching (``allow_ragged_batch`` inputs) is served too: each request row ``[n]``
+  of any ``n`` is one list, concatenated with the others without padding
+  (docs/protocol-support.md).
 - ``ModelStreamInfer`` serves a stream's requests pipelined, in order, and puts a failed
   request's error in ``ModelStreamInferResponse.error_message`` (with the request's ``id``
   in ``infer_response``) as Triton does; the stream goes on.
@@ -181,7 +202,8 @@ class KServeService(service_pb2_grpc.GRPCInferenceServiceServicer):
         self, request: pb.ModelMetadataRequest, context: Any
     ) -> pb.ModelMetadataResponse:
         model = self.core.get(request.name, request.version or None)
-        return json_format.ParseDict(model.version.metadata(), pb.ModelMetadataResponse())
+        metadata = model.version.metadata(mask=True)
+        return json_format.ParseDict(metadata, pb.ModelMetadataResponse())
 
     @_unary
     def ModelConfig(self, request: pb.ModelConfigRequest, context: Any) -> pb.ModelConfigResponse:

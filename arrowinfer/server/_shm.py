@@ -76,7 +76,7 @@ from ..protocol import SERVER_TIMES, SHM_DESCRIPTOR, parse_json, peer_is_local
 from ._core import InferenceCore, unexpected
 from ._ordered import OrderedReplies, Reply, read_chunks
 from ._peers import peer_uid
-from ._regions import OutputTooSmall, Region, read_request
+from ._regions import OutputTooSmall, Region, check_integer, read_request
 
 __all__ = [
     "SHM_ACTIONS",
@@ -349,7 +349,13 @@ class ShmService:
         input_region.acquire()
         output.acquire()
         try:
-            future = self.core.submit(model, batch, draining=True)
+            future = self.core.submit(
+                model,
+                batch,
+                draining=True,
+                priority=check_integer(request.get("priority", 0), "the priority"),
+                timeout_us=check_integer(request.get("timeout", 0), "the timeout"),
+            )
         except BaseException:
             self._release(input_region, output)
             raise

@@ -37,8 +37,10 @@ __all__ = [
 #: Triton's protocol extensions both v2 front ends serve (``ServerMetadata.extensions``).
 EXTENSIONS = (
     "binary_tensor_data",
+    "classification",
     "model_repository",
     "model_configuration",
+    "schedule_policy",
     "statistics",
     "system_shared_memory",
 )
@@ -82,16 +84,31 @@ class Pending(NamedTuple):
     timeout: float | None
 
 
-def _timeout(request: pb.ModelInferRequest, remaining: float | None) -> float | None:
-    """Seconds to wait for a result: the request's ``timeout`` (us) and the transport's."""
+def _timeout(remaining: float | None) -> float | None:
+    """Seconds to wait for a result: the transport's deadline (gRPC's; HTTP has none).
+
+    The request's ``timeout`` parameter is Triton's queue timeout, which the batcher
+    applies (:meth:`InferenceCore.submit`), not a bound on the whole wait.
+    """
     # without a deadline gRPC gives an enormous number of seconds
-    limits = [] if remaining is None or remaining > 1e9 else [max(remaining, 0.0)]
-    if "timeout" in request.parameters:
-        param = request.parameters["timeout"]
-        micros = param.int64_param or param.uint64_param
-        if micros > 0:
-            limits.append(micros / 1e6)
-    return min(limits) if limits else None
+    return None if remaining is None or remaining > 1e9 else max(remaining, 0.0)
+
+
+def _int_parameter(request: pb.ModelInferRequest, key: str) -> int:
+    """An integer request parameter (tritonclient sends int64 or uint64), 0 when absent.
+
+    Raises
+    ------
+    InvalidInput
+        A negative value.
+    """
+    if key not in request.parameters:
+        return 0
+    param = request.parameters[key]
+    value = param.int64_param or param.uint64_param
+    if value < 0:
+        raise InvalidInput(f"parameter {key!r} must not be negative", got=value)
+    return int(value)
 
 
 def submit(
@@ -115,8 +132,14 @@ def submit(
     model = core.get(request.model_name, request.model_version or None)
     outputs = requested_outputs(model.version, request, regions=regions, peer=peer)
     batch = request_batch(model.version, request, regions=regions, peer=peer)
-    future = core.submit(model, batch, draining=draining)
-    return Pending(request, model, outputs, future, _timeout(request, remaining))
+    future = core.submit(
+        model,
+        batch,
+        draining=draining,
+        priority=_int_parameter(request, "priority"),
+        timeout_us=_int_parameter(request, "timeout"),
+    )
+    return Pending(request, model, outputs, future, _timeout(remaining))
 
 
 def _timed_out(pending: Pending) -> Timeout:

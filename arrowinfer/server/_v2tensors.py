@@ -15,17 +15,18 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import pyarrow as pa
+from tritonclient.grpc import model_config_pb2 as mc
 from tritonclient.grpc import service_pb2 as pb
 
 from ..batching import Completed
 from ..errors import InvalidInput
 from ..protocol import SERVER_TIMES
 from ..repository import ModelVersion
-from ..schema import TensorSpec, tensor_specs, to_column
+from ..schema import TensorSpec, datatype, tensor_specs, to_column
 from ..tensors import Ragged, layout, ragged_to_numpy, to_numpy
 from ._v2memory import NO_PEER, Peer, SystemRegions
 
-__all__ = ["infer_response", "input_array", "request_batch", "requested_outputs"]
+__all__ = ["SPLIT_PARAMETER", "infer_response", "input_array", "request_batch", "requested_outputs"]
 
 #: The typed ``InferTensorContents`` field of each KServe datatype, and its numpy type.
 _CONTENTS: dict[str, tuple[str, np.dtype]] = {
@@ -42,21 +43,11 @@ _CONTENTS: dict[str, tuple[str, np.dtype]] = {
     "FP64": ("fp64_contents", np.dtype(np.float64)),
 }
 
-#: Request parameters that would need features arrowinfer does not have over KServe.
-_REFUSED_PARAMETERS = {
-    "classification": "the classification extension is not supported",
-}
+#: The model config parameter that lets KServe requests exceed ``max_batch_size`` (split).
+SPLIT_PARAMETER = "arrowinfer.kserve_split_oversized"
 
 #: The parameters that place a tensor in a system shared-memory region.
 _SHM_PARAMETERS = ("shared_memory_region", "shared_memory_byte_size", "shared_memory_offset")
-
-
-def _check_parameters(params: Any, model: str, input: str | None = None) -> None:
-    for key in params:
-        if key in _REFUSED_PARAMETERS:
-            raise InvalidInput(
-                f"parameter {key!r}: {_REFUSED_PARAMETERS[key]}", model=model, input=input
-            )
 
 
 @contextlib.contextmanager
@@ -158,6 +149,9 @@ def input_array(
         )
     rows = shape[0] if batching else 1
     count = math.prod(shape)
+    per_row = per_entry if -1 in spec.shape else spec.shape  # [] and [1] are one value
+    if dt.kserve == "BYTES":
+        return _bytes_input(spec, tensor, raw, count, model=model).reshape((rows, *per_row))
     if raw is not None:
         if tensor.contents.ListFields():
             raise InvalidInput(
@@ -198,16 +192,71 @@ def input_array(
         values = typed.astype(dt.numpy, copy=False)
         if values.dtype != wire and not np.array_equal(values, typed):
             raise InvalidInput(f"values out of range for {dt.kserve}", model=model, input=spec.name)
-    per_row = per_entry if -1 in spec.shape else spec.shape  # [] and [1] are one value
     return values.reshape((rows, *per_row))
 
 
-def _rows_as_lists(array: np.ndarray) -> Ragged:
-    """A dense ``[rows, n, *item]`` tensor as rows of ``n`` items each (no copy)."""
-    rows, length = array.shape[:2]
-    dtype = np.int64 if rows * length > np.iinfo(np.int32).max else np.int32
-    offsets = np.arange(rows + 1, dtype=dtype) * length
-    return Ragged(offsets, array.reshape((rows * length, *array.shape[2:])))
+def _bytes_input(
+    spec: TensorSpec,
+    tensor: pb.ModelInferRequest.InferInputTensor,
+    raw: bytes | None,
+    count: int,
+    *,
+    model: str,
+) -> np.ndarray:
+    """A BYTES tensor's ``count`` elements as an object array of ``bytes``.
+
+    Raw contents are KServe's: each element a 4-byte little-endian length, then its bytes;
+    typed contents are ``bytes_contents``.
+    """
+    if raw is not None:
+        if tensor.contents.ListFields():
+            raise InvalidInput(
+                "both raw_input_contents and typed contents given; use one",
+                model=model,
+                input=spec.name,
+            )
+        items: list[bytes] = []
+        offset = 0
+        view = memoryview(raw)
+        while offset < len(view) and len(items) < count:
+            if offset + 4 > len(view):
+                break
+            length = int.from_bytes(view[offset : offset + 4], "little")
+            offset += 4
+            if offset + length > len(view):
+                break
+            items.append(bytes(view[offset : offset + length]))
+            offset += length
+        if len(items) != count or offset != len(view):
+            raise InvalidInput(
+                "raw_input_contents is not the BYTES elements of the shape "
+                "(each a 4-byte little-endian length, then its bytes)",
+                model=model,
+                input=spec.name,
+                expected=f"{count} elements",
+                got=f"{len(items)} elements in {len(view)} bytes",
+            )
+    else:
+        given = [f.name for f, _ in tensor.contents.ListFields()]
+        if given != ["bytes_contents"]:
+            raise InvalidInput(
+                "no data: send raw_input_contents or bytes_contents",
+                model=model,
+                input=spec.name,
+                got=", ".join(given) or "nothing",
+            )
+        items = list(tensor.contents.bytes_contents)
+        if len(items) != count:
+            raise InvalidInput(
+                "bytes_contents does not match the shape",
+                model=model,
+                input=spec.name,
+                expected=f"{count} values",
+                got=f"{len(items)} values",
+            )
+    out = np.empty(count, dtype=object)
+    out[:] = items
+    return out
 
 
 def _expected_bytes(spec: TensorSpec, tensor: pb.ModelInferRequest.InferInputTensor) -> int:
@@ -235,22 +284,11 @@ def request_batch(
         that is not the peer's or lies outside its region.
     """
     name = version.name
-    _check_parameters(request.parameters, name)
     fields = {f.name: f for f in version.inputs}
     specs = {s.name: s for s in tensor_specs(version.inputs)}
-    ragged = [  # ragged-batch inputs are sent dense, one list per request row
-        f.name
-        for f in version.inputs
-        if layout(f.type).ragged and f.name not in version.ragged_batch_inputs
-    ]
-    if ragged:
-        named = [t.name for t in request.inputs if t.name in ragged]
-        raise InvalidInput(
-            "ragged input (a list of items per row) is not available over KServe v2; "
-            "send this model's requests over Arrow Flight",
-            model=name,
-            input=(named or ragged)[0],
-        )
+    mask_spec = _mask_spec(version)
+    if mask_spec is not None:
+        specs[mask_spec.name] = mask_spec
     places = [shm_place(t.parameters, regions, model=name, tensor=t.name) for t in request.inputs]
     raw_contents = request.raw_input_contents
     sent = sum(place is None for place in places)
@@ -263,22 +301,24 @@ def request_batch(
         )
     raw_index = 0
     batching = version.max_batch_size > 0
-    names: list[str] = []
-    columns: list[pa.Array] = []
+    arrays: dict[str, np.ndarray] = {}
     for i, tensor in enumerate(request.inputs):
-        if tensor.name not in fields:
+        if tensor.name not in specs:
             raise InvalidInput(
                 f"unexpected input {tensor.name!r}",
                 model=name,
-                expected=list(fields),
+                expected=list(specs),
                 got=tensor.name,
             )
-        _check_parameters(tensor.parameters, name, tensor.name)
+        if tensor.name in arrays:
+            raise InvalidInput("input given twice", model=name, input=tensor.name)
         place = places[i]
         raw: bytes | None
         if place is not None:
-            expected = _expected_bytes(specs[tensor.name], tensor)
-            if place.byte_size != expected:  # checked before reading: no huge reads
+            spec = specs[tensor.name]
+            expected = _expected_bytes(spec, tensor)
+            # checked before reading: no huge reads (BYTES elements have no fixed size)
+            if spec.datatype.kserve != "BYTES" and place.byte_size != expected:
                 raise InvalidInput(
                     "shared_memory_byte_size does not match the shape",
                     model=name,
@@ -294,11 +334,28 @@ def request_batch(
             raw_index += 1
         else:
             raw = None
-        array = input_array(specs[tensor.name], tensor, raw, model=name, batching=batching)
-        field = fields[tensor.name]
-        # a ragged-batch input's variable first dim: each request row is one list
-        data = _rows_as_lists(array) if tensor.name in version.ragged_batch_inputs else array
-        names.append(tensor.name)
+        arrays[tensor.name] = input_array(
+            specs[tensor.name], tensor, raw, model=name, batching=batching
+        )
+    counts = _counts(version, arrays)
+    if counts is not None and any(
+        len(arrays[n]) != len(counts) for n in version.ragged_inputs if n in arrays
+    ):
+        raise InvalidInput(
+            "inputs have different batch sizes",
+            model=name,
+            got={n: len(a) for n, a in arrays.items()},
+        )
+    names: list[str] = []
+    columns: list[pa.Array] = []
+    for input_name, array in arrays.items():
+        if mask_spec is not None and input_name == mask_spec.name:
+            continue  # the server makes the mask from the counts, as for Flight requests
+        field = fields[input_name]
+        data: np.ndarray | Ragged = array
+        if input_name in version.ragged_inputs:
+            data = _unpadded(array, counts)
+        names.append(input_name)
         columns.append(to_column(field, data))
     if not columns:
         raise InvalidInput("the request has no inputs", model=name, expected=list(fields))
@@ -309,7 +366,71 @@ def request_batch(
             model=name,
             got=dict(zip(names, (len(c) for c in columns), strict=True)),
         )
+    (count,) = rows
+    limit = version.max_batch_size
+    if batching and count > limit and version.parameter(SPLIT_PARAMETER, "") != "true":
+        # Triton's answer; Flight and shm split such a request, KServe only when asked to
+        raise InvalidInput(
+            f"inference request batch-size must be <= {limit} for '{name}'",
+            model=name,
+            expected=f"<= {limit} rows (or parameter {SPLIT_PARAMETER}: true in the config)",
+            got=f"{count} rows",
+        )
     return pa.RecordBatch.from_arrays(columns, names=names)
+
+
+def _mask_spec(version: ModelVersion) -> TensorSpec | None:
+    """The mask input as the model config declares it: KServe clients may send it."""
+    for entry in version.config.input:
+        if entry.name == version.mask_input:
+            dt = datatype(mc.DataType.Name(entry.data_type))
+            return TensorSpec(entry.name, dt, tuple(int(d) for d in entry.dims))
+    return None
+
+
+def _counts(version: ModelVersion, arrays: dict[str, np.ndarray]) -> np.ndarray | None:
+    """Real items per row of a model with ragged inputs sent padded (KServe tensors are dense).
+
+    From the mask when the request has it (real items first, then padding, in every row);
+    without it every position is real, as the request's shape says.
+
+    Raises
+    ------
+    InvalidInput
+        A mask that is not a prefix of real items in some row.
+    """
+    if not version.ragged_inputs:
+        return None
+    mask = arrays.get(version.mask_input) if version.mask_input else None
+    if mask is None:
+        first = next((arrays[n] for n in version.ragged_inputs if n in arrays), None)
+        if first is None:
+            return None
+        return np.full(len(first), first.shape[1], dtype=np.int64)
+    rows, length = mask.shape[:2]
+    real = mask.reshape(rows, length, -1).astype(bool).any(axis=2)
+    counts = real.sum(axis=1)
+    if not np.array_equal(real, np.arange(length) < counts[:, None]):
+        raise InvalidInput(
+            "the mask must mark the real items first and the padding after them in every row",
+            model=version.name,
+            input=version.mask_input,
+        )
+    return counts.astype(np.int64)
+
+
+def _unpadded(array: np.ndarray, counts: np.ndarray | None) -> Ragged:
+    """A padded ragged input ``(rows, length, *item)`` as the real items of each row."""
+    rows, length = array.shape[:2]
+    if counts is None:
+        counts = np.full(rows, length, dtype=np.int64)
+    offsets = np.zeros(rows + 1, dtype=np.int32)
+    np.cumsum(counts, out=offsets[1:])
+    if int(offsets[-1]) == rows * length:
+        values = array.reshape((rows * length, *array.shape[2:]))  # all real: a view
+    else:
+        values = array[np.arange(length) < counts[:, None]]  # the real items: one copy
+    return Ragged(offsets, values)
 
 
 def requested_outputs(
@@ -343,7 +464,7 @@ def requested_outputs(
                 expected=list(by_name),
                 got=requested.name,
             )
-        _check_parameters(requested.parameters, version.name)
+        _class_count(requested, version.name)  # checked now, used for the response
         place = shm_place(requested.parameters, regions, model=version.name, tensor=spec.name)
         if place is not None:
             assert regions is not None  # shm_place refused it otherwise
@@ -351,6 +472,43 @@ def requested_outputs(
                 regions.check(peer, place.region, place.offset, place.byte_size)
         out.append(spec)
     return out
+
+
+def _class_count(requested: Any, model: str) -> int:
+    """The ``classification`` parameter of a requested output (0: not asked for)."""
+    if "classification" not in requested.parameters:
+        return 0
+    param = requested.parameters["classification"]
+    count = param.int64_param or param.uint64_param
+    if count < 1:
+        raise InvalidInput(
+            "parameter 'classification' (class_count) must be >= 1",
+            model=model,
+            input=requested.name,
+            got=count,
+        )
+    return int(count)
+
+
+def _classified(array: np.ndarray, count: int, labels: tuple[str, ...]) -> list[bytes]:
+    """Triton's classification: each row's ``count`` best scores as "score:index[:label]"."""
+    rows = array.reshape(len(array), -1)
+    count = min(count, rows.shape[1])
+    # stable, highest first; ties keep the lower index first, as a sort by score does
+    order = np.argsort(-rows.astype(np.float64), axis=1, kind="stable")[:, :count]
+    out = []
+    for row, indices in zip(rows, order, strict=True):
+        for index in indices:
+            text = f"{float(row[index]):f}:{int(index)}"
+            if index < len(labels):
+                text += f":{labels[index]}"
+            out.append(text.encode())
+    return out
+
+
+def _bytes_tensor(items: list[bytes]) -> bytes:
+    """KServe's raw BYTES contents: each element a 4-byte little-endian length, then its bytes."""
+    return b"".join(len(item).to_bytes(4, "little") + item for item in items)
 
 
 def _output_array(column: pa.Array | pa.ChunkedArray, name: str, model: str) -> np.ndarray:
@@ -365,6 +523,45 @@ def _output_array(column: pa.Array | pa.ChunkedArray, name: str, model: str) -> 
         model=model,
         input=name,
     )
+
+
+def _place_output(
+    response: pb.ModelInferResponse,
+    tensor: pb.ModelInferResponse.InferOutputTensor,
+    payload: bytes | memoryview,
+    params: Any,
+    regions: SystemRegions | None,
+    peer: Peer,
+    version: ModelVersion,
+) -> None:
+    """An output's bytes into ``raw_output_contents``, or into its shared-memory place.
+
+    Raises
+    ------
+    InvalidInput
+        The output does not fit its place.
+    """
+    place = shm_place(params or {}, regions, model=version.name, tensor=tensor.name)
+    if place is None:
+        response.raw_output_contents.append(bytes(payload))  # protobuf needs bytes: a copy
+        return
+    size = len(payload)
+    if size > place.byte_size:
+        raise InvalidInput(
+            "the output does not fit its shared_memory_byte_size",
+            model=version.name,
+            input=tensor.name,
+            expected=size,
+            got=place.byte_size,
+        )
+    assert regions is not None  # shm_place refused it otherwise
+    with _naming(version.name, tensor.name):
+        regions.write(peer, place.region, place.offset, payload)
+    tensor.parameters["shared_memory_region"].string_param = place.region
+    tensor.parameters["shared_memory_byte_size"].int64_param = size
+    if place.offset:
+        tensor.parameters["shared_memory_offset"].int64_param = place.offset
+    response.raw_output_contents.append(b"")  # keeps the entries aligned with outputs
 
 
 def infer_response(
@@ -396,32 +593,33 @@ def infer_response(
     )
     batching = version.max_batch_size > 0
     params = {r.name: r.parameters for r in request.outputs}
+    classes = {o.name: _class_count(o, version.name) for o in request.outputs}
     for spec in outputs:
         array = _output_array(done.batch.column(spec.name), spec.name, version.name)
+        if classes.get(spec.name):
+            items = _classified(array, classes[spec.name], version.labels.get(spec.name, ()))
+            per_row = len(items) // max(len(array), 1)
+            shape = [len(array), per_row] if batching else [per_row]
+            tensor = response.outputs.add(name=spec.name, datatype="BYTES", shape=shape)
+            _place_output(
+                response,
+                tensor,
+                _bytes_tensor(items),
+                params.get(spec.name),
+                regions,
+                peer,
+                version,
+            )
+            continue
         entry = spec.shape if all(d >= 0 for d in spec.shape) else array.shape[1:]
         shape = [len(array), *entry] if batching else list(entry)
         tensor = response.outputs.add(name=spec.name, datatype=spec.datatype.kserve, shape=shape)
-        place = shm_place(params.get(spec.name, {}), regions, model=version.name, tensor=spec.name)
-        if place is None:
-            response.raw_output_contents.append(array.tobytes())  # protobuf needs bytes: a copy
-            continue
-        data = np.ascontiguousarray(array).view(np.uint8).reshape(-1)
-        if len(data) > place.byte_size:
-            raise InvalidInput(
-                "the output does not fit its shared_memory_byte_size",
-                model=version.name,
-                input=spec.name,
-                expected=len(data),
-                got=place.byte_size,
-            )
-        assert regions is not None  # shm_place refused it otherwise
-        with _naming(version.name, spec.name):
-            regions.write(peer, place.region, place.offset, data.data)
-        tensor.parameters["shared_memory_region"].string_param = place.region
-        tensor.parameters["shared_memory_byte_size"].int64_param = len(data)
-        if place.offset:
-            tensor.parameters["shared_memory_offset"].int64_param = place.offset
-        response.raw_output_contents.append(b"")  # keeps the entries aligned with outputs
+        if array.dtype == object:  # strings: KServe's length-prefixed BYTES elements
+            items = [v.encode() if isinstance(v, str) else bytes(v) for v in array.reshape(-1)]
+            payload: bytes | memoryview = _bytes_tensor(items)
+        else:
+            payload = np.ascontiguousarray(array).view(np.uint8).reshape(-1).data
+        _place_output(response, tensor, payload, params.get(spec.name), regions, peer, version)
     for key in SERVER_TIMES:
         response.parameters[key].int64_param = getattr(done, key)
     for key, value in done.metadata.items():  # provenance, truncation
