@@ -348,8 +348,9 @@ _SUPPORTED: dict[str, set[str]] = {
         "default_model_filename",
         "parameters",
         "model_warmup",
+        "batch_input",
     },
-    "ModelInput": {"name", "data_type", "dims", "reshape", "optional"},
+    "ModelInput": {"name", "data_type", "dims", "reshape", "optional", "allow_ragged_batch"},
     "ModelOutput": {"name", "data_type", "dims", "reshape", "label_filename"},
     "ModelDynamicBatching": {
         "preferred_batch_size",
@@ -553,13 +554,6 @@ def load_model(model_dir: Path) -> list[ModelVersion]:
             f"{config_path}: name {config.name!r} differs from its directory {model_dir.name!r}"
         )
     config.name = model_dir.name
-    if config.HasField("sequence_batching"):
-        # Served as if stateless, a sequence model would get its requests without their
-        # sequence's state and order: wrong answers, not an error. Refuse it instead.
-        raise ModelError(
-            f"{config_path}: sequence_batching: sequence (stateful) models are not supported; "
-            "remove sequence_batching to serve the model as stateless"
-        )
     ragged_batch, batch_inputs = _ragged_batching(config, config_path)
     if config.backend not in ("", "onnxruntime") or config.platform not in ("", "onnxruntime_onnx"):
         raise ModelError(

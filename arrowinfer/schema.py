@@ -239,6 +239,10 @@ def _declared_ragged(field: pa.Field) -> bool:
     return bool(field.metadata) and field.metadata.get(b"ragged") == b"pad"
 
 
+def _ragged_batch(field: pa.Field) -> bool:
+    return bool(field.metadata) and field.metadata.get(b"ragged") == b"batch"
+
+
 def _any_lengths(field: pa.Field) -> bool:
     """A list per entry whose lengths requests need not agree on: padded by the server
     (``ragged: pad``), or concatenated for Triton's ragged batching (``ragged: batch``, set
@@ -418,7 +422,9 @@ def validate(
                 expected=f"{want.value_type} ({datatype(want.value_type).kserve})",
                 got=str(got.value_type),
             )
-        if got.ragged != want.ragged and not variable:
+        # a ragged-batch input may also come dense: every row then has the same length
+        dense_batch = _ragged_batch(field) and want.ragged and not got.ragged
+        if got.ragged != want.ragged and not variable and not dense_batch:
             how = "a list per entry (ragged)" if want.ragged else "a fixed shape per entry"
             raise InvalidInput(
                 f"expected {how}",

@@ -128,15 +128,23 @@ def input_plan(model: ModelVersion) -> list[PlannedInput]:
     return plan
 
 
-def _ragged_batch(column: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
-    """A ragged-batch input: all rows' values concatenated (1-D), and each row's count."""
-    if tensors.layout(column.type).ragged:
-        ragged = tensors.ragged_to_numpy(column)
-        per_item = math.prod(ragged.values.shape[1:])
-        return ragged.values.reshape(-1), ragged.counts.astype(np.int64) * per_item
-    dense = tensors.to_numpy(column)
-    per_row = math.prod(dense.shape[1:])
-    return dense.reshape(-1), np.full(len(dense), per_row, dtype=np.int64)
+def _ragged_batch(columns: Sequence[pa.Array | pa.ChunkedArray]) -> tuple[np.ndarray, np.ndarray]:
+    """A ragged-batch input over requests: every row's values concatenated (1-D), and the
+    number of values of each row. A request may send lists, or rows of one fixed shape."""
+    values, counts = [], []
+    for column in columns:
+        if tensors.layout(column.type).ragged:
+            ragged = tensors.ragged_to_numpy(column)
+            per_item = math.prod(ragged.values.shape[1:])
+            values.append(ragged.values.reshape(-1))
+            counts.append(ragged.counts.astype(np.int64) * per_item)
+        else:
+            dense = tensors.to_numpy(column)
+            values.append(dense.reshape(-1))
+            counts.append(np.full(len(dense), math.prod(dense.shape[1:]), dtype=np.int64))
+    if len(values) == 1:
+        return values[0], counts[0]
+    return np.concatenate(values), np.concatenate(counts)
 
 
 def batch_input(kind: str, counts: np.ndarray, dtype: np.dtype) -> np.ndarray:
@@ -230,7 +238,7 @@ def assemble_inputs(
         if kind == "dense" and name not in given:
             continue  # an optional input left out: the graph's default (its initializer)
         if kind == "ragged_batch":
-            values, elements[name] = _ragged_batch(_merged(model, requests, name))
+            values, elements[name] = _ragged_batch([r.column(name) for r in requests])
             feeds[name] = values.astype(dtype, copy=False)
         elif kind == "batch_input":
             made = makers[name]
