@@ -4,9 +4,9 @@ Written for this project from tritonclient's public API, after the flows of Trit
 ``simple_{grpc,http}_*_client.py`` examples: health, simple infer (the ``simple`` model:
 ``OUTPUT0 = INPUT0 + INPUT1``, ``OUTPUT1 = INPUT0 - INPUT1``, INT32 ``[16]``), async
 infer, streaming infer (gRPC), shared-memory infer, model control with the repository
-index, and statistics. Values are compared with onnxruntime on the same model file, error
-codes with Triton's documented ones. String tensors and ``class_count`` are not served
-yet (docs/protocol-support.md).
+index, statistics, string infer and image classification with ``class_count`` (the
+``image_client.py`` flow on a small classifier with a label file). Values are compared with
+onnxruntime on the same model file, error codes with Triton's documented ones.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import tritonclient.grpc as tg
 import tritonclient.http as th
 import tritonclient.utils.shared_memory as shm
 from onnx import TensorProto, helper
-from tritonclient.utils import InferenceServerException
+from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
 from arrowinfer.examples import IR_VERSION, OPSET
 from arrowinfer.server import Server
@@ -74,15 +74,75 @@ def simple_onnx() -> bytes:
     return model.SerializeToString()
 
 
+CLASSIFIER_CONFIG = """
+name: "classifier"
+platform: "onnxruntime_onnx"
+max_batch_size: 8
+input [ { name: "image" data_type: TYPE_FP32 dims: [ 4 ] } ]
+output [ { name: "scores" data_type: TYPE_FP32 dims: [ 6 ] label_filename: "labels.txt" } ]
+"""
+LABELS = ["ELECTRON", "MUON", "PHOTON", "PION", "KAON", "PROTON"]
+
+STRING_CONFIG = """
+name: "simple_string"
+platform: "onnxruntime_onnx"
+max_batch_size: 8
+input [ { name: "INPUT0" data_type: TYPE_STRING dims: [ 16 ] } ]
+output [ { name: "OUTPUT0" data_type: TYPE_STRING dims: [ 16 ] } ]
+"""
+
+
+def _model(graph: onnx.GraphProto) -> bytes:
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    model.ir_version = IR_VERSION
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
+
+
+def classifier_onnx() -> bytes:
+    """image_client.py's flow in small: scores of 6 classes from 4 features (fixed weights)."""
+    weights = np.random.default_rng(6).normal(size=(4, 6)).astype(np.float32)
+    return _model(
+        helper.make_graph(
+            [helper.make_node("MatMul", ["image", "w"], ["scores"])],
+            "classifier",
+            [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 4])],
+            [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["batch", 6])],
+            [onnx.numpy_helper.from_array(weights, "w")],
+        )
+    )
+
+
+def string_onnx() -> bytes:
+    """simple_*_string_infer_client.py's model in spirit: strings in, the same strings out."""
+    return _model(
+        helper.make_graph(
+            [helper.make_node("Identity", ["INPUT0"], ["OUTPUT0"])],
+            "simple_string",
+            [helper.make_tensor_value_info("INPUT0", TensorProto.STRING, ["batch", 16])],
+            [helper.make_tensor_value_info("OUTPUT0", TensorProto.STRING, ["batch", 16])],
+        )
+    )
+
+
 @pytest.fixture(scope="module")
 def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """``simple``, and ``simple_sequence``: the same with ``sequence_batching`` (refused)."""
+    """``simple``; ``simple_sequence``, the same with ``sequence_batching`` (refused); a
+    ``classifier`` with labels; ``simple_string``."""
     root = tmp_path_factory.mktemp("conformance")
     for name, extra in (("simple", ""), ("simple_sequence", "sequence_batching { }\n")):
         (root / name / "1").mkdir(parents=True)
         (root / name / "1" / "model.onnx").write_bytes(simple_onnx())
         config = SIMPLE_CONFIG.replace('name: "simple"', f'name: "{name}"')
         (root / name / "config.pbtxt").write_text(config + extra)
+    for name, config, model in (
+        ("classifier", CLASSIFIER_CONFIG, classifier_onnx()),
+        ("simple_string", STRING_CONFIG, string_onnx()),
+    ):
+        (root / name / "1").mkdir(parents=True)
+        (root / name / "1" / "model.onnx").write_bytes(model)
+        (root / name / "config.pbtxt").write_text(config)
+    (root / "classifier" / "labels.txt").write_text("\n".join(LABELS) + "\n")
     return root
 
 
@@ -317,7 +377,53 @@ def test_sequence_model_refusal_is_logged(
         caplog.at_level(logging.ERROR),
         Server(repository, port=0, kserve_port=None, metrics_port=None) as server,
     ):
-        assert [m.version.name for m in server.core.served()] == ["simple"]
+        served = [m.version.name for m in server.core.served()]
+        assert served == ["classifier", "simple", "simple_string"]  # all but the sequence one
     refused = [r.getMessage() for r in caplog.records if "simple_sequence" in r.getMessage()]
     assert refused
     assert "sequence" in refused[0].split("simple_sequence", 1)[1]
+
+
+def test_image_classification_with_class_count(server: Server, client: Any, protocol: str) -> None:
+    """image_client.py: the top classes as "score:index:label", Triton's format."""
+    mod = lib(protocol)
+    images = np.random.default_rng(3).normal(size=(2, 4)).astype(np.float32)
+    tensor = mod.InferInput("image", [2, 4], "FP32")
+    tensor.set_data_from_numpy(images)
+    wanted = mod.InferRequestedOutput("scores", class_count=3)
+    result = client.infer("classifier", [tensor], outputs=[wanted])
+    got = result.as_numpy("scores")
+    assert got.shape == (2, 3)
+    session = ort.InferenceSession(str(server.core.get("classifier").version.path))
+    (scores,) = session.run(["scores"], {"image": images})
+    for row, row_scores in zip(got, scores, strict=True):
+        top = np.argsort(-row_scores, kind="stable")[:3]
+        fields = [item.decode().split(":") for item in row]
+        assert [f[1:] for f in fields] == [[str(i), LABELS[i]] for i in top]
+        for (score, *_), index in zip(fields, top, strict=True):
+            assert float(score) == pytest.approx(row_scores[index], abs=1e-5)
+
+
+@pytest.mark.parametrize("case", ["grpc", "http-binary", "http-json"])
+def test_string_infer(server: Server, case: str) -> None:
+    """simple_*_string_infer_client.py: BYTES tensors both ways."""
+    strings = np.array([[f"event {i * 16 + j}" for j in range(16)] for i in range(2)], object)
+    if case == "grpc":
+        client: Any = tg.InferenceServerClient(f"127.0.0.1:{server.kserve_port}")
+        tensor = tg.InferInput("INPUT0", [2, 16], np_to_triton_dtype(strings.dtype))
+        tensor.set_data_from_numpy(strings)
+        outputs = [tg.InferRequestedOutput("OUTPUT0")]
+    else:
+        binary = case == "http-binary"
+        client = th.InferenceServerClient(f"127.0.0.1:{server.http_port}")
+        tensor = th.InferInput("INPUT0", [2, 16], np_to_triton_dtype(strings.dtype))
+        tensor.set_data_from_numpy(strings, binary_data=binary)
+        outputs = [th.InferRequestedOutput("OUTPUT0", binary_data=binary)]
+    try:
+        result = client.infer("simple_string", [tensor], outputs=outputs)
+    finally:
+        client.close()
+    got = result.as_numpy("OUTPUT0")
+    assert got.shape == (2, 16)
+    decoded = [[v.decode() if isinstance(v, bytes) else v for v in row] for row in got]
+    assert decoded == strings.tolist()
