@@ -1040,3 +1040,54 @@ def test_every_example_model_is_finite_on_every_transport(
                 response = triton.infer(name, _infer_inputs(padded, True), client_timeout=WAIT)
                 for output in version.outputs.names:
                     assert np.all(np.isfinite(response.as_numpy(output))), (name, output)
+
+
+# -- the device backend's assembly (numpy in place of CuPy) ------------------------------------
+
+
+@pytest.mark.parametrize("model", ["particlenet_like", "mlpf_like", "deepmet_like", "tracks"])
+def test_device_backend_takes_variable_dims(repository: Path, model: str) -> None:
+    from arrowinfer.backends.device import DeviceBackend
+    from arrowinfer.backends.ort import OnnxRuntimeBackend
+
+    (version,) = Repository(repository).load(model)
+    device = DeviceBackend(version, xp=np)
+    cpu = OnnxRuntimeBackend(version)
+    try:
+        requests = []
+        for size in (7, 7):  # two requests of one shape, as the batcher merges them
+            inputs = request(model, rows=2, size=size)
+            columns = [
+                tensors.variable_from_numpy(v)
+                if -1 in tensors.layout(version.inputs.field(k).type).shape
+                and not tensors.layout(version.inputs.field(k).type).ragged
+                else tensors.from_numpy(v)
+                for k, v in inputs.items()
+            ]
+            requests.append(pa.RecordBatch.from_arrays(columns, list(inputs)))
+        for request_batch in requests:
+            validate(request_batch, version.inputs, model=model)
+        got, _ = device.execute(requests)
+        want, _ = cpu.execute(requests)
+        for g, w in zip(got, want, strict=True):
+            for name in version.outputs.names:
+                np.testing.assert_allclose(
+                    as_numpy(g.column(name)), as_numpy(w.column(name)), rtol=1e-5, atol=1e-6
+                )
+    finally:
+        device.close()
+        cpu.close()
+
+
+def test_device_backend_takes_optional_inputs_left_out(tmp_path: Path) -> None:
+    from arrowinfer.backends.device import DeviceBackend
+
+    repo = write_optional_models(tmp_path)
+    (version,) = Repository(repo).load("scaled")
+    x = rng.normal(size=(3, 4)).astype(np.float32)
+    backend = DeviceBackend(version, xp=np)
+    try:
+        (result,), _ = backend.execute([pa.RecordBatch.from_arrays([tensors.from_numpy(x)], ["x"])])
+        np.testing.assert_allclose(tensors.to_numpy(result.column("y")), x * 2.0, rtol=1e-6)
+    finally:
+        backend.close()

@@ -333,6 +333,8 @@ class DeviceAssembler:
             array = ragged.values.reshape((n, length, *ragged.values.shape[1:]))
         else:
             array = tensors.to_numpy(column)
+        if entry.shape.count(-1) > 1:  # variable dims: the request's own shape (validated)
+            return array
         try:
             return array.reshape((n, *entry.shape))  # a view; -1 takes the rest
         except ValueError:
@@ -387,8 +389,13 @@ class DeviceAssembler:
 
         dense: dict[str, dict[int, np.ndarray]] = {}
         targets: dict[tuple[str, str], Array] = {}  # lane -> its device array
+        given = set(requests[live[0]].schema.names) if live else set()
+        left_out = set()  # optional inputs the requests leave out (the batcher merged alike)
         for entry in self.plan:
             if entry.kind != "dense":
+                continue
+            if live and entry.name not in given:
+                left_out.add(entry.name)
                 continue
             views = {i: self._dense(entry, requests[i]) for i in live}
             shapes = {tuple(v.shape[1:]) for v in views.values()}
@@ -456,7 +463,11 @@ class DeviceAssembler:
                         )
                     elif entry.kind == "mask":
                         fill_mask(offsets_dev, out, xp=self.xp)
-        return {entry.name: self.buffers[entry.name][:total] for entry in self.plan}
+        return {
+            entry.name: self.buffers[entry.name][:total]
+            for entry in self.plan
+            if entry.name not in left_out
+        }
 
     def _lanes(self, targets: dict[tuple[str, str], Array]) -> dict[tuple[str, str], _Lane]:
         """One lane per device array; with CuPy, each gets its region of the staging buffer."""
