@@ -50,7 +50,9 @@ from .errors import ModelError, ModelNotFound
 from .schema import TensorSpec, datatype, signature
 
 __all__ = [
+    "BATCH_INPUT_KINDS",
     "DEFAULT_MAX_BATCH_SIZE",
+    "BatchInput",
     "ModelConfig",
     "ModelVersion",
     "Repository",
@@ -88,12 +90,43 @@ _ONNX_TO_TRITON: dict[int, str] = {
 }
 
 
+#: Triton's ``batch_input`` kinds that are served (the ones ragged batching needs).
+BATCH_INPUT_KINDS = (
+    "BATCH_ELEMENT_COUNT",
+    "BATCH_ACCUMULATED_ELEMENT_COUNT",
+    "BATCH_ACCUMULATED_ELEMENT_COUNT_WITH_ZERO",
+    "BATCH_MAX_ELEMENT_COUNT_AS_SHAPE",
+)
+
+
+@dataclass(frozen=True)
+class BatchInput:
+    """One of Triton's ``batch_input``: a tensor the server makes for each batch.
+
+    ``kind`` is one of :data:`BATCH_INPUT_KINDS`; ``target`` the model input it fills;
+    ``dtype`` its numpy type; ``source`` the ragged-batch input whose element counts (per
+    row: the number of values of that row) it describes. For a batch of B rows with
+    counts ``c``: ``BATCH_ELEMENT_COUNT`` is ``c`` ([B]), ``..._ACCUMULATED_...`` is
+    ``cumsum(c)`` ([B]), ``..._WITH_ZERO`` is ``[0, *cumsum(c)]`` ([B + 1], the offsets
+    of each row's values), ``BATCH_MAX_ELEMENT_COUNT_AS_SHAPE`` has shape ``[max(c)]``
+    (its values are zeros; only its shape says something).
+    """
+
+    kind: str
+    target: str
+    dtype: np.dtype
+    source: str
+
+
 @dataclass(frozen=True)
 class ModelVersion:
     """One loadable version of a model: its config, its ONNX file and its Arrow signatures.
 
     ``inputs`` is what clients send (ragged inputs as lists, without the mask input the
-    server fills); ``outputs`` is what they get back.
+    server fills); ``outputs`` is what they get back. ``ragged_batch_inputs`` are the
+    inputs with Triton's ``allow_ragged_batch``: the requests' values are concatenated
+    without padding into one 1-D tensor, described to the model by ``batch_inputs``
+    (which the server computes; clients never send them).
     """
 
     name: str
@@ -106,6 +139,8 @@ class ModelVersion:
     mask_input: str | None = None
     pad_value: float = 0.0
     max_request_rows: int | None = None
+    ragged_batch_inputs: tuple[str, ...] = ()
+    batch_inputs: tuple[BatchInput, ...] = ()
     #: The lines of each output's ``label_filename``, for the classification extension.
     labels: dict[str, tuple[str, ...]] = field(default_factory=dict, repr=False)
     sha256: str = ""  # of the model file (hex): every result names the file that made it
@@ -226,6 +261,10 @@ def complete_config(config: ModelConfig, model: onnx.ModelProto, path: Path) -> 
     if not config.platform and not config.backend:
         config.platform = "onnxruntime_onnx"
     batch = 1 if config.max_batch_size > 0 else 0
+    # Ragged-batch inputs reach the model concatenated (1-D, no batch dimension), and
+    # batch inputs are made by the server: neither has the batch dimension of the others.
+    ragged_batch = {e.name for e in config.input if e.allow_ragged_batch}
+    targets = {t for b in config.batch_input for t in b.target_name}
     for kind, graph, entries in (
         ("input", graph_inputs, config.input),
         ("output", graph_outputs, config.output),
@@ -234,6 +273,8 @@ def complete_config(config: ModelConfig, model: onnx.ModelProto, path: Path) -> 
         by_name = {v.name: v for v in graph + (defaults if kind == "input" else [])}
         if batch:
             for value in graph:
+                if kind == "input" and value.name in ragged_batch | targets:
+                    continue
                 if _onnx_dims(value)[:1] != [-1]:
                     raise ModelError(
                         f"{path}: {kind} {value.name!r}: config says max_batch_size "
@@ -242,6 +283,8 @@ def complete_config(config: ModelConfig, model: onnx.ModelProto, path: Path) -> 
                     )
         if not entries:
             for value in graph:
+                if kind == "input" and value.name in targets:
+                    continue
                 entry = entries.add()
                 entry.name = value.name
                 entry.data_type = mc.DataType.Value(_onnx_type(value, path))
@@ -264,6 +307,14 @@ def complete_config(config: ModelConfig, model: onnx.ModelProto, path: Path) -> 
                     f"model.onnx says {graph_type}"
                 )
             graph_dims = _onnx_dims(value)
+            if kind == "input" and entry.name in ragged_batch:
+                if len(graph_dims) != 1:
+                    raise ModelError(
+                        f"{path}: input {entry.name!r} has allow_ragged_batch, so the model "
+                        f"takes it concatenated as one 1-D tensor; model.onnx says "
+                        f"{_dims_text(graph_dims)}"
+                    )
+                continue
             dims = list(entry.reshape.shape) if entry.HasField("reshape") else list(entry.dims)
             want = ([-1] if batch else []) + dims
             if len(graph_dims) != len(want) or any(
@@ -273,7 +324,7 @@ def complete_config(config: ModelConfig, model: onnx.ModelProto, path: Path) -> 
                     f"{path}: {kind} {entry.name!r}: config says dims {_dims_text(want)} "
                     f"(batch dimension included as -1), model.onnx says {_dims_text(graph_dims)}"
                 )
-        missing = sorted({v.name for v in graph} - {e.name for e in entries})
+        missing = sorted({v.name for v in graph} - {e.name for e in entries} - targets)
         if kind == "input" and missing:
             raise ModelError(
                 f"{path}: graph inputs {missing} are not in the config's inputs "
@@ -297,8 +348,9 @@ _SUPPORTED: dict[str, set[str]] = {
         "default_model_filename",
         "parameters",
         "model_warmup",
+        "batch_input",
     },
-    "ModelInput": {"name", "data_type", "dims", "reshape", "optional"},
+    "ModelInput": {"name", "data_type", "dims", "reshape", "optional", "allow_ragged_batch"},
     "ModelOutput": {"name", "data_type", "dims", "reshape", "label_filename"},
     "ModelDynamicBatching": {
         "preferred_batch_size",
@@ -421,6 +473,56 @@ def _specs(entries: object, ragged: set[str]) -> list[TensorSpec]:
     return out
 
 
+def _mark_ragged_batch(schema: pa.Schema, names: tuple[str, ...]) -> pa.Schema:
+    """Mark ragged-batch inputs (field metadata ``ragged: batch``): a list per row, of any
+    length, which requests need not agree on (see :func:`arrowinfer.schema.validate`)."""
+    for name in names:
+        i = schema.get_field_index(name)
+        field = schema.field(i)
+        schema = schema.set(i, field.with_metadata({**(field.metadata or {}), b"ragged": b"batch"}))
+    return schema
+
+
+def _ragged_batching(
+    config: ModelConfig, config_path: Path
+) -> tuple[tuple[str, ...], tuple[BatchInput, ...]]:
+    """The ``allow_ragged_batch`` inputs and the ``batch_input`` entries of a config.
+
+    Raises
+    ------
+    ModelError
+        Ragged batching without batching, a batch input of a kind not served, without
+        exactly one target, with a source that is not a ragged-batch input, or of a data
+        type other than INT32, INT64 or FP32.
+    """
+    ragged = tuple(e.name for e in config.input if e.allow_ragged_batch)
+    if ragged and config.max_batch_size <= 0:
+        raise ModelError(
+            f"{config_path}: allow_ragged_batch on {list(ragged)} needs batching "
+            "(max_batch_size > 0)"
+        )
+    out = []
+    for entry in config.batch_input:
+        kind = mc.BatchInput.Kind.Name(entry.kind)
+        where = f"{config_path}: batch_input {list(entry.target_name)}"
+        if kind not in BATCH_INPUT_KINDS:
+            raise ModelError(f"{where}: kind {kind} is not served (served: {BATCH_INPUT_KINDS})")
+        if len(entry.target_name) != 1 or len(entry.source_input) != 1:
+            raise ModelError(f"{where}: give exactly one target_name and one source_input")
+        (source,) = entry.source_input
+        if source not in ragged:
+            raise ModelError(
+                f"{where}: source_input {source!r} is not an input with allow_ragged_batch "
+                f"(those are {list(ragged)})"
+            )
+        type_name = mc.DataType.Name(entry.data_type)
+        if type_name not in ("TYPE_INT32", "TYPE_INT64", "TYPE_FP32"):
+            raise ModelError(f"{where}: data_type {type_name}: use TYPE_INT32, INT64 or FP32")
+        dtype = datatype(type_name).numpy
+        out.append(BatchInput(kind, entry.target_name[0], dtype, source))
+    return ragged, tuple(out)
+
+
 def _labels(model_dir: Path, filename: str) -> tuple[str, ...]:
     """One label per line of an output's ``label_filename`` (in the model's directory)."""
     path = model_dir / filename
@@ -441,9 +543,9 @@ def load_model(model_dir: Path) -> list[ModelVersion]:
     Raises
     ------
     ModelError
-        For an unreadable or invalid config, a corrupt ONNX file, a config that disagrees
-        with the graph, an unsupported data type or no version to serve; the message names
-        the file and the problem.
+        For an unreadable or invalid config, a sequence model (``sequence_batching``), a
+        corrupt ONNX file, a config that disagrees with the graph, an unsupported data
+        type or no version to serve; the message names the file and the problem.
     """
     config_path = model_dir / "config.pbtxt"
     config = read_config(config_path) if config_path.exists() else mc.ModelConfig()
@@ -452,6 +554,7 @@ def load_model(model_dir: Path) -> list[ModelVersion]:
             f"{config_path}: name {config.name!r} differs from its directory {model_dir.name!r}"
         )
     config.name = model_dir.name
+    ragged_batch, batch_inputs = _ragged_batching(config, config_path)
     if config.backend not in ("", "onnxruntime") or config.platform not in ("", "onnxruntime_onnx"):
         raise ModelError(
             f"{config_path}: platform {config.platform!r} / backend {config.backend!r} is not "
@@ -520,6 +623,7 @@ def load_model(model_dir: Path) -> list[ModelVersion]:
                 metadata={"model": full.name, "version": str(number)},
             )
             outputs = signature(_specs(full.output, set()))
+            inputs = _mark_ragged_batch(inputs, ragged_batch)
         except TypeError as err:
             source = config_path if config_path.exists() else path
             raise ModelError(f"{source}: {err}") from err
@@ -547,6 +651,8 @@ def load_model(model_dir: Path) -> list[ModelVersion]:
                 outputs=outputs,
                 ragged_inputs=tuple(sorted(ragged)),
                 mask_input=mask,
+                ragged_batch_inputs=ragged_batch,
+                batch_inputs=batch_inputs,
                 pad_value=pad_value,
                 max_request_rows=max_request_rows,
                 labels=labels,

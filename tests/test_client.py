@@ -51,7 +51,7 @@ from arrowinfer.errors import (
 )
 from arrowinfer.server import Server
 
-MODELS = ["facile", "identity", "jet_tagger", "toptag_cnn"]
+MODELS = ["facile", "identity", "jet_tagger", "toptag_cnn", "track_sum"]
 TIMES = {"queue_ns", "compute_input_ns", "compute_infer_ns", "compute_output_ns"}
 DEADLINE = 30.0
 CALL = flight.FlightCallOptions(timeout=DEADLINE)  # no raw Flight call can hang
@@ -655,7 +655,7 @@ def test_unknown_model_or_version(client: Client) -> None:
         client.infer("nope", {"hits": hits(1)})
     assert isinstance(info.value, KeyError)
     assert str(info.value) == (
-        "model 'nope' is not served (available: facile, identity, jet_tagger, toptag_cnn)"
+        "model 'nope' is not served (available: facile, identity, jet_tagger, toptag_cnn, track_sum)"
     )
     with pytest.raises(ModelNotFound, match="did you mean: facile"):
         client.schema("facil")
