@@ -45,7 +45,8 @@ $(MIN_VENV)/.installed: pyproject.toml .ci/floors.py Makefile
 	$(MIN_VENV)/bin/python -m pip install --quiet --upgrade pip
 	$(MIN_VENV)/bin/python .ci/floors.py server awkward > $(MIN_VENV)/floors.txt
 	$(MIN_VENV)/bin/python -m pip install --quiet --only-binary :all: \
-	    -r $(MIN_VENV)/floors.txt 'pytest>=8' 'pytest-timeout>=2.2' 'hypothesis>=6.90' pandas
+	    -r $(MIN_VENV)/floors.txt 'pytest>=8' 'pytest-timeout>=2.2' 'hypothesis>=6.90' pandas \
+	    'tritonclient[http]'  # the HTTP conformance tests' client, at the pinned tritonclient
 	$(MIN_VENV)/bin/python -m pip install --quiet --no-deps -e .
 	touch $@
 

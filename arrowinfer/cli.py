@@ -76,12 +76,15 @@ def _serve(args: argparse.Namespace) -> int:
     if args.workers > 1:
         if args.unix_socket:
             raise SystemExit("arrowinfer serve: --workers needs a TCP port, not --unix-socket")
+        if args.http_port >= 0:
+            log.warning("--workers > 1: KServe HTTP is not served (use gRPC or Flight)")
         try:
             server = WorkerPool(repository, workers=args.workers, **options)
         except RuntimeError as err:  # a worker failed to start; its log says why
             raise SystemExit(f"arrowinfer serve: {err}") from None
     else:
-        server = Server(repository, unix_socket=args.unix_socket, **options)
+        http_port = None if args.http_port < 0 else args.http_port
+        server = Server(repository, unix_socket=args.unix_socket, http_port=http_port, **options)
 
     stopping = threading.Event()
 
@@ -260,12 +263,20 @@ def parser() -> argparse.ArgumentParser:
         "(default: %(default)s)",
     )
     serve.add_argument(
+        "--http-port",
+        type=int,
+        default=8000,
+        help="KServe v2 HTTP/REST port (Triton's protocol, for tritonclient.http and curl); "
+        "-1 disables (default: %(default)s)",
+    )
+    serve.add_argument(
         "--allow-client-shm",
         action="store_true",
-        help="accept shared-memory sessions from clients that are not on this host's "
-        "loopback or a Unix socket. Shared memory only works between processes that see the "
-        "same /dev/shm under the same user (containers of one pod, say); off by default, so "
-        "that remote peers can only use Arrow Flight",
+        help="accept shared memory from clients that are not on this host's loopback or a "
+        "Unix socket: arrowinfer's own shared-memory sessions, and Triton's system "
+        "shared-memory regions over KServe gRPC and HTTP (files of the server's user). "
+        "Shared memory only works between processes that see the same /dev/shm (containers "
+        "of one pod, say); off by default, so that remote peers send their data",
     )
     serve.add_argument(
         "--metrics-port",

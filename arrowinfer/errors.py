@@ -10,6 +10,7 @@
     ├── RequestError            the request itself is wrong: never retried
     │   ├── ModelNotFound       (also a KeyError) no such model or version
     │   ├── InvalidInput        (also a ValueError) wrong columns, dtype, shape, nulls, rows
+    │   ├── Unsupported         a protocol feature this server does not implement
     │   └── Unauthenticated     missing or wrong token
     ├── ModelError              a model in the repository cannot be loaded (bad config or ONNX)
     └── ServerError             anything else that went wrong inside the server
@@ -46,6 +47,7 @@ __all__ = [
     "Timeout",
     "TransportError",
     "Unauthenticated",
+    "Unsupported",
     "error_class",
     "error_from_dict",
     "error_to_dict",
@@ -171,6 +173,10 @@ class Unauthenticated(RequestError):
     """The server wants a valid bearer token."""
 
 
+class Unsupported(RequestError):
+    """A protocol feature (a Triton extension, say) that this server does not implement."""
+
+
 class ModelError(ArrowInferError):
     """A model in the repository cannot be loaded: the message names the file and the problem."""
 
@@ -188,6 +194,7 @@ STATUS_CODES: dict[type[ArrowInferError], str] = {
     ModelNotFound: "NOT_FOUND",
     InvalidInput: "INVALID_ARGUMENT",
     Unauthenticated: "UNAUTHENTICATED",
+    Unsupported: "UNIMPLEMENTED",
     ModelError: "FAILED_PRECONDITION",
     ServerError: "INTERNAL",
     TransportError: "UNAVAILABLE",

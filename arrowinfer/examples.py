@@ -19,6 +19,8 @@ model             stands in for                          inputs -> outputs (batc
                                                          mask [100, 1] -> probabilities [5]
 ``toptag_cnn``    CNN top tagger on jet images           image [1, 37, 37] -> probabilities [2]
 ``identity``      Triton's transport-test model          INPUT0 [1024] -> OUTPUT0 [1024]
+``track_sum``     event-level Deep Sets, ragged batching pt [var] (concatenated, with offsets)
+                                                         -> score [1], n_tracks [1]
 ``jet_score``     a per-jet tagger over NanoAOD branches jet [8] -> score [1] (one row a jet)
 ``event_jets``    Deep Sets event classifier over the    jets [16, 5] (ragged), mask [16, 1]
                   event's NanoAOD jets                   -> probabilities [2]
@@ -60,7 +62,7 @@ __all__ = [
     "write_example_repository",
 ]
 
-EXAMPLE_MODELS: tuple[str, ...] = ("facile", "jet_tagger", "toptag_cnn", "identity")
+EXAMPLE_MODELS: tuple[str, ...] = ("facile", "jet_tagger", "toptag_cnn", "identity", "track_sum")
 """Names of the SONIC stand-in models, in the order they are written (the default of
 :func:`write_example_repository`)."""
 
@@ -315,6 +317,49 @@ def _build_toptag_cnn(g: _Graph) -> None:
     g.op("Softmax", [logits], prefix="softmax", output="probabilities", axis=-1)
 
 
+def _build_track_sum(g: _Graph) -> None:
+    # "pt" is every event's tracks concatenated ([values]); "offsets" ([events + 1]) says
+    # where each event's tracks start, as Triton's batch input WITH_ZERO gives it.
+    x = g.op("Unsqueeze", ["pt", g.constant("axis1", np.array([1], np.int64))], prefix="col")
+    h = g.relu(g.dense(x, 1, 16, prefix="phi1"), "phi1")  # per track: [values, 16]
+    y = g.dense(h, 16, 1, prefix="phi2", gain=1.0)  # [values, 1]
+    y = g.op("Flatten", [y], prefix="flat", axis=0)  # [1, values]
+    y = g.op("Squeeze", [y, g.constant("axis0", np.array([0], np.int64))], prefix="vec")
+    offsets = g.op("Cast", ["offsets"], prefix="offsets64", to=TensorProto.INT64)
+    first = g.constant("first", np.array([0], np.int64))
+    second = g.constant("second", np.array([1], np.int64))
+    last = g.constant("last", np.array([-1], np.int64))
+    end = g.constant("end", np.array([np.iinfo(np.int64).max], np.int64))
+    starts = g.op("Slice", [offsets, first, last, first], prefix="starts")  # [events]
+    ends = g.op("Slice", [offsets, second, end, first], prefix="ends")  # [events]
+    # Each track's event: mark where events 1.. start, then an (exact) integer cumsum.
+    # A float cumsum over the batch would make an event's sum depend on the events
+    # before it; this way every event is summed alone, whatever it is batched with.
+    inner = g.op("Slice", [offsets, second, last, first], prefix="inner_starts")
+    ones = g.op("Add", [g.op("Sub", [inner, inner]), second], prefix="ones")
+    slots = g.op("Add", [g.op("Shape", ["pt"]), second], prefix="slots")  # values + 1
+    zeros = g.op(
+        "ConstantOfShape",
+        [slots],
+        prefix="zeros",
+        value=helper.make_tensor("zero_i", TensorProto.INT64, [1], [0]),
+    )
+    marks = g.op("ScatterElements", [zeros, inner, ones], prefix="marks", reduction="add")
+    event = g.op("CumSum", [marks, g.constant("axis", np.array(0, np.int64))], prefix="event")
+    event = g.op("Slice", [event, first, last, first], prefix="event_of_track")  # [values]
+    empty = g.op(
+        "ConstantOfShape",
+        [g.op("Shape", [ends])],
+        prefix="sum0",
+        value=helper.make_tensor("zero_f", TensorProto.FLOAT, [1], [0.0]),
+    )
+    sums = g.op("ScatterElements", [empty, event, y], prefix="segment_sum", reduction="add")
+    count = g.op("Cast", [g.op("Sub", [ends, starts], prefix="n")], prefix="nf", to=1)
+    mean = g.op("Div", [sums, g.op("Max", [count, g.constant("one", _scalar(1.0))])])
+    g.op("Unsqueeze", [mean, second], prefix="score", output="score")  # [events, 1]
+    g.op("Unsqueeze", [count, second], prefix="n_tracks", output="n_tracks")
+
+
 def _build_identity(g: _Graph) -> None:
     g.op("Identity", ["INPUT0"], prefix="identity", output="OUTPUT0")
 
@@ -348,6 +393,11 @@ class _Spec:
     serving: str
     references: tuple[str, ...]
     preferred_batch_sizes: tuple[int, ...] = ()
+    # Triton's ragged batching: inputs with allow_ragged_batch (1-D in the graph, every
+    # event's values concatenated) and the batch inputs (kind, target, source) the server
+    # makes for them (INT32, 1-D).
+    ragged_batch: tuple[str, ...] = ()
+    batch_inputs: tuple[tuple[str, str, str], ...] = ()
 
 
 _SONIC_GPU = (
@@ -496,6 +546,41 @@ _SPECS: dict[str, _Spec] = {
         ),
         references=(_SONIC_CMS,),
     ),
+    "track_sum": _Spec(
+        seed=20190007,
+        title="Track sum: an event-level Deep Sets over ragged tracks, without padding",
+        inputs=(_Tensor("pt", (-1,), "transverse momenta of the event's tracks (any number)"),),
+        outputs=(
+            _Tensor("score", (1,), "mean over the event's tracks of a per-track MLP"),
+            _Tensor("n_tracks", (1,), "number of tracks of the event"),
+        ),
+        build=_build_track_sum,
+        max_batch_size=4096,
+        max_queue_delay_us=100,
+        parameters=(),
+        ragged_batch=("pt",),
+        batch_inputs=(("BATCH_ACCUMULATED_ELEMENT_COUNT_WITH_ZERO", "offsets", "pt"),),
+        stands_in_for=(
+            "Event- or jet-level networks over a variable number of constituents, served\n"
+            "the way CMS asked Triton for: with ragged batching, the events of many\n"
+            "requests are concatenated into one tensor without padding, and the model\n"
+            "reads each event's extent from an offsets tensor the server makes."
+        ),
+        architecture=(
+            "Per-track MLP 1 -> 16 -> 1 (ReLU) on the concatenated `pt` values; per-event\n"
+            "mean: each track's event from the offsets (an integer cumsum of event starts),\n"
+            "a ScatterElements sum per event, divided by `max(n, 1)` (an event without\n"
+            "tracks scores 0). Each event is summed alone: batching changes no bit."
+        ),
+        serving=(
+            "`max_batch_size: 4096`, dynamic batching with a 100 us queue delay, one CPU\n"
+            "instance. `pt` has `allow_ragged_batch: true`, and the `batch_input`\n"
+            "`offsets` (BATCH_ACCUMULATED_ELEMENT_COUNT_WITH_ZERO, INT32, `[events + 1]`)\n"
+            "is made by the server. Over Arrow Flight each event is a list of `pt`; over\n"
+            "KServe a request is `[1, n]` (or `[k, n]`: k events of n tracks each)."
+        ),
+        references=(_SONIC_CMS,),
+    ),
     "jet_score": _Spec(
         seed=20190005,
         title="Per-jet tagger over NanoAOD jet branches",
@@ -621,8 +706,16 @@ def build_model(name: str) -> onnx.ModelProto:
         g.nodes,
         name,
         inputs=[
-            helper.make_tensor_value_info(t.name, TensorProto.FLOAT, [_BATCH, *t.dims])
+            helper.make_tensor_value_info(
+                t.name,
+                TensorProto.FLOAT,
+                ["values"] if t.name in spec.ragged_batch else [_BATCH, *t.dims],
+            )
             for t in spec.inputs
+        ]
+        + [
+            helper.make_tensor_value_info(target, TensorProto.INT32, [f"{target}_size"])
+            for _, target, _ in spec.batch_inputs
         ],
         outputs=[
             helper.make_tensor_value_info(t.name, TensorProto.FLOAT, [_BATCH, *t.dims])
@@ -680,7 +773,22 @@ def config_text(name: str) -> str:
         platform="onnxruntime_onnx",
         max_batch_size=spec.max_batch_size,
         input=[
-            mc.ModelInput(name=t.name, data_type=mc.TYPE_FP32, dims=t.dims) for t in spec.inputs
+            mc.ModelInput(
+                name=t.name,
+                data_type=mc.TYPE_FP32,
+                dims=t.dims,
+                allow_ragged_batch=t.name in spec.ragged_batch,
+            )
+            for t in spec.inputs
+        ],
+        batch_input=[
+            mc.BatchInput(
+                kind=mc.BatchInput.Kind.Value(kind),
+                target_name=[target],
+                data_type=mc.TYPE_INT32,
+                source_input=[source],
+            )
+            for kind, target, source in spec.batch_inputs
         ],
         output=[
             mc.ModelOutput(name=t.name, data_type=mc.TYPE_FP32, dims=t.dims) for t in spec.outputs

@@ -5,6 +5,7 @@ generated classes that tritonclient ships, so an existing Triton repository of O
 serves unchanged. A model without ``config.pbtxt`` gets its config completed from the ONNX
 graph, as Triton does with strict model config off; a config that disagrees with the graph
 is an error naming the file, the tensor and both values.
+(Reading, completing and checking a config is :mod:`arrowinfer.config`.)
 
 arrowinfer's own settings live in the config's ``parameters`` map:
 
@@ -37,20 +38,34 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeAlias
+from typing import Any
 
 import numpy as np
 import onnx
 import pyarrow as pa
-from google.protobuf import text_format
 from google.protobuf.message import DecodeError
 from tritonclient.grpc import model_config_pb2 as mc
 
+from .config import (
+    BATCH_INPUT_KINDS,
+    DEFAULT_MAX_BATCH_SIZE,
+    BatchInput,
+    ModelConfig,
+    check_priorities,
+    complete_config,
+    dims_text,
+    graph_io,
+    ragged_batching,
+    read_config,
+    unimplemented_fields,
+)
 from .errors import ModelError, ModelNotFound
 from .schema import TensorSpec, datatype, signature
 
 __all__ = [
+    "BATCH_INPUT_KINDS",
     "DEFAULT_MAX_BATCH_SIZE",
+    "BatchInput",
     "ModelConfig",
     "ModelVersion",
     "Repository",
@@ -63,29 +78,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-ModelConfig: TypeAlias = mc.ModelConfig
-
-#: Triton's default when it completes a batching model's config from the model file.
-DEFAULT_MAX_BATCH_SIZE = 4
-
+#: What a model directory may be called (names clients send are looked up, never paths).
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
-
-_ONNX_TO_TRITON: dict[int, str] = {
-    onnx.TensorProto.BOOL: "TYPE_BOOL",
-    onnx.TensorProto.UINT8: "TYPE_UINT8",
-    onnx.TensorProto.UINT16: "TYPE_UINT16",
-    onnx.TensorProto.UINT32: "TYPE_UINT32",
-    onnx.TensorProto.UINT64: "TYPE_UINT64",
-    onnx.TensorProto.INT8: "TYPE_INT8",
-    onnx.TensorProto.INT16: "TYPE_INT16",
-    onnx.TensorProto.INT32: "TYPE_INT32",
-    onnx.TensorProto.INT64: "TYPE_INT64",
-    onnx.TensorProto.FLOAT16: "TYPE_FP16",
-    onnx.TensorProto.FLOAT: "TYPE_FP32",
-    onnx.TensorProto.DOUBLE: "TYPE_FP64",
-    onnx.TensorProto.STRING: "TYPE_STRING",
-    onnx.TensorProto.BFLOAT16: "TYPE_BF16",
-}
 
 
 @dataclass(frozen=True)
@@ -93,7 +87,10 @@ class ModelVersion:
     """One loadable version of a model: its config, its ONNX file and its Arrow signatures.
 
     ``inputs`` is what clients send (ragged inputs as lists, without the mask input the
-    server fills); ``outputs`` is what they get back.
+    server fills); ``outputs`` is what they get back. ``ragged_batch_inputs`` are the
+    inputs with Triton's ``allow_ragged_batch``: the requests' values are concatenated
+    without padding into one 1-D tensor, described to the model by ``batch_inputs``
+    (which the server computes; clients never send them).
     """
 
     name: str
@@ -106,6 +103,8 @@ class ModelVersion:
     mask_input: str | None = None
     pad_value: float = 0.0
     max_request_rows: int | None = None
+    ragged_batch_inputs: tuple[str, ...] = ()
+    batch_inputs: tuple[BatchInput, ...] = ()
     #: The lines of each output's ``label_filename``, for the classification extension.
     labels: dict[str, tuple[str, ...]] = field(default_factory=dict, repr=False)
     sha256: str = ""  # of the model file (hex): every result names the file that made it
@@ -158,219 +157,6 @@ class ModelVersion:
         }
 
 
-def _dims_text(dims: object) -> str:
-    return "[" + ", ".join(str(d) for d in dims) + "]"  # type: ignore[attr-defined]
-
-
-def read_config(path: Path) -> ModelConfig:
-    """Parse one ``config.pbtxt`` into Triton's ``ModelConfig``.
-
-    Raises
-    ------
-    ModelError
-        Naming the file and protobuf's complaint (line and column).
-    """
-    try:
-        text = path.read_text()
-    except OSError as err:
-        raise ModelError(f"{path}: cannot read: {err.strerror or err}") from err
-    except UnicodeDecodeError as err:
-        raise ModelError(f"{path}: cannot read: not UTF-8 text ({err})") from err
-    try:
-        return text_format.Parse(text, mc.ModelConfig())
-    except text_format.ParseError as err:
-        raise ModelError(f"{path}: invalid model config: {err}") from err
-
-
-def _graph_io(
-    model: onnx.ModelProto,
-) -> tuple[list[onnx.ValueInfoProto], list[onnx.ValueInfoProto], list[onnx.ValueInfoProto]]:
-    """Required inputs, outputs, and inputs with a default (an initializer of the same name)."""
-    initializers = {i.name for i in model.graph.initializer}
-    inputs = [v for v in model.graph.input if v.name not in initializers]
-    defaults = [v for v in model.graph.input if v.name in initializers]
-    return inputs, list(model.graph.output), defaults
-
-
-def _onnx_dims(value: onnx.ValueInfoProto) -> list[int]:
-    """Dims of an ONNX tensor, -1 for symbolic or unknown ones."""
-    shape = value.type.tensor_type.shape
-    return [d.dim_value if d.HasField("dim_value") else -1 for d in shape.dim]
-
-
-def _onnx_type(value: onnx.ValueInfoProto, path: Path) -> str:
-    elem = value.type.tensor_type.elem_type
-    if elem not in _ONNX_TO_TRITON:
-        raise ModelError(f"{path}: tensor {value.name!r} has unsupported ONNX element type {elem}")
-    return _ONNX_TO_TRITON[elem]
-
-
-def complete_config(config: ModelConfig, model: onnx.ModelProto, path: Path) -> ModelConfig:
-    """Fill in what a config leaves out from the ONNX graph, and check the rest against it.
-
-    Like Triton's auto-complete: missing inputs and outputs are taken from the graph, and a
-    graph whose tensors all have a variable first dimension gets batching
-    (``max_batch_size`` :data:`DEFAULT_MAX_BATCH_SIZE`) when the config does not say.
-
-    Raises
-    ------
-    ModelError
-        When the config and the graph disagree: naming the file, the tensor and both values.
-    """
-    config = mc.ModelConfig.FromString(config.SerializeToString())
-    graph_inputs, graph_outputs, defaults = _graph_io(model)
-    all_tensors = graph_inputs + graph_outputs
-    if not config.input and not config.output and not config.max_batch_size:
-        batchable = all(_onnx_dims(v)[:1] == [-1] for v in all_tensors)
-        config.max_batch_size = DEFAULT_MAX_BATCH_SIZE if batchable else 0
-    if not config.platform and not config.backend:
-        config.platform = "onnxruntime_onnx"
-    batch = 1 if config.max_batch_size > 0 else 0
-    for kind, graph, entries in (
-        ("input", graph_inputs, config.input),
-        ("output", graph_outputs, config.output),
-    ):
-        # an input with a default (an initializer) may be named too; it is then optional
-        by_name = {v.name: v for v in graph + (defaults if kind == "input" else [])}
-        if batch:
-            for value in graph:
-                if _onnx_dims(value)[:1] != [-1]:
-                    raise ModelError(
-                        f"{path}: {kind} {value.name!r}: config says max_batch_size "
-                        f"{config.max_batch_size}, which needs a variable first dimension, "
-                        f"model.onnx says {_dims_text(_onnx_dims(value))}"
-                    )
-        if not entries:
-            for value in graph:
-                entry = entries.add()
-                entry.name = value.name
-                entry.data_type = mc.DataType.Value(_onnx_type(value, path))
-                entry.dims.extend(_onnx_dims(value)[batch:])
-            continue
-        for entry in entries:
-            if entry.name not in by_name:
-                raise ModelError(
-                    f"{path}: config {kind} {entry.name!r} is not in the ONNX graph "
-                    f"(graph {kind}s: {sorted(by_name)})"
-                )
-            value = by_name[entry.name]
-            if kind == "input" and value in defaults and not entry.optional:
-                entry.optional = True  # the graph has its value when a request has none
-            graph_type = _onnx_type(value, path)
-            config_type = mc.DataType.Name(entry.data_type)
-            if graph_type != config_type:
-                raise ModelError(
-                    f"{path}: {kind} {entry.name!r}: config says {config_type}, "
-                    f"model.onnx says {graph_type}"
-                )
-            graph_dims = _onnx_dims(value)
-            dims = list(entry.reshape.shape) if entry.HasField("reshape") else list(entry.dims)
-            want = ([-1] if batch else []) + dims
-            if len(graph_dims) != len(want) or any(
-                g not in (-1, w) and w != -1 for g, w in zip(graph_dims, want, strict=True)
-            ):
-                raise ModelError(
-                    f"{path}: {kind} {entry.name!r}: config says dims {_dims_text(want)} "
-                    f"(batch dimension included as -1), model.onnx says {_dims_text(graph_dims)}"
-                )
-        missing = sorted({v.name for v in graph} - {e.name for e in entries})
-        if kind == "input" and missing:
-            raise ModelError(
-                f"{path}: graph inputs {missing} are not in the config's inputs "
-                f"(config inputs: {sorted(e.name for e in entries)})"
-            )
-    return config
-
-
-#: The ModelConfig fields arrowinfer implements, per message (the rest: see _config_fields).
-_SUPPORTED: dict[str, set[str]] = {
-    "ModelConfig": {
-        "name",
-        "platform",
-        "backend",
-        "version_policy",
-        "max_batch_size",
-        "input",
-        "output",
-        "dynamic_batching",
-        "instance_group",
-        "default_model_filename",
-        "parameters",
-        "model_warmup",
-    },
-    "ModelInput": {"name", "data_type", "dims", "reshape", "optional"},
-    "ModelOutput": {"name", "data_type", "dims", "reshape", "label_filename"},
-    "ModelDynamicBatching": {
-        "preferred_batch_size",
-        "max_queue_delay_microseconds",
-        "preserve_ordering",  # always: results come back in request order
-        "priority_levels",
-        "default_priority_level",
-        "default_queue_policy",
-        "priority_queue_policy",
-    },
-    "ModelInstanceGroup": {"name", "kind", "count"},
-}
-
-#: Fields whose meaning a model's results depend on: refused rather than ignored.
-_REFUSED: dict[str, str] = {
-    "sequence_batching": "stateful models need Triton's sequence batcher, which arrowinfer "
-    "does not have",
-    "ensemble_scheduling": "ensembles are not served",
-    "model_transaction_policy": "decoupled models (several responses per request) are not served",
-}
-
-
-def _config_fields(config: ModelConfig, path: Path) -> list[str]:
-    """The fields of ``config`` that arrowinfer does not implement (dotted paths).
-
-    Raises
-    ------
-    ModelError
-        For a field in :data:`_REFUSED` (a model that would give wrong results without it).
-    """
-    for name, why in _REFUSED.items():
-        if config.HasField(name) and (
-            name != "model_transaction_policy" or config.model_transaction_policy.decoupled
-        ):
-            raise ModelError(f"{path}: {name}: {why}")
-    ignored: list[str] = []
-
-    def walk(message: Any, prefix: str) -> None:
-        supported = _SUPPORTED.get(message.DESCRIPTOR.name)
-        for descriptor, value in message.ListFields():
-            where = f"{prefix}{descriptor.name}"
-            if descriptor.name == "model_transaction_policy":
-                continue  # not decoupled: nothing to do
-            if descriptor.name == "format" and value == mc.ModelInput.FORMAT_NONE:
-                continue
-            if supported is not None and descriptor.name not in supported:
-                ignored.append(where)
-            elif descriptor.message_type is not None and descriptor.message_type.name in _SUPPORTED:
-                items = [value] if hasattr(value, "DESCRIPTOR") else value  # repeated or one
-                for item in items:
-                    walk(item, where + ".")
-
-    walk(config, "")
-    return sorted(set(ignored))
-
-
-def _check_priorities(config: ModelConfig, path: Path) -> None:
-    dynamic = config.dynamic_batching
-    levels = dynamic.priority_levels
-    if levels and not 1 <= dynamic.default_priority_level <= levels:
-        raise ModelError(
-            f"{path}: dynamic_batching.default_priority_level must be in 1..{levels} "
-            f"(priority_levels), got {dynamic.default_priority_level}"
-        )
-    beyond = sorted(k for k in dynamic.priority_queue_policy if not 1 <= k <= max(levels, 0))
-    if beyond:
-        raise ModelError(
-            f"{path}: dynamic_batching.priority_queue_policy has levels {beyond} beyond "
-            f"priority_levels {levels}"
-        )
-
-
 def _versions(model_dir: Path, config: ModelConfig) -> list[int]:
     """The versions a config's version_policy selects among the version directories."""
     filename = config.default_model_filename or "model.onnx"
@@ -421,6 +207,16 @@ def _specs(entries: object, ragged: set[str]) -> list[TensorSpec]:
     return out
 
 
+def _mark_ragged_batch(schema: pa.Schema, names: tuple[str, ...]) -> pa.Schema:
+    """Mark ragged-batch inputs (field metadata ``ragged: batch``): a list per row, of any
+    length, which requests need not agree on (see :func:`arrowinfer.schema.validate`)."""
+    for name in names:
+        i = schema.get_field_index(name)
+        field = schema.field(i)
+        schema = schema.set(i, field.with_metadata({**(field.metadata or {}), b"ragged": b"batch"}))
+    return schema
+
+
 def _labels(model_dir: Path, filename: str) -> tuple[str, ...]:
     """One label per line of an output's ``label_filename`` (in the model's directory)."""
     path = model_dir / filename
@@ -441,9 +237,9 @@ def load_model(model_dir: Path) -> list[ModelVersion]:
     Raises
     ------
     ModelError
-        For an unreadable or invalid config, a corrupt ONNX file, a config that disagrees
-        with the graph, an unsupported data type or no version to serve; the message names
-        the file and the problem.
+        For an unreadable or invalid config, a sequence model (``sequence_batching``), a
+        corrupt ONNX file, a config that disagrees with the graph, an unsupported data
+        type or no version to serve; the message names the file and the problem.
     """
     config_path = model_dir / "config.pbtxt"
     config = read_config(config_path) if config_path.exists() else mc.ModelConfig()
@@ -452,12 +248,13 @@ def load_model(model_dir: Path) -> list[ModelVersion]:
             f"{config_path}: name {config.name!r} differs from its directory {model_dir.name!r}"
         )
     config.name = model_dir.name
+    ragged_batch, batch_inputs = ragged_batching(config, config_path)
     if config.backend not in ("", "onnxruntime") or config.platform not in ("", "onnxruntime_onnx"):
         raise ModelError(
             f"{config_path}: platform {config.platform!r} / backend {config.backend!r} is not "
             "served here (only onnxruntime_onnx)"
         )
-    ignored = _config_fields(config, config_path)
+    ignored = unimplemented_fields(config, config_path)
     if ignored:
         log.warning(
             "%s: arrowinfer does not implement config field(s) %s; they are ignored "
@@ -465,7 +262,7 @@ def load_model(model_dir: Path) -> list[ModelVersion]:
             config_path,
             ", ".join(ignored),
         )
-    _check_priorities(config, config_path)
+    check_priorities(config, config_path)
     versions = []
     for number in _versions(model_dir, config):
         path = model_dir / str(number) / (config.default_model_filename or "model.onnx")
@@ -498,7 +295,7 @@ def load_model(model_dir: Path) -> list[ModelVersion]:
                 f"{config_path}: ragged or mask inputs {sorted(optional & (ragged | {mask}))} "
                 "cannot be optional"
             )
-        required = {v.name for v in _graph_io(graph)[0]}
+        required = {v.name for v in graph_io(graph)[0]}
         for name in sorted(optional & required):
             log.warning(
                 "%s: input %r is optional in the config, but the ONNX graph has no default "
@@ -512,7 +309,7 @@ def load_model(model_dir: Path) -> list[ModelVersion]:
             ):
                 raise ModelError(
                     f"{config_path}: input {entry.name!r}: a ragged or mask input needs fixed "
-                    f"dims to pad to, config says {_dims_text(entry.dims)}"
+                    f"dims to pad to, config says {dims_text(entry.dims)}"
                 )
         try:
             inputs = signature(
@@ -520,6 +317,7 @@ def load_model(model_dir: Path) -> list[ModelVersion]:
                 metadata={"model": full.name, "version": str(number)},
             )
             outputs = signature(_specs(full.output, set()))
+            inputs = _mark_ragged_batch(inputs, ragged_batch)
         except TypeError as err:
             source = config_path if config_path.exists() else path
             raise ModelError(f"{source}: {err}") from err
@@ -547,6 +345,8 @@ def load_model(model_dir: Path) -> list[ModelVersion]:
                 outputs=outputs,
                 ragged_inputs=tuple(sorted(ragged)),
                 mask_input=mask,
+                ragged_batch_inputs=ragged_batch,
+                batch_inputs=batch_inputs,
                 pad_value=pad_value,
                 max_request_rows=max_request_rows,
                 labels=labels,

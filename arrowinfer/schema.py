@@ -239,6 +239,17 @@ def _declared_ragged(field: pa.Field) -> bool:
     return bool(field.metadata) and field.metadata.get(b"ragged") == b"pad"
 
 
+def _ragged_batch(field: pa.Field) -> bool:
+    return bool(field.metadata) and field.metadata.get(b"ragged") == b"batch"
+
+
+def _any_lengths(field: pa.Field) -> bool:
+    """A list per entry whose lengths requests need not agree on: padded by the server
+    (``ragged: pad``), or concatenated for Triton's ragged batching (``ragged: batch``, set
+    by the repository for ``allow_ragged_batch`` inputs)."""
+    return bool(field.metadata) and field.metadata.get(b"ragged") in (b"pad", b"batch")
+
+
 def describe(lay: Layout) -> str:
     """A layout as users read it: ``float32[100, 2]`` or ``float32[var, 2]`` (ragged)."""
     dims = ", ".join("var" if d < 0 else str(d) for d in lay.shape)
@@ -385,7 +396,7 @@ def validate(
             continue
         column = batch.column(field.name)
         want = layout(field.type)
-        variable = -1 in want.shape and not _declared_ragged(field)
+        variable = -1 in want.shape and not _any_lengths(field)
         if canonical:
             _check_nulls(column, model, field.name)
             if variable:
@@ -411,7 +422,9 @@ def validate(
                 expected=f"{want.value_type} ({datatype(want.value_type).kserve})",
                 got=str(got.value_type),
             )
-        if got.ragged != want.ragged and not variable:
+        # a ragged-batch input may also come dense: every row then has the same length
+        dense_batch = _ragged_batch(field) and want.ragged and not got.ragged
+        if got.ragged != want.ragged and not variable and not dense_batch:
             how = "a list per entry (ragged)" if want.ragged else "a fixed shape per entry"
             raise InvalidInput(
                 f"expected {how}",

@@ -24,6 +24,6 @@ def example_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(example_repository: Path) -> Iterator[Server]:
-    """A real server over the example repository: Flight, KServe and metrics on free ports."""
-    with Server(example_repository, port=0, kserve_port=0, metrics_port=0) as running:
+    """A real server over the example repository: Flight, KServe gRPC and HTTP, metrics."""
+    with Server(example_repository, port=0, kserve_port=0, http_port=0, metrics_port=0) as running:
         yield running

@@ -68,6 +68,10 @@ def request_for(name: str, n: int, seed: int = 0) -> pa.RecordBatch:
         return events.synthetic_jet_constituents(n, seed=seed)
     if name == "toptag_cnn":
         return events.synthetic_jet_images(n, seed=seed)
+    if name == "track_sum":  # n events, each with 0 to 40 tracks
+        rng = np.random.default_rng(seed)
+        tracks = [rng.exponential(5.0, size=rng.integers(0, 41)).tolist() for _ in range(n)]
+        return pa.RecordBatch.from_arrays([pa.array(tracks, pa.list_(pa.float32()))], ["pt"])
     assert name == "identity"
     values = np.random.default_rng(seed).standard_normal((n, 1024), dtype=np.float32)
     return pa.RecordBatch.from_arrays([tensors.from_numpy(values)], ["INPUT0"])
@@ -89,6 +93,11 @@ def _dense_values(column: pa.Array) -> np.ndarray:
 
 def reference_inputs(name: str, request: pa.RecordBatch) -> dict[str, np.ndarray]:
     """The model's inputs as onnxruntime wants them, built without arrowinfer."""
+    if name == "track_sum":  # Triton's ragged batching: concatenated, with offsets
+        events = request.column("pt").to_pylist()
+        pt = np.array([v for event in events for v in event], dtype=np.float32)
+        offsets = np.cumsum([0] + [len(event) for event in events]).astype(np.int32)
+        return {"pt": pt, "offsets": offsets}
     if name != "jet_tagger":
         return {
             field.name: _dense_values(column)

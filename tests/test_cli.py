@@ -16,7 +16,7 @@ from arrowinfer.client import Client
 from arrowinfer.examples import ALL_MODELS
 from arrowinfer.server import Server
 
-MODELS = ["facile", "identity", "jet_tagger", "toptag_cnn"]
+MODELS = ["facile", "identity", "jet_tagger", "toptag_cnn", "track_sum"]
 
 
 def test_examples_writes_the_repository(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -49,7 +49,20 @@ def sessions(repo: pathlib.Path) -> dict[str, ort.InferenceSession]:
 def _random_inputs(
     config: model_config_pb2.ModelConfig, batch: int, rng: np.random.Generator
 ) -> dict[str, np.ndarray]:
-    feed = {t.name: rng.normal(size=(batch, *t.dims)).astype(np.float32) for t in config.input}
+    """Random inputs as the model sees them (ragged-batch inputs concatenated, with offsets)."""
+    feed = {
+        t.name: rng.normal(size=(batch, *t.dims)).astype(np.float32)
+        for t in config.input
+        if not t.allow_ragged_batch
+    }
+    counts = rng.integers(0, 30, size=batch)  # events with 0 to 29 values, some empty
+    for t in config.input:
+        if t.allow_ragged_batch:
+            feed[t.name] = rng.normal(size=int(counts.sum())).astype(np.float32)
+    for b in config.batch_input:
+        kind = model_config_pb2.BatchInput.Kind.Name(b.kind)
+        assert kind == "BATCH_ACCUMULATED_ELEMENT_COUNT_WITH_ZERO"
+        feed[b.target_name[0]] = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
     if "mask" in feed:
         feed["mask"] = (rng.random(feed["mask"].shape) < 0.7).astype(np.float32)
     return feed
@@ -90,9 +103,20 @@ def test_config_matches_onnx_graph(repo: pathlib.Path, name: str) -> None:
         (1, model_config_pb2.ModelInstanceGroup.KIND_CPU)
     ]
 
-    for tensors, values in ((config.input, model.graph.input), (config.output, model.graph.output)):
+    made = {b.target_name[0] for b in config.batch_input}  # graph inputs the server makes
+    for b in config.batch_input:
+        (value,) = [v for v in model.graph.input if v.name == b.target_name[0]]
+        assert b.data_type == model_config_pb2.TYPE_INT32
+        assert value.type.tensor_type.elem_type == onnx.TensorProto.INT32
+        assert len(value.type.tensor_type.shape.dim) == 1
+    graph_inputs = [v for v in model.graph.input if v.name not in made]
+    for tensors, values in ((config.input, graph_inputs), (config.output, model.graph.output)):
         assert [t.name for t in tensors] == [v.name for v in values]
         for t, v in zip(tensors, values, strict=True):
+            if tensors is config.input and t.allow_ragged_batch:  # concatenated, 1-D
+                assert list(t.dims) == [-1]
+                assert len(v.type.tensor_type.shape.dim) == 1
+                continue
             assert t.data_type == model_config_pb2.TYPE_FP32
             assert v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
             batch, *dims = v.type.tensor_type.shape.dim
@@ -116,6 +140,7 @@ _SETTINGS = {
     ),
     "toptag_cnn": (256, 1000, [], {"intra_op_thread_count": "2"}),
     "identity": (16384, 0, [], {}),
+    "track_sum": (4096, 100, [], {}),
     "jet_score": (65536, 100, [], {}),
     "event_jets": (
         4096,
@@ -136,6 +161,7 @@ _SIGNATURES = {
     ),
     "toptag_cnn": ({"image": [1, 37, 37]}, {"probabilities": [2]}),
     "identity": ({"INPUT0": [1024]}, {"OUTPUT0": [1024]}),
+    "track_sum": ({"pt": [-1]}, {"score": [1], "n_tracks": [1]}),
     "jet_score": ({"jet": [8]}, {"score": [1]}),
     "event_jets": ({"jets": [16, 5], "mask": [16, 1]}, {"probabilities": [2]}),
 }
@@ -193,6 +219,8 @@ def test_models_run(
         assert (probabilities > 0).all()
     if name == "identity":
         np.testing.assert_array_equal(results["OUTPUT0"], feed["INPUT0"])
+    if name == "track_sum":  # each event's count, from the offsets alone
+        np.testing.assert_array_equal(results["n_tracks"][:, 0], np.diff(feed["offsets"]))
 
 
 @pytest.mark.parametrize("name", ["facile", "jet_tagger", "toptag_cnn"])

@@ -199,7 +199,13 @@ def test_model_config(triton: tg.InferenceServerClient) -> None:
 
 def test_repository_index(triton: tg.InferenceServerClient) -> None:
     index = triton.get_model_repository_index(as_json=True, client_timeout=WAIT)["models"]
-    assert {m["name"] for m in index} == {"facile", "identity", "jet_tagger", "toptag_cnn"}
+    assert {m["name"] for m in index} == {
+        "facile",
+        "identity",
+        "jet_tagger",
+        "toptag_cnn",
+        "track_sum",
+    }
     assert {m["state"] for m in index} == {"READY"}
     assert all(m["version"] == "1" for m in index)
 
@@ -230,7 +236,13 @@ def test_statistics_grow_with_requests(triton: tg.InferenceServerClient) -> None
     assert any(int(b["batch_size"]) == rows for b in after["batch_stats"])
     assert int(after["last_inference"]) > 0
     every = triton.get_inference_statistics(client_timeout=WAIT).model_stats
-    assert {s.name for s in every} == {"facile", "identity", "jet_tagger", "toptag_cnn"}
+    assert {s.name for s in every} == {
+        "facile",
+        "identity",
+        "jet_tagger",
+        "toptag_cnn",
+        "track_sum",
+    }
 
 
 # -- inference: tritonclient, every way it sends ------------------------------------------

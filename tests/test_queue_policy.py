@@ -234,13 +234,13 @@ def test_unimplemented_config_fields_are_named_at_load(
         "max_batch_size: 0\n"
         "response_cache { enable: true }\n"
         "optimization { graph { level: 1 } }\n"
-        'input [ { name: "n" data_type: TYPE_INT64 dims: [ 1 ] allow_ragged_batch: true } ]\n'
+        'input [ { name: "n" data_type: TYPE_INT64 dims: [ 1 ] is_shape_tensor: true } ]\n'
         "dynamic_batching { preserve_ordering: true default_queue_policy { max_queue_size: 4 } }\n"
     )
     with caplog.at_level(logging.WARNING, logger="arrowinfer.repository"):
         load_model(tmp_path / "m")
     warned = caplog.text
-    for field in ("response_cache", "optimization", "input.allow_ragged_batch"):
+    for field in ("response_cache", "optimization", "input.is_shape_tensor"):
         assert field in warned
     assert "preserve_ordering" not in warned
     assert "max_queue_size" not in warned

@@ -818,3 +818,12 @@ def test_example_signatures(example_models: dict[str, list[ModelVersion]]) -> No
     assert ident.inputs.field("INPUT0").type == pa.fixed_shape_tensor(pa.float32(), [1024])
     assert ident.outputs.names == ["OUTPUT0"]
     assert ident.inputs.metadata == {b"model": b"identity", b"version": b"1"}
+
+
+def test_sequence_models_are_refused(tmp_path: pathlib.Path) -> None:
+    """A sequence (stateful) model is not served as if it were stateless."""
+    config = config_of("seq", f="sequence_batching { max_sequence_idle_microseconds: 5000 }")
+    with pytest.raises(ModelError, match=r"config\.pbtxt: sequence_batching: .*sequence"):
+        load_model(write_model(tmp_path, "seq", config))
+    (version,) = load_model(write_model(tmp_path, "plain", config_of("plain")))
+    assert version.name == "plain"

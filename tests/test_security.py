@@ -393,7 +393,8 @@ def test_cli_refuses_half_a_tls_setup(example_repository: Path, tmp_path: Path) 
         done = subprocess.run(
             [
                 *(sys.executable, "-m", "arrowinfer.cli", "serve", str(example_repository)),
-                *("--port", "0", "--kserve-port", "-1", "--metrics-port", "-1", *extra),
+                *("--port", "0", "--kserve-port", "-1", "--http-port", "-1"),
+                *("--metrics-port", "-1", *extra),
             ],
             check=False,
             capture_output=True,

@@ -34,7 +34,8 @@ def create_backend(model: ModelVersion, *, device: str | None = None) -> Backend
     A GPU model (``device="cuda[:N]"``, or ``KIND_GPU`` in the config) gets a
     :class:`~arrowinfer.backends.device.DeviceBackend`: batches are assembled on the
     device with CuPy and run by onnxruntime's CUDA provider. Anything else gets an
-    :class:`~arrowinfer.backends.ort.OnnxRuntimeBackend` on the CPU.
+    :class:`~arrowinfer.backends.ort.OnnxRuntimeBackend` on the CPU; so does a GPU model
+    with ragged batching (``allow_ragged_batch``), run by onnxruntime's CUDA provider.
 
     Parameters
     ----------
@@ -50,10 +51,11 @@ def create_backend(model: ModelVersion, *, device: str | None = None) -> Backend
         onnxruntime's CUDA provider is missing (the message names the model and the fix).
     """
     gpu = _gpu_device(model, device)
-    if gpu is not None:
+    if gpu is not None and not model.ragged_batch_inputs:
         from .device import DeviceBackend  # CuPy loads only when a GPU model does
 
         return DeviceBackend(model, device=gpu)
     from .ort import OnnxRuntimeBackend  # onnxruntime loads only when a model does
 
-    return OnnxRuntimeBackend(model, device=device)
+    # ragged batching is assembled on the host; onnxruntime's CUDA provider still runs it
+    return OnnxRuntimeBackend(model, device=gpu or device)

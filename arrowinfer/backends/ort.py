@@ -34,6 +34,7 @@ __all__ = [
     "OnnxRuntimeBackend",
     "PlannedInput",
     "assemble_inputs",
+    "batch_input",
     "batch_invariant_rows",
     "input_plan",
     "model_shape",
@@ -103,7 +104,12 @@ def model_shape(entry: object) -> tuple[int, ...]:
 
 
 class PlannedInput(NamedTuple):
-    """How one model input is made: ``kind`` is ``"dense"``, ``"ragged"`` or ``"mask"``."""
+    """How one model input is made.
+
+    ``kind`` is ``"dense"``, ``"ragged"`` (padded lists), ``"mask"``, ``"ragged_batch"``
+    (Triton's ``allow_ragged_batch``: every row's values concatenated, 1-D) or
+    ``"batch_input"`` (made from a ragged-batch input's counts).
+    """
 
     name: str
     dtype: np.dtype
@@ -120,11 +126,47 @@ def input_plan(model: ModelVersion) -> list[PlannedInput]:
             if entry.name == model.mask_input
             else "ragged"
             if entry.name in model.ragged_inputs
+            else "ragged_batch"
+            if entry.name in model.ragged_batch_inputs
             else "dense"
         )
         dtype = datatype(mc.DataType.Name(entry.data_type)).numpy
         plan.append(PlannedInput(entry.name, dtype, model_shape(entry), kind))
+    # after their sources: they are made from those inputs' counts
+    plan.extend(PlannedInput(b.target, b.dtype, (), "batch_input") for b in model.batch_inputs)
     return plan
+
+
+def _ragged_batch(columns: Sequence[pa.Array | pa.ChunkedArray]) -> tuple[np.ndarray, np.ndarray]:
+    """A ragged-batch input over requests: every row's values concatenated (1-D), and the
+    number of values of each row. A request may send lists, or rows of one fixed shape."""
+    values, counts = [], []
+    for column in columns:
+        if tensors.layout(column.type).ragged:
+            ragged = tensors.ragged_to_numpy(column)
+            per_item = math.prod(ragged.values.shape[1:])
+            values.append(ragged.values.reshape(-1))
+            counts.append(ragged.counts.astype(np.int64) * per_item)
+        else:
+            dense = tensors.to_numpy(column)
+            values.append(dense.reshape(-1))
+            counts.append(np.full(len(dense), math.prod(dense.shape[1:]), dtype=np.int64))
+    if len(values) == 1:
+        return values[0], counts[0]
+    return np.concatenate(values), np.concatenate(counts)
+
+
+def batch_input(kind: str, counts: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """Triton's batch input of ``kind`` for rows with these element counts (1-D)."""
+    if kind == "BATCH_ELEMENT_COUNT":
+        return counts.astype(dtype)
+    if kind == "BATCH_ACCUMULATED_ELEMENT_COUNT":
+        return np.cumsum(counts).astype(dtype)
+    if kind == "BATCH_ACCUMULATED_ELEMENT_COUNT_WITH_ZERO":
+        return np.concatenate([[0], np.cumsum(counts)]).astype(dtype)
+    if kind == "BATCH_MAX_ELEMENT_COUNT_AS_SHAPE":
+        return np.zeros(int(counts.max()) if len(counts) else 0, dtype=dtype)
+    raise ValueError(f"batch input kind {kind} is not served")
 
 
 def _merged(
@@ -183,7 +225,9 @@ def assemble_inputs(
     One request's fixed-shape inputs are passed as views of its Arrow buffers; several are
     concatenated by Arrow into one buffer. Ragged inputs are concatenated the same way,
     then padded or truncated to the model's size (``arrowinfer.pad_value``) in one
-    vectorised step, and the ``arrowinfer.mask_input`` is 1 for real items.
+    vectorised step, and the ``arrowinfer.mask_input`` is 1 for real items. Ragged-batch
+    inputs (``allow_ragged_batch``) are concatenated without padding into one 1-D tensor,
+    and their ``batch_input`` tensors say where each row's values lie.
     """
     batching = model.max_batch_size > 0
     if not batching and (len(requests) != 1 or requests[0].num_rows != 1):
@@ -196,11 +240,19 @@ def assemble_inputs(
     total = sum(r.num_rows for r in requests)
     ragged = _ragged_columns(model, requests) if model.ragged_inputs else {}
     feeds: dict[str, np.ndarray] = {}
+    elements: dict[str, np.ndarray] = {}  # values per row of each ragged-batch input
+    makers = {b.target: b for b in model.batch_inputs}
     given = set(requests[0].schema.names)  # the batcher merged requests that agree on it
     for name, dtype, shape, kind in plan or input_plan(model):
         if kind == "dense" and name not in given:
             continue  # an optional input left out: the graph's default (its initializer)
-        if kind == "mask":
+        if kind == "ragged_batch":
+            values, elements[name] = _ragged_batch([r.column(name) for r in requests])
+            feeds[name] = values.astype(dtype, copy=False)
+        elif kind == "batch_input":
+            made = makers[name]
+            feeds[name] = batch_input(made.kind, elements[made.source], dtype)
+        elif kind == "mask":
             counts = next(iter(ragged.values())).counts
             feeds[name] = aligned_empty((total, *shape), dtype)
             feeds[name][...] = tensors.mask(counts, shape[0], shape=shape[1:], dtype=dtype)
@@ -329,6 +381,11 @@ def batch_invariant_rows(model: ModelVersion) -> int:
         raise ModelError(
             f"model {model.name!r}: parameter arrowinfer.batch_invariant must be true, false "
             f"or a number of rows, got {value!r}"
+        )
+    if model.ragged_batch_inputs:  # its fixed slices of rows cannot cut 1-D concatenations
+        raise ModelError(
+            f"model {model.name!r}: arrowinfer.batch_invariant cannot be combined with "
+            f"allow_ragged_batch (inputs {list(model.ragged_batch_inputs)})"
         )
     if model.max_batch_size <= 0:
         raise ModelError(

@@ -283,6 +283,8 @@ def arrowinfer_server(repository: Path, *extra: str) -> Iterator[tuple[subproces
         "0",
         "--kserve-port",
         "-1",
+        "--http-port",
+        "-1",
         "--metrics-port",
         "-1",
         *extra,

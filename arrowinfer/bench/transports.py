@@ -7,10 +7,14 @@ Transports (client and servers in separate processes on this machine):
 - ``shm``: arrowinfer over shared memory (control over Flight TCP);
 - ``kserve-grpc``: the same server's KServe v2 endpoint, driven by ``tritonclient.grpc``
   (as SONIC does today), including ``set_data_from_numpy`` and ``as_numpy``;
+- ``kserve-http``: its KServe v2 HTTP/REST endpoint, driven by ``tritonclient.http`` (one
+  client per thread) with Triton's binary tensor data extension; ``kserve-http-json``: the
+  same with JSON tensors (up to 256 KB: beyond, JSON numbers cost far more than transport);
 - references: ``flight-echo`` (a bare pyarrow Flight echo server, the Flight limit) and
   ``numpy-copy`` (one ``np.copyto`` of the payload, the memory limit);
 - with ``--triton-url``: the real NVIDIA Triton (``../shared/peers/triton``) over gRPC
-  (``triton-grpc``) and over gRPC + system shared memory (``triton-shm``).
+  (``triton-grpc``) and over gRPC + system shared memory (``triton-shm``); with
+  ``--triton-http-url`` over HTTP with binary tensor data (``triton-http``).
 
 The sweep: ``identity`` with 1, 64, 1024 and 8192 rows of 4 KiB (4 KB to 32 MB per
 request) at 1 to 32 requests in flight (perf_analyzer's async concurrency), and one-row
@@ -19,7 +23,8 @@ PNG plots into ``--out`` (default ``./arrowinfer-bench-results``); with ``--upda
 also the summary table into README.md between its markers (a clone's; the maintainers'
 ``make bench`` passes ``--out benchmarks/results --update-readme``).
 
-Usage: ``arrowinfer bench [--quick] [--triton-url HOST:PORT] [--out DIR] [--update-readme]``.
+Usage: ``arrowinfer bench [--quick] [--triton-url HOST:PORT] [--triton-http-url HOST:PORT]
+[--out DIR] [--update-readme]``.
 """
 
 from __future__ import annotations
@@ -33,8 +38,9 @@ import re
 import socket
 import sys
 import tempfile
+import threading
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +64,7 @@ QUICK_SIZES = ("4 KB", "4 MB", "32 MB")
 CONCURRENCY = (1, 4, 16, 32)
 QUICK_CONCURRENCY = (1, 4)
 MAX_IN_FLIGHT_BYTES = 512 * 2**20  # 32 requests of 32 MB would be 1 GB in flight, per copy
+JSON_SIZES = ("4 KB", "256 KB")  # beyond, JSON tensors measure number formatting only
 README_BEGIN = "<!-- transports:begin -->"
 README_END = "<!-- transports:end -->"
 
@@ -132,15 +139,60 @@ def _kserve(
     return submit, cleanup
 
 
+def _kserve_http(
+    url: str, model: str, x: np.ndarray, input_name: str, output: str, *, binary: bool
+) -> tuple[Submit, Callable[[], None]]:
+    """tritonclient.http infer, one client per thread (as the Triton peer's bench does).
+
+    ``binary``: Triton's binary tensor data extension both ways, else JSON tensors. No
+    compression (tritonclient.http asks for none unless told).
+    """
+    import tritonclient.http as httpclient
+
+    local = threading.local()
+    clients: list[Any] = []
+    lock = threading.Lock()
+    pool = ThreadPoolExecutor(max_workers=max(CONCURRENCY), thread_name_prefix="kserve-http")
+
+    def one() -> np.ndarray:
+        client = getattr(local, "client", None)
+        if client is None:
+            client = local.client = httpclient.InferenceServerClient(url)
+            with lock:
+                clients.append(client)
+        inp = httpclient.InferInput(input_name, list(x.shape), "FP32")
+        inp.set_data_from_numpy(x, binary_data=binary)
+        out = httpclient.InferRequestedOutput(output, binary_data=binary)
+        return client.infer(model, [inp], outputs=[out]).as_numpy(output)
+
+    def cleanup() -> None:
+        pool.shutdown(wait=True)
+        for client in clients:
+            client.close()
+
+    return lambda: pool.submit(one), cleanup
+
+
 class Bench:
     """The servers, clients and submit functions of one run."""
 
-    def __init__(self, repository: Path, stack: contextlib.ExitStack, triton_url: str | None):
+    def __init__(
+        self,
+        repository: Path,
+        stack: contextlib.ExitStack,
+        triton_url: str | None,
+        triton_http_url: str | None = None,
+    ):
         self.repository = repository
         self.kserve_port = _free_port()
+        self.http_port = _free_port()
         tcp_server, self.tcp = stack.enter_context(
-            arrowinfer_server(repository, "--kserve-port", str(self.kserve_port))
+            arrowinfer_server(
+                repository,
+                *("--kserve-port", str(self.kserve_port), "--http-port", str(self.http_port)),
+            )
         )
+        self.triton_http_url = triton_http_url
         self.socket = Path(tempfile.mkdtemp()) / "flight.sock"
         unix_server, _ = stack.enter_context(
             arrowinfer_server(repository, "--unix-socket", str(self.socket))
@@ -151,6 +203,8 @@ class Bench:
             "flight-tcp": (tcp_server.pid,),
             "shm": (tcp_server.pid,),
             "kserve-grpc": (tcp_server.pid,),
+            "kserve-http": (tcp_server.pid,),
+            "kserve-http-json": (tcp_server.pid,),
             "flight-unix": (unix_server.pid,),
             "flight-echo": (echo.pid,),
         }
@@ -168,9 +222,12 @@ class Bench:
         stack.callback(lambda: [c() for c in self.cleanups])
 
     def transports(self) -> list[str]:
-        names = ["in-process", "flight-tcp", "flight-unix", "shm", "kserve-grpc"]
+        names = ["in-process", "flight-tcp", "flight-unix", "shm", "kserve-grpc", "kserve-http"]
+        names.append("kserve-http-json")
         if self.triton_url:
             names += ["triton-grpc", "triton-shm"]
+        if self.triton_http_url:
+            names.append("triton-http")
         return [*names, "flight-echo", "numpy-copy"]
 
     def identity(self, transport: str, rows: int) -> Submit:
@@ -204,6 +261,20 @@ class Bench:
             return _checked(lambda: client.infer_async("identity", batch), same)
         if transport == "kserve-grpc":
             submit, cleanup = _kserve(f"127.0.0.1:{self.kserve_port}", "identity", x, "OUTPUT0")
+        elif transport.startswith("kserve-http"):
+            submit, cleanup = _kserve_http(
+                f"127.0.0.1:{self.http_port}",
+                "identity",
+                x,
+                "INPUT0",
+                "OUTPUT0",
+                binary=transport == "kserve-http",
+            )
+        elif transport == "triton-http":  # one flat FP32 tensor, as for its gRPC rows
+            assert self.triton_http_url is not None
+            submit, cleanup = _kserve_http(
+                self.triton_http_url, "identity", x.reshape(-1), "INPUT0", "OUTPUT0", binary=True
+            )
         else:  # the real Triton's identity takes one flat FP32 tensor (max_batch_size 0)
             assert self.triton_url is not None
             submit, cleanup = _kserve(
@@ -224,6 +295,18 @@ class Bench:
         if transport == "kserve-grpc":
             x = tensors.to_numpy(batch.column(0))
             submit, cleanup = _kserve_facile(f"127.0.0.1:{self.kserve_port}", x)
+            self.cleanups.append(cleanup)
+            return submit
+        if transport.startswith("kserve-http"):
+            x = tensors.to_numpy(batch.column(0))
+            submit, cleanup = _kserve_http(
+                f"127.0.0.1:{self.http_port}",
+                "facile",
+                x,
+                "hits",
+                "energy",
+                binary=transport == "kserve-http",
+            )
             self.cleanups.append(cleanup)
             return submit
         return None
@@ -262,6 +345,8 @@ def _cells(bench: Bench, quick: bool) -> Iterator[tuple[str, str, int, int]]:
             for transport in bench.transports():
                 if transport == "numpy-copy" and concurrency > 1:
                     continue
+                if transport == "kserve-http-json" and label not in JSON_SIZES:
+                    continue
                 yield transport, label, SIZES[label], concurrency
 
 
@@ -274,12 +359,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     repository = one_intra_op_thread(write_example_repository(Path(tempfile.mkdtemp()) / "repo"))
     rows: list[Measurement] = []
     with contextlib.ExitStack() as stack:
-        bench = Bench(repository, stack, args.triton_url)
+        bench = Bench(repository, stack, args.triton_url, args.triton_http_url)
         cells = list(_cells(bench, args.quick))
         latency = [
             t
             for t in bench.transports()
-            if t not in ("flight-echo", "numpy-copy", "triton-grpc", "triton-shm")
+            if t not in ("flight-echo", "numpy-copy", "triton-grpc", "triton-shm", "triton-http")
         ]
         with tqdm(total=len(cells) + len(latency), unit="cell", desc="transports") as bar:
             for transport, label, n, concurrency in cells:
@@ -313,6 +398,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "machine": describe(),
         "quick": args.quick,
         "triton_url": args.triton_url,
+        "triton_http_url": args.triton_http_url,
         "rows": [m.as_dict() for m in rows],
         "targets": targets(rows),
     }
@@ -377,6 +463,11 @@ def targets(rows: list[Measurement]) -> dict[str, float]:
             f"{size}: kserve-grpc / real Triton gRPC (>= 0.7)",
             kserve,
             _best(rows, "triton-grpc", size),
+        )
+        ratio(
+            f"{size}: kserve-http / real Triton HTTP, binary tensor data (>= 1)",
+            _best(rows, "kserve-http", size),
+            _best(rows, "triton-http", size),
         )
         ratio(
             f"{size}: shm / real Triton gRPC + shm (>= 1)",
@@ -533,6 +624,11 @@ def main(argv: list[str] | None = None) -> int:
         "--quick",
         action="store_true",
         help="fewer cells and short windows: a first look in under two minutes",
+    )
+    parser.add_argument(
+        "--triton-http-url",
+        metavar="HOST:PORT",
+        help="also measure a real Triton server's HTTP endpoint, binary tensor data",
     )
     parser.add_argument(
         "--triton-url",

@@ -8,10 +8,13 @@ unchanged; the generated classes come from tritonclient (``service_pb2``,
 
 Implemented: ``ServerLive``, ``ServerReady``, ``ModelReady``, ``ServerMetadata``,
 ``ModelMetadata``, ``ModelConfig``, ``ModelInfer``, ``ModelStreamInfer``,
-``ModelStatistics``, ``RepositoryIndex``, ``RepositoryModelLoad`` and
-``RepositoryModelUnload``. The shared-memory, trace and log-settings RPCs answer
-``UNIMPLEMENTED`` (the generated base class): arrowinfer's shared memory is its own Arrow
-IPC transport, not Triton's regions.
+``ModelStatistics``, ``RepositoryIndex``, ``RepositoryModelLoad``,
+``RepositoryModelUnload`` and the system shared-memory RPCs
+(``SystemSharedMemoryRegister``, ``...Unregister``, ``...Status``; the rules are
+:mod:`._v2memory`'s). The CUDA shared-memory RPCs answer ``UNIMPLEMENTED`` with a message
+saying so; the trace and log-settings RPCs answer ``UNIMPLEMENTED`` (the generated base
+class). What the gRPC and HTTP front ends share lives in :mod:`._v2`, :mod:`._v2tensors`
+and :mod:`._v2memory`.
 
 Inference
 ---------
@@ -38,7 +41,9 @@ Inference
   behind the others (``DELAY``). Only the gRPC deadline (tritonclient's ``client_timeout``)
   bounds the whole wait, with DEADLINE_EXCEEDED. (Before, ``timeout`` bounded the whole
   wait like a deadline; it no longer does.) The sequence flags are accepted and ignored (no
-  sequence batcher); shared-memory parameters are refused (INVALID_ARGUMENT).
+  sequence batcher). ``shared_memory_region``, ``shared_memory_offset`` and
+  ``shared_memory_byte_size`` on an input or output place it in a registered system
+  shared-memory region.
 - The classification extension: a requested output with the ``classification`` parameter
   (tritonclient's ``class_count``) comes back as ``BYTES`` of shape ``[batch, k]`` (``[k]``
   without batching), the ``k`` highest scores of each row as ``"score:index:label"``, the
@@ -57,7 +62,10 @@ Inference
   them: it says how many items of each row are real (they come first, the padding after).
   Without it every position is real. The server pads each row again with
   ``arrowinfer.pad_value`` and fills the mask itself, exactly as for a Flight request of
-  lists, so the padding values a KServe client sends do not reach the model.
+  lists, so the padding values a KServe client sends do not reach the model. Triton's
+  ragged batching (``allow_ragged_batch`` inputs) is served too: each request row ``[n]``
+  of any ``n`` is one list, concatenated with the others without padding
+  (docs/protocol-support.md).
 - ``ModelStreamInfer`` serves a stream's requests pipelined, in order, and puts a failed
   request's error in ``ModelStreamInferResponse.error_message`` (with the request's ``id``
   in ``infer_response``) as Triton does; the stream goes on.
@@ -70,31 +78,21 @@ import logging
 import queue
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeout
-from typing import Any, NamedTuple, TypeVar
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
 
 import grpc
 from google.protobuf import json_format
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc
 
-from .. import __version__
-from ..batching import Completed
-from ..errors import (
-    ArrowInferError,
-    InvalidInput,
-    ServerUnavailable,
-    Timeout,
-    error_to_dict,
-    grpc_status,
-)
+from ..errors import ArrowInferError, Unsupported, error_to_dict, grpc_status
 from ..protocol import dump_json
-from ..schema import TensorSpec
+from . import _v2
 from ._auth import ModelControl
-from ._core import InferenceCore, LoadedModel, unexpected
+from ._core import InferenceCore, unexpected
 from ._ordered import MAX_PENDING, MAX_PENDING_BYTES
-from ._v2tensors import infer_response, request_batch, requested_outputs
+from ._v2memory import CUDA_UNSUPPORTED, Peer, SystemRegions
 
 __all__ = ["MAX_MESSAGE_BYTES", "KServeService", "start_kserve", "status_of"]
 
@@ -147,36 +145,6 @@ def _unary(method: _Method) -> _Method:
     return rpc  # type: ignore[return-value]
 
 
-# -- requests ------------------------------------------------------------------------
-
-
-class _Pending(NamedTuple):
-    """A submitted request: what its response needs."""
-
-    request: pb.ModelInferRequest
-    model: LoadedModel
-    outputs: list[TensorSpec]
-    future: Future[Completed]
-    timeout: float | None
-
-
-def _timeout(remaining: float | None) -> float | None:
-    """Seconds to wait for a result: the gRPC deadline's."""
-    # without a deadline gRPC gives an enormous number of seconds
-    return None if remaining is None or remaining > 1e9 else max(remaining, 0.0)
-
-
-def _int_parameter(request: pb.ModelInferRequest, key: str) -> int:
-    """An integer request parameter (tritonclient sends int64 or uint64), 0 when absent."""
-    if key not in request.parameters:
-        return 0
-    param = request.parameters[key]
-    value = param.int64_param or param.uint64_param
-    if value < 0:
-        raise InvalidInput(f"parameter {key!r} must not be negative", got=value)
-    return int(value)
-
-
 # -- the servicer -----------------------------------------------------------------------
 
 
@@ -187,13 +155,23 @@ class KServeService(service_pb2_grpc.GRPCInferenceServiceServicer):
     use :func:`start_kserve`.
     """
 
-    def __init__(self, core: InferenceCore, model_control: ModelControl | None = None):
+    def __init__(
+        self,
+        core: InferenceCore,
+        model_control: ModelControl | None = None,
+        regions: SystemRegions | None = None,
+    ):
         self.core = core
         self.control = model_control or ModelControl()
+        self.regions = regions
+        self.port: int | None = None  # set once bound: picks a peer's socket in /proc/net/tcp
 
     def _check_control(self, action: str, context: Any) -> None:
         metadata = context.invocation_metadata() or ()
         self.control.check(action, [value for key, value in metadata if key == "authorization"])
+
+    def _peer(self, context: Any) -> Peer:
+        return Peer(context.peer(), self.port)
 
     # -- health and metadata ------------------------------------------------------------
 
@@ -217,17 +195,7 @@ class KServeService(service_pb2_grpc.GRPCInferenceServiceServicer):
     def ServerMetadata(
         self, request: pb.ServerMetadataRequest, context: Any
     ) -> pb.ServerMetadataResponse:
-        return pb.ServerMetadataResponse(
-            name="arrowinfer",
-            version=__version__,
-            extensions=[
-                "model_repository",
-                "model_configuration",
-                "statistics",
-                "classification",
-                "schedule_policy",
-            ],
-        )
+        return pb.ServerMetadataResponse(**_v2.server_metadata())
 
     @_unary
     def ModelMetadata(
@@ -262,9 +230,7 @@ class KServeService(service_pb2_grpc.GRPCInferenceServiceServicer):
     def RepositoryIndex(
         self, request: pb.RepositoryIndexRequest, context: Any
     ) -> pb.RepositoryIndexResponse:
-        entries = self.core.index()
-        if request.ready:
-            entries = [e for e in entries if e["state"] == "READY"]
+        entries = _v2.index(self.core, request.ready)
         return pb.RepositoryIndexResponse(
             models=[pb.RepositoryIndexResponse.ModelIndex(**e) for e in entries]
         )
@@ -274,13 +240,7 @@ class KServeService(service_pb2_grpc.GRPCInferenceServiceServicer):
         self, request: pb.RepositoryModelLoadRequest, context: Any
     ) -> pb.RepositoryModelLoadResponse:
         self._check_control("load", context)
-        override = sorted(k for k in request.parameters if k == "config" or k.startswith("file:"))
-        if override:
-            raise InvalidInput(
-                f"loading with parameters {override} (a config or files sent by the client) is "
-                "not supported; change the repository and load again",
-                model=request.model_name,
-            )
+        _v2.check_load_parameters(request.model_name, request.parameters)
         self.core.load(request.model_name)
         return pb.RepositoryModelLoadResponse()
 
@@ -292,48 +252,74 @@ class KServeService(service_pb2_grpc.GRPCInferenceServiceServicer):
         self.core.unload(request.model_name)
         return pb.RepositoryModelUnloadResponse()
 
+    # -- system shared memory ------------------------------------------------------------
+
+    def _regions(self) -> SystemRegions:
+        if self.regions is None:
+            raise Unsupported("system shared memory is not served by this server")
+        return self.regions
+
+    @_unary
+    def SystemSharedMemoryRegister(
+        self, request: pb.SystemSharedMemoryRegisterRequest, context: Any
+    ) -> pb.SystemSharedMemoryRegisterResponse:
+        self._regions().register(
+            self._peer(context), request.name, request.key, request.offset, request.byte_size
+        )
+        return pb.SystemSharedMemoryRegisterResponse()
+
+    @_unary
+    def SystemSharedMemoryUnregister(
+        self, request: pb.SystemSharedMemoryUnregisterRequest, context: Any
+    ) -> pb.SystemSharedMemoryUnregisterResponse:
+        self._regions().unregister(self._peer(context), request.name)
+        return pb.SystemSharedMemoryUnregisterResponse()
+
+    @_unary
+    def SystemSharedMemoryStatus(
+        self, request: pb.SystemSharedMemoryStatusRequest, context: Any
+    ) -> pb.SystemSharedMemoryStatusResponse:
+        response = pb.SystemSharedMemoryStatusResponse()
+        for region in self._regions().status(self._peer(context), request.name):
+            response.regions[region["name"]].CopyFrom(
+                pb.SystemSharedMemoryStatusResponse.RegionStatus(**region)
+            )
+        return response
+
+    @_unary
+    def CudaSharedMemoryRegister(self, request: Any, context: Any) -> Any:
+        raise Unsupported(CUDA_UNSUPPORTED)
+
+    @_unary
+    def CudaSharedMemoryUnregister(self, request: Any, context: Any) -> Any:
+        raise Unsupported(CUDA_UNSUPPORTED)
+
+    @_unary
+    def CudaSharedMemoryStatus(self, request: Any, context: Any) -> Any:
+        raise Unsupported(CUDA_UNSUPPORTED)
+
     # -- inference ----------------------------------------------------------------------
 
     def _submit(
-        self,
-        request: pb.ModelInferRequest,
-        remaining: float | None,
-        *,
-        draining: bool = False,
-        inline: bool = False,
-    ) -> _Pending:
-        model = self.core.get(request.model_name, request.model_version or None)
-        outputs = requested_outputs(model.version, request)
-        batch = request_batch(model.version, request)
-        future = self.core.submit(
-            model,
-            batch,
+        self, request: pb.ModelInferRequest, context: Any, *, draining: bool = False
+    ) -> _v2.Pending:
+        return _v2.submit(
+            self.core,
+            request,
+            context.time_remaining(),
+            regions=self.regions,
+            peer=self._peer(context),
             draining=draining,
-            priority=_int_parameter(request, "priority"),
-            timeout_us=_int_parameter(request, "timeout"),
-            inline=inline,
         )
-        return _Pending(request, model, outputs, future, _timeout(remaining))
 
-    @staticmethod
-    def _result(pending: _Pending) -> pb.ModelInferResponse:
-        try:
-            done = pending.future.result(pending.timeout)
-        except FutureTimeout:
-            pending.future.cancel()
-            raise Timeout(
-                f"model {pending.model.version.name!r}: no result within {pending.timeout:.3g} s"
-            ) from None
-        except CancelledError:  # the client went away before its batch ran
-            raise ServerUnavailable("the request was cancelled") from None
-        return infer_response(pending.model.version, pending.request, pending.outputs, done)
+    def _result(self, pending: _v2.Pending, context: Any) -> pb.ModelInferResponse:
+        return _v2.wait_result(pending, regions=self.regions, peer=self._peer(context))
 
     @_unary
     def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
-        # the handler thread only waits for the result: it may as well run the model
-        pending = self._submit(request, context.time_remaining(), inline=True)
+        pending = self._submit(request, context)
         context.add_callback(pending.future.cancel)  # a request nobody waits for is dropped
-        return self._result(pending)
+        return self._result(pending, context)
 
     def ModelStreamInfer(
         self, request_iterator: Iterable[pb.ModelInferRequest], context: Any
@@ -342,7 +328,7 @@ class KServeService(service_pb2_grpc.GRPCInferenceServiceServicer):
         # back-pressure: at most MAX_PENDING requests (MAX_PENDING_BYTES of their data) whose
         # responses are not sent yet; beyond that the stream is not read, and a client that
         # does not read its responses is stopped by gRPC's flow control
-        Entry = tuple[pb.ModelInferRequest, _Pending | Exception, int]
+        Entry = tuple[pb.ModelInferRequest, _v2.Pending | Exception, int]
         pending: queue.SimpleQueue[Entry | None] = queue.SimpleQueue()
         room = threading.Condition()
         held = [0, 0]  # requests, bytes
@@ -365,8 +351,8 @@ class KServeService(service_pb2_grpc.GRPCInferenceServiceServicer):
                         return
                     try:
                         # an open stream is served to its end, even while the server stops
-                        item: _Pending | Exception = self._submit(
-                            request, context.time_remaining(), draining=True
+                        item: _v2.Pending | Exception = self._submit(
+                            request, context, draining=True
                         )
                     except Exception as err:  # noqa: BLE001 -- answered in its response
                         item = err
@@ -387,7 +373,9 @@ class KServeService(service_pb2_grpc.GRPCInferenceServiceServicer):
             try:
                 if isinstance(outcome, Exception):
                     raise outcome
-                response = pb.ModelStreamInferResponse(infer_response=self._result(outcome))
+                response = pb.ModelStreamInferResponse(
+                    infer_response=self._result(outcome, context)
+                )
             except Exception as err:  # noqa: BLE001 -- the stream's error_message, as Triton
                 err = _public(err, "ModelStreamInfer")
                 response = pb.ModelStreamInferResponse(
@@ -418,6 +406,7 @@ def start_kserve(
     tls: tuple[bytes, bytes] | None = None,
     interceptors: Sequence[grpc.ServerInterceptor] = (),
     model_control: ModelControl | None = None,
+    regions: SystemRegions | None = None,
 ) -> tuple[grpc.Server, int]:
     """Serve ``core`` over KServe v2 gRPC on ``host:port``; returns the server and its port.
 
@@ -444,6 +433,9 @@ def start_kserve(
         gRPC server interceptors (the bearer-token check, say), run before every RPC.
     model_control
         Who may call ``RepositoryModelLoad``/``Unload`` (default: nobody).
+    regions
+        The server's system shared-memory regions (shared with its HTTP front end); None:
+        the system shared-memory RPCs answer UNIMPLEMENTED.
 
     Raises
     ------
@@ -464,9 +456,8 @@ def start_kserve(
         ],
         interceptors=list(interceptors),
     )
-    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
-        KServeService(core, model_control), server
-    )
+    servicer = KServeService(core, model_control, regions)
+    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
     address = f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
     try:
         if tls is None:
@@ -482,5 +473,6 @@ def start_kserve(
     if not bound:
         server.stop(None)
         raise OSError(f"KServe gRPC cannot listen on {address} (in use?)") from cause
+    servicer.port = bound
     server.start()
     return server, bound

@@ -1,8 +1,9 @@
-"""The server: one inference core behind Flight (with shared memory), KServe v2 gRPC and metrics.
+"""The server: one core behind Flight (with shared memory), KServe v2 gRPC and HTTP, metrics.
 
 This module wires the front ends, which know nothing of each other, to one
 :class:`InferenceCore`: Flight serves the core and takes the shared-memory sessions as one
-of its exchange handlers; KServe serves the same core on its own port.
+of its exchange handlers; KServe gRPC and KServe HTTP serve the same core on their own
+ports and share one set of Triton system shared-memory regions.
 """
 
 from __future__ import annotations
@@ -27,9 +28,11 @@ from ._auth import (
 from ._core import MAX_REQUEST_BYTES, InferenceCore
 from ._flight import ACTIONS as FLIGHT_ACTIONS
 from ._flight import FlightService
+from ._http import HttpServer, start_http
 from ._kserve import start_kserve
 from ._metrics import StatisticsCollector, metrics_registry, start_metrics_server
 from ._shm import SHM_ACTIONS, SHM_DESCRIPTOR, SHM_STATUS, ShmService
+from ._v2memory import SystemRegions
 
 __all__ = ["ACTIONS", "Server"]
 
@@ -53,13 +56,21 @@ class Server:
     kserve_port
         KServe v2 gRPC port on ``host`` (Triton's protocol, for ``tritonclient.grpc``);
         None disables it, 0 picks a free one (see :attr:`kserve_port`).
+    http_port
+        KServe v2 HTTP/REST port on ``host`` (Triton's, for ``tritonclient.http`` and
+        curl); None (the default here; ``arrowinfer serve`` listens on 8000 as Triton does)
+        disables it, 0 picks a free one (see :attr:`http_port`).
     allow_client_shm
-        Accept shared-memory sessions from clients that are not on this host's loopback
-        or a Unix socket (they must share this host's ``/dev/shm``); off by default.
+        Accept shared memory from clients that are not on this host's loopback or a Unix
+        socket (they must share this host's ``/dev/shm``): arrowinfer's own sessions, and
+        Triton's system shared-memory regions over KServe gRPC and HTTP (registering
+        files of the server's own user). Off by default: then only local clients use
+        shared memory, each with files of its own user.
     shared_memory
-        Serve shared-memory sessions at all (default). False: the session descriptor is
-        unknown, as any unknown model is, and clients use Flight (a worker behind a relay,
-        which cannot see its clients' addresses).
+        Serve shared memory at all (default). False: the session descriptor is unknown,
+        as any unknown model is, and clients use Flight (a worker behind a relay, which
+        cannot see its clients' addresses); the KServe system shared-memory calls answer
+        UNIMPLEMENTED (HTTP 501).
     metrics_port
         Prometheus ``/metrics`` port on ``host``; None disables it, 0 picks a free one.
     device
@@ -77,7 +88,8 @@ class Server:
     max_request_bytes
         The most bytes of data one request may make the server hold (default 1 GiB); a
         model's config parameter ``arrowinfer.max_request_bytes`` overrides it for that
-        model. KServe messages beyond it are refused by gRPC before they are read; see
+        model. KServe messages beyond it are refused by gRPC before they are read, and
+        HTTP bodies beyond it, compressed or once decompressed, by the HTTP front end; see
         ``docs/security.md`` for what each transport bounds, and when.
     model_control
         Triton's ``--model-control-mode``: ``none`` (default: the repository is loaded at
@@ -107,6 +119,7 @@ class Server:
         port: int = 8815,
         unix_socket: str | None = None,
         kserve_port: int | None = 8001,
+        http_port: int | None = None,
         metrics_port: int | None = 8002,
         allow_client_shm: bool = False,
         shared_memory: bool = True,
@@ -147,6 +160,7 @@ class Server:
         scheme = "grpc+tls" if tls is not None else "grpc"
         location = f"grpc+unix://{unix_socket}" if unix_socket else f"{scheme}://{host}:{port}"
         self.shm = ShmService(self.core, allow_remote=allow_client_shm)
+        self.regions = SystemRegions(allow_remote=allow_client_shm) if shared_memory else None
         self._shared_memory = shared_memory
         exchanges = {SHM_DESCRIPTOR: self.shm.session} if shared_memory else {}
 
@@ -184,12 +198,36 @@ class Server:
                     tls=tls,
                     interceptors=[BearerTokenInterceptor(check)] if check is not None else [],
                     model_control=control,
+                    regions=self.regions,
                 )
             except BaseException:
                 self.flight.shutdown()
                 self.shm.close()
                 self.core.close()
                 raise
+        self._http: HttpServer | None = None
+        self.http_port: int | None = None
+        if http_port is not None:
+            try:
+                self._http = start_http(
+                    self.core,
+                    host,
+                    http_port,
+                    regions=self.regions,
+                    max_request_bytes=max_request_bytes,
+                    tls_cert=tls_cert,
+                    tls_key=tls_key,
+                    check=check,
+                    model_control=control,
+                )
+            except BaseException:
+                if self._kserve is not None:
+                    self._kserve.stop(None)
+                self.flight.shutdown()
+                self.shm.close()
+                self.core.close()
+                raise
+            self.http_port = self._http.port
         self._metrics_server = None
         self.metrics_port: int | None = None
         if metrics_port is not None:
@@ -208,6 +246,8 @@ class Server:
         log.info("Flight listening on %s", self.location)
         if self.kserve_port is not None:
             log.info("KServe v2 gRPC listening on %s:%d", host, self.kserve_port)
+        if self.http_port is not None:
+            log.info("KServe v2 HTTP listening on %s:%d", host, self.http_port)
         if self.metrics_port is not None:
             log.info("metrics on http://%s:%d/metrics", host, self.metrics_port)
 
@@ -292,6 +332,8 @@ class Server:
         # until the exit timeout, then cancel them
         grace = self.exit_timeout if self.exit_timeout is not None else 365 * 86400.0
         kserve_stopped = self._kserve.stop(grace=grace) if self._kserve is not None else None
+        if self._http is not None:  # the same for HTTP: requests in progress get the time
+            self._http.stop(grace=self.exit_timeout)
         # open streams finish first (their clients were asked to, and gRPC stops reading
         # them once shutdown begins); a client that ignores goaway would hold the server
         # for ever, so it is waited for only until the exit timeout
@@ -316,6 +358,8 @@ class Server:
         self.shm.close()
         if kserve_stopped is not None:
             kserve_stopped.wait()
+        if self.regions is not None:
+            self.regions.close()
         self.core.close()
         if self._metrics_server is not None:
             self._metrics_server.shutdown()

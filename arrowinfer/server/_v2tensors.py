@@ -8,8 +8,10 @@ raw versus typed contents, ragged inputs, refused parameters) are those of
 
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Any
+from collections.abc import Iterator
+from typing import Any, NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -22,6 +24,7 @@ from ..protocol import SERVER_TIMES
 from ..repository import ModelVersion
 from ..schema import TensorSpec, datatype, tensor_specs, to_column
 from ..tensors import Ragged, layout, ragged_to_numpy, to_numpy
+from ._v2memory import NO_PEER, Peer, SystemRegions
 
 __all__ = ["SPLIT_PARAMETER", "infer_response", "input_array", "request_batch", "requested_outputs"]
 
@@ -43,20 +46,64 @@ _CONTENTS: dict[str, tuple[str, np.dtype]] = {
 #: The model config parameter that lets KServe requests exceed ``max_batch_size`` (split).
 SPLIT_PARAMETER = "arrowinfer.kserve_split_oversized"
 
-#: Request parameters that would need features arrowinfer does not have over KServe.
-_REFUSED_PARAMETERS = {
-    "shared_memory_region": "Triton shared-memory regions are not supported; send the data",
-    "shared_memory_byte_size": "Triton shared-memory regions are not supported; send the data",
-    "shared_memory_offset": "Triton shared-memory regions are not supported; send the data",
-}
+#: The parameters that place a tensor in a system shared-memory region.
+_SHM_PARAMETERS = ("shared_memory_region", "shared_memory_byte_size", "shared_memory_offset")
 
 
-def _check_parameters(params: Any, model: str, input: str | None = None) -> None:
-    for key in params:
-        if key in _REFUSED_PARAMETERS:
-            raise InvalidInput(
-                f"parameter {key!r}: {_REFUSED_PARAMETERS[key]}", model=model, input=input
-            )
+@contextlib.contextmanager
+def _naming(model: str, tensor: str) -> Iterator[None]:
+    """Add the model and tensor to a region's error (the region knows neither)."""
+    try:
+        yield
+    except InvalidInput as err:
+        raise InvalidInput(
+            err.reason, model=model, input=tensor, expected=err.expected, got=err.got
+        ) from None
+
+
+class ShmPlace(NamedTuple):
+    """Where a tensor lies in a system shared-memory region."""
+
+    region: str
+    offset: int
+    byte_size: int
+
+
+def shm_place(
+    params: Any, regions: SystemRegions | None, *, model: str, tensor: str
+) -> ShmPlace | None:
+    """The region, offset and byte size a tensor's parameters name, or None for none.
+
+    Raises
+    ------
+    InvalidInput
+        Shared-memory parameters without a server that serves regions, or without the
+        region's name and byte size.
+    """
+    if not any(key in params for key in _SHM_PARAMETERS):
+        return None
+    if regions is None:
+        raise InvalidInput(
+            "system shared memory is not served here; send the data", model=model, input=tensor
+        )
+    if "shared_memory_region" not in params or "shared_memory_byte_size" not in params:
+        raise InvalidInput(
+            "shared memory needs shared_memory_region and shared_memory_byte_size",
+            model=model,
+            input=tensor,
+        )
+
+    def integer(key: str) -> int:
+        if key not in params:
+            return 0
+        p = params[key]
+        return int(p.int64_param or p.uint64_param)
+
+    return ShmPlace(
+        params["shared_memory_region"].string_param,
+        integer("shared_memory_offset"),
+        integer("shared_memory_byte_size"),
+    )
 
 
 def _dims_match(expected: tuple[int, ...], got: tuple[int, ...]) -> bool:
@@ -212,30 +259,47 @@ def _bytes_input(
     return out
 
 
-def request_batch(version: ModelVersion, request: pb.ModelInferRequest) -> pa.RecordBatch:
+def _expected_bytes(spec: TensorSpec, tensor: pb.ModelInferRequest.InferInputTensor) -> int:
+    return math.prod(int(d) for d in tensor.shape) * spec.datatype.numpy.itemsize
+
+
+def request_batch(
+    version: ModelVersion,
+    request: pb.ModelInferRequest,
+    *,
+    regions: SystemRegions | None = None,
+    peer: Peer = NO_PEER,
+) -> pa.RecordBatch:
     """A v2 request as the Arrow record batch the core takes (one column per input).
+
+    An input in system shared memory (``shared_memory_*`` parameters) is read from the
+    peer's region (``regions``); ``raw_input_contents`` then holds the other inputs' data,
+    in order.
 
     Raises
     ------
     InvalidInput
-        Refused parameters, ragged inputs, unknown inputs, or data that does not match an
-        input's datatype and shape (see :func:`input_array`).
+        Refused parameters, ragged inputs, unknown inputs, data that does not match an
+        input's datatype and shape (see :func:`input_array`), or a shared-memory place
+        that is not the peer's or lies outside its region.
     """
     name = version.name
-    _check_parameters(request.parameters, name)
     fields = {f.name: f for f in version.inputs}
     specs = {s.name: s for s in tensor_specs(version.inputs)}
     mask_spec = _mask_spec(version)
     if mask_spec is not None:
         specs[mask_spec.name] = mask_spec
+    places = [shm_place(t.parameters, regions, model=name, tensor=t.name) for t in request.inputs]
     raw_contents = request.raw_input_contents
-    if raw_contents and len(raw_contents) != len(request.inputs):
+    sent = sum(place is None for place in places)
+    if raw_contents and len(raw_contents) != sent:
         raise InvalidInput(
-            "raw_input_contents must have one entry per input",
+            "raw_input_contents must have one entry per input not in shared memory",
             model=name,
-            expected=len(request.inputs),
+            expected=sent,
             got=len(raw_contents),
         )
+    raw_index = 0
     batching = version.max_batch_size > 0
     arrays: dict[str, np.ndarray] = {}
     for i, tensor in enumerate(request.inputs):
@@ -248,8 +312,28 @@ def request_batch(version: ModelVersion, request: pb.ModelInferRequest) -> pa.Re
             )
         if tensor.name in arrays:
             raise InvalidInput("input given twice", model=name, input=tensor.name)
-        _check_parameters(tensor.parameters, name, tensor.name)
-        raw = raw_contents[i] if raw_contents else None
+        place = places[i]
+        raw: bytes | None
+        if place is not None:
+            spec = specs[tensor.name]
+            expected = _expected_bytes(spec, tensor)
+            # checked before reading: no huge reads (BYTES elements have no fixed size)
+            if spec.datatype.kserve != "BYTES" and place.byte_size != expected:
+                raise InvalidInput(
+                    "shared_memory_byte_size does not match the shape",
+                    model=name,
+                    input=tensor.name,
+                    expected=expected,
+                    got=place.byte_size,
+                )
+            assert regions is not None  # shm_place refused it otherwise
+            with _naming(name, tensor.name):
+                raw = regions.read(peer, place.region, place.offset, place.byte_size)
+        elif raw_contents:
+            raw = raw_contents[raw_index]
+            raw_index += 1
+        else:
+            raw = None
         arrays[tensor.name] = input_array(
             specs[tensor.name], tensor, raw, model=name, batching=batching
         )
@@ -349,13 +433,22 @@ def _unpadded(array: np.ndarray, counts: np.ndarray | None) -> Ragged:
     return Ragged(offsets, values)
 
 
-def requested_outputs(version: ModelVersion, request: pb.ModelInferRequest) -> list[TensorSpec]:
+def requested_outputs(
+    version: ModelVersion,
+    request: pb.ModelInferRequest,
+    *,
+    regions: SystemRegions | None = None,
+    peer: Peer = NO_PEER,
+) -> list[TensorSpec]:
     """The outputs a request asks for (all of them when it names none), in its order.
+
+    An output to be written into system shared memory must name a region of the peer's
+    (checked here, before the request runs).
 
     Raises
     ------
     InvalidInput
-        An unknown output, or a refused parameter on one.
+        An unknown output, a refused parameter on one, or an unknown region.
     """
     specs = tensor_specs(version.outputs)
     if not request.outputs:
@@ -371,8 +464,12 @@ def requested_outputs(version: ModelVersion, request: pb.ModelInferRequest) -> l
                 expected=list(by_name),
                 got=requested.name,
             )
-        _check_parameters(requested.parameters, version.name)
         _class_count(requested, version.name)  # checked now, used for the response
+        place = shm_place(requested.parameters, regions, model=version.name, tensor=spec.name)
+        if place is not None:
+            assert regions is not None  # shm_place refused it otherwise
+            with _naming(version.name, spec.name):  # before the request runs
+                regions.check(peer, place.region, place.offset, place.byte_size)
         out.append(spec)
     return out
 
@@ -428,27 +525,74 @@ def _output_array(column: pa.Array | pa.ChunkedArray, name: str, model: str) -> 
     )
 
 
+def _place_output(
+    response: pb.ModelInferResponse,
+    tensor: pb.ModelInferResponse.InferOutputTensor,
+    payload: bytes | memoryview,
+    params: Any,
+    regions: SystemRegions | None,
+    peer: Peer,
+    version: ModelVersion,
+) -> None:
+    """An output's bytes into ``raw_output_contents``, or into its shared-memory place.
+
+    Raises
+    ------
+    InvalidInput
+        The output does not fit its place.
+    """
+    place = shm_place(params or {}, regions, model=version.name, tensor=tensor.name)
+    if place is None:
+        response.raw_output_contents.append(bytes(payload))  # protobuf needs bytes: a copy
+        return
+    size = len(payload)
+    if size > place.byte_size:
+        raise InvalidInput(
+            "the output does not fit its shared_memory_byte_size",
+            model=version.name,
+            input=tensor.name,
+            expected=size,
+            got=place.byte_size,
+        )
+    assert regions is not None  # shm_place refused it otherwise
+    with _naming(version.name, tensor.name):
+        regions.write(peer, place.region, place.offset, payload)
+    tensor.parameters["shared_memory_region"].string_param = place.region
+    tensor.parameters["shared_memory_byte_size"].int64_param = size
+    if place.offset:
+        tensor.parameters["shared_memory_offset"].int64_param = place.offset
+    response.raw_output_contents.append(b"")  # keeps the entries aligned with outputs
+
+
 def infer_response(
     version: ModelVersion,
     request: pb.ModelInferRequest,
     outputs: list[TensorSpec],
     done: Completed,
+    *,
+    regions: SystemRegions | None = None,
+    peer: Peer = NO_PEER,
 ) -> pb.ModelInferResponse:
     """The response to ``request``: the ``outputs`` of ``done.batch`` as raw tensors.
 
     Each output has shape ``[batch, *dims]`` (a non-batching model: ``dims``) in
     ``raw_output_contents``; the server-side times and the provenance (``model``,
-    ``model_version``, ``model_sha256``, ``execution_provider``) go in ``parameters``.
+    ``model_version``, ``model_sha256``, ``execution_provider``) go in ``parameters``. An
+    output the request placed in system shared memory is written there; its
+    ``raw_output_contents`` entry is empty and its parameters say where it lies
+    (``shared_memory_region``, ``shared_memory_byte_size``, ``shared_memory_offset``).
 
     Raises
     ------
     InvalidInput
-        An output has a different length per row (a KServe tensor cannot hold it).
+        An output has a different length per row (a KServe tensor cannot hold it), or
+        does not fit its shared-memory place.
     """
     response = pb.ModelInferResponse(
         model_name=version.name, model_version=str(version.version), id=request.id
     )
     batching = version.max_batch_size > 0
+    params = {r.name: r.parameters for r in request.outputs}
     classes = {o.name: _class_count(o, version.name) for o in request.outputs}
     for spec in outputs:
         array = _output_array(done.batch.column(spec.name), spec.name, version.name)
@@ -456,17 +600,26 @@ def infer_response(
             items = _classified(array, classes[spec.name], version.labels.get(spec.name, ()))
             per_row = len(items) // max(len(array), 1)
             shape = [len(array), per_row] if batching else [per_row]
-            response.outputs.add(name=spec.name, datatype="BYTES", shape=shape)
-            response.raw_output_contents.append(_bytes_tensor(items))
+            tensor = response.outputs.add(name=spec.name, datatype="BYTES", shape=shape)
+            _place_output(
+                response,
+                tensor,
+                _bytes_tensor(items),
+                params.get(spec.name),
+                regions,
+                peer,
+                version,
+            )
             continue
         entry = spec.shape if all(d >= 0 for d in spec.shape) else array.shape[1:]
         shape = [len(array), *entry] if batching else list(entry)
-        response.outputs.add(name=spec.name, datatype=spec.datatype.kserve, shape=shape)
+        tensor = response.outputs.add(name=spec.name, datatype=spec.datatype.kserve, shape=shape)
         if array.dtype == object:  # strings: KServe's length-prefixed BYTES elements
             items = [v.encode() if isinstance(v, str) else bytes(v) for v in array.reshape(-1)]
-            response.raw_output_contents.append(_bytes_tensor(items))
-            continue
-        response.raw_output_contents.append(array.tobytes())  # protobuf needs bytes: one copy
+            payload: bytes | memoryview = _bytes_tensor(items)
+        else:
+            payload = np.ascontiguousarray(array).view(np.uint8).reshape(-1).data
+        _place_output(response, tensor, payload, params.get(spec.name), regions, peer, version)
     for key in SERVER_TIMES:
         response.parameters[key].int64_param = getattr(done, key)
     for key, value in done.metadata.items():  # provenance, truncation

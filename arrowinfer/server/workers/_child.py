@@ -43,6 +43,7 @@ def main() -> int:
             port=listen.get("port", 0),
             unix_socket=listen.get("unix_socket"),
             kserve_port=listen["kserve_port"],
+            http_port=None,  # KServe HTTP is not relayed to workers (yet)
             metrics_port=None,
             # see the package docstring: without it, refuse shm sessions from everyone
             shared_memory=config["shm"],

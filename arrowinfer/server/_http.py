@@ -1,0 +1,732 @@
+"""The KServe v2 HTTP/REST front end (Triton's HTTP endpoints), over the same core.
+
+A Starlette application served by uvicorn in a thread of its own. Every endpoint adapts
+the same :class:`~arrowinfer.server.InferenceCore` as Flight and KServe gRPC; an inference
+request is turned into the ``ModelInferRequest`` the gRPC front end takes, so that both
+share one path (:mod:`._v2`, :mod:`._v2tensors`, :mod:`._v2memory`). ``tritonclient.http``
+(sync and gevent/asyncio) and plain ``curl`` talk to it unchanged.
+
+Endpoints (``VERSION`` optional everywhere, as in Triton)::
+
+    GET  /v2/health/live, /v2/health/ready           200, or 400 when not ready
+    GET  /v2                                         server metadata
+    GET  /v2/models/NAME[/versions/V]                model metadata
+    GET  /v2/models/NAME[/versions/V]/ready          200 or 400
+    GET  /v2/models/NAME[/versions/V]/config         the model's config (JSON)
+    GET  /v2/models[/NAME[/versions/V]]/stats        {"model_stats": [...]}
+    POST /v2/models/NAME[/versions/V]/infer          inference
+    POST /v2/repository/index                        [{"name","version","state","reason"}]
+    POST /v2/repository/models/NAME/load, /unload
+    GET  /v2/systemsharedmemory[/region/R]/status
+    POST /v2/systemsharedmemory/region/R/register    {"key", "offset", "byte_size"}
+    POST /v2/systemsharedmemory[/region/R]/unregister
+    *    /v2/cudasharedmemory/...                    501: not supported
+
+Inference
+---------
+- Tensors come as JSON (``"data"``: a flat or nested list, row-major) or, with Triton's
+  binary tensor data extension, as bytes after the JSON header: the header's length is in
+  ``Inference-Header-Content-Length`` and each binary input says its
+  ``parameters.binary_data_size``; the bytes follow in input order. An output is answered
+  in binary when its request says ``parameters.binary_data: true`` (or the request says
+  ``parameters.binary_data_output: true``), else as JSON ``data``; binary outputs follow
+  the JSON header in the order of ``outputs``, and the response says the header's length
+  in ``Inference-Header-Content-Length``. System shared memory as over gRPC.
+- Request bodies may be compressed (``Content-Encoding: gzip`` or ``deflate``), and the
+  response is compressed when ``Accept-Encoding`` asks for one of those. The body,
+  compressed and decompressed, is bounded by ``max_request_bytes``.
+- Errors are Triton's: a JSON body ``{"error": "message"}`` with the HTTP status Triton
+  gives the same error (400 invalid argument, 404 not found, 503 unavailable or timed
+  out, 501 not supported, 500 internal, 401 missing or bad bearer token).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import os
+import socket
+import struct
+import threading
+import zlib
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any, NamedTuple
+
+import numpy as np
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from tritonclient.grpc import service_pb2 as pb
+
+from ..errors import ArrowInferError, InvalidInput, Unsupported, grpc_status
+from ..protocol import parse_json
+from ..schema import datatype
+from . import _v2
+from ._auth import ModelControl, TokenCheck
+from ._core import MAX_REQUEST_BYTES, InferenceCore
+from ._v2memory import CUDA_UNSUPPORTED, NO_PEER, Peer, SystemRegions
+
+__all__ = ["DEFAULT_MAX_REQUEST_BYTES", "HTTP_STATUS", "HttpServer", "start_http"]
+
+log = logging.getLogger(__name__)
+
+#: The largest request body (compressed, and again decompressed) by default: the core's.
+DEFAULT_MAX_REQUEST_BYTES = MAX_REQUEST_BYTES
+
+#: The HTTP status of each gRPC status code, as Triton's HTTP server answers the same
+#: errors (a request timeout is UNAVAILABLE in Triton: 503).
+HTTP_STATUS = {
+    "INVALID_ARGUMENT": 400,
+    "FAILED_PRECONDITION": 400,
+    "ALREADY_EXISTS": 400,
+    "NOT_FOUND": 404,
+    "UNAVAILABLE": 503,
+    "DEADLINE_EXCEEDED": 503,
+    "UNIMPLEMENTED": 501,
+    "UNAUTHENTICATED": 401,
+    "INTERNAL": 500,
+}
+
+_HEADER_LENGTH = "Inference-Header-Content-Length"
+
+
+def _error(err: BaseException, what: str) -> JSONResponse:
+    """Triton's error answer: ``{"error": message}`` with the matching HTTP status."""
+    if not isinstance(err, ArrowInferError):
+        log.error("HTTP %s failed", what, exc_info=err)
+    code, message = grpc_status(err)
+    return JSONResponse({"error": message}, status_code=HTTP_STATUS.get(code, 400))
+
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+def _endpoint(handler: Handler) -> Handler:
+    """Run a handler; turn any exception into Triton's error answer."""
+
+    async def run(request: Request) -> Response:
+        try:
+            return await handler(request)
+        except Exception as err:  # noqa: BLE001 -- the one place errors become HTTP statuses
+            return _error(err, handler.__name__)
+
+    run.__name__ = handler.__name__
+    return run
+
+
+def _peer(request: Request) -> Peer:
+    """The client as gRPC writes a peer (``ipv4:127.0.0.1:5000``), for the shm rules."""
+    if request.client is None:
+        return NO_PEER
+    host, port = request.client.host, request.client.port
+    server = request.scope.get("server")
+    address = f"ipv6:[{host}]:{port}" if ":" in host else f"ipv4:{host}:{port}"
+    return Peer(address, int(server[1]) if server and server[1] else None)
+
+
+# -- bodies -------------------------------------------------------------------------------
+
+
+async def _body(request: Request, limit: int) -> bytes:
+    """The request body, decompressed; at most ``limit`` bytes either way.
+
+    Raises
+    ------
+    InvalidInput
+        Too large, an unknown ``Content-Encoding``, or a body that does not decompress.
+    """
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise InvalidInput(
+            "the request body is too large", expected=f"at most {limit} bytes", got=int(declared)
+        )
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise InvalidInput("the request body is too large", expected=f"at most {limit} bytes")
+        chunks.append(chunk)
+    body = b"".join(chunks)
+    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+    if encoding in ("", "identity"):
+        return body
+    wbits = {"gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}.get(encoding)
+    if wbits is None:
+        raise InvalidInput(
+            "unsupported Content-Encoding", expected="gzip, deflate or identity", got=encoding
+        )
+    inflate = zlib.decompressobj(wbits)
+    try:
+        data = inflate.decompress(body, limit + 1)  # a bomb stops at limit + 1 bytes
+    except zlib.error as err:
+        raise InvalidInput(f"the {encoding} request body does not decompress: {err}") from None
+    if len(data) > limit:
+        raise InvalidInput(
+            "the decompressed request body is too large", expected=f"at most {limit} bytes"
+        )
+    if not inflate.eof:
+        raise InvalidInput(f"the {encoding} request body is truncated")
+    return data
+
+
+def _compressed(request: Request, body: bytes, headers: dict[str, str]) -> bytes:
+    """``body`` compressed as the client's ``Accept-Encoding`` asks (gzip, then deflate)."""
+    accepted = {
+        part.split(";")[0].strip().lower()
+        for part in request.headers.get("accept-encoding", "").split(",")
+    }
+    if "gzip" in accepted:
+        headers["Content-Encoding"] = "gzip"
+        compressor = zlib.compressobj(wbits=16 + zlib.MAX_WBITS)
+    elif "deflate" in accepted:
+        headers["Content-Encoding"] = "deflate"
+        compressor = zlib.compressobj()
+    else:
+        return body
+    return compressor.compress(body) + compressor.flush()
+
+
+# -- inference: JSON and binary <-> the gRPC request ------------------------------------
+
+
+def _set_parameter(target: Any, key: str, value: Any, what: str) -> None:
+    """One JSON parameter into a protobuf ``InferParameter`` map."""
+    if isinstance(value, bool):
+        target[key].bool_param = value
+    elif isinstance(value, int):
+        target[key].int64_param = value
+    elif isinstance(value, float):
+        target[key].double_param = value
+    elif isinstance(value, str):
+        target[key].string_param = value
+    else:
+        raise InvalidInput(
+            f"{what}: parameter {key!r} must be a bool, number or string",
+            got=type(value).__name__,
+        )
+
+
+def _parameters(target: Any, params: Any, what: str, skip: Iterable[str] = ()) -> None:
+    if params is None:
+        return
+    if not isinstance(params, dict):
+        raise InvalidInput(f"{what}: parameters must be a JSON object")
+    for key, value in params.items():
+        if key not in skip:
+            _set_parameter(target, key, value, what)
+
+
+def _serialize_strings(values: np.ndarray) -> bytes:
+    """BYTES tensor elements as Triton's raw layout: a 4-byte length, then the bytes."""
+    parts = []
+    for item in values.reshape(-1):
+        raw = item.encode() if isinstance(item, str) else bytes(item)
+        parts.append(struct.pack("<I", len(raw)) + raw)
+    return b"".join(parts)
+
+
+def _json_data(tensor: dict[str, Any], kserve: str, shape: list[int], what: str) -> bytes:
+    """A JSON ``data`` list (flat or nested, row-major) as the tensor's raw bytes.
+
+    Raises
+    ------
+    InvalidInput
+        Not a list, the wrong number of values, values of the wrong kind (a float for an
+        integer datatype, say) or out of range.
+    """
+    data = tensor.get("data")
+    if not isinstance(data, list):
+        raise InvalidInput(f"{what}: 'data' must be a list (or send binary data)")
+    try:
+        dt = datatype(kserve)
+    except (TypeError, ValueError):
+        dt = None
+    try:
+        if kserve == "BYTES":
+            values = np.array(data, dtype=object)
+            if not all(isinstance(v, str) for v in values.reshape(-1)):
+                raise InvalidInput(f"{what}: BYTES data must be strings")
+        else:
+            if dt is None:
+                raise InvalidInput(f"{what}: unknown datatype", got=kserve)
+            values = np.array(data)
+    except (ValueError, TypeError, OverflowError) as err:
+        raise InvalidInput(f"{what}: 'data' is not a regular array of values: {err}") from None
+    if values.size != math.prod(shape):
+        raise InvalidInput(
+            f"{what}: 'data' does not match the shape",
+            expected=f"{math.prod(shape)} values ({shape})",
+            got=f"{values.size} values",
+        )
+    if kserve == "BYTES":
+        return _serialize_strings(values)
+    assert dt is not None
+    target = dt.numpy
+    kinds = {"b": "b", "i": "biu", "u": "biu", "f": "biuf"}.get(target.kind, "")
+    if values.size and values.dtype.kind not in kinds:
+        raise InvalidInput(f"{what}: values of the wrong kind for {kserve}", got=str(values.dtype))
+    with np.errstate(all="ignore"):
+        cast = values.astype(target)
+    if values.size and target.kind in "iu" and not np.array_equal(cast, values):
+        raise InvalidInput(f"{what}: values out of range for {kserve}")
+    return cast.astype(target.newbyteorder("<"), copy=False).tobytes()
+
+
+class BinaryOutputs(NamedTuple):
+    """Which outputs go back as binary data: those named so, else the request's default."""
+
+    default: bool
+    named: dict[str, bool]
+
+    def __call__(self, output: str) -> bool:
+        return self.named.get(output, self.default)
+
+
+def infer_request(
+    model: str, version: str, header: dict[str, Any], binary: memoryview
+) -> tuple[pb.ModelInferRequest, BinaryOutputs]:
+    """The gRPC request a JSON inference header (and its binary part) describes.
+
+    Returns the request and which outputs go back as binary data.
+
+    Raises
+    ------
+    InvalidInput
+        A malformed header, binary sizes that do not add up, or bad JSON data.
+    """
+    request = pb.ModelInferRequest(model_name=model, model_version=version)
+    if "id" in header:
+        request.id = str(header["id"])
+    params = header.get("parameters") or {}
+    _parameters(request.parameters, params, "request", skip=("binary_data_output",))
+    binary_default = bool(params.get("binary_data_output", False))  # a dict: checked above
+    inputs = header.get("inputs")
+    if not isinstance(inputs, list):
+        raise InvalidInput("the request needs 'inputs', a list of tensors")
+    cursor = 0
+    for entry in inputs:
+        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+            raise InvalidInput("every input needs a 'name'")
+        name = entry["name"]
+        what = f"input {name!r}"
+        shape = entry.get("shape")
+        kserve = entry.get("datatype")
+        if not isinstance(shape, list) or not all(
+            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+        ):
+            raise InvalidInput(f"{what}: 'shape' must be a list of sizes", got=shape)
+        if not isinstance(kserve, str):
+            raise InvalidInput(f"{what}: 'datatype' must be a string", got=kserve)
+        tensor = request.inputs.add(name=name, datatype=kserve, shape=shape)
+        tensor_params = entry.get("parameters") or {}
+        _parameters(tensor.parameters, tensor_params, what, skip=("binary_data_size",))
+        if "shared_memory_region" in tensor_params:
+            continue  # read from the region
+        size = tensor_params.get("binary_data_size")
+        if size is not None:
+            if type(size) is not int or size < 0 or cursor + size > len(binary):
+                raise InvalidInput(
+                    f"{what}: binary_data_size beyond the binary data",
+                    expected=f"at most {len(binary) - cursor}",
+                    got=size,
+                )
+            request.raw_input_contents.append(bytes(binary[cursor : cursor + size]))
+            cursor += size
+        else:
+            request.raw_input_contents.append(_json_data(entry, kserve, shape, what))
+    if cursor != len(binary):
+        raise InvalidInput(
+            "binary data left over after the inputs",
+            expected=f"{cursor} bytes",
+            got=f"{len(binary)} bytes",
+        )
+    binary_outputs: dict[str, bool] = {}
+    outputs = header.get("outputs") or []
+    if not isinstance(outputs, list):
+        raise InvalidInput("'outputs' must be a list")
+    for entry in outputs:
+        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+            raise InvalidInput("every requested output needs a 'name'")
+        out_params = entry.get("parameters") or {}
+        requested = request.outputs.add(name=entry["name"])
+        _parameters(requested.parameters, out_params, f"output {entry['name']!r}", ("binary_data",))
+        binary_outputs[entry["name"]] = bool(out_params.get("binary_data", binary_default))
+    return request, BinaryOutputs(binary_default, binary_outputs)
+
+
+def _parameter(param: Any) -> Any:
+    """A protobuf ``InferParameter`` as its JSON value (int, bool, float or string)."""
+    which = param.WhichOneof("parameter_choice")
+    return getattr(param, which) if which else None
+
+
+def _strings(raw: bytes) -> list[str]:
+    out, at = [], 0
+    while at + 4 <= len(raw):
+        (length,) = struct.unpack_from("<I", raw, at)
+        out.append(raw[at + 4 : at + 4 + length].decode("utf-8", "replace"))
+        at += 4 + length
+    return out
+
+
+def infer_answer(
+    response: pb.ModelInferResponse, binary: BinaryOutputs
+) -> tuple[bytes, int | None]:
+    """The HTTP body of a gRPC response: JSON header, then binary outputs; header length.
+
+    The length is None when no output is binary (the body is JSON alone).
+    """
+    header: dict[str, Any] = {
+        "model_name": response.model_name,
+        "model_version": response.model_version,
+    }
+    if response.id:
+        header["id"] = response.id
+    header["parameters"] = {k: _parameter(v) for k, v in response.parameters.items()}
+    outputs, blobs = [], []
+    for tensor, raw in zip(response.outputs, response.raw_output_contents, strict=True):
+        entry: dict[str, Any] = {
+            "name": tensor.name,
+            "datatype": tensor.datatype,
+            "shape": list(tensor.shape),
+        }
+        if "shared_memory_region" in tensor.parameters:
+            entry["parameters"] = {k: _parameter(v) for k, v in tensor.parameters.items()}
+        elif binary(tensor.name):
+            entry["parameters"] = {"binary_data_size": len(raw)}
+            blobs.append(raw)
+        elif tensor.datatype == "BYTES":
+            entry["data"] = _strings(raw)
+        else:
+            dt = datatype(tensor.datatype).numpy.newbyteorder("<")
+            entry["data"] = np.frombuffer(raw, dtype=dt).tolist()
+        outputs.append(entry)
+    header["outputs"] = outputs
+    text = json.dumps(header, separators=(",", ":")).encode()
+    if not blobs:
+        return text, None
+    return b"".join([text, *blobs]), len(text)
+
+
+# -- the application ----------------------------------------------------------------------
+
+
+class _Api:
+    """The endpoints, over one core and one set of shared-memory regions."""
+
+    def __init__(
+        self,
+        core: InferenceCore,
+        regions: SystemRegions | None,
+        max_request_bytes: int,
+        control: ModelControl,
+    ):
+        self.core = core
+        self.regions = regions
+        self.limit = max_request_bytes
+        self.control = control
+
+    def _check_control(self, action: str, request: Request) -> None:
+        self.control.check(action, request.headers.getlist("authorization"))
+
+    def _regions(self) -> SystemRegions:
+        if self.regions is None:
+            raise Unsupported("system shared memory is not served by this server")
+        return self.regions
+
+    async def _json(self, request: Request, what: str) -> dict[str, Any]:
+        return parse_json(await _body(request, self.limit), what, max_bytes=self.limit)
+
+    def _model(self, request: Request) -> Any:
+        params = request.path_params
+        return self.core.get(params["model"], params.get("version") or None)
+
+    # health and metadata
+
+    async def live(self, request: Request) -> Response:
+        return Response(status_code=200)
+
+    async def ready(self, request: Request) -> Response:
+        return Response(status_code=200 if self.core.ready else 400)
+
+    async def model_ready(self, request: Request) -> Response:
+        try:
+            self._model(request)
+        except ArrowInferError:
+            return Response(status_code=400)
+        return Response(status_code=200 if self.core.ready else 400)
+
+    async def server_metadata(self, request: Request) -> Response:
+        return JSONResponse(_v2.server_metadata())
+
+    async def model_metadata(self, request: Request) -> Response:
+        return JSONResponse(self._model(request).version.metadata())
+
+    async def model_config(self, request: Request) -> Response:
+        return JSONResponse(self.core.config(self._model(request)))
+
+    async def statistics(self, request: Request) -> Response:
+        params = request.path_params
+        stats = self.core.statistics(params.get("model") or None, params.get("version") or None)
+        return JSONResponse({"model_stats": stats})
+
+    # repository
+
+    async def index(self, request: Request) -> Response:
+        body = await self._json(request, "the index request")
+        return JSONResponse(_v2.index(self.core, bool(body.get("ready", False))))
+
+    async def load(self, request: Request) -> Response:
+        name = request.path_params["model"]
+        self._check_control("load", request)
+        body = await self._json(request, "the load request")
+        _v2.check_load_parameters(name, body.get("parameters") or {})
+        await asyncio.to_thread(self.core.load, name)  # loading takes seconds: not on the loop
+        return Response(status_code=200)
+
+    async def unload(self, request: Request) -> Response:
+        self._check_control("unload", request)
+        await self._json(request, "the unload request")
+        await asyncio.to_thread(self.core.unload, request.path_params["model"])
+        return Response(status_code=200)
+
+    # system shared memory
+
+    async def shm_status(self, request: Request) -> Response:
+        name = request.path_params.get("region")
+        return JSONResponse(self._regions().status(_peer(request), name))
+
+    async def shm_register(self, request: Request) -> Response:
+        body = await self._json(request, "the register request")
+        regions = self._regions()
+        key, offset, size = body.get("key"), body.get("offset", 0), body.get("byte_size")
+        if not isinstance(key, str):
+            raise InvalidInput("register: 'key' must be a string", got=key)
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (offset, size)):
+            raise InvalidInput(
+                "register: 'offset' and 'byte_size' must be integers", got=[offset, size]
+            )
+        assert isinstance(offset, int)  # for the type checker
+        assert isinstance(size, int)
+        regions.register(_peer(request), request.path_params["region"], key, offset, size)
+        return Response(status_code=200)
+
+    async def shm_unregister(self, request: Request) -> Response:
+        self._regions().unregister(_peer(request), request.path_params.get("region"))
+        return Response(status_code=200)
+
+    async def cuda_shm(self, request: Request) -> Response:
+        raise Unsupported(CUDA_UNSUPPORTED)
+
+    # inference
+
+    async def infer(self, request: Request) -> Response:
+        params = request.path_params
+        body = await _body(request, self.limit)
+        length_text = request.headers.get(_HEADER_LENGTH)
+        if length_text is None:
+            length = len(body)
+        elif length_text.isdigit() and int(length_text) <= len(body):
+            length = int(length_text)
+        else:
+            raise InvalidInput(
+                f"{_HEADER_LENGTH} must be a length within the body",
+                expected=f"at most {len(body)}",
+                got=length_text,
+            )
+        view = memoryview(body)
+        header = parse_json(view[:length], "the inference request", max_bytes=self.limit)
+        grpc_request, binary = infer_request(
+            params["model"], params.get("version", ""), header, view[length:]
+        )
+        peer = _peer(request)
+        pending = _v2.submit(self.core, grpc_request, None, regions=self.regions, peer=peer)
+        response = await _v2.wait_result_async(pending, regions=self.regions, peer=peer)
+        data, header_length = infer_answer(response, binary)
+        headers: dict[str, str] = {}
+        if header_length is not None:
+            headers[_HEADER_LENGTH] = str(header_length)
+        data = _compressed(request, data, headers)
+        media = "application/json" if header_length is None else "application/octet-stream"
+        return Response(data, headers=headers, media_type=media)
+
+
+def _routes(api: _Api) -> list[Route]:
+    model = "/v2/models/{model}"
+    versioned = "/v2/models/{model}/versions/{version}"
+    routes = [
+        ("/v2/health/live", api.live, ["GET"]),
+        ("/v2/health/ready", api.ready, ["GET"]),
+        ("/v2", api.server_metadata, ["GET"]),
+        ("/v2/models/stats", api.statistics, ["GET"]),
+        ("/v2/repository/index", api.index, ["POST"]),
+        ("/v2/repository/models/{model}/load", api.load, ["POST"]),
+        ("/v2/repository/models/{model}/unload", api.unload, ["POST"]),
+        ("/v2/systemsharedmemory/status", api.shm_status, ["GET"]),
+        ("/v2/systemsharedmemory/region/{region}/status", api.shm_status, ["GET"]),
+        ("/v2/systemsharedmemory/region/{region}/register", api.shm_register, ["POST"]),
+        ("/v2/systemsharedmemory/unregister", api.shm_unregister, ["POST"]),
+        ("/v2/systemsharedmemory/region/{region}/unregister", api.shm_unregister, ["POST"]),
+        ("/v2/cudasharedmemory/{rest:path}", api.cuda_shm, ["GET", "POST"]),
+    ]
+    for prefix in (model, versioned):
+        routes += [
+            (prefix, api.model_metadata, ["GET"]),
+            (prefix + "/ready", api.model_ready, ["GET"]),
+            (prefix + "/config", api.model_config, ["GET"]),
+            (prefix + "/stats", api.statistics, ["GET"]),
+            (prefix + "/infer", api.infer, ["POST"]),
+        ]
+    return [Route(path, _endpoint(fn), methods=methods) for path, fn, methods in routes]
+
+
+class _Auth:
+    """ASGI middleware: every HTTP request needs a valid bearer token (401 otherwise)."""
+
+    def __init__(self, app: Any, check: TokenCheck):
+        self.app = app
+        self.check = check
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            values = [v for k, v in scope["headers"] if k == b"authorization"]
+            if not self.check(values):
+                denied = JSONResponse(
+                    {"error": "missing or invalid bearer token (send 'Authorization: Bearer')"},
+                    status_code=401,
+                    headers={"WWW-Authenticate": "Bearer"},
+                )
+                await denied(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def application(
+    core: InferenceCore,
+    *,
+    regions: SystemRegions | None = None,
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+    check: TokenCheck | None = None,
+    model_control: ModelControl | None = None,
+) -> Any:
+    """The ASGI application serving ``core`` (see the module's endpoints)."""
+    api = _Api(core, regions, max_request_bytes, model_control or ModelControl())
+    app = Starlette(routes=_routes(api))
+
+    async def not_found(request: Request, exc: Exception) -> Response:
+        return JSONResponse({"error": f"no endpoint {request.method} {request.url.path}"}, 404)
+
+    async def not_allowed(request: Request, exc: Exception) -> Response:
+        return JSONResponse({"error": f"{request.method} is not served here"}, 405)
+
+    app.add_exception_handler(404, not_found)
+    app.add_exception_handler(405, not_allowed)
+    return _Auth(app, check) if check is not None else app
+
+
+class HttpServer:
+    """A running HTTP front end: uvicorn on its own thread and event loop."""
+
+    def __init__(self, server: Any, thread: threading.Thread, port: int):
+        self._server = server
+        self._thread = thread
+        self.port = port
+
+    def stop(self, grace: float | None = 5.0) -> None:
+        """Stop accepting; give the requests in progress ``grace`` seconds (None: all the
+        time they take), then close."""
+        self._server.config.timeout_graceful_shutdown = grace
+        self._server.should_exit = True
+        self._thread.join()
+
+
+def start_http(
+    core: InferenceCore,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    *,
+    regions: SystemRegions | None = None,
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+    tls_cert: str | os.PathLike[str] | None = None,
+    tls_key: str | os.PathLike[str] | None = None,
+    check: TokenCheck | None = None,
+    model_control: ModelControl | None = None,
+) -> HttpServer:
+    """Serve ``core`` over KServe v2 HTTP/REST on ``host:port`` (0: a free port).
+
+    Parameters
+    ----------
+    regions
+        The server's system shared-memory regions (shared with gRPC); None: the
+        shared-memory endpoints answer 501.
+    max_request_bytes
+        The largest request body, compressed and decompressed.
+    tls_cert, tls_key
+        PEM files: serve HTTPS.
+    check
+        Require a bearer token (401 without).
+    model_control
+        Who may load and unload models (default: nobody), as over gRPC.
+
+    Raises
+    ------
+    OSError
+        If the address cannot be bound (in use, say), or the server does not start.
+    """
+    import uvicorn
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        # Accepted sockets inherit it: without, the response body waits for the client's
+        # delayed ACK of the headers (Nagle), 40 ms per request.
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.bind((host.strip("[]"), port))
+        sock.listen(1024)
+    except OSError as err:
+        sock.close()
+        raise OSError(f"KServe HTTP cannot listen on {host}:{port}: {err.strerror}") from err
+    app = application(
+        core,
+        regions=regions,
+        max_request_bytes=max_request_bytes,
+        check=check,
+        model_control=model_control,
+    )
+    config = uvicorn.Config(
+        app,
+        lifespan="off",
+        log_config=None,
+        access_log=False,
+        ssl_certfile=os.fspath(tls_cert) if tls_cert is not None else None,
+        ssl_keyfile=os.fspath(tls_key) if tls_key is not None else None,
+        timeout_graceful_shutdown=5,
+    )
+    server = uvicorn.Server(config)
+    started = threading.Event()
+
+    def run() -> None:
+        async def serve() -> None:
+            task = asyncio.ensure_future(server.serve(sockets=[sock]))
+            while not server.started and not task.done():
+                await asyncio.sleep(0.01)  # uvicorn has no start callback
+            started.set()
+            await task
+
+        try:
+            asyncio.run(serve())
+        finally:
+            started.set()
+            sock.close()
+
+    thread = threading.Thread(target=run, name="kserve-http", daemon=True)
+    thread.start()
+    started.wait()
+    if not server.started:
+        thread.join()
+        raise OSError(f"KServe HTTP did not start on {host}:{port}; the log says why")
+    return HttpServer(server, thread, sock.getsockname()[1])

@@ -1,0 +1,199 @@
+"""What the KServe v2 front ends (gRPC and HTTP/REST) share, apart from tensor conversion.
+
+Both front ends turn their wire request into a ``ModelInferRequest`` protobuf (HTTP builds
+one from its JSON and binary parts), so the rules for inference live once: here (submit,
+wait, timeouts) and in :mod:`._v2tensors` (tensors). Neither front end imports the other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable
+from concurrent.futures import CancelledError, Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from typing import Any, NamedTuple
+
+from tritonclient.grpc import service_pb2 as pb
+
+from .. import __version__
+from ..batching import Completed
+from ..errors import InvalidInput, ServerUnavailable, Timeout
+from ..schema import TensorSpec
+from ._core import InferenceCore, LoadedModel
+from ._v2memory import NO_PEER, Peer, SystemRegions
+from ._v2tensors import infer_response, request_batch, requested_outputs
+
+__all__ = [
+    "EXTENSIONS",
+    "Pending",
+    "check_load_parameters",
+    "index",
+    "server_metadata",
+    "submit",
+    "wait_result",
+    "wait_result_async",
+]
+
+#: Triton's protocol extensions both v2 front ends serve (``ServerMetadata.extensions``).
+EXTENSIONS = (
+    "binary_tensor_data",
+    "classification",
+    "model_repository",
+    "model_configuration",
+    "schedule_policy",
+    "statistics",
+    "system_shared_memory",
+)
+
+
+def server_metadata() -> dict[str, Any]:
+    """``ServerMetadata``: name, version and extensions."""
+    return {"name": "arrowinfer", "version": __version__, "extensions": list(EXTENSIONS)}
+
+
+def index(core: InferenceCore, ready_only: bool) -> list[dict[str, Any]]:
+    """``RepositoryIndex``: every model directory (``ready_only``: the READY ones)."""
+    entries = core.index()
+    return [e for e in entries if e["state"] == "READY"] if ready_only else entries
+
+
+def check_load_parameters(model: str, keys: Iterable[str]) -> None:
+    """Refuse ``RepositoryModelLoad`` parameters that would send a config or files.
+
+    Raises
+    ------
+    InvalidInput
+        Naming the parameters: the repository is the only source of models.
+    """
+    override = sorted(k for k in keys if k == "config" or k.startswith("file:"))
+    if override:
+        raise InvalidInput(
+            f"loading with parameters {override} (a config or files sent by the client) is "
+            "not supported; change the repository and load again",
+            model=model,
+        )
+
+
+class Pending(NamedTuple):
+    """A submitted request: what its response needs."""
+
+    request: pb.ModelInferRequest
+    model: LoadedModel
+    outputs: list[TensorSpec]
+    future: Future[Completed]
+    timeout: float | None
+
+
+def _timeout(remaining: float | None) -> float | None:
+    """Seconds to wait for a result: the transport's deadline (gRPC's; HTTP has none).
+
+    The request's ``timeout`` parameter is Triton's queue timeout, which the batcher
+    applies (:meth:`InferenceCore.submit`), not a bound on the whole wait.
+    """
+    # without a deadline gRPC gives an enormous number of seconds
+    return None if remaining is None or remaining > 1e9 else max(remaining, 0.0)
+
+
+def _int_parameter(request: pb.ModelInferRequest, key: str) -> int:
+    """An integer request parameter (tritonclient sends int64 or uint64), 0 when absent.
+
+    Raises
+    ------
+    InvalidInput
+        A negative value.
+    """
+    if key not in request.parameters:
+        return 0
+    param = request.parameters[key]
+    value = param.int64_param or param.uint64_param
+    if value < 0:
+        raise InvalidInput(f"parameter {key!r} must not be negative", got=value)
+    return int(value)
+
+
+def submit(
+    core: InferenceCore,
+    request: pb.ModelInferRequest,
+    remaining: float | None,
+    *,
+    regions: SystemRegions | None = None,
+    peer: Peer = NO_PEER,
+    draining: bool = False,
+) -> Pending:
+    """Convert and queue one request (``remaining``: seconds the transport still allows).
+
+    ``regions`` and ``peer`` serve inputs and outputs in Triton system shared memory.
+
+    Raises
+    ------
+    ModelNotFound, InvalidInput, ServerBusy, ServerUnavailable
+        Before anything is queued.
+    """
+    model = core.get(request.model_name, request.model_version or None)
+    outputs = requested_outputs(model.version, request, regions=regions, peer=peer)
+    batch = request_batch(model.version, request, regions=regions, peer=peer)
+    future = core.submit(
+        model,
+        batch,
+        draining=draining,
+        priority=_int_parameter(request, "priority"),
+        timeout_us=_int_parameter(request, "timeout"),
+    )
+    return Pending(request, model, outputs, future, _timeout(remaining))
+
+
+def _timed_out(pending: Pending) -> Timeout:
+    pending.future.cancel()
+    return Timeout(
+        f"model {pending.model.version.name!r}: no result within {pending.timeout:.3g} s"
+    )
+
+
+def wait_result(
+    pending: Pending, *, regions: SystemRegions | None = None, peer: Peer = NO_PEER
+) -> pb.ModelInferResponse:
+    """Block for a request's result; its response (outputs in regions written there).
+
+    Raises
+    ------
+    Timeout
+        No result within the request's timeout (the request is cancelled).
+    ServerUnavailable
+        The request was cancelled before its batch ran.
+    """
+    try:
+        done = pending.future.result(pending.timeout)
+    except FutureTimeout:
+        raise _timed_out(pending) from None
+    except CancelledError:  # the client went away before its batch ran
+        raise ServerUnavailable("the request was cancelled") from None
+    return infer_response(
+        pending.model.version, pending.request, pending.outputs, done, regions=regions, peer=peer
+    )
+
+
+async def wait_result_async(
+    pending: Pending, *, regions: SystemRegions | None = None, peer: Peer = NO_PEER
+) -> pb.ModelInferResponse:
+    """:func:`wait_result` for an event loop: waits without holding a thread.
+
+    If the waiting task is cancelled (the client went away), so is the request.
+    """
+    future = asyncio.wrap_future(pending.future)
+    try:
+        finished, _ = await asyncio.wait({future}, timeout=pending.timeout)
+    except asyncio.CancelledError:
+        pending.future.cancel()
+        raise
+    if not finished:
+        raise _timed_out(pending)
+    if future.cancelled():
+        raise ServerUnavailable("the request was cancelled")
+    return infer_response(
+        pending.model.version,
+        pending.request,
+        pending.outputs,
+        future.result(),
+        regions=regions,
+        peer=peer,
+    )

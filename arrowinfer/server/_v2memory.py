@@ -1,0 +1,258 @@
+"""Triton's system shared-memory extension, for the KServe v2 front ends (gRPC and HTTP).
+
+A client creates a POSIX shared-memory object (``shm_open(key)``, i.e. ``/dev/shm/KEY``),
+registers a window of it under a name (``key``, ``offset``, ``byte_size``), and then names
+that region, an offset and a byte size in an inference request instead of sending a
+tensor's bytes; an output named so is written into the region instead of the response.
+This is what ``tritonclient.utils.shared_memory`` and CMSSW's SonicTriton do.
+
+Rules (the same as arrowinfer's own shared memory, for requests that are not trusted):
+
+- A peer on this host's loopback is identified by its user id, read from the kernel's
+  table of TCP sockets (:func:`._peers.peer_uid`): it may register only shared-memory
+  files of its own user with mode 0600 (:func:`._peers.open_region`), and use, list and
+  unregister only the regions its user registered. A peer whose user cannot be found is
+  refused (UNAUTHENTICATED, HTTP 401).
+- A peer that is not on loopback is refused unless the server was started with
+  ``allow_client_shm`` (``--allow-client-shm``; for containers that share ``/dev/shm``):
+  then it may register files of the server's own user (mode 0600), and all such peers
+  share one owner.
+- Keys are plain names in ``/dev/shm`` (``/name``): no path, no symlink (``O_NOFOLLOW``),
+  regular files only, the window inside the file when registered.
+- Data moves with ``pread``/``pwrite`` on the file, never through a mapping: a client that
+  shrinks its file later gets an error on its request (short read), it cannot crash the
+  server (a mapping would take ``SIGBUS``). Offsets and sizes outside the registered
+  window are refused before any byte moves.
+- CUDA shared memory is not supported: its RPCs answer UNIMPLEMENTED (HTTP 501).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+from ..errors import InvalidInput
+from ..protocol import peer_is_local
+from ._peers import open_region, peer_uid
+
+__all__ = ["CUDA_UNSUPPORTED", "NO_PEER", "Peer", "SystemRegions"]
+
+_KEY = re.compile(r"^/?([A-Za-z0-9_][A-Za-z0-9_.\-]{0,254})$")
+
+CUDA_UNSUPPORTED = (
+    "CUDA shared memory is not supported by this server; use system shared memory "
+    "(register_system_shared_memory) or send the tensors in the request"
+)
+
+
+class Peer(NamedTuple):
+    """A KServe client: gRPC's peer string (``ipv4:127.0.0.1:5000``) and the server port."""
+
+    address: str
+    server_port: int | None = None
+
+
+#: No peer known: shared memory is refused to it (unless remote peers are admitted).
+NO_PEER = Peer("")
+
+
+@dataclass
+class _Region:
+    name: str
+    key: str
+    fd: int
+    offset: int
+    byte_size: int
+    owner: int | None  # the registering peer's uid; None: a remote peer (allow_client_shm)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "key": self.key,
+            "offset": self.offset,
+            "byte_size": self.byte_size,
+        }
+
+
+class SystemRegions:
+    """The registered system shared-memory regions of one server, for gRPC and HTTP alike.
+
+    Parameters
+    ----------
+    allow_remote
+        Admit peers that are not on this host's loopback (see the module's rules).
+    """
+
+    def __init__(self, *, allow_remote: bool = False):
+        self.allow_remote = allow_remote
+        self._regions: dict[str, _Region] = {}
+        self._lock = threading.Lock()
+
+    def _owner(self, peer: Peer) -> int | None:
+        """Who a peer is, for the regions: its uid, or None for an admitted remote peer.
+
+        Raises
+        ------
+        InvalidInput
+            A remote peer without ``allow_remote``.
+        Unauthenticated
+            A local peer whose user the kernel cannot tell.
+        """
+        if not peer.address.startswith("unix") and not peer_is_local(peer.address):
+            if not self.allow_remote:
+                raise InvalidInput(
+                    "system shared memory is served to clients on this host only (the "
+                    "server's --allow-client-shm admits others that share its /dev/shm)"
+                )
+            return None
+        return peer_uid(peer.address, server_port=peer.server_port)
+
+    def register(self, peer: Peer, name: str, key: str, offset: int, byte_size: int) -> None:
+        """Register ``/dev/shm/KEY``'s bytes ``[offset, offset + byte_size)`` as ``name``.
+
+        Raises
+        ------
+        InvalidInput
+            A name already registered, a bad key, a file that is not the peer's (or not a
+            regular file, or smaller than the window), or a peer not admitted.
+        """
+        owner = self._owner(peer)
+        if not name or len(name) > 255:
+            raise InvalidInput("system shared memory: a region needs a name (at most 255 chars)")
+        match = _KEY.match(key)
+        if match is None:
+            raise InvalidInput(
+                "system shared memory: the key must be a plain shm name like /my_region",
+                got=key,
+            )
+        if offset < 0 or byte_size <= 0:
+            raise InvalidInput(
+                "system shared memory: offset must be >= 0 and byte_size > 0",
+                got={"offset": offset, "byte_size": byte_size},
+            )
+        # an admitted remote peer may use files of the server's own user only
+        fd, info = open_region(match.group(1), os.geteuid() if owner is None else owner)
+        try:
+            if offset + byte_size > info.st_size:
+                raise InvalidInput(
+                    f"system shared memory: region {name!r} lies outside {key!r}",
+                    expected=f"offset + byte_size <= {info.st_size}",
+                    got=offset + byte_size,
+                )
+            with self._lock:
+                if name in self._regions:
+                    raise InvalidInput(
+                        f"system shared memory: region {name!r} is already registered"
+                    )
+                self._regions[name] = _Region(name, key, fd, offset, byte_size, owner)
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def _get(self, owner: int | None, name: str) -> _Region:
+        with self._lock:
+            region = self._regions.get(name)
+        if region is None or region.owner != owner:  # another user's region is not there
+            raise InvalidInput(f"system shared memory: no region {name!r} is registered")
+        return region
+
+    def unregister(self, peer: Peer, name: str | None = None) -> None:
+        """Unregister one region of the peer's user, or all of them (``name`` None/empty).
+
+        Raises
+        ------
+        InvalidInput
+            No such region of this user, or a peer not admitted.
+        """
+        owner = self._owner(peer)
+        with self._lock:
+            if name:
+                region = self._regions.get(name)
+                if region is None or region.owner != owner:
+                    raise InvalidInput(f"system shared memory: no region {name!r} is registered")
+                gone = [self._regions.pop(name)]
+            else:
+                gone = [r for r in self._regions.values() if r.owner == owner]
+                for region in gone:
+                    del self._regions[region.name]
+        for region in gone:
+            os.close(region.fd)
+
+    def status(self, peer: Peer, name: str | None = None) -> list[dict[str, Any]]:
+        """The peer's user's regions (one when ``name`` is given): name, key, offset, size.
+
+        Raises
+        ------
+        InvalidInput
+            An unknown ``name``, or a peer not admitted.
+        """
+        owner = self._owner(peer)
+        if name:
+            return [self._get(owner, name).as_dict()]
+        with self._lock:
+            return [r.as_dict() for _, r in sorted(self._regions.items()) if r.owner == owner]
+
+    def _window(self, peer: Peer, name: str, offset: int, size: int) -> tuple[_Region, int]:
+        region = self._get(self._owner(peer), name)
+        if offset < 0 or size < 0 or offset + size > region.byte_size:
+            raise InvalidInput(
+                f"system shared memory: offset and size lie outside region {name!r}",
+                expected=f"offset + size <= {region.byte_size}",
+                got={"offset": offset, "size": size},
+            )
+        return region, region.offset + offset
+
+    def check(self, peer: Peer, name: str, offset: int, size: int) -> None:
+        """Refuse a place that is not inside a region of the peer's user (before running).
+
+        Raises
+        ------
+        InvalidInput
+            Outside the region, or an unknown region.
+        """
+        self._window(peer, name, offset, size)
+
+    def read(self, peer: Peer, name: str, offset: int, size: int) -> bytes:
+        """``size`` bytes at ``offset`` in a region of the peer's user.
+
+        Raises
+        ------
+        InvalidInput
+            Outside the region, an unknown region, or a file shrunk since registration.
+        """
+        region, position = self._window(peer, name, offset, size)
+        data = os.pread(region.fd, size, position)
+        if len(data) != size:
+            raise InvalidInput(
+                f"system shared memory: region {name!r} is smaller than when registered"
+            )
+        return data
+
+    def write(self, peer: Peer, name: str, offset: int, data: bytes | memoryview) -> None:
+        """Write ``data`` at ``offset`` into a region of the peer's user.
+
+        Raises
+        ------
+        InvalidInput
+            Outside the region, an unknown region, or a file shrunk since registration.
+        """
+        view = memoryview(data).cast("B")
+        region, position = self._window(peer, name, offset, len(view))
+        if os.fstat(region.fd).st_size < position + len(view):
+            raise InvalidInput(
+                f"system shared memory: region {name!r} is smaller than when registered"
+            )
+        while view:
+            written = os.pwrite(region.fd, view, position)
+            view, position = view[written:], position + written
+
+    def close(self) -> None:
+        """Unregister every region."""
+        with self._lock:
+            regions = list(self._regions.values())
+            self._regions.clear()
+        for region in regions:
+            os.close(region.fd)

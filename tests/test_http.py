@@ -1,0 +1,537 @@
+"""The KServe v2 HTTP/REST front end: tritonclient.http (sync, async) and raw JSON.
+
+Real servers on ephemeral loopback ports, no mocks. Every inference result is compared
+with onnxruntime running the same model file; every error with the HTTP status Triton's
+HTTP server gives the same error (400 invalid argument, 404 not found, 503 unavailable,
+501 not supported), with Triton's JSON error body ``{"error": message}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import json
+import shutil
+import subprocess
+import urllib.error
+import urllib.request
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import tritonclient.http as th
+import tritonclient.http.aio as th_aio
+from tritonclient.utils import InferenceServerException
+
+from arrowinfer.server import Server
+
+WAIT = 30.0  # seconds any one answer may take: bounds every test, never a sleep
+TOKEN = "http-test-token"
+
+rng = np.random.default_rng(20261130)
+
+#: One request per model: its inputs (batch first).
+REQUESTS: dict[str, dict[str, np.ndarray]] = {
+    "facile": {"hits": rng.normal(size=(7, 15)).astype(np.float32)},
+    "toptag_cnn": {"image": np.abs(rng.normal(size=(3, 1, 37, 37))).astype(np.float32)},
+    "identity": {"INPUT0": rng.normal(size=(4, 1024)).astype(np.float32)},
+}
+
+
+# -- helpers -----------------------------------------------------------------------------
+
+
+def onnxruntime_outputs(server: Server, model: str, arrays: dict[str, np.ndarray]) -> dict:
+    """What onnxruntime computes for ``arrays`` with the model file the server serves."""
+    session = ort.InferenceSession(str(server.core.get(model).version.path))
+    names = [o.name for o in session.get_outputs()]
+    return dict(zip(names, session.run(names, arrays), strict=True))
+
+
+@pytest.fixture
+def client(server: Server) -> Iterator[th.InferenceServerClient]:
+    triton = th.InferenceServerClient(
+        f"127.0.0.1:{server.http_port}", connection_timeout=WAIT, network_timeout=WAIT
+    )
+    try:
+        yield triton
+    finally:
+        triton.close()
+
+
+def infer_inputs(arrays: dict[str, np.ndarray], *, binary: bool) -> list[th.InferInput]:
+    out = []
+    for name, array in arrays.items():
+        tensor = th.InferInput(name, list(array.shape), "FP32")
+        tensor.set_data_from_numpy(array, binary_data=binary)
+        out.append(tensor)
+    return out
+
+
+def call(
+    server: Server,
+    method: str,
+    path: str,
+    body: bytes | None = None,
+    headers: dict[str, str] | None = None,
+    *,
+    scheme: str = "http",
+    context: Any = None,
+) -> tuple[int, dict[str, str], bytes]:
+    """One raw HTTP request, as curl would send it: status, headers, body."""
+    url = f"{scheme}://127.0.0.1:{server.http_port}{path}"
+    request = urllib.request.Request(url, data=body, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=WAIT, context=context) as response:
+            return response.status, dict(response.headers), response.read()
+    except urllib.error.HTTPError as err:
+        with err:
+            return err.code, dict(err.headers), err.read()
+
+
+def error_of(body: bytes) -> str:
+    """Triton's error body: a JSON object with one string, ``error``."""
+    data = json.loads(body)
+    assert list(data) == ["error"]
+    assert isinstance(data["error"], str)
+    return data["error"]
+
+
+# -- health, metadata, config, statistics, repository -------------------------------------
+
+
+def test_health_and_metadata(server: Server, client: th.InferenceServerClient) -> None:
+    import arrowinfer
+
+    assert client.is_server_live()
+    assert client.is_server_ready()
+    assert client.is_model_ready("facile")
+    assert client.is_model_ready("facile", "1")
+    assert not client.is_model_ready("facile", "7")
+    assert not client.is_model_ready("no_such_model")
+    meta = client.get_server_metadata()
+    assert meta["name"] == "arrowinfer"
+    assert meta["version"] == arrowinfer.__version__
+    assert {"binary_tensor_data", "model_repository", "statistics", "system_shared_memory"} <= (
+        set(meta["extensions"])
+    )
+    model = client.get_model_metadata("toptag_cnn")
+    assert model["name"] == "toptag_cnn"
+    assert model["versions"] == ["1"]
+    assert model["inputs"] == [{"name": "image", "datatype": "FP32", "shape": [-1, 1, 37, 37]}]
+    assert client.get_model_metadata("toptag_cnn", "1") == model
+    config = client.get_model_config("facile")
+    assert config["name"] == "facile"
+    assert config["max_batch_size"] == server.core.get("facile").version.max_batch_size
+    assert [i["name"] for i in config["input"]] == ["hits"]
+
+
+def test_unknown_model_is_404_with_tritons_error_body(server: Server) -> None:
+    for path in ("/v2/models/no_such_model", "/v2/models/no_such_model/config"):
+        status, headers, body = call(server, "GET", path)
+        assert status == 404
+        assert headers["content-type"] == "application/json"
+        assert "no_such_model" in error_of(body)
+    status, _, body = call(server, "GET", "/v2/models/facile/versions/7")
+    assert status == 404
+    assert "version 7" in error_of(body)
+    status, _, body = call(server, "GET", "/v2/models/no_such_model/stats")
+    assert status == 404
+    assert call(server, "GET", "/v2/models/no_such_model/ready")[0] == 400
+    assert call(server, "GET", "/v2/no/such/endpoint")[0] == 404
+
+
+def test_statistics_count_http_inferences(server: Server, client: th.InferenceServerClient) -> None:
+    before = client.get_inference_statistics("identity")["model_stats"][0]
+    client.infer("identity", infer_inputs(REQUESTS["identity"], binary=True))
+    after = client.get_inference_statistics("identity", "1")["model_stats"][0]
+    assert after["name"] == "identity"
+    assert after["inference_count"] == before["inference_count"] + 4
+    every = client.get_inference_statistics()["model_stats"]
+    assert {s["name"] for s in every} >= {"facile", "identity", "toptag_cnn"}
+
+
+def test_model_control_is_off_by_default(server: Server) -> None:
+    """As Triton with --model-control-mode none: load and unload are refused, nothing moves."""
+    for action in ("load", "unload"):
+        status, _, data = call(server, "POST", f"/v2/repository/models/facile/{action}", b"{}")
+        assert status == 400
+        assert "model control mode" in error_of(data)
+    assert call(server, "GET", "/v2/models/facile/ready")[0] == 200
+
+
+def test_repository_index_load_unload(example_repository: Path) -> None:
+    with Server(
+        example_repository,
+        port=0,
+        kserve_port=None,
+        http_port=0,
+        metrics_port=None,
+        model_control="explicit",
+    ) as server:
+        client = th.InferenceServerClient(f"127.0.0.1:{server.http_port}")
+        try:
+            index = {e["name"]: e for e in client.get_model_repository_index()}
+            assert index["facile"] == {
+                "name": "facile",
+                "version": "1",
+                "state": "READY",
+                "reason": "",
+            }
+            client.unload_model("facile")
+            assert not client.is_model_ready("facile")
+            ready = {e["name"] for e in call_json(server, "/v2/repository/index", {"ready": True})}
+            assert "facile" not in ready
+            assert "identity" in ready
+            client.load_model("facile")
+            assert client.is_model_ready("facile")
+            arrays = REQUESTS["facile"]
+            result = client.infer("facile", infer_inputs(arrays, binary=True))
+            expected = onnxruntime_outputs(server, "facile", arrays)["energy"]
+            np.testing.assert_array_equal(result.as_numpy("energy"), expected)
+            with pytest.raises(InferenceServerException) as caught:
+                client.load_model("no_such_model")
+            assert caught.value.status() == "404"
+            with pytest.raises(InferenceServerException) as caught:
+                client.load_model("facile", config='{"max_batch_size": 1}')
+            assert caught.value.status() == "400"
+            assert "config" in caught.value.message()
+        finally:
+            client.close()
+
+
+def call_json(server: Server, path: str, body: dict[str, Any]) -> Any:
+    status, _, data = call(server, "POST", path, json.dumps(body).encode())
+    assert status == 200, data
+    return json.loads(data)
+
+
+# -- inference -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
+@pytest.mark.parametrize("model", sorted(REQUESTS))
+def test_infer_equals_onnxruntime(
+    server: Server, client: th.InferenceServerClient, model: str, binary: bool
+) -> None:
+    arrays = REQUESTS[model]
+    expected = onnxruntime_outputs(server, model, arrays)
+    outputs = [th.InferRequestedOutput(name, binary_data=binary) for name in expected]
+    result = client.infer(model, infer_inputs(arrays, binary=binary), outputs=outputs)
+    response = result.get_response()
+    assert response["model_name"] == model
+    assert response["model_version"] == "1"
+    assert {"queue_ns", "compute_infer_ns"} <= set(response["parameters"])
+    for name, want in expected.items():
+        got = result.as_numpy(name)
+        assert got.dtype == want.dtype
+        if binary:
+            np.testing.assert_array_equal(got, want)  # the same bytes
+        else:  # JSON carries floats as decimal text: equal after rounding to float32
+            np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+        entry = next(o for o in response["outputs"] if o["name"] == name)
+        assert entry["shape"] == list(want.shape)
+        assert ("parameters" in entry) == binary
+
+
+@pytest.mark.parametrize(
+    ("request_algorithm", "response_algorithm"),
+    [("gzip", "gzip"), ("deflate", "deflate"), ("gzip", None), (None, "deflate")],
+)
+def test_compressed_bodies(
+    server: Server,
+    client: th.InferenceServerClient,
+    request_algorithm: str | None,
+    response_algorithm: str | None,
+) -> None:
+    arrays = REQUESTS["identity"]
+    result = client.infer(
+        "identity",
+        infer_inputs(arrays, binary=True),
+        request_compression_algorithm=request_algorithm,
+        response_compression_algorithm=response_algorithm,
+    )
+    np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), arrays["INPUT0"])
+
+
+def test_async_clients(server: Server) -> None:
+    """tritonclient.http's async_infer (gevent threads) and its asyncio client."""
+    arrays = REQUESTS["toptag_cnn"]
+    expected = onnxruntime_outputs(server, "toptag_cnn", arrays)["probabilities"]
+    client = th.InferenceServerClient(f"127.0.0.1:{server.http_port}", concurrency=4)
+    try:
+        pending = [
+            client.async_infer("toptag_cnn", infer_inputs(arrays, binary=True)) for _ in range(8)
+        ]
+        for request in pending:
+            np.testing.assert_array_equal(
+                request.get_result(timeout=WAIT).as_numpy("probabilities"), expected
+            )
+    finally:
+        client.close()
+
+    async def run() -> list[np.ndarray]:
+        aio = th_aio.InferenceServerClient(f"127.0.0.1:{server.http_port}")
+        try:
+            assert await aio.is_server_ready()
+            assert (await aio.get_model_metadata("toptag_cnn"))["name"] == "toptag_cnn"
+            results = await asyncio.gather(
+                *(aio.infer("toptag_cnn", infer_inputs(arrays, binary=b)) for b in (True, False))
+            )
+            with pytest.raises(InferenceServerException) as caught:
+                await aio.infer("no_such_model", infer_inputs(arrays, binary=True))
+            assert caught.value.status() == "404"
+            return [r.as_numpy("probabilities") for r in results]
+        finally:
+            await aio.close()
+
+    binary, text = asyncio.run(asyncio.wait_for(run(), WAIT))
+    np.testing.assert_array_equal(binary, expected)
+    np.testing.assert_allclose(text, expected, rtol=1e-6, atol=1e-7)
+
+
+def test_raw_json_inference_like_curl(server: Server) -> None:
+    """A client without tritonclient: nested JSON data in, JSON data out."""
+    hits = REQUESTS["facile"]["hits"][:2]
+    body = {
+        "id": "req-1",
+        "inputs": [{"name": "hits", "shape": [2, 15], "datatype": "FP32", "data": hits.tolist()}],
+        "outputs": [{"name": "energy"}],
+    }
+    status, headers, data = call(
+        server,
+        "POST",
+        "/v2/models/facile/versions/1/infer",
+        json.dumps(body).encode(),
+        {"Content-Type": "application/json"},
+    )
+    assert status == 200, data
+    assert headers["content-type"] == "application/json"
+    answer = json.loads(data)
+    assert answer["id"] == "req-1"
+    (output,) = answer["outputs"]
+    assert output["name"] == "energy"
+    assert output["datatype"] == "FP32"
+    assert output["shape"] == [2, 1]
+    expected = onnxruntime_outputs(server, "facile", {"hits": hits})["energy"]
+    np.testing.assert_allclose(
+        np.array(output["data"], np.float32).reshape(2, 1), expected, rtol=1e-6
+    )
+    # the same request gzip-compressed, asking for a deflate answer
+    status, headers, data = call(
+        server,
+        "POST",
+        "/v2/models/facile/infer",
+        gzip.compress(json.dumps(body).encode()),
+        {"Content-Encoding": "gzip", "Accept-Encoding": "deflate"},
+    )
+    assert status == 200
+    assert headers["content-encoding"] == "deflate"
+    assert json.loads(zlib.decompress(data))["outputs"][0]["shape"] == [2, 1]
+
+
+def test_raw_binary_inference(server: Server) -> None:
+    """Triton's binary tensor data extension by hand: header length, then the bytes."""
+    values = REQUESTS["identity"]["INPUT0"]
+    header = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "INPUT0",
+                    "shape": list(values.shape),
+                    "datatype": "FP32",
+                    "parameters": {"binary_data_size": values.nbytes},
+                }
+            ],
+            "parameters": {"binary_data_output": True},
+        }
+    ).encode()
+    status, headers, data = call(
+        server,
+        "POST",
+        "/v2/models/identity/infer",
+        header + values.tobytes(),
+        {"Inference-Header-Content-Length": str(len(header))},
+    )
+    assert status == 200, data
+    length = int(headers["inference-header-content-length"])
+    answer = json.loads(data[:length])
+    (output,) = answer["outputs"]
+    assert output["parameters"] == {"binary_data_size": values.nbytes}
+    assert data[length:] == values.tobytes()
+
+
+def _json_request(**tensor: Any) -> bytes:
+    base = {"name": "hits", "shape": [1, 15], "datatype": "FP32", "data": [0.5] * 15}
+    return json.dumps({"inputs": [{**base, **tensor}]}).encode()
+
+
+@pytest.mark.parametrize(
+    ("body", "headers", "words"),
+    [
+        (b"{not json", {}, ["not JSON"]),
+        (b"[]", {}, ["JSON object"]),
+        (_json_request(datatype="INT32", data=[1] * 15), {}, ["wrong datatype"]),
+        (_json_request(shape=[1, 14], data=[0.5] * 14), {}, ["wrong shape"]),
+        (_json_request(data=[0.5] * 14), {}, ["does not match the shape"]),
+        (_json_request(data=["a"] * 15), {}, ["wrong kind"]),
+        (_json_request(name="nope"), {}, ["unexpected input"]),
+        (_json_request(parameters={"binary_data_size": 60}), {}, ["binary_data_size"]),
+        (_json_request(), {"Inference-Header-Content-Length": "99999"}, ["within the body"]),
+        (
+            _json_request() + b"extra",
+            {"Inference-Header-Content-Length": str(len(_json_request()))},
+            ["left over"],
+        ),
+        (_json_request(), {"Content-Encoding": "gzip"}, ["does not decompress"]),
+        (_json_request(), {"Content-Encoding": "br"}, ["Content-Encoding"]),
+        (
+            json.dumps({"inputs": [], "outputs": [{"name": "energy"}]}).encode(),
+            {},
+            ["no inputs"],
+        ),
+    ],
+    ids=[
+        "bad-json",
+        "not-object",
+        "datatype",
+        "shape",
+        "data-count",
+        "data-kind",
+        "input-name",
+        "binary-size",
+        "header-length",
+        "binary-left-over",
+        "bad-gzip",
+        "unknown-encoding",
+        "no-inputs",
+    ],
+)
+def test_bad_requests_are_400(
+    server: Server, body: bytes, headers: dict[str, str], words: list[str]
+) -> None:
+    status, _, data = call(server, "POST", "/v2/models/facile/infer", body, headers)
+    assert status == 400, data
+    message = error_of(data)
+    for word in words:
+        assert word in message
+    # the server keeps serving
+    assert call(server, "POST", "/v2/models/facile/infer", _json_request())[0] == 200
+
+
+def test_request_size_is_bounded(example_repository: Path) -> None:
+    """Bodies beyond max_request_bytes, compressed or decompressed, are refused."""
+    with Server(
+        example_repository,
+        port=0,
+        kserve_port=None,
+        http_port=0,
+        metrics_port=None,
+        models=["facile"],
+        max_request_bytes=64 * 1024,
+    ) as server:
+        small = _json_request()
+        assert call(server, "POST", "/v2/models/facile/infer", small)[0] == 200
+        big = small + b" " * (64 * 1024)
+        status, _, data = call(server, "POST", "/v2/models/facile/infer", big)
+        assert status == 400
+        assert "too large" in error_of(data)
+        bomb = gzip.compress(small[:-1] + b" " * (10 * 2**20) + b"}")  # ~10 KiB compressed
+        assert len(bomb) < 64 * 1024
+        status, _, data = call(
+            server, "POST", "/v2/models/facile/infer", bomb, {"Content-Encoding": "gzip"}
+        )
+        assert status == 400
+        assert "decompressed request body is too large" in error_of(data)
+
+
+def test_cuda_shared_memory_is_501(server: Server, client: th.InferenceServerClient) -> None:
+    with pytest.raises(InferenceServerException) as caught:
+        client.get_cuda_shared_memory_status()
+    assert caught.value.status() == "501"
+    assert "CUDA shared memory is not supported" in caught.value.message()
+    status, _, data = call(server, "POST", "/v2/cudasharedmemory/region/r/register", b"{}")
+    assert status == 501
+    assert "CUDA" in error_of(data)
+
+
+# -- TLS and bearer tokens -------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1, and its key (PEM files)."""
+    openssl = shutil.which("openssl")
+    assert openssl is not None, "the TLS tests need the openssl command"
+    where = tmp_path_factory.mktemp("tls")
+    cert, key = where / "cert.pem", where / "key.pem"
+    subprocess.run(
+        [
+            *(openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2"),
+            *("-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"),
+            *("-keyout", str(key), "-out", str(cert)),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    return cert, key
+
+
+def test_tls_and_bearer_tokens(example_repository: Path, certificate: tuple[Path, Path]) -> None:
+    import ssl
+
+    cert, key = certificate
+    with Server(
+        example_repository,
+        port=0,
+        kserve_port=None,
+        http_port=0,
+        metrics_port=None,
+        models=["facile"],
+        tls_cert=cert,
+        tls_key=key,
+        auth_tokens={TOKEN},
+    ) as server:
+        context = ssl.create_default_context(cafile=str(cert))
+        status, headers, data = call(
+            server, "GET", "/v2/health/ready", scheme="https", context=context
+        )
+        assert status == 401
+        assert headers["www-authenticate"] == "Bearer"
+        assert "bearer token" in error_of(data)
+        wrong = {"Authorization": "Bearer not-the-token"}
+        assert call(server, "GET", "/v2", None, wrong, scheme="https", context=context)[0] == 401
+        status, _, data = call(
+            server,
+            "POST",
+            "/v2/models/facile/infer",
+            _json_request(),
+            scheme="https",
+            context=context,
+        )
+        assert status == 401
+        assert server.core.statistics("facile")[0]["inference_count"] == 0  # nothing ran
+        good = {"Authorization": f"Bearer {TOKEN}"}
+        assert (
+            call(server, "GET", "/v2/health/ready", None, good, scheme="https", context=context)[0]
+            == 200
+        )
+        client = th.InferenceServerClient(
+            f"127.0.0.1:{server.http_port}",
+            ssl=True,
+            ssl_options={"ca_certs": str(cert)},
+        )
+        try:
+            arrays = {"hits": REQUESTS["facile"]["hits"]}
+            result = client.infer("facile", infer_inputs(arrays, binary=True), headers=good)
+            expected = onnxruntime_outputs(server, "facile", arrays)["energy"]
+            np.testing.assert_array_equal(result.as_numpy("energy"), expected)
+        finally:
+            client.close()
+        with pytest.raises(OSError, match="closed connection"):  # plain HTTP to a TLS port
+            urllib.request.urlopen(f"http://127.0.0.1:{server.http_port}/v2", timeout=WAIT)

@@ -1,0 +1,298 @@
+"""Triton's system shared-memory extension over KServe gRPC and HTTP.
+
+Used as CMSSW's SonicTriton and tritonclient's ``simple_*_shm_client`` examples use it:
+regions made with ``tritonclient.utils.shared_memory``, registered by name, inputs read
+from and outputs written to them. Real servers on loopback, no mocks; the values are
+compared with onnxruntime, and the refusals (regions outside their file, offsets outside
+a region, a file shrunk after registration, paths and symlinks as keys) with the error
+codes Triton gives.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import tritonclient.grpc as tg
+import tritonclient.http as th
+import tritonclient.utils.shared_memory as shm
+from tritonclient.utils import InferenceServerException
+
+from arrowinfer.errors import InvalidInput, Unauthenticated
+from arrowinfer.server import Server
+from arrowinfer.server._v2memory import Peer, SystemRegions
+
+WAIT = 30.0
+ROWS = 5
+HITS = np.random.default_rng(5).standard_normal((ROWS, 15), dtype=np.float32)
+
+
+def energy(server: Server, hits: np.ndarray) -> np.ndarray:
+    session = ort.InferenceSession(str(server.core.get("facile").version.path))
+    return session.run(["energy"], {"hits": hits})[0]
+
+
+@pytest.fixture(scope="module")
+def server(example_repository: Path) -> Iterator[Server]:
+    with Server(
+        example_repository,
+        port=0,
+        kserve_port=0,
+        http_port=0,
+        metrics_port=None,
+        models=["facile", "identity"],
+    ) as running:
+        yield running
+
+
+@pytest.fixture(params=["grpc", "http"])
+def client(request: pytest.FixtureRequest, server: Server) -> Iterator[Any]:
+    """A tritonclient of either protocol (their shared-memory calls have the same names)."""
+    if request.param == "grpc":
+        triton: Any = tg.InferenceServerClient(f"127.0.0.1:{server.kserve_port}")
+    else:
+        triton = th.InferenceServerClient(f"127.0.0.1:{server.http_port}")
+    try:
+        yield triton
+    finally:
+        triton.unregister_system_shared_memory()
+        triton.close()
+
+
+@pytest.fixture
+def region() -> Iterator[tuple[str, Any]]:
+    """A fresh shared-memory object: its key and tritonclient's handle (removed after)."""
+    key = f"/arrowinfer-test-{uuid.uuid4().hex[:12]}"
+    handle = shm.create_shared_memory_region("region", key, 4096)
+    try:
+        yield key, handle
+    finally:
+        shm.destroy_shared_memory_region(handle)
+
+
+def module_of(client: Any) -> Any:
+    return tg if isinstance(client, tg.InferenceServerClient) else th
+
+
+def status_names(client: Any) -> list[str]:
+    status = client.get_system_shared_memory_status()
+    if isinstance(client, tg.InferenceServerClient):
+        return sorted(status.regions)
+    return sorted(r["name"] for r in status)
+
+
+def code(err: InferenceServerException) -> str:
+    return str(err.status())
+
+
+def bad_argument(client: Any) -> str:
+    return "StatusCode.INVALID_ARGUMENT" if module_of(client) is tg else "400"
+
+
+def test_simple_shm_infer(server: Server, client: Any, region: tuple[str, Any]) -> None:
+    """tritonclient's simple shm example: input and output in one region, by offset."""
+    key, handle = region
+    mod = module_of(client)
+    shm.set_shared_memory_region(handle, [HITS])
+    client.register_system_shared_memory("data", key, 4096)
+    assert status_names(client) == ["data"]
+    tensor = mod.InferInput("hits", [ROWS, 15], "FP32")
+    tensor.set_shared_memory("data", HITS.nbytes)
+    output = mod.InferRequestedOutput("energy")
+    output.set_shared_memory("data", ROWS * 4, offset=2048)
+    result = client.infer("facile", [tensor], outputs=[output])
+    out = result.get_output("energy")
+    params = out.parameters if mod is tg else out["parameters"]
+    if mod is tg:
+        assert params["shared_memory_region"].string_param == "data"
+        assert params["shared_memory_byte_size"].int64_param == ROWS * 4
+    else:
+        assert params["shared_memory_region"] == "data"
+        assert params["shared_memory_byte_size"] == ROWS * 4
+    got = shm.get_contents_as_numpy(handle, np.float32, [ROWS, 1], offset=2048)
+    np.testing.assert_array_equal(got, energy(server, HITS))
+    client.unregister_system_shared_memory("data")
+    assert status_names(client) == []
+
+
+def test_mixed_shm_and_sent_inputs(server: Server, region: tuple[str, Any]) -> None:
+    """An output in a region beside an input sent in the request (gRPC raw contents)."""
+    key, handle = region
+    client = tg.InferenceServerClient(f"127.0.0.1:{server.kserve_port}")
+    try:
+        client.register_system_shared_memory("out", key, 4096)
+        tensor = tg.InferInput("hits", [ROWS, 15], "FP32")
+        tensor.set_data_from_numpy(HITS)
+        output = tg.InferRequestedOutput("energy")
+        output.set_shared_memory("out", ROWS * 4)
+        client.infer("facile", [tensor], outputs=[output])
+        got = shm.get_contents_as_numpy(handle, np.float32, [ROWS, 1])
+        np.testing.assert_array_equal(got, energy(server, HITS))
+    finally:
+        client.unregister_system_shared_memory()
+        client.close()
+
+
+def test_regions_are_shared_by_grpc_and_http(server: Server, region: tuple[str, Any]) -> None:
+    key, _ = region
+    grpc_client = tg.InferenceServerClient(f"127.0.0.1:{server.kserve_port}")
+    http_client = th.InferenceServerClient(f"127.0.0.1:{server.http_port}")
+    try:
+        grpc_client.register_system_shared_memory("both", key, 1024, offset=64)
+        (entry,) = http_client.get_system_shared_memory_status()
+        assert entry == {"name": "both", "key": key, "offset": 64, "byte_size": 1024}
+        http_client.unregister_system_shared_memory("both")
+        assert status_names(grpc_client) == []
+    finally:
+        grpc_client.unregister_system_shared_memory()
+        grpc_client.close()
+        http_client.close()
+
+
+def test_register_refusals(client: Any, region: tuple[str, Any], tmp_path: Path) -> None:
+    key, _ = region
+    link = f"/arrowinfer-link-{uuid.uuid4().hex[:8]}"
+    os.symlink(f"/dev/shm{key}", f"/dev/shm{link}")
+    try:
+        cases = [
+            ("whole", key, 4097, 0, "outside"),  # larger than the file
+            ("shifted", key, 4000, 100, "outside"),
+            ("path", "/../etc/passwd", 16, 0, "plain shm name"),
+            ("nested", "/a/b", 16, 0, "plain shm name"),
+            ("missing", "/arrowinfer-no-such-region", 16, 0, "no shared-memory region"),
+            ("link", link, 16, 0, "cannot open"),  # O_NOFOLLOW
+        ]
+        for name, where, size, offset, words in cases:
+            with pytest.raises(InferenceServerException) as caught:
+                client.register_system_shared_memory(name, where, size, offset=offset)
+            assert code(caught.value) == bad_argument(client), name
+            assert words in caught.value.message(), name
+        client.register_system_shared_memory("once", key, 16)
+        with pytest.raises(InferenceServerException) as caught:
+            client.register_system_shared_memory("once", key, 16)
+        assert "already registered" in caught.value.message()
+        assert status_names(client) == ["once"]
+    finally:
+        os.unlink(f"/dev/shm{link}")
+
+
+def test_out_of_range_places_are_refused(
+    server: Server, client: Any, region: tuple[str, Any]
+) -> None:
+    key, handle = region
+    mod = module_of(client)
+    shm.set_shared_memory_region(handle, [HITS])
+    client.register_system_shared_memory("small", key, 512)
+    before = server.core.statistics("facile")[0]["inference_count"]
+
+    def attempt(offset: int, size: int, out_offset: int = 0, out_size: int = ROWS * 4) -> str:
+        tensor = mod.InferInput("hits", [ROWS, 15], "FP32")
+        tensor.set_shared_memory("small", size, offset=offset)
+        output = mod.InferRequestedOutput("energy")
+        output.set_shared_memory("small", out_size, offset=out_offset)
+        with pytest.raises(InferenceServerException) as caught:
+            client.infer("facile", [tensor], outputs=[output])
+        assert code(caught.value) == bad_argument(client)
+        return caught.value.message()
+
+    assert "outside region" in attempt(300, HITS.nbytes)  # 300 + 300 > 512
+    assert "does not match the shape" in attempt(0, HITS.nbytes - 4)
+    assert "outside region" in attempt(0, HITS.nbytes, out_offset=500)
+    assert "does not fit" in attempt(0, HITS.nbytes, out_offset=400, out_size=4)
+    tensor = mod.InferInput("hits", [ROWS, 15], "FP32")
+    tensor.set_shared_memory("unknown", HITS.nbytes)
+    with pytest.raises(InferenceServerException) as caught:
+        client.infer("facile", [tensor])
+    assert "no region 'unknown'" in caught.value.message()
+    # the output that did not fit ran the model; nothing else did
+    assert server.core.statistics("facile")[0]["inference_count"] == before + ROWS
+
+
+def test_a_shrunk_region_is_an_error_not_a_crash(
+    server: Server, client: Any, region: tuple[str, Any]
+) -> None:
+    key, _ = region
+    mod = module_of(client)
+    client.register_system_shared_memory("shrinks", key, 4096)
+    os.truncate(f"/dev/shm{key}", 100)  # the client shrinks its file after registering
+    tensor = mod.InferInput("hits", [ROWS, 15], "FP32")
+    tensor.set_shared_memory("shrinks", HITS.nbytes)
+    with pytest.raises(InferenceServerException) as caught:
+        client.infer("facile", [tensor])
+    assert "smaller than when registered" in caught.value.message()
+    sent = mod.InferInput("hits", [ROWS, 15], "FP32")
+    sent.set_data_from_numpy(HITS)
+    output = mod.InferRequestedOutput("energy")
+    output.set_shared_memory("shrinks", ROWS * 4, offset=1000)
+    with pytest.raises(InferenceServerException) as caught:
+        client.infer("facile", [sent], outputs=[output])
+    assert "smaller than when registered" in caught.value.message()
+    assert os.path.getsize(f"/dev/shm{key}") == 100  # the server did not grow it back
+    assert client.is_server_live()
+
+
+def test_cuda_shared_memory_is_unsupported(client: Any) -> None:
+    with pytest.raises(InferenceServerException) as caught:
+        client.get_cuda_shared_memory_status()
+    expected = "StatusCode.UNIMPLEMENTED" if module_of(client) is tg else "501"
+    assert code(caught.value) == expected
+    assert "CUDA shared memory is not supported" in caught.value.message()
+
+
+def test_without_shared_memory_the_calls_are_unimplemented(example_repository: Path) -> None:
+    with Server(
+        example_repository,
+        port=0,
+        kserve_port=0,
+        http_port=0,
+        metrics_port=None,
+        models=["facile"],
+        shared_memory=False,
+    ) as server:
+        grpc_client = tg.InferenceServerClient(f"127.0.0.1:{server.kserve_port}")
+        http_client = th.InferenceServerClient(f"127.0.0.1:{server.http_port}")
+        try:
+            for triton, expected in (
+                (grpc_client, "StatusCode.UNIMPLEMENTED"),
+                (http_client, "501"),
+            ):
+                with pytest.raises(InferenceServerException) as caught:
+                    triton.register_system_shared_memory("r", "/r", 16)
+                assert code(caught.value) == expected
+        finally:
+            grpc_client.close()
+            http_client.close()
+
+
+def test_files_of_another_user_are_refused(client: Any, region: tuple[str, Any]) -> None:
+    """Only files of the client's own user (the loopback peer's uid) can be registered."""
+    key, _ = region
+    if os.geteuid() != 0:
+        pytest.skip("giving a file to another user needs root")
+    os.chown(f"/dev/shm{key}", 54321, 54321)
+    with pytest.raises(InferenceServerException) as caught:
+        client.register_system_shared_memory("theirs", key, 16)
+    assert code(caught.value) == bad_argument(client)
+    assert "client's own user" in caught.value.message()
+
+
+def test_remote_peers_need_allow_client_shm(region: tuple[str, Any]) -> None:
+    key, _ = region
+    remote = Peer("ipv4:192.0.2.7:40000")  # a documentation address: never this host
+    with pytest.raises(InvalidInput, match="--allow-client-shm"):
+        SystemRegions().register(remote, "r", key, 0, 16)
+    admitted = SystemRegions(allow_remote=True)
+    try:
+        admitted.register(remote, "r", key, 0, 16)  # a file of the server's own user
+        assert admitted.status(remote) == [{"name": "r", "key": key, "offset": 0, "byte_size": 16}]
+        local = Peer("ipv4:127.0.0.1:1")
+        with pytest.raises(Unauthenticated):  # a local peer whose user is unknown
+            admitted.status(local)
+    finally:
+        admitted.close()
