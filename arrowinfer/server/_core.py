@@ -19,10 +19,11 @@ import pyarrow as pa
 from google.protobuf import json_format
 
 from ..backends import create_backend
-from ..batching import Completed, DynamicBatcher, ModelStatistics
+from ..batching import Completed, DynamicBatcher
 from ..errors import InvalidInput, ModelError, ModelNotFound, ServerError, ServerUnavailable
 from ..repository import ModelVersion, Repository, default_warmup, warmup_requests
 from ..schema import check_data, validate
+from ..statistics import ModelStatistics
 
 __all__ = [
     "MAX_REQUEST_BYTES",
