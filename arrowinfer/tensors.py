@@ -53,6 +53,7 @@ __all__ = [
     "layout",
     "mask",
     "pad",
+    "ragged_counts",
     "ragged_from_numpy",
     "ragged_to_numpy",
     "to_numpy",
@@ -436,6 +437,17 @@ def ragged_to_numpy(column: Column) -> Ragged:
     if start:
         offsets = offsets - start
     return Ragged(offsets, values)
+
+
+def ragged_counts(column: Column) -> np.ndarray:
+    """The number of items of each entry of a ``list``/``large_list`` column.
+
+    From the offsets alone (``n`` integers out): the values are not looked at.
+    """
+    array = _storage(_single(column))
+    if not (pa.types.is_list(array.type) or pa.types.is_large_list(array.type)):
+        raise TypeError(f"not a ragged (list) column: {array.type}")
+    return np.diff(array.offsets.to_numpy(zero_copy_only=True))
 
 
 def batch_to_numpy(batch: pa.RecordBatch | pa.Table) -> dict[str, np.ndarray | Ragged]:
