@@ -166,9 +166,9 @@ class Client(BaseClient):
         ModelNotFound, TransportError, ServerError
             From the server (see :mod:`arrowinfer.errors`).
         """
-        name, _ = split_name(model, version)
+        name, ver = split_name(model, version)
         wait = self._wait_for(timeout)
-        future = self._submit(name, split_name(model, version)[1], data, cast)
+        future = self._submit(name, ver, data, cast)
         try:
             return self._received(name, future.result(wait))
         except FutureTimeout:
