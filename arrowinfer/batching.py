@@ -30,6 +30,15 @@ request's rows cannot be told apart), its requests are re-run one by one, so tha
 request that fails on its own gets the error and no request gets another request's rows.
 Every result carries its provenance (model, version, the model file's sha256, the execution
 provider) and what padding cut from its ragged inputs.
+
+A caller with nothing else to do may ask for its request to run *inline*: when no request
+is queued, no queue delay applies (no batching, or ``max_queue_delay_microseconds: 0``) and
+an instance is idle, the request runs at once on that instance in the caller's thread,
+with the same statistics and error handling, instead of going through the queue and the
+instance's thread (two thread hand-offs, which cost a one-row request more CPU than the
+model). Otherwise it is queued as usual. (A front end asks for it only when none of its
+stream's earlier requests is pending, so a stream's requests keep their order; an inline
+request may start beside one that another instance took from the queue that instant.)
 """
 
 from __future__ import annotations
@@ -42,18 +51,19 @@ import time
 from collections import Counter, deque
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, NamedTuple
 
 import pyarrow as pa
 
-from .backends import Backend, Timings
+from .backends import Backend
 from .backends.base import truncation
 from .errors import ArrowInferError, ServerBusy, ServerError, ServerUnavailable
 from .repository import ModelVersion
+from .statistics import COUNTERS, ModelStatistics
 
-__all__ = ["COUNTERS", "Completed", "DynamicBatcher", "ModelStatistics"]
+__all__ = ["COUNTERS", "Completed", "DynamicBatcher", "ModelStatistics"]  # statistics: re-exported
 
 log = logging.getLogger(__name__)
 
@@ -76,117 +86,6 @@ class Completed(NamedTuple):
     compute_infer_ns: int
     compute_output_ns: int
     metadata: Mapping[str, Any] = _NO_METADATA
-
-
-#: arrowinfer's own per-model counters, beside Triton's statistics:
-#: ``alignment_copies`` (inputs copied because they were not 64-byte aligned, see
-#: :data:`arrowinfer.backends.base.ALIGNMENT`) and the ``alignment_copy_ns`` spent on them;
-#: ``truncated_entries`` / ``truncated_items`` (ragged entries longer than the model's size,
-#: and the items padding cut from them).
-#: ``isolated_batches``: merged batches that failed and ran again request by request.
-COUNTERS = (
-    "alignment_copies",
-    "alignment_copy_ns",
-    "truncated_entries",
-    "truncated_items",
-    "isolated_batches",
-)
-
-
-@dataclass
-class _Duration:
-    count: int = 0
-    ns: int = 0
-
-    def add(self, ns: int, count: int = 1) -> None:
-        self.count += count
-        self.ns += ns
-
-    def as_dict(self) -> dict[str, int]:
-        return {"count": self.count, "ns": self.ns}
-
-
-@dataclass
-class ModelStatistics:
-    """Triton's statistics of one model version: counts and cumulative times.
-
-    ``as_dict()`` has the field names of Triton's statistics extension, so tools that read
-    Triton's ``ModelStatistics`` read these too. Thread-safe.
-    """
-
-    name: str
-    version: str
-    inference_count: int = 0  # rows (batch entries) inferred
-    execution_count: int = 0  # model executions (batches)
-    last_inference_ms: int = 0
-    success: _Duration = field(default_factory=_Duration)
-    fail: _Duration = field(default_factory=_Duration)
-    queue: _Duration = field(default_factory=_Duration)
-    compute_input: _Duration = field(default_factory=_Duration)
-    compute_infer: _Duration = field(default_factory=_Duration)
-    compute_output: _Duration = field(default_factory=_Duration)
-    batch_stats: dict[int, list[_Duration]] = field(default_factory=dict)
-    # arrowinfer's own counts (COUNTERS)
-    counters: dict[str, int] = field(default_factory=lambda: dict.fromkeys(COUNTERS, 0))
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-
-    def record_execution(self, rows: int, timings: Timings) -> None:
-        with self._lock:
-            self.execution_count += 1
-            self.inference_count += rows
-            self.last_inference_ms = int(time.time() * 1000)
-            per_size = self.batch_stats.setdefault(rows, [_Duration(), _Duration(), _Duration()])
-            for duration, ns in zip(per_size, timings, strict=True):
-                duration.add(ns)
-
-    def record_request(self, ok: bool, total_ns: int, done: Completed | None = None) -> None:
-        with self._lock:
-            (self.success if ok else self.fail).add(total_ns)
-            if done is not None:
-                self.queue.add(done.queue_ns)
-                self.compute_input.add(done.compute_input_ns)
-                self.compute_infer.add(done.compute_infer_ns)
-                self.compute_output.add(done.compute_output_ns)
-
-    def add_counters(self, counts: Mapping[str, int]) -> None:
-        """Add to arrowinfer's own counters (:data:`COUNTERS`)."""
-        if counts:
-            with self._lock:
-                for key, value in counts.items():
-                    self.counters[key] = self.counters.get(key, 0) + value
-
-    def as_dict(self) -> dict[str, Any]:
-        """Triton's ``ModelStatistics`` JSON for this model version.
-
-        Beside Triton's fields, ``"arrowinfer"`` holds :data:`COUNTERS` (readers of Triton's
-        message ignore it).
-        """
-        with self._lock:
-            return {
-                "name": self.name,
-                "version": self.version,
-                "last_inference": self.last_inference_ms,
-                "inference_count": self.inference_count,
-                "execution_count": self.execution_count,
-                "inference_stats": {
-                    "success": self.success.as_dict(),
-                    "fail": self.fail.as_dict(),
-                    "queue": self.queue.as_dict(),
-                    "compute_input": self.compute_input.as_dict(),
-                    "compute_infer": self.compute_infer.as_dict(),
-                    "compute_output": self.compute_output.as_dict(),
-                },
-                "batch_stats": [
-                    {
-                        "batch_size": size,
-                        "compute_input": d[0].as_dict(),
-                        "compute_infer": d[1].as_dict(),
-                        "compute_output": d[2].as_dict(),
-                    }
-                    for size, d in sorted(self.batch_stats.items())
-                ],
-                "arrowinfer": dict(self.counters),
-            }
 
 
 @dataclass(eq=False)
@@ -289,6 +188,10 @@ class DynamicBatcher:
         self._sequence = itertools.count()
         self._closed = False
         self._backends = list(backends)
+        # held while an instance executes, by its thread or by an inline caller
+        self._instance_locks = [threading.Lock() for _ in self._backends]
+        self._running = 0  # instances executing now (under self._cond)
+        self._inline = not self._batching or not self._delay_ns
         self._threads = [
             threading.Thread(
                 target=self._run, args=(b,), name=f"batcher-{model.name}-{i}", daemon=True
@@ -313,6 +216,7 @@ class DynamicBatcher:
         shapes: tuple[Any, ...] = (),
         priority: int = 0,
         timeout_us: int = 0,
+        inline: bool = False,
     ) -> Future[Completed]:
         """Queue one (validated) request; the future gives its result in the same row order.
 
@@ -320,7 +224,10 @@ class DynamicBatcher:
         equal ``shapes`` are merged into one batch. ``priority`` (1 the highest; 0 or out of
         range: ``default_priority_level``) and ``timeout_us`` (a queue timeout in
         microseconds, honoured when the level's policy has ``allow_timeout_override`` and it
-        is shorter than the policy's own; 0: none) have Triton's meaning.
+        is shorter than the policy's own; 0: none) have Triton's meaning. ``inline=True``:
+        run it in this thread, now, if nothing is queued, no queue delay applies and an
+        instance is idle (the future is then done on return; it never waits, so no queue
+        timeout applies); else queue it.
 
         Raises
         ------
@@ -343,6 +250,8 @@ class DynamicBatcher:
         now = time.perf_counter_ns()
         deadline = now + timeout_ns if timeout_ns else 0
         requests = [_Request(p, Future(), now, shapes, level, deadline) for p in parts]
+        if inline and len(requests) == 1 and self._inline and self._run_inline(requests[0]):
+            return requests[0].future
         waiting, delayed = self._queues[2 * level - 2], self._queues[2 * level - 1]
         with self._cond:
             if self._closed:
@@ -472,10 +381,40 @@ class DynamicBatcher:
                     self._reaper_cond.wait(None if left is None else max(left, 0) / 1e9)
             self._reject(expired)
 
+    def _run_inline(self, request: _Request) -> bool:
+        """Run a request on an idle instance in this thread; False if none is free now."""
+        with self._cond:
+            if self._closed or self._count or self._running >= len(self._backends):
+                return False
+            index = next(
+                (i for i, lock in enumerate(self._instance_locks) if lock.acquire(blocking=False)),
+                None,
+            )
+            if index is None:
+                return False
+            self._running += 1
+            request.queued = False  # never queued: the reaper has nothing to expire
+        try:
+            self._execute(self._backends[index], [request])
+        finally:
+            self._instance_locks[index].release()
+            with self._cond:
+                self._running -= 1
+        return True
+
     def _run(self, backend: Backend) -> None:
+        lock = self._instance_locks[self._backends.index(backend)]
         while (taken := self._take()) is not None:
             if taken:
-                self._execute(backend, taken)
+                # an inline caller may hold this instance: its run ends first
+                with lock:
+                    with self._cond:
+                        self._running += 1
+                    try:
+                        self._execute(backend, taken)
+                    finally:
+                        with self._cond:
+                            self._running -= 1
             # hold no request while waiting for the next: its arrays may be a client's
             # shared memory, which the server unmaps once nothing uses it
             del taken
@@ -559,8 +498,9 @@ class DynamicBatcher:
             self._reaper_cond.notify_all()
         for thread in self._threads:
             thread.join(timeout)
-        for backend in self._backends:
-            backend.close()
+        for backend, lock in zip(self._backends, self._instance_locks, strict=True):
+            with lock:  # an inline run in progress ends first
+                backend.close()
 
 
 def _provenance(model: ModelVersion, backend: Backend) -> dict[str, Any]:

@@ -104,9 +104,14 @@ def goaway_reason(message: Mapping[str, Any]) -> str | None:
     return str(message[GOAWAY]) if GOAWAY in message else None
 
 
+#: One compact encoder for every message: ``json.dumps`` with ``separators`` would build a
+#: new encoder per call, a measurable share of a one-row request's server time.
+_ENCODER = json.JSONEncoder(separators=(",", ":"))
+
+
 def dump_json(value: Any) -> bytes:
     """A JSON message as bytes (compact, UTF-8)."""
-    return json.dumps(value, separators=(",", ":")).encode()
+    return _ENCODER.encode(value).encode()
 
 
 def _no_constant(name: str) -> Any:

@@ -54,6 +54,7 @@ __all__ = [
     "layout",
     "mask",
     "pad",
+    "ragged_counts",
     "ragged_from_numpy",
     "ragged_to_numpy",
     "to_numpy",
@@ -426,7 +427,13 @@ def _primitive_to_numpy(array: pa.Array) -> np.ndarray:
         return array.to_numpy(zero_copy_only=False)  # objects of str or bytes: a copy
     if pa.types.is_boolean(array.type):
         return array.to_numpy(zero_copy_only=False)  # unpacks bits: a copy
-    return array.to_numpy(zero_copy_only=True)
+    # The same zero-copy view as Array.to_numpy, at half its cost on a fresh array (it is
+    # on every request's path); np.frombuffer also checks the view lies inside the buffer.
+    dtype = np.dtype(array.type.to_pandas_dtype())
+    data = array.buffers()[1]
+    if data is None:  # an empty array may have no data buffer
+        return np.empty(0, dtype=dtype)
+    return np.frombuffer(data, dtype=dtype, count=len(array), offset=array.offset * dtype.itemsize)
 
 
 def to_numpy(column: Column) -> np.ndarray:
@@ -474,6 +481,17 @@ def ragged_to_numpy(column: Column) -> Ragged:
     if start:
         offsets = offsets - start
     return Ragged(offsets, values)
+
+
+def ragged_counts(column: Column) -> np.ndarray:
+    """The number of items of each entry of a ``list``/``large_list`` column.
+
+    From the offsets alone (``n`` integers out): the values are not looked at.
+    """
+    array = _storage(_single(column))
+    if not (pa.types.is_list(array.type) or pa.types.is_large_list(array.type)):
+        raise TypeError(f"not a ragged (list) column: {array.type}")
+    return np.diff(array.offsets.to_numpy(zero_copy_only=True))
 
 
 def batch_to_numpy(batch: pa.RecordBatch | pa.Table) -> dict[str, np.ndarray | Ragged]:

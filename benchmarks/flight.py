@@ -1,13 +1,19 @@
 """The Flight server against its limits: bare Flight echo, in-process onnxruntime, memory.
 
-Targets (ratios measured in one run on the same machine):
+Targets (ratios measured in one run on the same machine; every cell also reports the
+server's and the client's CPU microseconds per request, from the processes' own counters):
 
+0. server CPU per request (``facile``, 1 and 100 rows, 1 and 8 in flight on one stream)
+   <= 3x the bare echo's; for 10,000-row requests <= the echo's + 1.25x the in-process
+   CPU of computing them;
 1. large requests (4 MB and 32 MB, ``identity``): arrowinfer Flight throughput >= 0.8x the
    bare pyarrow Flight echo server;
 2. one-row requests pipelined on one stream (``facile``): p50 round trip <= 2x the echo's;
 3. dynamic batching: 32 concurrent clients sending one event's jets (1 to 8 rows) to
-   ``jet_tagger`` reach >= 0.5x the rows/s of in-process onnxruntime at its best batch
-   size, and more than the same load with batching off;
+   ``jet_tagger``: the server's CPU per row <= 1.5x in-process onnxruntime's CPU per row
+   at the batch sizes the batcher formed (from the model's ``batch_stats``); rows/s
+   against in-process onnxruntime at its best batch size (0.5 was the first target), and
+   more than the same load with batching off;
 4. memory: server peak RSS while streaming 2 GB of 32 MB requests stays under its idle
    RSS + 4x one request.
 
@@ -25,9 +31,11 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
+from pyarrow import flight
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
 
@@ -60,7 +68,7 @@ def _identity_request(client: Client, rows: int) -> pa.RecordBatch:
 
 
 def large_requests(
-    client: Client, echo: FlightTransport, cell: dict[str, float]
+    client: Client, echo: FlightTransport, cell: dict[str, Any]
 ) -> list[Measurement]:
     out = []
     for rows, label in ((1024, "4 MB"), (8192, "32 MB")):
@@ -74,7 +82,7 @@ def large_requests(
                     concurrency=concurrency,
                     rows=rows,
                     payload_bytes=size,
-                    **cell,
+                    **cell["echo"],
                 )
             )
             out.append(
@@ -84,38 +92,78 @@ def large_requests(
                     concurrency=concurrency,
                     rows=rows,
                     payload_bytes=size,
-                    **cell,
+                    **cell["arrowinfer"],
                 )
             )
     return out
 
 
-def one_row(client: Client, echo: FlightTransport, cell: dict[str, float]) -> list[Measurement]:
-    """One-row requests, one at a time and 8 pipelined on one stream."""
-    batch = conform(make_request("facile", 1), client.schema("facile"), model="facile")
+SMALL_ROWS = (1, 100, 10_000)
+
+
+def small_requests(
+    client: Client, echo: FlightTransport, cell: dict[str, Any]
+) -> list[Measurement]:
+    """``facile`` requests of 1, 100 and 10,000 rows, one at a time and 8 on one stream."""
+    pool = make_request("facile", max(SMALL_ROWS))
     out = []
-    for concurrency in (1, 8):
-        out.append(
-            measure(
-                "echo 1 row",
-                lambda: echo.submit("echo", None, batch),
-                concurrency=concurrency,
-                rows=1,
-                payload_bytes=batch.nbytes,
-                **cell,
+    for rows in SMALL_ROWS:
+        batch = conform(pool.slice(0, rows), client.schema("facile"), model="facile")
+        for concurrency in (1, 8):
+            out.append(
+                measure(
+                    f"echo {rows} row",
+                    lambda b=batch: echo.submit("echo", None, b),
+                    concurrency=concurrency,
+                    rows=rows,
+                    payload_bytes=batch.nbytes,
+                    **cell["echo"],
+                )
             )
-        )
-        out.append(
-            measure(
-                "arrowinfer facile 1 row",
-                lambda: client.infer_async("facile", batch),
-                concurrency=concurrency,
-                rows=1,
-                payload_bytes=batch.nbytes,
-                **cell,
+            out.append(
+                measure(
+                    f"arrowinfer facile {rows} row",
+                    lambda b=batch: client.infer_async("facile", b),
+                    concurrency=concurrency,
+                    rows=rows,
+                    payload_bytes=batch.nbytes,
+                    **cell["arrowinfer"],
+                )
             )
-        )
     return out
+
+
+def inprocess_cpu_us(
+    repository: Path, model: str, sizes: list[int], seconds: float
+) -> dict[int, float]:
+    """CPU microseconds (every thread of this process) of one in-process ``execute`` per size."""
+    backend = create_backend(Repository(repository).load(model)[0])
+    pool = make_request(model, max(sizes))
+    out = {}
+    try:
+        for size in sizes:
+            request = pool.slice(0, size)
+            backend.execute([request])  # warm
+            calls, t0, cpu0 = 0, time.perf_counter(), time.process_time()
+            while time.perf_counter() - t0 < seconds or calls < 3:
+                backend.execute([request])
+                calls += 1
+            out[size] = (time.process_time() - cpu0) / calls * 1e6
+    finally:
+        backend.close()
+    return out
+
+
+def batch_sizes_formed(location: str, model: str) -> dict[int, int]:
+    """Executions per batch size so far, from the server's ``batch_stats``."""
+    client = flight.FlightClient(location)
+    try:
+        body = json.dumps({"model": model}).encode()
+        result = next(iter(client.do_action(flight.Action("model.statistics", body))))
+    finally:
+        client.close()
+    stats = json.loads(result.body.to_pybytes())["model_stats"][0]
+    return {int(b["batch_size"]): int(b["compute_infer"]["count"]) for b in stats["batch_stats"]}
 
 
 def _jet_requests(schema: pa.Schema, count: int = 512) -> list[pa.RecordBatch]:
@@ -130,8 +178,11 @@ def _jet_requests(schema: pa.Schema, count: int = 512) -> list[pa.RecordBatch]:
     ]
 
 
-def batching(location: str, label: str, clients: int, cell: dict[str, float]) -> Measurement:
-    """``clients`` clients, one request in flight each, round robin over their connections."""
+def batching(location: str, label: str, clients: int, cell: dict[str, Any]) -> Measurement:
+    """``clients`` clients, one request in flight each, round robin over their connections.
+
+    ``extra["batches"]``: executions per batch size the batcher formed during the run.
+    """
     pool = [Client(location) for _ in range(clients)]
     try:
         requests = _jet_requests(pool[0].schema("jet_tagger"))
@@ -144,9 +195,17 @@ def batching(location: str, label: str, clients: int, cell: dict[str, float]) ->
                 client, request = next(cycle)
             return client.infer_async("jet_tagger", request)
 
+        before = batch_sizes_formed(location, "jet_tagger")
         m = measure(label, submit, concurrency=clients, rows=1, **cell)
+        after = batch_sizes_formed(location, "jet_tagger")
         m.rows_per_s = m.requests_per_s * mean_rows
         m.extra["mean_rows_per_request"] = mean_rows
+        m.extra["server_cpu_us_per_row"] = m.server_cpu_us / mean_rows
+        m.extra["batches"] = {
+            size: count - before.get(size, 0)
+            for size, count in after.items()
+            if count > before.get(size, 0)
+        }
         return m
     finally:
         for client in pool:
@@ -171,6 +230,7 @@ def inprocess_best(repository: Path, seconds: float) -> tuple[float, int]:
 
 
 def memory(location: str, pid: int, total_bytes: int) -> dict[str, float]:
+    """Peak RSS of the server while one client streams 32 MB requests, two in flight."""
     with Client(location) as client:
         batch = _identity_request(client, 8192)
         client.infer("identity", batch.slice(0, 1))  # warm: streams, sessions
@@ -208,56 +268,100 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="short windows, 0.5 GB for memory")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = parser.parse_args(argv)
-    cell = (
+    timing: dict[str, Any] = (
         {"warmup_s": 0.3, "window_s": 0.5, "max_windows": 4}
         if args.quick
         else {"warmup_s": 1.0, "window_s": 1.5, "max_windows": 8}
     )
     repository = write_example_repository(Path(tempfile.mkdtemp()) / "repo")
     rows: list[Measurement] = []
-    report: dict[str, object] = {"machine": describe()}
-    with echo_server() as echo_location, arrowinfer_server(repository) as (proc, location):
+    report: dict[str, Any] = {"machine": describe()}
+    with (
+        echo_server() as (echo_proc, echo_location),
+        arrowinfer_server(repository) as (
+            proc,
+            location,
+        ),
+    ):
+        cell = {
+            "echo": {**timing, "server_pids": (echo_proc.pid,)},
+            "arrowinfer": {**timing, "server_pids": (proc.pid,)},
+        }
         echo = FlightTransport(echo_location)
         with Client(location) as client:
             print("large requests ...", flush=True)
             rows += large_requests(client, echo, cell)
-            print("one-row requests ...", flush=True)
-            rows += one_row(client, echo, cell)
+            print("1, 100, 10,000-row requests ...", flush=True)
+            rows += small_requests(client, echo, cell)
         print("dynamic batching ...", flush=True)
-        batched = batching(location, "jet_tagger 32 clients, batching on", 32, cell)
+        batched = batching(location, "jet_tagger 32 clients, batching on", 32, cell["arrowinfer"])
         rows.append(batched)
         print("memory ...", flush=True)
         report["memory"] = memory(location, proc.pid, (512 if args.quick else 2048) * 2**20)
         echo.close()
-    with arrowinfer_server(without_batching(repository)) as (_, location):
-        unbatched = batching(location, "jet_tagger 32 clients, batching off", 32, cell)
+    with arrowinfer_server(without_batching(repository)) as (proc, location):
+        unbatched = batching(
+            location,
+            "jet_tagger 32 clients, batching off",
+            32,
+            {**timing, "server_pids": (proc.pid,)},
+        )
         rows.append(unbatched)
-    best_rate, best_size = inprocess_best(repository, 0.5 if args.quick else 1.5)
+    print("in-process ...", flush=True)
+    seconds = 0.5 if args.quick else 1.5
+    best_rate, best_size = inprocess_best(repository, seconds)
+    facile_cpu = inprocess_cpu_us(repository, "facile", [10_000], seconds)[10_000]
+    formed: dict[int, int] = batched.extra["batches"]  # type: ignore[assignment]
+    jet_cpu = inprocess_cpu_us(repository, "jet_tagger", sorted(formed), min(seconds, 0.2))
+    # in-process CPU per row at the batches formed, weighted by the rows each size ran
+    formed_rows = sum(size * count for size, count in formed.items())
+    jet_cpu_per_row = sum(jet_cpu[size] * count for size, count in formed.items()) / formed_rows
 
     def by(name: str, concurrency: int = 1) -> Measurement:
         return next(m for m in rows if m.name == name and m.concurrency == concurrency)
 
     mem = report["memory"]
     targets = {}
-    for label in ("4 MB", "32 MB"):
-        best_ai = max(by(f"arrowinfer identity {label}", c).mb_per_s for c in (1, 2))
-        best_echo = max(by(f"echo {label}", c).mb_per_s for c in (1, 2))
-        targets[f"identity {label}: Flight / bare echo throughput (>= 0.8)"] = best_ai / best_echo
-    targets["one row, 8 pipelined on one stream: p50 / bare echo p50 (<= 2)"] = (
-        by("arrowinfer facile 1 row", 8).p50_ms / by("echo 1 row", 8).p50_ms
-    )
-    targets["one row, one at a time: p50 / bare echo p50"] = (
+    for n in SMALL_ROWS:
+        for c in (1, 8):
+            ours, bare = by(f"arrowinfer facile {n} row", c), by(f"echo {n} row", c)
+            if n < 10_000:
+                targets[f"{n} row, {c} in flight: server CPU / bare echo's (<= 3)"] = (
+                    ours.server_cpu_us / bare.server_cpu_us
+                )
+            else:
+                targets[
+                    f"{n} rows, {c} in flight: server CPU / (echo's + 1.25x in-process "
+                    f"compute {facile_cpu:,.0f} us) (<= 1)"
+                ] = ours.server_cpu_us / (bare.server_cpu_us + 1.25 * facile_cpu)
+    targets["one row, one at a time: p50 / bare echo p50 (<= 2)"] = (
         by("arrowinfer facile 1 row").p50_ms / by("echo 1 row").p50_ms
     )
+    targets["one row, 8 pipelined on one stream: p50 / bare echo p50"] = (
+        by("arrowinfer facile 1 row", 8).p50_ms / by("echo 1 row", 8).p50_ms
+    )
     targets[
-        f"jet_tagger 32 clients: rows/s / in-process best ({best_rate:,.0f} rows/s at batch {best_size}) (>= 0.5)"
+        f"jet_tagger 32 clients: server CPU per row / in-process CPU per row at the batches "
+        f"formed ({jet_cpu_per_row:,.1f} us) (<= 1.5)"
+    ] = batched.server_cpu_us / batched.extra["mean_rows_per_request"] / jet_cpu_per_row  # type: ignore[operator]
+    targets[
+        f"jet_tagger 32 clients: rows/s / in-process best ({best_rate:,.0f} rows/s at batch {best_size}) (0.5 was the first target)"
     ] = batched.rows_per_s / best_rate
     targets["jet_tagger 32 clients: batching on / off (> 1)"] = (
         batched.rows_per_s / unbatched.rows_per_s
     )
-    targets["memory: peak - idle RSS, in 32 MB requests (< 4)"] = mem["growth_in_requests"]  # type: ignore[index]
+    for label in ("4 MB", "32 MB"):
+        best_ai = max(by(f"arrowinfer identity {label}", c).mb_per_s for c in (1, 2))
+        best_echo = max(by(f"echo {label}", c).mb_per_s for c in (1, 2))
+        targets[f"identity {label}: Flight / bare echo throughput (>= 0.8)"] = best_ai / best_echo
+    targets["memory: peak - idle RSS, in 32 MB requests (< 4)"] = mem["growth_in_requests"]
     report["targets"] = targets
     report["inprocess_best"] = {"rows_per_s": best_rate, "batch_size": best_size}
+    report["inprocess_cpu_us"] = {
+        "facile_10000_rows": facile_cpu,
+        "jet_tagger_per_row_at_batches_formed": jet_cpu_per_row,
+        "jet_tagger_per_batch": jet_cpu,
+    }
     report["rows"] = [m.as_dict() for m in rows]
 
     args.out.mkdir(parents=True, exist_ok=True)
@@ -268,7 +372,9 @@ def main(argv: list[str] | None = None) -> int:
         (
             f"`python benchmarks/flight.py{' --quick' if args.quick else ''}`. Client and "
             "server in separate processes on the same machine; concurrency = requests in "
-            "flight (perf_analyzer's async mode); stable = three windows within 10 %."
+            "flight (perf_analyzer's async mode); stable = three windows within 10 %; "
+            "server/client CPU = CPU microseconds per request from the processes' own "
+            "counters over the same windows (the server's summed over all its processes)."
         ),
         "",
         "## Targets",
@@ -281,11 +387,14 @@ def main(argv: list[str] | None = None) -> int:
         "",
         markdown_table(rows),
         "",
+        "Batches the batcher formed for jet_tagger (size: executions): "
+        + ", ".join(f"{k}: {v}" for k, v in sorted(formed.items())),
+        "",
         "## Memory",
         "",
-        *(f"- {k}: {v:,.2f}" for k, v in mem.items()),  # type: ignore[attr-defined]
+        *(f"- {k}: {v:,.2f}" for k, v in mem.items()),
         "",
-        markdown(report["machine"]),  # type: ignore[arg-type]
+        markdown(report["machine"]),
     ]
     text = "\n".join(lines) + "\n"
     (args.out / "flight.md").write_text(text)

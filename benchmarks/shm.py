@@ -63,9 +63,12 @@ def numpy_copy(rows: int, label: str, cell: dict[str, float]) -> Measurement:
 
 
 def transports(
-    clients: dict[str, Client], cell: dict[str, float]
+    clients: dict[str, Client], cell: dict[str, float], pids: dict[str, tuple[int, ...]]
 ) -> tuple[list[Measurement], dict[str, int]]:
-    """identity 4 MB / 32 MB at 1 and 2 in flight, and one-row facile, per transport."""
+    """identity 4 MB / 32 MB at 1 and 2 in flight, and one-row facile, per transport.
+
+    ``pids``: the server processes each transport's requests cost CPU in.
+    """
     any_client = next(iter(clients.values()))
     out: list[Measurement] = []
     sizes: dict[str, int] = {}
@@ -80,6 +83,7 @@ def transports(
                 measure(
                     f"{name} identity {label}",
                     lambda b=batch, t=transport: t.submit("identity", None, b),
+                    server_pids=pids[name],
                     concurrency=concurrency,
                     rows=rows,
                     payload_bytes=batch.nbytes,
@@ -95,6 +99,7 @@ def transports(
             measure(
                 f"{name} facile 1 row",
                 lambda t=transport: t.submit("facile", None, one),
+                server_pids=pids[name],
                 rows=1,
                 payload_bytes=one.nbytes,
                 **cell,
@@ -133,9 +138,18 @@ def main(argv: list[str] | None = None) -> int:
     models = ("--model", "identity", "--model", "facile")
     load = OtherLoad()
     with (
-        arrowinfer_server(repository, *models) as (_, tcp),
-        arrowinfer_server(repository, *models, "--unix-socket", str(socket)) as (_, unix),
+        arrowinfer_server(repository, *models) as (tcp_server, tcp),
+        arrowinfer_server(repository, *models, "--unix-socket", str(socket)) as (
+            unix_server,
+            unix,
+        ),
     ):
+        pids = {
+            "Flight TCP": (tcp_server.pid,),
+            "Flight unix": (unix_server.pid,),
+            "shm": (tcp_server.pid,),
+            "shm only": (tcp_server.pid,),
+        }
         clients = {
             "Flight TCP": Client(tcp),
             "Flight unix": Client(unix),
@@ -146,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         }
         try:
             check_results(clients)
-            rows, sizes = transports(clients, cell)
+            rows, sizes = transports(clients, cell, pids)
         finally:
             for client in clients.values():
                 client.close()
@@ -194,7 +208,8 @@ def main(argv: list[str] | None = None) -> int:
             "`identity` and `facile`; shared memory is a session on the TCP server. "
             "Concurrency = requests in flight (perf_analyzer's async mode); stable = three "
             "windows within 10 %. `numpy copy` is `np.copyto` of the same payload between two "
-            "preallocated arrays, in the client process. Requests are conformed once, before "
+            "preallocated arrays, in the client process. Server/client CPU: microseconds per "
+            "request from the processes' own counters over the same windows. Requests are conformed once, before "
             "timing; shared-memory results are views, dropped at once (their regions reused). "
             "Both models run with one onnxruntime intra-op thread (`intra_op_thread_count`). "
             "`shm` is the shared-memory transport as it comes (requests under 256 KiB ride its "

@@ -465,6 +465,73 @@ def test_instance_group_count_runs_batches_in_parallel(
     assert [len(b.calls) for b in backends] == [1, 1]
 
 
+# -- running inline on an idle instance --------------------------------------------------------
+
+
+class Threads(Doubling):
+    """A ``Doubling`` backend that also records which thread ran each call."""
+
+    def __init__(self, model: ModelVersion):
+        super().__init__(model)
+        self.threads: list[int] = []
+
+    def execute(self, requests: Sequence[pa.RecordBatch]) -> tuple[list[pa.RecordBatch], Timings]:
+        self.threads.append(threading.get_ident())
+        return super().execute(requests)
+
+
+def _threads_batcher(model: ModelVersion, batchers: Batchers) -> tuple[DynamicBatcher, Threads]:
+    backend = Threads(model)
+    batcher = DynamicBatcher(model, [backend])
+    batchers.append((batcher, [backend]))
+    return batcher, backend
+
+
+@pytest.mark.parametrize("dynamic_batching", ["", "max_queue_delay_microseconds: 0", None])
+def test_inline_runs_in_the_callers_thread_when_an_instance_is_idle(
+    make_model: MakeModel, batchers: Batchers, dynamic_batching: str | None
+) -> None:
+    batcher, backend = _threads_batcher(make_model(dynamic_batching=dynamic_batching), batchers)
+    future = batcher.submit(request(0, 1), inline=True)
+    assert future.done()
+    assert result(future) == expected(request(0, 1))
+    assert backend.threads == [threading.get_ident()]
+    stats = batcher.statistics.as_dict()
+    assert stats["execution_count"] == 1
+    assert stats["inference_stats"]["success"]["count"] == 1
+    bad = batcher.submit(
+        request(0, 1).set_column(0, "x", pa.array([BAD], pa.float32())), inline=True
+    )
+    with pytest.raises(InvalidInput):
+        bad.result(0)
+    assert batcher.statistics.as_dict()["inference_stats"]["fail"]["count"] == 1
+
+
+def test_inline_is_queued_behind_a_busy_instance_and_keeps_the_order(
+    make_model: MakeModel, batchers: Batchers
+) -> None:
+    batcher, backend = _threads_batcher(make_model(), batchers)
+    backend.hold.clear()
+    first = hold_first(batcher, backend)
+    second = batcher.submit(request(1, 2), inline=True)
+    assert not second.done()  # the one instance is busy: queued, not run here
+    backend.hold.set()
+    result(first)
+    assert result(second) == expected(request(1, 2))
+    assert backend.rows == [[1], [2]]
+    assert threading.get_ident() not in backend.threads
+
+
+def test_inline_is_queued_when_a_queue_delay_applies(
+    make_model: MakeModel, batchers: Batchers
+) -> None:
+    model = make_model(dynamic_batching="max_queue_delay_microseconds: 1000")
+    batcher, backend = _threads_batcher(model, batchers)
+    assert result(batcher.submit(request(0, 1), inline=True)) == expected(request(0, 1))
+    assert backend.threads
+    assert threading.get_ident() not in backend.threads
+
+
 def test_no_backend_is_an_error(make_model: MakeModel) -> None:
     with pytest.raises(ValueError, match="instance"):
         DynamicBatcher(make_model(), [])

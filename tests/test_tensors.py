@@ -195,6 +195,7 @@ def test_sliced_ragged_shares_values(ragged: Ragged, data: st.DataObject) -> Non
     lo, hi = ragged.offsets[start], ragged.offsets[stop]
     np.testing.assert_array_equal(back.values, ragged.values[lo:hi])
     assert _shares(back.values, ragged.values[lo:hi])
+    np.testing.assert_array_equal(tensors.ragged_counts(column), ragged.counts[start:stop])
 
 
 def test_ragged_from_awkward() -> None:

@@ -157,6 +157,6 @@ def truncation(model: ModelVersion, batch: pa.RecordBatch) -> Truncation:
         return Truncation(0, 0)
     lost = np.zeros(batch.num_rows, dtype=np.int64)
     for name in model.ragged_inputs:
-        counts = tensors.ragged_to_numpy(batch.column(name)).counts
+        counts = tensors.ragged_counts(batch.column(name))
         np.maximum(lost, counts - _ragged_size(model, name), out=lost)
     return Truncation(int(np.count_nonzero(lost)), int(lost.sum()))

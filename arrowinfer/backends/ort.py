@@ -3,8 +3,8 @@
 Inputs come from the Arrow columns as numpy views; a single request goes to the model
 without a copy, several requests are merged into one batch buffer (the one copy batching
 needs), and ragged inputs are padded per entry into their slot of that buffer, with the
-mask filled beside them. Outputs are wrapped into Arrow without copies: each request's
-result is a slice of the one output array.
+mask filled beside them. Outputs are wrapped into Arrow once per batch, without copies:
+each request's result is a slice of that one batch.
 """
 
 from __future__ import annotations
@@ -73,7 +73,16 @@ def _providers(model: ModelVersion, device: str | None) -> list[str | tuple[str,
 
 
 def session_options(model: ModelVersion) -> ort.SessionOptions:
+    """onnxruntime's options for one instance of a model.
+
+    The thread pools do not spin: by default onnxruntime's idle pool threads busy-wait for
+    the next run, which on a server burns the cores its network threads and the other
+    instances need (on two cores it cost more CPU per request than the model itself).
+    Triton's ``intra_op_thread_count``/``inter_op_thread_count`` parameters size the pools.
+    """
     options = ort.SessionOptions()
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.add_session_config_entry("session.inter_op.allow_spinning", "0")
     for key, attr in (
         ("intra_op_thread_count", "intra_op_num_threads"),
         ("inter_op_thread_count", "inter_op_num_threads"),
@@ -300,7 +309,11 @@ def _dense(model: ModelVersion, name: str, column: pa.Array | pa.ChunkedArray) -
 def split_outputs(
     model: ModelVersion, outputs: dict[str, np.ndarray], rows: Sequence[int]
 ) -> list[pa.RecordBatch]:
-    """One result batch per request, each column a zero-copy slice of the model's output."""
+    """One result batch per request, each a zero-copy slice of the model's output.
+
+    The batch's outputs are wrapped into Arrow once; each request's result is a slice of
+    that batch (free in Arrow: no copy, no per-request conversion).
+    """
     schema = model.outputs
     if model.max_batch_size == 0:
         columns = []
@@ -314,11 +327,15 @@ def split_outputs(
                 data = value[np.newaxis]
             columns.append(to_column(field, data))
         return [pa.RecordBatch.from_arrays(columns, schema=schema)]
+    whole = pa.RecordBatch.from_arrays(
+        [output_column(field, outputs[field.name]) for field in schema], schema=schema
+    )
+    if len(rows) == 1:
+        return [whole]
     results = []
     start = 0
     for n in rows:
-        columns = [output_column(field, outputs[field.name][start : start + n]) for field in schema]
-        results.append(pa.RecordBatch.from_arrays(columns, schema=schema))
+        results.append(whole.slice(start, n))
         start += n
     return results
 
@@ -403,6 +420,13 @@ class OnnxRuntimeBackend(Backend):
         self._plan = input_plan(model)
         self.provider = self.session.get_providers()[0]
         self.fixed_rows = batch_invariant_rows(model)
+        self._batching = model.max_batch_size > 0
+        # outputs the config reshapes, with their per-entry dims (read once, not per batch)
+        self._reshape = {
+            o.name: tuple(o.dims)
+            for o in model.config.output
+            if o.HasField("reshape") and -1 not in o.dims
+        }
 
     def execute(self, requests: Sequence[pa.RecordBatch]) -> tuple[list[pa.RecordBatch], Timings]:
         if self.fixed_rows:
@@ -420,13 +444,10 @@ class OnnxRuntimeBackend(Backend):
     def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run the session; outputs by name, reshaped as the config says."""
         values = self.session.run(self._output_names, feeds)
-        outputs = {}
-        batching = self.model.max_batch_size > 0
-        for entry, value in zip(self.model.config.output, values, strict=True):
-            dims = tuple(entry.dims)
-            reshaped = entry.HasField("reshape") and -1 not in dims
-            batch = (len(value),) if batching else ()
-            outputs[entry.name] = value.reshape(batch + dims) if reshaped else value
+        outputs = dict(zip(self._output_names, values, strict=True))
+        for name, dims in self._reshape.items():
+            value = outputs[name]
+            outputs[name] = value.reshape(((len(value),) if self._batching else ()) + dims)
         return outputs
 
     def _execute_invariant(

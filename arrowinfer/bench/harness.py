@@ -4,8 +4,12 @@
   mode): each completion records its latency and sends the next request.
 - **Warm-up**, then **measurement windows**; the measurement is stable when the last
   three windows' throughputs agree within 10 % (at most ``max_windows`` windows).
-- Reported: requests/s, rows/s, MB/s (request payload, 10^6 B), and p50/p90/p95/p99
-  latency in ms over the stable windows.
+- Reported: requests/s, rows/s, MB/s (request payload, 10^6 B), p50/p90/p95/p99
+  latency in ms over the stable windows, and CPU microseconds per request over the same
+  windows: the server's (``server_pids``: its processes and all their descendants, worker
+  processes included, from their own /proc counters) and the client's (this process,
+  ``getrusage``). CPU per request does not depend on how busy the machine is, which
+  throughput on a shared machine does.
 
 Servers run in their own processes (``arrowinfer serve``, or the bare Flight echo of
 ``echo_server.py``) so that client and server do not share a GIL.
@@ -13,9 +17,11 @@ Servers run in their own processes (``arrowinfer serve``, or the bare Flight ech
 
 from __future__ import annotations
 
+import math
 import os
 import queue
 import re
+import resource
 import subprocess
 import sys
 import threading
@@ -51,16 +57,54 @@ class Measurement:
     p99_ms: float
     windows: int
     stable: bool
+    server_cpu_us: float = float("nan")  # per request; NaN when no server process was given
+    client_cpu_us: float = float("nan")  # per request, this (client) process
     extra: dict[str, object] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
 
 
+def _process_cpu_s(pid: int) -> float:
+    """utime + stime of one process, all its threads, in seconds (0 once it is gone)."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return 0.0
+    fields = text.rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def descendants(pid: int) -> list[int]:
+    """A process and every process below it (a server's workers), from /proc."""
+    out, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        out.append(current)
+        try:
+            for task in Path(f"/proc/{current}/task").iterdir():
+                todo += [int(c) for c in (task / "children").read_text().split()]
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+    return out
+
+
+def server_cpu_s(pids: tuple[int, ...]) -> float:
+    """CPU seconds used so far by these processes and all their descendants."""
+    return sum(_process_cpu_s(p) for pid in pids for p in descendants(pid))
+
+
+def client_cpu_s() -> float:
+    """CPU seconds used so far by this process (every thread)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def measure(
     name: str,
     submit: Submit,
     *,
+    server_pids: tuple[int, ...] = (),
     concurrency: int = 1,
     rows: int = 1,
     payload_bytes: int = 0,
@@ -69,7 +113,11 @@ def measure(
     max_windows: int = 6,
     tolerance: float = 0.10,
 ) -> Measurement:
-    """Keep ``concurrency`` requests in flight; measure windows until three agree."""
+    """Keep ``concurrency`` requests in flight; measure windows until three agree.
+
+    ``server_pids``: the server's processes, whose CPU time (with their descendants') is
+    divided by the requests completed in the stable windows.
+    """
     lock = threading.Lock()
     latencies: list[float] = []
     completions = [0]
@@ -115,17 +163,28 @@ def measure(
     with lock:
         mean_latency = float(np.mean(latencies)) if latencies else 0.0
     window_s = max(window_s, 4 * mean_latency)
-    windows: list[tuple[float, list[float]]] = []
+    # (rate, latencies, completions, server CPU s, client CPU s) per window
+    windows: list[tuple[float, list[float], int, float, float]] = []
     stable = False
     while len(windows) < max_windows and not stop.is_set():
         with lock:
             latencies.clear()
             completions[0] = 0
         t0 = time.perf_counter()
+        server0, client0 = server_cpu_s(server_pids), client_cpu_s()
         time.sleep(window_s)
         with lock:
             count, window_latencies = completions[0], list(latencies)
-        windows.append((count / (time.perf_counter() - t0), window_latencies))
+        server1, client1 = server_cpu_s(server_pids), client_cpu_s()
+        windows.append(
+            (
+                count / (time.perf_counter() - t0),
+                window_latencies,
+                count,
+                server1 - server0,
+                client1 - client0,
+            )
+        )
         if len(windows) >= 3:
             rates = [w[0] for w in windows[-3:]]
             if max(rates) <= min(rates) * (1 + tolerance) and min(rates) > 0:
@@ -144,6 +203,10 @@ def measure(
     if lat.size == 0:
         lat = np.array([float("nan")])
     p50, p90, p95, p99 = (float(np.percentile(lat, q)) for q in (50, 90, 95, 99))
+    completed = sum(w[2] for w in used)
+    per_request = 1e6 / completed if completed else float("nan")
+    server_us = sum(w[3] for w in used) * per_request if server_pids else float("nan")
+    client_us = sum(w[4] for w in used) * per_request
     return Measurement(
         name,
         concurrency,
@@ -156,6 +219,8 @@ def measure(
         p99,
         len(windows),
         stable,
+        server_us,
+        client_us,
     )
 
 
@@ -229,13 +294,13 @@ def arrowinfer_server(repository: Path, *extra: str) -> Iterator[tuple[subproces
 
 
 @contextmanager
-def echo_server() -> Iterator[str]:
-    """The bare pyarrow Flight echo server (no arrowinfer code); yields its location."""
+def echo_server() -> Iterator[tuple[subprocess.Popen[str], str]]:
+    """The bare pyarrow Flight echo server (no arrowinfer code); yields process, location."""
     with process([sys.executable, "-m", "arrowinfer.bench.echo_server"], r"listening on (\S+)") as (
-        _,
+        proc,
         match,
     ):
-        yield match.group(1)
+        yield proc, match.group(1)
 
 
 def rss_bytes(pid: int) -> tuple[int, int]:
@@ -263,6 +328,8 @@ def markdown_table(
         "p50_ms",
         "p90_ms",
         "p99_ms",
+        "server_cpu_us",
+        "client_cpu_us",
         "stable",
     ),
 ) -> str:
@@ -274,6 +341,12 @@ def markdown_table(
         cells = []
         for c in columns:
             v = getattr(m, c)
-            cells.append(f"{v:,.2f}" if isinstance(v, float) else str(v))
+            if isinstance(v, float):
+                if math.isnan(v):
+                    cells.append("")
+                else:
+                    cells.append(f"{v:,.0f}" if c.endswith("_us") else f"{v:,.2f}")
+            else:
+                cells.append(str(v))
         body.append(f"| {m.name} | " + " | ".join(cells) + " |")
     return "\n".join([head, sep, *body])

@@ -19,10 +19,11 @@ import pyarrow as pa
 from google.protobuf import json_format
 
 from ..backends import create_backend
-from ..batching import Completed, DynamicBatcher, ModelStatistics
+from ..batching import Completed, DynamicBatcher
 from ..errors import InvalidInput, ModelError, ModelNotFound, ServerError, ServerUnavailable
 from ..repository import ModelVersion, Repository, default_warmup, warmup_requests
 from ..schema import check_data, validate
+from ..statistics import ModelStatistics
 
 __all__ = [
     "MAX_REQUEST_BYTES",
@@ -284,6 +285,7 @@ class InferenceCore:
         draining: bool = False,
         priority: int = 0,
         timeout_us: int = 0,
+        inline: bool = False,
     ) -> Future[Completed]:
         """Validate a request and queue it; the future gives its result.
 
@@ -293,7 +295,9 @@ class InferenceCore:
         ``draining=True`` accepts it while the server stops (not ready, models still
         loaded): a request on a stream that was open before the stop began. ``priority``
         and ``timeout_us`` are the request's, in Triton's meaning (see
-        :meth:`DynamicBatcher.submit`).
+        :meth:`DynamicBatcher.submit`). ``inline=True`` runs it in this thread when an
+        instance is idle (:meth:`DynamicBatcher.submit`): for a caller that has nothing
+        else to do meanwhile.
 
         Raises
         ------
@@ -318,7 +322,9 @@ class InferenceCore:
             empty: Future[Completed] = Future()
             empty.set_result(model.batcher.empty())
             return empty
-        return model.batcher.submit(batch, shapes=shapes, priority=priority, timeout_us=timeout_us)
+        return model.batcher.submit(
+            batch, shapes=shapes, priority=priority, timeout_us=timeout_us, inline=inline
+        )
 
     # -- management ----------------------------------------------------------------------
 

@@ -257,6 +257,7 @@ class FlightService(flight.FlightServerBase):
             exchange(context, reader, writer)
             return
         model = self._lookup(descriptor)  # an unknown model fails the stream at once
+        name, version = _descriptor_model(descriptor)  # parsed once per stream
         outputs = model.version.outputs
         empty: list[pa.RecordBatch] = []  # the failed requests' batch, made once
 
@@ -286,12 +287,15 @@ class FlightService(flight.FlightServerBase):
                     replies.start()
                 future: Future[Completed] | BaseException
                 stale = False
+                # nothing of this stream pending: run the request in this thread if an
+                # instance is idle, and write its reply from here too (no hand-offs)
+                inline = replies.idle
                 try:
                     if "error" in request_meta:
                         raise request_meta["error"]
                     # looked up for each request: a model reloaded (or unloaded) since the
                     # stream opened is served as it is now, never through its closed queue
-                    model = self._lookup_model(descriptor)
+                    model = self.core.get(name, version)
                     if not model.version.outputs.equals(outputs):
                         stale = True  # answer, then end the stream: the client reopens it
                         raise ServerUnavailable(
@@ -306,6 +310,7 @@ class FlightService(flight.FlightServerBase):
                         draining=True,
                         priority=_meta_int(request_meta, "priority"),
                         timeout_us=_meta_int(request_meta, "timeout"),
+                        inline=inline,
                     )
                 except ArrowInferError as err:
                     future = err
@@ -314,8 +319,14 @@ class FlightService(flight.FlightServerBase):
                 # a refused request's data (its error's traceback holds it too) goes once its
                 # reply is written, not when the next request comes
                 del chunk
-                replies.put((future, request_meta.get("id")), size)
-                del future
+                item = (future, request_meta.get("id"))
+                if inline and (isinstance(future, BaseException) or future.done()):
+                    replies.write_now(item, size)
+                else:
+                    replies.put(
+                        item, size, ready=None if isinstance(future, BaseException) else future
+                    )
+                del item, future  # hold no result while reading the next request
                 if replies.failure is not None or stale:
                     break
         finally:

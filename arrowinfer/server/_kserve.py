@@ -301,7 +301,12 @@ class KServeService(service_pb2_grpc.GRPCInferenceServiceServicer):
     # -- inference ----------------------------------------------------------------------
 
     def _submit(
-        self, request: pb.ModelInferRequest, context: Any, *, draining: bool = False
+        self,
+        request: pb.ModelInferRequest,
+        context: Any,
+        *,
+        draining: bool = False,
+        inline: bool = False,
     ) -> _v2.Pending:
         return _v2.submit(
             self.core,
@@ -310,6 +315,7 @@ class KServeService(service_pb2_grpc.GRPCInferenceServiceServicer):
             regions=self.regions,
             peer=self._peer(context),
             draining=draining,
+            inline=inline,
         )
 
     def _result(self, pending: _v2.Pending, context: Any) -> pb.ModelInferResponse:
@@ -317,7 +323,8 @@ class KServeService(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     @_unary
     def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
-        pending = self._submit(request, context)
+        # the handler thread only waits for the result: it may as well run the model
+        pending = self._submit(request, context, inline=True)
         context.add_callback(pending.future.cancel)  # a request nobody waits for is dropped
         return self._result(pending, context)
 

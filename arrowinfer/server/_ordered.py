@@ -8,6 +8,14 @@ request read so far. When a write fails (the client went away), the writer keeps
 items, so that each is finished (its resources released), but writes nothing more; the
 reader sees :attr:`OrderedReplies.failure` and stops reading.
 
+An item put with the future its reply waits for reaches the writer thread only once that
+future is done (its done-callback queues it, numbered), so the thread wakes once per reply,
+not once for the item and again for its result; items are written in the order they were
+put whatever order their futures complete in. When nothing is pending (every item put so
+far is written), the reader may write a reply itself (:meth:`OrderedReplies.write_now`): a
+request that ran inline in the reader's thread then goes out without waking the writer
+thread, the fast path of one request at a time.
+
 Back-pressure: a stream holds at most :data:`MAX_PENDING` requests (and about
 :data:`MAX_PENDING_BYTES` of their data) whose replies are not written yet. :meth:`put`
 blocks the stream's reader beyond that, so a client that sends without reading its
@@ -21,6 +29,7 @@ import logging
 import queue
 import threading
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from typing import Any
 
 import pyarrow as pa
@@ -86,8 +95,9 @@ class OrderedReplies:
     writer
         The stream's Flight writer (``begin`` already called if batches are written).
     finish
-        Turns a queued item into its reply; runs on the writer thread and may block (wait
-        for a result). It must not raise: a request's error is part of its reply.
+        Turns a queued item into its reply; runs on the writer thread (or the reader's, in
+        :meth:`write_now`) and may block (wait for a result). It must not raise: a
+        request's error is part of its reply.
     name
         The writer thread's name.
     """
@@ -102,10 +112,14 @@ class OrderedReplies:
         self._writer = writer
         self._finish = finish
         self._items: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        # _room guards the counts below; every write holds _write_lock, so that a reply
+        # written by the reader (write_now) and the writer thread's never interleave
         self._room = threading.Condition()
-        self._pending = 0
+        self._pending = 0  # items put (goaway included) whose replies are not written yet
         self._pending_bytes = 0
         self._closing = False
+        self._numbered = 0  # the next item's place in the stream
+        self._write_lock = threading.Lock()
         #: The error that broke the stream (the client went away), once a write failed.
         self.failure: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
@@ -118,12 +132,19 @@ class OrderedReplies:
     def started(self) -> bool:
         return self._thread.ident is not None
 
-    def put(self, item: Any, size: int = 0) -> None:
+    @property
+    def idle(self) -> bool:
+        """Is every item put so far written (a new request would be next in line)?"""
+        return self._pending == 0
+
+    def put(self, item: Any, size: int = 0, *, ready: Future[Any] | None = None) -> None:
         """Queue the next request's item; its reply follows those put before.
 
         ``size`` is the bytes of request data it holds. Blocks while the stream has
         :data:`MAX_PENDING` replies (or :data:`MAX_PENDING_BYTES`) not written yet: the
-        client is not reading them.
+        client is not reading them. ``ready``: the future the item's reply waits for; the
+        writer thread gets the item once it is done (the callback only queues it, so it
+        never blocks the thread that completes the future).
         """
         with self._room:
             while (
@@ -135,11 +156,36 @@ class OrderedReplies:
                 self._room.wait()
             self._pending += 1
             self._pending_bytes += size
-        self._items.put((item, size))
+            entry = (self._numbered, item, size)
+            self._numbered += 1
+        if ready is None:
+            self._items.put(entry)
+        else:
+            ready.add_done_callback(lambda _: self._items.put(entry))
+
+    def write_now(self, item: Any, size: int = 0) -> bool:
+        """Write an item's reply in this thread if nothing is pending; else queue it.
+
+        Returns whether it was written here (False: queued, as :meth:`put`).
+        """
+        with self._write_lock:
+            # 0 pending: every earlier reply is written (the count drops after the write),
+            # and a goaway put from now on waits for this lock, so it lands after this reply
+            if self._pending == 0 and self.started:
+                reply = self._finish(item)
+                if self.failure is None:
+                    self._write(reply)
+                return True
+        self.put(item, size)
+        return False
 
     def goaway(self) -> None:
         """Ask the client to finish the stream, after the replies queued so far."""
-        self._items.put(_GOAWAY)
+        with self._room:
+            self._pending += 1
+            entry = (self._numbered, _GOAWAY, 0)
+            self._numbered += 1
+        self._items.put(entry)
 
     def close(self) -> None:
         """Finish every queued item, write their replies, and stop the writer thread.
@@ -149,26 +195,33 @@ class OrderedReplies:
         with self._room:
             self._closing = True
             self._room.notify_all()
-        self._items.put(_END)
+            entry = (self._numbered, _END, 0)
+            self._numbered += 1
+        self._items.put(entry)
         if self.started:
             self._thread.join()
 
     def _run(self) -> None:
-        while (entry := self._items.get()) is not _END:
-            size = None
-            if entry is _GOAWAY:
-                reply: Reply | None = (None, {GOAWAY: GOAWAY_REASON})
-            else:
-                item, size = entry
-                reply = self._finish(item)
-            entry = item = None  # drop what it holds (mapped regions) before the next wait
-            try:
-                if self.failure is None and reply is not None:
-                    self._write(reply)
-                # else the stream is gone: drain the queue so that the reader can finish
-            finally:
-                reply = None
-                if size is not None:
+        arrived: dict[int, tuple[Any, int]] = {}  # items that came before their turn
+        turn = 0
+        while True:
+            place, item, size = self._items.get()
+            arrived[place] = (item, size)
+            while turn in arrived:
+                item, size = arrived.pop(turn)
+                turn += 1
+                if item is _END:
+                    return
+                goaway: Reply = (None, {GOAWAY: GOAWAY_REASON})
+                reply: Reply | None = goaway if item is _GOAWAY else self._finish(item)
+                item = None  # drop what it holds (mapped regions) before the next wait
+                try:
+                    with self._write_lock:
+                        if self.failure is None and reply is not None:
+                            self._write(reply)
+                        # else the stream is gone: drain the queue so the reader can finish
+                finally:
+                    reply = None
                     with self._room:
                         self._pending -= 1
                         self._pending_bytes -= size

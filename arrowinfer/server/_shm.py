@@ -248,9 +248,17 @@ class ShmService:
         replies.start()
         try:
             for chunk in read_chunks(reader):
-                item = self._handle(session, chunk)
-                replies.put(item, item.nbytes if isinstance(item, _Infer) else 0)
-                del item
+                # nothing of this session pending: an infer runs in this thread if an
+                # instance is idle, and its reply is written from here (no hand-offs)
+                inline = replies.idle
+                item = self._handle(session, chunk, inline=inline)
+                size = item.nbytes if isinstance(item, _Infer) else 0
+                ready = item.future if isinstance(item, _Infer) else None
+                if inline and (ready is None or ready.done()):
+                    replies.write_now(item, size)
+                else:
+                    replies.put(item, size, ready=ready)
+                del item, ready  # hold no region while reading the next request
                 if replies.failure is not None:
                     break
         except (pa.ArrowException, OSError) as err:  # the client went away
@@ -279,8 +287,13 @@ class ShmService:
             # private files in /dev/shm (run the server as a user of its own)
             return os.geteuid()
 
-    def _handle(self, session: _Session, chunk: flight.FlightStreamChunk) -> Any:
-        """One request: its reply, or an :class:`_Infer` whose reply comes later."""
+    def _handle(
+        self, session: _Session, chunk: flight.FlightStreamChunk, *, inline: bool = False
+    ) -> Any:
+        """One request: its reply, or an :class:`_Infer` whose reply comes later.
+
+        ``inline``: an infer may run in this thread (:meth:`InferenceCore.submit`).
+        """
         request: dict[str, Any] = {}
         try:
             if chunk.data is not None:
@@ -288,7 +301,7 @@ class ShmService:
             request = parse_json(chunk.app_metadata, "a shared-memory request")
             op = request.get("op")
             if op == "infer":
-                return self._infer(session, request)
+                return self._infer(session, request, inline=inline)
             if op == "register":
                 if len(session.regions) >= MAX_REGIONS:
                     raise InvalidInput(f"a session may register at most {MAX_REGIONS} regions")
@@ -324,7 +337,7 @@ class ShmService:
             reply["id"] = request["id"]
         return reply
 
-    def _infer(self, session: _Session, request: dict[str, Any]) -> _Infer:
+    def _infer(self, session: _Session, request: dict[str, Any], *, inline: bool) -> _Infer:
         model = self.core.get(_text(request, "model"), request.get("version"))
         source = _place(request, "input")
         target = _place(request, "output")
@@ -355,6 +368,7 @@ class ShmService:
                 draining=True,
                 priority=check_integer(request.get("priority", 0), "the priority"),
                 timeout_us=check_integer(request.get("timeout", 0), "the timeout"),
+                inline=inline,
             )
         except BaseException:
             self._release(input_region, output)

@@ -119,10 +119,14 @@ def submit(
     regions: SystemRegions | None = None,
     peer: Peer = NO_PEER,
     draining: bool = False,
+    inline: bool = False,
 ) -> Pending:
     """Convert and queue one request (``remaining``: seconds the transport still allows).
 
     ``regions`` and ``peer`` serve inputs and outputs in Triton system shared memory.
+    ``inline``: run it in this thread when an instance is idle
+    (:meth:`InferenceCore.submit`), for a caller that only waits for its result (never
+    from an event loop).
 
     Raises
     ------
@@ -138,6 +142,7 @@ def submit(
         draining=draining,
         priority=_int_parameter(request, "priority"),
         timeout_us=_int_parameter(request, "timeout"),
+        inline=inline,
     )
     return Pending(request, model, outputs, future, _timeout(remaining))
 
