@@ -26,16 +26,17 @@ pyarrow has no class for Arrow's canonical ``arrow.variable_shape_tensor`` exten
 tensor per row whose shape may differ from row to row: storage
 ``struct<data: list<T>, shape: fixed_size_list<int32>[ndim]>``, metadata
 ``{"uniform_shape": [...]}`` with ``null`` for a dimension that varies):
-:class:`VariableShapeTensorType` is that type, written
-it travels over IPC and Flight under its canonical name (Arrow C++ knows the name: read
-back, the type is a ``pyarrow.BaseExtensionType`` that :func:`layout` and :func:`to_numpy`
-recognise by its ``extension_name``). Here it carries inputs and outputs
+:class:`VariableShapeTensorType` is that type. It travels over IPC and Flight under its
+canonical name; read back, the type is a ``pyarrow.BaseExtensionType`` where Arrow C++ knows
+the name (later pyarrow), and this class where it does not (pyarrow 19: registered below),
+both recognised by :func:`layout` and :func:`to_numpy`. Here it carries inputs and outputs
 whose config has a ``-1`` in a dimension other than the first (``[2, -1]``, ``[-1, -1]``):
 a dense tensor per request, every row of one batch with the same shape.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Mapping
 from typing import Literal, NamedTuple, TypeAlias
@@ -123,13 +124,56 @@ class VariableShapeTensorType(pa.ExtensionType):
     def __arrow_ext_deserialize__(
         cls, storage_type: pa.DataType, serialized: bytes
     ) -> VariableShapeTensorType:
-        meta = json.loads(serialized.decode() or "{}")
-        ndim = storage_type.field("shape").type.list_size
+        """The type of a column read from IPC, Flight or a pickle (the registration below).
+
+        Raises
+        ------
+        pyarrow.ArrowInvalid
+            The storage or the metadata is not the canonical type's (the bytes come from a
+            peer: untrusted), or a permutation is given. Arrow's own error, as Arrow C++
+            raises where it knows the type: a reader fails as on any malformed IPC message.
+        """
+        storage = storage_type
+        if not (
+            pa.types.is_struct(storage)
+            and [f.name for f in storage] == ["data", "shape"]
+            and pa.types.is_list(storage.field("data").type)
+            and pa.types.is_fixed_size_list(storage.field("shape").type)
+            and storage.field("shape").type.value_type == pa.int32()
+        ):
+            raise pa.ArrowInvalid(f"not the storage of arrow.variable_shape_tensor: {storage}")
+        ndim = storage.field("shape").type.list_size
+        try:
+            meta = json.loads(serialized.decode() or "{}")
+        except ValueError as e:  # UnicodeDecodeError is one
+            raise pa.ArrowInvalid(
+                f"arrow.variable_shape_tensor metadata is not JSON: {e}"
+            ) from None
+        if not isinstance(meta, dict):
+            raise pa.ArrowInvalid("arrow.variable_shape_tensor metadata is not a JSON object")
         if meta.get("permutation") not in (None, list(range(ndim))):
-            raise TypeError("arrow.variable_shape_tensor with a permutation is not supported")
+            raise pa.ArrowInvalid("arrow.variable_shape_tensor with a permutation is not supported")
         uniform = meta.get("uniform_shape") or [None] * ndim
-        data_type = storage_type.field("data").type
-        return cls(data_type.value_type, tuple(-1 if d is None else int(d) for d in uniform))
+        if not (
+            isinstance(uniform, list)
+            and len(uniform) == ndim
+            and all(d is None or (type(d) is int and d >= 0) for d in uniform)
+        ):
+            raise pa.ArrowInvalid(
+                f"arrow.variable_shape_tensor uniform_shape {uniform!r} for {ndim} dims"
+            )
+        data_type = storage.field("data").type
+        return cls(data_type.value_type, tuple(-1 if d is None else d for d in uniform))
+
+
+# Arrow C++ registers the canonical type itself in later pyarrow (26 has it, and refuses a
+# second registration with ArrowKeyError); read back, a column is then a BaseExtensionType
+# (below). pyarrow 19, the floor, does not know the name: without this registration a column
+# read from IPC, Flight or shared memory comes back as its bare struct storage, the name only
+# in the field's metadata, and is no tensor layout. Registered, it comes back as
+# VariableShapeTensorType, through __arrow_ext_deserialize__.
+with contextlib.suppress(pa.ArrowKeyError):
+    pa.register_extension_type(VariableShapeTensorType(pa.float32(), (-1,)))
 
 
 def variable_shape_tensor(

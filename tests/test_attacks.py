@@ -342,6 +342,39 @@ def test_shm_batch_longer_than_its_buffers_is_invalid_input(target: Server) -> N
         beside.wait_some()
 
 
+def test_flight_malformed_variable_shape_tensor_types_are_invalid_input(target: Server) -> None:
+    """A column named ``arrow.variable_shape_tensor`` whose storage or metadata is not that
+    type's ends its stream as InvalidInput: Arrow C++ checks them where it knows the type,
+    arrowinfer.tensors' registered class where it does not (pyarrow 19)."""
+    data = pa.array([[1.0, 2.0]], pa.list_(pa.float32()))
+    tensor = pa.StructArray.from_arrays(
+        [data, pa.array([[2]], pa.list_(pa.int32(), 1))], ["data", "shape"]
+    )
+    cases = [
+        (pa.array([1, 2]), b"{}"),  # storage not a struct
+        (tensor, b"\xff"),  # metadata not UTF-8
+        (tensor, b"[1]"),  # not a JSON object
+        (tensor, b'{"uniform_shape": [1, 2]}'),  # one entry per dimension
+        (tensor, b'{"uniform_shape": ["a"]}'),
+        (tensor, b'{"permutation": [3]}'),
+    ]
+    with GoodClient(target.location) as beside:
+        for storage, metadata in cases:
+            extension = {
+                b"ARROW:extension:name": b"arrow.variable_shape_tensor",
+                b"ARROW:extension:metadata": metadata,
+            }
+            batch = pa.record_batch(
+                [storage], schema=pa.schema([pa.field("x", storage.type, metadata=extension)])
+            )
+            with pytest.raises(flight.FlightError) as caught:
+                flight_exchange(target.location, ["identity"], [batch])
+            assert b"InvalidInput" in (caught.value.extra_info or b""), metadata
+            assert "malformed" in str(caught.value)
+            no_internals(str(caught.value))
+        beside.wait_some()
+
+
 def test_kserve_raw_contents_that_do_not_match_are_invalid_input(target: Server) -> None:
     channel, stub = kserve_stub(target)
     with GoodClient(target.location) as beside, channel:
