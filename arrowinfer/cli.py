@@ -14,6 +14,7 @@ import sys
 import threading
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NoReturn
 
 from .errors import ArrowInferError
 
@@ -221,15 +222,22 @@ def _input_mapping(text: str) -> tuple[str, list[str]]:
     return name, names
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: the problem and where help is, not the usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def parser() -> argparse.ArgumentParser:
     """The command line, documented for physicists."""
-    top = argparse.ArgumentParser(
+    top = _Parser(
         prog="arrowinfer",
         description="Neural-network inference as a service for HEP event processing, "
         "with Apache Arrow end to end.",
     )
     top.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
-    sub = top.add_subparsers(dest="command", required=True)
+    sub = top.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     serve = sub.add_parser(
         "serve",

@@ -489,3 +489,22 @@ def test_wrong_arguments_are_one_line(
     assert len(err.strip().splitlines()) == 1, err
     assert message in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "empty.parquet", "notes.txt"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["infer", "grpc://127.0.0.1:1", "jet_score"], "the following arguments are required"),
+        (["infer", "local", "m", "in.root", "out.parquet", "--input", "jet="], "NAME=COLUMN"),
+    ],
+)
+def test_usage_errors_are_one_line_too(
+    capsys: pytest.CaptureFixture[str], args: list[str], message: str
+) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(args)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1, err
+    assert message in err
+    assert "arrowinfer infer --help" in err
