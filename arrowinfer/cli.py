@@ -265,10 +265,12 @@ def parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--kserve-port",
+        "--grpc-port",  # Triton's name for the same port
+        dest="kserve_port",
         type=int,
         default=8001,
-        help="KServe v2 gRPC port (Triton's protocol, for tritonclient); -1 disables "
-        "(default: %(default)s)",
+        help="KServe v2 gRPC port (Triton's protocol, for tritonclient; --grpc-port is "
+        "Triton's name for it); -1 disables (default: %(default)s)",
     )
     serve.add_argument(
         "--http-port",

@@ -175,3 +175,11 @@ def test_bench_is_part_of_the_package_and_writes_only_where_told(
     assert info.value.code == 2
     assert "--update-readme: no such file 'README.md'" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("flag", ["--kserve-port", "--grpc-port"])
+def test_serve_takes_tritons_name_for_the_grpc_port(flag: str) -> None:
+    from arrowinfer.cli import parser
+
+    args = parser().parse_args(["serve", "repo", flag, "9001"])
+    assert args.kserve_port == 9001
