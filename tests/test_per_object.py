@@ -126,3 +126,9 @@ def test_regroup_is_a_view_of_the_results() -> None:
     values = np.asarray(grouped.column("y").values.to_numpy(zero_copy_only=True))
     assert np.shares_memory(values, result.column("y").to_numpy(zero_copy_only=True))
     assert regroup(result, None) is result
+
+
+def test_events_without_any_hits(client: Client) -> None:
+    empty = tensors.Ragged(np.zeros(4, np.int32), np.zeros((0, 15), np.float32))
+    result = client.infer("facile", {"hits": empty})
+    assert result.column("energy").to_pylist() == [[], [], []]
