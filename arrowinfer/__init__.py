@@ -22,6 +22,7 @@ from .errors import (
     Timeout,
     TransportError,
     Unauthenticated,
+    Unsupported,
 )
 from .schema import signature, validate
 from .tensors import (
@@ -52,6 +53,7 @@ __all__ = [
     "Timeout",
     "TransportError",
     "Unauthenticated",
+    "Unsupported",
     "__version__",
     "batch_from_numpy",
     "batch_to_numpy",

@@ -37,6 +37,7 @@ from arrowinfer.errors import (
     Timeout,
     TransportError,
     Unauthenticated,
+    Unsupported,
 )
 from arrowinfer.server import Server
 
@@ -59,12 +60,20 @@ ERRORS: list[BaseException] = [
     ModelNotFound("jets", ["facile", "jet_tagger", "identity"], version="7"),
     InvalidInput("wrong shape", model="identity", input="INPUT0", expected=[1024], got={"rows": 3}),
     Unauthenticated("a valid bearer token is needed"),
+    Unsupported("CUDA shared memory is not supported"),
     ModelError("model.onnx: not a readable ONNX model"),
     ServerError("the server's log has it"),
     TooLong("too many items", model="identity", input="INPUT0", expected=10, got=12),
     RuntimeError("the model's own failure"),  # the batcher makes it a ServerError
 ]
 IDS = [type(e).__name__ for e in ERRORS]
+
+
+def test_every_public_error_class_is_in_the_list() -> None:
+    public = {
+        c for c in vars(errors).values() if isinstance(c, type) and issubclass(c, ArrowInferError)
+    }
+    assert public <= {type(e) for e in ERRORS}
 
 
 def expected_class(err: BaseException) -> type[ArrowInferError]:

@@ -258,7 +258,8 @@ class FlightService(flight.FlightServerBase):
             return
         model = self._lookup(descriptor)  # an unknown model fails the stream at once
         name, version = _descriptor_model(descriptor)  # parsed once per stream
-        outputs = model.version.outputs
+        opened = model.version
+        outputs = opened.outputs
         empty: list[pa.RecordBatch] = []  # the failed requests' batch, made once
 
         def finish(item: tuple[Future[Completed] | BaseException, Any]) -> Reply:
@@ -296,7 +297,8 @@ class FlightService(flight.FlightServerBase):
                     # looked up for each request: a model reloaded (or unloaded) since the
                     # stream opened is served as it is now, never through its closed queue
                     model = self.core.get(name, version)
-                    if not model.version.outputs.equals(outputs):
+                    # a reload makes a new version object: compare schemas only then
+                    if model.version is not opened and not model.version.outputs.equals(outputs):
                         stale = True  # answer, then end the stream: the client reopens it
                         raise ServerUnavailable(
                             f"model {model.version.name!r} was reloaded with other outputs; "
