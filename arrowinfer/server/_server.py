@@ -239,8 +239,13 @@ class Server:
         self._stopping = threading.Lock()
         self._poller: threading.Thread | None = None
         if model_control == "poll":
+            # The first snapshot is taken here, not in the thread: a change made right after
+            # the constructor returns must be seen as a change.
             self._poller = threading.Thread(
-                target=self._poll, args=(repository_poll_secs,), name="repository-poll", daemon=True
+                target=self._poll,
+                args=(repository_poll_secs, self._snapshot()),
+                name="repository-poll",
+                daemon=True,
             )
             self._poller.start()
         log.info("Flight listening on %s", self.location)
@@ -279,9 +284,10 @@ class Server:
                 return
             self._stop()
 
-    def _poll(self, seconds: float) -> None:
+    def _poll(
+        self, seconds: float, seen: dict[str, tuple[tuple[str, int, int], ...] | None]
+    ) -> None:
         """``poll`` mode: reload models whose files changed, load new ones, unload gone ones."""
-        seen = self._snapshot()
         while not self._stopped.wait(seconds):
             try:
                 now = self._snapshot()
