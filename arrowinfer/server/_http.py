@@ -61,6 +61,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from tritonclient.grpc import service_pb2 as pb
 
+from ..backends.base import ALIGNMENT
 from ..errors import ArrowInferError, InvalidInput, Unsupported, grpc_status
 from ..protocol import parse_json
 from ..schema import datatype
@@ -130,19 +131,35 @@ def _peer(request: Request) -> Peer:
 # -- bodies -------------------------------------------------------------------------------
 
 
-async def _body(request: Request, limit: int) -> bytes:
+def _length(text: str | None) -> int | None:
+    """A length header's value; None when absent or not a plain decimal of at most 18 digits
+    (Python refuses to parse very long ones, and no body is that large)."""
+    if text is None or not text.isdigit() or len(text) > 18:
+        return None
+    return int(text)
+
+
+async def _body(request: Request, limit: int, align_at: int = 0) -> bytes | memoryview:
     """The request body, decompressed; at most ``limit`` bytes either way.
+
+    An uncompressed body of declared length is read into one buffer whose byte
+    ``align_at`` (where the binary tensor data starts) lies at a multiple of
+    :data:`ALIGNMENT` bytes: onnxruntime then takes the tensors as they are, with no
+    alignment copy (:func:`~arrowinfer.backends.base.aligned`).
 
     Raises
     ------
     InvalidInput
         Too large, an unknown ``Content-Encoding``, or a body that does not decompress.
     """
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
+    declared = _length(request.headers.get("content-length"))
+    if declared is not None and declared > limit:
         raise InvalidInput(
-            "the request body is too large", expected=f"at most {limit} bytes", got=int(declared)
+            "the request body is too large", expected=f"at most {limit} bytes", got=declared
         )
+    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+    if declared is not None and encoding in ("", "identity"):
+        return await _read_into(request, declared, align_at)
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
@@ -150,7 +167,6 @@ async def _body(request: Request, limit: int) -> bytes:
             raise InvalidInput("the request body is too large", expected=f"at most {limit} bytes")
         chunks.append(chunk)
     body = b"".join(chunks)
-    encoding = request.headers.get("content-encoding", "identity").strip().lower()
     if encoding in ("", "identity"):
         return body
     wbits = {"gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}.get(encoding)
@@ -172,8 +188,27 @@ async def _body(request: Request, limit: int) -> bytes:
     return data
 
 
-def _compressed(request: Request, body: bytes, headers: dict[str, str]) -> bytes:
-    """``body`` compressed as the client's ``Accept-Encoding`` asks (gzip, then deflate)."""
+async def _read_into(request: Request, size: int, align_at: int) -> memoryview:
+    """A body of ``size`` bytes (its Content-Length) read into one aligned buffer."""
+    raw = np.empty(size + ALIGNMENT, dtype=np.uint8)
+    skip = -(raw.ctypes.data + min(align_at, size)) % ALIGNMENT
+    body = raw[skip : skip + size].data
+    at = 0
+    async for chunk in request.stream():
+        if at + len(chunk) > size:  # the HTTP parser holds bodies to their length: defensive
+            raise InvalidInput("the request body is longer than its Content-Length")
+        body[at : at + len(chunk)] = chunk
+        at += len(chunk)
+    if at != size:
+        raise InvalidInput("the request body is shorter than its Content-Length")
+    return body
+
+
+def _compressed(
+    request: Request, parts: list[bytes | memoryview], headers: dict[str, str]
+) -> list[bytes | memoryview]:
+    """A body's ``parts`` compressed as the client's ``Accept-Encoding`` asks (gzip, then
+    deflate), as one part."""
     accepted = {
         part.split(";")[0].strip().lower()
         for part in request.headers.get("accept-encoding", "").split(",")
@@ -185,8 +220,8 @@ def _compressed(request: Request, body: bytes, headers: dict[str, str]) -> bytes
         headers["Content-Encoding"] = "deflate"
         compressor = zlib.compressobj()
     else:
-        return body
-    return compressor.compress(body) + compressor.flush()
+        return parts
+    return [b"".join([*map(compressor.compress, parts), compressor.flush()])]
 
 
 # -- inference: JSON and binary <-> the gRPC request ------------------------------------
@@ -287,10 +322,12 @@ class BinaryOutputs(NamedTuple):
 
 def infer_request(
     model: str, version: str, header: dict[str, Any], binary: memoryview
-) -> tuple[pb.ModelInferRequest, BinaryOutputs]:
+) -> tuple[pb.ModelInferRequest, list[bytes | memoryview], BinaryOutputs]:
     """The gRPC request a JSON inference header (and its binary part) describes.
 
-    Returns the request and which outputs go back as binary data.
+    Returns the request (without data), each input's data not in shared memory, in order
+    (binary data as views of ``binary``, not copies; JSON data as bytes), and which
+    outputs go back as binary data.
 
     Raises
     ------
@@ -306,6 +343,7 @@ def infer_request(
     inputs = header.get("inputs")
     if not isinstance(inputs, list):
         raise InvalidInput("the request needs 'inputs', a list of tensors")
+    raw: list[bytes | memoryview] = []
     cursor = 0
     for entry in inputs:
         if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
@@ -333,10 +371,10 @@ def infer_request(
                     expected=f"at most {len(binary) - cursor}",
                     got=size,
                 )
-            request.raw_input_contents.append(bytes(binary[cursor : cursor + size]))
+            raw.append(binary[cursor : cursor + size])
             cursor += size
         else:
-            request.raw_input_contents.append(_json_data(entry, kserve, shape, what))
+            raw.append(_json_data(entry, kserve, shape, what))
     if cursor != len(binary):
         raise InvalidInput(
             "binary data left over after the inputs",
@@ -354,7 +392,7 @@ def infer_request(
         requested = request.outputs.add(name=entry["name"])
         _parameters(requested.parameters, out_params, f"output {entry['name']!r}", ("binary_data",))
         binary_outputs[entry["name"]] = bool(out_params.get("binary_data", binary_default))
-    return request, BinaryOutputs(binary_default, binary_outputs)
+    return request, raw, BinaryOutputs(binary_default, binary_outputs)
 
 
 def _parameter(param: Any) -> Any:
@@ -373,11 +411,14 @@ def _strings(raw: bytes) -> list[str]:
 
 
 def infer_answer(
-    response: pb.ModelInferResponse, binary: BinaryOutputs
-) -> tuple[bytes, int | None]:
-    """The HTTP body of a gRPC response: JSON header, then binary outputs; header length.
+    response: pb.ModelInferResponse, payloads: list[bytes | memoryview], binary: BinaryOutputs
+) -> tuple[list[bytes | memoryview], int | None]:
+    """The HTTP body of a response: JSON header, then the binary outputs; header length.
 
-    The length is None when no output is binary (the body is JSON alone).
+    ``payloads`` are the outputs' raw data, one per output of ``response`` (empty for one
+    in shared memory). The body is returned as its parts, the outputs as they are (views:
+    they are written to the socket, not joined). The length is None when no output is
+    binary (the body is the JSON alone).
     """
     header: dict[str, Any] = {
         "model_name": response.model_name,
@@ -387,7 +428,7 @@ def infer_answer(
         header["id"] = response.id
     header["parameters"] = {k: _parameter(v) for k, v in response.parameters.items()}
     outputs, blobs = [], []
-    for tensor, raw in zip(response.outputs, response.raw_output_contents, strict=True):
+    for tensor, raw in zip(response.outputs, payloads, strict=True):
         entry: dict[str, Any] = {
             "name": tensor.name,
             "datatype": tensor.datatype,
@@ -399,16 +440,31 @@ def infer_answer(
             entry["parameters"] = {"binary_data_size": len(raw)}
             blobs.append(raw)
         elif tensor.datatype == "BYTES":
-            entry["data"] = _strings(raw)
+            entry["data"] = _strings(bytes(raw))
         else:
             dt = datatype(tensor.datatype).numpy.newbyteorder("<")
             entry["data"] = np.frombuffer(raw, dtype=dt).tolist()
         outputs.append(entry)
     header["outputs"] = outputs
     text = json.dumps(header, separators=(",", ":")).encode()
-    if not blobs:
-        return text, None
-    return b"".join([text, *blobs]), len(text)
+    return [text, *blobs], (len(text) if blobs else None)
+
+
+class _Body(Response):
+    """A response whose body is sent as its parts, so large outputs are never joined."""
+
+    def __init__(self, parts: list[bytes | memoryview], headers: dict[str, str], media: str):
+        super().__init__(b"", headers=headers, media_type=media)
+        self.parts = parts
+        self.headers["content-length"] = str(sum(len(part) for part in parts))
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        await send(
+            {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
+        )
+        last = len(self.parts) - 1
+        for i, part in enumerate(self.parts):
+            await send({"type": "http.response.body", "body": part, "more_body": i < last})
 
 
 # -- the application ----------------------------------------------------------------------
@@ -525,12 +581,13 @@ class _Api:
 
     async def infer(self, request: Request) -> Response:
         params = request.path_params
-        body = await _body(request, self.limit)
         length_text = request.headers.get(_HEADER_LENGTH)
+        declared = _length(length_text)
+        body = await _body(request, self.limit, declared or 0)
         if length_text is None:
             length = len(body)
-        elif length_text.isdigit() and int(length_text) <= len(body):
-            length = int(length_text)
+        elif declared is not None and declared <= len(body):
+            length = declared
         else:
             raise InvalidInput(
                 f"{_HEADER_LENGTH} must be a length within the body",
@@ -539,19 +596,24 @@ class _Api:
             )
         view = memoryview(body)
         header = parse_json(view[:length], "the inference request", max_bytes=self.limit)
-        grpc_request, binary = infer_request(
+        grpc_request, raw, binary = infer_request(
             params["model"], params.get("version", ""), header, view[length:]
         )
         peer = _peer(request)
-        pending = _v2.submit(self.core, grpc_request, None, regions=self.regions, peer=peer)
-        response = await _v2.wait_result_async(pending, regions=self.regions, peer=peer)
-        data, header_length = infer_answer(response, binary)
+        pending = _v2.submit(
+            self.core, grpc_request, None, regions=self.regions, peer=peer, raw=raw
+        )
+        payloads: list[bytes | memoryview] = []
+        response = await _v2.wait_result_async(
+            pending, regions=self.regions, peer=peer, payloads=payloads
+        )
+        parts, header_length = infer_answer(response, payloads, binary)
         headers: dict[str, str] = {}
         if header_length is not None:
             headers[_HEADER_LENGTH] = str(header_length)
-        data = _compressed(request, data, headers)
+        parts = _compressed(request, parts, headers)
         media = "application/json" if header_length is None else "application/octet-stream"
-        return Response(data, headers=headers, media_type=media)
+        return _Body(parts, headers, media)
 
 
 def _routes(api: _Api) -> list[Route]:

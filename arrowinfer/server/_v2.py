@@ -8,7 +8,7 @@ wait, timeouts) and in :mod:`._v2tensors` (tensors). Neither front end imports t
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from concurrent.futures import CancelledError, Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, NamedTuple
@@ -120,10 +120,12 @@ def submit(
     peer: Peer = NO_PEER,
     draining: bool = False,
     inline: bool = False,
+    raw: Sequence[bytes | memoryview] | None = None,
 ) -> Pending:
     """Convert and queue one request (``remaining``: seconds the transport still allows).
 
     ``regions`` and ``peer`` serve inputs and outputs in Triton system shared memory.
+    ``raw``: the inputs' data when it is not in ``request.raw_input_contents`` (HTTP).
     ``inline``: run it in this thread when an instance is idle
     (:meth:`InferenceCore.submit`), for a caller that only waits for its result (never
     from an event loop).
@@ -135,7 +137,7 @@ def submit(
     """
     model = core.get(request.model_name, request.model_version or None)
     outputs = requested_outputs(model.version, request, regions=regions, peer=peer)
-    batch = request_batch(model.version, request, regions=regions, peer=peer)
+    batch = request_batch(model.version, request, regions=regions, peer=peer, raw_contents=raw)
     future = core.submit(
         model,
         batch,
@@ -178,11 +180,17 @@ def wait_result(
 
 
 async def wait_result_async(
-    pending: Pending, *, regions: SystemRegions | None = None, peer: Peer = NO_PEER
+    pending: Pending,
+    *,
+    regions: SystemRegions | None = None,
+    peer: Peer = NO_PEER,
+    payloads: list[bytes | memoryview] | None = None,
 ) -> pb.ModelInferResponse:
     """:func:`wait_result` for an event loop: waits without holding a thread.
 
     If the waiting task is cancelled (the client went away), so is the request.
+    ``payloads``: takes the raw outputs instead of the response (see
+    :func:`infer_response`).
     """
     future = asyncio.wrap_future(pending.future)
     try:
@@ -201,4 +209,5 @@ async def wait_result_async(
         future.result(),
         regions=regions,
         peer=peer,
+        payloads=payloads,
     )

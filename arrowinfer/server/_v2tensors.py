@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -118,7 +118,7 @@ def _dims_match(expected: tuple[int, ...], got: tuple[int, ...]) -> bool:
 def input_array(
     spec: TensorSpec,
     tensor: pb.ModelInferRequest.InferInputTensor,
-    raw: bytes | None,
+    raw: bytes | memoryview | None,
     *,
     model: str,
     batching: bool,
@@ -198,7 +198,7 @@ def input_array(
 def _bytes_input(
     spec: TensorSpec,
     tensor: pb.ModelInferRequest.InferInputTensor,
-    raw: bytes | None,
+    raw: bytes | memoryview | None,
     count: int,
     *,
     model: str,
@@ -269,12 +269,14 @@ def request_batch(
     *,
     regions: SystemRegions | None = None,
     peer: Peer = NO_PEER,
+    raw_contents: Sequence[bytes | memoryview] | None = None,
 ) -> pa.RecordBatch:
     """A v2 request as the Arrow record batch the core takes (one column per input).
 
     An input in system shared memory (``shared_memory_*`` parameters) is read from the
     peer's region (``regions``); ``raw_input_contents`` then holds the other inputs' data,
-    in order.
+    in order. ``raw_contents`` stands for ``raw_input_contents`` when the data travelled
+    outside the protobuf message (HTTP's binary data: views of the body, not copies).
 
     Raises
     ------
@@ -290,7 +292,8 @@ def request_batch(
     if mask_spec is not None:
         specs[mask_spec.name] = mask_spec
     places = [shm_place(t.parameters, regions, model=name, tensor=t.name) for t in request.inputs]
-    raw_contents = request.raw_input_contents
+    if raw_contents is None:
+        raw_contents = request.raw_input_contents
     sent = sum(place is None for place in places)
     if raw_contents and len(raw_contents) != sent:
         raise InvalidInput(
@@ -313,7 +316,7 @@ def request_batch(
         if tensor.name in arrays:
             raise InvalidInput("input given twice", model=name, input=tensor.name)
         place = places[i]
-        raw: bytes | None
+        raw: bytes | memoryview | None
         if place is not None:
             spec = specs[tensor.name]
             expected = _expected_bytes(spec, tensor)
@@ -533,17 +536,21 @@ def _place_output(
     regions: SystemRegions | None,
     peer: Peer,
     version: ModelVersion,
+    payloads: list[bytes | memoryview] | None,
 ) -> None:
-    """An output's bytes into ``raw_output_contents``, or into its shared-memory place.
+    """An output's bytes into ``raw_output_contents`` (or ``payloads``, when given), or
+    into its shared-memory place.
 
     Raises
     ------
     InvalidInput
         The output does not fit its place.
     """
+    raw = response.raw_output_contents if payloads is None else payloads
     place = shm_place(params or {}, regions, model=version.name, tensor=tensor.name)
     if place is None:
-        response.raw_output_contents.append(bytes(payload))  # protobuf needs bytes: a copy
+        # protobuf needs bytes (a copy); a payloads list takes the view
+        raw.append(payload if payloads is not None else bytes(payload))
         return
     size = len(payload)
     if size > place.byte_size:
@@ -561,7 +568,7 @@ def _place_output(
     tensor.parameters["shared_memory_byte_size"].int64_param = size
     if place.offset:
         tensor.parameters["shared_memory_offset"].int64_param = place.offset
-    response.raw_output_contents.append(b"")  # keeps the entries aligned with outputs
+    raw.append(b"")  # keeps the entries aligned with outputs
 
 
 def infer_response(
@@ -572,6 +579,7 @@ def infer_response(
     *,
     regions: SystemRegions | None = None,
     peer: Peer = NO_PEER,
+    payloads: list[bytes | memoryview] | None = None,
 ) -> pb.ModelInferResponse:
     """The response to ``request``: the ``outputs`` of ``done.batch`` as raw tensors.
 
@@ -581,6 +589,8 @@ def infer_response(
     output the request placed in system shared memory is written there; its
     ``raw_output_contents`` entry is empty and its parameters say where it lies
     (``shared_memory_region``, ``shared_memory_byte_size``, ``shared_memory_offset``).
+    With ``payloads``, the raw outputs are appended there instead, as views of the
+    outputs (HTTP writes them into its body: no protobuf copy).
 
     Raises
     ------
@@ -609,6 +619,7 @@ def infer_response(
                 regions,
                 peer,
                 version,
+                payloads,
             )
             continue
         entry = spec.shape if all(d >= 0 for d in spec.shape) else array.shape[1:]
@@ -619,7 +630,9 @@ def infer_response(
             payload: bytes | memoryview = _bytes_tensor(items)
         else:
             payload = np.ascontiguousarray(array).view(np.uint8).reshape(-1).data
-        _place_output(response, tensor, payload, params.get(spec.name), regions, peer, version)
+        _place_output(
+            response, tensor, payload, params.get(spec.name), regions, peer, version, payloads
+        )
     for key in SERVER_TIMES:
         response.parameters[key].int64_param = getattr(done, key)
     for key, value in done.metadata.items():  # provenance, truncation
