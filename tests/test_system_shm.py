@@ -155,6 +155,21 @@ def test_regions_are_shared_by_grpc_and_http(server: Server, region: tuple[str, 
         http_client.close()
 
 
+def test_forwarded_headers_do_not_change_the_peer(server: Server, region: tuple[str, Any]) -> None:
+    """The HTTP port is no proxy's backend: who a peer is (for the regions it may use) comes
+    from its socket, never from ``X-Forwarded-For``, which any local client can write."""
+    key, _ = region
+    client = th.InferenceServerClient(f"127.0.0.1:{server.http_port}")
+    try:
+        client.register_system_shared_memory(
+            "forwarded", key, 1024, headers={"X-Forwarded-For": "10.1.2.3"}
+        )
+        assert status_names(client) == ["forwarded"]
+    finally:
+        client.unregister_system_shared_memory()
+        client.close()
+
+
 def test_register_refusals(client: Any, region: tuple[str, Any], tmp_path: Path) -> None:
     key, _ = region
     link = f"/arrowinfer-link-{uuid.uuid4().hex[:8]}"

@@ -55,6 +55,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, NamedTuple
 
 import numpy as np
+import pyarrow as pa
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -190,9 +191,11 @@ async def _body(request: Request, limit: int, align_at: int = 0) -> bytes | memo
 
 async def _read_into(request: Request, size: int, align_at: int) -> memoryview:
     """A body of ``size`` bytes (its Content-Length) read into one aligned buffer."""
-    raw = np.empty(size + ALIGNMENT, dtype=np.uint8)
-    skip = -(raw.ctypes.data + min(align_at, size)) % ALIGNMENT
-    body = raw[skip : skip + size].data
+    # Arrow's pool, as for every aligned copy (backends.base.aligned_empty): its blocks are
+    # reused, where a fresh numpy allocation of a large body page-faults anew each time
+    raw = pa.allocate_buffer(size + ALIGNMENT)
+    skip = -(raw.address + min(align_at, size)) % ALIGNMENT
+    body = np.frombuffer(raw, dtype=np.uint8)[skip : skip + size].data
     at = 0
     async for chunk in request.stream():
         if at + len(chunk) > size:  # the HTTP parser holds bodies to their length: defensive
@@ -764,6 +767,9 @@ def start_http(
         lifespan="off",
         log_config=None,
         access_log=False,
+        # no proxy's backend: the peer is its socket's (the shm rules go by it), never what
+        # an X-Forwarded-For header that any local client can write says
+        proxy_headers=False,
         ssl_certfile=os.fspath(tls_cert) if tls_cert is not None else None,
         ssl_keyfile=os.fspath(tls_key) if tls_key is not None else None,
         timeout_graceful_shutdown=5,
