@@ -11,8 +11,11 @@ from __future__ import annotations
 import asyncio
 import gzip
 import json
+import logging
 import shutil
+import socket
 import subprocess
+import threading
 import urllib.error
 import urllib.request
 import zlib
@@ -22,6 +25,7 @@ from typing import Any
 
 import numpy as np
 import onnxruntime as ort
+import pyarrow as pa
 import pytest
 import tritonclient.http as th
 import tritonclient.http.aio as th_aio
@@ -402,12 +406,18 @@ def _json_request(**tensor: Any) -> bytes:
         (_json_request(parameters={"binary_data_size": 60}), {}, ["binary_data_size"]),
         (_json_request(), {"Inference-Header-Content-Length": "99999"}, ["within the body"]),
         (_json_request(), {"Inference-Header-Content-Length": "9" * 5000}, ["within the body"]),
+        (_json_request(), {"Inference-Header-Content-Length": "\u00b2"}, ["within the body"]),
         (
             _json_request() + b"extra",
             {"Inference-Header-Content-Length": str(len(_json_request()))},
             ["left over"],
         ),
         (_json_request(), {"Content-Encoding": "gzip"}, ["does not decompress"]),
+        (
+            gzip.compress(_json_request()) + b"junk",
+            {"Content-Encoding": "gzip"},
+            ["after the end"],
+        ),
         (_json_request(), {"Content-Encoding": "br"}, ["Content-Encoding"]),
         (
             json.dumps({"inputs": [], "outputs": [{"name": "energy"}]}).encode(),
@@ -426,8 +436,10 @@ def _json_request(**tensor: Any) -> bytes:
         "binary-size",
         "header-length",
         "header-length-huge",
+        "header-length-superscript",
         "binary-left-over",
         "bad-gzip",
+        "gzip-trailing-data",
         "unknown-encoding",
         "no-inputs",
     ],
@@ -468,6 +480,45 @@ def test_request_size_is_bounded(example_repository: Path) -> None:
         )
         assert status == 400
         assert "decompressed request body is too large" in error_of(data)
+
+
+def _partial_request(server: Server, declared: int) -> socket.socket:
+    """A connection that declares a body of ``declared`` bytes and sends one."""
+    sock = socket.create_connection(("127.0.0.1", server.http_port), timeout=WAIT)
+    sock.sendall(
+        b"POST /v2/models/identity/infer HTTP/1.1\r\nHost: x\r\n"
+        b"Content-Length: %d\r\n\r\n{" % declared
+    )
+    return sock
+
+
+def test_memory_follows_the_body_not_its_declared_length(server: Server) -> None:
+    """Clients that declare large bodies and send nothing more cost the server nothing:
+    the body is stored as it arrives, not allocated on the word of Content-Length."""
+    pool = pa.default_memory_pool()
+    before = pool.bytes_allocated()
+    held = [_partial_request(server, 256 * 2**20) for _ in range(4)]
+    try:
+        # answered after the event loop has read the four requests' headers
+        assert call(server, "POST", "/v2/models/facile/infer", _json_request())[0] == 200
+        assert pool.bytes_allocated() - before < 64 * 2**20
+    finally:
+        for sock in held:
+            sock.close()
+
+
+def test_a_client_gone_mid_body_is_no_error(
+    server: Server, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="arrowinfer.server._http")
+    _partial_request(server, 1024).close()
+    stop = threading.Event()
+    for _ in range(int(WAIT * 20)):
+        if any("went away" in r.getMessage() for r in caplog.records):
+            break
+        stop.wait(0.05)
+    assert any("went away" in r.getMessage() for r in caplog.records)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
 def test_cuda_shared_memory_is_501(server: Server, client: th.InferenceServerClient) -> None:

@@ -57,7 +57,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import pyarrow as pa
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from tritonclient.grpc import service_pb2 as pb
@@ -112,6 +112,9 @@ def _endpoint(handler: Handler) -> Handler:
     async def run(request: Request) -> Response:
         try:
             return await handler(request)
+        except ClientDisconnect:  # gone mid-body: nobody to answer, nothing to log loudly
+            log.debug("HTTP %s: the client went away", handler.__name__)
+            return Response(status_code=400)
         except Exception as err:  # noqa: BLE001 -- the one place errors become HTTP statuses
             return _error(err, handler.__name__)
 
@@ -133,9 +136,10 @@ def _peer(request: Request) -> Peer:
 
 
 def _length(text: str | None) -> int | None:
-    """A length header's value; None when absent or not a plain decimal of at most 18 digits
-    (Python refuses to parse very long ones, and no body is that large)."""
-    if text is None or not text.isdigit() or len(text) > 18:
+    """A length header's value; None when absent or not a plain ASCII decimal of at most 18
+    digits (``str.isdigit`` alone admits ``²``, which ``int`` refuses; Python refuses very
+    long ones too, and no body is that large)."""
+    if text is None or not (text.isascii() and text.isdigit()) or len(text) > 18:
         return None
     return int(text)
 
@@ -143,10 +147,11 @@ def _length(text: str | None) -> int | None:
 async def _body(request: Request, limit: int, align_at: int = 0) -> bytes | memoryview:
     """The request body, decompressed; at most ``limit`` bytes either way.
 
-    An uncompressed body of declared length is read into one buffer whose byte
-    ``align_at`` (where the binary tensor data starts) lies at a multiple of
-    :data:`ALIGNMENT` bytes: onnxruntime then takes the tensors as they are, with no
-    alignment copy (:func:`~arrowinfer.backends.base.aligned`).
+    An uncompressed body is joined into one buffer whose byte ``align_at`` (where the
+    binary tensor data starts) lies at a multiple of :data:`ALIGNMENT` bytes: onnxruntime
+    then takes the tensors as they are, with no alignment copy
+    (:func:`~arrowinfer.backends.base.aligned`). Memory is taken as the body arrives,
+    never on the word of its Content-Length alone.
 
     Raises
     ------
@@ -159,17 +164,14 @@ async def _body(request: Request, limit: int, align_at: int = 0) -> bytes | memo
             "the request body is too large", expected=f"at most {limit} bytes", got=declared
         )
     encoding = request.headers.get("content-encoding", "identity").strip().lower()
-    if declared is not None and encoding in ("", "identity"):
-        return await _read_into(request, declared, align_at)
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
             raise InvalidInput("the request body is too large", expected=f"at most {limit} bytes")
         chunks.append(chunk)
-    body = b"".join(chunks)
     if encoding in ("", "identity"):
-        return body
+        return _aligned_join(chunks, size, align_at)
     wbits = {"gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}.get(encoding)
     if wbits is None:
         raise InvalidInput(
@@ -177,7 +179,7 @@ async def _body(request: Request, limit: int, align_at: int = 0) -> bytes | memo
         )
     inflate = zlib.decompressobj(wbits)
     try:
-        data = inflate.decompress(body, limit + 1)  # a bomb stops at limit + 1 bytes
+        data = inflate.decompress(b"".join(chunks), limit + 1)  # a bomb stops at limit + 1
     except zlib.error as err:
         raise InvalidInput(f"the {encoding} request body does not decompress: {err}") from None
     if len(data) > limit:
@@ -186,24 +188,24 @@ async def _body(request: Request, limit: int, align_at: int = 0) -> bytes | memo
         )
     if not inflate.eof:
         raise InvalidInput(f"the {encoding} request body is truncated")
+    if inflate.unused_data:
+        raise InvalidInput(f"data after the end of the {encoding} request body")
     return data
 
 
-async def _read_into(request: Request, size: int, align_at: int) -> memoryview:
-    """A body of ``size`` bytes (its Content-Length) read into one aligned buffer."""
-    # Arrow's pool, as for every aligned copy (backends.base.aligned_empty): its blocks are
-    # reused, where a fresh numpy allocation of a large body page-faults anew each time
+def _aligned_join(chunks: list[bytes], size: int, align_at: int) -> memoryview:
+    """``chunks`` (``size`` bytes) joined into one buffer, byte ``align_at`` 64-byte aligned.
+
+    The buffer is from Arrow's pool, as every aligned copy (backends.base.aligned_empty):
+    its blocks are reused, where a fresh numpy allocation of a large body page-faults anew.
+    """
     raw = pa.allocate_buffer(size + ALIGNMENT)
     skip = -(raw.address + min(align_at, size)) % ALIGNMENT
     body = np.frombuffer(raw, dtype=np.uint8)[skip : skip + size].data
     at = 0
-    async for chunk in request.stream():
-        if at + len(chunk) > size:  # the HTTP parser holds bodies to their length: defensive
-            raise InvalidInput("the request body is longer than its Content-Length")
+    for chunk in chunks:
         body[at : at + len(chunk)] = chunk
         at += len(chunk)
-    if at != size:
-        raise InvalidInput("the request body is shorter than its Content-Length")
     return body
 
 
