@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 from collections.abc import Mapping
 from typing import Literal, NamedTuple, TypeAlias
 
@@ -300,7 +301,7 @@ def from_numpy(
             f"tensor_type must be 'fixed_shape_tensor' or 'fixed_size_list', got {tensor_type!r}"
         )
     # The extension type's storage is one flat fixed_size_list of prod(shape) values.
-    storage = pa.FixedSizeListArray.from_arrays(flat, int(np.prod(array.shape[1:])))
+    storage = pa.FixedSizeListArray.from_arrays(flat, math.prod(array.shape[1:]))
     ext = pa.fixed_shape_tensor(flat.type, list(array.shape[1:]))
     return pa.ExtensionArray.from_storage(ext, storage)
 
@@ -323,7 +324,7 @@ def variable_from_numpy(
         u not in (-1, d) for u, d in zip(uniform, shape, strict=True)
     ):
         raise ValueError(f"shape {list(shape)} does not fit {list(uniform)}")
-    size = int(np.prod(shape))
+    size = math.prod(shape)
     if n * size > np.iinfo(np.int32).max:
         raise ValueError(f"{n * size} values do not fit a column's 32-bit list offsets")
     values = _primitive(np.ascontiguousarray(array).reshape(-1))
@@ -350,7 +351,7 @@ def _variable_to_numpy(array: pa.Array) -> np.ndarray:
     _check_no_nulls(data)
     offsets = data.offsets.to_numpy(zero_copy_only=True)
     start, stop = int(offsets[0]), int(offsets[-1])
-    if stop - start != len(array) * int(np.prod(shape)):
+    if stop - start != len(array) * math.prod(shape):
         raise ValueError("a variable-shape tensor's data does not match its shapes")
     values = data.values.slice(start, stop - start)
     _check_no_nulls(values)

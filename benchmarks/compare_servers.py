@@ -44,7 +44,8 @@ def main(argv: list[str] | None = None) -> int:
             proc, match = stack.enter_context(
                 process(
                     [sys.executable, "-m", "arrowinfer.cli", "serve", str(repository),
-                     "--port", "0", "--kserve-port", "-1", "--metrics-port", "-1",
+                     "--port", "0", "--kserve-port", "-1", "--http-port", "-1",
+                     "--metrics-port", "-1",
                      "--model", "facile"],
                     r"serving .* on (\S+)",
                     env={"PYTHONPATH": str(Path(tree).resolve())},

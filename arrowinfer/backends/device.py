@@ -30,6 +30,7 @@ onnxruntime's CUDA provider, inputs and outputs bound to the CuPy buffers by
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from collections.abc import Iterator, Sequence
 from types import ModuleType
@@ -142,7 +143,7 @@ def _pinned_empty(xp: ModuleType, shape: tuple[int, ...], dtype: np.dtype) -> np
     The array keeps the memory alive; the pool takes it back when the array (and any
     Arrow buffer made from it) is gone.
     """
-    nbytes = int(np.prod(shape)) * dtype.itemsize
+    nbytes = math.prod(shape) * dtype.itemsize
     memory = xp.cuda.alloc_pinned_memory(max(nbytes, 1))
     return np.frombuffer(memory, dtype=np.uint8, count=nbytes).view(dtype).reshape(shape)
 

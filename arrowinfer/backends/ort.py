@@ -398,7 +398,7 @@ def _aligned_row_step(values: Iterable[np.ndarray]) -> int:
     """The smallest number of rows after which a row of every array is 64-byte aligned again."""
     step = 1
     for value in values:
-        row_bytes = value.dtype.itemsize * int(np.prod(value.shape[1:], dtype=np.int64))
+        row_bytes = value.dtype.itemsize * math.prod(value.shape[1:])
         step = math.lcm(step, ALIGNMENT // math.gcd(row_bytes, ALIGNMENT) if row_bytes else 1)
     return step
 
