@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import tritonclient.grpc as tg
+import tritonclient.http as th
 
 from arrowinfer.bench.machine import describe, markdown
 from arrowinfer.client import Client, ShmTransport
@@ -38,7 +39,7 @@ def _counters(server: Server, model: str) -> dict[str, int]:
 
 def _send(kind: str, server: Server, unix: Server, model: str, arrays: list[np.ndarray]) -> None:
     name, _ = MODELS[model]
-    if kind == "kserve":
+    if kind == "kserve":  # gRPC
         client = tg.InferenceServerClient(f"127.0.0.1:{server.kserve_port}")
         try:
             for array in arrays:
@@ -47,6 +48,16 @@ def _send(kind: str, server: Server, unix: Server, model: str, arrays: list[np.n
                 client.infer(model, [tensor])
         finally:
             client.close()
+        return
+    if kind == "kserve_http":  # binary tensor data: the body is read with its data aligned
+        http = th.InferenceServerClient(f"127.0.0.1:{server.http_port}")
+        try:
+            for array in arrays:
+                tensor = th.InferInput(name, list(array.shape), "FP32")
+                tensor.set_data_from_numpy(array, binary_data=True)
+                http.infer(model, [tensor])
+        finally:
+            http.close()
         return
     if kind == "shm":
         url = server.location.replace("grpc", "shm", 1)
@@ -70,7 +81,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         sock = str(Path(tmp) / "arrowinfer.sock")
         models = list(MODELS)
         with (
-            Server(repository, port=0, kserve_port=0, metrics_port=None, models=models) as server,
+            Server(
+                repository, port=0, kserve_port=0, http_port=0, metrics_port=None, models=models
+            ) as server,
             Server(repository, unix_socket=sock, kserve_port=None, metrics_port=None) as unix,
         ):
             for model, (_, width) in MODELS.items():
@@ -78,7 +91,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     arrays = [
                         rng.normal(size=(n, width)).astype(np.float32) for _ in range(args.requests)
                     ]
-                    for kind in ("flight_tcp", "flight_unix", "shm", "kserve"):
+                    for kind in ("flight_tcp", "flight_unix", "shm", "kserve", "kserve_http"):
                         target = unix if kind == "flight_unix" else server
                         before = _counters(target, model)
                         _send(kind, server, unix, model, arrays)
