@@ -18,6 +18,8 @@ import onnx
 import pytest
 import tritonclient.grpc as tg
 import tritonclient.grpc.aio as tg_aio
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from onnx import TensorProto, helper
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc
@@ -26,6 +28,7 @@ from tritonclient.utils import InferenceServerException
 from arrowinfer.client import Client
 from arrowinfer.examples import IR_VERSION, OPSET
 from arrowinfer.server import Server
+from arrowinfer.server._v2tensors import InferAnswer
 from arrowinfer.tensors import Ragged, to_numpy
 
 WAIT = 30.0  # seconds any one answer may take: bounds every test, never a sleep
@@ -644,3 +647,56 @@ def test_a_port_in_use_is_an_error(example_repository: Path, server: Server) -> 
             models=[],
         )
     assert server.core.ready  # the running server is undisturbed
+
+
+# -- the inference answer's own serialization ----------------------------------------------
+
+_text = st.text(max_size=20)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    name=_text,
+    version=_text,
+    request_id=_text,
+    params=st.dictionaries(_text, st.integers(-(2**63), 2**63 - 1), max_size=3),
+    payloads=st.lists(st.binary(max_size=300), max_size=4),
+)
+def test_infer_answer_serializes_as_protobuf_does(
+    name: str, version: str, request_id: str, params: dict[str, int], payloads: list[bytes]
+) -> None:
+    """InferAnswer writes raw_output_contents after the message's other fields: the bytes
+    are protobuf's own serialization of the whole message, alone and inside a stream's
+    response (length prefixes of every size: payloads up to 300 bytes cross one byte of
+    varint)."""
+    message = pb.ModelInferResponse(model_name=name, model_version=version, id=request_id)
+    for key, value in params.items():
+        message.parameters[key].int64_param = value
+    for i, _ in enumerate(payloads):
+        message.outputs.add(name=f"out{i}", datatype="UINT8", shape=[1])
+    whole = pb.ModelInferResponse()
+    whole.CopyFrom(message)
+    whole.raw_output_contents.extend(payloads)
+    answer = InferAnswer(message, [memoryview(p) for p in payloads])
+    assert pb.ModelInferResponse.FromString(answer.serialize()) == whole
+    if len(params) < 2:  # a map's entries may be written in any order
+        assert answer.serialize() == whole.SerializeToString()
+    in_stream = pb.ModelStreamInferResponse.FromString(answer.serialize_in_stream())
+    assert in_stream == pb.ModelStreamInferResponse(infer_response=whole)
+
+
+def test_a_large_output_round_trips_through_the_answer(triton: tg.InferenceServerClient) -> None:
+    """A 4 MB output (a varint of several bytes), unary and streamed, equals the input."""
+    x = rng.normal(size=(1024, 1024)).astype(np.float32)
+    tensor = tg.InferInput("INPUT0", list(x.shape), "FP32")
+    tensor.set_data_from_numpy(x)
+    assert triton.infer("identity", [tensor]).as_numpy("OUTPUT0").tobytes() == x.tobytes()
+    answers: queue.SimpleQueue[Any] = queue.SimpleQueue()
+    triton.start_stream(callback=lambda result, error: answers.put((result, error)))
+    try:
+        triton.async_stream_infer("identity", [tensor])
+        result, error = answers.get(timeout=WAIT)
+    finally:
+        triton.stop_stream()
+    assert error is None
+    assert result.as_numpy("OUTPUT0").tobytes() == x.tobytes()

@@ -93,6 +93,7 @@ from ._auth import ModelControl
 from ._core import InferenceCore, unexpected
 from ._ordered import MAX_PENDING, MAX_PENDING_BYTES
 from ._v2memory import CUDA_UNSUPPORTED, Peer, SystemRegions
+from ._v2tensors import InferAnswer
 
 __all__ = ["MAX_MESSAGE_BYTES", "KServeService", "start_kserve", "status_of"]
 
@@ -151,8 +152,8 @@ def _unary(method: _Method) -> _Method:
 class KServeService(service_pb2_grpc.GRPCInferenceServiceServicer):
     """Serves an :class:`InferenceCore` over the KServe v2 gRPC protocol.
 
-    Register it with ``service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server``, or
-    use :func:`start_kserve`.
+    Register it with :func:`add_to_server` (its inference answers need their own
+    serializers), or use :func:`start_kserve`.
     """
 
     def __init__(
@@ -318,11 +319,11 @@ class KServeService(service_pb2_grpc.GRPCInferenceServiceServicer):
             inline=inline,
         )
 
-    def _result(self, pending: _v2.Pending, context: Any) -> pb.ModelInferResponse:
+    def _result(self, pending: _v2.Pending, context: Any) -> InferAnswer:
         return _v2.wait_result(pending, regions=self.regions, peer=self._peer(context))
 
     @_unary
-    def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
+    def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> InferAnswer:
         # the handler thread only waits for the result: it may as well run the model
         pending = self._submit(request, context, inline=True)
         context.add_callback(pending.future.cancel)  # a request nobody waits for is dropped
@@ -330,8 +331,9 @@ class KServeService(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     def ModelStreamInfer(
         self, request_iterator: Iterable[pb.ModelInferRequest], context: Any
-    ) -> Iterator[pb.ModelStreamInferResponse]:
-        """Pipelined: requests are read and queued while earlier ones run; answers in order."""
+    ) -> Iterator[pb.ModelStreamInferResponse | InferAnswer]:
+        """Pipelined: requests are read and queued while earlier ones run; answers in order
+        (an answer without an error as an :class:`InferAnswer`, see :func:`add_to_server`)."""
         # back-pressure: at most MAX_PENDING requests (MAX_PENDING_BYTES of their data) whose
         # responses are not sent yet; beyond that the stream is not read, and a client that
         # does not read its responses is stopped by gRPC's flow control
@@ -377,12 +379,11 @@ class KServeService(service_pb2_grpc.GRPCInferenceServiceServicer):
         reader.start()
         while (entry := pending.get()) is not None:
             request, outcome, size = entry
+            response: pb.ModelStreamInferResponse | InferAnswer
             try:
                 if isinstance(outcome, Exception):
                     raise outcome
-                response = pb.ModelStreamInferResponse(
-                    infer_response=self._result(outcome, context)
-                )
+                response = self._result(outcome, context)
             except Exception as err:  # noqa: BLE001 -- the stream's error_message, as Triton
                 err = _public(err, "ModelStreamInfer")
                 response = pb.ModelStreamInferResponse(
@@ -400,6 +401,47 @@ class KServeService(service_pb2_grpc.GRPCInferenceServiceServicer):
                 held[1] -= size
                 room.notify_all()
         reader.join()
+
+
+#: The service's one streaming RPC (grpc_service.proto); every other one is unary.
+_STREAMING = "ModelStreamInfer"
+
+
+def _serialize_stream(response: pb.ModelStreamInferResponse | InferAnswer) -> bytes:
+    if isinstance(response, InferAnswer):
+        return response.serialize_in_stream()
+    return response.SerializeToString()
+
+
+def add_to_server(servicer: KServeService, server: grpc.Server) -> None:
+    """Register ``servicer`` as ``inference.GRPCInferenceService`` on ``server``.
+
+    As ``service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server`` does, except that the
+    inference RPCs serialize their :class:`InferAnswer` themselves (outputs written
+    without protobuf's copies).
+    """
+    service = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+    handlers = {}
+    for method in service.methods:
+        request = getattr(pb, method.input_type.name)
+        response = getattr(pb, method.output_type.name)
+        behavior = getattr(servicer, method.name)
+        if method.name == _STREAMING:
+            handlers[method.name] = grpc.stream_stream_rpc_method_handler(
+                behavior,
+                request_deserializer=request.FromString,
+                response_serializer=_serialize_stream,
+            )
+        else:
+            serialize = InferAnswer.serialize if method.name == "ModelInfer" else None
+            handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+                behavior,
+                request_deserializer=request.FromString,
+                response_serializer=serialize or response.SerializeToString,
+            )
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(service.full_name, handlers),)
+    )
 
 
 def start_kserve(
@@ -464,7 +506,7 @@ def start_kserve(
         interceptors=list(interceptors),
     )
     servicer = KServeService(core, model_control, regions)
-    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
+    add_to_server(servicer, server)
     address = f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
     try:
         if tls is None:

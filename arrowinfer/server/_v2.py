@@ -21,7 +21,7 @@ from ..errors import InvalidInput, ServerUnavailable, Timeout
 from ..schema import TensorSpec
 from ._core import InferenceCore, LoadedModel
 from ._v2memory import NO_PEER, Peer, SystemRegions
-from ._v2tensors import infer_response, request_batch, requested_outputs
+from ._v2tensors import InferAnswer, infer_response, request_batch, requested_outputs
 
 __all__ = [
     "EXTENSIONS",
@@ -158,8 +158,9 @@ def _timed_out(pending: Pending) -> Timeout:
 
 def wait_result(
     pending: Pending, *, regions: SystemRegions | None = None, peer: Peer = NO_PEER
-) -> pb.ModelInferResponse:
-    """Block for a request's result; its response (outputs in regions written there).
+) -> InferAnswer:
+    """Block for a request's result; its response, the raw outputs kept apart until it is
+    serialized (outputs in regions written there).
 
     Raises
     ------
@@ -174,9 +175,17 @@ def wait_result(
         raise _timed_out(pending) from None
     except CancelledError:  # the client went away before its batch ran
         raise ServerUnavailable("the request was cancelled") from None
-    return infer_response(
-        pending.model.version, pending.request, pending.outputs, done, regions=regions, peer=peer
+    payloads: list[bytes | memoryview] = []
+    message = infer_response(
+        pending.model.version,
+        pending.request,
+        pending.outputs,
+        done,
+        regions=regions,
+        peer=peer,
+        payloads=payloads,
     )
+    return InferAnswer(message, payloads)
 
 
 async def wait_result_async(

@@ -509,6 +509,48 @@ def _classified(array: np.ndarray, count: int, labels: tuple[str, ...]) -> list[
     return out
 
 
+def _varint(value: int) -> bytes:
+    """A protobuf base-128 varint (little-endian groups of 7 bits)."""
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+#: The key of ``raw_output_contents`` (field 6, length-delimited) and of a
+#: ``ModelStreamInferResponse``'s ``infer_response`` (field 2): grpc_service.proto.
+_RAW_OUTPUT_KEY = b"\x32"
+_STREAM_RESPONSE_KEY = b"\x12"
+
+
+class InferAnswer(NamedTuple):
+    """A ``ModelInferResponse`` whose ``raw_output_contents`` are kept out of the message
+    until it is serialized, as views of the outputs.
+
+    protobuf's serializer copies a large bytes field several times (upb: 6.4 ms for one
+    4 MB output, against 0.4 ms for a join); here they are written after the message's
+    other fields, which protobuf's wire format allows (fields in any order, repeated ones
+    appended): the bytes equal ``SerializeToString`` of the full message
+    (``tests/test_kserve.py``).
+    """
+
+    message: pb.ModelInferResponse
+    payloads: list[bytes | memoryview]
+
+    def serialize(self) -> bytes:
+        parts: list[bytes | memoryview] = [self.message.SerializeToString()]
+        for payload in self.payloads:
+            parts += [_RAW_OUTPUT_KEY, _varint(len(payload)), payload]
+        return b"".join(parts)
+
+    def serialize_in_stream(self) -> bytes:
+        """As the ``infer_response`` of a ``ModelStreamInferResponse`` without an error."""
+        inner = self.serialize()
+        return b"".join([_STREAM_RESPONSE_KEY, _varint(len(inner)), inner])
+
+
 def _bytes_tensor(items: list[bytes]) -> bytes:
     """KServe's raw BYTES contents: each element a 4-byte little-endian length, then its bytes."""
     return b"".join(len(item).to_bytes(4, "little") + item for item in items)
