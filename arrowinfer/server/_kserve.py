@@ -365,7 +365,8 @@ class KServeService(service_pb2_grpc.GRPCInferenceServiceServicer):
                         )
                     except Exception as err:  # noqa: BLE001 -- answered in its response
                         item = err
-                    size = sum(len(raw) for raw in request.raw_input_contents)
+                    # (not len(raw_input_contents): protobuf copies each on access)
+                    size = item.nbytes if isinstance(item, _v2.Pending) else 0
                     with room:
                         held[0] += 1
                         held[1] += size

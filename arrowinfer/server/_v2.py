@@ -82,6 +82,7 @@ class Pending(NamedTuple):
     outputs: list[TensorSpec]
     future: Future[Completed]
     timeout: float | None
+    nbytes: int  # the request's Arrow data, for back-pressure
 
 
 def _timeout(remaining: float | None) -> float | None:
@@ -146,7 +147,7 @@ def submit(
         timeout_us=_int_parameter(request, "timeout"),
         inline=inline,
     )
-    return Pending(request, model, outputs, future, _timeout(remaining))
+    return Pending(request, model, outputs, future, _timeout(remaining), batch.nbytes)
 
 
 def _timed_out(pending: Pending) -> Timeout:
