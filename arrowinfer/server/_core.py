@@ -118,6 +118,8 @@ def _warm_up(version: ModelVersion, backends: list[Any]) -> None:
             except Exception as err:  # noqa: BLE001 -- logged; the model still serves
                 log.warning("model %s: warm-up with zeros failed: %s", version.name, err)
                 break
+            finally:
+                backend.take_counters()  # the warm-up's work (copies, say) is no request's
         return
     for backend in backends:
         for name, runs, batch in samples:
@@ -129,6 +131,8 @@ def _warm_up(version: ModelVersion, backends: list[Any]) -> None:
                     raise ModelError(
                         f"model {version.name!r}: warmup sample {name!r} failed: {err}"
                     ) from err
+                finally:
+                    backend.take_counters()
     if samples:
         log.info("model %s: %d warmup sample(s) run", version.name, len(samples))
 
