@@ -29,29 +29,50 @@ _END = b"\xff\xff\xff\xff\x00\x00\x00\x00"  # end-of-stream: continuation, lengt
 _PARALLEL_COPY = 1 << 20
 
 
-class Encoded:
-    """A batch ready to be written as an IPC stream: :attr:`size` bytes, then :meth:`write`."""
+def _body_start(message: pa.Buffer) -> int:
+    """Where an IPC message's body starts in it: after the continuation marker, the
+    metadata's length (4 bytes each, little-endian) and the metadata (padding included)."""
+    return 8 + int.from_bytes(message.slice(4, 4).to_pybytes(), "little")
 
-    __slots__ = ("_batch", "_parts", "size")
+
+class Encoded:
+    """A batch ready to be written as an IPC stream: :attr:`size` bytes, then :meth:`write`.
+
+    :attr:`body_offset` is where the record batch's body starts in the stream (None when
+    not known): a writer that places the stream so that the body lands at a multiple of
+    64 bytes lets the reader hand its buffers to onnxruntime without an alignment copy.
+    """
+
+    __slots__ = ("_batch", "_parts", "body_offset", "size")
 
     def __init__(self, batch: pa.RecordBatch):
         self._batch = batch
         self._parts: tuple[Any, ...] | None = None
+        schema = batch.schema.serialize()
+        self.body_offset: int | None
         if batch.nbytes <= SMALL_BATCH:
-            self._parts = (batch.schema.serialize(), batch.serialize(), _END)
-            self.size: int = sum(len(p) if isinstance(p, bytes) else p.size for p in self._parts)
+            message = batch.serialize()
+            self._parts = (schema, message, _END)
+            self.size: int = schema.size + message.size + len(_END)
+            self.body_offset = schema.size + _body_start(message)
         else:  # what new_stream writes: schema message, batch message, end marker
-            size = batch.schema.serialize().size + pa.ipc.get_record_batch_size(batch)
-            self.size = int(size) + len(_END)
+            self.size = schema.size + int(pa.ipc.get_record_batch_size(batch)) + len(_END)
+            # the metadata's size does not depend on the lengths (flatbuffers' integers are
+            # fixed-width) once the batch length is not 0, which flatbuffers would omit
+            self.body_offset = (
+                schema.size + _body_start(batch.slice(0, 1).serialize()) if batch.num_rows else None
+            )
 
-    def write(self, view: pa.Buffer, *, threads: int = 1) -> int:
-        """Write the stream at the start of the mutable ``view``; its length in bytes.
+    def write(self, view: pa.Buffer, *, start: int = 0, threads: int = 1) -> int:
+        """Write the stream at byte ``start`` of the mutable ``view``; its length in bytes.
 
         ``threads`` > 1 copies a large batch's buffers with that many threads.
         """
-        if self.size > view.size:
-            raise ValueError(f"{self.size} bytes do not fit in {view.size}")
+        if start + self.size > view.size:
+            raise ValueError(f"{self.size} bytes do not fit in {view.size - start}")
+        # (pyarrow's slices of a buffer are never mutable, and its writers do not seek)
         sink = pa.FixedSizeBufferWriter(view)
+        sink.write(bytes(start))
         if self._parts is not None:
             for part in self._parts:
                 sink.write(part)
@@ -60,7 +81,7 @@ class Encoded:
                 sink.set_memcopy_threads(threads)
             with pa.ipc.new_stream(sink, self._batch.schema) as writer:
                 writer.write_batch(self._batch)
-        return int(sink.tell())
+        return int(sink.tell()) - start
 
 
 def encode(batch: pa.RecordBatch) -> Encoded:

@@ -283,6 +283,21 @@ def test_auto_falls_back_when_nothing_listens(tmp_path: Path) -> None:
 # -- correctness -----------------------------------------------------------------------------
 
 
+def test_requests_reach_onnxruntime_without_an_alignment_copy(shm_server: Server) -> None:
+    """The client places each stream so that its batch body lies at a multiple of 64 bytes
+    of the region, and the server reads it in the same phase: onnxruntime takes the input
+    as it is (the model's `alignment_copies` do not grow), small batches (serialized
+    first) and large ones (streamed into the region) alike."""
+    statistics = shm_server.core.get("identity").statistics
+    before = statistics.as_dict()["arrowinfer"]["alignment_copies"]
+    with shm_client(shm_server) as shm:
+        for rows in (1, 3, 64, 100, 1024):  # 4 KiB ... 4 MiB: both sides of SMALL_BATCH
+            data = payload(rows, seed=rows)
+            result = shm.infer("identity", {"INPUT0": data})
+            assert tensors.to_numpy(result.column("OUTPUT0")).tobytes() == data.tobytes()
+    assert statistics.as_dict()["arrowinfer"]["alignment_copies"] == before
+
+
 def test_results_equal_flight_bit_for_bit(shm_server: Server) -> None:
     with Client(shm_server.location) as flight_client, shm_client(shm_server) as shm:
         for model, data in requests():
