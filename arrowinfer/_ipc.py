@@ -83,6 +83,21 @@ class Encoded:
                 writer.write_batch(self._batch)
         return int(sink.tell()) - start
 
+    def write_file(self, file: Any) -> int:
+        """Write the stream to a Python file object (``write``, ``tell``); its length.
+
+        The batch's buffers reach ``file.write`` as they are (pyarrow buffers, no copy):
+        a file that writes them with ``pwrite`` copies each byte once, into the file.
+        """
+        sink = pa.PythonFile(file, mode="w")
+        if self._parts is not None:
+            for part in self._parts:
+                sink.write(part)
+        else:
+            with pa.ipc.new_stream(sink, self._batch.schema) as writer:
+                writer.write_batch(self._batch)
+        return int(file.tell())
+
 
 def encode(batch: pa.RecordBatch) -> Encoded:
     """Prepare ``batch`` to be written as an IPC stream (its exact size is known at once)."""

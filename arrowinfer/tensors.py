@@ -63,6 +63,13 @@ __all__ = [
     "variable_shape_tensor",
 ]
 
+#: The alignment (bytes) of every array handed to a model: Arrow's own buffer alignment.
+#: onnxruntime's CPU kernels take different vectorised paths (and so round differently)
+#: for differently aligned inputs; gRPC hands received buffers over at any address, so
+#: without this the same event could give other bits over Flight than in-process. Here,
+#: not in backends/, because clients place what they send at it too (shared memory).
+ALIGNMENT = 64
+
 Column: TypeAlias = pa.Array | pa.ChunkedArray
 
 

@@ -6,9 +6,13 @@ malformed stream here must end in an Arrow error (or StopIteration), never a wro
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import pyarrow as pa
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from arrowinfer import tensors
 from arrowinfer._ipc import SMALL_BATCH, SchemaCache, encode, read_stream
@@ -43,6 +47,28 @@ def test_encoded_stream_is_new_streams_bytes_and_reads_back_in_place(rows: int) 
         assert got.equals(batch)
         values = tensors.to_numpy(got.column("x"))
         assert np.shares_memory(values, np.frombuffer(memory, np.uint8))  # no copy
+
+
+@settings(max_examples=40, deadline=None)
+@given(rows=st.integers(1, 2 * SMALL_BATCH // 64), start=st.integers(0, 63))
+def test_every_way_of_writing_gives_new_streams_bytes_and_the_body_offset(
+    rows: int, start: int
+) -> None:
+    """``write`` at any start and ``write_file`` give the bytes ``new_stream`` writes, and
+    ``body_offset`` is where the first buffer of the batch's body (``x``'s values) begins,
+    serialized (small) or streamed (large) alike."""
+    batch = batch_of(rows, seed=rows)
+    expected = stream_of(batch).to_pybytes()
+    encoded = encode(batch)
+    memory = pa.allocate_buffer(start + encoded.size, resizable=False)
+    length = encoded.write(pa.py_buffer(memoryview(memory).cast("B")), start=start)
+    assert memory.slice(start, length).to_pybytes() == expected
+    file = io.BytesIO()
+    assert encoded.write_file(file) == len(expected)
+    assert file.getvalue() == expected
+    assert encoded.body_offset is not None
+    values = tensors.to_numpy(batch.column("x")).tobytes()
+    assert expected[encoded.body_offset : encoded.body_offset + len(values)] == values
 
 
 def test_a_schema_is_parsed_once_per_distinct_message() -> None:

@@ -24,6 +24,7 @@ import pyarrow as pa
 from .. import tensors
 from ..errors import ServerError
 from ..repository import ModelVersion
+from ..tensors import ALIGNMENT
 
 __all__ = [
     "ALIGNMENT",
@@ -35,12 +36,6 @@ __all__ = [
     "check_batch_dimension",
     "truncation",
 ]
-
-#: The alignment (bytes) of every array handed to a model: Arrow's own buffer alignment.
-#: onnxruntime's CPU kernels take different vectorised paths (and so round differently)
-#: for differently aligned inputs; gRPC hands received buffers over at any address, so
-#: without this the same event could give other bits over Flight than in-process.
-ALIGNMENT = 64
 
 
 class Timings(NamedTuple):

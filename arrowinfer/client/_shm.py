@@ -65,9 +65,9 @@ import pyarrow as pa
 from pyarrow import flight
 
 from .._ipc import SchemaCache, encode, read_stream
-from ..backends.base import ALIGNMENT
 from ..errors import ArrowInferError, ServerUnavailable, Timeout, TransportError
 from ..protocol import SHM_DESCRIPTOR, dump_json, is_loopback_host, result_metadata, shm_descriptor
+from ..tensors import ALIGNMENT
 from ._stream import OrderedStream, Reply
 from ._transport import (
     FLIGHT_OPTIONS,

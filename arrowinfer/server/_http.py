@@ -62,10 +62,10 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from tritonclient.grpc import service_pb2 as pb
 
-from ..backends.base import ALIGNMENT
 from ..errors import ArrowInferError, InvalidInput, Unsupported, grpc_status
 from ..protocol import parse_json
 from ..schema import datatype
+from ..tensors import ALIGNMENT
 from . import _v2
 from ._auth import ModelControl, TokenCheck
 from ._core import MAX_REQUEST_BYTES, InferenceCore

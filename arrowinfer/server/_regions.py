@@ -21,8 +21,8 @@ from typing import Any
 import pyarrow as pa
 
 from .._ipc import SchemaCache, encode
-from ..backends.base import ALIGNMENT
 from ..errors import InvalidInput
+from ..tensors import ALIGNMENT
 from ._peers import SHM_DIR, open_region
 
 __all__ = [
@@ -158,22 +158,6 @@ class Region:
             done += got
         return whole.slice(skip, length)
 
-    def write(self, offset: int, data: pa.Buffer) -> None:
-        """Write ``data`` at ``offset`` (checked by :meth:`check` before).
-
-        Raises
-        ------
-        InvalidInput
-            The region was unregistered.
-        """
-        fd = self._descriptor()
-        view = memoryview(data)
-        done = 0
-        while done < len(view):
-            done += os.pwrite(fd, view[done:], offset + done)
-        # a file that shrank grows again by a pwrite past its end: nothing is lost but the
-        # client's own memory, and the server never touches an unmapped page
-
     def acquire(self) -> None:
         """A request uses the region: it stays open until :meth:`release`."""
         with self._lock:
@@ -210,6 +194,9 @@ class Region:
     def write_result(self, offset: int, size: int, batch: pa.RecordBatch) -> int:
         """Write ``batch`` as an IPC stream at ``offset``, within ``size`` bytes; its length.
 
+        The stream goes from the result's buffers into the file with ``pwrite``: one copy,
+        no staging buffer.
+
         Raises
         ------
         OutputTooSmall
@@ -218,10 +205,44 @@ class Region:
         encoded = encode(batch)
         if encoded.size > size:
             raise OutputTooSmall(encoded.size, size)
-        staging = pa.allocate_buffer(encoded.size)
-        length = encoded.write(staging, threads=_COPY_THREADS)
-        self.write(offset, staging.slice(0, length))
-        return length
+        return encoded.write_file(_FileAt(self._descriptor(), offset, encoded.size))
+
+
+class _FileAt:
+    """A write-only file over a descriptor from ``offset`` on, at most ``limit`` bytes.
+
+    Writes with ``pwrite``: the descriptor's own position is shared by every request on the
+    region and is never moved. A file that shrank grows again by a write past its end:
+    nothing is lost but the client's own memory, and the server touches no mapped page.
+    """
+
+    closed = False
+
+    def __init__(self, fd: int, offset: int, limit: int):
+        self._fd, self._offset, self._limit, self._written = fd, offset, limit, 0
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")  # bytes, whatever the exporter's format
+        size = len(view)
+        if self._written + size > self._limit:  # Arrow wrote more than it measured
+            raise OutputTooSmall(self._written + size, self._limit)
+        done = 0
+        while done < size:
+            done += os.pwrite(self._fd, view[done:], self._offset + self._written + done)
+        self._written += size
+        return size
+
+    def tell(self) -> int:
+        return self._written
+
+    def writable(self) -> bool:
+        return True
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self.closed = True
 
 
 _RECORD_BATCH = 3  # the MessageHeader union's tag of a RecordBatch (Arrow's Message.fbs)
