@@ -70,6 +70,7 @@ from . import _v2
 from ._auth import ModelControl, TokenCheck
 from ._core import MAX_REQUEST_BYTES, InferenceCore
 from ._v2memory import CUDA_UNSUPPORTED, NO_PEER, Peer, SystemRegions
+from ._v2tensors import InferAnswer
 
 __all__ = ["DEFAULT_MAX_REQUEST_BYTES", "HTTP_STATUS", "HttpServer", "start_http"]
 
@@ -416,15 +417,15 @@ def _strings(raw: bytes) -> list[str]:
 
 
 def infer_answer(
-    response: pb.ModelInferResponse, payloads: list[bytes | memoryview], binary: BinaryOutputs
+    answer: InferAnswer, binary: BinaryOutputs
 ) -> tuple[list[bytes | memoryview], int | None]:
-    """The HTTP body of a response: JSON header, then the binary outputs; header length.
+    """The HTTP body of an answer: JSON header, then the binary outputs; header length.
 
-    ``payloads`` are the outputs' raw data, one per output of ``response`` (empty for one
-    in shared memory). The body is returned as its parts, the outputs as they are (views:
-    they are written to the socket, not joined). The length is None when no output is
-    binary (the body is the JSON alone).
+    The body is returned as its parts, the outputs as they are (views: they are written to
+    the socket, not joined). The length is None when no output is binary (the body is the
+    JSON alone).
     """
+    response, payloads = answer
     header: dict[str, Any] = {
         "model_name": response.model_name,
         "model_version": response.model_version,
@@ -608,11 +609,8 @@ class _Api:
         pending = _v2.submit(
             self.core, grpc_request, None, regions=self.regions, peer=peer, raw=raw
         )
-        payloads: list[bytes | memoryview] = []
-        response = await _v2.wait_result_async(
-            pending, regions=self.regions, peer=peer, payloads=payloads
-        )
-        parts, header_length = infer_answer(response, payloads, binary)
+        answer = await _v2.wait_result_async(pending, regions=self.regions, peer=peer)
+        parts, header_length = infer_answer(answer, binary)
         headers: dict[str, str] = {}
         if header_length is not None:
             headers[_HEADER_LENGTH] = str(header_length)

@@ -160,8 +160,7 @@ def _timed_out(pending: Pending) -> Timeout:
 def wait_result(
     pending: Pending, *, regions: SystemRegions | None = None, peer: Peer = NO_PEER
 ) -> InferAnswer:
-    """Block for a request's result; its response, the raw outputs kept apart until it is
-    serialized (outputs in regions written there).
+    """Block for a request's result; its answer (outputs in regions written there).
 
     Raises
     ------
@@ -176,31 +175,15 @@ def wait_result(
         raise _timed_out(pending) from None
     except CancelledError:  # the client went away before its batch ran
         raise ServerUnavailable("the request was cancelled") from None
-    payloads: list[bytes | memoryview] = []
-    message = infer_response(
-        pending.model.version,
-        pending.request,
-        pending.outputs,
-        done,
-        regions=regions,
-        peer=peer,
-        payloads=payloads,
-    )
-    return InferAnswer(message, payloads)
+    return _answer(pending, done, regions, peer)
 
 
 async def wait_result_async(
-    pending: Pending,
-    *,
-    regions: SystemRegions | None = None,
-    peer: Peer = NO_PEER,
-    payloads: list[bytes | memoryview] | None = None,
-) -> pb.ModelInferResponse:
+    pending: Pending, *, regions: SystemRegions | None = None, peer: Peer = NO_PEER
+) -> InferAnswer:
     """:func:`wait_result` for an event loop: waits without holding a thread.
 
     If the waiting task is cancelled (the client went away), so is the request.
-    ``payloads``: takes the raw outputs instead of the response (see
-    :func:`infer_response`).
     """
     future = asyncio.wrap_future(pending.future)
     try:
@@ -212,12 +195,11 @@ async def wait_result_async(
         raise _timed_out(pending)
     if future.cancelled():
         raise ServerUnavailable("the request was cancelled")
-    return infer_response(
-        pending.model.version,
-        pending.request,
-        pending.outputs,
-        future.result(),
-        regions=regions,
-        peer=peer,
-        payloads=payloads,
-    )
+    return _answer(pending, future.result(), regions, peer)
+
+
+def _answer(
+    pending: Pending, done: Completed, regions: SystemRegions | None, peer: Peer
+) -> InferAnswer:
+    version, request, outputs = pending.model.version, pending.request, pending.outputs
+    return infer_response(version, request, outputs, done, regions=regions, peer=peer)

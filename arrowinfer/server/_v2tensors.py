@@ -26,7 +26,14 @@ from ..schema import TensorSpec, datatype, tensor_specs, to_column
 from ..tensors import Ragged, layout, ragged_to_numpy, to_numpy
 from ._v2memory import NO_PEER, Peer, SystemRegions
 
-__all__ = ["SPLIT_PARAMETER", "infer_response", "input_array", "request_batch", "requested_outputs"]
+__all__ = [
+    "SPLIT_PARAMETER",
+    "InferAnswer",
+    "infer_response",
+    "input_array",
+    "request_batch",
+    "requested_outputs",
+]
 
 #: The typed ``InferTensorContents`` field of each KServe datatype, and its numpy type.
 _CONTENTS: dict[str, tuple[str, np.dtype]] = {
@@ -571,29 +578,24 @@ def _output_array(column: pa.Array | pa.ChunkedArray, name: str, model: str) -> 
 
 
 def _place_output(
-    response: pb.ModelInferResponse,
     tensor: pb.ModelInferResponse.InferOutputTensor,
     payload: bytes | memoryview,
     params: Any,
     regions: SystemRegions | None,
     peer: Peer,
     version: ModelVersion,
-    payloads: list[bytes | memoryview] | None,
-) -> None:
-    """An output's bytes into ``raw_output_contents`` (or ``payloads``, when given), or
-    into its shared-memory place.
+) -> bytes | memoryview:
+    """An output's raw data for the response, or written into its shared-memory place
+    (then ``b""``, which keeps the raw outputs in step with the outputs).
 
     Raises
     ------
     InvalidInput
         The output does not fit its place.
     """
-    raw = response.raw_output_contents if payloads is None else payloads
     place = shm_place(params or {}, regions, model=version.name, tensor=tensor.name)
     if place is None:
-        # protobuf needs bytes (a copy); a payloads list takes the view
-        raw.append(payload if payloads is not None else bytes(payload))
-        return
+        return payload
     size = len(payload)
     if size > place.byte_size:
         raise InvalidInput(
@@ -610,7 +612,7 @@ def _place_output(
     tensor.parameters["shared_memory_byte_size"].int64_param = size
     if place.offset:
         tensor.parameters["shared_memory_offset"].int64_param = place.offset
-    raw.append(b"")  # keeps the entries aligned with outputs
+    return b""
 
 
 def infer_response(
@@ -621,18 +623,16 @@ def infer_response(
     *,
     regions: SystemRegions | None = None,
     peer: Peer = NO_PEER,
-    payloads: list[bytes | memoryview] | None = None,
-) -> pb.ModelInferResponse:
+) -> InferAnswer:
     """The response to ``request``: the ``outputs`` of ``done.batch`` as raw tensors.
 
     Each output has shape ``[batch, *dims]`` (a non-batching model: ``dims``) in
-    ``raw_output_contents``; the server-side times and the provenance (``model``,
+    ``raw_output_contents`` (kept apart, as views of the outputs, until the answer is
+    serialized: :class:`InferAnswer`); the server-side times and the provenance (``model``,
     ``model_version``, ``model_sha256``, ``execution_provider``) go in ``parameters``. An
     output the request placed in system shared memory is written there; its
     ``raw_output_contents`` entry is empty and its parameters say where it lies
     (``shared_memory_region``, ``shared_memory_byte_size``, ``shared_memory_offset``).
-    With ``payloads``, the raw outputs are appended there instead, as views of the
-    outputs (HTTP writes them into its body: no protobuf copy).
 
     Raises
     ------
@@ -646,6 +646,7 @@ def infer_response(
     batching = version.max_batch_size > 0
     params = {r.name: r.parameters for r in request.outputs}
     classes = {o.name: _class_count(o, version.name) for o in request.outputs}
+    payloads: list[bytes | memoryview] = []
     for spec in outputs:
         array = _output_array(done.batch.column(spec.name), spec.name, version.name)
         if classes.get(spec.name):
@@ -653,15 +654,9 @@ def infer_response(
             per_row = len(items) // max(len(array), 1)
             shape = [len(array), per_row] if batching else [per_row]
             tensor = response.outputs.add(name=spec.name, datatype="BYTES", shape=shape)
-            _place_output(
-                response,
-                tensor,
-                _bytes_tensor(items),
-                params.get(spec.name),
-                regions,
-                peer,
-                version,
-                payloads,
+            payload: bytes | memoryview = _bytes_tensor(items)
+            payloads.append(
+                _place_output(tensor, payload, params.get(spec.name), regions, peer, version)
             )
             continue
         entry = spec.shape if all(d >= 0 for d in spec.shape) else array.shape[1:]
@@ -669,11 +664,11 @@ def infer_response(
         tensor = response.outputs.add(name=spec.name, datatype=spec.datatype.kserve, shape=shape)
         if array.dtype == object:  # strings: KServe's length-prefixed BYTES elements
             items = [v.encode() if isinstance(v, str) else bytes(v) for v in array.reshape(-1)]
-            payload: bytes | memoryview = _bytes_tensor(items)
+            payload = _bytes_tensor(items)
         else:
             payload = np.ascontiguousarray(array).view(np.uint8).reshape(-1).data
-        _place_output(
-            response, tensor, payload, params.get(spec.name), regions, peer, version, payloads
+        payloads.append(
+            _place_output(tensor, payload, params.get(spec.name), regions, peer, version)
         )
     for key in SERVER_TIMES:
         response.parameters[key].int64_param = getattr(done, key)
@@ -682,4 +677,4 @@ def infer_response(
             response.parameters[key].int64_param = value
         else:
             response.parameters[key].string_param = str(value)
-    return response
+    return InferAnswer(response, payloads)
