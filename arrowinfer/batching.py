@@ -453,6 +453,7 @@ class DynamicBatcher:
         self.statistics.record_execution(rows, timings)
         end = time.perf_counter_ns()
         provenance = _provenance(self.model, backend)
+        finished = []
         for request, result in zip(live, results, strict=True):
             metadata = dict(provenance)
             entries, items = truncation(self.model, request.batch)
@@ -461,9 +462,12 @@ class DynamicBatcher:
                 metadata.update(cut)
                 counters.update(cut)
             done = Completed(result, start - request.enqueued_ns, *timings, metadata=metadata)
+            finished.append((request, done))
+        # counted before any result is given: whoever has a result sees it in the statistics
+        self.statistics.add_counters(counters)
+        for request, done in finished:
             self.statistics.record_request(True, end - request.enqueued_ns, done)
             request.future.set_result(done)
-        self.statistics.add_counters(counters)
 
     def empty(self) -> Completed:
         """The result of a request with no rows: no rows of the output schema, the model
