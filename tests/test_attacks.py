@@ -668,6 +668,40 @@ def test_model_control_poll_reloads_changed_models(tmp_path: Path) -> None:
         )
 
 
+def test_model_control_poll_survives_a_repository_unreadable_at_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A repository that cannot be read when the server starts (an OSError from the file
+    system, injected here) neither stops the start nor the polling: the first snapshot the
+    poller can take is where it starts from, and later changes reload as usual."""
+    from arrowinfer.examples import write_example_repository
+
+    repository = write_example_repository(tmp_path / "repo", models=["facile"])
+    snapshot = Server._snapshot
+    calls: list[int] = []
+
+    def unreadable_first(self: Server) -> Any:
+        calls.append(1)
+        if len(calls) == 1:
+            raise PermissionError("the repository cannot be read now")
+        return snapshot(self)
+
+    monkeypatch.setattr(Server, "_snapshot", unreadable_first)
+    with Server(
+        repository,
+        port=0,
+        kserve_port=None,
+        metrics_port=None,
+        model_control="poll",
+        repository_poll_secs=0.1,
+    ) as server:
+        wait_until(lambda: len(calls) >= 3, "two polls after the failed start")
+        before = server.core.get("facile")
+        config = repository / "facile" / "config.pbtxt"
+        config.write_text(config.read_text() + "\n# changed\n")
+        wait_until(lambda: server.core.get("facile") is not before, "facile reloaded")
+
+
 def wait_until(condition: Any, what: str) -> None:
     stop = threading.Event()
     for _ in range(int(WAIT * 20)):

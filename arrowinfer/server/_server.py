@@ -38,6 +38,9 @@ __all__ = ["ACTIONS", "Server"]
 
 log = logging.getLogger(__name__)
 
+#: Every model directory's files (path, mtime in ns, size); None: it could not be walked.
+_Snapshot = dict[str, tuple[tuple[str, int, int], ...] | None]
+
 #: Every Flight action of a :class:`Server`, with its description.
 ACTIONS: dict[str, str] = {**FLIGHT_ACTIONS, **SHM_ACTIONS}
 
@@ -241,9 +244,14 @@ class Server:
         if model_control == "poll":
             # The first snapshot is taken here, not in the thread: a change made right after
             # the constructor returns must be seen as a change.
+            try:
+                first: _Snapshot | None = self._snapshot()
+            except OSError:  # the repository cannot be read now: the poller takes it later
+                log.exception("repository poll")
+                first = None
             self._poller = threading.Thread(
                 target=self._poll,
-                args=(repository_poll_secs, self._snapshot()),
+                args=(repository_poll_secs, first),
                 name="repository-poll",
                 daemon=True,
             )
@@ -284,15 +292,20 @@ class Server:
                 return
             self._stop()
 
-    def _poll(
-        self, seconds: float, seen: dict[str, tuple[tuple[str, int, int], ...] | None]
-    ) -> None:
-        """``poll`` mode: reload models whose files changed, load new ones, unload gone ones."""
+    def _poll(self, seconds: float, seen: _Snapshot | None) -> None:
+        """``poll`` mode: reload models whose files changed, load new ones, unload gone ones.
+
+        ``seen`` is the repository when the server started (None: it could not be read;
+        then the first snapshot that can be is the starting point).
+        """
         while not self._stopped.wait(seconds):
             try:
                 now = self._snapshot()
             except OSError:  # the repository itself is being changed: look again later
                 log.exception("repository poll")
+                continue
+            if seen is None:
+                seen = now
                 continue
             for name in sorted(set(seen) | set(now)):
                 if name in now and now[name] is None:  # unreadable now: decide next time
@@ -309,7 +322,7 @@ class Server:
                     log.exception("repository poll: model %s", name)
             seen = now
 
-    def _snapshot(self) -> dict[str, tuple[tuple[str, int, int], ...] | None]:
+    def _snapshot(self) -> _Snapshot:
         """Every model directory's files with their modification times and sizes.
 
         None for a directory that could not be walked (it changed meanwhile).
