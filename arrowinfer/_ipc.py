@@ -29,39 +29,79 @@ _END = b"\xff\xff\xff\xff\x00\x00\x00\x00"  # end-of-stream: continuation, lengt
 _PARALLEL_COPY = 1 << 20
 
 
-def _body_start(message: pa.Buffer) -> int:
-    """Where an IPC message's body starts in it: after the continuation marker, the
-    metadata's length (4 bytes each, little-endian) and the metadata (padding included)."""
-    return 8 + int.from_bytes(message.slice(4, 4).to_pybytes(), "little")
+class _BodyFinder:
+    """A write-only file that keeps no data, only the 8 bytes written at ``at``: the start
+    of the stream's second message (the record batch), which say how long its metadata is.
+
+    The writer hands it the body's buffers as they are (no copy); they are only counted.
+    """
+
+    closed = False
+
+    def __init__(self, at: int):
+        self._at, self._written, self.prefix = at, 0, bytearray(8)
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        lo, hi = max(self._at, self._written), min(self._at + 8, self._written + len(view))
+        if lo < hi:
+            self.prefix[lo - self._at : hi - self._at] = view[
+                lo - self._written : hi - self._written
+            ]
+        self._written += len(view)
+        return len(view)
+
+    def tell(self) -> int:
+        return self._written
+
+    def writable(self) -> bool:
+        return True
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def _body_start(prefix: bytes | bytearray) -> int:
+    """Where an IPC message's body starts in it, from its first 8 bytes: the continuation
+    marker, the metadata's length (little-endian, padding included); then the metadata."""
+    return 8 + int.from_bytes(prefix[4:8], "little")
 
 
 class Encoded:
-    """A batch ready to be written as an IPC stream: :attr:`size` bytes, then :meth:`write`.
+    """A batch ready to be written as an IPC stream: :attr:`size` bytes, then :meth:`write`."""
 
-    :attr:`body_offset` is where the record batch's body starts in the stream (None when
-    not known): a writer that places the stream so that the body lands at a multiple of
-    64 bytes lets the reader hand its buffers to onnxruntime without an alignment copy.
-    """
-
-    __slots__ = ("_batch", "_parts", "body_offset", "size")
+    __slots__ = ("_batch", "_body_offset", "_parts", "_schema_size", "size")
 
     def __init__(self, batch: pa.RecordBatch):
         self._batch = batch
         self._parts: tuple[Any, ...] | None = None
+        self._body_offset: int | None = None
         schema = batch.schema.serialize()
-        self.body_offset: int | None
+        self._schema_size = schema.size
         if batch.nbytes <= SMALL_BATCH:
-            message = batch.serialize()
-            self._parts = (schema, message, _END)
-            self.size: int = schema.size + message.size + len(_END)
-            self.body_offset = schema.size + _body_start(message)
+            self._parts = (schema, batch.serialize(), _END)
+            self.size: int = sum(len(p) if isinstance(p, bytes) else p.size for p in self._parts)
         else:  # what new_stream writes: schema message, batch message, end marker
             self.size = schema.size + int(pa.ipc.get_record_batch_size(batch)) + len(_END)
-            # the metadata's size does not depend on the lengths (flatbuffers' integers are
-            # fixed-width) once the batch length is not 0, which flatbuffers would omit
-            self.body_offset = (
-                schema.size + _body_start(batch.slice(0, 1).serialize()) if batch.num_rows else None
-            )
+
+    @property
+    def body_offset(self) -> int:
+        """Where the record batch's body starts in the stream: a writer that places the
+        stream so that the body lands at a multiple of 64 bytes lets the reader hand its
+        buffers to onnxruntime without an alignment copy. (A large batch is streamed
+        through a writer that keeps none of its data to learn it: a few microseconds.)"""
+        if self._body_offset is None:
+            if self._parts is not None:
+                prefix = self._parts[1].slice(0, 8).to_pybytes()
+            else:
+                finder = _BodyFinder(self._schema_size)
+                self.write_file(finder)
+                prefix = finder.prefix
+            self._body_offset = self._schema_size + _body_start(prefix)
+        return self._body_offset
 
     def write(self, view: pa.Buffer, *, start: int = 0, threads: int = 1) -> int:
         """Write the stream at byte ``start`` of the mutable ``view``; its length in bytes.

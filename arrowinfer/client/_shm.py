@@ -451,7 +451,7 @@ class ShmTransport:
         encoded = encode(batch)
         # the body at a multiple of 64 bytes of the region: the server reads it in the same
         # phase, and onnxruntime takes its buffers without an alignment copy
-        pad = -encoded.body_offset % ALIGNMENT if encoded.body_offset is not None else 0
+        pad = -encoded.body_offset % ALIGNMENT
         session = self._live_session()
         source = self._acquire(pad + encoded.size, session)
         try:
