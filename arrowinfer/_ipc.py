@@ -20,7 +20,7 @@ from typing import Any
 
 import pyarrow as pa
 
-__all__ = ["SMALL_BATCH", "Encoded", "SchemaCache", "encode", "read_stream"]
+__all__ = ["SMALL_BATCH", "Encoded", "SchemaCache", "WriteOnlyFile", "encode", "read_stream"]
 
 #: Batches up to this many bytes are serialized first, then copied (faster when small).
 SMALL_BATCH = 256 * 1024
@@ -29,27 +29,15 @@ _END = b"\xff\xff\xff\xff\x00\x00\x00\x00"  # end-of-stream: continuation, lengt
 _PARALLEL_COPY = 1 << 20
 
 
-class _BodyFinder:
-    """A write-only file that keeps no data, only the 8 bytes written at ``at``: the start
-    of the stream's second message (the record batch), which say how long its metadata is.
-
-    The writer hands it the body's buffers as they are (no copy); they are only counted.
-    """
+class WriteOnlyFile:
+    """What ``pyarrow.PythonFile`` needs of a file it writes to, around a ``write`` of the
+    subclass's own that counts what it took in ``_written``."""
 
     closed = False
-
-    def __init__(self, at: int):
-        self._at, self._written, self.prefix = at, 0, bytearray(8)
+    _written = 0
 
     def write(self, data: Any) -> int:
-        view = memoryview(data).cast("B")
-        lo, hi = max(self._at, self._written), min(self._at + 8, self._written + len(view))
-        if lo < hi:
-            self.prefix[lo - self._at : hi - self._at] = view[
-                lo - self._written : hi - self._written
-            ]
-        self._written += len(view)
-        return len(view)
+        raise NotImplementedError
 
     def tell(self) -> int:
         return self._written
@@ -62,6 +50,27 @@ class _BodyFinder:
 
     def close(self) -> None:
         self.closed = True
+
+
+class _BodyFinder(WriteOnlyFile):
+    """Keeps no data, only the 8 bytes written at ``at``: the start of the stream's second
+    message (the record batch), which say how long its metadata is.
+
+    The writer hands it the body's buffers as they are (no copy); they are only counted.
+    """
+
+    def __init__(self, at: int):
+        self._at, self.prefix = at, bytearray(8)
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        lo, hi = max(self._at, self._written), min(self._at + 8, self._written + len(view))
+        if lo < hi:
+            self.prefix[lo - self._at : hi - self._at] = view[
+                lo - self._written : hi - self._written
+            ]
+        self._written += len(view)
+        return len(view)
 
 
 def _body_start(prefix: bytes | bytearray) -> int:

@@ -637,24 +637,33 @@ def test_model_control_explicit_with_tokens_and_no_admin_list_refuses(
         assert "admin" in str(error)
 
 
-def test_model_control_poll_reloads_changed_models(tmp_path: Path) -> None:
-    from arrowinfer.errors import RequestError
-    from arrowinfer.examples import write_example_repository
-
-    repository = write_example_repository(tmp_path / "repo", models=["identity", "facile"])
-    with Server(
+def polling_server(repository: Path) -> Server:
+    return Server(
         repository,
         port=0,
         kserve_port=None,
         metrics_port=None,
         model_control="poll",
         repository_poll_secs=0.1,
-    ) as server:
+    )
+
+
+def change_and_wait_for_reload(server: Server, repository: Path) -> None:
+    """Change facile's config file; wait until the poller has loaded it anew."""
+    before = server.core.get("facile")
+    config = repository / "facile" / "config.pbtxt"
+    config.write_text(config.read_text() + "\n# changed\n")
+    wait_until(lambda: server.core.get("facile") is not before, "facile reloaded")
+
+
+def test_model_control_poll_reloads_changed_models(tmp_path: Path) -> None:
+    from arrowinfer.errors import RequestError
+    from arrowinfer.examples import write_example_repository
+
+    repository = write_example_repository(tmp_path / "repo", models=["identity", "facile"])
+    with polling_server(repository) as server:
         with GoodClient(server.location) as beside:
-            before = server.core.get("facile")
-            config = repository / "facile" / "config.pbtxt"
-            config.write_text(config.read_text() + "\n# changed\n")
-            wait_until(lambda: server.core.get("facile") is not before, "facile reloaded")
+            change_and_wait_for_reload(server, repository)
             error = flight_action(server.location, "model.unload", {"model": "identity"})
             assert isinstance(error, RequestError)
             assert "'poll'" in str(error)
@@ -687,19 +696,9 @@ def test_model_control_poll_survives_a_repository_unreadable_at_start(
         return snapshot(self)
 
     monkeypatch.setattr(Server, "_snapshot", unreadable_first)
-    with Server(
-        repository,
-        port=0,
-        kserve_port=None,
-        metrics_port=None,
-        model_control="poll",
-        repository_poll_secs=0.1,
-    ) as server:
+    with polling_server(repository) as server:
         wait_until(lambda: len(calls) >= 3, "two polls after the failed start")
-        before = server.core.get("facile")
-        config = repository / "facile" / "config.pbtxt"
-        config.write_text(config.read_text() + "\n# changed\n")
-        wait_until(lambda: server.core.get("facile") is not before, "facile reloaded")
+        change_and_wait_for_reload(server, repository)
 
 
 def wait_until(condition: Any, what: str) -> None:

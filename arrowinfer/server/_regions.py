@@ -20,7 +20,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from .._ipc import SchemaCache, encode
+from .._ipc import SchemaCache, WriteOnlyFile, encode
 from ..errors import InvalidInput
 from ..tensors import ALIGNMENT
 from ._peers import SHM_DIR, open_region
@@ -208,7 +208,7 @@ class Region:
         return encoded.write_file(_FileAt(self._descriptor(), offset, encoded.size))
 
 
-class _FileAt:
+class _FileAt(WriteOnlyFile):
     """A write-only file over a descriptor from ``offset`` on, at most ``limit`` bytes.
 
     Writes with ``pwrite``: the descriptor's own position is shared by every request on the
@@ -216,10 +216,8 @@ class _FileAt:
     nothing is lost but the client's own memory, and the server touches no mapped page.
     """
 
-    closed = False
-
     def __init__(self, fd: int, offset: int, limit: int):
-        self._fd, self._offset, self._limit, self._written = fd, offset, limit, 0
+        self._fd, self._offset, self._limit = fd, offset, limit
 
     def write(self, data: Any) -> int:
         view = memoryview(data).cast("B")  # bytes, whatever the exporter's format
@@ -231,18 +229,6 @@ class _FileAt:
             done += os.pwrite(self._fd, view[done:], self._offset + self._written + done)
         self._written += size
         return size
-
-    def tell(self) -> int:
-        return self._written
-
-    def writable(self) -> bool:
-        return True
-
-    def flush(self) -> None:
-        pass
-
-    def close(self) -> None:
-        self.closed = True
 
 
 _RECORD_BATCH = 3  # the MessageHeader union's tag of a RecordBatch (Arrow's Message.fbs)
