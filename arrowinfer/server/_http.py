@@ -623,6 +623,9 @@ def _routes(api: _Api) -> list[Route]:
     model = "/v2/models/{model}"
     versioned = "/v2/models/{model}/versions/{version}"
     routes = [
+        # inference first: Starlette tries the routes in order, and it is the hot one
+        (model + "/infer", api.infer, ["POST"]),
+        (versioned + "/infer", api.infer, ["POST"]),
         ("/v2/health/live", api.live, ["GET"]),
         ("/v2/health/ready", api.ready, ["GET"]),
         ("/v2", api.server_metadata, ["GET"]),
@@ -643,7 +646,6 @@ def _routes(api: _Api) -> list[Route]:
             (prefix + "/ready", api.model_ready, ["GET"]),
             (prefix + "/config", api.model_config, ["GET"]),
             (prefix + "/stats", api.statistics, ["GET"]),
-            (prefix + "/infer", api.infer, ["POST"]),
         ]
     return [Route(path, _endpoint(fn), methods=methods) for path, fn, methods in routes]
 
