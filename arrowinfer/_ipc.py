@@ -20,7 +20,15 @@ from typing import Any
 
 import pyarrow as pa
 
-__all__ = ["SMALL_BATCH", "Encoded", "SchemaCache", "WriteOnlyFile", "encode", "read_stream"]
+__all__ = [
+    "SMALL_BATCH",
+    "Encoded",
+    "SchemaCache",
+    "WriteOnlyFile",
+    "encode",
+    "read_messages",
+    "read_stream",
+]
 
 #: Batches up to this many bytes are serialized first, then copied (faster when small).
 SMALL_BATCH = 256 * 1024
@@ -172,12 +180,38 @@ class SchemaCache:
         return schema
 
 
+def read_messages(
+    view: pa.Buffer, schemas: SchemaCache | None = None
+) -> tuple[pa.Schema, pa.ipc.Message | None]:
+    """The schema and the record-batch message of the IPC stream in ``view`` (None when the
+    stream ends after its schema), read with ``pa.ipc.read_message``: framing, lengths and
+    bounds are checked by Arrow, and the body stays a view of ``view``. With ``schemas``,
+    each distinct schema message is parsed once.
+
+    Raises
+    ------
+    pyarrow.ArrowInvalid, OSError
+        ``view`` does not start with a schema message.
+    """
+    source = pa.BufferReader(view)
+    try:
+        message = pa.ipc.read_message(source)
+    except EOFError:  # the end-of-stream marker first, or nothing at all
+        message = None
+    if message is None or message.type != "schema":
+        raise pa.ArrowInvalid("no schema message at the start of the IPC stream")
+    schema = schemas.get(message) if schemas is not None else pa.ipc.read_schema(message)
+    try:
+        return schema, pa.ipc.read_message(source)
+    except EOFError:
+        return schema, None
+
+
 def read_stream(view: pa.Buffer, schemas: SchemaCache | None = None) -> pa.RecordBatch:
     """The first record batch of the IPC stream in ``view``, without a copy.
 
-    With ``schemas``, the stream's two messages are read with ``pa.ipc.read_message``
-    (framing, lengths and bounds are checked by Arrow; the body stays a view of ``view``)
-    and the schema message is parsed only the first time it is seen.
+    With ``schemas``, the stream's two messages are read by :func:`read_messages` and the
+    schema message is parsed only the first time it is seen.
 
     Raises
     ------
@@ -189,16 +223,7 @@ def read_stream(view: pa.Buffer, schemas: SchemaCache | None = None) -> pa.Recor
     """
     if schemas is None:
         return pa.ipc.open_stream(view).read_next_batch()
-    source = pa.BufferReader(view)
-    try:
-        message = pa.ipc.read_message(source)
-    except EOFError:  # the end-of-stream marker first, or nothing at all
-        message = None
-    if message is None or message.type != "schema":
-        raise pa.ArrowInvalid("no schema message at the start of the IPC stream")
-    schema = schemas.get(message)
-    try:
-        message = pa.ipc.read_message(source)
-    except EOFError:
-        raise StopIteration from None
+    schema, message = read_messages(view, schemas)
+    if message is None:
+        raise StopIteration
     return pa.ipc.read_record_batch(message, schema)

@@ -20,7 +20,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from .._ipc import SchemaCache, WriteOnlyFile, encode
+from .._ipc import SchemaCache, WriteOnlyFile, encode, read_messages
 from ..errors import InvalidInput
 from ..tensors import ALIGNMENT
 from ._peers import SHM_DIR, open_region
@@ -311,18 +311,9 @@ def read_request(
         Not an IPC stream with a record batch, or a body larger than ``max_bytes``.
     """
     try:
-        source = pa.BufferReader(view)
-        try:
-            message = pa.ipc.read_message(source)
-        except EOFError:  # the end-of-stream marker first, or nothing at all
-            message = None
-        if message is None or message.type != "schema":
-            raise pa.ArrowInvalid("no schema message at the start of the IPC stream")
-        schema = schemas.get(message) if schemas is not None else pa.ipc.read_schema(message)
-        try:
-            message = pa.ipc.read_message(source)
-        except EOFError:
-            raise InvalidInput("the input region holds no record batch") from None
+        schema, message = read_messages(view, schemas)
+        if message is None:
+            raise InvalidInput("the input region holds no record batch")
         if max_bytes is not None:
             size = decoded_size(message)
             if size > max_bytes:
