@@ -157,15 +157,15 @@ def input_array(
     rows = shape[0] if batching else 1
     count = math.prod(shape)
     per_row = per_entry if -1 in spec.shape else spec.shape  # [] and [1] are one value
+    if raw is not None and tensor.contents.ListFields():
+        raise InvalidInput(
+            "both raw_input_contents and typed contents given; use one",
+            model=model,
+            input=spec.name,
+        )
     if dt.kserve == "BYTES":
         return _bytes_input(spec, tensor, raw, count, model=model).reshape((rows, *per_row))
     if raw is not None:
-        if tensor.contents.ListFields():
-            raise InvalidInput(
-                "both raw_input_contents and typed contents given; use one",
-                model=model,
-                input=spec.name,
-            )
         nbytes = count * dt.numpy.itemsize
         if len(raw) != nbytes:
             raise InvalidInput(
@@ -213,15 +213,9 @@ def _bytes_input(
     """A BYTES tensor's ``count`` elements as an object array of ``bytes``.
 
     Raw contents are KServe's: each element a 4-byte little-endian length, then its bytes;
-    typed contents are ``bytes_contents``.
+    typed contents are ``bytes_contents`` (:func:`input_array` refused both at once).
     """
     if raw is not None:
-        if tensor.contents.ListFields():
-            raise InvalidInput(
-                "both raw_input_contents and typed contents given; use one",
-                model=model,
-                input=spec.name,
-            )
         items: list[bytes] = []
         offset = 0
         view = memoryview(raw)
