@@ -502,6 +502,16 @@ def table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _save(fig: Any, ax: Any, path: Path, **labels: str) -> Path:
+    """Log-log axes with ``labels``, a legend and a grid; the figure written to ``path``."""
+    ax.set(xscale="log", yscale="log", **labels)
+    ax.legend(fontsize=8)
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return path
+
+
 def plots(report: dict[str, Any], out: Path) -> list[Path]:
     try:
         import matplotlib
@@ -518,18 +528,16 @@ def plots(report: dict[str, Any], out: Path) -> list[Path]:
         points = [(SIZES[s] * ROW_BYTES, m.mb_per_s) for s in SIZES if (m := _find(rows, t, s))]
         if points:
             ax.plot(*zip(*points, strict=True), marker="o", label=t)
-    ax.set(
-        xscale="log",
-        yscale="log",
-        xlabel="request payload (bytes)",
-        ylabel="MB/s (one request in flight)",
-        title="identity: throughput vs payload",
+    written.append(
+        _save(
+            fig,
+            ax,
+            out / "transports_throughput.png",
+            xlabel="request payload (bytes)",
+            ylabel="MB/s (one request in flight)",
+            title="identity: throughput vs payload",
+        )
     )
-    ax.legend(fontsize=8)
-    ax.grid(True, which="both", alpha=0.3)
-    fig.tight_layout()
-    written.append(out / "transports_throughput.png")
-    fig.savefig(written[-1], dpi=110)
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for t in dict.fromkeys(str(m.extra["transport"]) for m in rows):
         points = [
@@ -539,18 +547,16 @@ def plots(report: dict[str, Any], out: Path) -> list[Path]:
         ]
         if len(points) > 1:
             ax.plot(*zip(*sorted(points), strict=True), marker="o", label=t)
-    ax.set(
-        xscale="log",
-        yscale="log",
-        xlabel="requests in flight",
-        ylabel="p50 latency (ms)",
-        title="identity 4 MB: latency vs concurrency",
+    written.append(
+        _save(
+            fig,
+            ax,
+            out / "transports_latency.png",
+            xlabel="requests in flight",
+            ylabel="p50 latency (ms)",
+            title="identity 4 MB: latency vs concurrency",
+        )
     )
-    ax.legend(fontsize=8)
-    ax.grid(True, which="both", alpha=0.3)
-    fig.tight_layout()
-    written.append(out / "transports_latency.png")
-    fig.savefig(written[-1], dpi=110)
     return written
 
 
