@@ -40,6 +40,7 @@ from .tensors import (
     Layout,
     Ragged,
     from_numpy,
+    is_string,
     layout,
     ragged_from_numpy,
     ragged_to_numpy,
@@ -220,15 +221,6 @@ def to_column(field: pa.Field, data: np.ndarray | Ragged) -> pa.Array:
             return field.type.wrap_array(column.storage.cast(field.type.storage_type))
         return column
     return from_numpy(data.reshape((n, *want.shape)))
-
-
-def _is_string(type_: pa.DataType) -> bool:
-    return (
-        pa.types.is_string(type_)
-        or pa.types.is_large_string(type_)
-        or pa.types.is_binary(type_)
-        or pa.types.is_large_binary(type_)
-    )
 
 
 def _optional(field: pa.Field) -> bool:
@@ -413,7 +405,7 @@ def validate(
                 got=str(column.type),
             ) from None
         if got.value_type != want.value_type and not (
-            _is_string(got.value_type) and _is_string(want.value_type)
+            is_string(got.value_type) and is_string(want.value_type)
         ):
             raise InvalidInput(
                 "wrong element type",

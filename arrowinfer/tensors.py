@@ -52,6 +52,7 @@ __all__ = [
     "batch_from_numpy",
     "batch_to_numpy",
     "from_numpy",
+    "is_string",
     "layout",
     "mask",
     "pad",
@@ -226,7 +227,7 @@ def layout(type: pa.DataType) -> Layout:
         return Layout(inner.value_type, (type.list_size, *inner.shape), ragged=False)
     if pa.types.is_integer(type) or pa.types.is_floating(type) or pa.types.is_boolean(type):
         return Layout(type, (), ragged=False)
-    if _is_string(type):
+    if is_string(type):
         return Layout(type, (), ragged=False)
     raise TypeError(f"not a tensor layout: {type}")
 
@@ -234,7 +235,8 @@ def layout(type: pa.DataType) -> Layout:
 # -- numpy -> Arrow ------------------------------------------------------------------------
 
 
-def _is_string(type: pa.DataType) -> bool:
+def is_string(type: pa.DataType) -> bool:
+    """Arrow ``string``, ``large_string``, ``binary`` or ``large_binary``: KServe's BYTES."""
     return (
         pa.types.is_string(type)
         or pa.types.is_large_string(type)
@@ -299,7 +301,7 @@ def from_numpy(
     flat = _primitive(np.ascontiguousarray(array).reshape(-1))  # copies non-contiguous input only
     if array.ndim == 1:
         return flat
-    if tensor_type == "fixed_size_list" or _is_string(flat.type):
+    if tensor_type == "fixed_size_list" or is_string(flat.type):
         for size in reversed(array.shape[1:]):
             flat = pa.FixedSizeListArray.from_arrays(flat, size)
         return flat
@@ -431,7 +433,7 @@ def _flat_values(array: pa.Array) -> pa.Array:
 
 
 def _primitive_to_numpy(array: pa.Array) -> np.ndarray:
-    if _is_string(array.type):
+    if is_string(array.type):
         return array.to_numpy(zero_copy_only=False)  # objects of str or bytes: a copy
     if pa.types.is_boolean(array.type):
         return array.to_numpy(zero_copy_only=False)  # unpacks bits: a copy
