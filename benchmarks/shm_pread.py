@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import mmap
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -23,19 +21,11 @@ import pyarrow as pa
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from arrowinfer import tensors
+from arrowinfer.bench.harness import median_us
 from arrowinfer.bench.machine import describe, markdown
 from arrowinfer.server._regions import Region
 
 RESULTS = Path(__file__).resolve().parent / "results" / "shm_pread.md"
-
-
-def _median_us(run: object, repeat: int) -> float:
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter_ns()
-        run()  # type: ignore[operator]
-        times.append(time.perf_counter_ns() - start)
-    return statistics.median(times) / 1e3
 
 
 def main() -> None:
@@ -50,13 +40,13 @@ def main() -> None:
             memory[:size] = os.urandom(size)
             region = Region(name, 2 * size + (1 << 20), os.geteuid())
             repeat = 2000 if size < (1 << 20) else 50
-            mapped = _median_us(lambda m=memory, n=size: pa.py_buffer(m).slice(0, n), repeat)
-            read = _median_us(lambda r=region, n=size: r.read(0, n), repeat)
+            mapped = median_us(lambda m=memory, n=size: pa.py_buffer(m).slice(0, n), repeat)
+            read = median_us(lambda r=region, n=size: r.read(0, n), repeat)
             values = np.frombuffer(memory, np.float32, size // 4).reshape(
                 -1, 1024 if size >= 4096 else 1
             )
             batch = pa.RecordBatch.from_arrays([tensors.from_numpy(values)], ["OUTPUT0"])
-            write = _median_us(
+            write = median_us(
                 lambda r=region, n=size, b=batch: r.write_result(n, n + (1 << 20), b), repeat
             )
             rows.append(

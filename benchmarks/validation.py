@@ -11,10 +11,8 @@ process (Flight over loopback), so that the check's share of the round trip is k
 
 from __future__ import annotations
 
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +21,7 @@ import pyarrow as pa
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from arrowinfer import tensors
+from arrowinfer.bench.harness import median_us
 from arrowinfer.bench.machine import describe, markdown
 from arrowinfer.client import Client
 from arrowinfer.examples import write_example_repository
@@ -30,15 +29,6 @@ from arrowinfer.schema import check_data
 from arrowinfer.server import Server
 
 RESULTS = Path(__file__).resolve().parent / "results" / "validation.md"
-
-
-def _median_us(run: object, repeat: int) -> float:
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter_ns()
-        run()  # type: ignore[operator]
-        times.append(time.perf_counter_ns() - start)
-    return statistics.median(times) / 1e3
 
 
 def _identity(rows: int) -> pa.RecordBatch:
@@ -75,13 +65,13 @@ def main() -> None:
         ):
             for name, batch in cases.items():
                 # as served: the request's schema equals the model's (what clients send)
-                check = _median_us(lambda b=batch: check_data(b, b.schema), 2000)
-                other = _median_us(lambda b=batch: check_data(b), 2000)
+                check = median_us(lambda b=batch: check_data(b, b.schema), 2000)
+                other = median_us(lambda b=batch: check_data(b), 2000)
                 trip = None
                 if name.startswith("identity"):
                     data = tensors.to_numpy(batch.column(0))
                     client.infer("identity", {"INPUT0": data})  # warm up
-                    trip = _median_us(lambda d=data: client.infer("identity", {"INPUT0": d}), 100)
+                    trip = median_us(lambda d=data: client.infer("identity", {"INPUT0": d}), 100)
                 share = f"{100 * check / trip:.2f} %" if trip else "-"
                 trip_text = f"{trip:,.0f}" if trip else "-"
                 rows.append(

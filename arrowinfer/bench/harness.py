@@ -22,6 +22,7 @@ import os
 import queue
 import re
 import resource
+import statistics
 import subprocess
 import sys
 import threading
@@ -63,6 +64,16 @@ class Measurement:
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
+
+
+def median_us(run: Callable[[], object], repeat: int) -> float:
+    """The median wall time of ``repeat`` calls of ``run``, in microseconds."""
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter_ns()
+        run()
+        times.append(time.perf_counter_ns() - start)
+    return statistics.median(times) / 1e3
 
 
 def _process_cpu_s(pid: int) -> float:
