@@ -66,7 +66,7 @@ class Measurement:
         return asdict(self)
 
 
-def median_us(run: Callable[[], object], repeat: int) -> float:
+def median_us(run: Callable[..., object], repeat: int) -> float:
     """The median wall time of ``repeat`` calls of ``run``, in microseconds."""
     times = []
     for _ in range(repeat):
