@@ -13,6 +13,8 @@ import json
 import mmap
 import os
 import struct
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -713,39 +715,35 @@ def wait_until(condition: Any, what: str) -> None:
 # -- 4: a client that ignores goaway cannot hold a stopping server ----------------------------
 
 
-def test_exit_timeout_ends_a_server_held_by_an_idle_stream(
-    example_repository: Path, tmp_path: Path
-) -> None:
-    import re
-    import signal
-    import subprocess
-    import sys
-    import time
-
-    log = (tmp_path / "serve.log").open("w")
-    process = subprocess.Popen(
+def serve_process(repository: Path, log: Any, *extra: str) -> subprocess.Popen[str]:
+    """``arrowinfer serve`` on free Flight and KServe ports (no HTTP, no metrics), its log
+    to ``log``, its stdout piped (the first line names its location)."""
+    return subprocess.Popen(
         [
             sys.executable,
             "-m",
             "arrowinfer.cli",
             "serve",
-            str(example_repository),
-            "--port",
-            "0",
-            "--kserve-port",
-            "0",
-            "--http-port",
-            "-1",
-            "--metrics-port",
-            "-1",
-            "--exit-timeout-secs",
-            "1",
+            str(repository),
+            *("--port", "0", "--kserve-port", "0", "--http-port", "-1", "--metrics-port", "-1"),
+            *extra,
         ],
         cwd=Path(__file__).resolve().parents[1],
         stdout=subprocess.PIPE,
         stderr=log,
         text=True,
     )
+
+
+def test_exit_timeout_ends_a_server_held_by_an_idle_stream(
+    example_repository: Path, tmp_path: Path
+) -> None:
+    import re
+    import signal
+    import time
+
+    log = (tmp_path / "serve.log").open("w")
+    process = serve_process(example_repository, log, "--exit-timeout-secs", "1")
     try:
         assert process.stdout is not None
         line = process.stdout.readline()
@@ -834,35 +832,11 @@ def test_a_client_that_never_reads_is_not_read_either(
     example_repository: Path, tmp_path: Path, flood: Any
 ) -> None:
     import re
-    import subprocess
-    import sys
     import time
 
     log_path = tmp_path / "serve.log"
     log = log_path.open("w")
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "arrowinfer.cli",
-            "serve",
-            str(example_repository),
-            "--port",
-            "0",
-            "--kserve-port",
-            "0",
-            "--http-port",
-            "-1",
-            "--metrics-port",
-            "-1",
-            "--model",
-            "identity",
-        ],
-        cwd=Path(__file__).resolve().parents[1],
-        stdout=subprocess.PIPE,
-        stderr=log,
-        text=True,
-    )
+    process = serve_process(example_repository, log, "--model", "identity")
     sent = [0]
     keep: list[Any] = []
     try:
