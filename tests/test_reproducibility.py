@@ -128,33 +128,22 @@ def write_models(repository: Path) -> None:
         'name: "i" data_type: TYPE_INT64 dims: [ 1 ]',
         'name: "y" data_type: TYPE_FP32 dims: [ 1 ]',
     )
-    d = repository / "rsum257"
-    _save(
-        d,
-        [helper.make_node("ReduceSum", ["x", "axes"], ["y"], keepdims=1)],
-        [_float("x", "n", 257)],
-        [_float("y", "n", 1)],
-        initializer=[axes1],
-    )
-    _config(
-        d,
-        'name: "x" data_type: TYPE_FP32 dims: [ 257 ]',
-        'name: "y" data_type: TYPE_FP32 dims: [ 1 ]',
-    )
-    d = repository / "rsum257_invariant"
-    _save(
-        d,
-        [helper.make_node("ReduceSum", ["x", "axes"], ["y"], keepdims=1)],
-        [_float("x", "n", 257)],
-        [_float("y", "n", 1)],
-        initializer=[axes1],
-    )
-    _config(
-        d,
-        'name: "x" data_type: TYPE_FP32 dims: [ 257 ]',
-        'name: "y" data_type: TYPE_FP32 dims: [ 1 ]',
-        extra='parameters { key: "arrowinfer.batch_invariant" value: { string_value: "true" } }',
-    )
+    invariant = 'parameters { key: "arrowinfer.batch_invariant" value: { string_value: "true" } }'
+    for name, extra in (("rsum257", ""), ("rsum257_invariant", invariant)):
+        d = repository / name
+        _save(
+            d,
+            [helper.make_node("ReduceSum", ["x", "axes"], ["y"], keepdims=1)],
+            [_float("x", "n", 257)],
+            [_float("y", "n", 1)],
+            initializer=[axes1],
+        )
+        _config(
+            d,
+            'name: "x" data_type: TYPE_FP32 dims: [ 257 ]',
+            'name: "y" data_type: TYPE_FP32 dims: [ 1 ]',
+            extra=extra,
+        )
     d = repository / "matmul"
     weights = np.random.default_rng(37).normal(size=(37, 19)).astype(np.float32)
     w = helper.make_tensor("w", TensorProto.FLOAT, [37, 19], weights.ravel().tolist())
