@@ -37,6 +37,7 @@ import logging
 import os
 import re
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -60,7 +61,7 @@ from .config import (
     unimplemented_fields,
 )
 from .errors import ModelError, ModelNotFound
-from .schema import TensorSpec, datatype, signature
+from .schema import TensorSpec, datatype, signature, tensor_specs
 
 __all__ = [
     "BATCH_INPUT_KINDS",
@@ -112,6 +113,17 @@ class ModelVersion:
     @property
     def max_batch_size(self) -> int:
         return int(self.config.max_batch_size)
+
+    # read once: a request looks its tensors up in them (tensor_specs parses field metadata)
+    @cached_property
+    def input_specs(self) -> tuple[TensorSpec, ...]:
+        """What :attr:`inputs` was made from, in its order."""
+        return tuple(tensor_specs(self.inputs))
+
+    @cached_property
+    def output_specs(self) -> tuple[TensorSpec, ...]:
+        """What :attr:`outputs` was made from, in its order."""
+        return tuple(tensor_specs(self.outputs))
 
     def parameter(self, key: str, default: str | None = None) -> str | None:
         """A value of the config's ``parameters`` map."""
@@ -445,11 +457,11 @@ def default_warmup(version: ModelVersion) -> pa.RecordBatch:
     The first onnxruntime run of a session costs hundreds of milliseconds (it sets up its
     kernels, memory arena and threads); run at load, it is not a client's first request.
     """
-    from .schema import tensor_specs, to_column
+    from .schema import to_column
     from .tensors import Ragged
 
     names, columns = [], []
-    for column_field, spec in zip(version.inputs, tensor_specs(version.inputs), strict=True):
+    for column_field, spec in zip(version.inputs, version.input_specs, strict=True):
         if spec.optional:
             continue
         dims = tuple(1 if d < 0 else d for d in spec.shape)

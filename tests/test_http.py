@@ -562,6 +562,54 @@ def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     "ignore:ssl.PROTOCOL_TLS is deprecated:DeprecationWarning:gevent.ssl",
     r"ignore:ssl.match_hostname\(\) is deprecated:DeprecationWarning:geventhttpclient",
 )
+def test_inference_paths_answer_as_the_router_would(server: Server) -> None:
+    """Inference requests skip Starlette's router (_InferenceFirst): the same paths answer,
+    versioned or not, and what the router answered before is still answered."""
+    body = _json_request()
+    assert call(server, "POST", "/v2/models/facile/infer", body)[0] == 200
+    assert call(server, "POST", "/v2/models/facile/versions/1/infer", body)[0] == 200
+    status, _, data = call(server, "POST", "/v2/models/facile/versions/9/infer", body)
+    assert status == 404
+    assert "facile" in error_of(data)
+    status, _, data = call(server, "GET", "/v2/models/facile/infer")
+    assert status == 405
+    assert "GET" in error_of(data)
+    assert call(server, "POST", "/v2/models/facile/infer/more", body)[0] == 404
+    assert call(server, "POST", "/v2/models//infer", body)[0] == 404
+
+
+def test_concurrent_requests_are_batched(example_repository: Path) -> None:
+    """A lone request runs on the event loop's thread; requests that arrive together are
+    queued, so that they batch as over the other protocols (Triton's dynamic batching)."""
+    arrays = {"hits": REQUESTS["facile"]["hits"][:1]}
+    expected = None
+
+    async def run() -> list[np.ndarray]:
+        aio = th_aio.InferenceServerClient(f"127.0.0.1:{server.http_port}")
+        try:
+            results = await asyncio.gather(
+                *(aio.infer("facile", infer_inputs(arrays, binary=True)) for _ in range(64))
+            )
+            return [r.as_numpy("energy") for r in results]
+        finally:
+            await aio.close()
+
+    with Server(
+        example_repository,
+        port=0,
+        kserve_port=None,
+        http_port=0,
+        metrics_port=None,
+        models=["facile"],
+    ) as server:
+        expected = onnxruntime_outputs(server, "facile", arrays)["energy"]
+        for result in asyncio.run(asyncio.wait_for(run(), WAIT)):
+            np.testing.assert_array_equal(result, expected)
+        stats = server.core.statistics("facile")[0]
+        assert stats["inference_count"] == 64
+        assert stats["execution_count"] < 64  # some ran together
+
+
 def test_tls_and_bearer_tokens(example_repository: Path, certificate: tuple[Path, Path]) -> None:
     import ssl
 

@@ -22,7 +22,7 @@ from ..batching import Completed
 from ..errors import InvalidInput
 from ..protocol import SERVER_TIMES
 from ..repository import ModelVersion
-from ..schema import TensorSpec, datatype, tensor_specs, to_column
+from ..schema import TensorSpec, datatype, to_column
 from ..tensors import Ragged, layout, ragged_to_numpy, to_numpy
 from ._v2memory import NO_PEER, Peer, SystemRegions
 
@@ -288,7 +288,7 @@ def request_batch(
     """
     name = version.name
     fields = {f.name: f for f in version.inputs}
-    specs = {s.name: s for s in tensor_specs(version.inputs)}
+    specs = {s.name: s for s in version.input_specs}
     mask_spec = _mask_spec(version)
     if mask_spec is not None:
         specs[mask_spec.name] = mask_spec
@@ -454,7 +454,7 @@ def requested_outputs(
     InvalidInput
         An unknown output, a refused parameter on one, or an unknown region.
     """
-    specs = tensor_specs(version.outputs)
+    specs = list(version.output_specs)
     if not request.outputs:
         return specs
     by_name = {s.name: s for s in specs}
