@@ -465,14 +465,15 @@ def targets(rows: list[Measurement]) -> dict[str, float]:
             _best(rows, "triton-grpc", size),
         )
         ratio(
-            f"{size}: kserve-http / real Triton HTTP, binary tensor data (>= 1)",
-            _best(rows, "kserve-http", size),
-            _best(rows, "triton-http", size),
-        )
-        ratio(
             f"{size}: shm / real Triton gRPC + shm (>= 1)",
             _best(rows, "shm", size),
             _best(rows, "triton-shm", size),
+        )
+    for size in SIZES:  # the HTTP target holds for every payload
+        ratio(
+            f"{size}: kserve-http / real Triton HTTP, binary tensor data (>= 1)",
+            _best(rows, "kserve-http", size),
+            _best(rows, "triton-http", size),
         )
     flight_1, kserve_1 = _find(rows, "flight-tcp", "1 row"), _find(rows, "kserve-grpc", "1 row")
     if flight_1 and kserve_1:
