@@ -192,6 +192,9 @@ class DynamicBatcher:
         self._instance_locks = [threading.Lock() for _ in self._backends]
         self._running = 0  # instances executing now (under self._cond)
         self._inline = not self._batching or not self._delay_ns
+        #: How long the latest execution took (ns: inputs assembled, run, outputs split);
+        #: None before the first. A caller deciding where to run a request reads it.
+        self.last_run_ns: int | None = None
         self._threads = [
             threading.Thread(
                 target=self._run, args=(b,), name=f"batcher-{model.name}-{i}", daemon=True
@@ -451,6 +454,7 @@ class DynamicBatcher:
         counters = Counter(backend.take_counters())
         rows = sum(r.batch.num_rows for r in live)
         self.statistics.record_execution(rows, timings)
+        self.last_run_ns = sum(timings)
         end = time.perf_counter_ns()
         provenance = _provenance(self.model, backend)
         finished = []
@@ -493,6 +497,11 @@ class DynamicBatcher:
     def queued(self) -> int:
         """Requests waiting now."""
         return self._count
+
+    @property
+    def running(self) -> int:
+        """Instances executing now."""
+        return self._running
 
     def close(self, timeout: float | None = None) -> None:
         """Stop taking requests, finish the queued ones, stop the instances."""

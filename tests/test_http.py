@@ -16,6 +16,7 @@ import shutil
 import socket
 import subprocess
 import threading
+import time
 import urllib.error
 import urllib.request
 import zlib
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pyarrow as pa
 import pytest
@@ -608,6 +610,48 @@ def test_concurrent_requests_are_batched(example_repository: Path) -> None:
         stats = server.core.statistics("facile")[0]
         assert stats["inference_count"] == 64
         assert stats["execution_count"] < 64  # some ran together
+
+
+def test_a_slow_model_never_holds_the_event_loop(tmp_path: Path) -> None:
+    """A request runs on the event loop's thread only when its model's latest execution was
+    quick: while a slow model computes, the loop still answers everyone else."""
+    from test_queue_policy import sleepy_model, slow_trips_for
+
+    (tmp_path / "sleepy" / "1").mkdir(parents=True)
+    onnx.save(sleepy_model(), str(tmp_path / "sleepy" / "1" / "model.onnx"))
+    (tmp_path / "sleepy" / "config.pbtxt").write_text(
+        "max_batch_size: 0\n"
+        'input [ { name: "n" data_type: TYPE_INT64 dims: [ 1 ] } ]\n'
+        'output [ { name: "y" data_type: TYPE_FP32 dims: [ 1 ] } ]\n'
+        "instance_group [ { count: 1 kind: KIND_CPU } ]\n"
+    )
+    slow = json.dumps(
+        {
+            "inputs": [
+                {"name": "n", "shape": [1], "datatype": "INT64", "data": [slow_trips_for(0.5)]}
+            ]
+        }
+    ).encode()
+    with Server(tmp_path, port=0, kserve_port=None, http_port=0, metrics_port=None) as server:
+        batcher = server.core.get("sleepy").batcher
+        assert call(server, "POST", "/v2/models/sleepy/infer", slow)[0] == 200  # now known slow
+        assert batcher.last_run_ns is not None
+        assert batcher.last_run_ns > 10**8
+        answer: list[int] = []
+        worker = threading.Thread(
+            target=lambda: answer.append(call(server, "POST", "/v2/models/sleepy/infer", slow)[0])
+        )
+        worker.start()
+        try:
+            deadline = time.monotonic() + WAIT
+            while batcher.running == 0:  # the slow request has an instance
+                assert time.monotonic() < deadline, "the slow request never ran"
+                time.sleep(0.001)
+            assert call(server, "GET", "/v2/health/live")[0] == 200
+            assert batcher.running == 1  # answered while the model still computed
+        finally:
+            worker.join(WAIT)
+        assert answer == [200]
 
 
 def test_tls_and_bearer_tokens(example_repository: Path, certificate: tuple[Path, Path]) -> None:

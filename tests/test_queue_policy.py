@@ -87,9 +87,8 @@ POLICIES = {
 }
 
 
-@pytest.fixture(scope="module")
-def slow_trips() -> int:
-    """The loop count that keeps this machine busy for about SLOW_S seconds."""
+def slow_trips_for(seconds: float) -> int:
+    """The loop count of ``sleepy_model`` that keeps this machine busy for about ``seconds``."""
     session = ort.InferenceSession(sleepy_model().SerializeToString())
     trips = 500
     times = []
@@ -97,7 +96,13 @@ def slow_trips() -> int:
         start = time.perf_counter()
         session.run(None, {"n": np.array([trips], np.int64)})
         times.append(time.perf_counter() - start)
-    return int(SLOW_S / max(min(times) / trips, 1e-7))
+    return int(seconds / max(min(times) / trips, 1e-7))
+
+
+@pytest.fixture(scope="module")
+def slow_trips() -> int:
+    """The loop count that keeps this machine busy for about SLOW_S seconds."""
+    return slow_trips_for(SLOW_S)
 
 
 @pytest.fixture(scope="module")
