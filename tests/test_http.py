@@ -556,14 +556,6 @@ def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return cert, key
 
 
-# geventhttpclient <= 2.0.2 (all that tritonclient[http] 2.44, the floor, allows) opens TLS
-# with ssl.PROTOCOL_TLS and checks the host with ssl.match_hostname, both deprecated since
-# Python 3.10; the geventhttpclient of later tritonclient (2.6) does neither. Those two
-# warnings, raised from there only, are not this test's.
-@pytest.mark.filterwarnings(
-    "ignore:ssl.PROTOCOL_TLS is deprecated:DeprecationWarning:gevent.ssl",
-    r"ignore:ssl.match_hostname\(\) is deprecated:DeprecationWarning:geventhttpclient",
-)
 def test_inference_paths_answer_as_the_router_would(server: Server) -> None:
     """Inference requests skip Starlette's router (_InferenceFirst): the same paths answer,
     versioned or not, and what the router answered before is still answered."""
@@ -654,6 +646,14 @@ def test_a_slow_model_never_holds_the_event_loop(tmp_path: Path) -> None:
         assert answer == [200]
 
 
+# geventhttpclient <= 2.0.2 (all that tritonclient[http] 2.44, the floor, allows) opens TLS
+# with ssl.PROTOCOL_TLS and checks the host with ssl.match_hostname, both deprecated since
+# Python 3.10; the geventhttpclient of later tritonclient (2.6) does neither. Those two
+# warnings, raised from there only, are not this test's.
+@pytest.mark.filterwarnings(
+    "ignore:ssl.PROTOCOL_TLS is deprecated:DeprecationWarning:gevent.ssl",
+    r"ignore:ssl.match_hostname\(\) is deprecated:DeprecationWarning:geventhttpclient",
+)
 def test_tls_and_bearer_tokens(example_repository: Path, certificate: tuple[Path, Path]) -> None:
     import ssl
 
