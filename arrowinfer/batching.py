@@ -192,9 +192,7 @@ class DynamicBatcher:
         self._instance_locks = [threading.Lock() for _ in self._backends]
         self._running = 0  # instances executing now (under self._cond)
         self._inline = not self._batching or not self._delay_ns
-        #: How long the latest execution took (ns: inputs assembled, run, outputs split);
-        #: None before the first. A caller deciding where to run a request reads it.
-        self.last_run_ns: int | None = None
+        self._last_run: tuple[int, int] | None = None  # the latest execution's (ns, rows)
         self._threads = [
             threading.Thread(
                 target=self._run, args=(b,), name=f"batcher-{model.name}-{i}", daemon=True
@@ -454,7 +452,7 @@ class DynamicBatcher:
         counters = Counter(backend.take_counters())
         rows = sum(r.batch.num_rows for r in live)
         self.statistics.record_execution(rows, timings)
-        self.last_run_ns = sum(timings)
+        self._last_run = (sum(timings), rows)
         end = time.perf_counter_ns()
         provenance = _provenance(self.model, backend)
         finished = []
@@ -502,6 +500,18 @@ class DynamicBatcher:
     def running(self) -> int:
         """Instances executing now."""
         return self._running
+
+    def expected_ns(self, rows: int) -> int | None:
+        """How long an execution of ``rows`` rows should take (ns: inputs assembled, run,
+        outputs split), from the latest execution's time per row; None before the first.
+
+        An estimate for deciding where to run a request: a model whose time depends on its
+        data rather than its rows can take longer.
+        """
+        if self._last_run is None:
+            return None
+        ns, last_rows = self._last_run
+        return ns * max(rows, 1) // max(last_rows, 1)
 
     def close(self, timeout: float | None = None) -> None:
         """Stop taking requests, finish the queued ones, stop the instances."""

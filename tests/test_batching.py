@@ -532,6 +532,21 @@ def test_inline_is_queued_when_a_queue_delay_applies(
     assert threading.get_ident() not in backend.threads
 
 
+def test_expected_time_scales_the_latest_execution_by_rows(
+    make_model: MakeModel, start: Start
+) -> None:
+    """What the HTTP front end reads before it runs a request on its event loop: a large
+    request after a small one is expected to take longer, not as long as the small one."""
+    batcher, _ = start(make_model())
+    assert batcher.expected_ns(1) is None  # nothing has run: no estimate
+    assert result(batcher.submit(request(0, 2))) == expected(request(0, 2))
+    per_row = sum(TIMINGS) // 2
+    assert batcher.expected_ns(2) == sum(TIMINGS)
+    assert batcher.expected_ns(8) == 4 * sum(TIMINGS)
+    assert batcher.expected_ns(1) == per_row
+    assert batcher.expected_ns(0) == per_row  # at least one row's worth
+
+
 def test_no_backend_is_an_error(make_model: MakeModel) -> None:
     with pytest.raises(ValueError, match="instance"):
         DynamicBatcher(make_model(), [])

@@ -627,8 +627,9 @@ def test_a_slow_model_never_holds_the_event_loop(tmp_path: Path) -> None:
     with Server(tmp_path, port=0, kserve_port=None, http_port=0, metrics_port=None) as server:
         batcher = server.core.get("sleepy").batcher
         assert call(server, "POST", "/v2/models/sleepy/infer", slow)[0] == 200  # now known slow
-        assert batcher.last_run_ns is not None
-        assert batcher.last_run_ns > 10**8
+        expected = batcher.expected_ns(1)
+        assert expected is not None
+        assert expected > 10**8
         answer: list[int] = []
         worker = threading.Thread(
             target=lambda: answer.append(call(server, "POST", "/v2/models/sleepy/infer", slow)[0])
