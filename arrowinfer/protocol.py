@@ -33,6 +33,7 @@ __all__ = [
     "dump_json",
     "goaway",
     "goaway_reason",
+    "host_port",
     "is_loopback_host",
     "is_shm_descriptor",
     "parse_json",
@@ -177,6 +178,13 @@ def parse_json(
             f"{what} is nested too deeply", expected=f"at most {MAX_JSON_DEPTH}", got="more"
         )
     return value
+
+
+def host_port(host: str, port: int) -> str:
+    """``host:port`` as URIs and gRPC write it: an IPv6 address in brackets (``[::1]:8815``)."""
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    return f"{host}:{port}"
 
 
 def is_loopback_host(host: str) -> bool:

@@ -753,6 +753,37 @@ def _ipv6_loopback() -> bool:
     return True
 
 
+@pytest.mark.skipif(not _ipv6_loopback(), reason="this host cannot bind ::1")
+def test_every_front_end_serves_on_ipv6_loopback(example_repository: Path) -> None:
+    """``serve --host ::1``: the Flight location is written with brackets (it failed to
+    start with ``Cannot parse URI: 'grpc://::1:0'``), and every front end answers there."""
+    import tritonclient.grpc as tg
+
+    from arrowinfer.client import Client
+
+    with Server(
+        example_repository,
+        host="::1",
+        port=0,
+        kserve_port=0,
+        http_port=0,
+        metrics_port=None,
+        models=["facile"],
+    ) as server:
+        assert server.location == f"grpc://[::1]:{server.port}"
+        batch = facile_batch(server.core.get("facile").version.inputs, hits(3))
+        with Client(server.location) as client:
+            assert client.infer("facile", batch).num_rows == 3
+        triton = tg.InferenceServerClient(f"[::1]:{server.kserve_port}")
+        try:
+            assert triton.is_model_ready("facile")
+        finally:
+            triton.close()
+        url = f"http://[::1]:{server.http_port}/v2/health/ready"
+        with urllib.request.urlopen(url, timeout=DEADLINE) as response:
+            assert response.status == 200
+
+
 def test_metrics_address_family_follows_the_host() -> None:
     from arrowinfer.server._metrics import address_family
 

@@ -87,7 +87,7 @@ from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc
 
 from ..errors import ArrowInferError, Unsupported, error_to_dict, grpc_status
-from ..protocol import dump_json
+from ..protocol import dump_json, host_port
 from . import _v2
 from ._auth import ModelControl
 from ._core import InferenceCore, unexpected
@@ -508,7 +508,7 @@ def start_kserve(
     )
     servicer = KServeService(core, model_control, regions)
     add_to_server(servicer, server)
-    address = f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+    address = host_port(host, port)
     try:
         if tls is None:
             bound = server.add_insecure_port(address)

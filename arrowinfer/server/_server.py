@@ -17,6 +17,7 @@ from typing import Any
 
 import grpc
 
+from ..protocol import host_port
 from ..repository import Repository
 from ._auth import (
     BearerTokenInterceptor,
@@ -161,7 +162,9 @@ class Server:
             repo, device=device, models=models, max_request_bytes=max_request_bytes
         )
         scheme = "grpc+tls" if tls is not None else "grpc"
-        location = f"grpc+unix://{unix_socket}" if unix_socket else f"{scheme}://{host}:{port}"
+        location = (
+            f"grpc+unix://{unix_socket}" if unix_socket else f"{scheme}://{host_port(host, port)}"
+        )
         self.shm = ShmService(self.core, allow_remote=allow_client_shm)
         self.regions = SystemRegions(allow_remote=allow_client_shm) if shared_memory else None
         self._shared_memory = shared_memory
@@ -187,7 +190,9 @@ class Server:
         self.shm.unix_socket = unix_socket
         self.host = host
         self.location = (
-            f"grpc+unix://{unix_socket}" if unix_socket else f"{scheme}://{host}:{self.flight.port}"
+            f"grpc+unix://{unix_socket}"
+            if unix_socket
+            else f"{scheme}://{host_port(host, self.flight.port)}"
         )
         self._kserve: grpc.Server | None = None
         self.kserve_port: int | None = None
