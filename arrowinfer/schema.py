@@ -270,6 +270,10 @@ def _nulls(array: pa.Array | pa.ChunkedArray) -> int:
                 size = a.type.list_size
                 a = a.values.slice(a.offset * size, len(a) * size)
             elif pa.types.is_list(a.type) or pa.types.is_large_list(a.type):
+                # none null anywhere under the whole child, so none in the part the entries
+                # refer to: that needs no flatten (a compute call, ~10 us); else count that part
+                if _nulls(a.values) == 0:
+                    break
                 a = a.flatten()
             else:
                 break

@@ -239,3 +239,19 @@ def test_row_limits() -> None:
     with pytest.raises(InvalidInput, match=r"too many rows.*<= 2 rows, got 3 rows"):
         validate(batch(good_batch(3)), SCHEMA, model="m", max_rows=2)
     validate(batch(good_batch(2)), SCHEMA, model="m", max_rows=2)
+
+
+def test_nulls_are_counted_in_what_the_entries_refer_to_only() -> None:
+    """A list column's child may hold values no entry refers to (a slice keeps the whole
+    child): a null there is not the request's; one in a referred value is."""
+    column = pa.array(
+        [[[1.0, None]], [[1.0, 2.0]], [[3.0, 4.0]], []], pa.list_(pa.list_(pa.float32(), 2))
+    )
+    schema = pa.schema([SCHEMA.field("points")])
+    for part, nulls in ((column, 1), (column.slice(0, 1), 1), (column.slice(1), 0)):
+        batch = pa.RecordBatch.from_arrays([part], schema=schema)
+        if nulls:
+            with pytest.raises(InvalidInput, match=f"{nulls} null value"):
+                validate(batch, schema, model="m")
+        else:
+            validate(batch, schema, model="m")
