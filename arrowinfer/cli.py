@@ -417,15 +417,8 @@ def parser() -> argparse.ArgumentParser:
     infer.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     infer.set_defaults(run=_infer)
 
-    bench = sub.add_parser(
-        "bench",
-        help="compare every transport on this machine",
-        description="Run one model over every transport (in-process, Flight TCP, Flight Unix "
-        "socket, shared memory, KServe v2 gRPC via tritonclient) and write JSON, Markdown and "
-        "plots into --out DIR (default ./arrowinfer-bench-results). Options: --quick (under "
-        "two minutes), --triton-url HOST:PORT (also a real Triton server), --update-readme "
-        "[README] (also its summary table; nothing else is written without it).",
-    )
+    # its options (and --help) are the benchmark's own parser's: arguments pass through
+    bench = sub.add_parser("bench", help="compare every transport on this machine", add_help=False)
     bench.set_defaults(run=_bench)
 
     examples = sub.add_parser("examples", help="write the example model repository")

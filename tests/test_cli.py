@@ -177,6 +177,17 @@ def test_bench_is_part_of_the_package_and_writes_only_where_told(
     assert list(tmp_path.iterdir()) == []
 
 
+def test_bench_help_is_the_benchmarks_own(capsys: pytest.CaptureFixture[str]) -> None:
+    """``arrowinfer bench --help`` lists the options the benchmark takes, every one."""
+    with pytest.raises(SystemExit) as info:
+        main(["bench", "--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: arrowinfer bench")
+    for option in ("--quick", "--triton-url", "--triton-http-url", "--out", "--update-readme"):
+        assert option in out
+
+
 @pytest.mark.parametrize("flag", ["--kserve-port", "--grpc-port"])
 def test_serve_takes_tritons_name_for_the_grpc_port(flag: str) -> None:
     from arrowinfer.cli import parser

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -21,6 +22,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -224,6 +226,20 @@ def _free_port() -> int:
 
 
 @pytest.fixture
+def default_http_port_taken() -> Iterator[None]:
+    """Port 8000 (``serve``'s default HTTP port) held, as a second server on the node would:
+    a job script must not serve HTTP on it. If something else holds it already, so be it."""
+    holder = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        with contextlib.suppress(OSError):
+            holder.bind(("0.0.0.0", 8000))
+            holder.listen()
+        yield
+    finally:
+        holder.close()
+
+
+@pytest.fixture
 def fake_cluster(tmp_path: Path) -> tuple[dict[str, str], Path]:
     """PATH with ``srun`` (runs the command here), ``hostname`` (127.0.0.1) and ``arrowinfer``."""
     for tool in ("curl", "flock"):
@@ -277,17 +293,19 @@ def _stop(process: subprocess.Popen[str], group: bool) -> None:
     assert "server stopped" in out
 
 
+@pytest.mark.usefixtures("default_http_port_taken")
 def test_slurm_server_job_publishes_and_unpublishes(
     fake_cluster: tuple[dict[str, str], Path], example_repository: Path
 ) -> None:
     env, listing = fake_cluster
-    flight, kserve, metrics = _free_port(), _free_port(), _free_port()
+    flight, kserve, http, metrics = _free_port(), _free_port(), _free_port(), _free_port()
     env.update(
         ARROWINFER_SERVER_LIST=str(listing),
         ARROWINFER_MODELS=str(example_repository),
         ARROWINFER_DEVICE="cpu",
         ARROWINFER_FLIGHT_PORT=str(flight),
         ARROWINFER_KSERVE_PORT=str(kserve),
+        ARROWINFER_HTTP_PORT=str(http),
         ARROWINFER_METRICS_PORT=str(metrics),
     )
     process = subprocess.Popen(
@@ -309,6 +327,7 @@ def test_slurm_server_job_publishes_and_unpublishes(
             process.communicate()
 
 
+@pytest.mark.usefixtures("default_http_port_taken")
 def test_htcondor_wrapper_publishes_and_unpublishes(
     fake_cluster: tuple[dict[str, str], Path], example_repository: Path
 ) -> None:

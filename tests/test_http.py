@@ -149,6 +149,10 @@ def test_unknown_model_is_404_with_tritons_error_body(server: Server) -> None:
     assert status == 404
     assert call(server, "GET", "/v2/models/no_such_model/ready")[0] == 400
     assert call(server, "GET", "/v2/no/such/endpoint")[0] == 404
+    for body in (b"{}", b"not JSON", _json_request()):  # the model first, whatever the body
+        status, _, answer = call(server, "POST", "/v2/models/no_such_model/infer", body)
+        assert status == 404
+        assert "no_such_model" in error_of(answer)
 
 
 def test_statistics_count_http_inferences(server: Server, client: th.InferenceServerClient) -> None:

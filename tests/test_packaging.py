@@ -65,6 +65,13 @@ def test_test_extra_installs_what_serving_fallback_and_tests_need() -> None:
     assert {"pytest", "hypothesis", "awkward", "dask"} <= resolved(EXTRAS["test"])
 
 
+def test_bench_extra_has_every_client_the_benchmark_drives() -> None:
+    """``arrowinfer bench`` drives KServe HTTP with tritonclient.http (its gevent client):
+    the server extra's tritonclient[grpc] alone made it fail at its first HTTP cell."""
+    assert any(re.fullmatch(r"tritonclient\[[^\]]*\bhttp\b[^\]]*\].*", r) for r in EXTRAS["bench"])
+    assert "matplotlib" in resolved(EXTRAS["bench"])
+
+
 def test_checkers_are_pinned_to_a_minor_version() -> None:
     dev = {name(r): r for r in EXTRAS["dev"]}
     for tool in ("ruff", "mypy"):

@@ -71,7 +71,7 @@ from ..schema import datatype
 from ..tensors import ALIGNMENT
 from . import _v2
 from ._auth import ModelControl, TokenCheck
-from ._core import MAX_REQUEST_BYTES, InferenceCore
+from ._core import MAX_REQUEST_BYTES, InferenceCore, LoadedModel
 from ._v2memory import CUDA_UNSUPPORTED, NO_PEER, Peer, SystemRegions
 from ._v2tensors import InferAnswer
 
@@ -484,6 +484,16 @@ class _Body(Response):
 # -- the application ----------------------------------------------------------------------
 
 
+def _quick(model: LoadedModel, request: pb.ModelInferRequest) -> bool:
+    """Whether ``model`` should run ``request`` in under :data:`_LOOP_RUN_NS`: its latest
+    execution's time per row times the request's rows."""
+    rows = 1
+    if model.version.max_batch_size > 0 and request.inputs and request.inputs[0].shape:
+        rows = request.inputs[0].shape[0]  # checked against the others when converted
+    expected = model.batcher.expected_ns(rows)
+    return expected is not None and expected < _LOOP_RUN_NS
+
+
 class _Api:
     """The endpoints, over one core and one set of shared-memory regions."""
 
@@ -516,16 +526,6 @@ class _Api:
 
     def _get(self, params: dict[str, Any]) -> Any:
         return self.core.get(params["model"], params.get("version") or None)
-
-    def _quick(self, params: dict[str, Any], request: pb.ModelInferRequest) -> bool:
-        """Whether the model should run ``request`` in under :data:`_LOOP_RUN_NS`: its
-        latest execution's time per row times the request's rows."""
-        model = self._get(params)
-        rows = 1
-        if model.version.max_batch_size > 0 and request.inputs and request.inputs[0].shape:
-            rows = request.inputs[0].shape[0]  # checked against the others when converted
-        expected = model.batcher.expected_ns(rows)
-        return expected is not None and expected < _LOOP_RUN_NS
 
     # health and metadata
 
@@ -608,6 +608,7 @@ class _Api:
 
     async def infer(self, request: Request) -> Response:
         params = request.path_params
+        model = self._get(params)  # an unknown model is 404 whatever the body (Triton)
         length_text = request.headers.get(_HEADER_LENGTH)
         declared = _length(length_text)
         body = await _body(request, self.limit, declared or 0)
@@ -638,7 +639,7 @@ class _Api:
             # run yet) never holds the loop: health checks and other connections do not
             # wait for it.
             await asyncio.sleep(0)
-            inline = self._inferring == 1 and self._quick(params, grpc_request)
+            inline = self._inferring == 1 and _quick(model, grpc_request)
             pending = _v2.submit(
                 self.core,
                 grpc_request,

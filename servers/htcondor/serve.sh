@@ -7,8 +7,11 @@ shift 2
 
 # HTCondor may run several jobs per machine: port 0 lets each server pick free ports, and
 # the "serving ... on grpc://0.0.0.0:PORT" line (printed once the models are loaded) says which.
+# Only the Flight address is published: KServe gRPC and HTTP are off (their default ports would
+# collide between jobs).
 out="$(mktemp)"
-arrowinfer serve "$models" --host 0.0.0.0 --port 0 --kserve-port -1 --metrics-port 0 "$@" >"$out" &
+arrowinfer serve "$models" --host 0.0.0.0 --port 0 --kserve-port -1 --http-port -1 \
+    --metrics-port 0 "$@" >"$out" &
 pid=$!
 url=""
 unpublish() {
