@@ -277,7 +277,7 @@ def parser() -> argparse.ArgumentParser:
         type=int,
         default=8000,
         help="KServe v2 HTTP/REST port (Triton's protocol, for tritonclient.http and curl); "
-        "-1 disables (default: %(default)s)",
+        "-1 disables; not served with --workers N > 1 (default: %(default)s)",
     )
     serve.add_argument(
         "--allow-client-shm",
@@ -313,7 +313,8 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--tls-cert",
         metavar="PEM",
-        help="serve Flight (grpc+tls://) and KServe gRPC over TLS with this certificate (chain)",
+        help="serve Flight (grpc+tls://), KServe gRPC and HTTP (https://) over TLS with this "
+        "certificate (chain)",
     )
     serve.add_argument("--tls-key", metavar="PEM", help="the private key of --tls-cert")
     serve.add_argument(
