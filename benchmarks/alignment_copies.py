@@ -119,7 +119,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             for r in rows
         ),
     ]
-    text = "\n".join(lines) + f"\n\n{markdown(machine)}\n"
+    header = [
+        "# Alignment copies per transport",
+        "",
+        (
+            f"`python -m benchmarks.alignment_copies` ({args.requests} requests per cell, one "
+            "after the other, one server): how often an input reached the model elsewhere than "
+            "at a 64-byte boundary and was copied once to one (the model's `alignment_copies` "
+            "counter), and what a copy cost. 0 means every input was used where it arrived."
+        ),
+        "",
+    ]
+    text = "\n".join(header + lines) + f"\n\n{markdown(machine)}\n"
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "alignment_copies.json").write_text(
         json.dumps({"machine": machine, "rows": rows}, indent=1) + "\n"
