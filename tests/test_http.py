@@ -69,6 +69,11 @@ def client(server: Server) -> Iterator[th.InferenceServerClient]:
         triton.close()
 
 
+def http_server(repository: Path, **options: Any) -> Server:
+    """A real server with only its HTTP front end, on an ephemeral loopback port."""
+    return Server(repository, port=0, kserve_port=None, http_port=0, metrics_port=None, **options)
+
+
 def infer_inputs(arrays: dict[str, np.ndarray], *, binary: bool) -> list[th.InferInput]:
     out = []
     for name, array in arrays.items():
@@ -175,14 +180,7 @@ def test_model_control_is_off_by_default(server: Server) -> None:
 
 
 def test_repository_index_load_unload(example_repository: Path) -> None:
-    with Server(
-        example_repository,
-        port=0,
-        kserve_port=None,
-        http_port=0,
-        metrics_port=None,
-        model_control="explicit",
-    ) as server:
+    with http_server(example_repository, model_control="explicit") as server:
         client = th.InferenceServerClient(f"127.0.0.1:{server.http_port}")
         try:
             index = {e["name"]: e for e in client.get_model_repository_index()}
@@ -464,15 +462,7 @@ def test_bad_requests_are_400(
 
 def test_request_size_is_bounded(example_repository: Path) -> None:
     """Bodies beyond max_request_bytes, compressed or decompressed, are refused."""
-    with Server(
-        example_repository,
-        port=0,
-        kserve_port=None,
-        http_port=0,
-        metrics_port=None,
-        models=["facile"],
-        max_request_bytes=64 * 1024,
-    ) as server:
+    with http_server(example_repository, models=["facile"], max_request_bytes=64 * 1024) as server:
         small = _json_request()
         assert call(server, "POST", "/v2/models/facile/infer", small)[0] == 200
         big = small + b" " * (64 * 1024)
@@ -592,14 +582,7 @@ def test_concurrent_requests_are_batched(example_repository: Path) -> None:
         finally:
             await aio.close()
 
-    with Server(
-        example_repository,
-        port=0,
-        kserve_port=None,
-        http_port=0,
-        metrics_port=None,
-        models=["facile"],
-    ) as server:
+    with http_server(example_repository, models=["facile"]) as server:
         expected = onnxruntime_outputs(server, "facile", arrays)["energy"]
         for result in asyncio.run(asyncio.wait_for(run(), WAIT)):
             np.testing.assert_array_equal(result, expected)
@@ -628,7 +611,7 @@ def test_a_slow_model_never_holds_the_event_loop(tmp_path: Path) -> None:
             ]
         }
     ).encode()
-    with Server(tmp_path, port=0, kserve_port=None, http_port=0, metrics_port=None) as server:
+    with http_server(tmp_path) as server:
         batcher = server.core.get("sleepy").batcher
         assert call(server, "POST", "/v2/models/sleepy/infer", slow)[0] == 200  # now known slow
         expected = batcher.expected_ns(1)
@@ -663,16 +646,8 @@ def test_tls_and_bearer_tokens(example_repository: Path, certificate: tuple[Path
     import ssl
 
     cert, key = certificate
-    with Server(
-        example_repository,
-        port=0,
-        kserve_port=None,
-        http_port=0,
-        metrics_port=None,
-        models=["facile"],
-        tls_cert=cert,
-        tls_key=key,
-        auth_tokens={TOKEN},
+    with http_server(
+        example_repository, models=["facile"], tls_cert=cert, tls_key=key, auth_tokens={TOKEN}
     ) as server:
         context = ssl.create_default_context(cafile=str(cert))
         status, headers, data = call(
