@@ -98,9 +98,9 @@ HTTP_STATUS = {
 
 _HEADER_LENGTH = "Inference-Header-Content-Length"
 
-#: The longest a model's latest execution may have taken for a request of it to run on the
-#: event loop's thread: about three times what the two thread hand-offs it saves cost; a
-#: slower model gains little from it and runs on the batcher's thread.
+#: The longest a request may be expected to take (:func:`_quick`) to run on the event loop's
+#: thread: about three times what the two thread hand-offs it saves cost; a longer one gains
+#: little from it and runs on the batcher's thread.
 _LOOP_RUN_NS = 1_000_000
 
 
@@ -524,7 +524,7 @@ class _Api:
     def _model(self, request: Request) -> Any:
         return self._get(request.path_params)
 
-    def _get(self, params: dict[str, Any]) -> Any:
+    def _get(self, params: dict[str, Any]) -> LoadedModel:
         return self.core.get(params["model"], params.get("version") or None)
 
     # health and metadata
