@@ -460,6 +460,49 @@ def test_bad_requests_are_400(
     assert call(server, "POST", "/v2/models/facile/infer", _json_request())[0] == 200
 
 
+def test_good_clients_beside_bad_ones_get_exact_results(server: Server) -> None:
+    """Well-behaved clients (their requests run alone on the event loop or batched on the
+    batcher's thread, as they happen to arrive) get their own rows, bit for bit, while
+    others send malformed requests to the same model at the same time."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    good_rng = np.random.default_rng(7)
+    requests = [
+        good_rng.normal(size=(int(good_rng.integers(1, 4)), 1024)).astype(np.float32)
+        for _ in range(80)
+    ]
+    one_row = requests[0][:1]
+    body, headers = _binary_request(one_row)
+    too_few = {"name": "INPUT0", "shape": [1, 1024], "datatype": "FP32", "data": [0.5] * 1000}
+    bad = [
+        (body[:-8], headers),  # binary data shorter than its binary_data_size
+        _binary_request(one_row[:, :1023]),  # the wrong shape per entry
+        (json.dumps({"inputs": [too_few]}).encode(), {}),  # fewer values than the shape
+    ]
+
+    def good(x: np.ndarray) -> bool:
+        client = th.InferenceServerClient(
+            f"127.0.0.1:{server.http_port}", connection_timeout=WAIT, network_timeout=WAIT
+        )
+        try:
+            tensor = th.InferInput("INPUT0", list(x.shape), "FP32")
+            tensor.set_data_from_numpy(x, binary_data=True)
+            out = client.infer("identity", [tensor]).as_numpy("OUTPUT0")
+            return out.tobytes() == x.tobytes()
+        finally:
+            client.close()
+
+    def malformed(i: int) -> int:
+        body, extra = bad[i % len(bad)]
+        return call(server, "POST", "/v2/models/identity/infer", body, extra)[0]
+
+    with ThreadPoolExecutor(6) as pool:
+        bad_answers = pool.map(malformed, range(60))
+        good_answers = pool.map(good, requests)
+        assert list(good_answers) == [True] * len(requests)
+        assert list(bad_answers) == [400] * 60
+
+
 def test_request_size_is_bounded(example_repository: Path) -> None:
     """Bodies beyond max_request_bytes, compressed or decompressed, are refused."""
     with http_server(example_repository, models=["facile"], max_request_bytes=64 * 1024) as server:
