@@ -110,15 +110,25 @@ class ModelVersion:
     labels: dict[str, tuple[str, ...]] = field(default_factory=dict, repr=False)
     sha256: str = ""  # of the model file (hex): every result names the file that made it
 
-    @property
+    # read once: every request reads them (a protobuf field; tensor_specs parses metadata)
+    @cached_property
     def max_batch_size(self) -> int:
         return int(self.config.max_batch_size)
 
-    # read once: a request looks its tensors up in them (tensor_specs parses field metadata)
     @cached_property
     def input_specs(self) -> tuple[TensorSpec, ...]:
         """What :attr:`inputs` was made from, in its order."""
         return tuple(tensor_specs(self.inputs))
+
+    @cached_property
+    def mask_spec(self) -> TensorSpec | None:
+        """The mask input (:attr:`mask_input`) as the config declares it; None without one.
+        Not in :attr:`inputs` (the server fills it), but KServe clients may send it."""
+        for entry in self.config.input:
+            if entry.name == self.mask_input:
+                dt = datatype(mc.DataType.Name(entry.data_type))
+                return TensorSpec(entry.name, dt, tuple(int(d) for d in entry.dims))
+        return None
 
     @cached_property
     def output_specs(self) -> tuple[TensorSpec, ...]:

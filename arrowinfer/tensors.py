@@ -37,6 +37,7 @@ a dense tensor per request, every row of one batch with the same shape.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 from collections.abc import Mapping
@@ -294,15 +295,17 @@ def from_numpy(
     array = np.asarray(array)
     if array.ndim == 0:
         raise ValueError("a column needs a batch dimension; got a 0-d array")
-    if array.dtype.kind not in "biufOUS":
+    kind = array.dtype.kind
+    if kind not in "biufOUS":
         raise TypeError(f"not a numeric or string dtype: {array.dtype}")
-    if 0 in array.shape[1:]:
-        raise ValueError(f"per-entry shape {array.shape[1:]} has no values")
+    shape = array.shape[1:]
+    if 0 in shape:
+        raise ValueError(f"per-entry shape {shape} has no values")
     flat = _primitive(np.ascontiguousarray(array).reshape(-1))  # copies non-contiguous input only
-    if array.ndim == 1:
+    if not shape:
         return flat
-    if tensor_type == "fixed_size_list" or is_string(flat.type):
-        for size in reversed(array.shape[1:]):
+    if tensor_type == "fixed_size_list" or kind in "OUS":  # strings: no tensor extension
+        for size in reversed(shape):
             flat = pa.FixedSizeListArray.from_arrays(flat, size)
         return flat
     if tensor_type != "fixed_shape_tensor":
@@ -310,9 +313,15 @@ def from_numpy(
             f"tensor_type must be 'fixed_shape_tensor' or 'fixed_size_list', got {tensor_type!r}"
         )
     # The extension type's storage is one flat fixed_size_list of prod(shape) values.
-    storage = pa.FixedSizeListArray.from_arrays(flat, math.prod(array.shape[1:]))
-    ext = pa.fixed_shape_tensor(flat.type, list(array.shape[1:]))
-    return pa.ExtensionArray.from_storage(ext, storage)
+    storage = pa.FixedSizeListArray.from_arrays(flat, math.prod(shape))
+    return pa.ExtensionArray.from_storage(_tensor_type(flat.type, shape), storage)
+
+
+@functools.lru_cache(maxsize=256)
+def _tensor_type(value_type: pa.DataType, shape: tuple[int, ...]) -> pa.FixedShapeTensorType:
+    """``arrow.fixed_shape_tensor(value_type, shape)``, made once per type and shape (a
+    conversion on every request's path makes one)."""
+    return pa.fixed_shape_tensor(value_type, list(shape))
 
 
 def variable_from_numpy(

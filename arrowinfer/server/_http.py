@@ -54,7 +54,7 @@ import socket
 import struct
 import threading
 import zlib
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -63,6 +63,7 @@ from starlette.applications import Starlette
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 from tritonclient.grpc import service_pb2 as pb
 
 from ..errors import ArrowInferError, InvalidInput, Unsupported, grpc_status
@@ -104,12 +105,17 @@ _HEADER_LENGTH = "Inference-Header-Content-Length"
 _LOOP_RUN_NS = 1_000_000
 
 
-def _error(err: BaseException, what: str) -> JSONResponse:
-    """Triton's error answer: ``{"error": message}`` with the matching HTTP status."""
+def _error_answer(err: BaseException, what: str) -> tuple[int, dict[str, str]]:
+    """Triton's error answer: the HTTP status and the body ``{"error": message}``."""
     if not isinstance(err, ArrowInferError):
         log.error("HTTP %s failed", what, exc_info=err)
     code, message = grpc_status(err)
-    return JSONResponse({"error": message}, status_code=HTTP_STATUS.get(code, 400))
+    return HTTP_STATUS.get(code, 400), {"error": message}
+
+
+def _error(err: BaseException, what: str) -> JSONResponse:
+    status, body = _error_answer(err, what)
+    return JSONResponse(body, status_code=status)
 
 
 Handler = Callable[[Request], Awaitable[Response]]
@@ -131,12 +137,14 @@ def _endpoint(handler: Handler) -> Handler:
     return run
 
 
-def _peer(request: Request) -> Peer:
-    """The client as gRPC writes a peer (``ipv4:127.0.0.1:5000``), for the shm rules."""
-    if request.client is None:
+def _peer(scope: Any) -> Peer:
+    """The client of an ASGI ``scope`` as gRPC writes a peer (``ipv4:127.0.0.1:5000``),
+    for the shm rules."""
+    client = scope.get("client")
+    if client is None:
         return NO_PEER
-    host, port = request.client.host, request.client.port
-    server = request.scope.get("server")
+    host, port = client
+    server = scope.get("server")
     address = f"ipv6:[{host}]:{port}" if ":" in host else f"ipv4:{host}:{port}"
     return Peer(address, int(server[1]) if server and server[1] else None)
 
@@ -153,8 +161,11 @@ def _length(text: str | None) -> int | None:
     return int(text)
 
 
-async def _body(request: Request, limit: int, align_at: int = 0) -> bytes | memoryview:
-    """The request body, decompressed; at most ``limit`` bytes either way.
+async def _body(
+    headers: Mapping[str, str], receive: Receive, limit: int, align_at: int = 0
+) -> bytes | memoryview:
+    """The request body (its ``headers``, ASGI's ``receive``), decompressed; at most
+    ``limit`` bytes either way.
 
     An uncompressed body is joined into one buffer whose byte ``align_at`` (where the
     binary tensor data starts) lies at a multiple of :data:`ALIGNMENT` bytes: onnxruntime
@@ -166,15 +177,23 @@ async def _body(request: Request, limit: int, align_at: int = 0) -> bytes | memo
     ------
     InvalidInput
         Too large, an unknown ``Content-Encoding``, or a body that does not decompress.
+    ClientDisconnect
+        The client went away before the whole body came.
     """
-    declared = _length(request.headers.get("content-length"))
+    declared = _length(headers.get("content-length"))
     if declared is not None and declared > limit:
         raise InvalidInput(
             "the request body is too large", expected=f"at most {limit} bytes", got=declared
         )
-    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+    encoding = headers.get("content-encoding", "identity").strip().lower()
     chunks, size = [], 0
-    async for chunk in request.stream():
+    more = True
+    while more:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnect()
+        chunk = message.get("body", b"")
+        more = message.get("more_body", False)
         size += len(chunk)
         if size > limit:
             raise InvalidInput("the request body is too large", expected=f"at most {limit} bytes")
@@ -219,19 +238,18 @@ def _aligned_join(chunks: list[bytes], size: int, align_at: int) -> memoryview:
 
 
 def _compressed(
-    request: Request, parts: list[bytes | memoryview], headers: dict[str, str]
+    accept: str | None, parts: list[bytes | memoryview], headers: list[tuple[bytes, bytes]]
 ) -> list[bytes | memoryview]:
-    """A body's ``parts`` compressed as the client's ``Accept-Encoding`` asks (gzip, then
-    deflate), as one part."""
-    accepted = {
-        part.split(";")[0].strip().lower()
-        for part in request.headers.get("accept-encoding", "").split(",")
-    }
+    """A body's ``parts`` compressed as the client's ``Accept-Encoding`` (``accept``) asks
+    (gzip, then deflate), as one part; its ``Content-Encoding`` added to ``headers``."""
+    if not accept:
+        return parts
+    accepted = {part.split(";")[0].strip().lower() for part in accept.split(",")}
     if "gzip" in accepted:
-        headers["Content-Encoding"] = "gzip"
+        headers.append((b"content-encoding", b"gzip"))
         compressor = zlib.compressobj(wbits=16 + zlib.MAX_WBITS)
     elif "deflate" in accepted:
-        headers["Content-Encoding"] = "deflate"
+        headers.append((b"content-encoding", b"deflate"))
         compressor = zlib.compressobj()
     else:
         return parts
@@ -464,21 +482,35 @@ def infer_answer(
     return [text, *blobs], (len(text) if blobs else None)
 
 
-class _Body(Response):
-    """A response whose body is sent as its parts, so large outputs are never joined."""
+#: A response body at most this large is sent in one piece (JSON header and outputs
+#: joined: a copy of a few KiB costs less than a write per part); a larger one part by part.
+_JOIN_BELOW = 64 * 1024
 
-    def __init__(self, parts: list[bytes | memoryview], headers: dict[str, str], media: str):
-        super().__init__(b"", headers=headers, media_type=media)
-        self.parts = parts
-        self.headers["content-length"] = str(sum(len(part) for part in parts))
 
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        await send(
-            {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
-        )
-        last = len(self.parts) - 1
-        for i, part in enumerate(self.parts):
+class _Answer(NamedTuple):
+    """An HTTP answer: status, headers besides Content-Length, and the body as its parts."""
+
+    status: int
+    headers: list[tuple[bytes, bytes]]
+    parts: list[bytes | memoryview]
+
+    async def send(self, send: Send) -> None:
+        size = sum(len(part) for part in self.parts)
+        headers = [(b"content-length", b"%d" % size), *self.headers]
+        await send({"type": "http.response.start", "status": self.status, "headers": headers})
+        parts = self.parts
+        if len(parts) > 1 and size <= _JOIN_BELOW:
+            parts = [b"".join(parts)]
+        last = len(parts) - 1
+        for i, part in enumerate(parts):
             await send({"type": "http.response.body", "body": part, "more_body": i < last})
+
+
+_JSON_TYPE = (b"content-type", b"application/json")
+
+
+def _json_answer(status: int, body: Any) -> _Answer:
+    return _Answer(status, [_JSON_TYPE], [json.dumps(body, separators=(",", ":")).encode()])
 
 
 # -- the application ----------------------------------------------------------------------
@@ -519,7 +551,8 @@ class _Api:
         return self.regions
 
     async def _json(self, request: Request, what: str) -> dict[str, Any]:
-        return parse_json(await _body(request, self.limit), what, max_bytes=self.limit)
+        body = await _body(request.headers, request.receive, self.limit)
+        return parse_json(body, what, max_bytes=self.limit)
 
     def _model(self, request: Request) -> Any:
         return self._get(request.path_params)
@@ -580,7 +613,7 @@ class _Api:
 
     async def shm_status(self, request: Request) -> Response:
         name = request.path_params.get("region")
-        return JSONResponse(self._regions().status(_peer(request), name))
+        return JSONResponse(self._regions().status(_peer(request.scope), name))
 
     async def shm_register(self, request: Request) -> Response:
         body = await self._json(request, "the register request")
@@ -594,11 +627,11 @@ class _Api:
             )
         assert isinstance(offset, int)  # for the type checker
         assert isinstance(size, int)
-        regions.register(_peer(request), request.path_params["region"], key, offset, size)
+        regions.register(_peer(request.scope), request.path_params["region"], key, offset, size)
         return Response(status_code=200)
 
     async def shm_unregister(self, request: Request) -> Response:
-        self._regions().unregister(_peer(request), request.path_params.get("region"))
+        self._regions().unregister(_peer(request.scope), request.path_params.get("region"))
         return Response(status_code=200)
 
     async def cuda_shm(self, request: Request) -> Response:
@@ -606,12 +639,15 @@ class _Api:
 
     # inference
 
-    async def infer(self, request: Request) -> Response:
-        params = request.path_params
-        model = self._get(params)  # an unknown model is 404 whatever the body (Triton)
-        length_text = request.headers.get(_HEADER_LENGTH)
+    async def infer(self, scope: Scope, receive: Receive, path: dict[str, str]) -> _Answer:
+        """One inference request: ``path`` holds ``model`` (and ``version``, if given)."""
+        model = self._get(path)  # an unknown model is 404 whatever the body (Triton)
+        headers: dict[str, str] = {}
+        for key, value in scope["headers"]:  # the first of each, as Starlette's Headers
+            headers.setdefault(key.decode("latin-1"), value.decode("latin-1"))
+        length_text = headers.get("inference-header-content-length")
         declared = _length(length_text)
-        body = await _body(request, self.limit, declared or 0)
+        body = await _body(headers, receive, self.limit, declared or 0)
         if length_text is None:
             length = len(body)
         elif declared is not None and declared <= len(body):
@@ -625,9 +661,9 @@ class _Api:
         view = memoryview(body)
         header = parse_json(view[:length], "the inference request", max_bytes=self.limit)
         grpc_request, raw, binary = infer_request(
-            params["model"], params.get("version", ""), header, view[length:]
+            path["model"], path.get("version", ""), header, view[length:]
         )
-        peer = _peer(request)
+        peer = _peer(scope)
         self._inferring += 1
         try:
             # Alone, a quick request runs on this thread when an instance is idle: handing
@@ -644,6 +680,7 @@ class _Api:
                 self.core,
                 grpc_request,
                 None,
+                model=model,
                 regions=self.regions,
                 peer=peer,
                 raw=raw,
@@ -656,21 +693,26 @@ class _Api:
         finally:
             self._inferring -= 1
         parts, header_length = infer_answer(answer, binary)
-        headers: dict[str, str] = {}
-        if header_length is not None:
-            headers[_HEADER_LENGTH] = str(header_length)
-        parts = _compressed(request, parts, headers)
-        media = "application/json" if header_length is None else "application/octet-stream"
-        return _Body(parts, headers, media)
+        if header_length is None:
+            out = [_JSON_TYPE]
+        else:
+            out = [
+                (b"content-type", b"application/octet-stream"),
+                (b"inference-header-content-length", b"%d" % header_length),
+            ]
+        parts = _compressed(headers.get("accept-encoding"), parts, out)
+        return _Answer(200, out, parts)
 
 
 def _routes(api: _Api) -> list[Route]:
     model = "/v2/models/{model}"
     versioned = "/v2/models/{model}/versions/{version}"
+    infer = _Infer(api)
+    # POST never reaches these (_InferenceFirst answers it); other methods get 405
+    out = [
+        Route(path, infer, methods=["POST"]) for path in (model + "/infer", versioned + "/infer")
+    ]
     routes = [
-        # POST never reaches these (_InferenceFirst answers it); other methods get 405
-        (model + "/infer", api.infer, ["POST"]),
-        (versioned + "/infer", api.infer, ["POST"]),
         ("/v2/health/live", api.live, ["GET"]),
         ("/v2/health/ready", api.ready, ["GET"]),
         ("/v2", api.server_metadata, ["GET"]),
@@ -692,7 +734,25 @@ def _routes(api: _Api) -> list[Route]:
             (prefix + "/config", api.model_config, ["GET"]),
             (prefix + "/stats", api.statistics, ["GET"]),
         ]
-    return [Route(path, _endpoint(fn), methods=methods) for path, fn, methods in routes]
+    return out + [Route(path, _endpoint(fn), methods=methods) for path, fn, methods in routes]
+
+
+class _Infer:
+    """ASGI: the inference endpoint, without Starlette's request and response objects
+    (they cost ~50 us per request); errors become Triton's as in :func:`_endpoint`."""
+
+    def __init__(self, api: _Api):
+        self.api = api
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            answer = await self.api.infer(scope, receive, scope["path_params"])
+        except ClientDisconnect:  # gone mid-body: nobody to answer, nothing to log loudly
+            log.debug("HTTP infer: the client went away")
+            return
+        except Exception as err:  # noqa: BLE001 -- the one place its errors become statuses
+            answer = _json_answer(*_error_answer(err, "infer"))
+        await answer.send(send)
 
 
 _INFER_PATH = re.compile(r"/v2/models/(?P<model>[^/]+)(?:/versions/(?P<version>[^/]+))?/infer")
@@ -703,22 +763,21 @@ class _InferenceFirst:
     Starlette's router.
 
     Starlette's error middlewares and its route matching cost ~100 us per request, as
-    much as a small model's run; the endpoint catches its own errors (:func:`_endpoint`),
+    much as a small model's run; the endpoint catches its own errors (:class:`_Infer`),
     so the inference route needs neither. Its path parameters are what the router's
     would be (``model``, and ``version`` when given).
     """
 
-    def __init__(self, app: Any, infer: Handler):
+    def __init__(self, app: Any, infer: _Infer):
         self.app = app
         self.infer = infer
 
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] == "POST":
             match = _INFER_PATH.fullmatch(scope["path"])
             if match is not None:
                 scope["path_params"] = {k: v for k, v in match.groupdict().items() if v}
-                response = await self.infer(Request(scope, receive))
-                await response(scope, receive, send)
+                await self.infer(scope, receive, send)
                 return
         await self.app(scope, receive, send)
 
@@ -764,7 +823,7 @@ def application(
 
     app.add_exception_handler(404, not_found)
     app.add_exception_handler(405, not_allowed)
-    first = _InferenceFirst(app, _endpoint(api.infer))
+    first = _InferenceFirst(app, _Infer(api))
     return _Auth(first, check) if check is not None else first
 
 
@@ -850,6 +909,9 @@ def start_http(
         ssl_certfile=os.fspath(tls_cert) if tls_cert is not None else None,
         ssl_keyfile=os.fspath(tls_key) if tls_key is not None else None,
         timeout_graceful_shutdown=5,
+        # Triton sends neither; each is a header to check and write on every response
+        server_header=False,
+        date_header=False,
     )
     server = uvicorn.Server(config)
     started = threading.Event()

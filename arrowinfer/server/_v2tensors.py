@@ -15,14 +15,13 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import pyarrow as pa
-from tritonclient.grpc import model_config_pb2 as mc
 from tritonclient.grpc import service_pb2 as pb
 
 from ..batching import Completed
 from ..errors import InvalidInput
 from ..protocol import SERVER_TIMES
 from ..repository import ModelVersion
-from ..schema import TensorSpec, datatype, to_column
+from ..schema import TensorSpec, to_column
 from ..tensors import Ragged, layout, ragged_to_numpy, to_numpy
 from ._v2memory import NO_PEER, Peer, SystemRegions
 
@@ -87,7 +86,7 @@ def shm_place(
         Shared-memory parameters without a server that serves regions, or without the
         region's name and byte size.
     """
-    if not any(key in params for key in _SHM_PARAMETERS):
+    if not params or not any(key in params for key in _SHM_PARAMETERS):
         return None
     if regions is None:
         raise InvalidInput(
@@ -115,6 +114,8 @@ def shm_place(
 
 def _dims_match(expected: tuple[int, ...], got: tuple[int, ...]) -> bool:
     """Triton's rule: equal dims, ``-1`` taking any size >= 0."""
+    if expected == got:
+        return True
     if expected in ((), (1,)) and got in ((), (1,)):
         return True
     return len(expected) == len(got) and all(
@@ -289,7 +290,7 @@ def request_batch(
     name = version.name
     fields = {f.name: f for f in version.inputs}
     specs = {s.name: s for s in version.input_specs}
-    mask_spec = _mask_spec(version)
+    mask_spec = version.mask_spec
     if mask_spec is not None:
         specs[mask_spec.name] = mask_spec
     places = [shm_place(t.parameters, regions, model=name, tensor=t.name) for t in request.inputs]
@@ -381,15 +382,6 @@ def request_batch(
             got=f"{count} rows",
         )
     return pa.RecordBatch.from_arrays(columns, names=names)
-
-
-def _mask_spec(version: ModelVersion) -> TensorSpec | None:
-    """The mask input as the model config declares it: KServe clients may send it."""
-    for entry in version.config.input:
-        if entry.name == version.mask_input:
-            dt = datatype(mc.DataType.Name(entry.data_type))
-            return TensorSpec(entry.name, dt, tuple(int(d) for d in entry.dims))
-    return None
 
 
 def _counts(version: ModelVersion, arrays: dict[str, np.ndarray]) -> np.ndarray | None:
