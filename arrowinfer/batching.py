@@ -48,7 +48,7 @@ import itertools
 import logging
 import threading
 import time
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -449,7 +449,7 @@ class DynamicBatcher:
                 err = ServerError(f"model {self.model.name!r}: execution failed: {err}")
             self._fail(live[0], err)
             return
-        counters = Counter(backend.take_counters())
+        counters = backend.take_counters()
         rows = sum(r.batch.num_rows for r in live)
         self.statistics.record_execution(rows, timings)
         self._last_run = (sum(timings), rows)
@@ -462,7 +462,8 @@ class DynamicBatcher:
             if entries:  # the client warns its user; the statistics count it
                 cut = {"truncated_entries": entries, "truncated_items": items}
                 metadata.update(cut)
-                counters.update(cut)
+                for key, value in cut.items():
+                    counters[key] = counters.get(key, 0) + value
             done = Completed(result, start - request.enqueued_ns, *timings, metadata=metadata)
             finished.append((request, done))
         # counted before any result is given: whoever has a result sees it in the statistics

@@ -119,6 +119,10 @@ def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
+# made once: json.loads with a keyword argument builds a decoder on every call
+_DECODER = json.JSONDecoder(parse_constant=_no_constant)
+
+
 def _depth(value: Any) -> int:
     """The nesting depth of a parsed JSON value (iterative: no recursion limit to hit)."""
     deepest, stack = 0, [(value, 1)]
@@ -159,7 +163,7 @@ def parse_json(
         raise InvalidInput(f"{what} is too large", expected=f"at most {max_bytes} bytes", got=size)
     raw = data.to_pybytes() if isinstance(data, pa.Buffer) else bytes(data)
     try:
-        value = json.loads(raw.decode("utf-8"), parse_constant=_no_constant)
+        value = _DECODER.decode(raw.decode("utf-8"))
     except UnicodeDecodeError as err:
         raise InvalidInput(f"{what} is not UTF-8: {err.reason} at byte {err.start}") from None
     except RecursionError:
@@ -172,8 +176,8 @@ def parse_json(
         raise InvalidInput(
             f"{what} must be a JSON object", expected="object", got=type(value).__name__
         )
-    depth = _depth(value)
-    if depth > MAX_JSON_DEPTH:
+    # a value is nested no deeper than the text has brackets: most need no walk
+    if raw.count(b"[") + raw.count(b"{") > MAX_JSON_DEPTH and _depth(value) > MAX_JSON_DEPTH:
         raise InvalidInput(
             f"{what} is nested too deeply", expected=f"at most {MAX_JSON_DEPTH}", got="more"
         )

@@ -356,27 +356,6 @@ def validate(
         dense input with variable dims that differ in shape), nulls. A request of zero rows
         is valid (its result has zero rows).
     """
-    names = set(batch.schema.names)
-    expected_names = set(schema.names)
-    omitted = [f.name for f in schema if f.name not in names and _optional(f)]
-    missing = [n for n in schema.names if n not in names and n not in omitted]
-    if missing:
-        raise InvalidInput(
-            f"missing input column(s) {missing}",
-            model=model,
-            expected=schema.names,
-            got=batch.schema.names,
-        )
-    extra = [n for n in batch.schema.names if n not in expected_names]
-    if extra:
-        raise InvalidInput(
-            f"unexpected column(s) {extra}",
-            model=model,
-            expected=schema.names,
-            got=batch.schema.names,
-        )
-    if len(set(batch.schema.names)) != len(batch.schema.names):
-        raise InvalidInput("duplicate column names", model=model, got=batch.schema.names)
     if max_rows is not None and batch.num_rows > max_rows:
         raise InvalidInput(
             "too many rows in one request",
@@ -384,7 +363,9 @@ def validate(
             expected=f"<= {max_rows} rows",
             got=f"{batch.num_rows} rows",
         )
-    canonical = batch.schema.equals(schema)  # what our clients send: types need no check
+    # what our clients send: every input, in order, of the model's types (a cheap compare)
+    canonical = batch.schema.equals(schema)
+    omitted = [] if canonical else _check_names(batch.schema, schema, model)
     # requests that leave out different optional inputs cannot share a batch either
     shapes: dict[str, tuple[int, ...] | None] = dict.fromkeys(omitted)
     for field in schema:
@@ -441,6 +422,32 @@ def validate(
                 got=describe(got),
             )
     return tuple(shapes.items())
+
+
+def _check_names(got: pa.Schema, schema: pa.Schema, model: str) -> list[str]:
+    """The optional inputs a request leaves out.
+
+    Raises
+    ------
+    InvalidInput
+        Missing (required), unexpected or duplicate columns.
+    """
+    names = set(got.names)
+    omitted = [f.name for f in schema if f.name not in names and _optional(f)]
+    missing = [n for n in schema.names if n not in names and n not in omitted]
+    if missing:
+        raise InvalidInput(
+            f"missing input column(s) {missing}", model=model, expected=schema.names, got=got.names
+        )
+    expected_names = set(schema.names)
+    extra = [n for n in got.names if n not in expected_names]
+    if extra:
+        raise InvalidInput(
+            f"unexpected column(s) {extra}", model=model, expected=schema.names, got=got.names
+        )
+    if len(names) != len(got.names):
+        raise InvalidInput("duplicate column names", model=model, got=got.names)
+    return omitted
 
 
 def _entry_shape(

@@ -677,7 +677,7 @@ def test_infer_answer_serializes_as_protobuf_does(
     whole = pb.ModelInferResponse()
     whole.CopyFrom(message)
     whole.raw_output_contents.extend(payloads)
-    answer = InferAnswer(message, [memoryview(p) for p in payloads])
+    answer = InferAnswer(message, [memoryview(p) for p in payloads], dict(params))
     assert pb.ModelInferResponse.FromString(answer.serialize()) == whole
     if len(params) < 2:  # a map's entries may be written in any order
         assert answer.serialize() == whole.SerializeToString()

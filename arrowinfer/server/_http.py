@@ -45,7 +45,6 @@ Inference
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import math
 import os
@@ -67,7 +66,7 @@ from starlette.types import Receive, Scope, Send
 from tritonclient.grpc import service_pb2 as pb
 
 from ..errors import ArrowInferError, InvalidInput, Unsupported, grpc_status
-from ..protocol import parse_json
+from ..protocol import dump_json, parse_json
 from ..schema import datatype
 from ..tensors import ALIGNMENT
 from . import _v2
@@ -451,14 +450,14 @@ def infer_answer(
     the socket, not joined). The length is None when no output is binary (the body is the
     JSON alone).
     """
-    response, payloads = answer
+    response, payloads, parameters = answer
     header: dict[str, Any] = {
         "model_name": response.model_name,
         "model_version": response.model_version,
     }
     if response.id:
         header["id"] = response.id
-    header["parameters"] = {k: _parameter(v) for k, v in response.parameters.items()}
+    header["parameters"] = parameters
     outputs, blobs = [], []
     for tensor, raw in zip(response.outputs, payloads, strict=True):
         entry: dict[str, Any] = {
@@ -478,7 +477,7 @@ def infer_answer(
             entry["data"] = np.frombuffer(raw, dtype=dt).tolist()
         outputs.append(entry)
     header["outputs"] = outputs
-    text = json.dumps(header, separators=(",", ":")).encode()
+    text = dump_json(header)
     return [text, *blobs], (len(text) if blobs else None)
 
 
@@ -510,7 +509,7 @@ _JSON_TYPE = (b"content-type", b"application/json")
 
 
 def _json_answer(status: int, body: Any) -> _Answer:
-    return _Answer(status, [_JSON_TYPE], [json.dumps(body, separators=(",", ":")).encode()])
+    return _Answer(status, [_JSON_TYPE], [dump_json(body)])
 
 
 # -- the application ----------------------------------------------------------------------

@@ -144,7 +144,7 @@ def input_array(
         raise InvalidInput(
             "wrong datatype", model=model, input=spec.name, expected=dt.kserve, got=tensor.datatype
         )
-    shape = tuple(int(d) for d in tensor.shape)
+    shape = tuple(tensor.shape)  # protobuf int64s: Python ints
     per_entry = shape[1:] if batching else shape
     if (
         (batching and not shape)
@@ -288,7 +288,6 @@ def request_batch(
         that is not the peer's or lies outside its region.
     """
     name = version.name
-    fields = {f.name: f for f in version.inputs}
     specs = {s.name: s for s in version.input_specs}
     mask_spec = version.mask_spec
     if mask_spec is not None:
@@ -356,14 +355,13 @@ def request_batch(
     for input_name, array in arrays.items():
         if mask_spec is not None and input_name == mask_spec.name:
             continue  # the server makes the mask from the counts, as for Flight requests
-        field = fields[input_name]
         data: np.ndarray | Ragged = array
         if input_name in version.ragged_inputs:
             data = _unpadded(array, counts)
         names.append(input_name)
-        columns.append(to_column(field, data))
+        columns.append(to_column(version.inputs.field(input_name), data))
     if not columns:
-        raise InvalidInput("the request has no inputs", model=name, expected=list(fields))
+        raise InvalidInput("the request has no inputs", model=name, expected=version.inputs.names)
     rows = {len(c) for c in columns}
     if len(rows) > 1:
         raise InvalidInput(
@@ -381,7 +379,11 @@ def request_batch(
             expected=f"<= {limit} rows (or parameter {SPLIT_PARAMETER}: true in the config)",
             got=f"{count} rows",
         )
-    return pa.RecordBatch.from_arrays(columns, names=names)
+    # the model's own fields (nullability included): the core then needs no type check
+    schema = version.inputs
+    if names != schema.names:
+        schema = pa.schema([schema.field(n) for n in names])
+    return pa.RecordBatch.from_arrays(columns, schema=schema)
 
 
 def _counts(version: ModelVersion, arrays: dict[str, np.ndarray]) -> np.ndarray | None:
@@ -531,6 +533,8 @@ class InferAnswer(NamedTuple):
 
     message: pb.ModelInferResponse
     payloads: list[bytes | memoryview]
+    #: ``message.parameters`` as JSON values (int or str), for the HTTP front end
+    parameters: dict[str, int | str]
 
     def serialize(self) -> bytes:
         parts: list[bytes | memoryview] = [self.message.SerializeToString()]
@@ -656,11 +660,12 @@ def infer_response(
         payloads.append(
             _place_output(tensor, payload, params.get(spec.name), regions, peer, version)
         )
-    for key in SERVER_TIMES:
-        response.parameters[key].int64_param = getattr(done, key)
+    parameters: dict[str, int | str] = {key: getattr(done, key) for key in SERVER_TIMES}
     for key, value in done.metadata.items():  # provenance, truncation
+        parameters[key] = value if isinstance(value, int) else str(value)
+    for key, value in parameters.items():
         if isinstance(value, int):
             response.parameters[key].int64_param = value
         else:
-            response.parameters[key].string_param = str(value)
-    return InferAnswer(response, payloads)
+            response.parameters[key].string_param = value
+    return InferAnswer(response, payloads, parameters)
