@@ -200,6 +200,8 @@ def to_column(field: pa.Field, data: np.ndarray | Ragged) -> pa.Array:
 
     No copies (as :func:`arrowinfer.tensors.from_numpy`); shapes are reshaped as views.
     """
+    if type(field.type) is pa.FixedShapeTensorType and isinstance(data, np.ndarray):
+        return from_numpy(data.reshape((len(data), *field.type.shape)))  # the common case
     want = layout(field.type)
     if want.ragged and (isinstance(data, Ragged) or _declared_ragged(field)):
         if not isinstance(data, Ragged):
