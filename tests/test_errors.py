@@ -18,6 +18,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import tritonclient.grpc as tg
+from hypothesis import given
+from hypothesis import strategies as st
 from pyarrow import flight
 from tritonclient.utils import InferenceServerException
 
@@ -290,6 +292,37 @@ def test_bad_json_metadata_is_invalid_input(data: bytes, words: str) -> None:
         protocol.parse_json(data, "metadata")
     with pytest.raises(InvalidInput, match=words):
         protocol.parse_json(pa.py_buffer(data), "metadata")
+
+
+def _nesting(value: Any) -> int:
+    """A JSON value's nesting depth, recursively: the reference for parse_json's limit."""
+    if isinstance(value, dict):
+        return 1 + max(map(_nesting, value.values()), default=0)
+    if isinstance(value, list):
+        return 1 + max(map(_nesting, value), default=0)
+    return 0
+
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(alphabet="[]{}x\"\\", max_size=4),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=3), inner),
+    max_leaves=60,
+)
+
+
+@given(value=_JSON, wrap=st.integers(0, protocol.MAX_JSON_DEPTH + 2))
+def test_json_depth_limit_is_exact(value: Any, wrap: int) -> None:
+    """Refused exactly when nested deeper than MAX_JSON_DEPTH, whatever brackets its strings
+    hold (parse_json skips the walk when the text has too few brackets to be that deep)."""
+    for _ in range(wrap):
+        value = [value]
+    message = {"a": value}
+    data = json.dumps(message).encode()
+    if _nesting(message) > protocol.MAX_JSON_DEPTH:
+        with pytest.raises(InvalidInput, match="too deeply"):
+            protocol.parse_json(data)
+    else:
+        assert protocol.parse_json(data) == message
 
 
 def test_json_metadata_and_control_messages() -> None:

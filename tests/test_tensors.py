@@ -138,6 +138,33 @@ def test_chunked_arrays() -> None:
     np.testing.assert_array_equal(tensors.to_numpy(two), array)  # combined: a copy
 
 
+@given(data=st.data())
+def test_fixed_shape_tensor_over_a_sliced_child(data: st.DataObject) -> None:
+    """A fixed_shape_tensor whose storage lies at an offset in its child, sliced again,
+    with a null before or after the rows it covers: the same view as the general path
+    (the fast path of to_numpy must never read outside its rows, nor refuse them)."""
+    rows = data.draw(st.integers(1, 5))
+    size = data.draw(st.integers(1, 4))
+    lead = data.draw(st.integers(0, 3))
+    values = np.arange(lead + rows * size + 2, dtype=np.float32)
+    nulls = np.zeros(len(values), dtype=bool)
+    if data.draw(st.booleans()):
+        nulls[data.draw(st.sampled_from([0, len(values) - 1]))] = True
+    child = pa.array(values, mask=nulls).slice(lead, rows * size)
+    tensor = pa.ExtensionArray.from_storage(
+        pa.fixed_shape_tensor(pa.float32(), [size]), pa.FixedSizeListArray.from_arrays(child, size)
+    )
+    start = data.draw(st.integers(0, rows - 1))
+    column = tensor.slice(start, rows - start)
+    expected = values[lead:].reshape(-1)[: rows * size].reshape(rows, size)[start:]
+    covered = nulls[lead + start * size : lead + rows * size]
+    if covered.any():
+        with pytest.raises(ValueError, match="nulls"):
+            tensors.to_numpy(column)
+    else:
+        np.testing.assert_array_equal(tensors.to_numpy(column), expected)
+
+
 def test_nulls_are_refused() -> None:
     with pytest.raises(ValueError, match="1 nulls"):
         tensors.to_numpy(pa.array([1.0, None, 3.0]))
