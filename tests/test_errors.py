@@ -304,18 +304,21 @@ def _nesting(value: Any) -> int:
 
 
 _JSON = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.text(alphabet="[]{}x\"\\", max_size=4),
+    st.none() | st.booleans() | st.integers() | st.text(alphabet='[]{}x"\\', max_size=4),
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=3), inner),
     max_leaves=60,
 )
 
 
-@given(value=_JSON, wrap=st.integers(0, protocol.MAX_JSON_DEPTH + 2))
-def test_json_depth_limit_is_exact(value: Any, wrap: int) -> None:
-    """Refused exactly when nested deeper than MAX_JSON_DEPTH, whatever brackets its strings
-    hold (parse_json skips the walk when the text has too few brackets to be that deep)."""
-    for _ in range(wrap):
-        value = [value]
+@given(value=_JSON, data=st.data())
+def test_json_depth_limit_is_exact(value: Any, data: st.DataObject) -> None:
+    """Refused exactly when nested deeper than MAX_JSON_DEPTH (lists and objects alike),
+    whatever brackets its strings hold (parse_json skips the walk when the text has too
+    few brackets to be that deep)."""
+    around = data.draw(st.integers(0, protocol.MAX_JSON_DEPTH + 2))  # depths near the limit
+    wraps = data.draw(st.lists(st.sampled_from("[{"), min_size=around, max_size=around))
+    for bracket in wraps:
+        value = [value] if bracket == "[" else {"k": value}
     message = {"a": value}
     data = json.dumps(message).encode()
     if _nesting(message) > protocol.MAX_JSON_DEPTH:
