@@ -314,7 +314,7 @@ def from_numpy(
         )
     # The extension type's storage is one flat fixed_size_list of prod(shape) values.
     storage = pa.FixedSizeListArray.from_arrays(flat, math.prod(shape))
-    return pa.ExtensionArray.from_storage(_tensor_type(flat.type, shape), storage)
+    return _tensor_type(flat.type, shape).wrap_array(storage)
 
 
 @functools.lru_cache(maxsize=256)
