@@ -21,6 +21,7 @@ import urllib.error
 import urllib.request
 import zlib
 from collections.abc import Iterator
+from http.client import HTTPConnection
 from pathlib import Path
 from typing import Any
 
@@ -544,6 +545,23 @@ def test_memory_follows_the_body_not_its_declared_length(server: Server) -> None
     finally:
         for sock in held:
             sock.close()
+
+
+def test_an_idle_connection_outlives_uvicorns_default_keep_alive(server: Server) -> None:
+    """A connection idle for longer than uvicorn's default keep-alive (5 s) still answers:
+    tritonclient.http does not retry a POST that crosses the server's close, so clients
+    that pause about that long between requests failed with "connection closed". The
+    pause is the point of the test, not a wait for a condition."""
+    http = HTTPConnection("127.0.0.1", server.http_port, timeout=WAIT)
+    try:
+        for pause in (0.0, 6.0):
+            threading.Event().wait(pause)
+            http.request("POST", "/v2/models/facile/infer", _json_request())
+            response = http.getresponse()
+            assert response.status == 200, response.read()
+            assert json.loads(response.read())["outputs"]
+    finally:
+        http.close()
 
 
 def test_a_client_gone_mid_body_is_no_error(
