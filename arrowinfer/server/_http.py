@@ -499,7 +499,7 @@ class _Answer(NamedTuple):
     headers: list[tuple[bytes, bytes]]
     parts: list[bytes | memoryview]
 
-    async def send(self, send: Send) -> None:
+    async def send_to(self, send: Send) -> None:
         size = sum(len(part) for part in self.parts)
         headers = [(b"content-length", b"%d" % size), *self.headers]
         await send({"type": "http.response.start", "status": self.status, "headers": headers})
@@ -744,7 +744,8 @@ def _routes(api: _Api) -> list[Route]:
 
 class _Infer:
     """ASGI: the inference endpoint, without Starlette's request and response objects
-    (they cost ~50 us per request); errors become Triton's as in :func:`_endpoint`."""
+    (work on every request that this route does not need); errors become Triton's as in
+    :func:`_endpoint`."""
 
     def __init__(self, api: _Api):
         self.api = api
@@ -757,7 +758,7 @@ class _Infer:
             return
         except Exception as err:  # noqa: BLE001 -- the one place its errors become statuses
             answer = _json_answer(*_error_answer(err, "infer"))
-        await answer.send(send)
+        await answer.send_to(send)
 
 
 _INFER_PATH = re.compile(r"/v2/models/(?P<model>[^/]+)(?:/versions/(?P<version>[^/]+))?/infer")
