@@ -128,12 +128,11 @@ def _depth(value: Any) -> int:
     deepest, stack = 0, [(value, 1)]
     while stack:
         item, depth = stack.pop()
-        if isinstance(item, dict):
-            item = list(item.values())
-        if isinstance(item, list):
-            deepest = max(deepest, depth)
-            if depth <= MAX_JSON_DEPTH:
-                stack.extend((child, depth + 1) for child in item)
+        deepest = max(deepest, depth)
+        if depth <= MAX_JSON_DEPTH:
+            children = item.values() if isinstance(item, dict) else item
+            # containers only: a list of a million numbers is one entry, not a million
+            stack.extend((c, depth + 1) for c in children if isinstance(c, (dict, list)))
     return deepest
 
 

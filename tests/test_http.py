@@ -398,6 +398,11 @@ def _json_request(**tensor: Any) -> bytes:
     return json.dumps({"inputs": [{**base, **tensor}]}).encode()
 
 
+def _with(**request: Any) -> bytes:
+    """A good facile request with these request-level fields added."""
+    return json.dumps({**json.loads(_json_request()), **request}).encode()
+
+
 @pytest.mark.parametrize(
     ("body", "headers", "words"),
     [
@@ -429,6 +434,12 @@ def _json_request(**tensor: Any) -> bytes:
             {},
             ["no inputs"],
         ),
+        # JSON allows what protobuf cannot hold: the client's error (400), not a 500
+        (_json_request(name="\ud800"), {}, ["cannot carry"]),
+        (_json_request(shape=[2**63, 15]), {}, ["cannot carry"]),
+        (_with(id="\ud800"), {}, ["cannot carry"]),
+        (_with(parameters={"p": "\udc00"}), {}, ["cannot carry"]),
+        (_with(parameters={"priority": 10**20}), {}, ["cannot carry"]),
     ],
     ids=[
         "bad-json",
@@ -447,6 +458,11 @@ def _json_request(**tensor: Any) -> bytes:
         "gzip-trailing-data",
         "unknown-encoding",
         "no-inputs",
+        "surrogate-name",
+        "shape-beyond-int64",
+        "surrogate-id",
+        "surrogate-parameter",
+        "parameter-beyond-int64",
     ],
 )
 def test_bad_requests_are_400(

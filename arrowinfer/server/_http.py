@@ -362,6 +362,25 @@ def infer_request(
 ) -> tuple[pb.ModelInferRequest, list[bytes | memoryview], BinaryOutputs]:
     """The gRPC request a JSON inference header (and its binary part) describes.
 
+    As :func:`_infer_request`; a value protobuf cannot hold (a string with a lone UTF-16
+    surrogate, which JSON allows and UTF-8 does not; an integer beyond 64 bits) is the
+    client's error, not the server's.
+    """
+    try:
+        return _infer_request(model, version, header, binary)
+    except InvalidInput:
+        raise
+    except (ValueError, UnicodeEncodeError) as err:
+        raise InvalidInput(
+            f"the inference request has a value KServe cannot carry: {err}"
+        ) from None
+
+
+def _infer_request(
+    model: str, version: str, header: dict[str, Any], binary: memoryview
+) -> tuple[pb.ModelInferRequest, list[bytes | memoryview], BinaryOutputs]:
+    """The gRPC request a JSON inference header (and its binary part) describes.
+
     Returns the request (without data), each input's data not in shared memory, in order
     (binary data as views of ``binary``, not copies; JSON data as bytes), and which
     outputs go back as binary data.
