@@ -124,11 +124,8 @@ class ModelVersion:
     def mask_spec(self) -> TensorSpec | None:
         """The mask input (:attr:`mask_input`) as the config declares it; None without one.
         Not in :attr:`inputs` (the server fills it), but KServe clients may send it."""
-        for entry in self.config.input:
-            if entry.name == self.mask_input:
-                dt = datatype(mc.DataType.Name(entry.data_type))
-                return TensorSpec(entry.name, dt, tuple(int(d) for d in entry.dims))
-        return None
+        entries = [e for e in self.config.input if e.name == self.mask_input]
+        return _specs(entries, set())[0] if entries else None
 
     @cached_property
     def output_specs(self) -> tuple[TensorSpec, ...]:

@@ -59,6 +59,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import pyarrow as pa
 from starlette.applications import Starlette
+from starlette.datastructures import Headers
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -666,9 +667,7 @@ class _Api:
     async def infer(self, scope: Scope, receive: Receive, path: dict[str, str]) -> _Answer:
         """One inference request: ``path`` holds ``model`` (and ``version``, if given)."""
         model = self._get(path)  # an unknown model is 404 whatever the body (Triton)
-        headers: dict[str, str] = {}
-        for key, value in scope["headers"]:  # the first of each, as Starlette's Headers
-            headers.setdefault(key.decode("latin-1"), value.decode("latin-1"))
+        headers = Headers(scope=scope)
         length_text = headers.get("inference-header-content-length")
         declared = _length(length_text)
         body = await _body(headers, receive, self.limit, declared or 0)
