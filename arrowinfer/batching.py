@@ -59,6 +59,7 @@ import pyarrow as pa
 
 from .backends import Backend
 from .backends.base import truncation
+from .dense import AnyBatch, DenseBatch
 from .errors import ArrowInferError, ServerBusy, ServerError, ServerUnavailable
 from .repository import ModelVersion
 from .statistics import COUNTERS, ModelStatistics
@@ -80,7 +81,7 @@ class Completed(NamedTuple):
     the request's ragged inputs, ``truncated_entries`` and ``truncated_items``.
     """
 
-    batch: pa.RecordBatch
+    batch: AnyBatch  # a DenseBatch for a DenseBatch request, whose outputs it holds
     queue_ns: int
     compute_input_ns: int
     compute_infer_ns: int
@@ -90,7 +91,7 @@ class Completed(NamedTuple):
 
 @dataclass(eq=False)
 class _Request:
-    batch: pa.RecordBatch
+    batch: AnyBatch
     future: Future[Completed]
     enqueued_ns: int
     shapes: tuple[Any, ...] = ()  # concrete shapes of variable inputs: the merge key
@@ -212,7 +213,7 @@ class DynamicBatcher:
 
     def submit(
         self,
-        batch: pa.RecordBatch,
+        batch: AnyBatch,
         *,
         shapes: tuple[Any, ...] = (),
         priority: int = 0,
@@ -537,7 +538,7 @@ def _provenance(model: ModelVersion, backend: Backend) -> dict[str, Any]:
     }
 
 
-def _check_results(model: str, live: list[_Request], results: list[pa.RecordBatch]) -> None:
+def _check_results(model: str, live: list[_Request], results: list[AnyBatch]) -> None:
     """One result per request, each with its request's rows, whatever the backend."""
     if len(results) != len(live):
         raise ServerError(f"model {model!r}: {len(results)} results for {len(live)} requests")
@@ -568,7 +569,7 @@ def _joined(futures: list[Future[Completed]]) -> Future[Completed]:
         parts = [f.result() for f in futures]
         out.set_result(
             Completed(
-                pa.concat_batches([p.batch for p in parts]),
+                _concat([p.batch for p in parts]),
                 queue_ns=max(p.queue_ns for p in parts),
                 compute_input_ns=sum(p.compute_input_ns for p in parts),
                 compute_infer_ns=sum(p.compute_infer_ns for p in parts),
@@ -580,6 +581,11 @@ def _joined(futures: list[Future[Completed]]) -> Future[Completed]:
     for future in futures:
         future.add_done_callback(one_done)
     return out
+
+
+def _concat(batches: list[AnyBatch]) -> AnyBatch:
+    dense = [b for b in batches if isinstance(b, DenseBatch)]
+    return DenseBatch.concat(dense) if len(dense) == len(batches) else pa.concat_batches(batches)
 
 
 def _joined_metadata(parts: list[Mapping[str, Any]]) -> dict[str, Any]:

@@ -128,6 +128,15 @@ class ModelVersion:
         return _specs(entries, set())[0] if entries else None
 
     @cached_property
+    def dense_inputs(self) -> bool:
+        """Whether every input is a dense number tensor: no strings, no ragged inputs (so
+        no mask), no ragged batching. Such a model takes KServe's tensors as they are
+        (:class:`arrowinfer.dense.DenseBatch`); the others need the Arrow path."""
+        return not (
+            self.ragged_inputs or self.mask_input or self.ragged_batch_inputs or self.batch_inputs
+        ) and all(s.datatype.kserve != "BYTES" for s in self.input_specs)
+
+    @cached_property
     def output_specs(self) -> tuple[TensorSpec, ...]:
         """What :attr:`outputs` was made from, in its order."""
         return tuple(tensor_specs(self.outputs))

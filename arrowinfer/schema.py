@@ -55,6 +55,7 @@ __all__ = [
     "Datatype",
     "TensorSpec",
     "check_data",
+    "check_rows",
     "datatype",
     "describe",
     "signature",
@@ -322,6 +323,23 @@ def check_data(
         raise InvalidInput(f"the request's Arrow data is malformed: {err}", model=model) from None
 
 
+def check_rows(rows: int, max_rows: int | None, *, model: str) -> None:
+    """Refuse a request of more than ``max_rows`` rows (None: no limit).
+
+    Raises
+    ------
+    InvalidInput
+        Naming the model, the limit and the rows.
+    """
+    if max_rows is not None and rows > max_rows:
+        raise InvalidInput(
+            "too many rows in one request",
+            model=model,
+            expected=f"<= {max_rows} rows",
+            got=f"{rows} rows",
+        )
+
+
 def validate(
     batch: pa.RecordBatch | pa.Table,
     schema: pa.Schema,
@@ -358,13 +376,7 @@ def validate(
         dense input with variable dims that differ in shape), nulls. A request of zero rows
         is valid (its result has zero rows).
     """
-    if max_rows is not None and batch.num_rows > max_rows:
-        raise InvalidInput(
-            "too many rows in one request",
-            model=model,
-            expected=f"<= {max_rows} rows",
-            got=f"{batch.num_rows} rows",
-        )
+    check_rows(batch.num_rows, max_rows, model=model)
     # what our clients send: every input, in order, of the model's types (a cheap compare)
     canonical = batch.schema.equals(schema)
     omitted = [] if canonical else _check_names(batch.schema, schema, model)

@@ -26,6 +26,7 @@ from tritonclient.utils import InferenceServerException
 from arrowinfer import errors, protocol, tensors
 from arrowinfer.client import Client, FlightTransport
 from arrowinfer.client._stream import map_flight_errors
+from arrowinfer.dense import DenseBatch
 from arrowinfer.errors import (
     STATUS_CODES,
     ArrowInferError,
@@ -94,8 +95,9 @@ def failing(example_repository: Path) -> Iterator[Server]:
     with Server(example_repository, port=0, kserve_port=0, metrics_port=None) as server:
         model = server.core.get("identity", None)
 
-        def execute(batch_list: Sequence[pa.RecordBatch]) -> Any:
-            values = tensors.to_numpy(batch_list[0].column("INPUT0"))
+        def execute(batch_list: Sequence[pa.RecordBatch | DenseBatch]) -> Any:
+            column = batch_list[0].column("INPUT0")  # KServe's requests come dense
+            values = column if isinstance(column, np.ndarray) else tensors.to_numpy(column)
             raise ERRORS[int(values[0, 0])]
 
         # fault injection at the backend: everything above it (batcher, front ends,

@@ -1,9 +1,10 @@
 """The backend interface, small enough for a CPU and a GPU backend side by side.
 
-A backend takes a list of requests (record batches already validated against the model's
-input signature) and returns one result batch per request, like a Triton backend's
-``execute(requests) -> responses``: whether requests are merged on the host or assembled on
-a device is the backend's business.
+A backend takes a list of requests (record batches, or the KServe front ends' dense tensors
+as :class:`~arrowinfer.dense.DenseBatch`, already validated against the model's input
+signature) and returns one result per request, of its request's kind, like a Triton
+backend's ``execute(requests) -> responses``: whether requests are merged on the host or
+assembled on a device is the backend's business.
 
 Also here, shared by every backend and the batcher: the 64-byte alignment of the arrays a
 model reads (:func:`aligned`), the check that a batched output keeps the batch dimension
@@ -22,6 +23,7 @@ import numpy as np
 import pyarrow as pa
 
 from .. import tensors
+from ..dense import AnyBatch
 from ..errors import ServerError
 from ..repository import ModelVersion
 from ..tensors import ALIGNMENT
@@ -69,7 +71,7 @@ class Backend(abc.ABC):
         self.counters: dict[str, int] = {}
 
     @abc.abstractmethod
-    def execute(self, requests: Sequence[pa.RecordBatch]) -> tuple[list[pa.RecordBatch], Timings]:
+    def execute(self, requests: Sequence[AnyBatch]) -> tuple[list[AnyBatch], Timings]:
         """Run the model over the requests as one batch; one result per request, in order.
 
         Each result has the model's output signature and the row count of its request.
@@ -155,7 +157,7 @@ def _ragged_size(model: ModelVersion, name: str) -> int:
     return int(dims[0])
 
 
-def truncation(model: ModelVersion, batch: pa.RecordBatch) -> Truncation:
+def truncation(model: ModelVersion, batch: AnyBatch) -> Truncation:
     """What padding to the model's fixed size cuts from one request's ragged inputs."""
     if not model.ragged_inputs or batch.num_rows == 0:
         return Truncation(0, 0)

@@ -42,6 +42,7 @@ import pyarrow as pa
 from tritonclient.grpc import model_config_pb2 as mc
 
 from .. import tensors
+from ..dense import AnyBatch, DenseBatch
 from ..errors import InvalidInput, ModelError
 from ..repository import ModelVersion
 from ..schema import datatype
@@ -651,7 +652,11 @@ class DeviceBackend(Backend):
         with self.xp.cuda.Device(self.device_id):
             yield
 
-    def execute(self, requests: Sequence[pa.RecordBatch]) -> tuple[list[pa.RecordBatch], Timings]:
+    def execute(self, requests: Sequence[AnyBatch]) -> tuple[list[AnyBatch], Timings]:
+        # the assembler reads Arrow buffers: KServe's dense tensors become a record batch
+        requests = [
+            r.to_arrow(self.model.inputs) if isinstance(r, DenseBatch) else r for r in requests
+        ]
         rows = [r.num_rows for r in requests]
         with self._context():
             t0 = time.perf_counter_ns()

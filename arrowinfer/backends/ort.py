@@ -22,7 +22,8 @@ from onnxruntime.capi import onnxruntime_pybind11_state as _ort_state
 from tritonclient.grpc import model_config_pb2 as mc
 
 from .. import tensors
-from ..errors import InvalidInput, ModelError
+from ..dense import AnyBatch, DenseBatch
+from ..errors import InvalidInput, ModelError, ServerError
 from ..repository import ModelVersion
 from ..schema import datatype, to_column
 from .base import ALIGNMENT, Backend, Timings, aligned_empty, check_batch_dimension
@@ -170,12 +171,16 @@ def batch_input(kind: str, counts: np.ndarray, dtype: np.dtype) -> np.ndarray:
 
 
 def _merged(
-    model: ModelVersion, requests: Sequence[pa.RecordBatch], name: str
-) -> pa.Array | pa.ChunkedArray:
+    model: ModelVersion, requests: Sequence[AnyBatch], name: str
+) -> pa.Array | pa.ChunkedArray | np.ndarray:
     """One input column over all requests: Arrow concatenates them in C++ (one copy)."""
     columns = [r.column(name) for r in requests]
     if len(columns) == 1:
         return columns[0]
+    if any(isinstance(c, np.ndarray) for c in columns):  # dense tensors (beside Arrow ones)
+        arrays = [_dense(model, name, c) for c in columns]
+        entry = arrays[0].shape[1:]  # the batcher merged only requests of one entry shape
+        return np.concatenate([a.reshape((len(a), *entry)) for a in arrays])
     if all(c.type == columns[0].type for c in columns[1:]):
         return pa.concat_arrays(columns)
     # Forms that validate() accepts as equal (fixed_shape_tensor or nested fixed_size_list,
@@ -195,9 +200,7 @@ def _merged(
     )
 
 
-def _ragged_columns(
-    model: ModelVersion, requests: Sequence[pa.RecordBatch]
-) -> dict[str, tensors.Ragged]:
+def _ragged_columns(model: ModelVersion, requests: Sequence[AnyBatch]) -> dict[str, tensors.Ragged]:
     """The ragged inputs of all requests, which must have the same items per entry."""
     out = {
         name: tensors.ragged_to_numpy(_merged(model, requests, name))
@@ -216,7 +219,7 @@ def _ragged_columns(
 
 def assemble_inputs(
     model: ModelVersion,
-    requests: Sequence[pa.RecordBatch],
+    requests: Sequence[AnyBatch],
     *,
     plan: Sequence[PlannedInput] | None = None,
 ) -> dict[str, np.ndarray]:
@@ -242,7 +245,7 @@ def assemble_inputs(
     feeds: dict[str, np.ndarray] = {}
     elements: dict[str, np.ndarray] = {}  # values per row of each ragged-batch input
     makers = {b.target: b for b in model.batch_inputs}
-    given = set(requests[0].schema.names)  # the batcher merged requests that agree on it
+    given = set(requests[0].column_names)  # the batcher merged requests that agree on it
     for name, dtype, shape, kind in plan or input_plan(model):
         if kind == "dense" and name not in given:
             continue  # an optional input left out: the graph's default (its initializer)
@@ -288,8 +291,12 @@ def _text(model: ModelVersion, name: str, array: np.ndarray) -> np.ndarray:
     return np.array(text, dtype=object).reshape(array.shape)
 
 
-def _dense(model: ModelVersion, name: str, column: pa.Array | pa.ChunkedArray) -> np.ndarray:
+def _dense(
+    model: ModelVersion, name: str, column: pa.Array | pa.ChunkedArray | np.ndarray
+) -> np.ndarray:
     """A column as a dense block; a list column only if every entry has the same length."""
+    if isinstance(column, np.ndarray):  # a DenseBatch's
+        return column
     if not tensors.layout(column.type).ragged:
         return tensors.to_numpy(column)
     ragged = tensors.ragged_to_numpy(column)
@@ -338,6 +345,56 @@ def split_outputs(
         results.append(whole.slice(start, n))
         start += n
     return results
+
+
+def request_results(
+    model: ModelVersion, outputs: dict[str, np.ndarray], requests: Sequence[AnyBatch]
+) -> list[AnyBatch]:
+    """Each request's result, of its request's kind: a :class:`DenseBatch` of views of its
+    rows of the outputs (no Arrow: the KServe front ends send the bytes as they are), or a
+    record batch (:func:`split_outputs`).
+
+    Raises
+    ------
+    ServerError
+        For a DenseBatch request, an output whose dtype or size per entry is not the
+        config's (the record batch path refuses them when it converts).
+    """
+    rows = [r.num_rows for r in requests]
+    dense = [isinstance(r, DenseBatch) for r in requests]
+    if not any(dense):
+        return split_outputs(model, outputs, rows)
+    _check_dense_outputs(model, outputs)
+    arrow = [] if all(dense) else split_outputs(model, outputs, rows)
+    results: list[AnyBatch] = []
+    start = 0
+    for i, n in enumerate(rows):
+        if not dense[i]:
+            results.append(arrow[i])
+        elif model.max_batch_size == 0:  # one entry: the batch dimension added, as Arrow's
+            results.append(DenseBatch({k: v[np.newaxis] for k, v in outputs.items()}))
+        else:
+            results.append(DenseBatch({k: v[start : start + n] for k, v in outputs.items()}))
+        start += n
+    return results
+
+
+def _check_dense_outputs(model: ModelVersion, outputs: dict[str, np.ndarray]) -> None:
+    for spec in model.output_specs:
+        value = outputs[spec.name]
+        entry = value.shape[1:] if model.max_batch_size > 0 else value.shape
+        if -1 in spec.shape:
+            fits = len(entry) == len(spec.shape) and all(
+                d in (-1, g) for d, g in zip(spec.shape, entry, strict=True)
+            )
+        else:
+            fits = math.prod(entry) == math.prod(spec.shape)
+        if value.dtype != spec.datatype.numpy or not fits:
+            raise ServerError(
+                f"model {model.name!r}: output {spec.name!r} is {value.dtype} of "
+                f"{list(entry)} per entry; the config says {spec.datatype.kserve} of "
+                f"{list(spec.shape)}"
+            )
 
 
 def output_column(field: pa.Field, value: np.ndarray) -> pa.Array:
@@ -428,7 +485,7 @@ class OnnxRuntimeBackend(Backend):
             if o.HasField("reshape") and -1 not in o.dims
         }
 
-    def execute(self, requests: Sequence[pa.RecordBatch]) -> tuple[list[pa.RecordBatch], Timings]:
+    def execute(self, requests: Sequence[AnyBatch]) -> tuple[list[AnyBatch], Timings]:
         if self.fixed_rows:
             return self._execute_invariant(requests)
         t0 = time.perf_counter_ns()
@@ -437,7 +494,7 @@ class OnnxRuntimeBackend(Backend):
         outputs = self._run(feeds)
         t2 = time.perf_counter_ns()
         check_batch_dimension(self.model, outputs, sum(r.num_rows for r in requests))
-        results = split_outputs(self.model, outputs, [r.num_rows for r in requests])
+        results = request_results(self.model, outputs, requests)
         t3 = time.perf_counter_ns()
         return results, Timings(t1 - t0, t2 - t1, t3 - t2)
 
@@ -450,9 +507,7 @@ class OnnxRuntimeBackend(Backend):
             outputs[name] = value.reshape(((len(value),) if self._batching else ()) + dims)
         return outputs
 
-    def _execute_invariant(
-        self, requests: Sequence[pa.RecordBatch]
-    ) -> tuple[list[pa.RecordBatch], Timings]:
+    def _execute_invariant(self, requests: Sequence[AnyBatch]) -> tuple[list[AnyBatch], Timings]:
         """``arrowinfer.batch_invariant``: executions of ``fixed_rows`` rows each, every
         request starting at a 64-byte aligned row of every input, as it would alone.
 
@@ -493,13 +548,11 @@ class OnnxRuntimeBackend(Backend):
             name: slices[0][name] if len(slices) == 1 else np.concatenate([o[name] for o in slices])
             for name in slices[0]
         }
-        schema = self.model.outputs
         results = [
-            pa.RecordBatch.from_arrays(
-                [output_column(f, joined[f.name][start : start + n]) for f in schema],
-                schema=schema,
-            )
-            for start, n in zip(starts, counts, strict=True)
+            request_results(
+                self.model, {k: v[start : start + n] for k, v in joined.items()}, [request]
+            )[0]
+            for start, n, request in zip(starts, counts, requests, strict=True)
         ]
         t3 = time.perf_counter_ns()
         return results, Timings(t1 - t0, t2 - t1, t3 - t2)

@@ -15,11 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
 from google.protobuf import json_format
 
 from ..backends import create_backend
 from ..batching import Completed, DynamicBatcher
+from ..dense import AnyBatch, DenseBatch, validate_dense
 from ..errors import InvalidInput, ModelError, ModelNotFound, ServerError, ServerUnavailable
 from ..repository import ModelVersion, Repository, default_warmup, warmup_requests
 from ..schema import check_data, validate
@@ -284,7 +284,7 @@ class InferenceCore:
     def submit(
         self,
         model: LoadedModel,
-        batch: pa.RecordBatch,
+        batch: AnyBatch,
         *,
         draining: bool = False,
         priority: int = 0,
@@ -295,7 +295,8 @@ class InferenceCore:
 
         Every front end comes through here, and nothing reads the request's buffers before:
         first :func:`~arrowinfer.schema.check_data` (lengths, offsets and buffer sizes
-        agree), then the model's signature (:func:`~arrowinfer.schema.validate`).
+        agree), then the model's signature (:func:`~arrowinfer.schema.validate`; for the
+        KServe front ends' dense tensors, :func:`~arrowinfer.dense.validate_dense`).
         ``draining=True`` accepts it while the server stops (not ready, models still
         loaded): a request on a stream that was open before the stop began. ``priority``
         and ``timeout_us`` are the request's, in Triton's meaning (see
@@ -312,7 +313,9 @@ class InferenceCore:
             raise ServerUnavailable("the server is not ready (starting or shutting down)")
         version = model.version
         max_rows = version.max_request_rows if version.max_batch_size > 0 else 1
-        check_data(batch, version.inputs, model=version.name)
+        dense = isinstance(batch, DenseBatch)
+        if not dense:
+            check_data(batch, version.inputs, model=version.name)
         size = batch.nbytes  # what the server holds for it (checked: buffers are real)
         if size > model.max_request_bytes:
             raise InvalidInput(
@@ -321,7 +324,14 @@ class InferenceCore:
                 expected=f"<= {model.max_request_bytes} bytes of data",
                 got=f"{size} bytes",
             )
-        shapes = validate(batch, version.inputs, model=version.name, max_rows=max_rows)
+        if dense:
+            if not version.dense_inputs:  # a front end's mistake: the backend needs Arrow
+                raise ServerError(f"model {version.name!r} does not take dense tensors")
+            shapes = validate_dense(
+                batch, version.input_specs, model=version.name, max_rows=max_rows
+            )
+        else:
+            shapes = validate(batch, version.inputs, model=version.name, max_rows=max_rows)
         if batch.num_rows == 0:  # an event without jets: no rows back, the model not run
             empty: Future[Completed] = Future()
             empty.set_result(model.batcher.empty())

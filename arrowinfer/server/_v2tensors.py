@@ -18,6 +18,7 @@ import pyarrow as pa
 from tritonclient.grpc import service_pb2 as pb
 
 from ..batching import Completed
+from ..dense import DenseBatch
 from ..errors import InvalidInput
 from ..protocol import SERVER_TIMES
 from ..repository import ModelVersion
@@ -272,8 +273,11 @@ def request_batch(
     regions: SystemRegions | None = None,
     peer: Peer = NO_PEER,
     raw_contents: Sequence[bytes | memoryview] | None = None,
-) -> pa.RecordBatch:
-    """A v2 request as the Arrow record batch the core takes (one column per input).
+) -> pa.RecordBatch | DenseBatch:
+    """A v2 request as the batch the core takes: its tensors as they are (a
+    :class:`~arrowinfer.dense.DenseBatch`) for a model whose inputs are all dense numbers
+    (:attr:`~arrowinfer.repository.ModelVersion.dense_inputs`), else an Arrow record batch
+    (one column per input).
 
     An input in system shared memory (``shared_memory_*`` parameters) is read from the
     peer's region (``regions``); ``raw_input_contents`` then holds the other inputs' data,
@@ -350,24 +354,16 @@ def request_batch(
             model=name,
             got={n: len(a) for n, a in arrays.items()},
         )
-    names: list[str] = []
-    columns: list[pa.Array] = []
-    for input_name, array in arrays.items():
-        if mask_spec is not None and input_name == mask_spec.name:
-            continue  # the server makes the mask from the counts, as for Flight requests
-        data: np.ndarray | Ragged = array
-        if input_name in version.ragged_inputs:
-            data = _unpadded(array, counts)
-        names.append(input_name)
-        columns.append(to_column(version.inputs.field(input_name), data))
-    if not columns:
+    if mask_spec is not None:
+        arrays.pop(mask_spec.name, None)  # the server makes it from the counts, as for Flight
+    if not arrays:
         raise InvalidInput("the request has no inputs", model=name, expected=version.inputs.names)
-    rows = {len(c) for c in columns}
+    rows = {len(a) for a in arrays.values()}
     if len(rows) > 1:
         raise InvalidInput(
             "inputs have different batch sizes",
             model=name,
-            got=dict(zip(names, (len(c) for c in columns), strict=True)),
+            got={n: len(a) for n, a in arrays.items()},
         )
     (count,) = rows
     limit = version.max_batch_size
@@ -379,10 +375,19 @@ def request_batch(
             expected=f"<= {limit} rows (or parameter {SPLIT_PARAMETER}: true in the config)",
             got=f"{count} rows",
         )
+    if version.dense_inputs:  # the tensors as they are: no Arrow to build and take apart
+        return DenseBatch(arrays)
+    columns = [
+        to_column(
+            version.inputs.field(n),
+            _unpadded(a, counts) if n in version.ragged_inputs else a,
+        )
+        for n, a in arrays.items()
+    ]
     # the model's own fields (nullability included): the core then needs no type check
     schema = version.inputs
-    if names != schema.names:
-        schema = pa.schema([schema.field(n) for n in names])
+    if list(arrays) != schema.names:
+        schema = pa.schema([schema.field(n) for n in arrays])
     return pa.RecordBatch.from_arrays(columns, schema=schema)
 
 
@@ -553,7 +558,11 @@ def _bytes_tensor(items: list[bytes]) -> bytes:
     return b"".join(len(item).to_bytes(4, "little") + item for item in items)
 
 
-def _output_array(column: pa.Array | pa.ChunkedArray, name: str, model: str) -> np.ndarray:
+def _output_array(
+    column: pa.Array | pa.ChunkedArray | np.ndarray, name: str, model: str
+) -> np.ndarray:
+    if isinstance(column, np.ndarray):  # a DenseBatch's result
+        return column
     if not layout(column.type).ragged:
         return to_numpy(column)
     ragged = ragged_to_numpy(column)  # a variable output dimension: fine if all rows agree
