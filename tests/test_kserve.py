@@ -28,7 +28,7 @@ from tritonclient.utils import InferenceServerException
 from arrowinfer.client import Client
 from arrowinfer.examples import IR_VERSION, OPSET
 from arrowinfer.server import Server
-from arrowinfer.server._v2tensors import InferAnswer
+from arrowinfer.server._v2tensors import InferAnswer, OutputTensor
 from arrowinfer.tensors import Ragged, to_numpy
 
 WAIT = 30.0  # seconds any one answer may take: bounds every test, never a sleep
@@ -669,15 +669,19 @@ def test_infer_answer_serializes_as_protobuf_does(
     are protobuf's own serialization of the whole message, alone and inside a stream's
     response (length prefixes of every size: payloads up to 300 bytes cross one byte of
     varint)."""
-    message = pb.ModelInferResponse(model_name=name, model_version=version, id=request_id)
+    whole = pb.ModelInferResponse(model_name=name, model_version=version, id=request_id)
     for key, value in params.items():
-        message.parameters[key].int64_param = value
+        whole.parameters[key].int64_param = value
+    outputs = []
     for i, _ in enumerate(payloads):
-        message.outputs.add(name=f"out{i}", datatype="UINT8", shape=[1])
-    whole = pb.ModelInferResponse()
-    whole.CopyFrom(message)
+        placed: dict[str, int | str] = {"shared_memory_region": name} if i == 1 else {}
+        outputs.append(OutputTensor(f"out{i}", "UINT8", [1], placed))
+        tensor = whole.outputs.add(name=f"out{i}", datatype="UINT8", shape=[1])
+        if placed:
+            tensor.parameters["shared_memory_region"].string_param = name
     whole.raw_output_contents.extend(payloads)
-    answer = InferAnswer(message, [memoryview(p) for p in payloads], dict(params))
+    views = [memoryview(p) for p in payloads]
+    answer = InferAnswer(name, version, request_id, outputs, views, dict(params))
     assert pb.ModelInferResponse.FromString(answer.serialize()) == whole
     if len(params) < 2:  # a map's entries may be written in any order
         assert answer.serialize() == whole.SerializeToString()

@@ -452,12 +452,6 @@ def _infer_request(
     return request, raw, BinaryOutputs(binary_default, binary_outputs)
 
 
-def _parameter(param: Any) -> Any:
-    """A protobuf ``InferParameter`` as its JSON value (int, bool, float or string)."""
-    which = param.WhichOneof("parameter_choice")
-    return getattr(param, which) if which else None
-
-
 def _strings(raw: bytes) -> list[str]:
     out, at = [], 0
     while at + 4 <= len(raw):
@@ -476,23 +470,22 @@ def infer_answer(
     the socket, not joined). The length is None when no output is binary (the body is the
     JSON alone).
     """
-    response, payloads, parameters = answer
     header: dict[str, Any] = {
-        "model_name": response.model_name,
-        "model_version": response.model_version,
+        "model_name": answer.model_name,
+        "model_version": answer.model_version,
     }
-    if response.id:
-        header["id"] = response.id
-    header["parameters"] = parameters
+    if answer.id:
+        header["id"] = answer.id
+    header["parameters"] = answer.parameters
     outputs, blobs = [], []
-    for tensor, raw in zip(response.outputs, payloads, strict=True):
+    for tensor, raw in zip(answer.outputs, answer.payloads, strict=True):
         entry: dict[str, Any] = {
             "name": tensor.name,
             "datatype": tensor.datatype,
-            "shape": list(tensor.shape),
+            "shape": tensor.shape,
         }
-        if "shared_memory_region" in tensor.parameters:
-            entry["parameters"] = {k: _parameter(v) for k, v in tensor.parameters.items()}
+        if tensor.parameters:  # where it lies in shared memory
+            entry["parameters"] = tensor.parameters
         elif binary(tensor.name):
             entry["parameters"] = {"binary_data_size": len(raw)}
             blobs.append(raw)

@@ -1,4 +1,6 @@
-"""KServe v2 tensors (protobuf) <-> Arrow record batches, for the v2 front ends.
+"""KServe v2 tensors (protobuf) -> the core's batches (dense tensors, or Arrow where the
+model needs it), and results -> answers (values the front ends serialize), for the v2
+front ends.
 
 Kept apart from the gRPC servicer, as KServe's own Python server keeps its conversion
 apart, so that an HTTP/REST front end of the same protocol shares it. The rules (shapes,
@@ -29,6 +31,7 @@ from ._v2memory import NO_PEER, Peer, SystemRegions
 __all__ = [
     "SPLIT_PARAMETER",
     "InferAnswer",
+    "OutputTensor",
     "infer_response",
     "input_array",
     "request_batch",
@@ -525,24 +528,58 @@ _RAW_OUTPUT_KEY = b"\x32"
 _STREAM_RESPONSE_KEY = b"\x12"
 
 
-class InferAnswer(NamedTuple):
-    """A ``ModelInferResponse`` whose ``raw_output_contents`` are kept out of the message
-    until it is serialized, as views of the outputs.
+class OutputTensor(NamedTuple):
+    """One output of an answer: what ``ModelInferResponse.InferOutputTensor`` holds."""
 
-    protobuf's serializer copies a large bytes field several times (upb: 6.4 ms for one
-    4 MB output, against 0.4 ms for a join); here they are written after the message's
-    other fields, which protobuf's wire format allows (fields in any order, repeated ones
-    appended): the bytes equal ``SerializeToString`` of the full message
-    (``tests/test_kserve.py``).
-    """
-
-    message: pb.ModelInferResponse
-    payloads: list[bytes | memoryview]
-    #: ``message.parameters`` as JSON values (int or str), for the HTTP front end
+    name: str
+    datatype: str  # KServe's, e.g. FP32
+    shape: list[int]
+    #: where it lies in system shared memory (``shared_memory_region``, ...); else empty
     parameters: dict[str, int | str]
 
+
+def _set_parameters(target: Any, parameters: dict[str, int | str]) -> None:
+    for key, value in parameters.items():
+        if isinstance(value, int):
+            target[key].int64_param = value
+        else:
+            target[key].string_param = value
+
+
+class InferAnswer(NamedTuple):
+    """A ``ModelInferResponse`` as values, its outputs' bytes (``payloads``) as views of
+    the outputs; the HTTP front end writes JSON from the values, the gRPC one protobuf.
+
+    protobuf's serializer copies a large bytes field several times (upb: 6.4 ms for one
+    4 MB output, against 0.4 ms for a join): :meth:`serialize` writes the
+    ``raw_output_contents`` after the message's other fields, which protobuf's wire format
+    allows (fields in any order, repeated ones appended); the bytes equal
+    ``SerializeToString`` of the full message (``tests/test_kserve.py``).
+    """
+
+    model_name: str
+    model_version: str
+    id: str
+    outputs: list[OutputTensor]
+    payloads: list[bytes | memoryview]
+    #: the server-side times and the provenance (int or str)
+    parameters: dict[str, int | str]
+
+    def message(self) -> pb.ModelInferResponse:
+        """The protobuf message without its ``raw_output_contents``."""
+        response = pb.ModelInferResponse(
+            model_name=self.model_name, model_version=self.model_version, id=self.id
+        )
+        for output in self.outputs:
+            tensor = response.outputs.add(
+                name=output.name, datatype=output.datatype, shape=output.shape
+            )
+            _set_parameters(tensor.parameters, output.parameters)
+        _set_parameters(response.parameters, self.parameters)
+        return response
+
     def serialize(self) -> bytes:
-        parts: list[bytes | memoryview] = [self.message.SerializeToString()]
+        parts: list[bytes | memoryview] = [self.message().SerializeToString()]
         for payload in self.payloads:
             parts += [_RAW_OUTPUT_KEY, _varint(len(payload)), payload]
         return b"".join(parts)
@@ -577,41 +614,44 @@ def _output_array(
 
 
 def _place_output(
-    tensor: pb.ModelInferResponse.InferOutputTensor,
+    name: str,
     payload: bytes | memoryview,
     params: Any,
     regions: SystemRegions | None,
     peer: Peer,
     version: ModelVersion,
-) -> bytes | memoryview:
+) -> tuple[bytes | memoryview, dict[str, int | str]]:
     """An output's raw data for the response, or written into its shared-memory place
-    (then ``b""``, which keeps the raw outputs in step with the outputs).
+    (then ``b""``, which keeps the raw outputs in step with the outputs); and the output's
+    parameters, which say where it was written.
 
     Raises
     ------
     InvalidInput
         The output does not fit its place.
     """
-    place = shm_place(params or {}, regions, model=version.name, tensor=tensor.name)
+    place = shm_place(params or {}, regions, model=version.name, tensor=name)
     if place is None:
-        return payload
+        return payload, {}
     size = len(payload)
     if size > place.byte_size:
         raise InvalidInput(
             "the output does not fit its shared_memory_byte_size",
             model=version.name,
-            input=tensor.name,
+            input=name,
             expected=size,
             got=place.byte_size,
         )
     assert regions is not None  # shm_place refused it otherwise
-    with _naming(version.name, tensor.name):
+    with _naming(version.name, name):
         regions.write(peer, place.region, place.offset, payload)
-    tensor.parameters["shared_memory_region"].string_param = place.region
-    tensor.parameters["shared_memory_byte_size"].int64_param = size
+    where: dict[str, int | str] = {
+        "shared_memory_region": place.region,
+        "shared_memory_byte_size": size,
+    }
     if place.offset:
-        tensor.parameters["shared_memory_offset"].int64_param = place.offset
-    return b""
+        where["shared_memory_offset"] = place.offset
+    return b"", where
 
 
 def infer_response(
@@ -639,42 +679,36 @@ def infer_response(
         An output has a different length per row (a KServe tensor cannot hold it), or
         does not fit its shared-memory place.
     """
-    response = pb.ModelInferResponse(
-        model_name=version.name, model_version=str(version.version), id=request.id
-    )
     batching = version.max_batch_size > 0
     params = {r.name: r.parameters for r in request.outputs}
     classes = {o.name: _class_count(o, version.name) for o in request.outputs}
+    described: list[OutputTensor] = []
     payloads: list[bytes | memoryview] = []
     for spec in outputs:
         array = _output_array(done.batch.column(spec.name), spec.name, version.name)
+        kserve = spec.datatype.kserve
+        payload: bytes | memoryview
         if classes.get(spec.name):
             items = _classified(array, classes[spec.name], version.labels.get(spec.name, ()))
             per_row = len(items) // max(len(array), 1)
             shape = [len(array), per_row] if batching else [per_row]
-            tensor = response.outputs.add(name=spec.name, datatype="BYTES", shape=shape)
-            payload: bytes | memoryview = _bytes_tensor(items)
-            payloads.append(
-                _place_output(tensor, payload, params.get(spec.name), regions, peer, version)
-            )
-            continue
-        entry = spec.shape if all(d >= 0 for d in spec.shape) else array.shape[1:]
-        shape = [len(array), *entry] if batching else list(entry)
-        tensor = response.outputs.add(name=spec.name, datatype=spec.datatype.kserve, shape=shape)
-        if array.dtype == object:  # strings: KServe's length-prefixed BYTES elements
-            items = [v.encode() if isinstance(v, str) else bytes(v) for v in array.reshape(-1)]
-            payload = _bytes_tensor(items)
+            kserve, payload = "BYTES", _bytes_tensor(items)
         else:
-            payload = np.ascontiguousarray(array).view(np.uint8).reshape(-1).data
-        payloads.append(
-            _place_output(tensor, payload, params.get(spec.name), regions, peer, version)
+            entry = spec.shape if all(d >= 0 for d in spec.shape) else array.shape[1:]
+            shape = [len(array), *entry] if batching else list(entry)
+            if array.dtype == object:  # strings: KServe's length-prefixed BYTES elements
+                items = [v.encode() if isinstance(v, str) else bytes(v) for v in array.reshape(-1)]
+                payload = _bytes_tensor(items)
+            else:
+                payload = np.ascontiguousarray(array).view(np.uint8).reshape(-1).data
+        payload, where = _place_output(
+            spec.name, payload, params.get(spec.name), regions, peer, version
         )
+        described.append(OutputTensor(spec.name, kserve, shape, where))
+        payloads.append(payload)
     parameters: dict[str, int | str] = {key: getattr(done, key) for key in SERVER_TIMES}
     for key, value in done.metadata.items():  # provenance, truncation
         parameters[key] = value if isinstance(value, int) else str(value)
-    for key, value in parameters.items():
-        if isinstance(value, int):
-            response.parameters[key].int64_param = value
-        else:
-            response.parameters[key].string_param = value
-    return InferAnswer(response, payloads, parameters)
+    return InferAnswer(
+        version.name, str(version.version), request.id, described, payloads, parameters
+    )
