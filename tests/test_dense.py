@@ -242,3 +242,15 @@ def test_dense_requests_from_many_threads_get_their_own_rows(batcher: DynamicBat
     futures: list[Future[Completed]] = [batcher.submit(dense(v)) for v in sent]
     for values, future in zip(sent, futures, strict=True):
         assert values_of(future.result(WAIT).batch).tobytes() == values.tobytes()
+
+
+def test_merged_dense_requests_reach_onnxruntime_without_an_alignment_copy(
+    fixed: ModelVersion,
+) -> None:
+    """Concatenated into aligned memory, as Arrow's concatenation is (docs/reproducibility.md)."""
+    backend = OnnxRuntimeBackend(fixed)
+    rng = np.random.default_rng(3)
+    for _ in range(20):  # numpy's own allocations are 64-byte aligned only by chance
+        requests = [dense(rng.standard_normal((1, 3, 2), dtype=np.float32)) for _ in range(3)]
+        backend.execute(requests)
+    assert backend.take_counters().get("alignment_copies", 0) == 0

@@ -180,7 +180,9 @@ def _merged(
     if any(isinstance(c, np.ndarray) for c in columns):  # dense tensors (beside Arrow ones)
         arrays = [_dense(model, name, c) for c in columns]
         entry = arrays[0].shape[1:]  # the batcher merged only requests of one entry shape
-        return np.concatenate([a.reshape((len(a), *entry)) for a in arrays])
+        # into aligned memory, as Arrow's concatenation: onnxruntime takes it as it is
+        out = aligned_empty((sum(len(a) for a in arrays), *entry), arrays[0].dtype)
+        return np.concatenate([a.reshape((len(a), *entry)) for a in arrays], out=out)
     if all(c.type == columns[0].type for c in columns[1:]):
         return pa.concat_arrays(columns)
     # Forms that validate() accepts as equal (fixed_shape_tensor or nested fixed_size_list,
