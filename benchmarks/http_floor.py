@@ -7,9 +7,12 @@ a JSON answer. It checks nothing, batches nothing, counts nothing: not a server 
 should run, only the bound on what arrowinfer's Python path could reach with the same
 libraries. Every server is driven by the same client (``arrowinfer bench``'s tritonclient.http
 submit, one client per thread) at 1 to 32 requests in flight, 4 KB and 256 KB per request;
-the ratios are best over concurrency, as in ``targets.md``.
+the ratios are best over concurrency, as in ``targets.md``. ``--repeat N`` runs the whole
+sweep N times (every cell of each server beside the same cell of the others, each time):
+one run's ratio moves by +-10 % on a shared 2-core machine, so each ratio is given for
+every repetition and as their median.
 
-Usage: ``python benchmarks/http_floor.py [--triton-http-url HOST:PORT] [--out DIR]``
+Usage: ``python benchmarks/http_floor.py [--triton-http-url HOST:PORT] [--repeat N] [--out DIR]``
 (``--serve PORT MODEL_ONNX`` runs the floor server itself).
 """
 
@@ -97,6 +100,7 @@ def _port() -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--triton-http-url", metavar="HOST:PORT")
+    parser.add_argument("--repeat", type=int, default=1, metavar="N")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     parser.add_argument("--serve", nargs=2, metavar=("PORT", "MODEL"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -105,7 +109,7 @@ def main() -> None:
         return
     repository = one_intra_op_thread(write_example_repository(Path(tempfile.mkdtemp()) / "repo"))
     rows: list[Measurement] = []
-    best: dict[tuple[str, str], float] = {}
+    best: dict[tuple[int, str, str], float] = {}  # (repetition, server, payload)
     with contextlib.ExitStack() as stack:
         http_port, floor_port = _port(), _port()
         ours, _ = stack.enter_context(arrowinfer_server(repository, "--http-port", str(http_port)))
@@ -119,57 +123,74 @@ def main() -> None:
         }
         if args.triton_http_url:  # its identity takes one flat tensor; its CPU is elsewhere
             servers["triton-http"] = (args.triton_http_url, (), True)
-        for label, n in SIZES.items():
+        cells = [(r, label, c) for r in range(args.repeat) for label in SIZES for c in CONCURRENCY]
+        for repetition, label, concurrency in cells:
+            n = SIZES[label]
             x = np.random.default_rng(n).random((n, ROW_BYTES // 4), dtype=np.float32)
-            for concurrency in CONCURRENCY:
-                for name, (url, pids, flat) in servers.items():
-                    sent = x.reshape(-1) if flat else x
-                    submit, cleanup = _kserve_http(
-                        url, "identity", sent, "INPUT0", "OUTPUT0", binary=True
+            for name, (url, pids, flat) in servers.items():
+                sent = x.reshape(-1) if flat else x
+                submit, cleanup = _kserve_http(
+                    url, "identity", sent, "INPUT0", "OUTPUT0", binary=True
+                )
+
+                def same(result: object, sent: np.ndarray = sent) -> None:
+                    if not np.array_equal(np.asarray(result), sent):
+                        raise AssertionError("identity returned different values")
+
+                try:
+                    m = measure(
+                        f"{name} identity {label}",
+                        _checked(submit, same),
+                        server_pids=pids,
+                        concurrency=concurrency,
+                        rows=n,
+                        payload_bytes=n * ROW_BYTES,
                     )
-
-                    def same(result: object, sent: np.ndarray = sent) -> None:
-                        if not np.array_equal(np.asarray(result), sent):
-                            raise AssertionError("identity returned different values")
-
-                    try:
-                        m = measure(
-                            f"{name} identity {label}",
-                            _checked(submit, same),
-                            server_pids=pids,
-                            concurrency=concurrency,
-                            rows=n,
-                            payload_bytes=n * ROW_BYTES,
-                        )
-                    finally:
-                        cleanup()
-                    rows.append(m)
-                    key = (name, label)
-                    best[key] = max(best.get(key, 0.0), m.requests_per_s)
+                finally:
+                    cleanup()
+                rows.append(m)
+                key = (repetition, name, label)
+                best[key] = max(best.get(key, 0.0), m.requests_per_s)
     triton = " --triton-http-url ..." if args.triton_http_url else ""
     lines = [
         "# The floor of a Python KServe HTTP server, beside arrowinfer's and real Triton's",
         "",
         f"`python benchmarks/http_floor.py{triton}`: see its docstring for what the floor is.",
         "",
-        "Best requests/s over 1 to 32 in flight, and their ratios:",
+        "Best requests/s over 1 to 32 in flight, and their ratios, in each repetition of the",
+        "sweep; then each ratio's median over the repetitions:",
         "",
-        "| payload | floor | kserve-http | triton-http | kserve-http / floor | kserve-http / triton | floor / triton |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        (
+            "| payload | repetition | floor | kserve-http | triton-http | kserve-http / floor"
+            " | kserve-http / triton | floor / triton |"
+        ),
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for label in SIZES:
-        f, k = best[("floor", label)], best[("kserve-http", label)]
-        t = best.get(("triton-http", label))
-        tri = f"{t:,.0f}" if t else ""
-        kt, ft = (f"{k / t:.2f}", f"{f / t:.2f}") if t else ("", "")
-        lines.append(f"| {label} | {f:,.0f} | {k:,.0f} | {tri} | {k / f:.2f} | {kt} | {ft} |")
+        ratios: list[tuple[float, float | None, float | None]] = []
+        for r in range(args.repeat):
+            f, k = best[(r, "floor", label)], best[(r, "kserve-http", label)]
+            t = best.get((r, "triton-http", label))
+            ratios.append((k / f, k / t if t else None, f / t if t else None))
+            tri = f"{t:,.0f}" if t else ""
+            kt, ft = (f"{k / t:.2f}", f"{f / t:.2f}") if t else ("", "")
+            lines.append(
+                f"| {label} | {r + 1} | {f:,.0f} | {k:,.0f} | {tri} | {k / f:.2f} | {kt} | {ft} |"
+            )
+        medians = [
+            f"{float(np.median([v for v in column if v is not None])):.2f}"
+            if all(v is not None for v in column)
+            else ""
+            for column in zip(*ratios, strict=True)
+        ]
+        lines.append(f"| {label} | median | | | | {' | '.join(medians)} |")
     lines += ["", markdown_table(rows), "", markdown(describe())]
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "http_floor.md").write_text("\n".join(lines) + "\n")
     (args.out / "http_floor.json").write_text(
         json.dumps({"rows": [m.as_dict() for m in rows], "machine": describe()}, indent=1)
     )
-    print("\n".join(lines[:12]))
+    print("\n".join(lines[: 8 + len(SIZES) * (args.repeat + 1)]))
 
 
 if __name__ == "__main__":
