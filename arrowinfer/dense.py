@@ -3,10 +3,12 @@
 KServe's wire carries tensors, not Arrow. Building a record batch from them for the core,
 only for the backend to take it apart again for onnxruntime (and the same back for the
 outputs), cost half the server's CPU on a small request: ~480 against ~250 us per 4 KB
-HTTP request at 16 in flight (``benchmarks/results/performance.md``, fifth session). A :class:`DenseBatch` takes the same
-path through the core, the batcher and the backend as a record batch, is validated as
-fully (:func:`validate_dense`), may share a batch with record batches, and its result is a
-DenseBatch of the outputs (views of the model's output arrays).
+HTTP request at 16 in flight (``benchmarks/results/performance.md``, fifth session).
+
+A :class:`DenseBatch` takes the same path through the core, the batcher and the backend
+as a record batch, is validated as fully (:func:`validate_dense`), may share a batch with
+record batches, and its result is a DenseBatch of the outputs (views of the model's output
+arrays).
 
 Only a model whose every input is a dense number tensor takes one
 (:attr:`~arrowinfer.repository.ModelVersion.dense_inputs`): strings, ragged inputs, the
