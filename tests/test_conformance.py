@@ -404,6 +404,18 @@ def test_image_classification_with_class_count(server: Server, client: Any, prot
             assert float(score) == pytest.approx(row_scores[index], abs=1e-5)
 
 
+def test_class_count_of_zero_rows_is_an_empty_answer(
+    server: Server, client: Any, protocol: str
+) -> None:
+    """No rows in, no rows out: a [0, class_count] BYTES tensor, not a server error."""
+    mod = lib(protocol)
+    tensor = mod.InferInput("image", [0, 4], "FP32")
+    tensor.set_data_from_numpy(np.zeros((0, 4), np.float32))
+    wanted = mod.InferRequestedOutput("scores", class_count=3)
+    result = client.infer("classifier", [tensor], outputs=[wanted])
+    assert result.as_numpy("scores").shape == (0, 3)
+
+
 @pytest.mark.parametrize("case", ["grpc", "http-binary", "http-json"])
 def test_string_infer(server: Server, case: str) -> None:
     """simple_*_string_infer_client.py: BYTES tensors both ways."""

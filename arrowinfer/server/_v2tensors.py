@@ -181,6 +181,8 @@ def input_array(
                 got=f"{len(raw)} bytes",
             )
         values = np.frombuffer(raw, dtype=dt.numpy.newbyteorder("<"))
+        if dt.kserve == "BOOL":  # a byte each: any but 0 is true, as Arrow's bits read it
+            values = values.view(np.uint8) != 0
     else:
         field, wire = _CONTENTS.get(dt.kserve, ("", dt.numpy))
         given = [f.name for f, _ in tensor.contents.ListFields()]
@@ -498,7 +500,7 @@ def _class_count(requested: Any, model: str) -> int:
 
 def _classified(array: np.ndarray, count: int, labels: tuple[str, ...]) -> list[bytes]:
     """Triton's classification: each row's ``count`` best scores as "score:index[:label]"."""
-    rows = array.reshape(len(array), -1)
+    rows = array.reshape(len(array), math.prod(array.shape[1:]))  # -1 fails for 0 rows
     count = min(count, rows.shape[1])
     # stable, highest first; ties keep the lower index first, as a sort by score does
     order = np.argsort(-rows.astype(np.float64), axis=1, kind="stable")[:, :count]
@@ -690,7 +692,7 @@ def infer_response(
         payload: bytes | memoryview
         if classes.get(spec.name):
             items = _classified(array, classes[spec.name], version.labels.get(spec.name, ()))
-            per_row = len(items) // max(len(array), 1)
+            per_row = min(classes[spec.name], math.prod(array.shape[1:]))
             shape = [len(array), per_row] if batching else [per_row]
             kserve, payload = "BYTES", _bytes_tensor(items)
         else:
