@@ -29,6 +29,7 @@ from arrowinfer import events, tensors
 from arrowinfer.backends import Backend, create_backend, device, import_cupy
 from arrowinfer.backends.device import DeviceAssembler, DeviceBackend, fill_mask, pad
 from arrowinfer.backends.ort import OnnxRuntimeBackend, input_plan
+from arrowinfer.dense import DenseBatch
 from arrowinfer.errors import InvalidInput, ModelError
 from arrowinfer.examples import EXAMPLE_MODELS, write_example_repository
 from arrowinfer.repository import ModelVersion, Repository
@@ -558,3 +559,31 @@ def test_batch_invariant_is_refused_where_it_is_not_implemented(tmp_path: pathli
     bad = _write_model(tmp_path, "bad", neg, "2", config("maybe"))
     with pytest.raises(ModelError, match="must be true, false or a number"):
         OnnxRuntimeBackend(bad)
+
+
+@pytest.mark.parametrize("name", [n for n in DEVICE_MODELS if n != "jet_tagger"])
+@pytest.mark.parametrize("on_fake_cupy", [False, True])
+def test_dense_requests_give_the_cpu_backends_rows(
+    name: str,
+    on_fake_cupy: bool,
+    fake_cupy: ModuleType,
+    models: dict[str, ModelVersion],
+    cpu: dict[str, Backend],
+) -> None:
+    """KServe's dense tensors (DenseBatch) reach the device path as Arrow, beside record
+    batches: each request gets the rows the CPU backend gives it."""
+    model = models[name]
+    assert model.dense_inputs
+    backend = DeviceBackend(model, xp=fake_cupy if on_fake_cupy else np)
+    batch = request_for(name, 12, seed=5)
+    arrow = pieces(batch, [3, 7])
+    dense = [
+        DenseBatch({c: tensors.to_numpy(part.column(c)) for c in part.column_names})
+        for part in arrow
+    ]
+    requests = [dense[0], arrow[1], dense[2]]
+
+    got, _ = backend.execute(requests)
+
+    expected, _ = cpu[name].execute(arrow)
+    assert_same_results(got, expected)
