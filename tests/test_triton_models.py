@@ -23,6 +23,7 @@ import pyarrow as pa
 import pytest
 import tritonclient.grpc as tg
 import tritonclient.grpc.aio as tg_aio
+import tritonclient.http as th
 from onnx import TensorProto, helper, numpy_helper
 from pyarrow import flight
 from tritonclient.utils import InferenceServerException
@@ -279,7 +280,7 @@ def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(repository: Path) -> Iterator[Server]:
-    with Server(repository, port=0, kserve_port=0, metrics_port=None) as running:
+    with Server(repository, port=0, kserve_port=0, http_port=0, metrics_port=None) as running:
         yield running
 
 
@@ -413,6 +414,32 @@ def test_tritonclient_sync_async_and_stream(server: Server, repository: Path, mo
 
     for response, want in zip(asyncio.run(async_calls()), wants, strict=True):
         assert_close(_outputs(response, names, batching), want)
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_zero_rows_answer_zero_rows_of_the_config_dims(server: Server, protocol: str) -> None:
+    """An event without candidates: no rows back, the model not run. A variable output dim
+    is then 0 (there is no entry to take it from), a fixed one is the config's."""
+    mod: Any = tg if protocol == "grpc" else th
+    port = server.kserve_port if protocol == "grpc" else server.http_port
+    client = mod.InferenceServerClient(f"127.0.0.1:{port}")
+    try:
+        for model in sorted(BATCHING):
+            tensors_ = []
+            for name, array in request(model, rows=0, size=5).items():
+                tensor = mod.InferInput(name, list(array.shape), _KSERVE[array.dtype.name])
+                tensor.set_data_from_numpy(array)
+                tensors_.append(tensor)
+            response = client.infer(model, tensors_)
+            kwargs = {"as_json": True} if protocol == "grpc" else {}
+            config = client.get_model_config(model, **kwargs)
+            config = config["config"] if protocol == "grpc" else config
+            for output in config["output"]:
+                dims = [max(int(d), 0) for d in output["dims"]]
+                got = response.as_numpy(output["name"])
+                assert got.shape == (0, *dims), (model, output["name"])
+    finally:
+        client.close()
 
 
 # -- the Flight encoding, with nothing but pyarrow ------------------------------------------

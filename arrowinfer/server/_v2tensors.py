@@ -606,7 +606,9 @@ def _output_array(
         return to_numpy(column)
     ragged = ragged_to_numpy(column)  # a variable output dimension: fine if all rows agree
     counts = ragged.counts
-    if len(counts) and np.all(counts == counts[0]):
+    if not len(counts):  # no rows: nothing to disagree (the caller names the dims)
+        return ragged.values.reshape((0, 0, *ragged.values.shape[1:]))
+    if np.all(counts == counts[0]):
         return ragged.values.reshape((len(counts), int(counts[0]), *ragged.values.shape[1:]))
     raise InvalidInput(
         "output has a different length per row; KServe tensors cannot hold it, use Arrow Flight",
@@ -690,13 +692,18 @@ def infer_response(
         array = _output_array(done.batch.column(spec.name), spec.name, version.name)
         kserve = spec.datatype.kserve
         payload: bytes | memoryview
+        if all(d >= 0 for d in spec.shape):
+            entry = spec.shape
+        elif len(array):
+            entry = array.shape[1:]
+        else:  # no rows, the model not run: no entry to take a variable dim from
+            entry = tuple(max(d, 0) for d in spec.shape)
         if classes.get(spec.name):
             items = _classified(array, classes[spec.name], version.labels.get(spec.name, ()))
-            per_row = min(classes[spec.name], math.prod(array.shape[1:]))
+            per_row = min(classes[spec.name], math.prod(entry))
             shape = [len(array), per_row] if batching else [per_row]
             kserve, payload = "BYTES", _bytes_tensor(items)
         else:
-            entry = spec.shape if all(d >= 0 for d in spec.shape) else array.shape[1:]
             shape = [len(array), *entry] if batching else list(entry)
             if array.dtype == object:  # strings: KServe's length-prefixed BYTES elements
                 items = [v.encode() if isinstance(v, str) else bytes(v) for v in array.reshape(-1)]
