@@ -153,8 +153,9 @@ class InvalidInput(RequestError, ValueError):
         if input is not None:
             where.append(f"input {input!r}")
         text = ", ".join(where) + ": " + message if where else message
-        if expected is not None or got is not None:
-            text += f" (expected {expected}, got {got})"
+        said = [f"{k} {v}" for k, v in (("expected", expected), ("got", got)) if v is not None]
+        if said:
+            text += f" ({', '.join(said)})"
         super().__init__(text)
 
     @classmethod

@@ -121,6 +121,7 @@ def _no_constant(name: str) -> Any:
 
 # made once: json.loads with a keyword argument builds a decoder on every call
 _DECODER = json.JSONDecoder(parse_constant=_no_constant)
+_DECODER_WITH_NAN = json.JSONDecoder()
 
 
 def _depth(value: Any) -> int:
@@ -141,12 +142,14 @@ def parse_json(
     what: str = "metadata",
     *,
     max_bytes: int = MAX_JSON_BYTES,
+    allow_nan: bool = False,
 ) -> dict[str, Any]:
     """A JSON object received from the other side; ``{}`` for no data.
 
     Every byte is untrusted: the text must be UTF-8 (not the UTF-16/32 that ``json.loads``
     would guess), at most ``max_bytes`` long, nested at most :data:`MAX_JSON_DEPTH` deep,
-    without ``NaN``/``Infinity``, and an object at the top.
+    and an object at the top. ``NaN``, ``Infinity`` and ``-Infinity`` (not JSON, but what
+    ``json.dumps`` writes for such floats) only with ``allow_nan``.
 
     Raises
     ------
@@ -162,7 +165,7 @@ def parse_json(
         raise InvalidInput(f"{what} is too large", expected=f"at most {max_bytes} bytes", got=size)
     raw = data.to_pybytes() if isinstance(data, pa.Buffer) else bytes(data)
     try:
-        value = _DECODER.decode(raw.decode("utf-8"))
+        value = (_DECODER_WITH_NAN if allow_nan else _DECODER).decode(raw.decode("utf-8"))
     except UnicodeDecodeError as err:
         raise InvalidInput(f"{what} is not UTF-8: {err.reason} at byte {err.start}") from None
     except RecursionError:

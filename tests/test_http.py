@@ -32,9 +32,16 @@ import pyarrow as pa
 import pytest
 import tritonclient.http as th
 import tritonclient.http.aio as th_aio
+from hypothesis import given
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
 from tritonclient.utils import InferenceServerException
 
+from arrowinfer.errors import InvalidInput
+from arrowinfer.protocol import parse_json
+from arrowinfer.schema import DATATYPES
 from arrowinfer.server import Server
+from arrowinfer.server._http import infer_request
 
 WAIT = 30.0  # seconds any one answer may take: bounds every test, never a sleep
 TOKEN = "http-test-token"
@@ -393,6 +400,10 @@ def test_binary_inputs_reach_onnxruntime_without_an_alignment_copy(server: Serve
     assert statistics.as_dict()["arrowinfer"]["alignment_copies"] == before
 
 
+#: what an error about facile's input names
+NAMED = ["model 'facile'", "input 'hits'"]
+
+
 def _json_request(**tensor: Any) -> bytes:
     base = {"name": "hits", "shape": [1, 15], "datatype": "FP32", "data": [0.5] * 15}
     return json.dumps({"inputs": [{**base, **tensor}]}).encode()
@@ -410,10 +421,12 @@ def _with(**request: Any) -> bytes:
         (b"[]", {}, ["JSON object"]),
         (_json_request(datatype="INT32", data=[1] * 15), {}, ["wrong datatype"]),
         (_json_request(shape=[1, 14], data=[0.5] * 14), {}, ["wrong shape"]),
-        (_json_request(data=[0.5] * 14), {}, ["does not match the shape"]),
-        (_json_request(data=["a"] * 15), {}, ["wrong kind"]),
+        (_json_request(data=[0.5] * 14), {}, ["does not match the shape", *NAMED]),
+        (_json_request(data=["a"] * 15), {}, ["wrong kind", "expected numbers", *NAMED]),
         (_json_request(name="nope"), {}, ["unexpected input"]),
-        (_json_request(parameters={"binary_data_size": 60}), {}, ["binary_data_size"]),
+        (_json_request(parameters={"binary_data_size": 60}), {}, ["binary_data_size", *NAMED]),
+        (_json_request(parameters={"p": [1]}), {}, ["parameter 'p'", *NAMED]),
+        (_json_request(shape=[1, -15]), {}, ["'shape'", *NAMED]),
         (_json_request(), {"Inference-Header-Content-Length": "99999"}, ["within the body"]),
         (_json_request(), {"Inference-Header-Content-Length": "9" * 5000}, ["within the body"]),
         (_json_request(), {"Inference-Header-Content-Length": "\u00b2"}, ["within the body"]),
@@ -440,6 +453,9 @@ def _with(**request: Any) -> bytes:
         (_with(id="\ud800"), {}, ["cannot carry"]),
         (_with(parameters={"p": "\udc00"}), {}, ["cannot carry"]),
         (_with(parameters={"priority": 10**20}), {}, ["cannot carry"]),
+        (_with(parameters={"priority": 1.5}), {}, ["'priority'", "integer", "'facile'"]),
+        (_with(parameters={"timeout": "1"}), {}, ["'timeout'", "integer", "'facile'"]),
+        (_with(outputs=[{"name": "energy", "parameters": {"x": None}}]), {}, ["'x'", "'facile'"]),
     ],
     ids=[
         "bad-json",
@@ -450,6 +466,8 @@ def _with(**request: Any) -> bytes:
         "data-kind",
         "input-name",
         "binary-size",
+        "input-parameter",
+        "negative-dim",
         "header-length",
         "header-length-huge",
         "header-length-superscript",
@@ -463,6 +481,9 @@ def _with(**request: Any) -> bytes:
         "surrogate-id",
         "surrogate-parameter",
         "parameter-beyond-int64",
+        "priority-float",
+        "timeout-string",
+        "output-parameter",
     ],
 )
 def test_bad_requests_are_400(
@@ -475,6 +496,81 @@ def test_bad_requests_are_400(
         assert word in message
     # the server keeps serving
     assert call(server, "POST", "/v2/models/facile/infer", _json_request())[0] == 200
+
+
+def test_nan_and_infinity_as_triton_reads_and_writes_them(
+    server: Server, client: th.InferenceServerClient
+) -> None:
+    """JSON has no NaN or infinities; Triton reads and writes them as Python's json does
+    (``NaN``, ``Infinity``, ``-Infinity``; triton-inference-server/server#3870), and a
+    float beyond FP32 becomes infinite, as its cast does."""
+    special = (["NaN", "Infinity", "-Infinity", "1e300", "-1e300", "0.5"] * 171)[:1024]
+    data = ", ".join(special)
+    body = (
+        '{"inputs": [{"name": "INPUT0", "datatype": "FP32", "shape": [1, 1024], '
+        f'"data": [{data}]}}]}}'
+    ).encode()
+    status, _, answer = call(server, "POST", "/v2/models/identity/infer", body)
+    assert status == 200, answer
+    got = np.array(json.loads(answer)["outputs"][0]["data"], np.float32)
+    with np.errstate(over="ignore"):  # 1e300: the cast Triton does
+        want = np.array([float(v) for v in special]).astype(np.float32)
+    np.testing.assert_array_equal(got, want)  # NaN equals NaN here
+    assert b"NaN" in answer  # written as Triton writes them
+    assert b"-Infinity" in answer
+    # tritonclient's JSON tensors say the same (it writes them with json.dumps)
+    values = want.reshape(1, 1024)
+    outputs = [th.InferRequestedOutput("OUTPUT0", binary_data=False)]
+    result = client.infer(
+        "identity", infer_inputs({"INPUT0": values}, binary=False), outputs=outputs
+    )
+    np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), values)
+
+
+def _decoded(body: bytes) -> np.ndarray:
+    """A JSON inference request's one input as the HTTP front end decodes it (raw bytes)."""
+    header = parse_json(body, allow_nan=True)
+    _, raw, _ = infer_request("m", "", header, memoryview(b""))
+    return np.frombuffer(raw[0], np.uint8)
+
+
+@given(data=st.data(), kserve=st.sampled_from([d.kserve for d in DATATYPES]))
+def test_json_tensors_decode_to_the_bits_of_their_values(data: st.DataObject, kserve: str) -> None:
+    """Every numeric datatype: JSON values (written as tritonclient and json.dumps write
+    them, NaN and infinities included) decode to the little-endian bytes of the values."""
+    dtype = next(d.numpy for d in DATATYPES if d.kserve == kserve)
+    shape = data.draw(hnp.array_shapes(min_dims=1, max_dims=3, min_side=0, max_side=4))
+    values = data.draw(hnp.arrays(dtype, shape))
+    body = json.dumps(
+        {
+            "inputs": [
+                {"name": "x", "datatype": kserve, "shape": list(shape), "data": values.tolist()}
+            ]
+        }
+    ).encode()
+    want = values.astype(dtype.newbyteorder("<"))
+    got = _decoded(body).view(want.dtype).reshape(shape)
+    if dtype.kind == "f":  # a NaN's payload is not JSON's to carry
+        np.testing.assert_array_equal(got, want)
+    else:
+        assert got.tobytes() == want.tobytes()
+
+
+@given(
+    kserve=st.sampled_from([d.kserve for d in DATATYPES if d.numpy.kind in "iu"]),
+    value=st.integers(-(2**70), 2**70),
+)
+def test_json_integers_beyond_their_datatype_are_refused(kserve: str, value: int) -> None:
+    info = np.iinfo(next(d.numpy for d in DATATYPES if d.kserve == kserve))
+    body = json.dumps(
+        {"inputs": [{"name": "x", "datatype": kserve, "shape": [1], "data": [value]}]}
+    ).encode()
+    if info.min <= value <= info.max:
+        assert int(_decoded(body).view(f"<{np.dtype(info.dtype).str[1:]}")[0]) == value
+    else:
+        with pytest.raises(InvalidInput) as caught:
+            _decoded(body)
+        assert (caught.value.model, caught.value.input) == ("m", "x")
 
 
 def test_good_clients_beside_bad_ones_get_exact_results(server: Server) -> None:

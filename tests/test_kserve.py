@@ -597,6 +597,33 @@ def test_errors_have_tritons_status_codes(
     assert_like_flight(server, "facile", triton.infer("facile", infer_inputs(arrays)))
 
 
+@pytest.mark.parametrize(
+    ("key", "kind", "value"),
+    [
+        ("priority", "double_param", 1.5),
+        ("priority", "string_param", "1"),
+        ("timeout", "double_param", 2.0),
+        ("timeout", "bool_param", True),
+        ("priority", "int64_param", -1),
+    ],
+)
+def test_priority_and_timeout_must_be_integers(
+    stub: service_pb2_grpc.GRPCInferenceServiceStub, key: str, kind: str, value: Any
+) -> None:
+    """As Triton's: a value of another type is an error, not read as 0 (no priority).
+    (tritonclient refuses to send these parameters itself; a raw client can.)"""
+    arrays, _ = REQUESTS["identity"]
+    request = pb.ModelInferRequest(model_name="identity")
+    request.inputs.add(name="INPUT0", datatype="FP32", shape=list(arrays["INPUT0"].shape))
+    request.raw_input_contents.append(arrays["INPUT0"].tobytes())
+    setattr(request.parameters[key], kind, value)
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.ModelInfer(request, timeout=WAIT)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert f"'{key}'" in caught.value.details()
+    assert "'identity'" in caught.value.details()
+
+
 def test_metadata_of_an_unknown_model_is_not_found(triton: tg.InferenceServerClient) -> None:
     for call in (triton.get_model_metadata, triton.get_model_config):
         with pytest.raises(InferenceServerException) as caught:

@@ -74,7 +74,7 @@ from . import _v2
 from ._auth import ModelControl, TokenCheck
 from ._core import MAX_REQUEST_BYTES, InferenceCore, LoadedModel
 from ._v2memory import CUDA_UNSUPPORTED, NO_PEER, Peer, SystemRegions
-from ._v2tensors import InferAnswer
+from ._v2tensors import InferAnswer, naming
 
 __all__ = ["DEFAULT_MAX_REQUEST_BYTES", "HTTP_STATUS", "HttpServer", "start_http"]
 
@@ -277,7 +277,7 @@ def _set_parameter(target: Any, key: str, value: Any, what: str) -> None:
         target[key].string_param = value
     else:
         raise InvalidInput(
-            f"{what}: parameter {key!r} must be a bool, number or string",
+            f"parameter {key!r} of the {what} must be a bool, number or string",
             got=type(value).__name__,
         )
 
@@ -286,7 +286,7 @@ def _parameters(target: Any, params: Any, what: str, skip: Iterable[str] = ()) -
     if params is None:
         return
     if not isinstance(params, dict):
-        raise InvalidInput(f"{what}: parameters must be a JSON object")
+        raise InvalidInput(f"the parameters of the {what} must be a JSON object")
     for key, value in params.items():
         if key not in skip:
             _set_parameter(target, key, value, what)
@@ -301,18 +301,18 @@ def _serialize_strings(values: np.ndarray) -> bytes:
     return b"".join(parts)
 
 
-def _json_data(tensor: dict[str, Any], kserve: str, shape: list[int], what: str) -> bytes:
+def _json_data(tensor: dict[str, Any], kserve: str, shape: list[int]) -> bytes:
     """A JSON ``data`` list (flat or nested, row-major) as the tensor's raw bytes.
 
     Raises
     ------
     InvalidInput
         Not a list, the wrong number of values, values of the wrong kind (a float for an
-        integer datatype, say) or out of range.
+        integer datatype, say) or out of range. The caller names the model and input.
     """
     data = tensor.get("data")
     if not isinstance(data, list):
-        raise InvalidInput(f"{what}: 'data' must be a list (or send binary data)")
+        raise InvalidInput("'data' must be a list (or send binary data)")
     try:
         dt = datatype(kserve)
     except (TypeError, ValueError):
@@ -321,16 +321,16 @@ def _json_data(tensor: dict[str, Any], kserve: str, shape: list[int], what: str)
         if kserve == "BYTES":
             values = np.array(data, dtype=object)
             if not all(isinstance(v, str) for v in values.reshape(-1)):
-                raise InvalidInput(f"{what}: BYTES data must be strings")
+                raise InvalidInput("BYTES data must be strings")
         else:
             if dt is None:
-                raise InvalidInput(f"{what}: unknown datatype", got=kserve)
+                raise InvalidInput("unknown datatype", got=kserve)
             values = np.array(data)
     except (ValueError, TypeError, OverflowError) as err:
-        raise InvalidInput(f"{what}: 'data' is not a regular array of values: {err}") from None
+        raise InvalidInput(f"'data' is not a regular array of values: {err}") from None
     if values.size != math.prod(shape):
         raise InvalidInput(
-            f"{what}: 'data' does not match the shape",
+            "'data' does not match the shape",
             expected=f"{math.prod(shape)} values ({shape})",
             got=f"{values.size} values",
         )
@@ -338,14 +338,40 @@ def _json_data(tensor: dict[str, Any], kserve: str, shape: list[int], what: str)
         return _serialize_strings(values)
     assert dt is not None
     target = dt.numpy
-    kinds = {"b": "b", "i": "biu", "u": "biu", "f": "biuf"}.get(target.kind, "")
+    kinds, wanted = _JSON_KINDS[target.kind]
+    if target.kind in "iu" and values.dtype.kind in "fO":  # UINT64 beyond int64 mixed with
+        values = _integers(data, target, values)  # others: numpy made floats of them all
     if values.size and values.dtype.kind not in kinds:
-        raise InvalidInput(f"{what}: values of the wrong kind for {kserve}", got=str(values.dtype))
+        raise InvalidInput(
+            f"values of the wrong kind for {kserve}", expected=wanted, got=values.dtype
+        )
+    # a float beyond the datatype's range becomes ±inf, as Triton's cast does
     with np.errstate(all="ignore"):
         cast = values.astype(target)
     if values.size and target.kind in "iu" and not np.array_equal(cast, values):
-        raise InvalidInput(f"{what}: values out of range for {kserve}")
+        raise InvalidInput(f"values out of range for {kserve}")
     return cast.astype(target.newbyteorder("<"), copy=False).tobytes()
+
+
+def _integers(data: list[Any], target: np.dtype, values: np.ndarray) -> np.ndarray:
+    """JSON integers as ``target`` when numpy's guess took them for floats or objects;
+    ``values`` as they are when they are not all integers."""
+    items = np.array(data, dtype=object)
+    if not all(isinstance(v, int) for v in items.reshape(-1)):
+        return values
+    try:
+        return np.array(items.tolist(), dtype=target)
+    except OverflowError:
+        raise InvalidInput(f"values out of range for {datatype(target).kserve}") from None
+
+
+#: numpy's kind of a datatype -> the kinds of JSON values it takes, and what to call them
+_JSON_KINDS = {
+    "b": ("b", "true/false"),
+    "i": ("biu", "integers"),
+    "u": ("biu", "integers"),
+    "f": ("biuf", "numbers"),
+}
 
 
 class BinaryOutputs(NamedTuple):
@@ -358,6 +384,42 @@ class BinaryOutputs(NamedTuple):
         return self.named.get(output, self.default)
 
 
+def _input(
+    request: pb.ModelInferRequest,
+    entry: dict[str, Any],
+    binary: memoryview,
+    cursor: int,
+    raw: list[bytes | memoryview],
+) -> int:
+    """One JSON input into ``request``, its data appended to ``raw`` (unless in shared
+    memory); the cursor in ``binary`` after its binary data."""
+    shape = entry.get("shape")
+    kserve = entry.get("datatype")
+    if not isinstance(shape, list) or not all(
+        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+    ):
+        raise InvalidInput("'shape' must be a list of sizes", got=shape)
+    if not isinstance(kserve, str):
+        raise InvalidInput("'datatype' must be a string", got=kserve)
+    tensor = request.inputs.add(name=entry["name"], datatype=kserve, shape=shape)
+    tensor_params = entry.get("parameters") or {}
+    _parameters(tensor.parameters, tensor_params, "input", skip=("binary_data_size",))
+    if "shared_memory_region" in tensor_params:
+        return cursor  # read from the region
+    size = tensor_params.get("binary_data_size")
+    if size is None:
+        raw.append(_json_data(entry, kserve, shape))
+        return cursor
+    if type(size) is not int or size < 0 or cursor + size > len(binary):
+        raise InvalidInput(
+            "binary_data_size beyond the binary data",
+            expected=f"at most {len(binary) - cursor}",
+            got=size,
+        )
+    raw.append(binary[cursor : cursor + size])
+    return cursor + size
+
+
 def infer_request(
     model: str, version: str, header: dict[str, Any], binary: memoryview
 ) -> tuple[pb.ModelInferRequest, list[bytes | memoryview], BinaryOutputs]:
@@ -368,12 +430,13 @@ def infer_request(
     client's error, not the server's.
     """
     try:
-        return _infer_request(model, version, header, binary)
+        with naming(model):
+            return _infer_request(model, version, header, binary)
     except InvalidInput:
         raise
     except (ValueError, UnicodeEncodeError) as err:
         raise InvalidInput(
-            f"the inference request has a value KServe cannot carry: {err}"
+            f"the inference request has a value KServe cannot carry: {err}", model=model
         ) from None
 
 
@@ -405,33 +468,8 @@ def _infer_request(
     for entry in inputs:
         if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
             raise InvalidInput("every input needs a 'name'")
-        name = entry["name"]
-        what = f"input {name!r}"
-        shape = entry.get("shape")
-        kserve = entry.get("datatype")
-        if not isinstance(shape, list) or not all(
-            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
-        ):
-            raise InvalidInput(f"{what}: 'shape' must be a list of sizes", got=shape)
-        if not isinstance(kserve, str):
-            raise InvalidInput(f"{what}: 'datatype' must be a string", got=kserve)
-        tensor = request.inputs.add(name=name, datatype=kserve, shape=shape)
-        tensor_params = entry.get("parameters") or {}
-        _parameters(tensor.parameters, tensor_params, what, skip=("binary_data_size",))
-        if "shared_memory_region" in tensor_params:
-            continue  # read from the region
-        size = tensor_params.get("binary_data_size")
-        if size is not None:
-            if type(size) is not int or size < 0 or cursor + size > len(binary):
-                raise InvalidInput(
-                    f"{what}: binary_data_size beyond the binary data",
-                    expected=f"at most {len(binary) - cursor}",
-                    got=size,
-                )
-            raw.append(binary[cursor : cursor + size])
-            cursor += size
-        else:
-            raw.append(_json_data(entry, kserve, shape, what))
+        with naming(model, entry["name"]):
+            cursor = _input(request, entry, binary, cursor, raw)
     if cursor != len(binary):
         raise InvalidInput(
             "binary data left over after the inputs",
@@ -675,7 +713,11 @@ class _Api:
                 got=length_text,
             )
         view = memoryview(body)
-        header = parse_json(view[:length], "the inference request", max_bytes=self.limit)
+        # NaN and ±Infinity as tensor data, both ways, as Triton reads and writes them
+        # (rapidjson's kParseNanAndInfFlag, triton-inference-server/server#3870)
+        header = parse_json(
+            view[:length], "the inference request", max_bytes=self.limit, allow_nan=True
+        )
         grpc_request, raw, binary = infer_request(
             path["model"], path.get("version", ""), header, view[length:]
         )

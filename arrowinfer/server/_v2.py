@@ -101,14 +101,22 @@ def _int_parameter(request: pb.ModelInferRequest, key: str) -> int:
     Raises
     ------
     InvalidInput
-        A negative value.
+        A value of another type (Triton refuses them too: a double is not read as 0), or
+        a negative one.
     """
     if key not in request.parameters:
         return 0
     param = request.parameters[key]
+    kind = param.WhichOneof("parameter_choice")
+    if kind not in ("int64_param", "uint64_param"):
+        raise InvalidInput(
+            f"parameter {key!r} must be an integer", model=request.model_name, got=kind
+        )
     value = param.int64_param or param.uint64_param
     if value < 0:
-        raise InvalidInput(f"parameter {key!r} must not be negative", got=value)
+        raise InvalidInput(
+            f"parameter {key!r} must not be negative", model=request.model_name, got=value
+        )
     return int(value)
 
 

@@ -61,13 +61,18 @@ _SHM_PARAMETERS = ("shared_memory_region", "shared_memory_byte_size", "shared_me
 
 
 @contextlib.contextmanager
-def _naming(model: str, tensor: str) -> Iterator[None]:
-    """Add the model and tensor to a region's error (the region knows neither)."""
+def naming(model: str, tensor: str | None = None) -> Iterator[None]:
+    """Add the model and tensor to an error raised where they are not known (a region's,
+    a JSON tensor's); names it has are kept."""
     try:
         yield
     except InvalidInput as err:
         raise InvalidInput(
-            err.reason, model=model, input=tensor, expected=err.expected, got=err.got
+            err.reason,
+            model=err.model or model,
+            input=err.input or tensor,
+            expected=err.expected,
+            got=err.got,
         ) from None
 
 
@@ -340,7 +345,7 @@ def request_batch(
                     got=place.byte_size,
                 )
             assert regions is not None  # shm_place refused it otherwise
-            with _naming(name, tensor.name):
+            with naming(name, tensor.name):
                 raw = regions.read(peer, place.region, place.offset, place.byte_size)
         elif raw_contents:
             raw = raw_contents[raw_index]
@@ -476,7 +481,7 @@ def requested_outputs(
         place = shm_place(requested.parameters, regions, model=version.name, tensor=spec.name)
         if place is not None:
             assert regions is not None  # shm_place refused it otherwise
-            with _naming(version.name, spec.name):  # before the request runs
+            with naming(version.name, spec.name):  # before the request runs
                 regions.check(peer, place.region, place.offset, place.byte_size)
         out.append(spec)
     return out
@@ -647,7 +652,7 @@ def _place_output(
             got=place.byte_size,
         )
     assert regions is not None  # shm_place refused it otherwise
-    with _naming(version.name, name):
+    with naming(version.name, name):
         regions.write(peer, place.region, place.offset, payload)
     where: dict[str, int | str] = {
         "shared_memory_region": place.region,
