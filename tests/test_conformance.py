@@ -416,6 +416,26 @@ def test_class_count_of_zero_rows_is_an_empty_answer(
     assert result.as_numpy("scores").shape == (0, 3)
 
 
+def invalid_argument(protocol: str) -> str:
+    return "StatusCode.INVALID_ARGUMENT" if protocol == "grpc" else "400"
+
+
+def test_class_count_of_a_bytes_output_is_refused(
+    server: Server, client: Any, protocol: str
+) -> None:
+    """Classification ranks numbers (Triton's too): asked of a BYTES output, an
+    invalid-argument error naming the output, before the model runs; not a 500."""
+    mod = lib(protocol)
+    tensor = mod.InferInput("INPUT0", [1, 16], "BYTES")
+    tensor.set_data_from_numpy(np.array([[f"v{i}" for i in range(16)]], dtype=object))
+    wanted = mod.InferRequestedOutput("OUTPUT0", class_count=2)
+    with pytest.raises(InferenceServerException) as caught:
+        client.infer("simple_string", [tensor], outputs=[wanted])
+    assert str(caught.value.status()) == invalid_argument(protocol)
+    assert "'OUTPUT0'" in str(caught.value.message())
+    assert "BYTES" in str(caught.value.message())
+
+
 @pytest.mark.parametrize("case", ["grpc", "http-binary", "http-json"])
 def test_string_infer(server: Server, case: str) -> None:
     """simple_*_string_infer_client.py: BYTES tensors both ways."""

@@ -13,9 +13,11 @@ import asyncio
 import json
 import queue
 from collections.abc import Iterator
+from http.client import HTTPConnection
 from pathlib import Path
 from typing import Any
 
+import grpc
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -26,6 +28,8 @@ import tritonclient.grpc.aio as tg_aio
 import tritonclient.http as th
 from onnx import TensorProto, helper, numpy_helper
 from pyarrow import flight
+from tritonclient.grpc import service_pb2 as pb
+from tritonclient.grpc import service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 from arrowinfer import tensors
@@ -440,6 +444,39 @@ def test_zero_rows_answer_zero_rows_of_the_config_dims(server: Server, protocol:
                 assert got.shape == (0, *dims), (model, output["name"])
     finally:
         client.close()
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+@pytest.mark.parametrize(
+    ("model", "shape"),
+    [("mlpf_like", [0, 2**62, 25]), ("tracks", [0, 3, 2**60]), ("grid", [2**31, 2**31, 0])],
+)
+def test_empty_tensors_of_huge_dims_are_refused(
+    server: Server, protocol: str, model: str, shape: list[int]
+) -> None:
+    """Zero elements, but dims whose product numpy cannot hold: invalid, naming the model
+    and input, as any wrong shape (was a 500). Raw requests: tritonclient refuses them."""
+    if protocol == "grpc":
+        request = pb.ModelInferRequest(model_name=model)
+        request.inputs.add(name="x", datatype="FP32", shape=shape)
+        request.raw_input_contents.append(b"")
+        with grpc.insecure_channel(f"127.0.0.1:{server.kserve_port}") as channel:
+            stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+            with pytest.raises(grpc.RpcError) as caught:
+                stub.ModelInfer(request, timeout=WAIT)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        message = str(caught.value.details())
+    else:
+        body = {"inputs": [{"name": "x", "datatype": "FP32", "shape": shape, "data": []}]}
+        connection = HTTPConnection("127.0.0.1", server.http_port, timeout=WAIT)
+        try:
+            connection.request("POST", f"/v2/models/{model}/infer", json.dumps(body))
+            answer = connection.getresponse()
+            assert answer.status == 400
+            message = json.loads(answer.read())["error"]
+        finally:
+            connection.close()
+    assert f"model '{model}', input 'x'" in message
 
 
 # -- the Flight encoding, with nothing but pyarrow ------------------------------------------

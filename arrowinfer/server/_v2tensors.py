@@ -132,6 +132,11 @@ def _dims_match(expected: tuple[int, ...], got: tuple[int, ...]) -> bool:
     )
 
 
+#: The most elements a tensor's shape may describe (its nonzero dims' product): numpy
+#: refuses a shape beyond 2**63 bytes even when a zero dim leaves it empty.
+_MAX_ELEMENTS = 2**59
+
+
 def input_array(
     spec: TensorSpec,
     tensor: pb.ModelInferRequest.InferInputTensor,
@@ -163,6 +168,14 @@ def input_array(
         expected = [-1, *spec.shape] if batching else list(spec.shape)
         raise InvalidInput(
             "wrong shape", model=model, input=spec.name, expected=expected, got=list(shape)
+        )
+    if math.prod(d for d in shape if d) > _MAX_ELEMENTS:  # numpy's bound, zeros or not
+        raise InvalidInput(
+            "wrong shape: more elements than an array can hold",
+            model=model,
+            input=spec.name,
+            expected=f"dims whose product (zeros left out) is at most {_MAX_ELEMENTS}",
+            got=list(shape),
         )
     rows = shape[0] if batching else 1
     count = math.prod(shape)
@@ -477,7 +490,11 @@ def requested_outputs(
                 expected=list(by_name),
                 got=requested.name,
             )
-        _class_count(requested, version.name)  # checked now, used for the response
+        if _class_count(requested, version.name) and spec.datatype.kserve == "BYTES":
+            raise InvalidInput(  # checked now, before the request runs
+                f"output {spec.name!r}: classification ranks numbers, not BYTES",
+                model=version.name,
+            )
         place = shm_place(requested.parameters, regions, model=version.name, tensor=spec.name)
         if place is not None:
             assert regions is not None  # shm_place refused it otherwise
@@ -488,17 +505,24 @@ def requested_outputs(
 
 
 def _class_count(requested: Any, model: str) -> int:
-    """The ``classification`` parameter of a requested output (0: not asked for)."""
+    """The ``classification`` parameter of a requested output (0: not asked for).
+
+    Raises
+    ------
+    InvalidInput
+        Not an integer >= 1.
+    """
     if "classification" not in requested.parameters:
         return 0
     param = requested.parameters["classification"]
+    kind = param.WhichOneof("parameter_choice")
     count = param.int64_param or param.uint64_param
-    if count < 1:
+    if kind not in ("int64_param", "uint64_param") or count < 1:
         raise InvalidInput(
-            "parameter 'classification' (class_count) must be >= 1",
+            f"output {requested.name!r}: parameter 'classification' (class_count) must be "
+            "an integer >= 1",
             model=model,
-            input=requested.name,
-            got=count,
+            got=getattr(param, kind) if kind else None,
         )
     return int(count)
 
