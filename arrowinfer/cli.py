@@ -53,6 +53,8 @@ def _serve(args: argparse.Namespace) -> int:
         raise SystemExit("arrowinfer serve: --admin-token-file needs --model-control-mode explicit")
     if args.max_request_bytes < 1:
         raise SystemExit("arrowinfer serve: --max-request-bytes must be positive")
+    if args.http_max_input_size < 1:
+        raise SystemExit("arrowinfer serve: --http-max-input-size must be positive")
     if args.exit_timeout_secs < 0:
         raise SystemExit("arrowinfer serve: --exit-timeout-secs must be >= 0")
     options = {
@@ -85,7 +87,13 @@ def _serve(args: argparse.Namespace) -> int:
             raise SystemExit(f"arrowinfer serve: {err}") from None
     else:
         http_port = None if args.http_port < 0 else args.http_port
-        server = Server(repository, unix_socket=args.unix_socket, http_port=http_port, **options)
+        server = Server(
+            repository,
+            unix_socket=args.unix_socket,
+            http_port=http_port,
+            http_max_input_size=args.http_max_input_size,
+            **options,
+        )
 
     stopping = threading.Event()
 
@@ -330,6 +338,14 @@ def parser() -> argparse.ArgumentParser:
         metavar="N",
         help="refuse requests with more than N bytes of data, decompressed (default: "
         "%(default)s; a model's config parameter arrowinfer.max_request_bytes overrides it)",
+    )
+    serve.add_argument(
+        "--http-max-input-size",
+        type=int,
+        default=64 << 20,
+        metavar="N",
+        help="refuse KServe HTTP bodies of more than N bytes, compressed or decompressed "
+        "(Triton's flag and default: %(default)s; JSON tensors grow about 10x once parsed)",
     )
     serve.add_argument(
         "--model-control-mode",

@@ -41,7 +41,7 @@ from arrowinfer.errors import InvalidInput
 from arrowinfer.protocol import parse_json
 from arrowinfer.schema import DATATYPES
 from arrowinfer.server import Server
-from arrowinfer.server._http import infer_request
+from arrowinfer.server._http import HTTP_MAX_INPUT_SIZE, infer_request
 
 WAIT = 30.0  # seconds any one answer may take: bounds every test, never a sleep
 TOKEN = "http-test-token"
@@ -626,22 +626,44 @@ def test_good_clients_beside_bad_ones_get_exact_results(server: Server) -> None:
         assert list(bad_answers) == [400] * 60
 
 
-def test_request_size_is_bounded(example_repository: Path) -> None:
-    """Bodies beyond max_request_bytes, compressed or decompressed, are refused."""
-    with http_server(example_repository, models=["facile"], max_request_bytes=64 * 1024) as server:
+@pytest.mark.parametrize("bound", ["http_max_input_size", "max_request_bytes"])
+def test_request_size_is_bounded(example_repository: Path, bound: str) -> None:
+    """Bodies beyond --http-max-input-size (or --max-request-bytes, the smaller wins),
+    compressed or decompressed, are refused."""
+    options = {bound: 64 * 1024}
+    with http_server(example_repository, models=["facile"], **options) as server:
         small = _json_request()
         assert call(server, "POST", "/v2/models/facile/infer", small)[0] == 200
         big = small + b" " * (64 * 1024)
         status, _, data = call(server, "POST", "/v2/models/facile/infer", big)
         assert status == 400
         assert "too large" in error_of(data)
+        assert "--http-max-input-size" in error_of(data)
         bomb = gzip.compress(small[:-1] + b" " * (10 * 2**20) + b"}")  # ~10 KiB compressed
         assert len(bomb) < 64 * 1024
         status, _, data = call(
             server, "POST", "/v2/models/facile/infer", bomb, {"Content-Encoding": "gzip"}
         )
         assert status == 400
-        assert "decompressed request body is too large" in error_of(data)
+        assert "decompressed, the request body is too large" in error_of(data)
+
+
+def test_http_max_input_size_is_tritons_64_mib_by_default(example_repository: Path) -> None:
+    """A body declared one byte beyond 64 MiB is refused before it is read."""
+    assert HTTP_MAX_INPUT_SIZE == 64 * 2**20
+    with http_server(example_repository, models=["identity"]) as server:
+        for declared, status in ((HTTP_MAX_INPUT_SIZE + 1, 400), (2, 400)):
+            connection = HTTPConnection("127.0.0.1", server.http_port, timeout=WAIT)
+            try:
+                connection.putrequest("POST", "/v2/models/identity/infer")
+                connection.putheader("Content-Length", str(declared))
+                connection.endheaders(b"{}")
+                answer = connection.getresponse()
+                assert answer.status == status
+                message = error_of(answer.read())
+            finally:
+                connection.close()
+            assert ("too large" in message) == (declared > HTTP_MAX_INPUT_SIZE), message
 
 
 def _partial_request(server: Server, declared: int) -> socket.socket:

@@ -36,7 +36,8 @@ Inference
   in ``Inference-Header-Content-Length``. System shared memory as over gRPC.
 - Request bodies may be compressed (``Content-Encoding: gzip`` or ``deflate``), and the
   response is compressed when ``Accept-Encoding`` asks for one of those. The body,
-  compressed and decompressed, is bounded by ``max_request_bytes``.
+  compressed and decompressed, is bounded by ``max_request_bytes`` (the server passes the
+  smaller of its ``--max-request-bytes`` and Triton's ``--http-max-input-size``).
 - Errors are Triton's: a JSON body ``{"error": "message"}`` with the HTTP status Triton
   gives the same error (400 invalid argument, 404 not found, 503 unavailable or timed
   out, 501 not supported, 500 internal, 401 missing or bad bearer token).
@@ -76,12 +77,22 @@ from ._core import MAX_REQUEST_BYTES, InferenceCore, LoadedModel
 from ._v2memory import CUDA_UNSUPPORTED, NO_PEER, Peer, SystemRegions
 from ._v2tensors import InferAnswer, naming
 
-__all__ = ["DEFAULT_MAX_REQUEST_BYTES", "HTTP_STATUS", "HttpServer", "start_http"]
+__all__ = [
+    "DEFAULT_MAX_REQUEST_BYTES",
+    "HTTP_MAX_INPUT_SIZE",
+    "HTTP_STATUS",
+    "HttpServer",
+    "start_http",
+]
 
 log = logging.getLogger(__name__)
 
 #: The largest request body (compressed, and again decompressed) by default: the core's.
 DEFAULT_MAX_REQUEST_BYTES = MAX_REQUEST_BYTES
+
+#: Triton's ``--http-max-input-size`` default (64 MiB): the largest HTTP request body
+HTTP_MAX_INPUT_SIZE = 64 << 20
+
 
 #: The HTTP status of each gRPC status code, as Triton's HTTP server answers the same
 #: errors (a request timeout is UNAVAILABLE in Triton: 503).
@@ -167,6 +178,9 @@ def _length(text: str | None) -> int | None:
     return int(text)
 
 
+_TOO_LARGE = "the request body is too large (the server's --http-max-input-size)"
+
+
 async def _body(
     headers: Mapping[str, str], receive: Receive, limit: int, align_at: int = 0
 ) -> bytes | memoryview:
@@ -188,9 +202,7 @@ async def _body(
     """
     declared = _length(headers.get("content-length"))
     if declared is not None and declared > limit:
-        raise InvalidInput(
-            "the request body is too large", expected=f"at most {limit} bytes", got=declared
-        )
+        raise InvalidInput(_TOO_LARGE, expected=f"at most {limit} bytes", got=declared)
     encoding = headers.get("content-encoding", "identity").strip().lower()
     chunks, size = [], 0
     more = True
@@ -202,7 +214,7 @@ async def _body(
         more = message.get("more_body", False)
         size += len(chunk)
         if size > limit:
-            raise InvalidInput("the request body is too large", expected=f"at most {limit} bytes")
+            raise InvalidInput(_TOO_LARGE, expected=f"at most {limit} bytes")
         chunks.append(chunk)
     if encoding in ("", "identity"):
         return _aligned_join(chunks, size, align_at)
@@ -217,9 +229,7 @@ async def _body(
     except zlib.error as err:
         raise InvalidInput(f"the {encoding} request body does not decompress: {err}") from None
     if len(data) > limit:
-        raise InvalidInput(
-            "the decompressed request body is too large", expected=f"at most {limit} bytes"
-        )
+        raise InvalidInput("decompressed, " + _TOO_LARGE, expected=f"at most {limit} bytes")
     if not inflate.eof:
         raise InvalidInput(f"the {encoding} request body is truncated")
     if inflate.unused_data:
@@ -714,7 +724,10 @@ class _Api:
             )
         view = memoryview(body)
         # NaN and ±Infinity as tensor data, both ways, as Triton reads and writes them
-        # (rapidjson's kParseNanAndInfFlag, triton-inference-server/server#3870)
+        # (rapidjson's kParseNanAndInfFlag, triton-inference-server/server#3870). JSON is
+        # parsed (and answered) on the event loop: json's C parser holds the GIL for the
+        # whole text (~20 ms per MB), so another thread would not free the loop;
+        # --http-max-input-size bounds it (docs/security.md).
         header = parse_json(
             view[:length], "the inference request", max_bytes=self.limit, allow_nan=True
         )

@@ -29,7 +29,7 @@ from ._auth import (
 from ._core import MAX_REQUEST_BYTES, InferenceCore
 from ._flight import ACTIONS as FLIGHT_ACTIONS
 from ._flight import FlightService
-from ._http import HttpServer, start_http
+from ._http import HTTP_MAX_INPUT_SIZE, HttpServer, start_http
 from ._kserve import start_kserve
 from ._metrics import StatisticsCollector, metrics_registry, start_metrics_server
 from ._shm import SHM_ACTIONS, SHM_DESCRIPTOR, SHM_STATUS, ShmService
@@ -95,6 +95,11 @@ class Server:
         model. KServe messages beyond it are refused by gRPC before they are read, and
         HTTP bodies beyond it, compressed or once decompressed, by the HTTP front end; see
         ``docs/security.md`` for what each transport bounds, and when.
+    http_max_input_size
+        Triton's ``--http-max-input-size``: the largest HTTP request body, compressed and
+        once decompressed (default 64 MiB, Triton's); ``max_request_bytes`` bounds it too.
+        A JSON tensor takes about 10 times its text's size once parsed, and binary tensor
+        data none: larger tensors belong in binary data, or on gRPC or Flight.
     model_control
         Triton's ``--model-control-mode``: ``none`` (default: the repository is loaded at
         start, load/unload calls are refused), ``explicit`` (the calls are allowed; with
@@ -133,6 +138,7 @@ class Server:
         tls_key: str | os.PathLike[str] | None = None,
         auth_tokens: Iterable[str] | None = None,
         max_request_bytes: int = MAX_REQUEST_BYTES,
+        http_max_input_size: int = HTTP_MAX_INPUT_SIZE,
         model_control: str = "none",
         admin_tokens: Iterable[str] | None = None,
         repository_poll_secs: float = 15.0,
@@ -222,7 +228,7 @@ class Server:
                     host,
                     http_port,
                     regions=self.regions,
-                    max_request_bytes=max_request_bytes,
+                    max_request_bytes=min(max_request_bytes, http_max_input_size),
                     tls_cert=tls_cert,
                     tls_key=tls_key,
                     check=check,
