@@ -423,6 +423,7 @@ def _with(**request: Any) -> bytes:
         (_json_request(shape=[1, 14], data=[0.5] * 14), {}, ["wrong shape"]),
         (_json_request(data=[0.5] * 14), {}, ["does not match the shape", *NAMED]),
         (_json_request(data=["a"] * 15), {}, ["wrong kind", "expected numbers", *NAMED]),
+        (_json_request(datatype="BYTES", data=[1] * 15), {}, ["BYTES data must be strings"]),
         (_json_request(name="nope"), {}, ["unexpected input"]),
         (_json_request(parameters={"binary_data_size": 60}), {}, ["binary_data_size", *NAMED]),
         (_json_request(parameters={"p": [1]}), {}, ["parameter 'p'", *NAMED]),
@@ -434,7 +435,11 @@ def _with(**request: Any) -> bytes:
             {},
             ["output 'energy'", "integer", "'facile'"],
         ),
-        (_json_request(), {"Inference-Header-Content-Length": "99999"}, ["within the body"]),
+        (
+            _json_request(),
+            {"Inference-Header-Content-Length": "99999"},
+            ["within the body", "model 'facile'"],
+        ),
         (_json_request(), {"Inference-Header-Content-Length": "9" * 5000}, ["within the body"]),
         (_json_request(), {"Inference-Header-Content-Length": "\u00b2"}, ["within the body"]),
         (
@@ -442,7 +447,7 @@ def _with(**request: Any) -> bytes:
             {"Inference-Header-Content-Length": str(len(_json_request()))},
             ["left over"],
         ),
-        (_json_request(), {"Content-Encoding": "gzip"}, ["does not decompress"]),
+        (_json_request(), {"Content-Encoding": "gzip"}, ["does not decompress", "model 'facile'"]),
         (
             gzip.compress(_json_request()) + b"junk",
             {"Content-Encoding": "gzip"},
@@ -471,6 +476,7 @@ def _with(**request: Any) -> bytes:
         "shape",
         "data-count",
         "data-kind",
+        "bytes-kind",
         "input-name",
         "binary-size",
         "input-parameter",
@@ -506,6 +512,21 @@ def test_bad_requests_are_400(
         assert word in message
     # the server keeps serving
     assert call(server, "POST", "/v2/models/facile/infer", _json_request())[0] == 200
+
+
+def test_uint64_priority_as_tritonclient_sends_it(server: Server) -> None:
+    """A priority beyond int64 (tritonclient writes priority as uint64) is a priority, as
+    over gRPC; beyond 64 bits it cannot be one."""
+    assert (
+        call(server, "POST", "/v2/models/facile/infer", _with(parameters={"priority": 2**64 - 1}))[
+            0
+        ]
+        == 200
+    )
+    assert (
+        call(server, "POST", "/v2/models/facile/infer", _with(parameters={"priority": 2**64}))[0]
+        == 400
+    )
 
 
 def test_nan_and_infinity_as_triton_reads_and_writes_them(

@@ -75,7 +75,7 @@ from . import _v2
 from ._auth import ModelControl, TokenCheck
 from ._core import MAX_REQUEST_BYTES, InferenceCore, LoadedModel
 from ._v2memory import CUDA_UNSUPPORTED, NO_PEER, Peer, SystemRegions
-from ._v2tensors import InferAnswer, naming
+from ._v2tensors import InferAnswer, named, naming
 
 __all__ = [
     "DEFAULT_MAX_REQUEST_BYTES",
@@ -279,8 +279,11 @@ def _set_parameter(target: Any, key: str, value: Any, what: str) -> None:
     """One JSON parameter into a protobuf ``InferParameter`` map."""
     if isinstance(value, bool):
         target[key].bool_param = value
-    elif isinstance(value, int):
-        target[key].int64_param = value
+    elif isinstance(value, int):  # beyond int64 (tritonclient's uint64): protobuf's uint64
+        if value < 2**63:
+            target[key].int64_param = value
+        else:
+            target[key].uint64_param = value
     elif isinstance(value, float):
         target[key].double_param = value
     elif isinstance(value, str):
@@ -327,17 +330,14 @@ def _json_data(tensor: dict[str, Any], kserve: str, shape: list[int]) -> bytes:
         dt = datatype(kserve)
     except (TypeError, ValueError):
         dt = None
+    if kserve != "BYTES" and dt is None:
+        raise InvalidInput("unknown datatype", got=kserve)
     try:
-        if kserve == "BYTES":
-            values = np.array(data, dtype=object)
-            if not all(isinstance(v, str) for v in values.reshape(-1)):
-                raise InvalidInput("BYTES data must be strings")
-        else:
-            if dt is None:
-                raise InvalidInput("unknown datatype", got=kserve)
-            values = np.array(data)
+        values = np.array(data, dtype=object if kserve == "BYTES" else None)
     except (ValueError, TypeError, OverflowError) as err:
         raise InvalidInput(f"'data' is not a regular array of values: {err}") from None
+    if kserve == "BYTES" and not all(isinstance(v, str) for v in values.reshape(-1)):
+        raise InvalidInput("BYTES data must be strings")
     if values.size != math.prod(shape):
         raise InvalidInput(
             "'data' does not match the shape",
@@ -440,8 +440,7 @@ def infer_request(
     client's error, not the server's.
     """
     try:
-        with naming(model):
-            return _infer_request(model, version, header, binary)
+        return _infer_request(model, version, header, binary)
     except InvalidInput:
         raise
     except (ValueError, UnicodeEncodeError) as err:
@@ -709,31 +708,34 @@ class _Api:
         """One inference request: ``path`` holds ``model`` (and ``version``, if given)."""
         model = self._get(path)  # an unknown model is 404 whatever the body (Triton)
         headers = Headers(scope=scope)
-        length_text = headers.get("inference-header-content-length")
-        declared = _length(length_text)
-        body = await _body(headers, receive, self.limit, declared or 0)
-        if length_text is None:
-            length = len(body)
-        elif declared is not None and declared <= len(body):
-            length = declared
-        else:
-            raise InvalidInput(
-                f"{_HEADER_LENGTH} must be a length within the body",
-                expected=f"at most {len(body)}",
-                got=length_text,
+        try:  # the body's errors too name the model
+            length_text = headers.get("inference-header-content-length")
+            declared = _length(length_text)
+            body = await _body(headers, receive, self.limit, declared or 0)
+            if length_text is None:
+                length = len(body)
+            elif declared is not None and declared <= len(body):
+                length = declared
+            else:
+                raise InvalidInput(
+                    f"{_HEADER_LENGTH} must be a length within the body",
+                    expected=f"at most {len(body)}",
+                    got=length_text,
+                )
+            view = memoryview(body)
+            # NaN and ±Infinity as tensor data, both ways, as Triton reads and writes them
+            # (rapidjson's kParseNanAndInfFlag, triton-inference-server/server#3870). JSON is
+            # parsed (and answered) on the event loop: json's C parser holds the GIL for the
+            # whole text (~20 ms per MB), so another thread would not free the loop;
+            # --http-max-input-size bounds it (docs/security.md).
+            header = parse_json(
+                view[:length], "the inference request", max_bytes=self.limit, allow_nan=True
             )
-        view = memoryview(body)
-        # NaN and ±Infinity as tensor data, both ways, as Triton reads and writes them
-        # (rapidjson's kParseNanAndInfFlag, triton-inference-server/server#3870). JSON is
-        # parsed (and answered) on the event loop: json's C parser holds the GIL for the
-        # whole text (~20 ms per MB), so another thread would not free the loop;
-        # --http-max-input-size bounds it (docs/security.md).
-        header = parse_json(
-            view[:length], "the inference request", max_bytes=self.limit, allow_nan=True
-        )
-        grpc_request, raw, binary = infer_request(
-            path["model"], path.get("version", ""), header, view[length:]
-        )
+            grpc_request, raw, binary = infer_request(
+                path["model"], path.get("version", ""), header, view[length:]
+            )
+        except InvalidInput as err:
+            raise named(err, path["model"]) from None
         peer = _peer(scope)
         self._inferring += 1
         try:

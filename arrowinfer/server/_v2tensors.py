@@ -60,20 +60,25 @@ SPLIT_PARAMETER = "arrowinfer.kserve_split_oversized"
 _SHM_PARAMETERS = ("shared_memory_region", "shared_memory_byte_size", "shared_memory_offset")
 
 
+def named(err: InvalidInput, model: str, tensor: str | None = None) -> InvalidInput:
+    """``err`` with the model and tensor added where it does not name them."""
+    return InvalidInput(
+        err.reason,
+        model=err.model or model,
+        input=err.input or tensor,
+        expected=err.expected,
+        got=err.got,
+    )
+
+
 @contextlib.contextmanager
 def naming(model: str, tensor: str | None = None) -> Iterator[None]:
     """Add the model and tensor to an error raised where they are not known (a region's,
-    a JSON tensor's); names it has are kept."""
+    a JSON tensor's): :func:`named`."""
     try:
         yield
     except InvalidInput as err:
-        raise InvalidInput(
-            err.reason,
-            model=err.model or model,
-            input=err.input or tensor,
-            expected=err.expected,
-            got=err.got,
-        ) from None
+        raise named(err, model, tensor) from None
 
 
 class ShmPlace(NamedTuple):
