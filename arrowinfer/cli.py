@@ -34,6 +34,7 @@ def default_repository() -> Path:
 def _serve(args: argparse.Namespace) -> int:
     from .server import Server, WorkerPool
     from .server._auth import read_token_file
+    from .server._malloc import keep_freed_memory
 
     repository = Path(args.repository) if args.repository else default_repository()
     if (args.tls_cert is None) != (args.tls_key is None):
@@ -57,6 +58,7 @@ def _serve(args: argparse.Namespace) -> int:
         raise SystemExit("arrowinfer serve: --http-max-input-size must be positive")
     if args.exit_timeout_secs < 0:
         raise SystemExit("arrowinfer serve: --exit-timeout-secs must be >= 0")
+    keep_freed_memory()  # the process is the server's: see arrowinfer.server._malloc
     options = {
         "host": args.host,
         "port": args.port,
