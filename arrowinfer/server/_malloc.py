@@ -2,15 +2,23 @@
 
 By default glibc serves a large allocation (128 KiB at first, up to 32 MiB as it adapts)
 with a fresh ``mmap`` and returns it with ``munmap`` when freed, and gives the top of its
-heap back to the system once more than twice that lies free there. A server that receives
-one large body after another (the bytes uvicorn and gRPC hand over, the arrays numpy and
-onnxruntime make) then faults pages of every request in anew: ~1,100 minor faults per 4 MB
-KServe HTTP request, against ~1 with the thresholds below (``tests/test_malloc.py``). On this
-project's 2-core VM, the server's CPU per request went from 6.9-8.9 to 5.1-5.5 ms at 4 MB,
-from 69-77 to 51-52 ms at 32 MB (one client) and from 802-864 to 777-822 us at 256 KB (four
-clients; tritonclient.http, the two servers interleaved, three runs each;
-``benchmarks/results/performance.md``, sixth session). Its
-peak resident memory after the same sweep was no higher (412 against 477 MB).
+heap back to the system once more than twice that threshold lies free there. A server that
+receives one large body after another (the bytes uvicorn and gRPC hand over, the arrays
+numpy and onnxruntime make) then faults the pages of its requests in anew: until glibc's
+threshold has adapted, or for good when its buffers are freed at the top of the heap.
+
+Measured on this project's 2-core VM (sixth session, ``benchmarks/results/performance.md``):
+
+- a fresh KServe HTTP server: ~1,100 minor page faults per 4 MB request with glibc's
+  defaults, ~1 with these thresholds (``tests/test_malloc.py``);
+- ``arrowinfer bench``'s client against two fresh servers, interleaved: server CPU per 4 MB
+  request 6.1-6.5 -> 4.6-5.5 ms, per 32 MB request 54-65 -> 46 ms; a minute later the
+  default server had adapted and both cost the same (4.3-4.4 ms, 43 ms);
+- the floor server of ``benchmarks/http_floor.py`` never adapts at 256 KB (its buffers are
+  trimmed from the heap's top): 714-804 -> 478-536 us per request, a third of its CPU;
+- in the full benchmark run no KServe HTTP cell's server CPU moved beyond the run-to-run
+  noise, and the memory a server takes for 32 MB requests was no higher (target 5: peak
+  minus idle RSS, 2.63 requests' worth, 4.29 in the fifth session's run).
 
 :func:`keep_freed_memory` sets two thresholds with ``mallopt``: the largest
 allocation glibc takes from its heap instead of ``mmap`` (the most glibc allows:
