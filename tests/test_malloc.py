@@ -64,6 +64,7 @@ def test_a_servers_freed_memory_is_reused_not_faulted_in_again(tmp_path: Path) -
     repository = write_example_repository(tmp_path, models=["identity"])
     plain = _faults_per_request(repository, "plain")
     kept = _faults_per_request(repository, "kept")
-    # a 4 MiB buffer is 1,024 pages: with glibc's defaults ~1,100 faults per request here
-    assert plain > 500, plain
-    assert kept < plain / 10, (kept, plain)
+    # A 4 MiB buffer is 1,024 pages. With glibc's defaults: ~1,100 faults per request with
+    # this project's dependencies, ~6 with the oldest versions it supports (test-min),
+    # whose buffers happen to stay below glibc's thresholds.
+    assert kept < 50, (kept, plain)
