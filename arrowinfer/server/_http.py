@@ -75,7 +75,7 @@ from . import _v2
 from ._auth import ModelControl, TokenCheck
 from ._core import MAX_REQUEST_BYTES, InferenceCore, LoadedModel
 from ._v2memory import CUDA_UNSUPPORTED, NO_PEER, Peer, SystemRegions
-from ._v2tensors import InferAnswer, named, naming
+from ._v2tensors import InferAnswer, named
 
 __all__ = [
     "DEFAULT_MAX_REQUEST_BYTES",
@@ -178,7 +178,7 @@ def _length(text: str | None) -> int | None:
     return int(text)
 
 
-_TOO_LARGE = "the request body is too large (the server's --http-max-input-size)"
+_TOO_LARGE = "the request body is too large (--http-max-input-size, --max-request-bytes)"
 
 
 async def _body(
@@ -477,8 +477,10 @@ def _infer_request(
     for entry in inputs:
         if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
             raise InvalidInput("every input needs a 'name'")
-        with naming(model, entry["name"]):
+        try:
             cursor = _input(request, entry, binary, cursor, raw)
+        except InvalidInput as err:
+            raise named(err, model, entry["name"]) from None
     if cursor != len(binary):
         raise InvalidInput(
             "binary data left over after the inputs",
