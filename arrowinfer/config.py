@@ -15,7 +15,9 @@ from typing import Any, TypeAlias
 
 import numpy as np
 import onnx
-from google.protobuf import text_format
+from google.protobuf import json_format, text_format
+from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.message import Message
 from tritonclient.grpc import model_config_pb2 as mc
 
 from .errors import ModelError
@@ -28,6 +30,7 @@ __all__ = [
     "ModelConfig",
     "check_priorities",
     "complete_config",
+    "config_json",
     "dims_text",
     "graph_io",
     "ragged_batching",
@@ -354,3 +357,49 @@ def ragged_batching(
         dtype = datatype(type_name).numpy
         out.append(BatchInput(kind, entry.target_name[0], dtype, source))
     return ragged, tuple(out)
+
+
+def config_json(config: ModelConfig) -> dict[str, Any]:
+    """A model config as Triton's HTTP endpoint writes it: protobuf's JSON names
+    (``preserving_proto_field_name``), default values left out, and 64-bit integers as
+    numbers (``"dims": [15]``; protobuf writes ``["15"]``, triton-inference-server/server#1664).
+    The server and the in-process fallback give the same.
+    """
+    return _json_numbers(
+        config, json_format.MessageToDict(config, preserving_proto_field_name=True)
+    )
+
+
+_INT64 = frozenset(
+    (
+        FieldDescriptor.TYPE_INT64,
+        FieldDescriptor.TYPE_UINT64,
+        FieldDescriptor.TYPE_SINT64,
+        FieldDescriptor.TYPE_FIXED64,
+        FieldDescriptor.TYPE_SFIXED64,
+    )
+)
+
+
+def _json_numbers(message: Message, value: dict[str, Any]) -> dict[str, Any]:
+    """``value`` (``message`` as protobuf's ``MessageToDict`` gives it) with its 64-bit
+    integers as JSON numbers, in place: protobuf writes them as strings (``"dims":
+    ["15"]``), Triton as numbers (triton-inference-server/server#1664)."""
+    for field in message.DESCRIPTOR.fields:
+        if field.name not in value:
+            continue
+        got, text = getattr(message, field.name), value[field.name]
+        repeated = isinstance(text, list)  # a repeated field is a JSON list, a map an object
+        if field.message_type is not None and field.message_type.GetOptions().map_entry:
+            entry = field.message_type.fields_by_name["value"]
+            for key, sub in got.items():  # JSON's keys are strings (map<uint64, ...> too)
+                if entry.type in _INT64:
+                    text[str(key)] = int(text[str(key)])
+                elif entry.message_type is not None:
+                    _json_numbers(sub, text[str(key)])
+        elif field.message_type is not None:
+            for sub, sub_text in zip(got, text, strict=True) if repeated else [(got, text)]:
+                _json_numbers(sub, sub_text)
+        elif field.type in _INT64:
+            value[field.name] = [int(v) for v in text] if repeated else int(text)
+    return value

@@ -32,11 +32,14 @@ import pyarrow as pa
 import pytest
 import tritonclient.http as th
 import tritonclient.http.aio as th_aio
+from google.protobuf import json_format
 from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
+from tritonclient.grpc import model_config_pb2
 from tritonclient.utils import InferenceServerException
 
+from arrowinfer.config import config_json
 from arrowinfer.errors import InvalidInput
 from arrowinfer.protocol import parse_json
 from arrowinfer.schema import DATATYPES
@@ -147,6 +150,41 @@ def test_health_and_metadata(server: Server, client: th.InferenceServerClient) -
     assert config["name"] == "facile"
     assert config["max_batch_size"] == server.core.get("facile").version.max_batch_size
     assert [i["name"] for i in config["input"]] == ["hits"]
+    assert config["input"][0]["dims"] == [15]  # numbers, as Triton's (protobuf: ["15"])
+
+
+_INT64 = st.integers(-(2**63), 2**63 - 1)
+_UINT64 = st.integers(0, 2**64 - 1)
+
+
+@given(
+    dims=st.lists(st.lists(_INT64, max_size=4), max_size=3),
+    delay=_UINT64,
+    timeouts=st.dictionaries(_UINT64, _UINT64, max_size=3),
+)
+def test_config_json_has_64_bit_integers_as_numbers(
+    dims: list[list[int]], delay: int, timeouts: dict[int, int]
+) -> None:
+    """Every int64/uint64 of a config, nested in messages, lists and maps (even a map's
+    uint64 keys' values), is a JSON number; the JSON parses back to the same config."""
+    config = model_config_pb2.ModelConfig(name="m")
+    for i, shape in enumerate(dims):
+        config.input.add(name=f"x{i}", data_type=model_config_pb2.TYPE_FP32, dims=shape)
+    config.dynamic_batching.max_queue_delay_microseconds = delay
+    for level, timeout in timeouts.items():
+        policy = config.dynamic_batching.priority_queue_policy[level]
+        policy.default_timeout_microseconds = timeout
+    text = config_json(config)
+    back = json.loads(json.dumps(text))
+    assert json_format.ParseDict(back, model_config_pb2.ModelConfig()) == config
+    numbers = [d for i in back.get("input", []) for d in i.get("dims", [])]
+    batching = back.get("dynamic_batching", {})
+    numbers += [batching.get("max_queue_delay_microseconds", 0)]
+    numbers += [
+        p.get("default_timeout_microseconds", 0)
+        for p in batching.get("priority_queue_policy", {}).values()
+    ]
+    assert all(type(n) is int for n in numbers), numbers
 
 
 def test_unknown_model_is_404_with_tritons_error_body(server: Server) -> None:
@@ -422,7 +460,11 @@ def _with(**request: Any) -> bytes:
         (_json_request(datatype="INT32", data=[1] * 15), {}, ["wrong datatype"]),
         (_json_request(shape=[1, 14], data=[0.5] * 14), {}, ["wrong shape"]),
         (_json_request(data=[0.5] * 14), {}, ["does not match the shape", *NAMED]),
-        (_json_request(data=["a"] * 15), {}, ["wrong kind", "expected numbers", *NAMED]),
+        (
+            _json_request(data=["a"] * 15),
+            {},
+            ["wrong kind", "expected numbers, got strings", *NAMED],
+        ),
         (_json_request(datatype="BYTES", data=[1] * 15), {}, ["BYTES data must be strings"]),
         (_json_request(name="nope"), {}, ["unexpected input"]),
         (_json_request(parameters={"binary_data_size": 60}), {}, ["binary_data_size", *NAMED]),
@@ -465,7 +507,7 @@ def _with(**request: Any) -> bytes:
         (_with(id="\ud800"), {}, ["cannot carry"]),
         (_with(parameters={"p": "\udc00"}), {}, ["cannot carry"]),
         (_with(parameters={"priority": 10**20}), {}, ["cannot carry"]),
-        (_with(parameters={"priority": 1.5}), {}, ["'priority'", "integer", "'facile'"]),
+        (_with(parameters={"priority": 1.5}), {}, ["'priority'", "integer", "got a float"]),
         (_with(parameters={"timeout": "1"}), {}, ["'timeout'", "integer", "'facile'"]),
         (_with(outputs=[{"name": "energy", "parameters": {"x": None}}]), {}, ["'x'", "'facile'"]),
     ],

@@ -452,8 +452,8 @@ def test_model_config_is_tritons_json(server: Server) -> None:
     assert facile["name"] == "facile"
     assert facile["platform"] == "onnxruntime_onnx"
     assert facile["max_batch_size"] == 16384
-    assert facile["input"] == [{"name": "hits", "data_type": "TYPE_FP32", "dims": ["15"]}]
-    assert facile["output"] == [{"name": "energy", "data_type": "TYPE_FP32", "dims": ["1"]}]
+    assert facile["input"] == [{"name": "hits", "data_type": "TYPE_FP32", "dims": [15]}]
+    assert facile["output"] == [{"name": "energy", "data_type": "TYPE_FP32", "dims": [1]}]
     assert "dynamic_batching" in facile
     assert facile["instance_group"][0]["kind"] == "KIND_CPU"
     assert [i["name"] for i in jets["input"]] == ["points", "features", "mask"]

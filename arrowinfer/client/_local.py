@@ -22,6 +22,7 @@ import pyarrow as pa
 
 from ..backends import Backend, create_backend
 from ..backends.base import truncation
+from ..config import config_json
 from ..errors import ArrowInferError, ModelNotFound, ServerError
 from ..protocol import result_metadata
 from ..repository import ModelVersion, Repository
@@ -85,9 +86,7 @@ class LocalTransport:
         if name == "model.metadata":
             return version.metadata()
         if name == "model.config":
-            from google.protobuf import json_format
-
-            return json_format.MessageToDict(version.config, preserving_proto_field_name=True)
+            return config_json(version.config)
         raise NotImplementedError(f"action {name!r} is not available in-process")
 
     def sha256(self, model: str, version: str | None) -> str:

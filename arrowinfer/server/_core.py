@@ -15,10 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from google.protobuf import json_format
-
 from ..backends import create_backend
 from ..batching import Completed, DynamicBatcher
+from ..config import config_json
 from ..dense import AnyBatch, DenseBatch, validate_dense
 from ..errors import InvalidInput, ModelError, ModelNotFound, ServerError, ServerUnavailable
 from ..repository import ModelVersion, Repository, default_warmup, warmup_requests
@@ -360,8 +359,8 @@ class InferenceCore:
         return out
 
     def config(self, model: LoadedModel) -> dict[str, Any]:
-        """The model's complete config as Triton's JSON."""
-        return json_format.MessageToDict(model.version.config, preserving_proto_field_name=True)
+        """The model's complete config as Triton's JSON (:func:`~arrowinfer.config.config_json`)."""
+        return config_json(model.version.config)
 
     def statistics(
         self, name: str | None = None, version: str | None = None

@@ -352,9 +352,8 @@ def _json_data(tensor: dict[str, Any], kserve: str, shape: list[int]) -> bytes:
     if target.kind in "iu" and values.dtype.kind in "fO":  # UINT64 beyond int64 mixed with
         values = _integers(data, target, values)  # others: numpy made floats of them all
     if values.size and values.dtype.kind not in kinds:
-        raise InvalidInput(
-            f"values of the wrong kind for {kserve}", expected=wanted, got=values.dtype
-        )
+        got = _KIND_NAMES.get(values.dtype.kind, "mixed values")
+        raise InvalidInput(f"values of the wrong kind for {kserve}", expected=wanted, got=got)
     # a float beyond the datatype's range becomes ±inf, as Triton's cast does
     with np.errstate(all="ignore"):
         cast = values.astype(target)
@@ -374,6 +373,9 @@ def _integers(data: list[Any], target: np.dtype, values: np.ndarray) -> np.ndarr
     except OverflowError:
         raise InvalidInput(f"values out of range for {datatype(target).kserve}") from None
 
+
+#: What JSON values numpy made an array of are, by its kind, for an error message
+_KIND_NAMES = {"b": "true/false", "i": "integers", "u": "integers", "f": "numbers", "U": "strings"}
 
 #: numpy's kind of a datatype -> the kinds of JSON values it takes, and what to call them
 _JSON_KINDS = {

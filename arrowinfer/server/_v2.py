@@ -109,8 +109,9 @@ def _int_parameter(request: pb.ModelInferRequest, key: str) -> int:
     param = request.parameters[key]
     kind = param.WhichOneof("parameter_choice")
     if kind not in ("int64_param", "uint64_param"):
+        got = {"bool_param": "true/false", "double_param": "a float", "string_param": "a string"}
         raise InvalidInput(
-            f"parameter {key!r} must be an integer", model=request.model_name, got=kind
+            f"parameter {key!r} must be an integer", model=request.model_name, got=got.get(kind)
         )
     value = param.int64_param or param.uint64_param
     if value < 0:
