@@ -25,7 +25,7 @@ import pyarrow as pa
 from .errors import InvalidInput
 from .schema import TensorSpec, check_rows, to_column
 
-__all__ = ["AnyBatch", "DenseBatch", "validate_dense"]
+__all__ = ["AnyBatch", "DenseBatch", "entry_fits", "validate_dense"]
 
 
 class DenseBatch:
@@ -85,6 +85,11 @@ class DenseBatch:
 AnyBatch = pa.RecordBatch | DenseBatch
 
 
+def entry_fits(dims: Sequence[int], entry: Sequence[int]) -> bool:
+    """Whether an entry's shape is a config's ``dims``: as many, each equal or ``-1``."""
+    return len(entry) == len(dims) and all(d in (-1, g) for d, g in zip(dims, entry, strict=True))
+
+
 def validate_dense(
     batch: DenseBatch, specs: Sequence[TensorSpec], *, model: str, max_rows: int | None
 ) -> tuple[tuple[str, tuple[int, ...] | None], ...]:
@@ -125,9 +130,7 @@ def validate_dense(
                 got=str(array.dtype),
             )
         entry = array.shape[1:]
-        if len(entry) != len(spec.shape) or any(
-            d not in (-1, g) for d, g in zip(spec.shape, entry, strict=True)
-        ):
+        if not entry_fits(spec.shape, entry):
             raise InvalidInput(
                 "wrong shape per entry",
                 model=model,

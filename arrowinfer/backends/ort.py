@@ -22,7 +22,7 @@ from onnxruntime.capi import onnxruntime_pybind11_state as _ort_state
 from tritonclient.grpc import model_config_pb2 as mc
 
 from .. import tensors
-from ..dense import AnyBatch, DenseBatch
+from ..dense import AnyBatch, DenseBatch, entry_fits
 from ..errors import InvalidInput, ModelError, ServerError
 from ..repository import ModelVersion
 from ..schema import datatype, to_column
@@ -386,9 +386,7 @@ def _check_dense_outputs(model: ModelVersion, outputs: dict[str, np.ndarray]) ->
         value = outputs[spec.name]
         entry = value.shape[1:] if model.max_batch_size > 0 else value.shape
         if -1 in spec.shape:
-            fits = len(entry) == len(spec.shape) and all(
-                d in (-1, g) for d, g in zip(spec.shape, entry, strict=True)
-            )
+            fits = entry_fits(spec.shape, entry)
         else:
             fits = math.prod(entry) == math.prod(spec.shape)
         if value.dtype != spec.datatype.numpy or not fits:

@@ -348,11 +348,12 @@ def _json_data(tensor: dict[str, Any], kserve: str, shape: list[int]) -> bytes:
         return _serialize_strings(values)
     assert dt is not None
     target = dt.numpy
-    kinds, wanted = _JSON_KINDS[target.kind]
+    kinds = _JSON_KINDS[target.kind]
     if target.kind in "iu" and values.dtype.kind in "fO":  # UINT64 beyond int64 mixed with
         values = _integers(data, target, values)  # others: numpy made floats of them all
     if values.size and values.dtype.kind not in kinds:
         got = _KIND_NAMES.get(values.dtype.kind, "mixed values")
+        wanted = _KIND_NAMES[target.kind]
         raise InvalidInput(f"values of the wrong kind for {kserve}", expected=wanted, got=got)
     # a float beyond the datatype's range becomes ±inf, as Triton's cast does
     with np.errstate(all="ignore"):
@@ -374,16 +375,11 @@ def _integers(data: list[Any], target: np.dtype, values: np.ndarray) -> np.ndarr
         raise InvalidInput(f"values out of range for {datatype(target).kserve}") from None
 
 
-#: What JSON values numpy made an array of are, by its kind, for an error message
+#: What JSON values of each numpy kind are called, in error messages
 _KIND_NAMES = {"b": "true/false", "i": "integers", "u": "integers", "f": "numbers", "U": "strings"}
 
-#: numpy's kind of a datatype -> the kinds of JSON values it takes, and what to call them
-_JSON_KINDS = {
-    "b": ("b", "true/false"),
-    "i": ("biu", "integers"),
-    "u": ("biu", "integers"),
-    "f": ("biuf", "numbers"),
-}
+#: numpy's kind of a datatype -> the kinds of JSON values it takes
+_JSON_KINDS = {"b": "b", "i": "biu", "u": "biu", "f": "biuf"}
 
 
 class BinaryOutputs(NamedTuple):

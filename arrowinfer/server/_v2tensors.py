@@ -20,7 +20,7 @@ import pyarrow as pa
 from tritonclient.grpc import service_pb2 as pb
 
 from ..batching import Completed
-from ..dense import DenseBatch
+from ..dense import DenseBatch, entry_fits
 from ..errors import InvalidInput
 from ..protocol import SERVER_TIMES
 from ..repository import ModelVersion
@@ -132,9 +132,7 @@ def _dims_match(expected: tuple[int, ...], got: tuple[int, ...]) -> bool:
         return True
     if expected in ((), (1,)) and got in ((), (1,)):
         return True
-    return len(expected) == len(got) and all(
-        e in (-1, g) for e, g in zip(expected, got, strict=True)
-    )
+    return entry_fits(expected, got)
 
 
 #: The most elements a tensor's shape may describe (its nonzero dims' product): numpy
