@@ -113,6 +113,10 @@ class ndarray(np.ndarray):  # named as cupy.ndarray
         return out
 
 
+def asnumpy(a: Any, stream: Any = None) -> np.ndarray:
+    return a.get(stream=stream) if isinstance(a, ndarray) else np.asarray(a)
+
+
 def __getattr__(name: str) -> Any:
     """Array functions: numpy's, run in stream order, returning "device" arrays."""
     func = getattr(np, name)

@@ -28,7 +28,7 @@ from onnx import TensorProto, helper
 from arrowinfer import events, tensors
 from arrowinfer.backends import Backend, create_backend, device, import_cupy
 from arrowinfer.backends.device import DeviceAssembler, DeviceBackend, fill_mask, pad
-from arrowinfer.backends.ort import OnnxRuntimeBackend, input_plan
+from arrowinfer.backends.ort import OnnxRuntimeBackend, assemble_inputs, input_plan
 from arrowinfer.dense import DenseBatch
 from arrowinfer.errors import InvalidInput, ModelError
 from arrowinfer.examples import EXAMPLE_MODELS, write_example_repository
@@ -512,10 +512,132 @@ def cupy() -> ModuleType:
     return cp
 
 
+def _cuda_provider() -> bool:
+    import onnxruntime as ort
+
+    if hasattr(ort, "preload_dlls"):  # onnxruntime-gpu >= 1.21: CUDA libraries from wheels
+        try:
+            ort.preload_dlls()
+        except OSError:
+            return False
+    return "CUDAExecutionProvider" in ort.get_available_providers()
+
+
+@pytest.fixture(scope="module")
+def cuda_provider(cupy: ModuleType) -> None:
+    if not _cuda_provider():
+        pytest.skip("onnxruntime has no CUDA provider here: onnxruntime-gpu is not installed")
+
+
+def _bits(array: np.ndarray) -> bytes:
+    return np.ascontiguousarray(array).view(np.uint8).tobytes()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("chunk_bytes", [device.CHUNK_BYTES, 4096])
+@pytest.mark.parametrize("name", DEVICE_MODELS)
+def test_gpu_assembly_is_the_cpu_assembly_bit_for_bit(
+    name: str, chunk_bytes: int, cupy: ModuleType, models: dict[str, ModelVersion]
+) -> None:
+    """On a real GPU, the batch the device assembles (pinned staging, async copies on a
+    non-default stream, the pad and mask kernels) holds the bits the CPU backend feeds
+    onnxruntime. Small chunks put many copies in flight while the next rows are staged."""
+    model = models[name]
+    plan = input_plan(model)
+    stream = cupy.cuda.Stream(non_blocking=True)
+    assembler = DeviceAssembler(
+        cupy,
+        plan,
+        model.max_batch_size,
+        pad_value=model.pad_value,
+        stream=stream,
+        model=name,
+        chunk_bytes=chunk_bytes,
+    )
+    batch = (
+        request_for(name, 300, seed=13)
+        if name != "jet_tagger"
+        else ragged_jets([0, 3, 150, 100, 101, 1, 0, 42] * 40, seed=13)
+    )
+    staging = None
+    for cuts in ([7, 8, 100, 299], [1], [], [150]):  # the third outgrows max_batch_size
+        requests = pieces(batch, cuts)
+
+        got = assembler.assemble(requests)
+        stream.synchronize()
+
+        expected = assemble_inputs(model, requests, plan=plan)
+        assert list(got) == list(expected)
+        for key, value in expected.items():
+            on_host = cupy.asnumpy(got[key])
+            assert (on_host.dtype, on_host.shape) == (value.dtype, value.shape), key
+            assert _bits(on_host) == _bits(value), key
+        if staging is not None and batch.num_rows <= model.max_batch_size:
+            assert assembler.staging_bytes == staging  # reused, not reallocated
+        staging = assembler.staging_bytes
+
+
+@pytest.mark.gpu
+@settings(deadline=None, max_examples=40)
+@given(
+    ragged=raggeds(),
+    length=st.integers(0, 6),
+    pad_value=st.sampled_from([0.0, -1.0, 7.5]),
+    shape=st.sampled_from([(), (1,), (2, 3)]),
+)
+def test_gpu_pad_and_mask_equal_tensors_pad_and_mask(
+    cupy: ModuleType, ragged: tensors.Ragged, length: int, pad_value: float, shape: tuple[int, ...]
+) -> None:
+    offsets, values = cupy.asarray(ragged.offsets), cupy.asarray(ragged.values)
+    got = pad(offsets, values, length, pad_value=pad_value, xp=cupy)
+    expected = tensors.pad(ragged, length, pad_value=pad_value)
+    assert _bits(cupy.asnumpy(got)) == _bits(expected)
+    out = cupy.full((len(ragged), length, *shape), 5.0, dtype=cupy.float32)
+    mask = cupy.asnumpy(fill_mask(offsets, out, xp=cupy))
+    assert _bits(mask) == _bits(tensors.mask(ragged.counts, length, shape=shape))
+
+
+@pytest.mark.gpu
+def test_gpu_split_copies_each_output_back_once(
+    cupy: ModuleType, models: dict[str, ModelVersion]
+) -> None:
+    model = models["facile"]
+    stream = cupy.cuda.Stream(non_blocking=True)
+    assembler = DeviceAssembler(cupy, input_plan(model), 8, stream=stream, model=model.name)
+    expected = np.random.default_rng(3).standard_normal((10, 3), dtype=np.float32)
+    with stream:
+        outputs = {"energy": cupy.asarray(expected)}
+
+    parts = assembler.split(outputs, [4, 0, 6])
+
+    assert [len(p["energy"]) for p in parts] == [4, 0, 6]
+    np.testing.assert_array_equal(np.concatenate([p["energy"] for p in parts]), expected)
+    assert type(parts[0]["energy"]) is np.ndarray
+    first, last = parts[0]["energy"], parts[2]["energy"]
+    assert last.ctypes.data == first.ctypes.data + first.nbytes  # slices of one copy
+
+
+@pytest.mark.gpu
+def test_gpu_without_onnxruntime_gpu_names_the_fix(
+    cupy: ModuleType, models: dict[str, ModelVersion]
+) -> None:
+    if _cuda_provider():
+        pytest.skip("onnxruntime has a CUDA provider here")
+    with pytest.raises(ModelError) as info:
+        create_backend(models["facile"], device="cuda:0")
+    message = str(info.value)
+    for part in ("'facile'", "onnxruntime-gpu", "--device cpu"):
+        assert part in message
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", DEVICE_MODELS)
 def test_gpu_matches_cpu_backend(
-    name: str, cupy: ModuleType, models: dict[str, ModelVersion], cpu: dict[str, Backend]
+    name: str,
+    cupy: ModuleType,
+    cuda_provider: None,
+    models: dict[str, ModelVersion],
+    cpu: dict[str, Backend],
 ) -> None:
     backend = create_backend(models[name], device="cuda:0")
     assert isinstance(backend, DeviceBackend)
@@ -587,3 +709,21 @@ def test_dense_requests_give_the_cpu_backends_rows(
 
     expected, _ = cpu[name].execute(arrow)
     assert_same_results(got, expected)
+
+
+def test_gpu_check_dry_run(tmp_path: pathlib.Path) -> None:
+    """benchmarks/gpu_check.py, with numpy for CuPy: the script itself works, and its
+    bit-for-bit comparison of assembled batches passes (it fails, exit 1, on a wrong one)."""
+    from benchmarks import gpu_check
+
+    out = tmp_path / "gpu_cpu.md"
+
+    status = gpu_check.main(["--cpu", "--cell-seconds", "0.01", "--output", str(out)])
+
+    text = out.read_text()
+    assert status == 0, text
+    assert text.count("| equal, bit for bit |") == len(DEVICE_MODELS)
+    for size in gpu_check.JET_BATCH_SIZES:
+        assert f"| jet_tagger | {size} |" in text
+    assert "FAILED" not in text
+    assert "DIFFERENT" not in text

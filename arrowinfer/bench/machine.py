@@ -22,7 +22,16 @@ __all__ = ["PACKAGES", "SIMD_FLAGS", "OtherLoad", "describe", "markdown"]
 SIMD_FLAGS: tuple[str, ...] = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512_vnni", "amx_tile")
 
 #: Packages whose versions matter to the numbers.
-PACKAGES: tuple[str, ...] = ("numpy", "pyarrow", "onnxruntime", "onnxruntime-gpu", "onnx", "cupy")
+PACKAGES: tuple[str, ...] = (
+    "numpy",
+    "pyarrow",
+    "onnxruntime",
+    "onnxruntime-gpu",
+    "onnx",
+    "cupy",  # built from source; the wheels are named for their CUDA:
+    "cupy-cuda12x",
+    "cupy-cuda13x",
+)
 
 
 def _cpuinfo() -> dict[str, str]:
