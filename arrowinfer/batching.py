@@ -49,7 +49,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -64,7 +64,13 @@ from .errors import ArrowInferError, ServerBusy, ServerError, ServerUnavailable
 from .repository import ModelVersion
 from .statistics import COUNTERS, ModelStatistics
 
-__all__ = ["COUNTERS", "Completed", "DynamicBatcher", "ModelStatistics"]  # statistics: re-exported
+__all__ = [
+    "COUNTERS",
+    "Completed",
+    "DynamicBatcher",
+    "ModelStatistics",
+    "Submission",
+]  # statistics: re-exported
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +107,15 @@ class _Request:
 
 
 _DELAY = 1  # ModelQueuePolicy.TimeoutAction.DELAY
+
+
+class Submission(NamedTuple):
+    """One validated request, as :meth:`DynamicBatcher.submit` takes it."""
+
+    batch: AnyBatch
+    shapes: tuple[Any, ...] = ()
+    priority: int = 0
+    timeout_us: int = 0
 
 
 class QueuePolicy(NamedTuple):
@@ -238,6 +253,38 @@ class DynamicBatcher:
         ServerUnavailable
             When the batcher is closed.
         """
+        requests = self._requests(Submission(batch, shapes, priority, timeout_us))
+        if inline and len(requests) == 1 and self._inline and self._run_inline(requests):
+            return requests[0].future
+        return self._queue(requests)
+
+    def submit_many(
+        self, submissions: Sequence[Submission], *, inline: bool = False
+    ) -> list[Future[Completed]]:
+        """:meth:`submit` for several requests that arrived together: with ``inline=True``
+        they run in this thread now, merged into batches as the queue would merge them, if
+        nothing is queued, no queue delay applies and an instance is idle (the futures are
+        then done on return); else each is queued. A request that cannot be queued (the
+        queue is full, the batcher closed) has that error in its future.
+        """
+        parts = [self._requests(s) for s in submissions]
+        if inline and self._inline and all(len(p) == 1 for p in parts):
+            requests = [p[0] for p in parts]
+            if self._run_inline(requests):
+                return [r.future for r in requests]
+        futures = []
+        for requests in parts:
+            try:
+                futures.append(self._queue(requests))
+            except (ServerBusy, ServerUnavailable) as err:
+                refused: Future[Completed] = Future()
+                refused.set_exception(err)
+                futures.append(refused)
+        return futures
+
+    def _requests(self, submission: Submission) -> list[_Request]:
+        """A submission as the requests the queue holds: one per ``max_batch_size`` rows."""
+        batch, shapes, priority, timeout_us = submission
         parts = [batch]
         if batch.num_rows > self._max_rows and self.model.max_batch_size > 0:
             parts = [
@@ -251,9 +298,14 @@ class DynamicBatcher:
             timeout_ns = min(timeout_ns or timeout_us * 1000, timeout_us * 1000)
         now = time.perf_counter_ns()
         deadline = now + timeout_ns if timeout_ns else 0
-        requests = [_Request(p, Future(), now, shapes, level, deadline) for p in parts]
-        if inline and len(requests) == 1 and self._inline and self._run_inline(requests[0]):
-            return requests[0].future
+        return [_Request(p, Future(), now, shapes, level, deadline) for p in parts]
+
+    def _queue(self, requests: list[_Request]) -> Future[Completed]:
+        """Queue the parts of one request; the future of the whole."""
+        level = requests[0].level
+        policy = self._policies[level - 1]
+        deadline = requests[0].deadline_ns
+        batch_rows = sum(r.batch.num_rows for r in requests)
         waiting, delayed = self._queues[2 * level - 2], self._queues[2 * level - 1]
         with self._cond:
             if self._closed:
@@ -268,7 +320,7 @@ class DynamicBatcher:
                 )
             waiting.extend(requests)
             self._count += len(requests)
-            self._queued_rows += batch.num_rows
+            self._queued_rows += batch_rows
             self._cond.notify()
             if deadline:
                 for request in requests:
@@ -316,16 +368,7 @@ class DynamicBatcher:
                 self._expire(time.perf_counter_ns(), expired)
                 if not self._count:  # another instance took them, or they timed out
                     return []
-        if self._batching:
-            rows = []
-            shapes = next(self._waiting()).shapes
-            for request in self._waiting():
-                if request.shapes != shapes:
-                    break  # another shape: it cannot join this batch
-                rows.append(request.batch.num_rows)
-            count = _choose(rows, self._max_rows, self._preferred)
-        else:
-            count = 1
+        count = self._batch_of(self._waiting())
         taken: list[_Request] = []
         for queue in self._queues:
             while queue and len(taken) < count:
@@ -383,8 +426,23 @@ class DynamicBatcher:
                     self._reaper_cond.wait(None if left is None else max(left, 0) / 1e9)
             self._reject(expired)
 
-    def _run_inline(self, request: _Request) -> bool:
-        """Run a request on an idle instance in this thread; False if none is free now."""
+    def _batch_of(self, requests: Iterable[_Request]) -> int:
+        """How many of ``requests``, from the first, form the next batch."""
+        if not self._batching:
+            return 1
+        rows = []
+        shapes = None
+        for request in requests:
+            if shapes is None:
+                shapes = request.shapes
+            elif request.shapes != shapes:
+                break  # another shape: it cannot join this batch
+            rows.append(request.batch.num_rows)
+        return _choose(rows, self._max_rows, self._preferred)
+
+    def _run_inline(self, requests: list[_Request]) -> bool:
+        """Run requests on an idle instance in this thread, in batches as :meth:`_take`
+        would form them; False if none is free now."""
         with self._cond:
             if self._closed or self._count or self._running >= len(self._backends):
                 return False
@@ -395,9 +453,14 @@ class DynamicBatcher:
             if index is None:
                 return False
             self._running += 1
+        for request in requests:
             request.queued = False  # never queued: the reaper has nothing to expire
         try:
-            self._execute(self._backends[index], [request])
+            start = 0
+            while start < len(requests):
+                count = self._batch_of(requests[start:])
+                self._execute(self._backends[index], requests[start : start + count])
+                start += count
         finally:
             self._instance_locks[index].release()
             with self._cond:

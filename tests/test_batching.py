@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper
 
 from arrowinfer.backends import Backend, Timings, create_backend
-from arrowinfer.batching import Completed, DynamicBatcher, ModelStatistics, _choose
+from arrowinfer.batching import Completed, DynamicBatcher, ModelStatistics, Submission, _choose
 from arrowinfer.errors import (
     InvalidInput,
     ServerBusy,
@@ -529,6 +529,56 @@ def test_inline_is_queued_when_a_queue_delay_applies(
     batcher, backend = _threads_batcher(model, batchers)
     assert result(batcher.submit(request(0, 1), inline=True)) == expected(request(0, 1))
     assert backend.threads
+    assert threading.get_ident() not in backend.threads
+
+
+def test_requests_submitted_together_run_inline_as_the_queue_would_batch_them(
+    make_model: MakeModel, batchers: Batchers
+) -> None:
+    """What the HTTP front end does with the requests of one turn of its event loop: they
+    run in the caller's thread, merged up to max_batch_size (8), requests of other shapes
+    apart, and a bad request fails alone."""
+    batcher, backend = _threads_batcher(make_model(), batchers)
+    sizes = [3, 4, 2, 5, 1]
+    batches = [request(i, n) for i, n in enumerate(sizes)]
+    submissions = [Submission(b) for b in batches[:3]] + [
+        Submission(b, shapes=((2,),)) for b in batches[3:]
+    ]
+
+    futures = batcher.submit_many(submissions, inline=True)
+
+    assert all(f.done() for f in futures)
+    for future, batch in zip(futures, batches, strict=True):
+        assert result(future) == expected(batch)
+    assert backend.rows == [[3, 4], [2], [5, 1]]  # 3+4+2 > 8; then another shape
+    assert backend.threads == [threading.get_ident()] * 3
+    stats = batcher.statistics.as_dict()
+    assert (stats["execution_count"], stats["inference_count"]) == (3, sum(sizes))
+
+    bad = request(7, 2).set_column(0, "x", pa.array([1.0, BAD], pa.float32()))
+    futures = batcher.submit_many([Submission(request(5, 1)), Submission(bad)], inline=True)
+    assert result(futures[0]) == expected(request(5, 1))
+    with pytest.raises(InvalidInput):
+        futures[1].result(0)
+
+
+def test_requests_submitted_together_are_queued_behind_a_busy_instance(
+    make_model: MakeModel, batchers: Batchers
+) -> None:
+    model = make_model(dynamic_batching="default_queue_policy { max_queue_size: 2 }")
+    batcher, backend = _threads_batcher(model, batchers)
+    backend.hold.clear()
+    first = hold_first(batcher, backend)
+    batches = [request(i, 1) for i in range(3)]
+
+    futures = batcher.submit_many([Submission(b) for b in batches], inline=True)
+
+    assert not futures[0].done()  # the one instance is busy: queued, not run here
+    with pytest.raises(ServerBusy):  # the queue holds two: the third is refused
+        futures[2].result(0)
+    backend.hold.set()
+    result(first)
+    assert [result(f) for f in futures[:2]] == [expected(b) for b in batches[:2]]
     assert threading.get_ident() not in backend.threads
 
 

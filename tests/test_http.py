@@ -835,8 +835,8 @@ def test_inference_paths_answer_as_the_router_would(server: Server) -> None:
 
 
 def test_concurrent_requests_are_batched(example_repository: Path) -> None:
-    """A lone request runs on the event loop's thread; requests that arrive together are
-    queued, so that they batch as over the other protocols (Triton's dynamic batching)."""
+    """Requests that arrive together batch as over the other protocols (Triton's dynamic
+    batching), whether on the event loop's thread or the batcher's."""
     arrays = {"hits": REQUESTS["facile"]["hits"][:1]}
     expected = None
 
@@ -857,6 +857,89 @@ def test_concurrent_requests_are_batched(example_repository: Path) -> None:
         stats = server.core.statistics("facile")[0]
         assert stats["inference_count"] == 64
         assert stats["execution_count"] < 64  # some ran together
+
+
+def test_requests_of_one_turn_of_the_event_loop_run_together_on_its_thread(
+    example_repository: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Requests the event loop converts in one turn are submitted together: a quick model
+    runs them as one batch on the loop's own thread (no hand-off to the batcher's thread
+    and back), and each gets its own rows. Driven in-process, so the turn is certain."""
+    from arrowinfer.repository import Repository
+    from arrowinfer.server import _http
+    from arrowinfer.server._core import InferenceCore
+
+    # however busy the machine (the threshold: test_a_slow_model_never_holds_the_event_loop)
+    monkeypatch.setattr(_http, "_LOOP_RUN_NS", 10**10)
+    core = InferenceCore(Repository(example_repository), models=["identity"])
+    app = _http.application(core)
+    backend = core.get("identity").batcher._backends[0]
+    threads: list[int] = []
+    execute = backend.execute
+
+    def recorded(requests: Any) -> Any:
+        threads.append(threading.get_ident())
+        return execute(requests)
+
+    monkeypatch.setattr(backend, "execute", recorded)
+
+    async def infer(value: float) -> tuple[int, np.ndarray]:
+        x = np.full((1, 1024), value, np.float32)
+        header = json.dumps(
+            {
+                "inputs": [
+                    {
+                        "name": "INPUT0",
+                        "shape": [1, 1024],
+                        "datatype": "FP32",
+                        "parameters": {"binary_data_size": x.nbytes},
+                    }
+                ],
+                "outputs": [{"name": "OUTPUT0", "parameters": {"binary_data": True}}],
+            }
+        ).encode()
+        body = header + x.tobytes()
+        sent: list[dict[str, Any]] = []
+
+        async def receive() -> dict[str, Any]:
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+
+        scope = {
+            "type": "http",
+            "method": "POST",
+            "path": "/v2/models/identity/infer",
+            "query_string": b"",
+            "headers": [
+                (b"inference-header-content-length", b"%d" % len(header)),
+                (b"content-length", b"%d" % len(body)),
+            ],
+            "client": ("127.0.0.1", 5000),
+        }
+        await app(scope, receive, send)
+        answer = b"".join(m.get("body", b"") for m in sent[1:])
+        length = int(dict(sent[0]["headers"])[b"inference-header-content-length"])
+        return sent[0]["status"], np.frombuffer(answer[length:], np.float32)
+
+    async def run() -> tuple[int, list[tuple[int, np.ndarray]], list[dict[str, Any]]]:
+        await infer(-1.0)  # the model's first run: its time per row is known from now on
+        threads.clear()
+        before = core.statistics("identity")[0]
+        answers = await asyncio.gather(*(infer(float(i)) for i in range(8)))
+        return threading.get_ident(), answers, [before, core.statistics("identity")[0]]
+
+    try:
+        loop_thread, answers, (before, after) = asyncio.run(asyncio.wait_for(run(), WAIT))
+    finally:
+        core.close()
+    for i, (status, values) in enumerate(answers):
+        assert status == 200
+        np.testing.assert_array_equal(values, np.full(1024, i, np.float32))
+    assert threads == [loop_thread]  # one execution, on the loop's thread
+    assert after["execution_count"] - before["execution_count"] == 1
+    assert after["inference_count"] - before["inference_count"] == 8
 
 
 def test_a_slow_model_never_holds_the_event_loop(tmp_path: Path) -> None:

@@ -10,13 +10,14 @@ import logging
 import os
 import secrets
 import threading
+from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..backends import create_backend
-from ..batching import Completed, DynamicBatcher
+from ..batching import Completed, DynamicBatcher, Submission
 from ..config import config_json
 from ..dense import AnyBatch, DenseBatch, validate_dense
 from ..errors import InvalidInput, ModelError, ModelNotFound, ServerError, ServerUnavailable
@@ -96,6 +97,13 @@ class LoadedModel:
     @property
     def statistics(self) -> ModelStatistics:
         return self.batcher.statistics
+
+
+def _empty(model: LoadedModel) -> Future[Completed]:
+    """The result of a request of no rows (an event without jets): the model not run."""
+    empty: Future[Completed] = Future()
+    empty.set_result(model.batcher.empty())
+    return empty
 
 
 def _warm_up(version: ModelVersion, backends: list[Any]) -> None:
@@ -308,6 +316,46 @@ class InferenceCore:
         InvalidInput, ServerBusy, ServerUnavailable
             At once, before anything is queued.
         """
+        submission = self.check(
+            model, batch, draining=draining, priority=priority, timeout_us=timeout_us
+        )
+        if batch.num_rows == 0:  # an event without jets: no rows back, the model not run
+            return _empty(model)
+        return model.batcher.submit(
+            batch,
+            shapes=submission.shapes,
+            priority=priority,
+            timeout_us=timeout_us,
+            inline=inline,
+        )
+
+    def submit_many(
+        self, model: LoadedModel, submissions: Sequence[Submission], *, inline: bool = False
+    ) -> list[Future[Completed]]:
+        """Requests that :meth:`check` passed and that arrived together, as
+        :meth:`DynamicBatcher.submit_many` takes them: with ``inline=True`` they may run
+        in this thread, merged. Errors in queueing them are in their futures."""
+        live = [s for s in submissions if s.batch.num_rows]
+        futures = iter(model.batcher.submit_many(live, inline=inline) if live else ())
+        return [next(futures) if s.batch.num_rows else _empty(model) for s in submissions]
+
+    def check(
+        self,
+        model: LoadedModel,
+        batch: AnyBatch,
+        *,
+        draining: bool = False,
+        priority: int = 0,
+        timeout_us: int = 0,
+    ) -> Submission:
+        """The checks of :meth:`submit`, without queueing: the request as
+        :meth:`DynamicBatcher.submit_many` takes it.
+
+        Raises
+        ------
+        InvalidInput, ServerUnavailable
+            As :meth:`submit`.
+        """
         if not self.ready and not draining:
             raise ServerUnavailable("the server is not ready (starting or shutting down)")
         version = model.version
@@ -331,13 +379,7 @@ class InferenceCore:
             )
         else:
             shapes = validate(batch, version.inputs, model=version.name, max_rows=max_rows)
-        if batch.num_rows == 0:  # an event without jets: no rows back, the model not run
-            empty: Future[Completed] = Future()
-            empty.set_result(model.batcher.empty())
-            return empty
-        return model.batcher.submit(
-            batch, shapes=shapes, priority=priority, timeout_us=timeout_us, inline=inline
-        )
+        return Submission(batch, shapes, priority, timeout_us)
 
     # -- management ----------------------------------------------------------------------
 

@@ -16,7 +16,7 @@ from typing import Any, NamedTuple
 from tritonclient.grpc import service_pb2 as pb
 
 from .. import __version__
-from ..batching import Completed
+from ..batching import Completed, Submission
 from ..errors import InvalidInput, ServerUnavailable, Timeout
 from ..schema import TensorSpec
 from ._core import InferenceCore, LoadedModel
@@ -26,8 +26,10 @@ from ._v2tensors import InferAnswer, infer_response, request_batch, requested_ou
 __all__ = [
     "EXTENSIONS",
     "Pending",
+    "Prepared",
     "check_load_parameters",
     "index",
+    "prepare",
     "server_metadata",
     "submit",
     "wait_result",
@@ -71,6 +73,26 @@ def check_load_parameters(model: str, keys: Iterable[str]) -> None:
             f"loading with parameters {override} (a config or files sent by the client) is "
             "not supported; change the repository and load again",
             model=model,
+        )
+
+
+class Prepared(NamedTuple):
+    """A request converted and checked, not yet submitted: what its response needs."""
+
+    request: pb.ModelInferRequest
+    model: LoadedModel
+    outputs: list[TensorSpec]
+    submission: Submission
+    timeout: float | None
+
+    def submitted(self, future: Future[Completed]) -> Pending:
+        return Pending(
+            self.request,
+            self.model,
+            self.outputs,
+            future,
+            self.timeout,
+            self.submission.batch.nbytes,
         )
 
 
@@ -121,6 +143,42 @@ def _int_parameter(request: pb.ModelInferRequest, key: str) -> int:
     return int(value)
 
 
+def prepare(
+    core: InferenceCore,
+    request: pb.ModelInferRequest,
+    remaining: float | None,
+    *,
+    regions: SystemRegions | None = None,
+    peer: Peer = NO_PEER,
+    draining: bool = False,
+    raw: Sequence[bytes | memoryview] | None = None,
+    model: LoadedModel | None = None,
+) -> Prepared:
+    """Convert and check one request (``remaining``: seconds the transport still allows).
+
+    ``regions`` and ``peer`` serve inputs and outputs in Triton system shared memory.
+    ``raw``: the inputs' data when it is not in ``request.raw_input_contents`` (HTTP).
+    ``model``: the request's model, when the caller has looked it up.
+
+    Raises
+    ------
+    ModelNotFound, InvalidInput, ServerUnavailable
+        Nothing is queued.
+    """
+    if model is None:
+        model = core.get(request.model_name, request.model_version or None)
+    outputs = requested_outputs(model.version, request, regions=regions, peer=peer)
+    batch = request_batch(model.version, request, regions=regions, peer=peer, raw_contents=raw)
+    submission = core.check(
+        model,
+        batch,
+        draining=draining,
+        priority=_int_parameter(request, "priority"),
+        timeout_us=_int_parameter(request, "timeout"),
+    )
+    return Prepared(request, model, outputs, submission, _timeout(remaining))
+
+
 def submit(
     core: InferenceCore,
     request: pb.ModelInferRequest,
@@ -130,35 +188,21 @@ def submit(
     peer: Peer = NO_PEER,
     draining: bool = False,
     inline: bool = False,
-    raw: Sequence[bytes | memoryview] | None = None,
-    model: LoadedModel | None = None,
 ) -> Pending:
-    """Convert and queue one request (``remaining``: seconds the transport still allows).
-
-    ``regions`` and ``peer`` serve inputs and outputs in Triton system shared memory.
-    ``raw``: the inputs' data when it is not in ``request.raw_input_contents`` (HTTP).
-    ``inline``: run it in this thread when an instance is idle
-    (:meth:`InferenceCore.submit`), for a caller that only waits for its result (never
-    from an event loop). ``model``: the request's model, when the caller has looked it up.
+    """Convert, check and queue one request (:func:`prepare`, then
+    :meth:`InferenceCore.submit`). ``inline``: run it in this thread when an instance is
+    idle, for a caller that only waits for its result (never from an event loop).
 
     Raises
     ------
     ModelNotFound, InvalidInput, ServerBusy, ServerUnavailable
         Before anything is queued.
     """
-    if model is None:
-        model = core.get(request.model_name, request.model_version or None)
-    outputs = requested_outputs(model.version, request, regions=regions, peer=peer)
-    batch = request_batch(model.version, request, regions=regions, peer=peer, raw_contents=raw)
-    future = core.submit(
-        model,
-        batch,
-        draining=draining,
-        priority=_int_parameter(request, "priority"),
-        timeout_us=_int_parameter(request, "timeout"),
-        inline=inline,
-    )
-    return Pending(request, model, outputs, future, _timeout(remaining), batch.nbytes)
+    prepared = prepare(core, request, remaining, regions=regions, peer=peer, draining=draining)
+    (future,) = core.submit_many(prepared.model, [prepared.submission], inline=inline)
+    if future.done() and future.exception() is not None:
+        future.result()  # the queue's refusal, raised here as before
+    return prepared.submitted(future)
 
 
 def _timed_out(pending: Pending) -> Timeout:
