@@ -467,7 +467,11 @@ def _with(**request: Any) -> bytes:
         ),
         (_json_request(datatype="BYTES", data=[1] * 15), {}, ["BYTES data must be strings"]),
         (_json_request(name="nope"), {}, ["unexpected input"]),
-        (_json_request(parameters={"binary_data_size": 60}), {}, ["binary_data_size", *NAMED]),
+        (
+            _json_request(parameters={"binary_data_size": 60}),
+            {},
+            ["got 'data' and 'binary_data_size'", *NAMED],
+        ),
         (_json_request(parameters={"p": [1]}), {}, ["parameter 'p'", *NAMED]),
         (_json_request(shape=[1, -15]), {}, ["'shape'", *NAMED]),
         (_json_request(shape=[0, 2**62], data=[]), {}, ["wrong shape", *NAMED]),
@@ -510,6 +514,16 @@ def _with(**request: Any) -> bytes:
         (_with(parameters={"priority": 1.5}), {}, ["'priority'", "integer", "got a float"]),
         (_with(parameters={"timeout": "1"}), {}, ["'timeout'", "integer", "'facile'"]),
         (_with(outputs=[{"name": "energy", "parameters": {"x": None}}]), {}, ["'x'", "'facile'"]),
+        # Triton's answers, checked against it: true/false are not numbers, and an input
+        # takes its data from one place
+        (_json_request(data=[True] * 15), {}, ["wrong kind", "got true/false", *NAMED]),
+        (_json_request(data=[0.5] * 14 + [False]), {}, ["got true/false", *NAMED]),
+        (_json_request(data=[[0.5] * 14 + [True]]), {}, ["got true/false", *NAMED]),
+        (
+            _json_request(parameters={"shared_memory_region": "r", "shared_memory_byte_size": 60}),
+            {},
+            ["one of 'data'", "got 'data' and 'shared_memory_region'", *NAMED],
+        ),
     ],
     ids=[
         "bad-json",
@@ -542,6 +556,10 @@ def _with(**request: Any) -> bytes:
         "priority-float",
         "timeout-string",
         "output-parameter",
+        "data-true-false",
+        "data-mixed-false",
+        "data-nested-true",
+        "data-and-shared-memory",
     ],
 )
 def test_bad_requests_are_400(

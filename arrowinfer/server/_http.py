@@ -353,8 +353,12 @@ def _json_data(tensor: dict[str, Any], kserve: str, shape: list[int]) -> bytes:
     kinds = _JSON_KINDS[target.kind]
     if target.kind in "iu" and values.dtype.kind in "fO":  # UINT64 beyond int64 mixed with
         values = _integers(data, target, values)  # others: numpy made floats of them all
-    if values.size and values.dtype.kind not in kinds:
-        got = _KIND_NAMES.get(values.dtype.kind, "mixed values")
+    kind = values.dtype.kind
+    # numpy takes true/false among numbers for 1 and 0; Triton refuses them ("attempt to
+    # access JSON non-number as double")
+    bools = kind in kinds and target.kind != "b" and _has_bools(data)
+    if values.size and (kind not in kinds or bools):
+        got = "true/false" if bools else _KIND_NAMES.get(kind, "mixed values")
         wanted = _KIND_NAMES[target.kind]
         raise InvalidInput(f"values of the wrong kind for {kserve}", expected=wanted, got=got)
     # a float beyond the datatype's range becomes ±inf, as Triton's cast does
@@ -363,6 +367,14 @@ def _json_data(tensor: dict[str, Any], kserve: str, shape: list[int]) -> bytes:
     if values.size and target.kind in "iu" and not np.array_equal(cast, values):
         raise InvalidInput(f"values out of range for {kserve}")
     return cast.astype(target.newbyteorder("<"), copy=False).tobytes()
+
+
+def _has_bools(data: list[Any]) -> bool:
+    """Whether a JSON list, nested or not, holds true or false (``type`` is mapped in C)."""
+    types = set(map(type, data))
+    if bool in types:
+        return True
+    return list in types and any(_has_bools(v) for v in data if type(v) is list)
 
 
 def _integers(data: list[Any], target: np.dtype, values: np.ndarray) -> np.ndarray:
@@ -381,7 +393,7 @@ def _integers(data: list[Any], target: np.dtype, values: np.ndarray) -> np.ndarr
 _KIND_NAMES = {"b": "true/false", "i": "integers", "u": "integers", "f": "numbers", "U": "strings"}
 
 #: numpy's kind of a datatype -> the kinds of JSON values it takes
-_JSON_KINDS = {"b": "b", "i": "biu", "u": "biu", "f": "biuf"}
+_JSON_KINDS = {"b": "b", "i": "iu", "u": "iu", "f": "iuf"}
 
 
 class BinaryOutputs(NamedTuple):
@@ -413,6 +425,21 @@ def _input(
         raise InvalidInput("'datatype' must be a string", got=kserve)
     tensor = request.inputs.add(name=entry["name"], datatype=kserve, shape=shape)
     tensor_params = entry.get("parameters") or {}
+    sources = [
+        key
+        for key, given in (
+            ("'data'", "data" in entry),
+            ("'binary_data_size'", "binary_data_size" in tensor_params),
+            ("'shared_memory_region'", "shared_memory_region" in tensor_params),
+        )
+        if given
+    ]
+    if len(sources) > 1:  # Triton's rule: which would it take?
+        raise InvalidInput(
+            "an input's data is one of 'data', binary data ('binary_data_size') or shared "
+            "memory ('shared_memory_region')",
+            got=" and ".join(sources),
+        )
     _parameters(tensor.parameters, tensor_params, "input", skip=("binary_data_size",))
     if "shared_memory_region" in tensor_params:
         return cursor  # read from the region
