@@ -64,13 +64,8 @@ from .errors import ArrowInferError, ServerBusy, ServerError, ServerUnavailable
 from .repository import ModelVersion
 from .statistics import COUNTERS, ModelStatistics
 
-__all__ = [
-    "COUNTERS",
-    "Completed",
-    "DynamicBatcher",
-    "ModelStatistics",
-    "Submission",
-]  # statistics: re-exported
+# COUNTERS and ModelStatistics: re-exported from .statistics
+__all__ = ["COUNTERS", "Completed", "DynamicBatcher", "ModelStatistics", "Submission"]
 
 log = logging.getLogger(__name__)
 

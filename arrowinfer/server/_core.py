@@ -319,14 +319,23 @@ class InferenceCore:
         submission = self.check(
             model, batch, draining=draining, priority=priority, timeout_us=timeout_us
         )
+        return self.submit_checked(model, submission, inline=inline)
+
+    def submit_checked(
+        self, model: LoadedModel, submission: Submission, *, inline: bool = False
+    ) -> Future[Completed]:
+        """:meth:`submit` for a request that :meth:`check` passed.
+
+        Raises
+        ------
+        ServerBusy, ServerUnavailable
+            At once, as :meth:`DynamicBatcher.submit`.
+        """
+        batch, shapes, priority, timeout_us = submission
         if batch.num_rows == 0:  # an event without jets: no rows back, the model not run
             return _empty(model)
         return model.batcher.submit(
-            batch,
-            shapes=submission.shapes,
-            priority=priority,
-            timeout_us=timeout_us,
-            inline=inline,
+            batch, shapes=shapes, priority=priority, timeout_us=timeout_us, inline=inline
         )
 
     def submit_many(

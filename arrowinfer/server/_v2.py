@@ -199,9 +199,7 @@ def submit(
         Before anything is queued.
     """
     prepared = prepare(core, request, remaining, regions=regions, peer=peer, draining=draining)
-    (future,) = core.submit_many(prepared.model, [prepared.submission], inline=inline)
-    if future.done() and future.exception() is not None:
-        future.result()  # the queue's refusal, raised here as before
+    future = core.submit_checked(prepared.model, prepared.submission, inline=inline)
     return prepared.submitted(future)
 
 
