@@ -960,47 +960,84 @@ def test_requests_of_one_turn_of_the_event_loop_run_together_on_its_thread(
     assert after["inference_count"] - before["inference_count"] == 8
 
 
-def test_a_slow_model_never_holds_the_event_loop(tmp_path: Path) -> None:
-    """A request runs on the event loop's thread only when its model's latest execution was
-    quick: while a slow model computes, the loop still answers everyone else."""
-    from test_queue_policy import sleepy_model, slow_trips_for
+def _sleepy(repository: Path) -> None:
+    """``sleepy`` in ``repository``: a model whose time is its input's (test_queue_policy)."""
+    from test_queue_policy import sleepy_model
 
-    (tmp_path / "sleepy" / "1").mkdir(parents=True)
-    onnx.save(sleepy_model(), str(tmp_path / "sleepy" / "1" / "model.onnx"))
-    (tmp_path / "sleepy" / "config.pbtxt").write_text(
+    (repository / "sleepy" / "1").mkdir(parents=True)
+    onnx.save(sleepy_model(), str(repository / "sleepy" / "1" / "model.onnx"))
+    (repository / "sleepy" / "config.pbtxt").write_text(
         "max_batch_size: 0\n"
         'input [ { name: "n" data_type: TYPE_INT64 dims: [ 1 ] } ]\n'
         'output [ { name: "y" data_type: TYPE_FP32 dims: [ 1 ] } ]\n'
         "instance_group [ { count: 1 kind: KIND_CPU } ]\n"
     )
-    slow = json.dumps(
-        {
-            "inputs": [
-                {"name": "n", "shape": [1], "datatype": "INT64", "data": [slow_trips_for(0.5)]}
-            ]
-        }
+
+
+def _sleep_for(seconds: float) -> bytes:
+    from test_queue_policy import slow_trips_for
+
+    trips = slow_trips_for(seconds) if seconds else 1
+    return json.dumps(
+        {"inputs": [{"name": "n", "shape": [1], "datatype": "INT64", "data": [trips]}]}
     ).encode()
+
+
+def _loop_answers_while_it_runs(server: Server, body: bytes) -> None:
+    """Send ``body`` to sleepy from another thread; while the model computes it, the event
+    loop answers a health check."""
+    batcher = server.core.get("sleepy").batcher
+    answer: list[int] = []
+    worker = threading.Thread(
+        target=lambda: answer.append(call(server, "POST", "/v2/models/sleepy/infer", body)[0])
+    )
+    worker.start()
+    try:
+        deadline = time.monotonic() + WAIT
+        while batcher.running == 0:  # the slow request has an instance
+            assert time.monotonic() < deadline, "the slow request never ran"
+            time.sleep(0.001)
+        assert call(server, "GET", "/v2/health/live")[0] == 200
+        assert batcher.running == 1  # answered while the model still computed
+    finally:
+        worker.join(WAIT)
+    assert answer == [200]
+
+
+def test_a_slow_model_never_holds_the_event_loop(tmp_path: Path) -> None:
+    """A request runs on the event loop's thread only when its model's latest execution was
+    quick: while a slow model computes, the loop still answers everyone else."""
+    _sleepy(tmp_path)
+    slow = _sleep_for(0.5)
     with http_server(tmp_path) as server:
         batcher = server.core.get("sleepy").batcher
         assert call(server, "POST", "/v2/models/sleepy/infer", slow)[0] == 200  # now known slow
         expected = batcher.expected_ns(1)
         assert expected is not None
         assert expected > 10**8
-        answer: list[int] = []
-        worker = threading.Thread(
-            target=lambda: answer.append(call(server, "POST", "/v2/models/sleepy/infer", slow)[0])
-        )
-        worker.start()
-        try:
-            deadline = time.monotonic() + WAIT
-            while batcher.running == 0:  # the slow request has an instance
-                assert time.monotonic() < deadline, "the slow request never ran"
-                time.sleep(0.001)
-            assert call(server, "GET", "/v2/health/live")[0] == 200
-            assert batcher.running == 1  # answered while the model still computed
-        finally:
-            worker.join(WAIT)
-        assert answer == [200]
+        _loop_answers_while_it_runs(server, slow)
+
+
+def test_a_model_that_held_the_event_loop_never_runs_there_again(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A model whose time depends on its data, not its rows: after a quick request a slow
+    one looks quick, and runs on the event loop's thread, once. From then on the model's
+    requests run on the batcher's thread, however quick its latest run."""
+    from arrowinfer.server import _http
+
+    # "quick" however busy the machine; held: over _LOOP_HELD_NS (10 ms)
+    monkeypatch.setattr(_http, "_LOOP_RUN_NS", 5 * 10**7)
+    _sleepy(tmp_path)
+    quick, slow = _sleep_for(0), _sleep_for(0.1)
+    with http_server(tmp_path) as server:
+        for body in (quick, quick, slow, quick):  # the first ever runs on the batcher's thread
+            assert call(server, "POST", "/v2/models/sleepy/infer", body)[0] == 200
+        assert "model 'sleepy' held the event loop" in caplog.text
+        expected = server.core.get("sleepy").batcher.expected_ns(1)
+        assert expected is not None
+        assert expected < _http._LOOP_RUN_NS  # the latest run was quick again
+        _loop_answers_while_it_runs(server, _sleep_for(0.5))
 
 
 # geventhttpclient <= 2.0.2 (all that tritonclient[http] 2.44, the floor, allows) opens TLS

@@ -53,6 +53,8 @@ import re
 import socket
 import struct
 import threading
+import time
+import weakref
 import zlib
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from concurrent.futures import Future
@@ -68,7 +70,7 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 from tritonclient.grpc import service_pb2 as pb
 
-from ..batching import Completed
+from ..batching import Completed, DynamicBatcher
 from ..errors import ArrowInferError, InvalidInput, Unsupported, grpc_status
 from ..protocol import dump_json, parse_json
 from ..schema import datatype
@@ -122,6 +124,10 @@ _KEEP_ALIVE_S = 75
 #: (:class:`_SameTurn`) to run on the loop's thread: a longer run gains little from saving
 #: the thread hand-offs, and runs on the batcher's thread.
 _LOOP_RUN_NS = 1_000_000
+
+#: A model whose requests held the event loop longer than this (its time depends on its
+#: data rather than its rows, say) never runs there again (:class:`_SameTurn`).
+_LOOP_HELD_NS = 10 * _LOOP_RUN_NS
 
 
 def _error_answer(err: BaseException, what: str) -> tuple[int, dict[str, str]]:
@@ -622,12 +628,16 @@ class _SameTurn:
     of its instances is idle with nothing queued, they run now, on the loop's thread,
     merged into batches as the queue would merge them; else they are queued for the
     batcher's threads. A slow model, or one that has not run yet, never holds the loop:
-    health checks and other connections do not wait for it.
+    health checks and other connections do not wait for it. The estimate can be wrong: a
+    model whose time depends on its data rather than its rows, a merged batch that fails
+    and is re-run request by request, many shapes in one turn. A model whose requests held
+    the loop for over :data:`_LOOP_HELD_NS` never runs there again.
     """
 
     def __init__(self, core: InferenceCore):
         self.core = core
         self._waiting: list[tuple[_v2.Prepared, asyncio.Future[Future[Completed]]]] = []
+        self._held: weakref.WeakSet[DynamicBatcher] = weakref.WeakSet()
 
     async def submit(self, prepared: _v2.Prepared) -> Future[Completed]:
         """The request's future in the core, once this turn of the loop has ended."""
@@ -654,7 +664,10 @@ class _SameTurn:
             model = items[0][0].model
             rows = sum(prepared.submission.batch.num_rows for prepared, _ in items)
             expected = model.batcher.expected_ns(rows)
-            inline = expected is not None and expected < _LOOP_RUN_NS
+            inline = (
+                expected is not None and expected < _LOOP_RUN_NS and model.batcher not in self._held
+            )
+            start = time.perf_counter_ns()
             try:
                 futures = self.core.submit_many(
                     model, [prepared.submission for prepared, _ in items], inline=inline
@@ -663,6 +676,16 @@ class _SameTurn:
                 for _, submitted in items:
                     submitted.set_exception(err)
                 continue
+            held = time.perf_counter_ns() - start
+            if inline and held > _LOOP_HELD_NS:
+                self._held.add(model.batcher)
+                log.warning(
+                    "model %r held the event loop for %.0f ms (expected %.2f ms): its HTTP "
+                    "requests run on the batcher's thread from now on",
+                    model.version.name,
+                    held / 1e6,
+                    (expected or 0) / 1e6,
+                )
             for (_, submitted), future in zip(items, futures, strict=True):
                 submitted.set_result(future)
 
