@@ -661,33 +661,36 @@ class _SameTurn:
             if not submitted.cancelled():  # else its client went away meanwhile
                 by_model.setdefault(id(prepared.model), []).append((prepared, submitted))
         for items in by_model.values():
-            model = items[0][0].model
-            rows = sum(prepared.submission.batch.num_rows for prepared, _ in items)
-            expected = model.batcher.expected_ns(rows)
-            inline = (
-                expected is not None and expected < _LOOP_RUN_NS and model.batcher not in self._held
-            )
-            start = time.perf_counter_ns()
             try:
-                futures = self.core.submit_many(
-                    model, [prepared.submission for prepared, _ in items], inline=inline
-                )
+                futures = self._submit(items[0][0].model, [prepared for prepared, _ in items])
             except Exception as err:  # noqa: BLE001 -- each request's handler raises it
                 for _, submitted in items:
                     submitted.set_exception(err)
                 continue
-            held = time.perf_counter_ns() - start
-            if inline and held > _LOOP_HELD_NS:
-                self._held.add(model.batcher)
-                log.warning(
-                    "model %r held the event loop for %.0f ms (expected %.2f ms): its HTTP "
-                    "requests run on the batcher's thread from now on",
-                    model.version.name,
-                    held / 1e6,
-                    (expected or 0) / 1e6,
-                )
             for (_, submitted), future in zip(items, futures, strict=True):
                 submitted.set_result(future)
+
+    def _submit(self, model: LoadedModel, requests: list[_v2.Prepared]) -> list[Future[Completed]]:
+        """One model's requests of this turn: on the loop's thread when they are quick."""
+        rows = sum(prepared.submission.batch.num_rows for prepared in requests)
+        expected = model.batcher.expected_ns(rows)
+        inline = expected is not None and expected < _LOOP_RUN_NS
+        inline = inline and model.batcher not in self._held
+        start = time.perf_counter_ns()
+        futures = self.core.submit_many(
+            model, [prepared.submission for prepared in requests], inline=inline
+        )
+        held = time.perf_counter_ns() - start
+        if inline and held > _LOOP_HELD_NS:
+            self._held.add(model.batcher)
+            log.warning(
+                "model %r held the event loop for %.0f ms (expected %.2f ms): its HTTP "
+                "requests run on the batcher's thread from now on",
+                model.version.name,
+                held / 1e6,
+                (expected or 0) / 1e6,
+            )
+        return futures
 
 
 class _Api:
