@@ -620,9 +620,10 @@ class _SameTurn:
     """The inference requests converted in one turn of the event loop, submitted together.
 
     Handing a request to the batcher's thread and its result back to the loop costs two
-    thread hand-offs: in-process, ~80 us of CPU per 4 KB request at 16 in flight, more than
-    everything else the server does for it. So each request converted in this turn of the
-    loop waits for the turn's end (the first yields once), and then they are submitted together
+    thread hand-offs (in-process, ~80 us of CPU per 4 KB request at 16 in flight; over
+    sockets far less: 2-3 % of the server's CPU at 1 and 4 in flight, performance.md,
+    seventh session). So each request converted in this turn of the loop waits for the
+    turn's end (the first yields once), and then they are submitted together
     (:meth:`InferenceCore.submit_many`): if the model should take under
     :data:`_LOOP_RUN_NS` for all their rows (its latest execution's time per row) and one
     of its instances is idle with nothing queued, they run now, on the loop's thread,
@@ -674,8 +675,9 @@ class _SameTurn:
         """One model's requests of this turn: on the loop's thread when they are quick."""
         rows = sum(prepared.submission.batch.num_rows for prepared in requests)
         expected = model.batcher.expected_ns(rows)
-        inline = expected is not None and expected < _LOOP_RUN_NS
-        inline = inline and model.batcher not in self._held
+        inline = (
+            expected is not None and expected < _LOOP_RUN_NS and model.batcher not in self._held
+        )
         start = time.perf_counter_ns()
         futures = self.core.submit_many(
             model, [prepared.submission for prepared in requests], inline=inline
