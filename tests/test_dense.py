@@ -17,7 +17,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper
-from tritonclient.grpc import service_pb2 as pb
 
 from arrowinfer import tensors
 from arrowinfer.backends.ort import OnnxRuntimeBackend, request_results
@@ -27,6 +26,7 @@ from arrowinfer.errors import InvalidInput, ServerError
 from arrowinfer.repository import ModelVersion, Repository
 from arrowinfer.schema import DATATYPES, TensorSpec, spec_field, validate
 from arrowinfer.server._core import InferenceCore
+from arrowinfer.server._v2request import InputTensor
 from arrowinfer.server._v2tensors import input_array
 
 WAIT = 30.0
@@ -153,7 +153,7 @@ def test_bool_bytes_are_true_unless_zero_as_arrow_reads_them(raw: bytes) -> None
     """KServe's BOOL is a byte per value; Arrow (the Flight path, and KServe's before it took
     the dense path) reads any byte but 0 as true. The model must see 0 or 1 either way."""
     spec = TensorSpec("b", next(d for d in DATATYPES if d.kserve == "BOOL"), (len(raw),))
-    tensor = pb.ModelInferRequest.InferInputTensor(name="b", datatype="BOOL", shape=[1, len(raw)])
+    tensor = InputTensor("b", "BOOL", (1, len(raw)), {})
     got = input_array(spec, tensor, raw, model="m", batching=True)
     as_sent = np.frombuffer(raw, np.bool_).reshape(1, -1)  # the bytes as they came
     arrow = tensors.to_numpy(tensors.from_numpy(as_sent))  # the Arrow path's round trip

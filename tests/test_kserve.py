@@ -648,15 +648,14 @@ def test_32_mb_request_round_trips(triton: tg.InferenceServerClient) -> None:
 
 def test_raw_input_becomes_a_column_without_a_copy(server: Server) -> None:
     from arrowinfer.schema import tensor_specs, to_column
+    from arrowinfer.server._v2request import InputTensor
     from arrowinfer.server._v2tensors import input_array
 
     model = server.core.get("identity")
     (spec,) = tensor_specs(model.version.inputs)
     payload = REQUESTS["identity"][0]["INPUT0"]
     raw = payload.tobytes()  # what protobuf hands over for raw_input_contents[0]
-    tensor = pb.ModelInferRequest.InferInputTensor(
-        name="INPUT0", datatype="FP32", shape=list(payload.shape)
-    )
+    tensor = InputTensor("INPUT0", "FP32", payload.shape, {})
     array = input_array(spec, tensor, raw, model="identity", batching=True)
     column = to_column(model.version.inputs.field("INPUT0"), array)
     assert np.shares_memory(array, np.frombuffer(raw, np.uint8))

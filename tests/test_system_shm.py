@@ -10,18 +10,25 @@ codes Triton gives.
 
 from __future__ import annotations
 
+import json
 import os
+import urllib.error
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import numpy as np
 import onnxruntime as ort
 import pytest
 import tritonclient.grpc as tg
 import tritonclient.http as th
 import tritonclient.utils.shared_memory as shm
+from _pbparams import set_parameter
+from tritonclient.grpc import service_pb2 as pb
+from tritonclient.grpc import service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 from arrowinfer.errors import InvalidInput, Unauthenticated
@@ -227,6 +234,56 @@ def test_out_of_range_places_are_refused(
     assert "no region 'unknown'" in caught.value.message()
     # the output that did not fit ran the model; nothing else did
     assert server.core.statistics("facile")[0]["inference_count"] == before + ROWS
+
+
+@pytest.mark.parametrize(
+    ("place", "words"),
+    [
+        ({"shared_memory_offset": 1.5}, ["'shared_memory_offset'", "integer", "got a float"]),
+        ({"shared_memory_offset": -4}, ["'shared_memory_offset'", "integer from 0"]),
+        ({"shared_memory_byte_size": "300"}, ["'shared_memory_byte_size'", "got a string"]),
+        ({"shared_memory_byte_size": True}, ["'shared_memory_byte_size'", "got true/false"]),
+        ({"shared_memory_region": 7}, ["region's name"]),
+    ],
+    ids=["float-offset", "negative-offset", "string-size", "bool-size", "number-region"],
+)
+def test_places_of_the_wrong_kind_are_refused(
+    server: Server, region: tuple[str, Any], place: dict[str, Any], words: list[str]
+) -> None:
+    """An offset or size must be an integer >= 0 and a region a name, as Triton reads them
+    (a float is not read as 0); over HTTP's JSON and gRPC's protobuf parameters alike."""
+    key, handle = region
+    shm.set_shared_memory_region(handle, [HITS])
+    client = th.InferenceServerClient(f"127.0.0.1:{server.http_port}")
+    try:
+        client.register_system_shared_memory("kinds", key, 4096)
+        params = {"shared_memory_region": "kinds", "shared_memory_byte_size": HITS.nbytes, **place}
+        tensor = {"name": "hits", "shape": [ROWS, 15], "datatype": "FP32", "parameters": params}
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{server.http_port}/v2/models/facile/infer",
+            data=json.dumps({"inputs": [tensor]}).encode(),
+            method="POST",
+        )
+        with pytest.raises(urllib.error.HTTPError) as caught:
+            urllib.request.urlopen(request, timeout=WAIT)
+        assert caught.value.code == 400
+        message = json.loads(caught.value.read())["error"]
+        for word in [*words, "'facile'", "'hits'"]:
+            assert word in message
+
+        grpc_request = pb.ModelInferRequest(model_name="facile")
+        grpc_tensor = grpc_request.inputs.add(name="hits", datatype="FP32", shape=[ROWS, 15])
+        for name, value in params.items():
+            set_parameter(grpc_tensor.parameters[name], value)
+        with grpc.insecure_channel(f"127.0.0.1:{server.kserve_port}") as channel:
+            stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+            with pytest.raises(grpc.RpcError) as refused:
+                stub.ModelInfer(grpc_request, timeout=WAIT)
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert refused.value.details() == message
+    finally:
+        client.unregister_system_shared_memory()
+        client.close()
 
 
 def test_a_shrunk_region_is_an_error_not_a_crash(

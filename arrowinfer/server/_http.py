@@ -4,9 +4,10 @@ A Starlette application served by uvicorn (on uvloop) in a thread of its own; in
 requests skip Starlette's router and middlewares (:class:`_InferenceFirst`), and one that is
 alone runs on the event loop's thread (see :meth:`_Api.infer`). Every endpoint adapts
 the same :class:`~arrowinfer.server.InferenceCore` as Flight and KServe gRPC; an inference
-request is turned into the ``ModelInferRequest`` the gRPC front end takes, so that both
-share one path (:mod:`._v2`, :mod:`._v2tensors`, :mod:`._v2memory`). ``tritonclient.http``
-(sync and gevent/asyncio) and plain ``curl`` talk to it unchanged.
+request is turned into the :class:`~._v2request.InferRequest` the gRPC front end makes of
+its protobuf, so that both share one path (:mod:`._v2`, :mod:`._v2tensors`,
+:mod:`._v2memory`). ``tritonclient.http`` (sync and gevent/asyncio) and plain ``curl``
+talk to it unchanged.
 
 Endpoints (``VERSION`` optional everywhere, as in Triton)::
 
@@ -63,12 +64,10 @@ from typing import Any, NamedTuple
 import numpy as np
 import pyarrow as pa
 from starlette.applications import Starlette
-from starlette.datastructures import Headers
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
-from tritonclient.grpc import service_pb2 as pb
 
 from ..batching import Completed, DynamicBatcher
 from ..errors import ArrowInferError, InvalidInput, Unsupported, grpc_status
@@ -79,6 +78,7 @@ from . import _v2
 from ._auth import ModelControl, TokenCheck
 from ._core import MAX_REQUEST_BYTES, InferenceCore, LoadedModel
 from ._v2memory import CUDA_UNSUPPORTED, NO_PEER, Peer, SystemRegions
+from ._v2request import InferRequest, InputTensor, Parameter, RequestedOutput
 from ._v2tensors import InferAnswer, named
 
 __all__ = [
@@ -175,6 +175,23 @@ def _peer(scope: Any) -> Peer:
 
 
 # -- bodies -------------------------------------------------------------------------------
+
+
+#: The request headers an inference request reads.
+_INFER_HEADERS = frozenset(
+    (b"content-length", b"content-encoding", b"accept-encoding", b"inference-header-content-length")
+)
+
+
+def _infer_headers(scope: Scope) -> dict[str, str]:
+    """The headers of :data:`_INFER_HEADERS` an ASGI request has, each its first value, by
+    lowercase name (ASGI's names are lowercase): one pass, where Starlette's ``Headers``
+    scans them all for every lookup."""
+    found: dict[str, str] = {}
+    for key, value in scope["headers"]:
+        if key in _INFER_HEADERS:
+            found.setdefault(key.decode("latin-1"), value.decode("latin-1"))
+    return found
 
 
 def _length(text: str | None) -> int | None:
@@ -280,37 +297,56 @@ def _compressed(
     return [b"".join([*map(compressor.compress, parts), compressor.flush()])]
 
 
-# -- inference: JSON and binary <-> the gRPC request ------------------------------------
+# -- inference: JSON and binary <-> the v2 request ----------------------------------------
+
+#: Dims and parameters are int64 (or uint64) in KServe: JSON's integers have no bound.
+_INT64_END, _UINT64_END = 2**63, 2**64
 
 
-def _set_parameter(target: Any, key: str, value: Any, what: str) -> None:
-    """One JSON parameter into a protobuf ``InferParameter`` map."""
-    if isinstance(value, bool):
-        target[key].bool_param = value
-    elif isinstance(value, int):  # beyond int64 (tritonclient's uint64): protobuf's uint64
-        if value < 2**63:
-            target[key].int64_param = value
-        else:
-            target[key].uint64_param = value
-    elif isinstance(value, float):
-        target[key].double_param = value
-    elif isinstance(value, str):
-        target[key].string_param = value
-    else:
-        raise InvalidInput(
-            f"parameter {key!r} of the {what} must be a bool, number or string",
-            got=type(value).__name__,
-        )
+def _carried(text: str) -> str:
+    """``text``, if UTF-8 can carry it (JSON's ``\\ud800`` escapes make lone surrogates,
+    which protobuf refuses and a gRPC client could not send).
+
+    Raises
+    ------
+    UnicodeEncodeError
+        When it cannot (:func:`infer_request` says so).
+    """
+    if not text.isascii():
+        text.encode()
+    return text
 
 
-def _parameters(target: Any, params: Any, what: str, skip: Iterable[str] = ()) -> None:
+def _parameters(params: Any, what: str, skip: Iterable[str] = ()) -> dict[str, Parameter]:
+    """A JSON ``parameters`` object as KServe's: bools, int64 or uint64, doubles, strings.
+
+    Raises
+    ------
+    InvalidInput
+        Not an object, or a value of another kind.
+    ValueError
+        An integer beyond 64 bits (:func:`infer_request` says so).
+    """
     if params is None:
-        return
+        return {}
     if not isinstance(params, dict):
         raise InvalidInput(f"the parameters of the {what} must be a JSON object")
+    out: dict[str, Parameter] = {}
     for key, value in params.items():
-        if key not in skip:
-            _set_parameter(target, key, value, what)
+        if key in skip:
+            continue
+        if isinstance(value, str):
+            _carried(value)
+        elif isinstance(value, int) and not isinstance(value, bool):
+            if not -_INT64_END <= value < _UINT64_END:
+                raise ValueError(f"parameter {key!r} does not fit in 64 bits")
+        elif not isinstance(value, (bool, float)):
+            raise InvalidInput(
+                f"parameter {key!r} of the {what} must be a bool, number or string",
+                got=type(value).__name__,
+            )
+        out[_carried(key)] = value
+    return out
 
 
 def _serialize_strings(values: np.ndarray) -> bytes:
@@ -413,23 +449,23 @@ class BinaryOutputs(NamedTuple):
 
 
 def _input(
-    request: pb.ModelInferRequest,
     entry: dict[str, Any],
     binary: memoryview,
     cursor: int,
     raw: list[bytes | memoryview],
-) -> int:
-    """One JSON input into ``request``, its data appended to ``raw`` (unless in shared
-    memory); the cursor in ``binary`` after its binary data."""
+) -> tuple[InputTensor, int]:
+    """One JSON input, its data appended to ``raw`` (unless in shared memory); and the
+    cursor in ``binary`` after its binary data."""
     shape = entry.get("shape")
     kserve = entry.get("datatype")
     if not isinstance(shape, list) or not all(
         isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
     ):
         raise InvalidInput("'shape' must be a list of sizes", got=shape)
+    if any(d >= _INT64_END for d in shape):
+        raise ValueError(f"a dim of {shape} does not fit in int64")
     if not isinstance(kserve, str):
         raise InvalidInput("'datatype' must be a string", got=kserve)
-    tensor = request.inputs.add(name=entry["name"], datatype=kserve, shape=shape)
     tensor_params = entry.get("parameters") or {}
     sources = [
         key
@@ -446,13 +482,14 @@ def _input(
             "memory ('shared_memory_region')",
             got=" and ".join(sources),
         )
-    _parameters(tensor.parameters, tensor_params, "input", skip=("binary_data_size",))
+    params = _parameters(tensor_params, "input", skip=("binary_data_size",))
+    tensor = InputTensor(_carried(entry["name"]), _carried(kserve), tuple(shape), params)
     if "shared_memory_region" in tensor_params:
-        return cursor  # read from the region
+        return tensor, cursor  # read from the region
     size = tensor_params.get("binary_data_size")
     if size is None:
         raw.append(_json_data(entry, kserve, shape))
-        return cursor
+        return tensor, cursor
     if type(size) is not int or size < 0 or cursor + size > len(binary):
         raise InvalidInput(
             "binary_data_size beyond the binary data",
@@ -460,17 +497,17 @@ def _input(
             got=size,
         )
     raw.append(binary[cursor : cursor + size])
-    return cursor + size
+    return tensor, cursor + size
 
 
 def infer_request(
     model: str, version: str, header: dict[str, Any], binary: memoryview
-) -> tuple[pb.ModelInferRequest, list[bytes | memoryview], BinaryOutputs]:
-    """The gRPC request a JSON inference header (and its binary part) describes.
+) -> tuple[InferRequest, BinaryOutputs]:
+    """The request a JSON inference header (and its binary part) describes.
 
-    As :func:`_infer_request`; a value protobuf cannot hold (a string with a lone UTF-16
+    As :func:`_infer_request`; a value KServe cannot carry (a string with a lone UTF-16
     surrogate, which JSON allows and UTF-8 does not; an integer beyond 64 bits) is the
-    client's error, not the server's.
+    client's error, as over gRPC, where protobuf refuses it.
     """
     try:
         return _infer_request(model, version, header, binary)
@@ -484,36 +521,34 @@ def infer_request(
 
 def _infer_request(
     model: str, version: str, header: dict[str, Any], binary: memoryview
-) -> tuple[pb.ModelInferRequest, list[bytes | memoryview], BinaryOutputs]:
-    """The gRPC request a JSON inference header (and its binary part) describes.
-
-    Returns the request (without data), each input's data not in shared memory, in order
-    (binary data as views of ``binary``, not copies; JSON data as bytes), and which
-    outputs go back as binary data.
+) -> tuple[InferRequest, BinaryOutputs]:
+    """The request a JSON inference header (and its binary part) describes, and which
+    outputs go back as binary data. Its ``raw`` holds each input's data not in shared
+    memory, in order: binary data as views of ``binary``, not copies; JSON data as bytes.
 
     Raises
     ------
     InvalidInput
         A malformed header, binary sizes that do not add up, or bad JSON data.
     """
-    request = pb.ModelInferRequest(model_name=model, model_version=version)
-    if "id" in header:
-        request.id = str(header["id"])
+    request_id = _carried(str(header["id"])) if "id" in header else ""
     params = header.get("parameters") or {}
-    _parameters(request.parameters, params, "request", skip=("binary_data_output",))
+    parameters = _parameters(params, "request", skip=("binary_data_output",))
     binary_default = bool(params.get("binary_data_output", False))  # a dict: checked above
-    inputs = header.get("inputs")
-    if not isinstance(inputs, list):
+    entries = header.get("inputs")
+    if not isinstance(entries, list):
         raise InvalidInput("the request needs 'inputs', a list of tensors")
+    inputs: list[InputTensor] = []
     raw: list[bytes | memoryview] = []
     cursor = 0
-    for entry in inputs:
+    for entry in entries:
         if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
             raise InvalidInput("every input needs a 'name'")
         try:
-            cursor = _input(request, entry, binary, cursor, raw)
+            tensor, cursor = _input(entry, binary, cursor, raw)
         except InvalidInput as err:
             raise named(err, model, entry["name"]) from None
+        inputs.append(tensor)
     if cursor != len(binary):
         raise InvalidInput(
             "binary data left over after the inputs",
@@ -521,17 +556,19 @@ def _infer_request(
             got=f"{len(binary)} bytes",
         )
     binary_outputs: dict[str, bool] = {}
-    outputs = header.get("outputs") or []
-    if not isinstance(outputs, list):
+    outputs: list[RequestedOutput] = []
+    entries = header.get("outputs") or []
+    if not isinstance(entries, list):
         raise InvalidInput("'outputs' must be a list")
-    for entry in outputs:
+    for entry in entries:
         if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
             raise InvalidInput("every requested output needs a 'name'")
-        out_params = entry.get("parameters") or {}
-        requested = request.outputs.add(name=entry["name"])
-        _parameters(requested.parameters, out_params, f"output {entry['name']!r}", ("binary_data",))
-        binary_outputs[entry["name"]] = bool(out_params.get("binary_data", binary_default))
-    return request, raw, BinaryOutputs(binary_default, binary_outputs)
+        name, out_params = _carried(entry["name"]), entry.get("parameters") or {}
+        what = f"output {name!r}"
+        outputs.append(RequestedOutput(name, _parameters(out_params, what, ("binary_data",))))
+        binary_outputs[name] = bool(out_params.get("binary_data", binary_default))
+    request = InferRequest(model, version, request_id, parameters, inputs, outputs, raw)
+    return request, BinaryOutputs(binary_default, binary_outputs)
 
 
 def _strings(raw: bytes) -> list[str]:
@@ -811,7 +848,7 @@ class _Api:
     async def infer(self, scope: Scope, receive: Receive, path: dict[str, str]) -> _Answer:
         """One inference request: ``path`` holds ``model`` (and ``version``, if given)."""
         model = self._get(path)  # an unknown model is 404 whatever the body (Triton)
-        headers = Headers(scope=scope)
+        headers = _infer_headers(scope)
         try:  # the body's errors too name the model
             length_text = headers.get("inference-header-content-length")
             declared = _length(length_text)
@@ -835,14 +872,14 @@ class _Api:
             header = parse_json(
                 view[:length], "the inference request", max_bytes=self.limit, allow_nan=True
             )
-            grpc_request, raw, binary = infer_request(
+            request, binary = infer_request(
                 path["model"], path.get("version", ""), header, view[length:]
             )
         except InvalidInput as err:
             raise named(err, path["model"]) from None
         peer = _peer(scope)
         prepared = _v2.prepare(
-            self.core, grpc_request, None, model=model, regions=self.regions, peer=peer, raw=raw
+            self.core, request, None, model=model, regions=self.regions, peer=peer
         )
         pending = prepared.submitted(await self._together.submit(prepared))
         if pending.future.done():

@@ -93,6 +93,7 @@ from ._auth import ModelControl
 from ._core import InferenceCore, unexpected
 from ._ordered import MAX_PENDING, MAX_PENDING_BYTES
 from ._v2memory import CUDA_UNSUPPORTED, Peer, SystemRegions
+from ._v2request import from_protobuf
 from ._v2tensors import InferAnswer
 
 __all__ = ["MAX_MESSAGE_BYTES", "KServeService", "start_kserve", "status_of"]
@@ -311,7 +312,7 @@ class KServeService(service_pb2_grpc.GRPCInferenceServiceServicer):
     ) -> _v2.Pending:
         return _v2.submit(
             self.core,
-            request,
+            from_protobuf(request),
             context.time_remaining(),
             regions=self.regions,
             peer=self._peer(context),

@@ -1,19 +1,18 @@
 """What the KServe v2 front ends (gRPC and HTTP/REST) share, apart from tensor conversion.
 
-Both front ends turn their wire request into a ``ModelInferRequest`` protobuf (HTTP builds
-one from its JSON and binary parts), so the rules for inference live once: here (submit,
-wait, timeouts) and in :mod:`._v2tensors` (tensors). Neither front end imports the other.
+Both front ends turn their wire request into an :class:`~._v2request.InferRequest` (gRPC
+from its protobuf, HTTP from its JSON and binary parts), so the rules for inference live
+once: here (submit, wait, timeouts) and in :mod:`._v2tensors` (tensors). Neither front end
+imports the other.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from concurrent.futures import CancelledError, Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, NamedTuple
-
-from tritonclient.grpc import service_pb2 as pb
 
 from .. import __version__
 from ..batching import Completed, Submission
@@ -21,6 +20,7 @@ from ..errors import InvalidInput, ServerUnavailable, Timeout
 from ..schema import TensorSpec
 from ._core import InferenceCore, LoadedModel
 from ._v2memory import NO_PEER, Peer, SystemRegions
+from ._v2request import InferRequest, int_parameter
 from ._v2tensors import InferAnswer, infer_response, request_batch, requested_outputs
 
 __all__ = [
@@ -79,7 +79,7 @@ def check_load_parameters(model: str, keys: Iterable[str]) -> None:
 class Prepared(NamedTuple):
     """A request converted and checked, not yet submitted: what its response needs."""
 
-    request: pb.ModelInferRequest
+    request: InferRequest
     model: LoadedModel
     outputs: list[TensorSpec]
     submission: Submission
@@ -99,7 +99,7 @@ class Prepared(NamedTuple):
 class Pending(NamedTuple):
     """A submitted request: what its response needs."""
 
-    request: pb.ModelInferRequest
+    request: InferRequest
     model: LoadedModel
     outputs: list[TensorSpec]
     future: Future[Completed]
@@ -117,47 +117,19 @@ def _timeout(remaining: float | None) -> float | None:
     return None if remaining is None or remaining > 1e9 else max(remaining, 0.0)
 
 
-def _int_parameter(request: pb.ModelInferRequest, key: str) -> int:
-    """An integer request parameter (tritonclient sends int64 or uint64), 0 when absent.
-
-    Raises
-    ------
-    InvalidInput
-        A value of another type (Triton refuses them too: a double is not read as 0), or
-        a negative one.
-    """
-    if key not in request.parameters:
-        return 0
-    param = request.parameters[key]
-    kind = param.WhichOneof("parameter_choice")
-    if kind not in ("int64_param", "uint64_param"):
-        got = {"bool_param": "true/false", "double_param": "a float", "string_param": "a string"}
-        raise InvalidInput(
-            f"parameter {key!r} must be an integer", model=request.model_name, got=got.get(kind)
-        )
-    value = param.int64_param or param.uint64_param
-    if value < 0:
-        raise InvalidInput(
-            f"parameter {key!r} must not be negative", model=request.model_name, got=value
-        )
-    return int(value)
-
-
 def prepare(
     core: InferenceCore,
-    request: pb.ModelInferRequest,
+    request: InferRequest,
     remaining: float | None,
     *,
     regions: SystemRegions | None = None,
     peer: Peer = NO_PEER,
     draining: bool = False,
-    raw: Sequence[bytes | memoryview] | None = None,
     model: LoadedModel | None = None,
 ) -> Prepared:
     """Convert and check one request (``remaining``: seconds the transport still allows).
 
     ``regions`` and ``peer`` serve inputs and outputs in Triton system shared memory.
-    ``raw``: the inputs' data when it is not in ``request.raw_input_contents`` (HTTP).
     ``model``: the request's model, when the caller has looked it up.
 
     Raises
@@ -168,20 +140,21 @@ def prepare(
     if model is None:
         model = core.get(request.model_name, request.model_version or None)
     outputs = requested_outputs(model.version, request, regions=regions, peer=peer)
-    batch = request_batch(model.version, request, regions=regions, peer=peer, raw_contents=raw)
+    batch = request_batch(model.version, request, regions=regions, peer=peer)
+    params, name = request.parameters, request.model_name
     submission = core.check(
         model,
         batch,
         draining=draining,
-        priority=_int_parameter(request, "priority"),
-        timeout_us=_int_parameter(request, "timeout"),
+        priority=int_parameter(params, "priority", model=name) if params else 0,
+        timeout_us=int_parameter(params, "timeout", model=name) if params else 0,
     )
     return Prepared(request, model, outputs, submission, _timeout(remaining))
 
 
 def submit(
     core: InferenceCore,
-    request: pb.ModelInferRequest,
+    request: InferRequest,
     remaining: float | None,
     *,
     regions: SystemRegions | None = None,

@@ -1,4 +1,4 @@
-"""KServe v2 tensors (protobuf) -> the core's batches (dense tensors, or Arrow where the
+"""KServe v2 tensors (:class:`~._v2request.InferRequest`) -> the core's batches (dense tensors, or Arrow where the
 model needs it), and results -> answers (values the front ends serialize), for the v2
 front ends.
 
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -27,6 +27,7 @@ from ..repository import ModelVersion
 from ..schema import TensorSpec, to_column
 from ..tensors import Ragged, layout, ragged_to_numpy, to_numpy
 from ._v2memory import NO_PEER, Peer, SystemRegions
+from ._v2request import InferRequest, InputTensor, Parameter, RequestedOutput, int_parameter
 
 __all__ = [
     "SPLIT_PARAMETER",
@@ -90,15 +91,15 @@ class ShmPlace(NamedTuple):
 
 
 def shm_place(
-    params: Any, regions: SystemRegions | None, *, model: str, tensor: str
+    params: Mapping[str, Parameter], regions: SystemRegions | None, *, model: str, tensor: str
 ) -> ShmPlace | None:
     """The region, offset and byte size a tensor's parameters name, or None for none.
 
     Raises
     ------
     InvalidInput
-        Shared-memory parameters without a server that serves regions, or without the
-        region's name and byte size.
+        Shared-memory parameters without a server that serves regions, without the
+        region's name and byte size, or of the wrong kinds (a name, then integers >= 0).
     """
     if not params or not any(key in params for key in _SHM_PARAMETERS):
         return None
@@ -112,17 +113,15 @@ def shm_place(
             model=model,
             input=tensor,
         )
-
-    def integer(key: str) -> int:
-        if key not in params:
-            return 0
-        p = params[key]
-        return int(p.int64_param or p.uint64_param)
-
+    region = params["shared_memory_region"]
+    if not isinstance(region, str):
+        raise InvalidInput(
+            "shared_memory_region must be a region's name", model=model, input=tensor, got=region
+        )
     return ShmPlace(
-        params["shared_memory_region"].string_param,
-        integer("shared_memory_offset"),
-        integer("shared_memory_byte_size"),
+        region,
+        int_parameter(params, "shared_memory_offset", model=model, tensor=tensor),
+        int_parameter(params, "shared_memory_byte_size", model=model, tensor=tensor),
     )
 
 
@@ -142,7 +141,7 @@ _MAX_ELEMENTS = 2**59
 
 def input_array(
     spec: TensorSpec,
-    tensor: pb.ModelInferRequest.InferInputTensor,
+    tensor: InputTensor,
     raw: bytes | memoryview | None,
     *,
     model: str,
@@ -161,7 +160,7 @@ def input_array(
         raise InvalidInput(
             "wrong datatype", model=model, input=spec.name, expected=dt.kserve, got=tensor.datatype
         )
-    shape = tuple(tensor.shape)  # protobuf int64s: Python ints
+    shape = tensor.shape
     per_entry = shape[1:] if batching else shape
     if (
         (batching and not shape)
@@ -183,7 +182,7 @@ def input_array(
     rows = shape[0] if batching else 1
     count = math.prod(shape)
     per_row = per_entry if -1 in spec.shape else spec.shape  # [] and [1] are one value
-    if raw is not None and tensor.contents.ListFields():
+    if raw is not None and tensor.contents is not None:
         raise InvalidInput(
             "both raw_input_contents and typed contents given; use one",
             model=model,
@@ -206,7 +205,7 @@ def input_array(
             values = values.view(np.uint8) != 0
     else:
         field, wire = _CONTENTS.get(dt.kserve, ("", dt.numpy))
-        given = [f.name for f, _ in tensor.contents.ListFields()]
+        given = _given(tensor)
         if not field or given != [field]:
             raise InvalidInput(
                 "no data: send raw_input_contents or the typed contents of its datatype",
@@ -232,7 +231,7 @@ def input_array(
 
 def _bytes_input(
     spec: TensorSpec,
-    tensor: pb.ModelInferRequest.InferInputTensor,
+    tensor: InputTensor,
     raw: bytes | memoryview | None,
     count: int,
     *,
@@ -266,7 +265,7 @@ def _bytes_input(
                 got=f"{len(items)} elements in {len(view)} bytes",
             )
     else:
-        given = [f.name for f, _ in tensor.contents.ListFields()]
+        given = _given(tensor)
         if given != ["bytes_contents"]:
             raise InvalidInput(
                 "no data: send raw_input_contents or bytes_contents",
@@ -274,7 +273,7 @@ def _bytes_input(
                 input=spec.name,
                 got=", ".join(given) or "nothing",
             )
-        items = list(tensor.contents.bytes_contents)
+        items = list(tensor.contents.bytes_contents)  # _given saw it
         if len(items) != count:
             raise InvalidInput(
                 "bytes_contents does not match the shape",
@@ -288,17 +287,22 @@ def _bytes_input(
     return out
 
 
-def _expected_bytes(spec: TensorSpec, tensor: pb.ModelInferRequest.InferInputTensor) -> int:
-    return math.prod(int(d) for d in tensor.shape) * spec.datatype.numpy.itemsize
+def _given(tensor: InputTensor) -> list[str]:
+    """The typed contents fields a tensor sets (gRPC only)."""
+    contents = tensor.contents
+    return [] if contents is None else [f.name for f, _ in contents.ListFields()]
+
+
+def _expected_bytes(spec: TensorSpec, tensor: InputTensor) -> int:
+    return math.prod(tensor.shape) * spec.datatype.numpy.itemsize
 
 
 def request_batch(
     version: ModelVersion,
-    request: pb.ModelInferRequest,
+    request: InferRequest,
     *,
     regions: SystemRegions | None = None,
     peer: Peer = NO_PEER,
-    raw_contents: Sequence[bytes | memoryview] | None = None,
 ) -> pa.RecordBatch | DenseBatch:
     """A v2 request as the batch the core takes: its tensors as they are (a
     :class:`~arrowinfer.dense.DenseBatch`) for a model whose inputs are all dense numbers
@@ -306,9 +310,8 @@ def request_batch(
     (one column per input).
 
     An input in system shared memory (``shared_memory_*`` parameters) is read from the
-    peer's region (``regions``); ``raw_input_contents`` then holds the other inputs' data,
-    in order. ``raw_contents`` stands for ``raw_input_contents`` when the data travelled
-    outside the protobuf message (HTTP's binary data: views of the body, not copies).
+    peer's region (``regions``); ``request.raw`` then holds the other inputs' data, in
+    order (HTTP's binary data as views of the body, not copies).
 
     Raises
     ------
@@ -323,8 +326,7 @@ def request_batch(
     if mask_spec is not None:
         specs[mask_spec.name] = mask_spec
     places = [shm_place(t.parameters, regions, model=name, tensor=t.name) for t in request.inputs]
-    if raw_contents is None:
-        raw_contents = request.raw_input_contents
+    raw_contents = request.raw
     sent = sum(place is None for place in places)
     if raw_contents and len(raw_contents) != sent:
         raise InvalidInput(
@@ -464,7 +466,7 @@ def _unpadded(array: np.ndarray, counts: np.ndarray | None) -> Ragged:
 
 def requested_outputs(
     version: ModelVersion,
-    request: pb.ModelInferRequest,
+    request: InferRequest,
     *,
     regions: SystemRegions | None = None,
     peer: Peer = NO_PEER,
@@ -507,7 +509,7 @@ def requested_outputs(
     return out
 
 
-def _class_count(requested: Any, model: str) -> int:
+def _class_count(requested: RequestedOutput, model: str) -> int:
     """The ``classification`` parameter of a requested output (0: not asked for).
 
     Raises
@@ -517,17 +519,15 @@ def _class_count(requested: Any, model: str) -> int:
     """
     if "classification" not in requested.parameters:
         return 0
-    param = requested.parameters["classification"]
-    kind = param.WhichOneof("parameter_choice")
-    count = param.int64_param or param.uint64_param
-    if kind not in ("int64_param", "uint64_param") or count < 1:
+    count = requested.parameters["classification"]
+    if not isinstance(count, int) or isinstance(count, bool) or count < 1:
         raise InvalidInput(
             f"output {requested.name!r}: parameter 'classification' (class_count) must be "
             "an integer >= 1",
             model=model,
-            got=getattr(param, kind) if kind else None,
+            got=count,
         )
-    return int(count)
+    return count
 
 
 def _classified(array: np.ndarray, count: int, labels: tuple[str, ...]) -> list[bytes]:
@@ -652,7 +652,7 @@ def _output_array(
 def _place_output(
     name: str,
     payload: bytes | memoryview,
-    params: Any,
+    params: Mapping[str, Parameter] | None,
     regions: SystemRegions | None,
     peer: Peer,
     version: ModelVersion,
@@ -692,7 +692,7 @@ def _place_output(
 
 def infer_response(
     version: ModelVersion,
-    request: pb.ModelInferRequest,
+    request: InferRequest,
     outputs: list[TensorSpec],
     done: Completed,
     *,
