@@ -395,7 +395,8 @@ def test_raw_request_with_default_outputs(
     arrays, dims = REQUESTS["toptag_cnn"]
     image = arrays["image"]
     request = pb.ModelInferRequest(model_name="toptag_cnn", model_version="1")
-    request.inputs.add(name="image", datatype="FP32", shape=list(image.shape))
+    tensor = request.inputs.add(name="image", datatype="FP32", shape=list(image.shape))
+    tensor.contents.SetInParent()  # an empty contents message, as some clients send: no data
     request.raw_input_contents.append(image.tobytes())
     response = stub.ModelInfer(request, timeout=WAIT)
     assert response.model_version == "1"

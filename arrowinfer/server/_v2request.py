@@ -87,7 +87,8 @@ def from_protobuf(request: pb.ModelInferRequest) -> InferRequest:
             t.datatype,
             tuple(t.shape),
             _parameters(t.parameters),
-            t.contents if t.HasField("contents") else None,
+            # not HasField: a client may send an empty contents message beside raw data
+            t.contents if t.contents.ListFields() else None,
         )
         for t in request.inputs
     ]
