@@ -34,7 +34,7 @@ import tritonclient.http as th
 import tritonclient.http.aio as th_aio
 from _pbparams import set_parameter
 from google.protobuf import json_format
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from tritonclient.grpc import model_config_pb2
@@ -739,6 +739,53 @@ def _described(request: Any) -> Any:
         [(t.name, t.datatype, t.shape, typed(t.parameters), t.contents) for t in request.inputs],
         [(o.name, typed(o.parameters)) for o in request.outputs],
     )
+
+
+#: Any JSON value, a few levels deep: what a client may put where the protocol wants another
+_ANY_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=6),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3)
+    ),
+    max_leaves=6,
+)
+
+
+@settings(max_examples=200)  # each part must be well formed for the later checks to run
+@given(
+    params=st.dictionaries(st.sampled_from(["priority", "timeout", "x"]), _ANY_JSON, max_size=2),
+    tensor_params=st.dictionaries(st.just("y"), _ANY_JSON, max_size=1),
+    outputs=st.one_of(
+        st.dictionaries(
+            st.sampled_from(["classification", "binary_data", "z"]), _ANY_JSON, max_size=2
+        ).map(lambda p: [{"name": "energy", "parameters": p}]),
+        st.lists(_ANY_JSON, max_size=2),
+    ),
+    request_id=_ANY_JSON,
+)
+def test_any_json_in_the_request_is_200_or_400(
+    server: Server,
+    params: dict[str, Any],
+    tensor_params: dict[str, Any],
+    outputs: list[Any],
+    request_id: Any,
+) -> None:
+    """Whatever JSON values stand in a request's parameters, its input's parameters, its
+    outputs and its id, the server answers 200 or a 400 that says what is wrong (never a
+    500, a traceback or a path), and goes on serving."""
+    tensor = {"name": "hits", "shape": [1, 15], "datatype": "FP32", "data": [0.5] * 15}
+    if tensor_params:
+        tensor["parameters"] = tensor_params
+    header = {"id": request_id, "parameters": params, "inputs": [tensor], "outputs": outputs}
+    body = json.dumps(header).encode()
+    status, _, answer = call(server, "POST", "/v2/models/facile/infer", body)
+    assert status in (200, 400), answer
+    if status == 400:
+        message = error_of(answer)
+        for leak in ("Traceback", "site-packages", "pytest-of", "arrowinfer/"):  # no paths
+            assert leak not in message
+    ready, _, _ = call(server, "GET", "/v2/health/ready")
+    assert ready == 200
 
 
 def test_good_clients_beside_bad_ones_get_exact_results(server: Server) -> None:
