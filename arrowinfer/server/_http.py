@@ -1,8 +1,9 @@
 """The KServe v2 HTTP/REST front end (Triton's HTTP endpoints), over the same core.
 
 A Starlette application served by uvicorn (on uvloop) in a thread of its own; inference
-requests skip Starlette's router and middlewares (:class:`_InferenceFirst`), and one that is
-alone runs on the event loop's thread (see :meth:`_Api.infer`). Every endpoint adapts
+requests skip Starlette's router and middlewares (:class:`_InferenceFirst`), and those of
+one turn of the event loop are submitted together, run on its thread when quick
+(:class:`_SameTurn`). Every endpoint adapts
 the same :class:`~arrowinfer.server.InferenceCore` as Flight and KServe gRPC; an inference
 request is turned into the :class:`~._v2request.InferRequest` the gRPC front end makes of
 its protobuf, so that both share one path (:mod:`._v2`, :mod:`._v2tensors`,
