@@ -1,6 +1,6 @@
-"""KServe v2 tensors (:class:`~._v2request.InferRequest`) -> the core's batches (dense tensors, or Arrow where the
-model needs it), and results -> answers (values the front ends serialize), for the v2
-front ends.
+"""KServe v2 tensors (an :class:`~._v2request.InferRequest`'s) -> the core's batches (dense
+tensors, or Arrow where the model needs it), and results -> answers (values the front ends
+serialize), for the v2 front ends.
 
 Kept apart from the gRPC servicer, as KServe's own Python server keeps its conversion
 apart, so that an HTTP/REST front end of the same protocol shares it. The rules (shapes,
