@@ -525,6 +525,33 @@ def _with(**request: Any) -> bytes:
             {},
             ["one of 'data'", "got 'data' and 'shared_memory_region'", *NAMED],
         ),
+        # parameters are objects (or absent), flags true/false, the id a string
+        (_json_request(parameters=5), {}, ["parameters of the input", "JSON object", *NAMED]),
+        (_json_request(parameters=False), {}, ["parameters of the input", *NAMED]),
+        (_with(parameters=[]), {}, ["parameters of the request", "'facile'"]),
+        (_with(id=7), {}, ["'id' must be a string", "'facile'"]),
+        (_with(parameters={"binary_data_output": "false"}), {}, ["true or false", "'facile'"]),
+        (
+            _with(outputs=[{"name": "energy", "parameters": {"binary_data": 1}}]),
+            {},
+            ["'binary_data'", "true or false"],
+        ),
+        (
+            json.dumps(
+                {
+                    "inputs": [
+                        {
+                            "name": "hits",
+                            "shape": [1, 15],
+                            "datatype": "FP32",
+                            "parameters": {"binary_data_size": "60"},
+                        }
+                    ]
+                }
+            ).encode(),
+            {},
+            ["binary_data_size must be an integer", *NAMED],
+        ),
     ],
     ids=[
         "bad-json",
@@ -561,6 +588,13 @@ def _with(**request: Any) -> bytes:
         "data-mixed-false",
         "data-nested-true",
         "data-and-shared-memory",
+        "input-parameters-number",
+        "input-parameters-false",
+        "request-parameters-list",
+        "id-number",
+        "binary-data-output-string",
+        "binary-data-number",
+        "binary-data-size-string",
     ],
 )
 def test_bad_requests_are_400(

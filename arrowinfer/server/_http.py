@@ -318,20 +318,51 @@ def _carried(text: str) -> str:
     return text
 
 
-def _parameters(params: Any, what: str, skip: Iterable[str] = ()) -> dict[str, Parameter]:
-    """A JSON ``parameters`` object as KServe's: bools, int64 or uint64, doubles, strings.
+def _object(entry: dict[str, Any], what: str) -> dict[str, Any]:
+    """``entry["parameters"]``: a JSON object, ``{}`` when absent or null.
 
     Raises
     ------
     InvalidInput
-        Not an object, or a value of another kind.
-    ValueError
-        An integer beyond 64 bits (:func:`infer_request` says so).
+        Anything else (``false``, ``0`` and ``[]`` too).
     """
+    params = entry.get("parameters")
     if params is None:
         return {}
     if not isinstance(params, dict):
-        raise InvalidInput(f"the parameters of the {what} must be a JSON object")
+        raise InvalidInput(
+            f"the parameters of the {what} must be a JSON object", got=type(params).__name__
+        )
+    return params
+
+
+def _flag(params: dict[str, Any], key: str, default: bool) -> bool:
+    """A true/false parameter (``binary_data``, ``binary_data_output``).
+
+    Raises
+    ------
+    InvalidInput
+        Another kind of value (the string "false" is not false).
+    """
+    value = params.get(key, default)
+    if not isinstance(value, bool):
+        raise InvalidInput(f"parameter {key!r} must be true or false", got=value)
+    return value
+
+
+def _parameters(
+    params: dict[str, Any], what: str, skip: Iterable[str] = ()
+) -> dict[str, Parameter]:
+    """A JSON ``parameters`` object (:func:`_object`) as KServe's: bools, int64 or uint64,
+    doubles, strings.
+
+    Raises
+    ------
+    InvalidInput
+        A value of another kind.
+    ValueError
+        An integer beyond 64 bits (:func:`infer_request` says so).
+    """
     out: dict[str, Parameter] = {}
     for key, value in params.items():
         if key in skip:
@@ -467,7 +498,7 @@ def _input(
         raise ValueError(f"a dim of {shape} does not fit in int64")
     if not isinstance(kserve, str):
         raise InvalidInput("'datatype' must be a string", got=kserve)
-    tensor_params = entry.get("parameters") or {}
+    tensor_params = _object(entry, "input")
     sources = [
         key
         for key, given in (
@@ -491,7 +522,9 @@ def _input(
     if size is None:
         raw.append(_json_data(entry, kserve, shape))
         return tensor, cursor
-    if type(size) is not int or size < 0 or cursor + size > len(binary):
+    if type(size) is not int or size < 0:
+        raise InvalidInput("binary_data_size must be an integer >= 0", got=size)
+    if cursor + size > len(binary):
         raise InvalidInput(
             "binary_data_size beyond the binary data",
             expected=f"at most {len(binary) - cursor}",
@@ -532,10 +565,12 @@ def _infer_request(
     InvalidInput
         A malformed header, binary sizes that do not add up, or bad JSON data.
     """
-    request_id = _carried(str(header["id"])) if "id" in header else ""
-    params = header.get("parameters") or {}
+    request_id = header.get("id", "")
+    if not isinstance(request_id, str):  # KServe's id is a string (gRPC can send no other)
+        raise InvalidInput("'id' must be a string", got=type(request_id).__name__)
+    params = _object(header, "request")
     parameters = _parameters(params, "request", skip=("binary_data_output",))
-    binary_default = bool(params.get("binary_data_output", False))  # a dict: checked above
+    binary_default = _flag(params, "binary_data_output", False)
     entries = header.get("inputs")
     if not isinstance(entries, list):
         raise InvalidInput("the request needs 'inputs', a list of tensors")
@@ -564,11 +599,11 @@ def _infer_request(
     for entry in entries:
         if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
             raise InvalidInput("every requested output needs a 'name'")
-        name, out_params = _carried(entry["name"]), entry.get("parameters") or {}
+        name, out_params = _carried(entry["name"]), _object(entry, f"output {entry['name']!r}")
         what = f"output {name!r}"
         outputs.append(RequestedOutput(name, _parameters(out_params, what, ("binary_data",))))
-        binary_outputs[name] = bool(out_params.get("binary_data", binary_default))
-    request = InferRequest(model, version, request_id, parameters, inputs, outputs, raw)
+        binary_outputs[name] = _flag(out_params, "binary_data", binary_default)
+    request = InferRequest(model, version, _carried(request_id), parameters, inputs, outputs, raw)
     return request, BinaryOutputs(binary_default, binary_outputs)
 
 
