@@ -146,8 +146,8 @@ def prepare(
         model,
         batch,
         draining=draining,
-        priority=int_parameter(params, "priority", model=name) if params else 0,
-        timeout_us=int_parameter(params, "timeout", model=name) if params else 0,
+        priority=int_parameter(params, "priority", model=name),
+        timeout_us=int_parameter(params, "timeout", model=name),
     )
     return Prepared(request, model, outputs, submission, _timeout(remaining))
 
