@@ -5,9 +5,13 @@ data: uvicorn on uvloop with httptools (arrowinfer's HTTP stack), the JSON heade
 the input viewed with ``np.frombuffer``, one onnxruntime run of the same ``identity`` model,
 a JSON answer. It checks nothing, batches nothing, counts nothing: not a server anyone
 should run, only the bound on what arrowinfer's Python path could reach with the same
-libraries. Every server is driven by the same client (``arrowinfer bench``'s tritonclient.http
-submit, one client per thread) at 1 to 32 requests in flight, 4 KB and 256 KB per request;
-the ratios are best over concurrency, as in ``targets.md``. ``--repeat N`` runs the whole
+libraries. Every server is driven by the same tritonclient.http clients (one per thread) at
+1 to 32 requests in flight, 4 KB and 256 KB per request, in two ways: ``pool`` hands each
+request to a pool of threads (``arrowinfer bench``'s submit), ``loop`` gives each request in
+flight its own thread calling ``infer`` in a loop (as ../shared/peers/triton/bench.py, the
+recipe that measures real Triton, does). At 4 KB the client's own CPU is a large part of
+what two cores can do, and the two ways rank the servers differently, so both are given.
+The ratios are best over concurrency, as in ``targets.md``. ``--repeat N`` runs the whole
 sweep N times (every cell of each server beside the same cell of the others, each time):
 one run's ratio moves by +-10 % on a shared 2-core machine, so each ratio is given for
 every repetition and as their median.
@@ -42,6 +46,7 @@ from arrowinfer.bench.transports import CONCURRENCY, ROW_BYTES, _checked, _kserv
 from arrowinfer.examples import write_example_repository
 
 SIZES = {"4 KB": 1, "256 KB": 64}  # rows of 4 KiB
+CLIENTS = ("pool", "loop")  # how the client's threads keep requests in flight (see above)
 
 
 def serve(port: int, model: str) -> None:
@@ -117,7 +122,7 @@ def main() -> None:
         return
     repository = one_intra_op_thread(write_example_repository(Path(tempfile.mkdtemp()) / "repo"))
     rows: list[Measurement] = []
-    best: dict[tuple[int, str, str], float] = {}  # (repetition, server, payload)
+    best: dict[tuple[int, str, str, str], float] = {}  # (repetition, client, server, payload)
     with contextlib.ExitStack() as stack:
         http_port, floor_port = _port(), _port()
         ours, _ = stack.enter_context(arrowinfer_server(repository, "--http-port", str(http_port)))
@@ -131,14 +136,20 @@ def main() -> None:
         }
         if args.triton_http_url:  # its identity takes one flat tensor; its CPU is elsewhere
             servers["triton-http"] = (args.triton_http_url, (), True)
-        cells = [(r, label, c) for r in range(args.repeat) for label in SIZES for c in CONCURRENCY]
-        for repetition, label, concurrency in cells:
+        cells = [
+            (r, label, client, c)
+            for r in range(args.repeat)
+            for label in SIZES
+            for client in CLIENTS
+            for c in CONCURRENCY
+        ]
+        for repetition, label, client, concurrency in cells:
             n = SIZES[label]
             x = np.random.default_rng(n).random((n, ROW_BYTES // 4), dtype=np.float32)
             for name, (url, pids, flat) in servers.items():
                 sent = x.reshape(-1) if flat else x
                 submit, cleanup = _kserve_http(
-                    url, "identity", sent, "INPUT0", "OUTPUT0", binary=True
+                    url, "identity", sent, "INPUT0", "OUTPUT0", binary=True, pool=client == "pool"
                 )
 
                 def same(result: object, sent: np.ndarray = sent) -> None:
@@ -147,58 +158,63 @@ def main() -> None:
 
                 try:
                     m = measure(
-                        f"{name} identity {label}",
+                        f"{name} identity {label} {client}",
                         _checked(submit, same),
                         server_pids=pids,
                         concurrency=concurrency,
                         rows=n,
                         payload_bytes=n * ROW_BYTES,
+                        blocking=client == "loop",
                     )
                 finally:
                     cleanup()
                 rows.append(m)
-                key = (repetition, name, label)
+                key = (repetition, client, name, label)
                 best[key] = max(best.get(key, 0.0), m.requests_per_s)
     triton = " --triton-http-url ..." if args.triton_http_url else ""
     lines = [
         "# The floor of a Python KServe HTTP server, beside arrowinfer's and real Triton's",
         "",
-        f"`python benchmarks/http_floor.py{triton}`: see its docstring for what the floor is.",
+        f"`python benchmarks/http_floor.py{triton}`: see its docstring for what the floor is",
+        "and for the two clients (`pool`, `loop`).",
         "",
         "Best requests/s over 1 to 32 in flight, and their ratios, in each repetition of the",
         "sweep; then each ratio's median over the repetitions:",
         "",
         (
-            "| payload | repetition | floor | kserve-http | triton-http | kserve-http / floor"
-            " | kserve-http / triton | floor / triton |"
+            "| payload | client | repetition | floor | kserve-http | triton-http"
+            " | kserve-http / floor | kserve-http / triton | floor / triton |"
         ),
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for label in SIZES:
-        ratios: list[tuple[float, float | None, float | None]] = []
-        for r in range(args.repeat):
-            f, k = best[(r, "floor", label)], best[(r, "kserve-http", label)]
-            t = best.get((r, "triton-http", label))
-            ratios.append((k / f, k / t if t else None, f / t if t else None))
-            tri = f"{t:,.0f}" if t else ""
-            kt, ft = (f"{k / t:.2f}", f"{f / t:.2f}") if t else ("", "")
-            lines.append(
-                f"| {label} | {r + 1} | {f:,.0f} | {k:,.0f} | {tri} | {k / f:.2f} | {kt} | {ft} |"
-            )
-        medians = [
-            f"{float(np.median([v for v in column if v is not None])):.2f}"
-            if all(v is not None for v in column)
-            else ""
-            for column in zip(*ratios, strict=True)
-        ]
-        lines.append(f"| {label} | median | | | | {' | '.join(medians)} |")
+        for client in CLIENTS:
+            ratios: list[tuple[float, float | None, float | None]] = []
+            for r in range(args.repeat):
+                f = best[(r, client, "floor", label)]
+                k = best[(r, client, "kserve-http", label)]
+                t = best.get((r, client, "triton-http", label))
+                ratios.append((k / f, k / t if t else None, f / t if t else None))
+                tri = f"{t:,.0f}" if t else ""
+                kt, ft = (f"{k / t:.2f}", f"{f / t:.2f}") if t else ("", "")
+                lines.append(
+                    f"| {label} | {client} | {r + 1} | {f:,.0f} | {k:,.0f} | {tri}"
+                    f" | {k / f:.2f} | {kt} | {ft} |"
+                )
+            medians = [
+                f"{float(np.median([v for v in column if v is not None])):.2f}"
+                if all(v is not None for v in column)
+                else ""
+                for column in zip(*ratios, strict=True)
+            ]
+            lines.append(f"| {label} | {client} | median | | | | {' | '.join(medians)} |")
     lines += ["", markdown_table(rows), "", markdown(describe())]
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "http_floor.md").write_text("\n".join(lines) + "\n")
     (args.out / "http_floor.json").write_text(
         json.dumps({"rows": [m.as_dict() for m in rows], "machine": describe()}, indent=1)
     )
-    print("\n".join(lines[: 8 + len(SIZES) * (args.repeat + 1)]))
+    print("\n".join(lines[: 10 + len(SIZES) * len(CLIENTS) * (args.repeat + 1)]))
 
 
 if __name__ == "__main__":

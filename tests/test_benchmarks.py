@@ -54,3 +54,46 @@ def test_the_committed_run_has_every_target() -> None:
     rows = json.loads((ROOT / "benchmarks" / "results" / "targets.json").read_text())["targets"]
     assert len(rows) == len(targets.TARGETS)
     assert [row["ratio"] for row in rows if row["measured"] is None] == []
+
+
+@pytest.mark.parametrize("blocking", [False, True])
+def test_a_blocking_client_keeps_each_request_in_flight_on_its_own_thread(blocking: bool) -> None:
+    """measure(blocking=True) is the Triton peer's client: one thread per request in flight,
+    each sending and waiting in a loop; otherwise at most 4 threads submit."""
+    import threading
+    import time
+    from concurrent.futures import Future
+
+    from arrowinfer.bench.harness import measure
+
+    lock = threading.Lock()
+    threads: set[int] = set()
+    in_flight, most = [0], [0]
+
+    def submit() -> Future[object]:
+        with lock:
+            threads.add(threading.get_ident())
+            in_flight[0] += 1
+            most[0] = max(most[0], in_flight[0])
+        future: Future[object] = Future()
+        if blocking:
+            time.sleep(0.002)
+            with lock:
+                in_flight[0] -= 1
+            future.set_result(None)
+        else:
+
+            def finish() -> None:
+                with lock:
+                    in_flight[0] -= 1
+                future.set_result(None)
+
+            threading.Timer(0.002, finish).start()
+        return future
+
+    m = measure(
+        "fake", submit, concurrency=6, warmup_s=0.1, window_s=0.1, max_windows=3, blocking=blocking
+    )
+    assert m.requests_per_s > 0
+    assert most[0] == 6  # both keep every request in flight
+    assert len(threads) == (6 if blocking else 4)

@@ -1254,3 +1254,22 @@ def test_tls_and_bearer_tokens(example_repository: Path, certificate: tuple[Path
             client.close()
         with pytest.raises(OSError, match="closed connection"):  # plain HTTP to a TLS port
             urllib.request.urlopen(f"http://127.0.0.1:{server.http_port}/v2", timeout=WAIT)
+
+
+@pytest.mark.parametrize("pool", [True, False])
+def test_the_benchmarks_http_clients_get_the_identity_back(server: Server, pool: bool) -> None:
+    """``arrowinfer bench``'s tritonclient.http submit, pooled and inline (the Triton peer's
+    way: the future comes back resolved), both over the real server."""
+    from arrowinfer.bench.transports import _kserve_http
+
+    x = np.random.default_rng(5).random((3, 1024), dtype=np.float32)
+    submit, cleanup = _kserve_http(
+        f"127.0.0.1:{server.http_port}", "identity", x, "INPUT0", "OUTPUT0", binary=True, pool=pool
+    )
+    try:
+        future = submit()
+        if not pool:
+            assert future.done()  # resolved before submit returned
+        np.testing.assert_array_equal(future.result(timeout=WAIT), x)
+    finally:
+        cleanup()

@@ -123,11 +123,16 @@ def measure(
     window_s: float = 1.0,
     max_windows: int = 6,
     tolerance: float = 0.10,
+    blocking: bool = False,
 ) -> Measurement:
     """Keep ``concurrency`` requests in flight; measure windows until three agree.
 
     ``server_pids``: the server's processes, whose CPU time (with their descendants') is
     divided by the requests completed in the stable windows.
+    ``blocking``: ``submit`` returns only when its request is done (its future already
+    resolved), so each request in flight gets its own sending thread: a client whose
+    threads each send a request and wait for it, in a loop, as the Triton peer's bench
+    (../shared/peers/triton/bench.py) drives Triton. Otherwise up to 4 threads submit.
     """
     lock = threading.Lock()
     latencies: list[float] = []
@@ -157,7 +162,8 @@ def measure(
                 return
             future.add_done_callback(partial(done, start=start))
 
-    senders = [threading.Thread(target=sender, daemon=True) for _ in range(min(concurrency, 4))]
+    threads = concurrency if blocking else min(concurrency, 4)
+    senders = [threading.Thread(target=sender, daemon=True) for _ in range(threads)]
     for thread in senders:
         thread.start()
     for _ in range(concurrency):

@@ -140,19 +140,32 @@ def _kserve(
 
 
 def _kserve_http(
-    url: str, model: str, x: np.ndarray, input_name: str, output: str, *, binary: bool
+    url: str,
+    model: str,
+    x: np.ndarray,
+    input_name: str,
+    output: str,
+    *,
+    binary: bool,
+    pool: bool = True,
 ) -> tuple[Submit, Callable[[], None]]:
     """tritonclient.http infer, one client per thread (as the Triton peer's bench does).
 
     ``binary``: Triton's binary tensor data extension both ways, else JSON tensors. No
-    compression (tritonclient.http asks for none unless told).
+    compression (tritonclient.http asks for none unless told). ``pool``: each request is
+    handed to a pool of 32 threads; else it runs in the submitting thread, and the future
+    returned is already resolved (``measure(..., blocking=True)``).
     """
     import tritonclient.http as httpclient
 
     local = threading.local()
     clients: list[Any] = []
     lock = threading.Lock()
-    pool = ThreadPoolExecutor(max_workers=max(CONCURRENCY), thread_name_prefix="kserve-http")
+    executor = (
+        ThreadPoolExecutor(max_workers=max(CONCURRENCY), thread_name_prefix="kserve-http")
+        if pool
+        else None
+    )
 
     def one() -> np.ndarray:
         client = getattr(local, "client", None)
@@ -165,12 +178,21 @@ def _kserve_http(
         out = httpclient.InferRequestedOutput(output, binary_data=binary)
         return client.infer(model, [inp], outputs=[out]).as_numpy(output)
 
+    def inline() -> Future[object]:
+        future: Future[object] = Future()
+        try:
+            future.set_result(one())
+        except Exception as err:  # noqa: BLE001 - the harness reports it, as a pool's would
+            future.set_exception(err)
+        return future
+
     def cleanup() -> None:
-        pool.shutdown(wait=True)
+        if executor is not None:
+            executor.shutdown(wait=True)
         for client in clients:
             client.close()
 
-    return lambda: pool.submit(one), cleanup
+    return (inline if executor is None else lambda: executor.submit(one)), cleanup
 
 
 class Bench:
