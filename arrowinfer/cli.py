@@ -36,7 +36,7 @@ def _serve(args: argparse.Namespace) -> int:
     from .server._auth import read_token_file
     from .server._malloc import keep_freed_memory
 
-    repository = Path(args.repository) if args.repository else default_repository()
+    repository = _serve_repository(args)
     if (args.tls_cert is None) != (args.tls_key is None):
         raise SystemExit("arrowinfer serve: --tls-cert and --tls-key go together")
     for option, path in (("--tls-cert", args.tls_cert), ("--tls-key", args.tls_key)):
@@ -155,6 +155,18 @@ class _UsageError(Exception):
     """A wrong argument: printed as one line, exit status 2."""
 
 
+def _serve_repository(args: argparse.Namespace) -> Path:
+    """The one repository ``serve`` was given, as its argument or as Triton's
+    ``--model-repository`` (tritonserver takes several; arrowinfer serves one)."""
+    given = ([args.repository] if args.repository else []) + (args.model_repository or [])
+    if len(given) > 1:
+        raise _UsageError(
+            f"one model repository is served, {len(given)} were given ({', '.join(given)}): "
+            "name it once, as the argument or as --model-repository"
+        )
+    return Path(given[0]) if given else default_repository()
+
+
 def _infer(args: argparse.Namespace) -> int:
     import warnings
 
@@ -261,6 +273,13 @@ def parser() -> argparse.ArgumentParser:
         "repository",
         nargs="?",
         help="model repository directory (default: the built-in example models)",
+    )
+    serve.add_argument(
+        "--model-repository",
+        metavar="REPO",
+        action="append",
+        help="the repository directory by Triton's flag (tritonserver --model-repository), "
+        "instead of the argument",
     )
     serve.add_argument(
         "--host",

@@ -194,3 +194,17 @@ def test_serve_takes_tritons_name_for_the_grpc_port(flag: str) -> None:
 
     args = parser().parse_args(["serve", "repo", flag, "9001"])
     assert args.kserve_port == 9001
+
+
+def test_serve_takes_one_repository(
+    example_repository: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """tritonserver takes several --model-repository; arrowinfer serves one, and says so."""
+    repo = str(example_repository)
+    for argv in (
+        ["--model-repository", repo, "--model-repository", repo],
+        [repo, "--model-repository", repo],
+    ):
+        assert main(["serve", *argv]) == 2
+        err = capsys.readouterr().err
+        assert "one model repository is served, 2 were given" in err

@@ -834,11 +834,13 @@ def test_servers_have_their_own_metrics(fresh_server: Server, server: Server) ->
 class Serve:
     """``arrowinfer serve`` in a subprocess; its stdout lines in a queue, its log in a file."""
 
-    def __init__(self, repository: Path, log: Path, *args: str):
+    def __init__(self, repository: Path | None, log: Path, *args: str):
+        """``repository`` None: ``args`` name it (as ``--model-repository``)."""
         self.log = log
         self._log_file = log.open("w")
+        named = [str(repository)] if repository else []
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "arrowinfer.cli", "serve", str(repository), *args],
+            [sys.executable, "-m", "arrowinfer.cli", "serve", *named, *args],
             cwd=ROOT,
             stdout=subprocess.PIPE,
             stderr=self._log_file,
@@ -955,6 +957,26 @@ def test_serve_exits_on_a_second_sigterm_when_a_client_keeps_its_stream(
         with contextlib.suppress(pa.ArrowException):
             stream.writer.close()
     assert "SIGTERM again: exiting without waiting for open streams" in running.log.read_text()
+
+
+def test_serve_takes_the_repository_by_tritons_flag(
+    example_repository: Path, tmp_path: Path
+) -> None:
+    """``arrowinfer serve --model-repository REPO``, as ``tritonserver --model-repository``."""
+    running = Serve(
+        None,
+        tmp_path / "serve.log",
+        *("--model-repository", str(example_repository)),
+        *("--port", "0", "--kserve-port", "-1", "--http-port", "-1", "--metrics-port", "0"),
+    )
+    try:
+        with connect(running.location()) as client:
+            input_schema(client, "facile")  # served from it
+    finally:
+        running.stop()
+    log = running.log.read_text()
+    for model in MODELS:
+        assert len(re.findall(rf"loaded model {model} version 1\b", log)) == 1, log
 
 
 def test_serve_stops_on_sigterm_when_idle(serve: Callable[..., Serve]) -> None:
