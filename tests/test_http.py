@@ -18,6 +18,7 @@ import subprocess
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import zlib
 from collections.abc import Iterator
@@ -992,6 +993,28 @@ def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
         timeout=60,
     )
     return cert, key
+
+
+@pytest.mark.parametrize("written", ["+1", "%201", "1%20", "%E0%A5%A7", "1.0", "0x1", "1_0"])
+def test_a_version_is_ascii_digits(server: Server, written: str) -> None:
+    """Version 1 is "1" (or "01", as Triton's stol reads it), not " 1", "+1" or another
+    script's digit one (Python's int() takes all three): 404 / NOT_FOUND, over both."""
+    assert call(server, "GET", "/v2/models/facile/versions/01")[0] == 200
+    status, _, body = call(server, "GET", f"/v2/models/facile/versions/{written}")
+    assert status == 404, written
+    assert "facile" in error_of(body)
+    import grpc
+    from tritonclient.grpc import service_pb2 as pb
+    from tritonclient.grpc import service_pb2_grpc
+
+    version = urllib.parse.unquote(written)
+    with grpc.insecure_channel(f"127.0.0.1:{server.kserve_port}") as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.ModelMetadata(
+                pb.ModelMetadataRequest(name="facile", version=version), timeout=WAIT
+            )
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND, version
 
 
 def test_inference_paths_answer_as_the_router_would(server: Server) -> None:

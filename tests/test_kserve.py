@@ -389,6 +389,23 @@ def test_typed_contents_that_do_not_fit(
     assert "'facile'" in caught.value.details()
 
 
+@pytest.mark.parametrize("shape", [[-1, 15], [1, -15], [-2, 15]])
+def test_a_dim_below_zero_says_every_dim_must_be_given(
+    stub: service_pb2_grpc.GRPCInferenceServiceStub, shape: list[int]
+) -> None:
+    """-1 is a config's wildcard, not a size: the message says so (it used to read
+    "expected [-1, 15], got [-1, 15]")."""
+    request = pb.ModelInferRequest(model_name="facile")
+    request.inputs.add(name="hits", datatype="FP32", shape=shape)
+    request.raw_input_contents.append(np.zeros(15, np.float32).tobytes())
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.ModelInfer(request, timeout=WAIT)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    details = caught.value.details()
+    for words in ("every dim must be given", "'facile'", "'hits'", str(shape)):
+        assert words in details
+
+
 def test_raw_request_with_default_outputs(
     server: Server, stub: service_pb2_grpc.GRPCInferenceServiceStub
 ) -> None:

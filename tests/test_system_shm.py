@@ -286,6 +286,33 @@ def test_places_of_the_wrong_kind_are_refused(
         client.close()
 
 
+def test_shared_memory_and_typed_contents_together_are_refused(
+    server: Server, region: tuple[str, Any]
+) -> None:
+    """gRPC can name a region and send typed contents too: which is the data? Refused
+    (HTTP's parser refuses 'data' beside 'shared_memory_region' the same way)."""
+    key, _ = region
+    client = th.InferenceServerClient(f"127.0.0.1:{server.http_port}")
+    try:
+        client.register_system_shared_memory("both", key, 4096)
+        request = pb.ModelInferRequest(model_name="facile")
+        tensor = request.inputs.add(name="hits", datatype="FP32", shape=[ROWS, 15])
+        set_parameter(tensor.parameters["shared_memory_region"], "both")
+        set_parameter(tensor.parameters["shared_memory_byte_size"], HITS.nbytes)
+        tensor.contents.fp32_contents.extend(HITS.ravel().tolist())
+        with grpc.insecure_channel(f"127.0.0.1:{server.kserve_port}") as channel:
+            stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+            with pytest.raises(grpc.RpcError) as refused:
+                stub.ModelInfer(request, timeout=WAIT)
+    finally:
+        client.unregister_system_shared_memory()
+        client.close()
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    details = refused.value.details()
+    for words in ("in shared memory or in the request, not both", "'facile'", "'hits'"):
+        assert words in details
+
+
 def test_a_shrunk_region_is_an_error_not_a_crash(
     server: Server, client: Any, region: tuple[str, Any]
 ) -> None:

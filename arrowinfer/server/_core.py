@@ -271,10 +271,9 @@ class InferenceCore:
                 raise ModelNotFound(name, self._models)
             if version in (None, "", -1):
                 return versions[max(versions)]
-            try:
-                number = int(version)
-            except ValueError:
-                number = -1
+            # ASCII digits only: int() would also take " 1", "+1" and other scripts' digits
+            text = str(version)
+            number = int(text) if text.isascii() and text.isdigit() and len(text) < 20 else -1
             if number not in versions:
                 raise ModelNotFound(name, [f"{name}/{v}" for v in versions], version=str(version))
             return versions[number]

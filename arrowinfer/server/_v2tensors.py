@@ -162,11 +162,14 @@ def input_array(
         )
     shape = tensor.shape
     per_entry = shape[1:] if batching else shape
-    if (
-        (batching and not shape)
-        or any(d < 0 for d in shape)
-        or not _dims_match(spec.shape, per_entry)
-    ):
+    if any(d < 0 for d in shape):  # Triton: "All input dimensions should be specified"
+        raise InvalidInput(
+            "wrong shape: every dim must be given, as a size >= 0 (-1 is for configs)",
+            model=model,
+            input=spec.name,
+            got=list(shape),
+        )
+    if (batching and not shape) or not _dims_match(spec.shape, per_entry):
         expected = [-1, *spec.shape] if batching else list(spec.shape)
         raise InvalidInput(
             "wrong shape", model=model, input=spec.name, expected=expected, got=list(shape)
@@ -351,6 +354,13 @@ def request_batch(
         place = places[i]
         raw: bytes | memoryview | None
         if place is not None:
+            if tensor.contents is not None:  # gRPC: HTTP's parser refused it already
+                raise InvalidInput(
+                    "an input's data is in shared memory or in the request, not both",
+                    model=name,
+                    input=tensor.name,
+                    got="'shared_memory_region' and typed contents",
+                )
             spec = specs[tensor.name]
             expected = _expected_bytes(spec, tensor)
             # checked before reading: no huge reads (BYTES elements have no fixed size)
