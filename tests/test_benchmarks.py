@@ -97,3 +97,17 @@ def test_a_blocking_client_keeps_each_request_in_flight_on_its_own_thread(blocki
     assert m.requests_per_s > 0
     assert most[0] == 6  # both keep every request in flight
     assert len(threads) == (6 if blocking else 4)
+
+
+def test_a_benchmarked_server_runs_in_its_own_session() -> None:
+    """As a service, or the Triton peer, does: the scheduler then shares CPU between the
+    client's session and the server's, not between the server and each client thread."""
+    import os
+    import sys
+
+    from arrowinfer.bench.harness import process
+
+    command = [sys.executable, "-c", "import time; print('ready', flush=True); time.sleep(60)"]
+    with process(command, "ready") as (proc, _):
+        assert os.getsid(proc.pid) == proc.pid != os.getsid(0)
+    assert proc.poll() is not None  # and it is stopped after
