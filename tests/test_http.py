@@ -1075,7 +1075,8 @@ def test_requests_of_one_turn_of_the_event_loop_run_together_on_its_thread(
     monkeypatch.setattr(_http, "_LOOP_HELD_NS", 10**11)
     core = InferenceCore(Repository(example_repository), models=["identity"])
     app = _http.application(core)
-    backend = core.get("identity").batcher._backends[0]
+    batcher = core.get("identity").batcher
+    backend = batcher._backends[0]
     threads: list[int] = []
     execute = backend.execute
 
@@ -1127,6 +1128,11 @@ def test_requests_of_one_turn_of_the_event_loop_run_together_on_its_thread(
 
     async def run() -> tuple[int, list[tuple[int, np.ndarray]], list[dict[str, Any]]]:
         await infer(-1.0)  # the model's first run: its time per row is known from now on
+        # its answer comes before the batcher's thread lets go of the instance; the turn
+        # below runs on the loop only if the instance is idle by then
+        deadline = time.monotonic() + WAIT
+        while batcher._running and time.monotonic() < deadline:
+            await asyncio.sleep(0.001)
         threads.clear()
         before = core.statistics("identity")[0]
         answers = await asyncio.gather(*(infer(float(i)) for i in range(8)))
