@@ -395,3 +395,149 @@ def test_remote_peers_need_allow_client_shm(region: tuple[str, Any]) -> None:
             admitted.status(local)
     finally:
         admitted.close()
+
+
+REMOTE = Peer("ipv4:192.0.2.7:40000")  # a documentation address: never this host
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.parametrize("use", ["read", "write"])
+def test_an_unregister_during_a_read_or_write_closes_the_file_after_it(
+    region: tuple[str, Any], monkeypatch: pytest.MonkeyPatch, use: str
+) -> None:
+    """A region unregistered while a request reads or writes it keeps its file open until
+    that request is done (Triton defers it too): a descriptor closed under the request
+    could be another file's by the time it is used, and the request would read or write
+    another client's data."""
+    from arrowinfer.server import _v2memory
+
+    key, handle = region
+    shm.set_shared_memory_region(handle, [np.arange(16, dtype=np.uint8)])
+    regions = SystemRegions(allow_remote=True)
+    regions.register(REMOTE, "r", key, 0, 16)
+    before = open_fds()
+    call = getattr(os, "p" + use)
+    seen: list[int] = []
+
+    def unregistered_meanwhile(fd: int, *args: Any) -> Any:
+        regions.unregister(REMOTE, "r")
+        os.fstat(fd)  # still open: EBADF (or another file) otherwise
+        seen.append(fd)
+        return call(fd, *args)
+
+    monkeypatch.setattr(_v2memory.os, "p" + use, unregistered_meanwhile)
+    if use == "read":
+        assert regions.read(REMOTE, "r", 4, 4) == bytes([4, 5, 6, 7])
+    else:
+        regions.write(REMOTE, "r", 4, b"\xff" * 4)
+        assert shm.get_contents_as_numpy(handle, np.uint8, [16])[4:8].tolist() == [255] * 4
+    monkeypatch.undo()
+    assert len(seen) == 1
+    assert open_fds() == before - 1  # closed once the request was done
+    assert regions.status(REMOTE) == []
+    with pytest.raises(InvalidInput, match="no region 'r'"):
+        regions.read(REMOTE, "r", 0, 4)
+    regions.close()
+
+
+def test_each_user_has_its_own_region_names(
+    server: Server, region: tuple[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A name one user registered is free for another, and invisible to it: no user can
+    take a name another's client will ask for, or learn which names it uses."""
+    key, _ = region
+    regions = server.regions
+    assert regions is not None
+    monkeypatch.setattr(regions, "allow_remote", True)  # two owners: this user, remote peers
+    client = th.InferenceServerClient(f"127.0.0.1:{server.http_port}")
+    try:
+        regions.register(REMOTE, "input_data", key, 0, 16)
+        client.register_system_shared_memory("input_data", key, 32)
+        assert [r["byte_size"] for r in client.get_system_shared_memory_status()] == [32]
+        assert [r["byte_size"] for r in regions.status(REMOTE)] == [16]
+        client.unregister_system_shared_memory("input_data")
+        assert [r["byte_size"] for r in regions.status(REMOTE)] == [16]
+    finally:
+        client.unregister_system_shared_memory()
+        client.close()
+        regions.unregister(REMOTE)
+
+
+def test_unregistering_a_name_not_registered_is_no_error(client: Any) -> None:
+    """As Triton: clean-up code may unregister what it never registered."""
+    client.unregister_system_shared_memory("never-registered")
+    assert status_names(client) == []
+
+
+def test_registrations_are_bounded(
+    region: tuple[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each region holds an open file: a user may hold MAX_REGIONS_PER_USER, the server
+    half its open-file limit, so that registering cannot use up the server's files."""
+    from arrowinfer.server import _v2memory
+
+    key, _ = region
+    monkeypatch.setattr(_v2memory, "MAX_REGIONS_PER_USER", 3)
+    regions = SystemRegions(allow_remote=True)
+    before = open_fds()
+    try:
+        for i in range(3):
+            regions.register(REMOTE, f"r{i}", key, 0, 16)
+        with pytest.raises(InvalidInput, match="too many regions") as caught:
+            regions.register(REMOTE, "r3", key, 0, 16)
+        assert "at most 3 per user" in str(caught.value)
+        assert open_fds() == before + 3  # the refused one opened nothing
+        regions.unregister(REMOTE, "r0")
+        regions.register(REMOTE, "r3", key, 0, 16)
+        regions.limit = 3  # all users together
+        monkeypatch.setattr(_v2memory, "MAX_REGIONS_PER_USER", 100)
+        with pytest.raises(InvalidInput, match="too many regions"):
+            regions.register(REMOTE, "r4", key, 0, 16)
+    finally:
+        regions.close()
+    assert open_fds() == before
+    assert _v2memory.max_regions() >= 64
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_a_shared_memory_input_is_bounded_before_it_is_read(
+    example_repository: Path, monkeypatch: pytest.MonkeyPatch, protocol: str
+) -> None:
+    """A region can be far larger than any request (a sparse file costs its client
+    nothing): its inputs' sizes count against max_request_bytes before a byte is read."""
+    key = f"/arrowinfer-test-{uuid.uuid4().hex[:12]}"
+    size = 64 * 1024
+    handle = shm.create_shared_memory_region("big", key, size)
+    monkeypatch.setattr(
+        SystemRegions, "read", lambda *a: pytest.fail("a request over the limit was read")
+    )
+    with Server(
+        example_repository,
+        port=0,
+        kserve_port=0,
+        http_port=0,
+        metrics_port=None,
+        models=["identity"],
+        max_request_bytes=size // 2,
+    ) as server:
+        mod: Any = tg if protocol == "grpc" else th
+        port = server.kserve_port if protocol == "grpc" else server.http_port
+        client = mod.InferenceServerClient(f"127.0.0.1:{port}")
+        try:
+            client.register_system_shared_memory("big", key, size)
+            tensor = mod.InferInput("INPUT0", [16, 1024], "FP32")
+            tensor.set_shared_memory("big", size)
+            with pytest.raises(InferenceServerException) as caught:
+                client.infer("identity", [tensor])
+            assert code(caught.value) == bad_argument(client)
+            message = caught.value.message()
+            assert "too large (max_request_bytes)" in message
+            assert "model 'identity'" in message
+            assert f"{size} bytes in shared memory" in message
+        finally:
+            client.unregister_system_shared_memory()
+            client.close()
+            shm.destroy_shared_memory_region(handle)

@@ -140,7 +140,9 @@ def prepare(
     if model is None:
         model = core.get(request.model_name, request.model_version or None)
     outputs = requested_outputs(model.version, request, regions=regions, peer=peer)
-    batch = request_batch(model.version, request, regions=regions, peer=peer)
+    batch = request_batch(
+        model.version, request, regions=regions, peer=peer, max_bytes=model.max_request_bytes
+    )
     params, name = request.parameters, request.model_name
     submission = core.check(
         model,

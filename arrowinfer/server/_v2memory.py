@@ -23,6 +23,12 @@ Rules (the same as arrowinfer's own shared memory, for requests that are not tru
   shrinks its file later gets an error on its request (short read), it cannot crash the
   server (a mapping would take ``SIGBUS``). Offsets and sizes outside the registered
   window are refused before any byte moves.
+- Each user has its own names: one user cannot take, see or probe another's. A user may
+  hold :data:`MAX_REGIONS_PER_USER` regions, the server :func:`max_regions` in all (each
+  keeps a file open). Unregistering a region a request is reading or writing closes its
+  file once that request is done with it (as Triton defers it), never under it.
+- Unregistering a name that is not registered succeeds, as in Triton (clean-up code
+  unregisters what it may not have registered).
 - CUDA shared memory is not supported: its RPCs answer UNIMPLEMENTED (HTTP 501).
 """
 
@@ -30,7 +36,10 @@ from __future__ import annotations
 
 import os
 import re
+import resource
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -38,7 +47,7 @@ from ..errors import InvalidInput
 from ..protocol import peer_is_local
 from ._peers import open_region, peer_uid
 
-__all__ = ["CUDA_UNSUPPORTED", "NO_PEER", "Peer", "SystemRegions"]
+__all__ = ["CUDA_UNSUPPORTED", "MAX_REGIONS_PER_USER", "NO_PEER", "Peer", "SystemRegions"]
 
 _KEY = re.compile(r"^/?([A-Za-z0-9_][A-Za-z0-9_.\-]{0,254})$")
 
@@ -58,6 +67,16 @@ class Peer(NamedTuple):
 #: No peer known: shared memory is refused to it (unless remote peers are admitted).
 NO_PEER = Peer("")
 
+#: Regions one user may have registered at once (each holds an open file).
+MAX_REGIONS_PER_USER = 1024
+
+
+def max_regions() -> int:
+    """Regions the server holds at most, all users together: half its open-file limit
+    (``RLIMIT_NOFILE``), the rest for connections and models; at least 64."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return max(64, soft // 2) if soft != resource.RLIM_INFINITY else 1 << 16
+
 
 @dataclass
 class _Region:
@@ -67,6 +86,8 @@ class _Region:
     offset: int
     byte_size: int
     owner: int | None  # the registering peer's uid; None: a remote peer (allow_client_shm)
+    users: int = 0  # requests reading or writing it now (under SystemRegions._lock)
+    unregistered: bool = False  # its file is closed when the last user is done
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -88,7 +109,8 @@ class SystemRegions:
 
     def __init__(self, *, allow_remote: bool = False):
         self.allow_remote = allow_remote
-        self._regions: dict[str, _Region] = {}
+        self.limit = max_regions()
+        self._regions: dict[tuple[int | None, str], _Region] = {}  # by (owner, name)
         self._lock = threading.Lock()
 
     def _owner(self, peer: Peer) -> int | None:
@@ -116,8 +138,9 @@ class SystemRegions:
         Raises
         ------
         InvalidInput
-            A name already registered, a bad key, a file that is not the peer's (or not a
-            regular file, or smaller than the window), or a peer not admitted.
+            A name this user registered already, a bad key, a file that is not the peer's
+            (or not a regular file, or smaller than the window), a peer not admitted, or
+            too many regions (:data:`MAX_REGIONS_PER_USER`, :attr:`limit`).
         """
         owner = self._owner(peer)
         if not name or len(name) > 255:
@@ -133,6 +156,7 @@ class SystemRegions:
                 "system shared memory: offset must be >= 0 and byte_size > 0",
                 got={"offset": offset, "byte_size": byte_size},
             )
+        self._check_room(owner, name)  # before a file is opened
         # an admitted remote peer may use files of the server's own user only
         fd, info = open_region(match.group(1), os.geteuid() if owner is None else owner)
         try:
@@ -143,43 +167,53 @@ class SystemRegions:
                     got=offset + byte_size,
                 )
             with self._lock:
-                if name in self._regions:
-                    raise InvalidInput(
-                        f"system shared memory: region {name!r} is already registered"
-                    )
-                self._regions[name] = _Region(name, key, fd, offset, byte_size, owner)
+                self._check_room(owner, name)  # again: another request may have come first
+                self._regions[owner, name] = _Region(name, key, fd, offset, byte_size, owner)
         except BaseException:
             os.close(fd)
             raise
 
+    def _check_room(self, owner: int | None, name: str) -> None:
+        if (owner, name) in self._regions:
+            raise InvalidInput(f"system shared memory: region {name!r} is already registered")
+        mine = sum(key[0] == owner for key in self._regions)
+        if mine >= MAX_REGIONS_PER_USER or len(self._regions) >= self.limit:
+            raise InvalidInput(
+                "system shared memory: too many regions registered; unregister some first",
+                expected=f"at most {MAX_REGIONS_PER_USER} per user, {self.limit} in all",
+                got={"this user's": mine, "all": len(self._regions)},
+            )
+
     def _get(self, owner: int | None, name: str) -> _Region:
-        with self._lock:
-            region = self._regions.get(name)
-        if region is None or region.owner != owner:  # another user's region is not there
+        """A region of ``owner``'s (call under the lock)."""
+        region = self._regions.get((owner, name))
+        if region is None:
             raise InvalidInput(f"system shared memory: no region {name!r} is registered")
         return region
 
     def unregister(self, peer: Peer, name: str | None = None) -> None:
-        """Unregister one region of the peer's user, or all of them (``name`` None/empty).
+        """Unregister one region of the peer's user, or all of them (``name`` None/empty);
+        a name not registered is no error (Triton's ``UnregisterHelper``). A region in use
+        by a request has its file closed when that request is done with it.
 
         Raises
         ------
         InvalidInput
-            No such region of this user, or a peer not admitted.
+            A peer not admitted.
         """
         owner = self._owner(peer)
         with self._lock:
             if name:
-                region = self._regions.get(name)
-                if region is None or region.owner != owner:
-                    raise InvalidInput(f"system shared memory: no region {name!r} is registered")
-                gone = [self._regions.pop(name)]
+                gone = [r] if (r := self._regions.pop((owner, name), None)) else []
             else:
                 gone = [r for r in self._regions.values() if r.owner == owner]
                 for region in gone:
-                    del self._regions[region.name]
-        for region in gone:
-            os.close(region.fd)
+                    del self._regions[owner, region.name]
+            for region in gone:
+                region.unregistered = True
+            closing = [region.fd for region in gone if not region.users]
+        for fd in closing:
+            os.close(fd)
 
     def status(self, peer: Peer, name: str | None = None) -> list[dict[str, Any]]:
         """The peer's user's regions (one when ``name`` is given): name, key, offset, size.
@@ -190,20 +224,40 @@ class SystemRegions:
             An unknown ``name``, or a peer not admitted.
         """
         owner = self._owner(peer)
-        if name:
-            return [self._get(owner, name).as_dict()]
         with self._lock:
-            return [r.as_dict() for _, r in sorted(self._regions.items()) if r.owner == owner]
+            if name:
+                return [self._get(owner, name).as_dict()]
+            mine = sorted(r.name for r in self._regions.values() if r.owner == owner)
+            return [self._regions[owner, n].as_dict() for n in mine]
 
-    def _window(self, peer: Peer, name: str, offset: int, size: int) -> tuple[_Region, int]:
-        region = self._get(self._owner(peer), name)
+    def _window(self, owner: int | None, name: str, offset: int, size: int) -> _Region:
+        """The region, if ``[offset, offset + size)`` lies inside it (under the lock)."""
+        region = self._get(owner, name)
         if offset < 0 or size < 0 or offset + size > region.byte_size:
             raise InvalidInput(
                 f"system shared memory: offset and size lie outside region {name!r}",
                 expected=f"offset + size <= {region.byte_size}",
                 got={"offset": offset, "size": size},
             )
-        return region, region.offset + offset
+        return region
+
+    @contextmanager
+    def _using(self, peer: Peer, name: str, offset: int, size: int) -> Iterator[tuple[int, int]]:
+        """The region's file and the file position of ``offset``, held open meanwhile:
+        an unregister leaves the file to the last request using it (a file descriptor
+        closed under a read could be another file's by then)."""
+        owner = self._owner(peer)
+        with self._lock:
+            region = self._window(owner, name, offset, size)
+            region.users += 1
+        try:
+            yield region.fd, region.offset + offset
+        finally:
+            with self._lock:
+                region.users -= 1
+                last = region.unregistered and not region.users
+            if last:
+                os.close(region.fd)
 
     def check(self, peer: Peer, name: str, offset: int, size: int) -> None:
         """Refuse a place that is not inside a region of the peer's user (before running).
@@ -213,7 +267,9 @@ class SystemRegions:
         InvalidInput
             Outside the region, or an unknown region.
         """
-        self._window(peer, name, offset, size)
+        owner = self._owner(peer)
+        with self._lock:
+            self._window(owner, name, offset, size)
 
     def read(self, peer: Peer, name: str, offset: int, size: int) -> bytes:
         """``size`` bytes at ``offset`` in a region of the peer's user.
@@ -223,8 +279,8 @@ class SystemRegions:
         InvalidInput
             Outside the region, an unknown region, or a file shrunk since registration.
         """
-        region, position = self._window(peer, name, offset, size)
-        data = os.pread(region.fd, size, position)
+        with self._using(peer, name, offset, size) as (fd, position):
+            data = os.pread(fd, size, position)
         if len(data) != size:
             raise InvalidInput(
                 f"system shared memory: region {name!r} is smaller than when registered"
@@ -240,19 +296,22 @@ class SystemRegions:
             Outside the region, an unknown region, or a file shrunk since registration.
         """
         view = memoryview(data).cast("B")
-        region, position = self._window(peer, name, offset, len(view))
-        if os.fstat(region.fd).st_size < position + len(view):
-            raise InvalidInput(
-                f"system shared memory: region {name!r} is smaller than when registered"
-            )
-        while view:
-            written = os.pwrite(region.fd, view, position)
-            view, position = view[written:], position + written
+        with self._using(peer, name, offset, len(view)) as (fd, start):
+            if os.fstat(fd).st_size < start + len(view):
+                raise InvalidInput(
+                    f"system shared memory: region {name!r} is smaller than when registered"
+                )
+            done = 0
+            while done < len(view):
+                done += os.pwrite(fd, view[done:], start + done)
 
     def close(self) -> None:
-        """Unregister every region."""
+        """Unregister every region (those in use: when their requests are done)."""
         with self._lock:
             regions = list(self._regions.values())
             self._regions.clear()
-        for region in regions:
-            os.close(region.fd)
+            for region in regions:
+                region.unregistered = True
+            closing = [region.fd for region in regions if not region.users]
+        for fd in closing:
+            os.close(fd)

@@ -306,6 +306,7 @@ def request_batch(
     *,
     regions: SystemRegions | None = None,
     peer: Peer = NO_PEER,
+    max_bytes: int | None = None,
 ) -> pa.RecordBatch | DenseBatch:
     """A v2 request as the batch the core takes: its tensors as they are (a
     :class:`~arrowinfer.dense.DenseBatch`) for a model whose inputs are all dense numbers
@@ -314,7 +315,9 @@ def request_batch(
 
     An input in system shared memory (``shared_memory_*`` parameters) is read from the
     peer's region (``regions``); ``request.raw`` then holds the other inputs' data, in
-    order (HTTP's binary data as views of the body, not copies).
+    order (HTTP's binary data as views of the body, not copies). Their sizes together are
+    at most ``max_bytes`` (the model's ``max_request_bytes``), checked before any is read:
+    a region can be far larger than any request a server takes.
 
     Raises
     ------
@@ -329,6 +332,14 @@ def request_batch(
     if mask_spec is not None:
         specs[mask_spec.name] = mask_spec
     places = [shm_place(t.parameters, regions, model=name, tensor=t.name) for t in request.inputs]
+    in_shm = sum(place.byte_size for place in places if place is not None)
+    if max_bytes is not None and in_shm > max_bytes:
+        raise InvalidInput(
+            "the request is too large (max_request_bytes)",
+            model=name,
+            expected=f"<= {max_bytes} bytes of data",
+            got=f"{in_shm} bytes in shared memory",
+        )
     raw_contents = request.raw
     sent = sum(place is None for place in places)
     if raw_contents and len(raw_contents) != sent:
