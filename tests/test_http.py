@@ -256,6 +256,12 @@ def test_repository_index_load_unload(example_repository: Path) -> None:
                 client.load_model("facile", config='{"max_batch_size": 1}')
             assert caught.value.status() == "400"
             assert "config" in caught.value.message()
+            for params in (b"[1]", b"5", b"true", b'"config"'):
+                body = b'{"parameters": ' + params + b"}"
+                status, _, data = call(server, "POST", "/v2/repository/models/facile/load", body)
+                assert status == 400, params
+                assert "parameters of the load request must be a JSON object" in error_of(data)
+                assert "model 'facile'" in error_of(data)
         finally:
             client.close()
 
@@ -962,14 +968,20 @@ def test_a_client_gone_mid_body_is_no_error(
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
-def test_cuda_shared_memory_is_501(server: Server, client: th.InferenceServerClient) -> None:
-    with pytest.raises(InferenceServerException) as caught:
-        client.get_cuda_shared_memory_status()
-    assert caught.value.status() == "501"
-    assert "CUDA shared memory is not supported" in caught.value.message()
-    status, _, data = call(server, "POST", "/v2/cudasharedmemory/region/r/register", b"{}")
-    assert status == 501
-    assert "CUDA" in error_of(data)
+def test_cuda_shared_memory_is_501(server: Server) -> None:
+    """Registering is 501; there are no CUDA regions to list or unregister (raw HTTP: the
+    tritonclient calls are in test_system_shm.py)."""
+    for path in ("/v2/cudasharedmemory/region/r/register", "/v2/cudasharedmemory/other"):
+        status, _, data = call(server, "POST", path, b"{}")
+        assert status == 501, path
+        assert "CUDA shared memory is not supported" in error_of(data)
+    status, _, data = call(server, "GET", "/v2/cudasharedmemory/status")
+    assert (status, json.loads(data)) == (200, [])
+    status, _, data = call(server, "GET", "/v2/cudasharedmemory/region/r/status")
+    assert status == 400
+    assert "no region 'r' is registered" in error_of(data)
+    for path in ("/v2/cudasharedmemory/unregister", "/v2/cudasharedmemory/region/r/unregister"):
+        assert call(server, "POST", path, b"")[0] == 200, path
 
 
 # -- TLS and bearer tokens -------------------------------------------------------------

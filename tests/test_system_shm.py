@@ -337,11 +337,22 @@ def test_a_shrunk_region_is_an_error_not_a_crash(
 
 
 def test_cuda_shared_memory_is_unsupported(client: Any) -> None:
+    """Registering is refused; as on a Triton built without GPUs there are then no CUDA
+    regions, so status is empty and unregistering succeeds: tritonclient's shm examples
+    unregister both kinds before they start."""
     with pytest.raises(InferenceServerException) as caught:
-        client.get_cuda_shared_memory_status()
+        client.register_cuda_shared_memory("gpu", b"aGFuZGxl", 0, 16)  # base64
     expected = "StatusCode.UNIMPLEMENTED" if module_of(client) is tg else "501"
     assert code(caught.value) == expected
     assert "CUDA shared memory is not supported" in caught.value.message()
+    status = client.get_cuda_shared_memory_status()
+    assert (list(status.regions) if module_of(client) is tg else status) == []
+    with pytest.raises(InferenceServerException) as caught:
+        client.get_cuda_shared_memory_status("gpu")
+    assert code(caught.value) == bad_argument(client)
+    assert "no region 'gpu' is registered" in caught.value.message()
+    client.unregister_cuda_shared_memory()
+    client.unregister_cuda_shared_memory("gpu")
 
 
 def test_without_shared_memory_the_calls_are_unimplemented(example_repository: Path) -> None:

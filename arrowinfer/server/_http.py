@@ -24,7 +24,9 @@ Endpoints (``VERSION`` optional everywhere, as in Triton)::
     GET  /v2/systemsharedmemory[/region/R]/status
     POST /v2/systemsharedmemory/region/R/register    {"key", "offset", "byte_size"}
     POST /v2/systemsharedmemory[/region/R]/unregister
-    *    /v2/cudasharedmemory/...                    501: not supported
+    GET  /v2/cudasharedmemory[/region/R]/status      [] (R: not registered)
+    POST /v2/cudasharedmemory[/region/R]/unregister  200 (none is ever registered)
+    POST /v2/cudasharedmemory/region/R/register      501: not supported
 
 Inference
 ---------
@@ -78,7 +80,7 @@ from ..tensors import ALIGNMENT
 from . import _v2
 from ._auth import ModelControl, TokenCheck
 from ._core import MAX_REQUEST_BYTES, InferenceCore, LoadedModel
-from ._v2memory import CUDA_UNSUPPORTED, NO_PEER, Peer, SystemRegions
+from ._v2memory import CUDA_UNSUPPORTED, NO_PEER, Peer, SystemRegions, cuda_status
 from ._v2request import InferRequest, InputTensor, Parameter, RequestedOutput
 from ._v2tensors import InferAnswer, named
 
@@ -682,6 +684,9 @@ class _Answer(NamedTuple):
 
 _JSON_TYPE = (b"content-type", b"application/json")
 
+#: /v2/cudasharedmemory/ + [region/NAME/] + an action
+_CUDA_PATH = re.compile(r"^(?:region/([^/]+)/)?(status|register|unregister)$")
+
 
 def _json_answer(status: int, body: Any) -> _Answer:
     return _Answer(status, [_JSON_TYPE], [dump_json(body)])
@@ -842,7 +847,11 @@ class _Api:
         name = request.path_params["model"]
         self._check_control("load", request)
         body = await self._json(request, "the load request")
-        _v2.check_load_parameters(name, body.get("parameters") or {})
+        try:
+            params = _object(body, "load request")
+        except InvalidInput as err:
+            raise named(err, name) from None
+        _v2.check_load_parameters(name, params)
         await asyncio.to_thread(self.core.load, name)  # loading takes seconds: not on the loop
         return Response(status_code=200)
 
@@ -878,6 +887,12 @@ class _Api:
         return Response(status_code=200)
 
     async def cuda_shm(self, request: Request) -> Response:
+        match = _CUDA_PATH.match(request.path_params["rest"])
+        name, action = match.groups() if match else (None, "")
+        if action == "status" and request.method == "GET":
+            return JSONResponse(cuda_status(name))
+        if action == "unregister" and request.method == "POST":
+            return Response(status_code=200)  # none is ever registered
         raise Unsupported(CUDA_UNSUPPORTED)
 
     # inference

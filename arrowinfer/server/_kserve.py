@@ -92,7 +92,7 @@ from . import _v2
 from ._auth import ModelControl
 from ._core import InferenceCore, unexpected
 from ._ordered import MAX_PENDING, MAX_PENDING_BYTES
-from ._v2memory import CUDA_UNSUPPORTED, Peer, SystemRegions
+from ._v2memory import CUDA_UNSUPPORTED, Peer, SystemRegions, cuda_status
 from ._v2request import from_protobuf
 from ._v2tensors import InferAnswer
 
@@ -293,12 +293,17 @@ class KServeService(service_pb2_grpc.GRPCInferenceServiceServicer):
         raise Unsupported(CUDA_UNSUPPORTED)
 
     @_unary
-    def CudaSharedMemoryUnregister(self, request: Any, context: Any) -> Any:
-        raise Unsupported(CUDA_UNSUPPORTED)
+    def CudaSharedMemoryUnregister(
+        self, request: pb.CudaSharedMemoryUnregisterRequest, context: Any
+    ) -> pb.CudaSharedMemoryUnregisterResponse:
+        return pb.CudaSharedMemoryUnregisterResponse()  # none is ever registered
 
     @_unary
-    def CudaSharedMemoryStatus(self, request: Any, context: Any) -> Any:
-        raise Unsupported(CUDA_UNSUPPORTED)
+    def CudaSharedMemoryStatus(
+        self, request: pb.CudaSharedMemoryStatusRequest, context: Any
+    ) -> pb.CudaSharedMemoryStatusResponse:
+        cuda_status(request.name)
+        return pb.CudaSharedMemoryStatusResponse()
 
     # -- inference ----------------------------------------------------------------------
 

@@ -29,7 +29,10 @@ Rules (the same as arrowinfer's own shared memory, for requests that are not tru
   file once that request is done with it (as Triton defers it), never under it.
 - Unregistering a name that is not registered succeeds, as in Triton (clean-up code
   unregisters what it may not have registered).
-- CUDA shared memory is not supported: its RPCs answer UNIMPLEMENTED (HTTP 501).
+- CUDA shared memory is not supported: registering answers UNIMPLEMENTED (HTTP 501). As on
+  a Triton built without GPUs, there are then no CUDA regions: their status is empty (a
+  named one is not registered) and unregistering succeeds, so that clients which clean
+  up both kinds (tritonclient's own shm examples) run unchanged (:func:`cuda_status`).
 """
 
 from __future__ import annotations
@@ -47,7 +50,14 @@ from ..errors import InvalidInput
 from ..protocol import peer_is_local
 from ._peers import open_region, peer_uid
 
-__all__ = ["CUDA_UNSUPPORTED", "MAX_REGIONS_PER_USER", "NO_PEER", "Peer", "SystemRegions"]
+__all__ = [
+    "CUDA_UNSUPPORTED",
+    "MAX_REGIONS_PER_USER",
+    "NO_PEER",
+    "Peer",
+    "SystemRegions",
+    "cuda_status",
+]
 
 _KEY = re.compile(r"^/?([A-Za-z0-9_][A-Za-z0-9_.\-]{0,254})$")
 
@@ -55,6 +65,19 @@ CUDA_UNSUPPORTED = (
     "CUDA shared memory is not supported by this server; use system shared memory "
     "(register_system_shared_memory) or send the tensors in the request"
 )
+
+
+def cuda_status(name: str | None) -> list[dict[str, Any]]:
+    """The CUDA shared-memory regions: none (no name), else ``name`` is not registered.
+
+    Raises
+    ------
+    InvalidInput
+        A ``name`` given: no CUDA region is ever registered.
+    """
+    if name:
+        raise InvalidInput(f"CUDA shared memory: no region {name!r} is registered")
+    return []
 
 
 class Peer(NamedTuple):
