@@ -127,11 +127,12 @@ class ModelNotFound(RequestError, KeyError):
 class InvalidInput(RequestError, ValueError):
     """A request that does not fit the model's signature.
 
-    The message names the model, the input, what was expected and what came; so do the
-    attributes ``reason`` (the message as given), ``model``, ``input``, ``expected``, ``got``.
+    The message names the model, the input (or the requested output), what was expected
+    and what came; so do the attributes ``reason`` (the message as given), ``model``,
+    ``input``, ``output``, ``expected``, ``got``.
     """
 
-    fields = ("reason", "model", "input", "expected", "got")
+    fields = ("reason", "model", "input", "output", "expected", "got")
 
     def __init__(
         self,
@@ -139,12 +140,14 @@ class InvalidInput(RequestError, ValueError):
         *,
         model: str | None = None,
         input: str | None = None,
+        output: str | None = None,
         expected: object = None,
         got: object = None,
     ):
         self.reason = message
         self.model = model
         self.input = input
+        self.output = output
         self.expected = expected
         self.got = got
         where = []
@@ -152,6 +155,8 @@ class InvalidInput(RequestError, ValueError):
             where.append(f"model {model!r}")
         if input is not None:
             where.append(f"input {input!r}")
+        if output is not None:
+            where.append(f"output {output!r}")
         text = ", ".join(where) + ": " + message if where else message
         said = [f"{k} {v}" for k, v in (("expected", expected), ("got", got)) if v is not None]
         if said:
@@ -160,11 +165,12 @@ class InvalidInput(RequestError, ValueError):
 
     @classmethod
     def _rebuild(cls, message: str, fields: Mapping[str, Any]) -> ArrowInferError:
-        model, input_ = fields.get("model"), fields.get("input")
+        model, input_, output = fields.get("model"), fields.get("input"), fields.get("output")
         return cls(
             str(fields.get("reason", message)),
             model=None if model is None else str(model),
             input=None if input_ is None else str(input_),
+            output=None if output is None else str(output),
             expected=fields.get("expected"),
             got=fields.get("got"),
         )

@@ -62,6 +62,7 @@ ERRORS: list[BaseException] = [
     RequestError("the request is wrong"),
     ModelNotFound("jets", ["facile", "jet_tagger", "identity"], version="7"),
     InvalidInput("wrong shape", model="identity", input="INPUT0", expected=[1024], got={"rows": 3}),
+    InvalidInput("does not fit", model="identity", output="OUTPUT0", expected=64, got=8),
     Unauthenticated("a valid bearer token is needed"),
     Unsupported("CUDA shared memory is not supported"),
     ModelError("model.onnx: not a readable ONNX model"),

@@ -487,7 +487,7 @@ def _with(**request: Any) -> bytes:
         (
             _with(outputs=[{"name": "energy", "parameters": {"classification": "2"}}]),
             {},
-            ["output 'energy'", "integer", "'facile'"],
+            ["output 'energy'", "integer", "'facile'", "got '2'"],
         ),
         (
             _json_request(),

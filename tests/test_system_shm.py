@@ -225,8 +225,13 @@ def test_out_of_range_places_are_refused(
 
     assert "outside region" in attempt(300, HITS.nbytes)  # 300 + 300 > 512
     assert "does not match the shape" in attempt(0, HITS.nbytes - 4)
-    assert "outside region" in attempt(0, HITS.nbytes, out_offset=500)
-    assert "does not fit" in attempt(0, HITS.nbytes, out_offset=400, out_size=4)
+    # a requested output is named as one, not as an input
+    assert "output 'energy': system shared memory: offset and size lie outside" in attempt(
+        0, HITS.nbytes, out_offset=500
+    )
+    assert "output 'energy': the output does not fit" in attempt(
+        0, HITS.nbytes, out_offset=400, out_size=4
+    )
     tensor = mod.InferInput("hits", [ROWS, 15], "FP32")
     tensor.set_shared_memory("unknown", HITS.nbytes)
     with pytest.raises(InferenceServerException) as caught:

@@ -793,6 +793,8 @@ def test_oversized_requests_split_over_flight_and_refused_over_kserve(
         with pytest.raises(InferenceServerException, match="batch-size must be <= 4") as caught:
             triton.infer("mlpf_like", _infer_inputs(inputs, True), client_timeout=WAIT)
         assert caught.value.status() == "StatusCode.INVALID_ARGUMENT"
+        assert "arrowinfer.kserve_split_oversized: true splits" in caught.value.message()
+        assert "(got 10 rows)" in caught.value.message()
 
 
 def test_oversized_kserve_requests_split_when_the_config_asks(tmp_path: Path) -> None:

@@ -61,25 +61,38 @@ SPLIT_PARAMETER = "arrowinfer.kserve_split_oversized"
 _SHM_PARAMETERS = ("shared_memory_region", "shared_memory_byte_size", "shared_memory_offset")
 
 
-def named(err: InvalidInput, model: str, tensor: str | None = None) -> InvalidInput:
-    """``err`` with the model and tensor added where it does not name them."""
+def named(
+    err: InvalidInput, model: str, tensor: str | None = None, *, output: str | None = None
+) -> InvalidInput:
+    """``err`` with the model and input ``tensor`` added where it does not name them; with
+    ``output``, the tensor it names is that requested output (helpers that serve both say
+    "input")."""
+    if output is not None:
+        return InvalidInput(
+            err.reason,
+            model=err.model or model,
+            output=err.output or err.input or output,
+            expected=err.expected,
+            got=err.got,
+        )
     return InvalidInput(
         err.reason,
         model=err.model or model,
         input=err.input or tensor,
+        output=err.output,
         expected=err.expected,
         got=err.got,
     )
 
 
 @contextlib.contextmanager
-def naming(model: str, tensor: str | None = None) -> Iterator[None]:
+def naming(model: str, tensor: str | None = None, *, output: str | None = None) -> Iterator[None]:
     """Add the model and tensor to an error raised where they are not known (a region's,
     a JSON tensor's): :func:`named`."""
     try:
         yield
     except InvalidInput as err:
-        raise named(err, model, tensor) from None
+        raise named(err, model, tensor, output=output) from None
 
 
 class ShmPlace(NamedTuple):
@@ -197,7 +210,7 @@ def input_array(
         nbytes = count * dt.numpy.itemsize
         if len(raw) != nbytes:
             raise InvalidInput(
-                "raw_input_contents does not match the shape",
+                "the input's data does not match the shape",
                 model=model,
                 input=spec.name,
                 expected=f"{nbytes} bytes ({list(shape)} x {dt.kserve})",
@@ -419,9 +432,9 @@ def request_batch(
     if batching and count > limit and version.parameter(SPLIT_PARAMETER, "") != "true":
         # Triton's answer; Flight and shm split such a request, KServe only when asked to
         raise InvalidInput(
-            f"inference request batch-size must be <= {limit} for '{name}'",
+            f"inference request batch-size must be <= {limit} for '{name}'; the config "
+            f"parameter {SPLIT_PARAMETER}: true splits larger requests",
             model=name,
-            expected=f"<= {limit} rows (or parameter {SPLIT_PARAMETER}: true in the config)",
             got=f"{count} rows",
         )
     if version.dense_inputs:  # the tensors as they are: no Arrow to build and take apart
@@ -518,14 +531,13 @@ def requested_outputs(
             )
         if _class_count(requested, version.name) and spec.datatype.kserve == "BYTES":
             raise InvalidInput(  # checked now, before the request runs
-                f"output {spec.name!r}: classification ranks numbers, not BYTES",
-                model=version.name,
+                "classification ranks numbers, not BYTES", model=version.name, output=spec.name
             )
-        place = shm_place(requested.parameters, regions, model=version.name, tensor=spec.name)
-        if place is not None:
-            assert regions is not None  # shm_place refused it otherwise
-            with naming(version.name, spec.name):  # before the request runs
-                regions.check(peer, place.region, place.offset, place.byte_size)
+        with naming(version.name, output=spec.name):
+            place = shm_place(requested.parameters, regions, model=version.name, tensor=spec.name)
+            if place is not None:
+                assert regions is not None  # shm_place refused it otherwise
+                regions.check(peer, place.region, place.offset, place.byte_size)  # before it runs
         out.append(spec)
     return out
 
@@ -543,10 +555,10 @@ def _class_count(requested: RequestedOutput, model: str) -> int:
     count = requested.parameters["classification"]
     if not isinstance(count, int) or isinstance(count, bool) or count < 1:
         raise InvalidInput(
-            f"output {requested.name!r}: parameter 'classification' (class_count) must be "
-            "an integer >= 1",
+            "parameter 'classification' (class_count) must be an integer >= 1",
             model=model,
-            got=count,
+            output=requested.name,
+            got=repr(count),  # '3', a string, shows as one
         )
     return count
 
@@ -666,7 +678,7 @@ def _output_array(
     raise InvalidInput(
         "output has a different length per row; KServe tensors cannot hold it, use Arrow Flight",
         model=model,
-        input=name,
+        output=name,
     )
 
 
@@ -687,7 +699,8 @@ def _place_output(
     InvalidInput
         The output does not fit its place.
     """
-    place = shm_place(params or {}, regions, model=version.name, tensor=name)
+    with naming(version.name, output=name):
+        place = shm_place(params or {}, regions, model=version.name, tensor=name)
     if place is None:
         return payload, {}
     size = len(payload)
@@ -695,12 +708,12 @@ def _place_output(
         raise InvalidInput(
             "the output does not fit its shared_memory_byte_size",
             model=version.name,
-            input=name,
+            output=name,
             expected=size,
             got=place.byte_size,
         )
     assert regions is not None  # shm_place refused it otherwise
-    with naming(version.name, name):
+    with naming(version.name, output=name):
         regions.write(peer, place.region, place.offset, payload)
     where: dict[str, int | str] = {
         "shared_memory_region": place.region,
