@@ -124,6 +124,7 @@ def _serve(args: argparse.Namespace) -> int:
 def _models(args: argparse.Namespace) -> int:
     from .client import Client
 
+    _check_urls(args.url)
     with Client(args.url) as client:
         for name, info in client.models().items():
             inputs = ", ".join(f"{f.name}: {f.type}" for f in info)
@@ -473,7 +474,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "bench":
         args.bench_args = rest  # the benchmark script parses its own options
     elif rest:
-        top.error(f"unrecognized arguments: {' '.join(rest)}")
+        where = f"{top.prog} {args.command}"
+        top.exit(2, f"{where}: unrecognized arguments: {' '.join(rest)} (see {where} --help)\n")
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

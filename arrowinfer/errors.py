@@ -359,6 +359,14 @@ def from_flight(exc: flight.FlightError | flight.FlightWriteSizeExceededError) -
     return ServerError(message)
 
 
+#: gRPC's UNIMPLEMENTED "Method not found" (pyarrow: ArrowNotImplementedError) at a Flight
+#: call: the server speaks gRPC, not Flight.
+_NOT_FLIGHT = (
+    "(not an Arrow Flight server: a KServe/Triton gRPC port answers so; arrowinfer's "
+    "Flight port is `arrowinfer serve --port`, 8815 by default)"
+)
+
+
 def from_exception(exc: BaseException, where: str) -> ArrowInferError:
     """The arrowinfer error for any exception a client's I/O raised (``where``: the server).
 
@@ -372,5 +380,7 @@ def from_exception(exc: BaseException, where: str) -> ArrowInferError:
     if isinstance(exc, flight.FlightError | flight.FlightWriteSizeExceededError):
         return from_flight(exc)  # the second is an ArrowInvalid, not a FlightError
     if isinstance(exc, pa.ArrowException | OSError | EOFError):
+        if isinstance(exc, pa.ArrowNotImplementedError) and "Method not found" in str(exc):
+            return ServerUnavailable(f"{where}: {exc} {_NOT_FLIGHT}")
         return ServerUnavailable(f"{where}: {exc}")
     return ServerError(f"{where}: {type(exc).__name__}: {exc}")

@@ -150,6 +150,33 @@ def test_no_server_is_an_error_too(
         assert capsys.readouterr().err.startswith("ServerUnavailable: ")
 
 
+@pytest.mark.parametrize("url", ["127.0.0.1:8815", "http://127.0.0.1:8000"])
+def test_models_with_a_bad_url_is_a_usage_error(
+    url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """One line naming the URL and the schemes, as ``infer`` says it (not a traceback)."""
+    assert main(["models", url]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"arrowinfer models: bad server URL {url!r}: expected SCHEME://")
+    assert "Traceback" not in err
+
+
+def test_the_kserve_port_is_named_when_given_as_flight(
+    server: Server, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A Flight client at the KServe gRPC port gets gRPC's "Method not found": say why."""
+    assert main(["models", f"grpc://127.0.0.1:{server.kserve_port}"]) == 1
+    assert "not an Arrow Flight server: a KServe/Triton gRPC port" in capsys.readouterr().err
+
+
+def test_an_unknown_option_points_to_the_commands_help(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["serve", "--log-verbose=1"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "unrecognized arguments: --log-verbose=1 (see arrowinfer serve --help)" in err
+
+
 @pytest.mark.parametrize("mapping", ["hits", "=h", "hits=", "hits=a,,b"])
 def test_a_bad_column_mapping_is_a_usage_error(
     server: Server, tmp_path: Path, capsys: pytest.CaptureFixture[str], mapping: str
