@@ -9,6 +9,7 @@ HTTP server gives the same error (400 invalid argument, 404 not found, 503 unava
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gzip
 import json
 import logging
@@ -1314,3 +1315,43 @@ def test_the_benchmarks_http_clients_get_the_identity_back(server: Server, pool:
         np.testing.assert_array_equal(future.result(timeout=WAIT), x)
     finally:
         cleanup()
+
+
+def _raw_exchange(server: Server, data: bytes) -> bytes:
+    """``data`` written to the HTTP port; every byte the server sends until it closes."""
+    with socket.create_connection(("127.0.0.1", server.http_port), timeout=WAIT) as sock:
+        with contextlib.suppress(ConnectionResetError, BrokenPipeError):
+            sock.sendall(data)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+        return answer
+
+
+def test_a_request_head_is_bounded(server: Server) -> None:
+    """httptools joins a header's pieces by concatenation (quadratic: a 160 MiB header held
+    the event loop for seconds at a time): a head over 64 KiB is answered 431 and closed,
+    while heads below it, and requests after it on other connections, are served."""
+    from arrowinfer.server._httphead import MAX_HEAD_BYTES
+
+    def get(header_bytes: int) -> bytes:
+        head = (
+            b"GET /v2/health/live HTTP/1.1\r\nhost: x\r\nx-big: "
+            + b"a" * header_bytes
+            + b"\r\nconnection: close\r\n\r\n"
+        )
+        return _raw_exchange(server, head)
+
+    assert get(MAX_HEAD_BYTES // 2).startswith(b"HTTP/1.1 200")
+    for size in (MAX_HEAD_BYTES + 1, 16 * 2**20):
+        answer = get(size)
+        assert answer.startswith(b"HTTP/1.1 431"), size
+        assert b"headers are too large" in answer
+    # a body far larger than the bound is no head: served
+    body = json.dumps({"pad": "x" * (4 * MAX_HEAD_BYTES)}).encode()
+    request = (
+        b"POST /v2/repository/index HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+        b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(body), body)
+    )
+    assert _raw_exchange(server, request).startswith(b"HTTP/1.1 200")
+    assert call(server, "GET", "/v2/health/live")[0] == 200

@@ -748,3 +748,48 @@ def test_a_large_output_round_trips_through_the_answer(triton: tg.InferenceServe
         triton.stop_stream()
     assert error is None
     assert result.as_numpy("OUTPUT0").tobytes() == x.tobytes()
+
+
+def test_idle_streams_cannot_starve_the_unary_calls(example_repository: Path) -> None:
+    """Each open ModelStreamInfer stream holds one of the server's threads, even idle: at
+    most half of them are given to streams (more are RESOURCE_EXHAUSTED), so that health
+    checks and ModelInfer are answered while clients hold streams open doing nothing."""
+    from arrowinfer.repository import Repository
+    from arrowinfer.server._core import InferenceCore
+    from arrowinfer.server._kserve import start_kserve
+
+    core = InferenceCore(Repository(example_repository), models=["identity"])
+    server, port = start_kserve(core, port=0, max_workers=4)  # 2 streams at most
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+    quiet: list[queue.SimpleQueue[Any]] = []
+    streams = []
+
+    def idle_stream() -> Any:
+        requests: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        quiet.append(requests)
+        return stub.ModelStreamInfer(iter(requests.get, None), timeout=WAIT)
+
+    try:
+        for _ in range(2):
+            streams.append(idle_stream())
+        refused = idle_stream()
+        with pytest.raises(grpc.RpcError) as caught:
+            next(refused)
+        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "at most 2 ModelStreamInfer streams" in str(caught.value.details())
+        for _ in range(3):  # more unary calls than the threads the streams left
+            assert stub.ServerLive(pb.ServerLiveRequest(), timeout=5).live
+        quiet[0].put(None)  # one stream ends: a new one is served
+        assert list(streams[0]) == []
+        fresh = idle_stream()
+        request = pb.ModelInferRequest(model_name="no_such_model")
+        quiet[-1].put(request)
+        assert "no_such_model" in next(fresh).error_message
+        quiet[-1].put(None)
+    finally:
+        for requests in quiet:
+            requests.put(None)
+        channel.close()
+        server.stop(grace=None)
+        core.close()

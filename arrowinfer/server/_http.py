@@ -1126,6 +1126,8 @@ def start_http(
     import uvicorn
     import uvloop  # libuv's event loop: less CPU per request than asyncio's own
 
+    from ._httphead import BoundedHeadProtocol
+
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
@@ -1147,6 +1149,7 @@ def start_http(
     )
     config = uvicorn.Config(
         app,
+        http=BoundedHeadProtocol,  # httptools, its requests' heads bounded
         lifespan="off",
         log_config=None,
         access_log=False,

@@ -162,10 +162,15 @@ class KServeService(service_pb2_grpc.GRPCInferenceServiceServicer):
         core: InferenceCore,
         model_control: ModelControl | None = None,
         regions: SystemRegions | None = None,
+        max_streams: int | None = None,
     ):
         self.core = core
         self.control = model_control or ModelControl()
         self.regions = regions
+        self.max_streams = max_streams
+        # an open stream holds one of the server's threads, idle or not: the streams may
+        # take only some, so that they cannot starve the unary calls (health, ModelInfer)
+        self._streams = threading.BoundedSemaphore(max_streams) if max_streams else None
         self.port: int | None = None  # set once bound: picks a peer's socket in /proc/net/tcp
 
     def _check_control(self, action: str, context: Any) -> None:
@@ -339,7 +344,23 @@ class KServeService(service_pb2_grpc.GRPCInferenceServiceServicer):
         self, request_iterator: Iterable[pb.ModelInferRequest], context: Any
     ) -> Iterator[pb.ModelStreamInferResponse | InferAnswer]:
         """Pipelined: requests are read and queued while earlier ones run; answers in order
-        (an answer without an error as an :class:`InferAnswer`, see :func:`add_to_server`)."""
+        (an answer without an error as an :class:`InferAnswer`, see :func:`add_to_server`).
+        Beyond ``max_streams`` open streams a new one is refused (RESOURCE_EXHAUSTED)."""
+        if self._streams is not None and not self._streams.acquire(blocking=False):
+            context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"this server serves at most {self.max_streams} ModelStreamInfer streams at "
+                "once (each holds one of its threads); close one, or send ModelInfer calls",
+            )
+        try:
+            yield from self._stream(request_iterator, context)
+        finally:
+            if self._streams is not None:
+                self._streams.release()
+
+    def _stream(
+        self, request_iterator: Iterable[pb.ModelInferRequest], context: Any
+    ) -> Iterator[pb.ModelStreamInferResponse | InferAnswer]:
         # back-pressure: at most MAX_PENDING requests (MAX_PENDING_BYTES of their data) whose
         # responses are not sent yet; beyond that the stream is not read, and a client that
         # does not read its responses is stopped by gRPC's flow control
@@ -475,7 +496,8 @@ def start_kserve(
     max_workers
         Threads answering RPCs. Each open ``ModelStreamInfer`` stream holds one, and so does
         each ``ModelInfer`` while it waits for its batch: requests batch together only up to
-        this many at a time.
+        this many at a time. Streams may hold half of them at most (more are refused with
+        RESOURCE_EXHAUSTED), so that idle streams cannot starve the unary calls.
     max_message_bytes
         Largest request or response (both ways), at least 256 MB; the default is Triton's.
     max_request_bytes
@@ -512,7 +534,7 @@ def start_kserve(
         ],
         interceptors=list(interceptors),
     )
-    servicer = KServeService(core, model_control, regions)
+    servicer = KServeService(core, model_control, regions, max_streams=max(1, max_workers // 2))
     add_to_server(servicer, server)
     address = host_port(host, port)
     try:
