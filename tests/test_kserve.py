@@ -763,7 +763,6 @@ def test_idle_streams_cannot_starve_the_unary_calls(example_repository: Path) ->
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
     stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
     quiet: list[queue.SimpleQueue[Any]] = []
-    streams = []
 
     def idle_stream() -> Any:
         requests: queue.SimpleQueue[Any] = queue.SimpleQueue()
@@ -771,8 +770,7 @@ def test_idle_streams_cannot_starve_the_unary_calls(example_repository: Path) ->
         return stub.ModelStreamInfer(iter(requests.get, None), timeout=WAIT)
 
     try:
-        for _ in range(2):
-            streams.append(idle_stream())
+        streams = [idle_stream() for _ in range(2)]
         refused = idle_stream()
         with pytest.raises(grpc.RpcError) as caught:
             next(refused)
