@@ -29,13 +29,13 @@ class _HeadTooLarge(Exception):
 class BoundedHeadProtocol(HttpToolsProtocol):
     """:class:`HttpToolsProtocol` that answers 431 to a head over :data:`MAX_HEAD_BYTES`.
 
-    Two counts: the bytes received while a head is unfinished stop one that streams in
-    over many reads before httptools has joined it all; the URL and headers as parsed
-    catch one that came in a single read.
+    It counts the bytes received while a head is unfinished: that stops a head streamed
+    over many reads before httptools has joined it all. A read that ends a head may also
+    hold the body; only when such reads exceed the bound is the head as parsed measured.
     """
 
     def connection_made(self, transport: Any) -> None:
-        self._in_head, self._received, self._parsed, self._too_large = True, 0, 0, False
+        self._in_head, self._received, self._too_large = True, 0, False
         super().connection_made(transport)
 
     def data_received(self, data: bytes) -> None:
@@ -45,21 +45,9 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         if self._in_head and self._received > MAX_HEAD_BYTES:
             self._refuse()
 
-    def on_message_begin(self) -> None:
-        self._parsed = 0
-        super().on_message_begin()
-
-    def on_url(self, url: bytes) -> None:
-        self._parsed += len(url)
-        super().on_url(url)
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self._parsed += len(name) + len(value) + 4  # ": " and CRLF
-        super().on_header(name, value)
-
     def on_headers_complete(self) -> None:
         self._in_head = False
-        if self._parsed > MAX_HEAD_BYTES:
+        if self._received > MAX_HEAD_BYTES and self._parsed_head() > MAX_HEAD_BYTES:
             self._too_large = True
             raise _HeadTooLarge
         super().on_headers_complete()
@@ -67,6 +55,10 @@ class BoundedHeadProtocol(HttpToolsProtocol):
     def on_message_complete(self) -> None:
         self._in_head, self._received = True, 0
         super().on_message_complete()
+
+    def _parsed_head(self) -> int:
+        """The URL and headers as parsed (their separators counted), in bytes."""
+        return len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers)
 
     def send_400_response(self, msg: str) -> None:
         if self._too_large:
