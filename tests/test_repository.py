@@ -827,3 +827,28 @@ def test_sequence_models_are_refused(tmp_path: pathlib.Path) -> None:
         load_model(write_model(tmp_path, "seq", config))
     (version,) = load_model(write_model(tmp_path, "plain", config_of("plain")))
     assert version.name == "plain"
+
+
+def test_model_metadata_lists_every_served_version(tmp_path: pathlib.Path) -> None:
+    """Triton's model metadata: ``versions`` are the ready versions a client may ask for,
+    all of them when no version is asked, the one asked for otherwise; on every front end."""
+    import tritonclient.grpc as tg
+    import tritonclient.http as th
+
+    from arrowinfer.client import Client
+    from arrowinfer.server import Server
+
+    policy = "version_policy: { all { } }"
+    versions = {"1": identity(), "2": identity(), "10": identity()}
+    write_model(tmp_path, "m", config_of("m", policy=policy), versions)
+    with Server(tmp_path, port=0, kserve_port=0, http_port=0, metrics_port=None) as server:
+        with th.InferenceServerClient(f"127.0.0.1:{server.http_port}") as http_client:
+            assert http_client.get_model_metadata("m")["versions"] == ["1", "2", "10"]
+            assert http_client.get_model_metadata("m", "2")["versions"] == ["2"]
+        with tg.InferenceServerClient(f"127.0.0.1:{server.kserve_port}") as grpc_client:
+            assert grpc_client.get_model_metadata("m").versions == ["1", "2", "10"]
+            assert grpc_client.get_model_metadata("m", "1").versions == ["1"]
+        for url in (server.location, "local"):  # and in-process
+            with Client(url, fallback="local", repository=tmp_path) as client:
+                assert client.metadata("m")["versions"] == ["1", "2", "10"]
+                assert client.metadata("m", version=2)["versions"] == ["2"]

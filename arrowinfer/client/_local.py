@@ -83,8 +83,12 @@ class LocalTransport:
             return {"live": True}
         body = body or {}
         version, _ = self._model(body["model"], body.get("version"))
-        if name == "model.metadata":
-            return version.metadata()
+        if name == "model.metadata":  # the versions as a server lists them
+            metadata = version.metadata()
+            if not body.get("version"):
+                served = self.repository.load(body["model"])
+                metadata["versions"] = [str(v.version) for v in served]
+            return metadata
         if name == "model.config":
             return config_json(version.config)
         raise NotImplementedError(f"action {name!r} is not available in-process")

@@ -278,6 +278,26 @@ class InferenceCore:
                 raise ModelNotFound(name, [f"{name}/{v}" for v in versions], version=str(version))
             return versions[number]
 
+    def metadata(
+        self, name: str, version: str | int | None = None, *, mask: bool = False
+    ) -> dict[str, Any]:
+        """KServe's model metadata (:meth:`ModelVersion.metadata`) of a served version; its
+        ``versions`` list every served version of the model when ``version`` is None or
+        empty, as Triton's (the versions a client may ask for), else that one.
+
+        Raises
+        ------
+        ModelNotFound, InvalidInput
+            As :meth:`get`.
+        """
+        model = self.get(name, version)
+        metadata = model.version.metadata(mask=mask)
+        if version in (None, "", -1):
+            with self._lock:
+                served = sorted(self._models.get(name, {model.version.version: model}))
+            metadata["versions"] = [str(v) for v in served]
+        return metadata
+
     def served(self) -> list[LoadedModel]:
         """Every served model version, by name then version."""
         with self._lock:

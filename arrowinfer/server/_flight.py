@@ -159,7 +159,9 @@ class FlightService(flight.FlightServerBase):
             },
             "model.unload": self._unload,
             "model.config": lambda body: self.core.config(self._model(body)),
-            "model.metadata": lambda body: self._model(body).version.metadata(),
+            "model.metadata": lambda body: self.core.metadata(
+                _required(body, "model"), body.get("version")
+            ),
             "model.statistics": lambda body: {
                 "model_stats": self.core.statistics(body.get("model"), body.get("version"))
             },

@@ -827,7 +827,8 @@ class _Api:
         return JSONResponse(_v2.server_metadata())
 
     async def model_metadata(self, request: Request) -> Response:
-        return JSONResponse(self._model(request).version.metadata())
+        path = request.path_params
+        return JSONResponse(self.core.metadata(path["model"], path.get("version")))
 
     async def model_config(self, request: Request) -> Response:
         return JSONResponse(self.core.config(self._model(request)))

@@ -208,8 +208,7 @@ class KServeService(service_pb2_grpc.GRPCInferenceServiceServicer):
     def ModelMetadata(
         self, request: pb.ModelMetadataRequest, context: Any
     ) -> pb.ModelMetadataResponse:
-        model = self.core.get(request.name, request.version or None)
-        metadata = model.version.metadata(mask=True)
+        metadata = self.core.metadata(request.name, request.version, mask=True)
         return json_format.ParseDict(metadata, pb.ModelMetadataResponse())
 
     @_unary
