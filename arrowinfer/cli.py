@@ -31,6 +31,14 @@ def default_repository() -> Path:
     return write_example_repository(cache / "arrowinfer" / "examples", models=ALL_MODELS)
 
 
+def _models_to_load(args: argparse.Namespace) -> list[str] | None:
+    """The models ``serve`` loads at start: those named, or every one (None) when none is
+    or when one is ``*`` (Triton's ``--load-model=*``)."""
+    if not args.model or "*" in args.model:
+        return None
+    return list(args.model)
+
+
 def _serve(args: argparse.Namespace) -> int:
     from .server import Server, WorkerPool
     from .server._auth import read_token_file
@@ -66,7 +74,7 @@ def _serve(args: argparse.Namespace) -> int:
         "metrics_port": None if args.metrics_port < 0 else args.metrics_port,
         "allow_client_shm": args.allow_client_shm,
         "device": args.device,
-        "models": args.model or None,
+        "models": _models_to_load(args),
         "tls_cert": args.tls_cert,
         "tls_key": args.tls_key,
         "auth_tokens": tokens,
@@ -329,7 +337,12 @@ def parser() -> argparse.ArgumentParser:
         help="run every model on this device: cpu or cuda:N (default: each model's instance_group)",
     )
     serve.add_argument(
-        "--model", action="append", metavar="NAME", help="load only this model (repeatable)"
+        "--model",
+        "--load-model",  # Triton's name (with its '*' for every model)
+        action="append",
+        metavar="NAME",
+        help="load only this model (repeatable; Triton's --load-model, '*': every model, "
+        "the default)",
     )
     serve.add_argument(
         "--workers",

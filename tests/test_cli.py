@@ -223,6 +223,20 @@ def test_serve_takes_tritons_name_for_the_grpc_port(flag: str) -> None:
     assert args.kserve_port == 9001
 
 
+@pytest.mark.parametrize(
+    ("argv", "models"),
+    [
+        ([], None),
+        (["--load-model", "facile", "--model", "identity"], ["facile", "identity"]),
+        (["--load-model=facile", "--load-model=*"], None),
+    ],
+)
+def test_serve_takes_tritons_load_model(argv: list[str], models: list[str] | None) -> None:
+    from arrowinfer.cli import _models_to_load, parser
+
+    assert _models_to_load(parser().parse_args(["serve", "repo", *argv])) == models
+
+
 def test_serve_takes_one_repository(
     example_repository: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
