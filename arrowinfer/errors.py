@@ -95,22 +95,33 @@ class RequestError(ArrowInferError):
 
 
 class ModelNotFound(RequestError, KeyError):
-    """No model (or version) of that name; the message lists the ones that exist.
+    """No model (or version) of that name; the message lists the ones that exist, and why
+    the model is not served when it failed to load.
 
-    Attributes ``model`` (str), ``available`` (sorted list of str), ``version`` (str or None).
+    Attributes ``model`` (str), ``available`` (sorted list of str), ``version`` (str or
+    None), ``reason`` (str or None: its load error, as the repository index gives it).
     """
 
-    fields = ("model", "available", "version")
+    fields = ("model", "available", "version", "reason")
 
-    def __init__(self, model: str, available: Iterable[str] = (), *, version: str | None = None):
+    def __init__(
+        self,
+        model: str,
+        available: Iterable[str] = (),
+        *,
+        version: str | None = None,
+        reason: str | None = None,
+    ):
         self.model = model
         self.version = version
         self.available = sorted(available)
+        self.reason = reason
         what = f"model {model!r}" + (f" version {version}" if version else "")
         close = difflib.get_close_matches(model, self.available, n=3)
         known = f"available: {', '.join(self.available) or 'none'}"
         hint = f"did you mean: {', '.join(close)}; {known}" if close else known
-        super().__init__(f"{what} is not served ({hint})")
+        why = f": it failed to load: {reason}" if reason else ""
+        super().__init__(f"{what} is not served{why} ({hint})")
 
     def __str__(self) -> str:  # KeyError would quote the message
         return str(self.args[0])
@@ -121,6 +132,7 @@ class ModelNotFound(RequestError, KeyError):
             str(fields["model"]),
             [str(name) for name in fields.get("available") or ()],
             version=None if fields.get("version") is None else str(fields["version"]),
+            reason=None if fields.get("reason") is None else str(fields["reason"]),
         )
 
 

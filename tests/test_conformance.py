@@ -384,6 +384,24 @@ def test_sequence_model_refusal_is_logged(
     assert "sequence" in refused[0].split("simple_sequence", 1)[1]
 
 
+def test_a_model_that_failed_to_load_says_why(server: Server, client: Any, protocol: str) -> None:
+    """Asked for by name, a model that failed to load is not found, with its load error
+    (the repository index's reason), not only the list of the others."""
+    mod = lib(protocol)
+    tensor = mod.InferInput("INPUT", [1, 1], "INT32")
+    tensor.set_data_from_numpy(np.zeros((1, 1), np.int32))
+    for call in (
+        lambda: client.get_model_metadata("simple_sequence"),
+        lambda: client.infer("simple_sequence", [tensor]),
+    ):
+        with pytest.raises(InferenceServerException) as caught:
+            call()
+        assert str(caught.value.status()) == not_found(protocol)
+        message = caught.value.message()
+        assert "'simple_sequence' is not served: it failed to load" in message
+        assert "sequence_batching" in message
+
+
 def test_image_classification_with_class_count(server: Server, client: Any, protocol: str) -> None:
     """image_client.py: the top classes as "score:index:label", Triton's format."""
     mod = lib(protocol)

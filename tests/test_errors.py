@@ -61,6 +61,7 @@ ERRORS: list[BaseException] = [
     Timeout("no answer within 3 s"),
     RequestError("the request is wrong"),
     ModelNotFound("jets", ["facile", "jet_tagger", "identity"], version="7"),
+    ModelNotFound("seq", ["facile"], reason="seq/config.pbtxt: sequence_batching: no"),
     InvalidInput("wrong shape", model="identity", input="INPUT0", expected=[1024], got={"rows": 3}),
     InvalidInput("does not fit", model="identity", output="OUTPUT0", expected=64, got=8),
     Unauthenticated("a valid bearer token is needed"),

@@ -1332,7 +1332,7 @@ def test_a_request_head_is_bounded(server: Server) -> None:
     """httptools joins a header's pieces by concatenation (quadratic: a 160 MiB header held
     the event loop for seconds at a time): a head over 64 KiB is answered 431 and closed,
     while heads below it, and requests after it on other connections, are served."""
-    from arrowinfer.server._httphead import MAX_HEAD_BYTES
+    from arrowinfer.server._request_head import MAX_HEAD_BYTES
 
     def get(header_bytes: int) -> bytes:
         head = (

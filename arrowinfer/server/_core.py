@@ -268,7 +268,7 @@ class InferenceCore:
         with self._lock:
             versions = self._models.get(name)
             if not versions:
-                raise ModelNotFound(name, self._models)
+                raise ModelNotFound(name, self._models, reason=self._failed.get(name))
             if version in (None, "", -1):
                 return versions[max(versions)]
             # ASCII digits only: int() would also take " 1", "+1" and other scripts' digits

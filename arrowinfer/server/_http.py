@@ -1127,7 +1127,7 @@ def start_http(
     import uvicorn
     import uvloop  # libuv's event loop: less CPU per request than asyncio's own
 
-    from ._httphead import BoundedHeadProtocol
+    from ._request_head import BoundedHeadProtocol
 
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
