@@ -241,6 +241,13 @@ def test_repository_index_load_unload(example_repository: Path) -> None:
             }
             client.unload_model("facile")
             assert not client.is_model_ready("facile")
+            index = {e["name"]: e for e in client.get_model_repository_index()}
+            assert index["facile"] == {  # as Triton 2.51 answers, checked
+                "name": "facile",
+                "version": "1",
+                "state": "UNAVAILABLE",
+                "reason": "unloaded",
+            }
             ready = {e["name"] for e in call_json(server, "/v2/repository/index", {"ready": True})}
             assert "facile" not in ready
             assert "identity" in ready

@@ -175,6 +175,7 @@ class InferenceCore:
         self.max_request_bytes = max_request_bytes
         self._models: dict[str, dict[int, LoadedModel]] = {}
         self._failed: dict[str, str] = {}
+        self._unloaded: dict[str, list[int]] = {}  # the versions an unload stopped serving
         self._lock = threading.RLock()
         self.ready = False
         for name in models if models is not None else repository.names():
@@ -231,6 +232,7 @@ class InferenceCore:
             old = self._models.pop(name, {})
             self._models[name] = loaded
             self._failed.pop(name, None)
+            self._unloaded.pop(name, None)
         for model in old.values():
             model.batcher.close()
         for model in loaded.values():
@@ -250,6 +252,7 @@ class InferenceCore:
             if name not in self._models:
                 raise ModelNotFound(name, self._models)
             old = self._models.pop(name)
+            self._unloaded[name] = sorted(old)
         for model in old.values():
             model.batcher.close()
         log.info("unloaded model %s", name)
@@ -412,7 +415,8 @@ class InferenceCore:
     # -- management ----------------------------------------------------------------------
 
     def index(self) -> list[dict[str, Any]]:
-        """Triton's repository index: every model directory, its versions and state."""
+        """Triton's repository index: every model directory, its versions and state (an
+        unloaded model's versions UNAVAILABLE with reason "unloaded", as Triton's)."""
         out: list[dict[str, Any]] = []
         with self._lock:
             for name in self.repository.names():
@@ -421,6 +425,16 @@ class InferenceCore:
                     out.extend(
                         {"name": name, "version": str(v), "state": "READY", "reason": ""}
                         for v in sorted(versions)
+                    )
+                elif name in self._unloaded:
+                    out.extend(
+                        {
+                            "name": name,
+                            "version": str(v),
+                            "state": "UNAVAILABLE",
+                            "reason": "unloaded",
+                        }
+                        for v in self._unloaded[name]
                     )
                 else:
                     reason = self._failed.get(name, "")
