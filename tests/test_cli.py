@@ -165,8 +165,11 @@ def test_the_kserve_port_is_named_when_given_as_flight(
     server: Server, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """A Flight client at the KServe gRPC port gets gRPC's "Method not found": say why."""
-    assert main(["models", f"grpc://127.0.0.1:{server.kserve_port}"]) == 1
-    assert "not an Arrow Flight server: a KServe/Triton gRPC port" in capsys.readouterr().err
+    url = f"grpc://127.0.0.1:{server.kserve_port}"
+    assert main(["models", url]) == 1
+    err = capsys.readouterr().err
+    assert "not an Arrow Flight server: a KServe/Triton gRPC port" in err
+    assert err.count(url) == 1  # named once
 
 
 def test_an_unknown_option_points_to_the_commands_help(capsys: pytest.CaptureFixture[str]) -> None:

@@ -458,8 +458,11 @@ class FailoverTransport:
         for member in list(self._members):
             try:
                 listing = member.transport.models(timeout=self._timeout(timeout))
-            except TransportError as err:
-                errors.append(f"{member.location}: {err}")
+            except TransportError as err:  # named by its server once
+                text = str(err)
+                errors.append(
+                    text if text.startswith(member.location) else f"{member.location}: {text}"
+                )
                 continue
             for name, versions in listing.items():
                 merged.setdefault(name, {}).update(versions)
