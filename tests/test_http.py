@@ -1362,3 +1362,33 @@ def test_a_request_head_is_bounded(server: Server) -> None:
     )
     assert _raw_exchange(server, request).startswith(b"HTTP/1.1 200")
     assert call(server, "GET", "/v2/health/live")[0] == 200
+
+
+def test_classification_is_formatted_off_the_event_loop(
+    server: Server, client: th.InferenceServerClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """class_count formats one string per row and class in Python: seconds for a large
+    output (a 16 MiB request asking for 1,024 classes held the loop 5.5 s, every other
+    client waiting). It is built in a worker thread, never on the loop's."""
+    from arrowinfer.server import _v2tensors
+
+    threads: list[str] = []
+    classified = _v2tensors._classified
+
+    def recorded(*args: Any) -> list[bytes]:
+        threads.append(threading.current_thread().name)
+        return classified(*args)
+
+    monkeypatch.setattr(_v2tensors, "_classified", recorded)
+    x = np.random.default_rng(1).standard_normal((3, 1024), dtype=np.float32)
+    tensor = th.InferInput("INPUT0", [3, 1024], "FP32")
+    tensor.set_data_from_numpy(x)
+    for binary in (True, False):
+        wanted = th.InferRequestedOutput("OUTPUT0", binary_data=binary, class_count=2)
+        result = client.infer("identity", [tensor], outputs=[wanted])
+        top = result.as_numpy("OUTPUT0")
+        assert top.shape == (3, 2)
+        best = [(v.decode() if isinstance(v, bytes) else v).split(":")[1] for v in top[:, 0]]
+        assert [int(i) for i in best] == list(np.argmax(x, axis=1))
+    assert len(threads) == 2
+    assert "kserve-http" not in threads  # the loop's thread (start_http names it)

@@ -935,11 +935,19 @@ class _Api:
             self.core, request, None, model=model, regions=self.regions, peer=peer
         )
         pending = prepared.submitted(await self._together.submit(prepared))
-        if pending.future.done():
-            answer = _v2.wait_result(pending, regions=self.regions, peer=peer)
+        if any("classification" in output.parameters for output in request.outputs):
+            # one string per row and class, in Python: seconds for a large output, which
+            # would hold the loop (and every other client) throughout; a thread lets go of
+            # the GIL every few ms
+            parts, header_length = await asyncio.to_thread(
+                self._classification_answer, pending, binary, peer
+            )
         else:
-            answer = await _v2.wait_result_async(pending, regions=self.regions, peer=peer)
-        parts, header_length = infer_answer(answer, binary)
+            if pending.future.done():
+                answer = _v2.wait_result(pending, regions=self.regions, peer=peer)
+            else:
+                answer = await _v2.wait_result_async(pending, regions=self.regions, peer=peer)
+            parts, header_length = infer_answer(answer, binary)
         if header_length is None:
             out = [_JSON_TYPE]
         else:
@@ -949,6 +957,12 @@ class _Api:
             ]
         parts = _compressed(headers.get("accept-encoding"), parts, out)
         return _Answer(200, out, parts)
+
+    def _classification_answer(
+        self, pending: _v2.Pending, binary: BinaryOutputs, peer: Peer
+    ) -> tuple[list[bytes | memoryview], int | None]:
+        """:func:`infer_answer` of the request's result, for a worker thread."""
+        return infer_answer(_v2.wait_result(pending, regions=self.regions, peer=peer), binary)
 
 
 def _routes(api: _Api) -> list[Route]:
