@@ -67,19 +67,12 @@ def named(
     """``err`` with the model and input ``tensor`` added where it does not name them; with
     ``output``, the tensor it names is that requested output (helpers that serve both say
     "input")."""
-    if output is not None:
-        return InvalidInput(
-            err.reason,
-            model=err.model or model,
-            output=err.output or err.input or output,
-            expected=err.expected,
-            got=err.got,
-        )
+    as_output = output is not None
     return InvalidInput(
         err.reason,
         model=err.model or model,
-        input=err.input or tensor,
-        output=err.output,
+        input=None if as_output else err.input or tensor,
+        output=(err.output or err.input or output) if as_output else err.output,
         expected=err.expected,
         got=err.got,
     )
@@ -345,16 +338,17 @@ def request_batch(
     if mask_spec is not None:
         specs[mask_spec.name] = mask_spec
     places = [shm_place(t.parameters, regions, model=name, tensor=t.name) for t in request.inputs]
-    in_shm = sum(place.byte_size for place in places if place is not None)
-    if max_bytes is not None and in_shm > max_bytes:
-        raise InvalidInput(
-            "the request is too large (max_request_bytes)",
-            model=name,
-            expected=f"<= {max_bytes} bytes of data",
-            got=f"{in_shm} bytes in shared memory",
-        )
+    sent = places.count(None)  # inputs whose data came in the request
+    if sent < len(places) and max_bytes is not None:
+        in_shm = sum(place.byte_size for place in places if place is not None)
+        if in_shm > max_bytes:
+            raise InvalidInput(
+                "the request is too large (max_request_bytes)",
+                model=name,
+                expected=f"<= {max_bytes} bytes of data",
+                got=f"{in_shm} bytes in shared memory",
+            )
     raw_contents = request.raw
-    sent = sum(place is None for place in places)
     if raw_contents and len(raw_contents) != sent:
         raise InvalidInput(
             "raw_input_contents must have one entry per input not in shared memory",
