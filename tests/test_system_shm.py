@@ -10,6 +10,7 @@ codes Triton gives.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import urllib.error
@@ -416,8 +417,15 @@ def test_remote_peers_need_allow_client_shm(region: tuple[str, Any]) -> None:
 REMOTE = Peer("ipv4:192.0.2.7:40000")  # a documentation address: never this host
 
 
-def open_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
+def open_fds(key: str) -> int:
+    """How many of this process's descriptors are open on the shared-memory object `key`
+    (only those: other tests' servers and threads open and close files meanwhile)."""
+    fds = Path("/proc/self/fd")
+    count = 0
+    for fd in fds.iterdir():
+        with contextlib.suppress(OSError):  # closed since it was listed
+            count += os.readlink(fd) == f"/dev/shm{key}"
+    return count
 
 
 @pytest.mark.parametrize("use", ["read", "write"])
@@ -434,7 +442,7 @@ def test_an_unregister_during_a_read_or_write_closes_the_file_after_it(
     shm.set_shared_memory_region(handle, [np.arange(16, dtype=np.uint8)])
     regions = SystemRegions(allow_remote=True)
     regions.register(REMOTE, "r", key, 0, 16)
-    before = open_fds()
+    before = open_fds(key)
     call = getattr(os, "p" + use)
     seen: list[int] = []
 
@@ -452,7 +460,7 @@ def test_an_unregister_during_a_read_or_write_closes_the_file_after_it(
         assert shm.get_contents_as_numpy(handle, np.uint8, [16])[4:8].tolist() == [255] * 4
     monkeypatch.undo()
     assert len(seen) == 1
-    assert open_fds() == before - 1  # closed once the request was done
+    assert open_fds(key) == before - 1  # closed once the request was done
     assert regions.status(REMOTE) == []
     with pytest.raises(InvalidInput, match="no region 'r'"):
         regions.read(REMOTE, "r", 0, 4)
@@ -498,14 +506,14 @@ def test_registrations_are_bounded(
     key, _ = region
     monkeypatch.setattr(_v2memory, "MAX_REGIONS_PER_USER", 3)
     regions = SystemRegions(allow_remote=True)
-    before = open_fds()
+    before = open_fds(key)
     try:
         for i in range(3):
             regions.register(REMOTE, f"r{i}", key, 0, 16)
         with pytest.raises(InvalidInput, match="too many regions") as caught:
             regions.register(REMOTE, "r3", key, 0, 16)
         assert "at most 3 per user" in str(caught.value)
-        assert open_fds() == before + 3  # the refused one opened nothing
+        assert open_fds(key) == before + 3  # the refused one opened nothing
         regions.unregister(REMOTE, "r0")
         regions.register(REMOTE, "r3", key, 0, 16)
         regions.limit = 3  # all users together
@@ -514,7 +522,7 @@ def test_registrations_are_bounded(
             regions.register(REMOTE, "r4", key, 0, 16)
     finally:
         regions.close()
-    assert open_fds() == before
+    assert open_fds(key) == before
     assert _v2memory.max_regions() >= 64
 
 
