@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import re
 import urllib.parse
 from collections.abc import Mapping
 from typing import Any
@@ -124,17 +125,36 @@ _DECODER = json.JSONDecoder(parse_constant=_no_constant)
 _DECODER_WITH_NAN = json.JSONDecoder()
 
 
-def _depth(value: Any) -> int:
-    """The nesting depth of a parsed JSON value (iterative: no recursion limit to hit)."""
-    deepest, stack = 0, [(value, 1)]
-    while stack:
-        item, depth = stack.pop()
-        deepest = max(deepest, depth)
-        if depth <= MAX_JSON_DEPTH:
-            children = item.values() if isinstance(item, dict) else item
-            # containers only: a list of a million numbers is one entry, not a million
-            stack.extend((c, depth + 1) for c in children if isinstance(c, (dict, list)))
-    return deepest
+#: A JSON string (escapes included): its brackets do not nest.
+_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+#: Objects' braces as brackets: the depth is of both together.
+_AS_BRACKETS = bytes.maketrans(b"{}", b"[]")
+_NOT_BRACKETS = bytes(sorted(set(range(256)) - set(b"[]{}")))
+
+
+def _check_nesting(raw: bytes, what: str) -> None:
+    """Refuse text nested deeper than :data:`MAX_JSON_DEPTH`, read from the text itself.
+
+    It must be checked before decoding: json's decoder recurses once per level, and a
+    deep enough text reaches Python's recursion limit, where whatever else runs meanwhile
+    (a finalizer the garbage collector calls) fails too. Each round removes the innermost
+    pairs (``[]`` only: ``str.replace`` does not look again where it removed one), so a
+    text nested ``d`` deep is gone after exactly ``d`` rounds.
+    """
+    if len(raw.translate(_AS_BRACKETS, _NOT_BRACKETS)) <= MAX_JSON_DEPTH:
+        return  # too few brackets to be that deep: most messages
+    brackets = _STRING.sub(b"", raw).translate(_AS_BRACKETS, _NOT_BRACKETS)
+    for _ in range(MAX_JSON_DEPTH):
+        if not brackets:
+            return
+        inner = brackets.replace(b"[]", b"")
+        if inner == brackets:
+            raise InvalidInput(f"{what} is not JSON: its brackets do not pair")
+        brackets = inner
+    if brackets:
+        raise InvalidInput(
+            f"{what} is nested too deeply", expected=f"at most {MAX_JSON_DEPTH}", got="more"
+        )
 
 
 def parse_json(
@@ -164,24 +184,16 @@ def parse_json(
     if size > max_bytes:
         raise InvalidInput(f"{what} is too large", expected=f"at most {max_bytes} bytes", got=size)
     raw = data.to_pybytes() if isinstance(data, pa.Buffer) else bytes(data)
+    _check_nesting(raw, what)
     try:
         value = (_DECODER_WITH_NAN if allow_nan else _DECODER).decode(raw.decode("utf-8"))
     except UnicodeDecodeError as err:
         raise InvalidInput(f"{what} is not UTF-8: {err.reason} at byte {err.start}") from None
-    except RecursionError:
-        raise InvalidInput(
-            f"{what} is nested too deeply", expected=f"at most {MAX_JSON_DEPTH}", got="more"
-        ) from None
     except ValueError as err:
         raise InvalidInput(f"{what} is not JSON: {err}") from None
     if not isinstance(value, dict):
         raise InvalidInput(
             f"{what} must be a JSON object", expected="object", got=type(value).__name__
-        )
-    # a value is nested no deeper than the text has brackets: most need no walk
-    if raw.count(b"[") + raw.count(b"{") > MAX_JSON_DEPTH and _depth(value) > MAX_JSON_DEPTH:
-        raise InvalidInput(
-            f"{what} is nested too deeply", expected=f"at most {MAX_JSON_DEPTH}", got="more"
         )
     return value
 

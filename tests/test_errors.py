@@ -287,9 +287,10 @@ def socket_refusing() -> Iterator[str]:
         (b'{"a": ', "not JSON"),
         (b'{"a": ' + b"[" * 40 + b"]" * 40 + b"}", "too deeply"),
         (b"[" * 100_000 + b"]" * 100_000, "too deeply"),
+        (b'{"a": ' + b"[" * 40 + b"}", "brackets do not pair"),
         (b'{"a": "' + b"x" * protocol.MAX_JSON_BYTES + b'"}', "too large"),
     ],
-    ids=["list", "string", "bytes", "utf16", "nan", "cut", "deep", "deeper", "large"],
+    ids=["list", "string", "bytes", "utf16", "nan", "cut", "deep", "deeper", "unpaired", "large"],
 )
 def test_bad_json_metadata_is_invalid_input(data: bytes, words: str) -> None:
     with pytest.raises(InvalidInput, match=words):
@@ -317,8 +318,8 @@ _JSON = st.recursive(
 @given(value=_JSON, data=st.data())
 def test_json_depth_limit_is_exact(value: Any, data: st.DataObject) -> None:
     """Refused exactly when nested deeper than MAX_JSON_DEPTH (lists and objects alike),
-    whatever brackets its strings hold (parse_json skips the walk when the text has too
-    few brackets to be that deep)."""
+    whatever brackets its strings hold (parse_json reads the depth from the text, before
+    decoding)."""
     around = data.draw(st.integers(0, protocol.MAX_JSON_DEPTH + 2))  # depths near the limit
     wraps = data.draw(st.lists(st.sampled_from("[{"), min_size=around, max_size=around))
     for bracket in wraps:
