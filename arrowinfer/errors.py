@@ -9,6 +9,7 @@
     │   └── Timeout             the deadline passed before an answer came
     ├── RequestError            the request itself is wrong: never retried
     │   ├── ModelNotFound       (also a KeyError) no such model or version
+    │   ├── RegionNotFound      (also a KeyError) no shared-memory region of that name
     │   ├── InvalidInput        (also a ValueError) wrong columns, dtype, shape, nulls, rows
     │   ├── Unsupported         a protocol feature this server does not implement
     │   └── Unauthenticated     missing or wrong token
@@ -40,6 +41,7 @@ __all__ = [
     "InvalidInput",
     "ModelError",
     "ModelNotFound",
+    "RegionNotFound",
     "RequestError",
     "ServerBusy",
     "ServerError",
@@ -136,6 +138,14 @@ class ModelNotFound(RequestError, KeyError):
         )
 
 
+class RegionNotFound(RequestError, KeyError):
+    """No shared-memory region of that name is registered for this client's user (Triton
+    answers NOT_FOUND too: ``Unable to find shared memory region``)."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0])
+
+
 class InvalidInput(RequestError, ValueError):
     """A request that does not fit the model's signature.
 
@@ -211,6 +221,7 @@ STATUS_CODES: dict[type[ArrowInferError], str] = {
     ServerUnavailable: "UNAVAILABLE",
     Timeout: "DEADLINE_EXCEEDED",
     ModelNotFound: "NOT_FOUND",
+    RegionNotFound: "NOT_FOUND",
     InvalidInput: "INVALID_ARGUMENT",
     Unauthenticated: "UNAUTHENTICATED",
     Unsupported: "UNIMPLEMENTED",

@@ -986,7 +986,7 @@ def test_cuda_shared_memory_is_501(server: Server) -> None:
     status, _, data = call(server, "GET", "/v2/cudasharedmemory/status")
     assert (status, json.loads(data)) == (200, [])
     status, _, data = call(server, "GET", "/v2/cudasharedmemory/region/r/status")
-    assert status == 400
+    assert status == 404  # Triton's NOT_FOUND
     assert "no region 'r' is registered" in error_of(data)
     for path in ("/v2/cudasharedmemory/unregister", "/v2/cudasharedmemory/region/r/unregister"):
         assert call(server, "POST", path, b"")[0] == 200, path

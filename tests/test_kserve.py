@@ -593,7 +593,8 @@ def _holey_mask() -> list[tg.InferInput]:
         ("facile", _wrong_shape, "INVALID_ARGUMENT", ["'facile'", "'hits'", "[-1, 15]", "14"]),
         ("facile", _unknown_input, "INVALID_ARGUMENT", ["'facile'", "'hit'"]),
         ("jet_tagger", _holey_mask, "INVALID_ARGUMENT", ["'jet_tagger'", "'mask'", "first"]),
-        ("facile", _shared_memory, "INVALID_ARGUMENT", ["'facile'", "'hits'", "shared"]),
+        # Triton: NOT_FOUND "Unable to find shared memory region"
+        ("facile", _shared_memory, "NOT_FOUND", ["'facile'", "'hits'", "no region 'region'"]),
     ],
     ids=["unknown-model", "datatype", "shape", "input-name", "mask", "shared-memory"],
 )

@@ -32,7 +32,7 @@ from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
-from arrowinfer.errors import InvalidInput, Unauthenticated
+from arrowinfer.errors import InvalidInput, RegionNotFound, Unauthenticated
 from arrowinfer.server import Server
 from arrowinfer.server._v2memory import Peer, SystemRegions
 
@@ -101,6 +101,11 @@ def code(err: InferenceServerException) -> str:
 
 def bad_argument(client: Any) -> str:
     return "StatusCode.INVALID_ARGUMENT" if module_of(client) is tg else "400"
+
+
+def not_found(client: Any) -> str:
+    """Triton's code for a region not registered ("Unable to find shared memory region")."""
+    return "StatusCode.NOT_FOUND" if module_of(client) is tg else "404"
 
 
 def test_simple_shm_infer(server: Server, client: Any, region: tuple[str, Any]) -> None:
@@ -237,7 +242,10 @@ def test_out_of_range_places_are_refused(
     tensor.set_shared_memory("unknown", HITS.nbytes)
     with pytest.raises(InferenceServerException) as caught:
         client.infer("facile", [tensor])
-    assert "no region 'unknown'" in caught.value.message()
+    assert code(caught.value) == not_found(client)
+    assert "model 'facile', input 'hits': system shared memory: no region 'unknown'" in (
+        caught.value.message()
+    )
     # the output that did not fit ran the model; nothing else did
     assert server.core.statistics("facile")[0]["inference_count"] == before + ROWS
 
@@ -355,7 +363,7 @@ def test_cuda_shared_memory_is_unsupported(client: Any) -> None:
     assert (list(status.regions) if module_of(client) is tg else status) == []
     with pytest.raises(InferenceServerException) as caught:
         client.get_cuda_shared_memory_status("gpu")
-    assert code(caught.value) == bad_argument(client)
+    assert code(caught.value) == not_found(client)
     assert "no region 'gpu' is registered" in caught.value.message()
     client.unregister_cuda_shared_memory()
     client.unregister_cuda_shared_memory("gpu")
@@ -462,7 +470,7 @@ def test_an_unregister_during_a_read_or_write_closes_the_file_after_it(
     assert len(seen) == 1
     assert open_fds(key) == before - 1  # closed once the request was done
     assert regions.status(REMOTE) == []
-    with pytest.raises(InvalidInput, match="no region 'r'"):
+    with pytest.raises(RegionNotFound, match="no region 'r'"):
         regions.read(REMOTE, "r", 0, 4)
     regions.close()
 
@@ -491,9 +499,14 @@ def test_each_user_has_its_own_region_names(
 
 
 def test_unregistering_a_name_not_registered_is_no_error(client: Any) -> None:
-    """As Triton: clean-up code may unregister what it never registered."""
+    """As Triton: clean-up code may unregister what it never registered; asking for its
+    status is NOT_FOUND."""
     client.unregister_system_shared_memory("never-registered")
     assert status_names(client) == []
+    with pytest.raises(InferenceServerException) as caught:
+        client.get_system_shared_memory_status("never-registered")
+    assert code(caught.value) == not_found(client)
+    assert "no region 'never-registered' is registered" in caught.value.message()
 
 
 def test_registrations_are_bounded(

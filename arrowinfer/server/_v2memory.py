@@ -46,7 +46,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from ..errors import InvalidInput
+from ..errors import InvalidInput, RegionNotFound
 from ..protocol import peer_is_local
 from ._peers import open_region, peer_uid
 
@@ -72,11 +72,11 @@ def cuda_status(name: str | None) -> list[dict[str, Any]]:
 
     Raises
     ------
-    InvalidInput
+    RegionNotFound
         A ``name`` given: no CUDA region is ever registered.
     """
     if name:
-        raise InvalidInput(f"CUDA shared memory: no region {name!r} is registered")
+        raise RegionNotFound(f"CUDA shared memory: no region {name!r} is registered")
     return []
 
 
@@ -211,7 +211,7 @@ class SystemRegions:
         """A region of ``owner``'s (call under the lock)."""
         region = self._regions.get((owner, name))
         if region is None:
-            raise InvalidInput(f"system shared memory: no region {name!r} is registered")
+            raise RegionNotFound(f"system shared memory: no region {name!r} is registered")
         return region
 
     def unregister(self, peer: Peer, name: str | None = None) -> None:
@@ -243,8 +243,10 @@ class SystemRegions:
 
         Raises
         ------
+        RegionNotFound
+            An unknown ``name``.
         InvalidInput
-            An unknown ``name``, or a peer not admitted.
+            A peer not admitted.
         """
         owner = self._owner(peer)
         with self._lock:
@@ -287,8 +289,10 @@ class SystemRegions:
 
         Raises
         ------
+        RegionNotFound
+            An unknown region.
         InvalidInput
-            Outside the region, or an unknown region.
+            Outside the region.
         """
         owner = self._owner(peer)
         with self._lock:
@@ -299,8 +303,10 @@ class SystemRegions:
 
         Raises
         ------
+        RegionNotFound
+            An unknown region.
         InvalidInput
-            Outside the region, an unknown region, or a file shrunk since registration.
+            Outside the region, or a file shrunk since registration.
         """
         with self._using(peer, name, offset, size) as (fd, position):
             data = os.pread(fd, size, position)
@@ -315,8 +321,10 @@ class SystemRegions:
 
         Raises
         ------
+        RegionNotFound
+            An unknown region.
         InvalidInput
-            Outside the region, an unknown region, or a file shrunk since registration.
+            Outside the region, or a file shrunk since registration.
         """
         view = memoryview(data).cast("B")
         with self._using(peer, name, offset, len(view)) as (fd, start):

@@ -21,7 +21,7 @@ from tritonclient.grpc import service_pb2 as pb
 
 from ..batching import Completed
 from ..dense import DenseBatch, entry_fits
-from ..errors import InvalidInput
+from ..errors import InvalidInput, RegionNotFound
 from ..protocol import SERVER_TIMES
 from ..repository import ModelVersion
 from ..schema import TensorSpec, to_column
@@ -86,6 +86,9 @@ def naming(model: str, tensor: str | None = None, *, output: str | None = None) 
         yield
     except InvalidInput as err:
         raise named(err, model, tensor, output=output) from None
+    except RegionNotFound as err:  # stays NOT_FOUND, as Triton's; named the same way
+        text = str(named(InvalidInput(str(err)), model, tensor, output=output))
+        raise RegionNotFound(text) from None
 
 
 class ShmPlace(NamedTuple):
