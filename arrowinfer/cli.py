@@ -32,11 +32,18 @@ def default_repository() -> Path:
 
 
 def _models_to_load(args: argparse.Namespace) -> list[str] | None:
-    """The models ``serve`` loads at start: those named, or every one (None) when none is
-    or when one is ``*`` (Triton's ``--load-model=*``)."""
-    if not args.model or "*" in args.model:
+    """The models ``serve`` loads at start (None: every one), as tritonserver's
+    ``--load-model``: ``*`` means every model and must be the only one named. In
+    ``--model-control-mode explicit`` nothing loads unless named (clients load models);
+    in the other modes every model loads unless some are named."""
+    names = list(args.model or ())
+    if "*" in names:
+        if len(names) > 1:
+            raise SystemExit("arrowinfer serve: --load-model '*' must be the only model named")
         return None
-    return list(args.model)
+    if not names and args.model_control_mode != "explicit":
+        return None
+    return names
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -341,8 +348,8 @@ def parser() -> argparse.ArgumentParser:
         "--load-model",  # Triton's name (with its '*' for every model)
         action="append",
         metavar="NAME",
-        help="load only this model (repeatable; Triton's --load-model, '*': every model, "
-        "the default)",
+        help="load only this model at start (repeatable; Triton's --load-model, '*': every "
+        "model; the default, except with --model-control-mode explicit: none)",
     )
     serve.add_argument(
         "--workers",
@@ -386,9 +393,9 @@ def parser() -> argparse.ArgumentParser:
         "--model-control-mode",
         choices=["none", "explicit", "poll"],
         default="none",
-        help="none: load the repository at start, refuse load/unload calls; explicit: allow "
-        "them (only with an admin token when tokens are on); poll: reload models whose "
-        "files change (default: %(default)s)",
+        help="none: load the repository at start, refuse load/unload calls; explicit: load "
+        "only the --load-model models at start, allow the calls (only with an admin token "
+        "when tokens are on); poll: reload models whose files change (default: %(default)s)",
     )
     serve.add_argument(
         "--admin-token-file",

@@ -226,18 +226,35 @@ def test_serve_takes_tritons_name_for_the_grpc_port(flag: str) -> None:
     assert args.kserve_port == 9001
 
 
+EXPLICIT = ["--model-control-mode", "explicit"]
+
+
 @pytest.mark.parametrize(
     ("argv", "models"),
     [
         ([], None),
         (["--load-model", "facile", "--model", "identity"], ["facile", "identity"]),
-        (["--load-model=facile", "--load-model=*"], None),
+        (["--load-model=*"], None),
+        # Triton's explicit mode loads only what --load-model names: nothing by default
+        (EXPLICIT, []),
+        ([*EXPLICIT, "--load-model=facile"], ["facile"]),
+        ([*EXPLICIT, "--load-model=*"], None),
+        (["--model-control-mode", "poll"], None),
     ],
 )
 def test_serve_takes_tritons_load_model(argv: list[str], models: list[str] | None) -> None:
     from arrowinfer.cli import _models_to_load, parser
 
     assert _models_to_load(parser().parse_args(["serve", "repo", *argv])) == models
+
+
+def test_load_model_star_must_be_alone() -> None:
+    """As tritonserver: '*' beside another --load-model is an error, not 'every model'."""
+    from arrowinfer.cli import _models_to_load, parser
+
+    args = parser().parse_args(["serve", "repo", "--load-model=facile", "--load-model=*"])
+    with pytest.raises(SystemExit, match="'\\*' must be the only model named"):
+        _models_to_load(args)
 
 
 def test_serve_takes_one_repository(

@@ -979,6 +979,25 @@ def test_serve_takes_the_repository_by_tritons_flag(
         assert len(re.findall(rf"loaded model {model} version 1\b", log)) == 1, log
 
 
+def test_serve_in_explicit_mode_loads_only_the_named_models(serve: Callable[..., Serve]) -> None:
+    """As tritonserver --model-control-mode explicit: no model loads at start unless
+    --load-model names it; the index lists the others by name only (Triton 2.51 answers
+    ``[{"name": ...}]`` so) until a client loads them."""
+    ports = ("--port", "0", "--kserve-port", "-1", "--http-port", "-1", "--metrics-port", "-1")
+    running = serve(*ports, "--model-control-mode", "explicit", "--load-model", "identity")
+    with connect(running.location()) as client:
+        assert [info.descriptor.path for info in client.list_flights()] == [[b"identity", b"1"]]
+        index = {e["name"]: e for e in action(client, "repository.index")}
+        assert index["identity"]["state"] == "READY"
+        assert index["facile"] == {"name": "facile"}
+        assert action(client, "model.load", {"model": "facile"}) == {"loaded": [1]}
+        ready = [e["name"] for e in action(client, "repository.index") if "state" in e]
+        assert ready == ["facile", "identity"]
+    running.process.send_signal(signal.SIGTERM)
+    assert running.process.wait(timeout=DEADLINE) == 0
+    assert "loaded model jet_tagger" not in running.log.read_text()
+
+
 def test_serve_stops_on_sigterm_when_idle(serve: Callable[..., Serve]) -> None:
     running = serve(
         "--port",

@@ -416,7 +416,8 @@ class InferenceCore:
 
     def index(self) -> list[dict[str, Any]]:
         """Triton's repository index: every model directory, its versions and state (an
-        unloaded model's versions UNAVAILABLE with reason "unloaded", as Triton's)."""
+        unloaded model's versions UNAVAILABLE with reason "unloaded", a model never loaded
+        only its name, as Triton's)."""
         out: list[dict[str, Any]] = []
         with self._lock:
             for name in self.repository.names():
@@ -436,10 +437,17 @@ class InferenceCore:
                         }
                         for v in self._unloaded[name]
                     )
-                else:
-                    reason = self._failed.get(name, "")
-                    state = "UNAVAILABLE" if reason or name not in self._models else "READY"
-                    out.append({"name": name, "version": "", "state": state, "reason": reason})
+                elif name in self._failed:
+                    out.append(
+                        {
+                            "name": name,
+                            "version": "",
+                            "state": "UNAVAILABLE",
+                            "reason": self._failed[name],
+                        }
+                    )
+                else:  # never loaded (explicit mode): Triton gives only its name
+                    out.append({"name": name})
         return out
 
     def config(self, model: LoadedModel) -> dict[str, Any]:

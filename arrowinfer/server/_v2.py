@@ -56,7 +56,7 @@ def server_metadata() -> dict[str, Any]:
 def index(core: InferenceCore, ready_only: bool) -> list[dict[str, Any]]:
     """``RepositoryIndex``: every model directory (``ready_only``: the READY ones)."""
     entries = core.index()
-    return [e for e in entries if e["state"] == "READY"] if ready_only else entries
+    return [e for e in entries if e.get("state") == "READY"] if ready_only else entries
 
 
 def check_load_parameters(model: str, keys: Iterable[str]) -> None:
