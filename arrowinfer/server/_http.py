@@ -817,11 +817,16 @@ class _Api:
         return Response(status_code=200 if self.core.ready else 400)
 
     async def model_ready(self, request: Request) -> Response:
+        # not ready is 400 with an error body, as Triton's ("Model version not ready")
         try:
             self._model(request)
-        except ArrowInferError:
-            return Response(status_code=400)
-        return Response(status_code=200 if self.core.ready else 400)
+        except ArrowInferError as err:
+            return JSONResponse({"error": str(err)}, 400)
+        if not self.core.ready:
+            return JSONResponse(
+                {"error": "the server is not ready (starting or shutting down)"}, 400
+            )
+        return Response(status_code=200)
 
     async def server_metadata(self, request: Request) -> Response:
         return JSONResponse(_v2.server_metadata())
