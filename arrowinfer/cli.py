@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
 
-from .errors import ArrowInferError
+from .errors import ArrowInferError, ModelError
 
 __all__ = ["default_repository", "main"]
 
@@ -29,6 +29,15 @@ def default_repository() -> Path:
 
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     return write_example_repository(cache / "arrowinfer" / "examples", models=ALL_MODELS)
+
+
+def _triton_bool(text: str) -> bool:
+    """A boolean option's value as tritonserver reads one: true/false, on/off, 1/0."""
+    value = {"true": True, "on": True, "1": True, "false": False, "off": False, "0": False}
+    try:
+        return value[text.lower()]
+    except KeyError:
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}") from None
 
 
 def _models_to_load(args: argparse.Namespace) -> list[str] | None:
@@ -82,6 +91,8 @@ def _serve(args: argparse.Namespace) -> int:
         "allow_client_shm": args.allow_client_shm,
         "device": args.device,
         "models": _models_to_load(args),
+        "exit_on_error": args.exit_on_error,
+        "strict_readiness": args.strict_readiness,
         "tls_cert": args.tls_cert,
         "tls_key": args.tls_key,
         "auth_tokens": tokens,
@@ -104,13 +115,16 @@ def _serve(args: argparse.Namespace) -> int:
             raise SystemExit(f"arrowinfer serve: {err}") from None
     else:
         http_port = None if args.http_port < 0 else args.http_port
-        server = Server(
-            repository,
-            unix_socket=args.unix_socket,
-            http_port=http_port,
-            http_max_input_size=args.http_max_input_size,
-            **options,
-        )
+        try:
+            server = Server(
+                repository,
+                unix_socket=args.unix_socket,
+                http_port=http_port,
+                http_max_input_size=args.http_max_input_size,
+                **options,
+            )
+        except ModelError as err:  # --exit-on-error: a model failed to load
+            raise SystemExit(f"arrowinfer serve: {err}") from None
 
     stopping = threading.Event()
 
@@ -350,6 +364,26 @@ def parser() -> argparse.ArgumentParser:
         metavar="NAME",
         help="load only this model at start (repeatable; Triton's --load-model, '*': every "
         "model; the default, except with --model-control-mode explicit: none)",
+    )
+    serve.add_argument(
+        "--exit-on-error",
+        type=_triton_bool,
+        nargs="?",
+        const=True,
+        default=True,
+        metavar="BOOL",
+        help="exit when a model fails to load at start (tritonserver's flag and default: "
+        "%(default)s; false: the other models serve)",
+    )
+    serve.add_argument(
+        "--strict-readiness",
+        type=_triton_bool,
+        nargs="?",
+        const=True,
+        default=True,
+        metavar="BOOL",
+        help="ready (/v2/health/ready, ServerReady) only while no model has failed to load "
+        "(tritonserver's flag and default: %(default)s; false: ready whenever serving)",
     )
     serve.add_argument(
         "--workers",

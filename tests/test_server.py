@@ -32,10 +32,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 from pyarrow import flight
+from tritonclient.utils import InferenceServerException
 
 import arrowinfer
 from arrowinfer import tensors
 from arrowinfer.cli import main
+from arrowinfer.errors import ModelError
 from arrowinfer.server import ACTIONS, Server
 from arrowinfer.server._metrics import StatisticsCollector, metrics_registry, start_metrics_server
 
@@ -996,6 +998,127 @@ def test_serve_in_explicit_mode_loads_only_the_named_models(serve: Callable[...,
     running.process.send_signal(signal.SIGTERM)
     assert running.process.wait(timeout=DEADLINE) == 0
     assert "loaded model jet_tagger" not in running.log.read_text()
+
+
+@pytest.fixture
+def broken_repository(example_repository: Path, tmp_path: Path) -> Path:
+    """The example repository plus ``broken``, a model whose ONNX file is not one."""
+    repo = tmp_path / "repository"
+    shutil.copytree(example_repository, repo)
+    config = repo / "identity" / "config.pbtxt"
+    (repo / "broken" / "1").mkdir(parents=True)
+    (repo / "broken" / "config.pbtxt").write_text(
+        config.read_text().replace('"identity"', '"broken"')
+    )
+    (repo / "broken" / "1" / "model.onnx").write_bytes(b"not an ONNX model")
+    return repo
+
+
+def test_serve_exits_when_a_model_fails_to_load(broken_repository: Path, tmp_path: Path) -> None:
+    """tritonserver's default (--exit-on-error=true): a model that does not load stops the
+    server at start, with one line saying which model and why; not a half-served repository."""
+    running = Serve(
+        broken_repository,
+        tmp_path / "serve.log",
+        *("--port", "0", "--kserve-port", "-1", "--http-port", "-1", "--metrics-port", "-1"),
+    )
+    try:
+        assert running.process.wait(timeout=DEADLINE) == 1
+    finally:
+        running.stop()
+    log = running.log.read_text()
+    assert "arrowinfer serve: failed to load all models (--exit-on-error): broken: " in log
+    assert "not a readable ONNX model" in log
+    assert "Traceback" not in log
+    assert running.lines.empty()  # it never said it was serving
+
+
+@pytest.mark.parametrize(("strict", "ready"), [([], False), (["--strict-readiness=false"], True)])
+def test_serve_with_exit_on_error_false_serves_the_other_models(
+    broken_repository: Path, tmp_path: Path, strict: list[str], ready: bool
+) -> None:
+    """tritonserver --exit-on-error=false: the others serve; the server is ready only with
+    --strict-readiness=false (tritonserver's default is true: not ready while a model
+    failed), while each served model is ready either way."""
+    running = Serve(
+        broken_repository,
+        tmp_path / "serve.log",
+        *("--port", "0", "--kserve-port", "-1", "--http-port", "-1", "--metrics-port", "-1"),
+        *("--exit-on-error=false", *strict),
+    )
+    try:
+        with connect(running.location()) as client:
+            input_schema(client, "facile")
+            assert action(client, "ready") == {"ready": ready}
+            assert action(client, "ready", {"model": "facile"}) == {"ready": True}
+            assert action(client, "ready", {"model": "broken"}) == {"ready": False}
+    finally:
+        running.stop()
+
+
+@pytest.mark.parametrize(
+    ("text", "value"), [("true", True), ("ON", True), ("1", True), ("False", False), ("0", False)]
+)
+def test_serve_reads_booleans_as_tritonserver(text: str, value: bool) -> None:
+    from arrowinfer.cli import parser
+
+    args = parser().parse_args(["serve", f"--exit-on-error={text}", "--strict-readiness", text])
+    assert args.exit_on_error is value
+    assert args.strict_readiness is value
+    bare = parser().parse_args(["serve", "--exit-on-error", "--strict-readiness"])
+    assert bare.exit_on_error is bare.strict_readiness is True
+
+
+def test_serve_refuses_a_boolean_it_cannot_read(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["serve", "--exit-on-error=maybe"])
+    assert "expected true or false, got 'maybe'" in capsys.readouterr().err
+
+
+def test_strict_readiness_follows_the_failed_models(broken_repository: Path) -> None:
+    """With strict_readiness the server is not ready while a model has failed to load, on
+    every health endpoint; unloading that model makes it ready, and a failed load (explicit
+    mode) makes it not ready again (Triton 2.51 answers so, checked)."""
+    import tritonclient.grpc as tg
+
+    with pytest.raises(ModelError, match=r"failed to load all models.*broken: .*ONNX"):
+        Server(broken_repository, port=0, kserve_port=None, metrics_port=None, exit_on_error=True)
+    with Server(
+        broken_repository,
+        port=0,
+        kserve_port=0,
+        http_port=0,
+        metrics_port=0,
+        strict_readiness=True,
+        model_control="explicit",
+    ) as server:
+        grpc_client = tg.InferenceServerClient(f"127.0.0.1:{server.kserve_port}")
+
+        def readiness() -> tuple[int, int, bool]:
+            http = f"http://127.0.0.1:{server.http_port}/v2/health/ready"
+            metrics = f"http://127.0.0.1:{server.metrics_port}/v2/health/ready"
+            codes = []
+            for url in (http, metrics):
+                try:
+                    with urllib.request.urlopen(url, timeout=DEADLINE) as answer:
+                        codes.append(answer.status)
+                except urllib.error.HTTPError as err:
+                    codes.append(err.code)
+            return codes[0], codes[1], grpc_client.is_server_ready()
+
+        try:
+            assert readiness() == (400, 503, False)
+            assert grpc_client.is_model_ready("facile")
+            grpc_client.unload_model("broken")
+            assert readiness() == (200, 200, True)
+            with pytest.raises(InferenceServerException, match="not a readable ONNX model"):
+                grpc_client.load_model("broken")
+            assert readiness() == (400, 503, False)
+            index = {e.name: e for e in grpc_client.get_model_repository_index().models}
+            assert index["broken"].state == "UNAVAILABLE"
+            assert "not a readable ONNX model" in index["broken"].reason
+        finally:
+            grpc_client.close()
 
 
 def test_serve_stops_on_sigterm_when_idle(serve: Callable[..., Serve]) -> None:

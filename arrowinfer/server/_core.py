@@ -167,6 +167,7 @@ class InferenceCore:
         device: str | None = None,
         models: list[str] | None = None,
         max_request_bytes: int = MAX_REQUEST_BYTES,
+        strict_readiness: bool = False,
     ):
         if max_request_bytes < 1:
             raise ValueError(f"max_request_bytes must be positive, got {max_request_bytes}")
@@ -177,6 +178,7 @@ class InferenceCore:
         self._failed: dict[str, str] = {}
         self._unloaded: dict[str, list[int]] = {}  # the versions an unload stopped serving
         self._lock = threading.RLock()
+        self.strict_readiness = strict_readiness
         self.ready = False
         for name in models if models is not None else repository.names():
             try:
@@ -185,6 +187,17 @@ class InferenceCore:
                 log.error("model %s not loaded: %s", name, err)
                 self._failed[name] = str(err)
         self.ready = True
+
+    @property
+    def failed(self) -> dict[str, str]:
+        """The models that failed to load and serve no version: name -> the error."""
+        with self._lock:
+            return dict(self._failed)
+
+    def server_ready(self) -> bool:
+        """Triton's server readiness: accepting requests and, with ``strict_readiness``
+        (``--strict-readiness``), no model failed to load."""
+        return self.ready and not (self.strict_readiness and self._failed)
 
     # -- models --------------------------------------------------------------------------
 
@@ -203,7 +216,11 @@ class InferenceCore:
         try:
             return self._load(name)
         except ModelError as err:
-            raise ModelError(self._inside_repository(str(err))) from None
+            message = self._inside_repository(str(err))
+            with self._lock:
+                if name not in self._models:  # a model still served keeps its versions
+                    self._failed[name] = message
+            raise ModelError(message) from None
 
     def _inside_repository(self, text: str) -> str:
         """``text`` with the repository's own path left out of every file it names."""
@@ -247,9 +264,12 @@ class InferenceCore:
         return list(loaded.values())
 
     def unload(self, name: str) -> None:
-        """Stop serving a model; queued requests finish first."""
+        """Stop serving a model; queued requests finish first. A model that failed to load
+        is forgotten (it no longer holds readiness back)."""
         with self._lock:
             if name not in self._models:
+                if self._failed.pop(name, None) is not None:
+                    return
                 raise ModelNotFound(name, self._models)
             old = self._models.pop(name)
             self._unloaded[name] = sorted(old)

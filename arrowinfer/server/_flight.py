@@ -373,7 +373,7 @@ class FlightService(flight.FlightServerBase):
             except ArrowInferError:
                 return {"ready": False}
             return {"ready": self.core.ready}
-        return {"ready": self.core.ready}
+        return {"ready": self.core.server_ready()}
 
     def _unload(self, body: dict[str, Any]) -> dict[str, Any]:
         self.core.unload(_required(body, "model"))

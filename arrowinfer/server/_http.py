@@ -814,7 +814,7 @@ class _Api:
         return Response(status_code=200)
 
     async def ready(self, request: Request) -> Response:
-        return Response(status_code=200 if self.core.ready else 400)
+        return Response(status_code=200 if self.core.server_ready() else 400)
 
     async def model_ready(self, request: Request) -> Response:
         # not ready is 400 with an error body, as Triton's ("Model version not ready")

@@ -188,7 +188,7 @@ class KServeService(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     @_unary
     def ServerReady(self, request: pb.ServerReadyRequest, context: Any) -> pb.ServerReadyResponse:
-        return pb.ServerReadyResponse(ready=self.core.ready)
+        return pb.ServerReadyResponse(ready=self.core.server_ready())
 
     @_unary
     def ModelReady(self, request: pb.ModelReadyRequest, context: Any) -> pb.ModelReadyResponse:

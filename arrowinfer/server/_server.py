@@ -17,6 +17,7 @@ from typing import Any
 
 import grpc
 
+from ..errors import ModelError
 from ..protocol import host_port
 from ..repository import Repository
 from ._auth import (
@@ -80,7 +81,15 @@ class Server:
     device
         ``"cpu"`` or ``"cuda:N"`` for every model, overriding their instance groups.
     models
-        Load only these models at start.
+        Load only these models at start (None: every model of the repository).
+    exit_on_error
+        Triton's ``--exit-on-error``: raise :class:`~arrowinfer.errors.ModelError` (and
+        start nothing) when a model fails to load at start. False (the default here;
+        ``arrowinfer serve`` defaults to True, as tritonserver): the others serve.
+    strict_readiness
+        Triton's ``--strict-readiness``: the server is ready (health, ``ServerReady``) only
+        while no model has failed to load. False (the default here; ``arrowinfer serve``
+        defaults to True, as tritonserver): ready whenever it accepts requests.
     tls_cert, tls_key
         PEM files of the server's certificate (chain) and private key: Flight then listens
         on ``grpc+tls://`` and KServe gRPC with TLS too. Clients need the certificate, or
@@ -134,6 +143,8 @@ class Server:
         shared_memory: bool = True,
         device: str | None = None,
         models: list[str] | None = None,
+        exit_on_error: bool = False,
+        strict_readiness: bool = False,
         tls_cert: str | os.PathLike[str] | None = None,
         tls_key: str | os.PathLike[str] | None = None,
         auth_tokens: Iterable[str] | None = None,
@@ -165,8 +176,19 @@ class Server:
             }
         repo = repository if isinstance(repository, Repository) else Repository(repository)
         self.core = InferenceCore(
-            repo, device=device, models=models, max_request_bytes=max_request_bytes
+            repo,
+            device=device,
+            models=models,
+            max_request_bytes=max_request_bytes,
+            strict_readiness=strict_readiness,
         )
+        failed = self.core.failed
+        if exit_on_error and failed:
+            self.core.close()
+            raise ModelError(
+                "failed to load all models (--exit-on-error): "
+                + "; ".join(f"{name}: {reason}" for name, reason in sorted(failed.items()))
+            )
         scheme = "grpc+tls" if tls is not None else "grpc"
         location = (
             f"grpc+unix://{unix_socket}" if unix_socket else f"{scheme}://{host_port(host, port)}"
@@ -247,7 +269,7 @@ class Server:
         if metrics_port is not None:
             collector = StatisticsCollector(self.core.statistics, self._pending)
             self._metrics_server, self.metrics_port = start_metrics_server(
-                metrics_registry(collector), host, metrics_port, ready=lambda: self.core.ready
+                metrics_registry(collector), host, metrics_port, ready=self.core.server_ready
             )
         self._stopped = threading.Event()
         self._stopping = threading.Lock()
