@@ -13,6 +13,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import threading
+import time
 import urllib.error
 import urllib.request
 import uuid
@@ -578,3 +580,103 @@ def test_a_shared_memory_input_is_bounded_before_it_is_read(
             client.unregister_system_shared_memory()
             client.close()
             shm.destroy_shared_memory_region(handle)
+
+
+@pytest.mark.slow
+def test_a_client_racing_unregister_against_its_requests_harms_no_other(
+    server: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The attack behind the region fix, with a well-behaved client beside it: one client
+    unregisters and registers its region while its own requests use it, over and over;
+    another registers a region, infers through it and unregisters, each time (so that the
+    server opens files meanwhile, whose descriptors a too-early close would hand over).
+    The good client's every answer is right, and nothing of the racer's lands in it."""
+    from arrowinfer.server import _v2memory
+
+    def slowly(call: Any) -> Any:
+        def wrapped(*args: Any) -> Any:
+            time.sleep(0.002)  # widens the race: a few seconds then hit the old code
+            return call(*args)
+
+        return wrapped
+
+    for name in ("pread", "pwrite"):
+        monkeypatch.setattr(_v2memory.os, name, slowly(getattr(os, name)))
+    rows = 4
+    size = rows * 1024 * 4
+    url = f"127.0.0.1:{server.kserve_port}"
+    keys = {who: f"/arrowinfer-test-{who}-{uuid.uuid4().hex[:8]}" for who in ("good", "racer")}
+    handles = {
+        who: shm.create_shared_memory_region(who, key, 2 * size) for who, key in keys.items()
+    }
+    shm.set_shared_memory_region(handles["racer"], [np.full((rows, 1024), 7.0, np.float32)])
+    stop = threading.Event()
+    raced = {"infer": 0, "register": 0}
+    wrong: list[str] = []
+
+    def racer_infers() -> None:
+        client = tg.InferenceServerClient(url)
+        tensor = tg.InferInput("INPUT0", [rows, 1024], "FP32")
+        tensor.set_shared_memory("racer", size)
+        output = tg.InferRequestedOutput("OUTPUT0")
+        output.set_shared_memory("racer", size, offset=size)
+        sevens = np.full((rows, 1024), 7.0, np.float32)
+        while not stop.is_set():
+            shm.set_shared_memory_region(handles["racer"], [sevens * np.nan], offset=size)
+            try:
+                client.infer("identity", [tensor], outputs=[output])
+            except InferenceServerException as err:  # its region may be gone: NOT_FOUND
+                if err.status() != "StatusCode.NOT_FOUND":
+                    wrong.append(f"{err.status()}: {err.message()}")
+            else:  # it ran: on its own region, whatever happened to the name meanwhile
+                got = shm.get_contents_as_numpy(handles["racer"], np.float32, [2 * rows, 1024])
+                if not np.array_equal(got[rows:], sevens):
+                    wrong.append("the racer's answer is not in its region")
+            raced["infer"] += 1
+        client.close()
+
+    def racer_registers() -> None:
+        client = tg.InferenceServerClient(url)
+        while not stop.is_set():
+            with contextlib.suppress(InferenceServerException):
+                client.register_system_shared_memory("racer", keys["racer"], 2 * size)
+            client.unregister_system_shared_memory("racer")
+            raced["register"] += 1
+        client.close()
+
+    racers = [threading.Thread(target=f) for f in (racer_infers, racer_registers)]
+    good = tg.InferenceServerClient(url)
+    rng = np.random.default_rng(11)
+    done = 0
+    try:
+        for thread in racers:
+            thread.start()
+        deadline = time.monotonic() + 4.0
+        while time.monotonic() < deadline:
+            data = rng.standard_normal((rows, 1024), dtype=np.float32)
+            shm.set_shared_memory_region(handles["good"], [data])
+            shm.set_shared_memory_region(
+                handles["good"], [np.full((rows, 1024), np.nan, np.float32)], offset=size
+            )
+            good.register_system_shared_memory(f"good{done}", keys["good"], 2 * size)
+            tensor = tg.InferInput("INPUT0", [rows, 1024], "FP32")
+            tensor.set_shared_memory(f"good{done}", size)
+            output = tg.InferRequestedOutput("OUTPUT0")
+            output.set_shared_memory(f"good{done}", size, offset=size)
+            good.infer("identity", [tensor], outputs=[output])
+            got = shm.get_contents_as_numpy(handles["good"], np.float32, [2 * rows, 1024])
+            np.testing.assert_array_equal(got.view(np.uint32)[:rows], data.view(np.uint32))
+            np.testing.assert_array_equal(got.view(np.uint32)[rows:], data.view(np.uint32))
+            good.unregister_system_shared_memory(f"good{done}")
+            done += 1
+    finally:
+        stop.set()
+        for thread in racers:
+            thread.join(WAIT)
+        good.unregister_system_shared_memory()
+        good.close()
+        for handle in handles.values():
+            shm.destroy_shared_memory_region(handle)
+    assert not any(thread.is_alive() for thread in racers)
+    assert min(done, raced["infer"], raced["register"]) > 10, (done, raced)
+    assert not wrong, wrong[:3]
