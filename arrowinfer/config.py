@@ -9,6 +9,7 @@ says is checked against the graph; fields arrowinfer does not implement are name
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeAlias
@@ -226,7 +227,29 @@ def complete_config(config: ModelConfig, model: onnx.ModelProto, path: Path) -> 
                 f"{path}: graph inputs {missing} are not in the config's inputs "
                 f"(config inputs: {sorted(e.name for e in entries)})"
             )
+    _normalize(config)
     return config
+
+
+def _normalize(config: ModelConfig) -> None:
+    """Fill in what Triton's model-config normalization does, so that clients reading the
+    config find the fields they read from Triton's (``preferred_batch_size`` is what
+    coffea's triton_wrapper takes as the batch size). None of it changes how the model is
+    served: a preferred size of ``max_batch_size`` batches as no preferred size does."""
+    if config.platform == "onnxruntime_onnx" and not config.backend:
+        config.backend = "onnxruntime"
+    if not config.HasField("version_policy"):
+        config.version_policy.latest.num_versions = 1
+    if not config.default_model_filename:
+        config.default_model_filename = "model.onnx"
+    if not config.instance_group:  # one instance on the CPU: what is served without one
+        config.instance_group.add(count=1, kind=mc.ModelInstanceGroup.KIND_CPU)
+    for i, group in enumerate(config.instance_group):
+        if not group.name:
+            group.name = f"{config.name}_{i}"
+    batching = config.HasField("dynamic_batching") and config.max_batch_size > 0
+    if batching and not config.dynamic_batching.preferred_batch_size:
+        config.dynamic_batching.preferred_batch_size.append(config.max_batch_size)
 
 
 #: The ModelConfig fields arrowinfer implements, per message (the rest: see unimplemented_fields).
@@ -359,15 +382,25 @@ def ragged_batching(
     return ragged, tuple(out)
 
 
+#: MessageToDict's option to write fields at their default values (renamed in protobuf 5.26).
+_WITH_DEFAULTS = (
+    "always_print_fields_with_no_presence"
+    if "always_print_fields_with_no_presence"
+    in inspect.signature(json_format.MessageToDict).parameters
+    else "including_default_value_fields"
+)
+
+
 def config_json(config: ModelConfig) -> dict[str, Any]:
     """A model config as Triton's HTTP endpoint writes it: protobuf's JSON names
-    (``preserving_proto_field_name``), default values left out, and 64-bit integers as
-    numbers (``"dims": [15]``; protobuf writes ``["15"]``, triton-inference-server/server#1664).
-    The server and the in-process fallback give the same.
+    (``preserving_proto_field_name``), every scalar, list and map field even at its default
+    (``"max_batch_size": 0``, ``"optional": false``: clients index them), and 64-bit
+    integers as numbers (``"dims": [15]``; protobuf writes ``["15"]``,
+    triton-inference-server/server#1664). The server and the in-process fallback give the
+    same.
     """
-    return _json_numbers(
-        config, json_format.MessageToDict(config, preserving_proto_field_name=True)
-    )
+    options = {"preserving_proto_field_name": True, _WITH_DEFAULTS: True}
+    return _json_numbers(config, json_format.MessageToDict(config, **options))
 
 
 _INT64 = frozenset(

@@ -17,6 +17,8 @@ from onnx import TensorProto, helper
 from tritonclient.grpc import model_config_pb2 as mc
 
 from arrowinfer import examples
+from arrowinfer.config import _normalize as normalize
+from arrowinfer.config import config_json
 from arrowinfer.errors import ModelError, ModelNotFound
 from arrowinfer.repository import (
     DEFAULT_MAX_BATCH_SIZE,
@@ -175,8 +177,12 @@ def full(tmp_path: pathlib.Path) -> list[ModelVersion]:
 def test_full_config_is_triton_model_config(full: list[ModelVersion]) -> None:
     config = full[0].config
     assert isinstance(config, mc.ModelConfig)
-    # Nothing to complete: the loaded config is exactly what Triton's classes parse.
-    assert config == text_format.Parse(FULL_CONFIG, mc.ModelConfig())
+    # Nothing to complete: the loaded config is what Triton's classes parse, plus what
+    # Triton's normalization names (the instance group, the model file)
+    expected = text_format.Parse(FULL_CONFIG, mc.ModelConfig())
+    expected.instance_group[0].name = "full_0"
+    expected.default_model_filename = "model.onnx"
+    assert config == expected
     assert config.name == "full"
     assert config.platform == "onnxruntime_onnx"
     assert config.backend == "onnxruntime"
@@ -332,6 +338,33 @@ def test_configless_model_without_batching(
     # Without batching the dims are the whole shape; symbolic dims become -1.
     expected = [[-1 if isinstance(d, str) else d for d in dims] for _, dims in inputs]
     assert [list(i.dims) for i in version.config.input] == expected
+
+
+@pytest.mark.parametrize("max_batch_size", [0, 8])
+def test_config_is_normalized_as_tritons(tmp_path: pathlib.Path, max_batch_size: int) -> None:
+    """What Triton's normalization fills in, and its JSON writes even at the default: the
+    fields Triton's clients read by key (coffea's triton_wrapper takes
+    ``dynamic_batching.preferred_batch_size[0]``; scripts index ``max_batch_size``)."""
+    batching = "dynamic_batching { }" if max_batch_size else ""
+    config = config_of("norm", max_batch_size, "4" if max_batch_size else "-1, 4", b=batching)
+    (version,) = load_model(write_model(tmp_path, "norm", config))
+    full = config_json(version.config)
+    assert full["max_batch_size"] == max_batch_size
+    assert full["backend"] == "onnxruntime"
+    assert full["version_policy"] == {"latest": {"num_versions": 1}}
+    assert full["default_model_filename"] == "model.onnx"
+    assert [(g["name"], g["kind"], g["count"]) for g in full["instance_group"]] == [
+        ("norm_0", "KIND_CPU", 1)
+    ]
+    assert full["input"][0]["format"] == "FORMAT_NONE"
+    assert full["input"][0]["optional"] is False
+    assert full["output"][0]["label_filename"] == ""
+    assert full["batch_input"] == []
+    if max_batch_size:  # as Triton: the preferred size is max_batch_size when none is given
+        assert full["dynamic_batching"]["preferred_batch_size"] == [8]
+        assert full["dynamic_batching"]["max_queue_delay_microseconds"] == 0
+    else:
+        assert "dynamic_batching" not in full
 
 
 ELEMENT_TYPES = {
@@ -787,6 +820,7 @@ def test_example_repository_loads_completely(example_models: dict[str, list[Mode
         assert [v.version for v in versions] == [1]
         config = versions[0].config
         expected = text_format.Parse(examples.config_text(name), mc.ModelConfig())
+        normalize(expected)  # what Triton's normalization names: not written in the files
         assert config == expected  # the written configs are complete
 
 

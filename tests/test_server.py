@@ -454,8 +454,24 @@ def test_model_config_is_tritons_json(server: Server) -> None:
     assert facile["name"] == "facile"
     assert facile["platform"] == "onnxruntime_onnx"
     assert facile["max_batch_size"] == 16384
-    assert facile["input"] == [{"name": "hits", "data_type": "TYPE_FP32", "dims": [15]}]
-    assert facile["output"] == [{"name": "energy", "data_type": "TYPE_FP32", "dims": [1]}]
+    # every field at its default too, as Triton's JSON (clients index them); fields newer
+    # than the oldest tritonclient supported (is_non_linear_format_io) are not asserted
+    (hits,) = facile["input"]
+    assert {k: hits[k] for k in ("name", "data_type", "format", "dims", "optional")} == {
+        "name": "hits",
+        "data_type": "TYPE_FP32",
+        "format": "FORMAT_NONE",
+        "dims": [15],
+        "optional": False,
+    }
+    assert hits["is_shape_tensor"] is hits["allow_ragged_batch"] is False
+    (energy,) = facile["output"]
+    assert {k: energy[k] for k in ("name", "data_type", "dims", "label_filename")} == {
+        "name": "energy",
+        "data_type": "TYPE_FP32",
+        "dims": [1],
+        "label_filename": "",
+    }
     assert "dynamic_batching" in facile
     assert facile["instance_group"][0]["kind"] == "KIND_CPU"
     assert [i["name"] for i in jets["input"]] == ["points", "features", "mask"]
