@@ -399,7 +399,7 @@ def config_json(config: ModelConfig) -> dict[str, Any]:
     triton-inference-server/server#1664). The server and the in-process fallback give the
     same.
     """
-    options = {"preserving_proto_field_name": True, _WITH_DEFAULTS: True}
+    options: dict[str, Any] = {"preserving_proto_field_name": True, _WITH_DEFAULTS: True}
     return _json_numbers(config, json_format.MessageToDict(config, **options))
 
 
