@@ -25,6 +25,7 @@ from .errors import InvalidInput
 __all__ = [
     "GOAWAY",
     "MAX_JSON_BYTES",
+    "MAX_JSON_CONTAINERS",
     "MAX_JSON_DEPTH",
     "PROVENANCE",
     "RESULT_KEYS",
@@ -73,6 +74,11 @@ MAX_JSON_BYTES = 4 * 1024 * 1024
 
 #: The deepest nesting of arrays and objects accepted in a JSON message.
 MAX_JSON_DEPTH = 32
+
+#: The most arrays and objects in one JSON message: each costs Python ~60 bytes or more
+#: for its 2 bytes of text (``[]``), so a body of them would cost 30 times its size. A
+#: JSON tensor nests one array per row at most (large tensors belong in binary data).
+MAX_JSON_CONTAINERS = 1 << 22
 
 
 def shm_descriptor() -> flight.FlightDescriptor:
@@ -125,25 +131,46 @@ _DECODER = json.JSONDecoder(parse_constant=_no_constant)
 _DECODER_WITH_NAN = json.JSONDecoder()
 
 
-#: A JSON string (escapes included): its brackets do not nest.
-_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
-#: Objects' braces as brackets: the depth is of both together.
+#: Objects' braces as brackets (the depth is of both together); quotes kept, all else gone.
 _AS_BRACKETS = bytes.maketrans(b"{}", b"[]")
 _NOT_BRACKETS = bytes(sorted(set(range(256)) - set(b"[]{}")))
+_NOT_QUOTES_OR_BRACKETS = bytes(sorted(set(range(256)) - set(b'"[]{}')))
+#: A string, once escapes are gone; one that is not closed runs to the end, so that a
+#: match never fails (a failed match is tried again from the next quote: quadratic).
+_STRING = re.compile(rb'"[^"]*(?:"|\Z)')
 
 
 def _check_nesting(raw: bytes, what: str) -> None:
-    """Refuse text nested deeper than :data:`MAX_JSON_DEPTH`, read from the text itself.
+    """Refuse text nested deeper than :data:`MAX_JSON_DEPTH`, or with more than
+    :data:`MAX_JSON_CONTAINERS` arrays and objects, read from the text before decoding.
 
     It must be checked before decoding: json's decoder recurses once per level, and a
     deep enough text reaches Python's recursion limit, where whatever else runs meanwhile
-    (a finalizer the garbage collector calls) fails too. Each round removes the innermost
-    pairs (``[]`` only: ``str.replace`` does not look again where it removed one), so a
-    text nested ``d`` deep is gone after exactly ``d`` rounds.
+    (a finalizer the garbage collector calls) fails too. Every step is a bytes method or a
+    regex that never fails to match, so a text costs its length, whatever it holds:
+
+    - the count of containers includes brackets inside strings (a text with two million
+      of them is refused however they are quoted);
+    - escapes go (``\\\\`` then ``\\"``), then all but quotes and brackets, then pairs
+      of adjacent quotes (nothing structural lies between them), then each string;
+    - each round removes the innermost pairs (``[]`` only: ``bytes.replace`` does not look
+      again where it removed one), so a text nested ``d`` deep is gone after ``d`` rounds.
+
+    A quote or backslash outside a string (not JSON) can shift what counts as inside a
+    string only after the point where the decoder stops at it.
     """
-    if len(raw.translate(_AS_BRACKETS, _NOT_BRACKETS)) <= MAX_JSON_DEPTH:
+    brackets = raw.translate(_AS_BRACKETS, _NOT_BRACKETS)
+    if len(brackets) <= MAX_JSON_DEPTH:
         return  # too few brackets to be that deep: most messages
-    brackets = _STRING.sub(b"", raw).translate(_AS_BRACKETS, _NOT_BRACKETS)
+    if len(brackets) > 2 * MAX_JSON_CONTAINERS:
+        raise InvalidInput(
+            f"{what} has too many arrays and objects (send large tensors as binary data)",
+            expected=f"at most {MAX_JSON_CONTAINERS}",
+            got=len(brackets) // 2,
+        )
+    text = raw.replace(b"\\\\", b"").replace(b'\\"', b"")
+    text = text.translate(_AS_BRACKETS, _NOT_QUOTES_OR_BRACKETS).replace(b'""', b"")
+    brackets = _STRING.sub(b"", text)
     for _ in range(MAX_JSON_DEPTH):
         if not brackets:
             return

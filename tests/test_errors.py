@@ -10,6 +10,8 @@ from __future__ import annotations
 import contextlib
 import json
 import socket
+import subprocess
+import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -333,6 +335,86 @@ def test_json_depth_limit_is_exact(value: Any, data: st.DataObject) -> None:
             protocol.parse_json(data)
     else:
         assert protocol.parse_json(data) == message
+
+
+def _deepest_before_an_error(text: str) -> int:
+    """How deep json's decoder nests reading ``text`` before it stops (at its end, or at
+    the first character that cannot be JSON: a backslash or a quote out of place is
+    enough). A reference scanner, character by character."""
+    depth = deepest = 0
+    inside = escaped = False
+    for char in text:
+        if inside:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                inside = False
+        elif char == '"':
+            inside = True
+        elif char == "\\":
+            break  # not JSON outside a string: the decoder stops here
+        elif char in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif char in "]}":
+            depth -= 1
+            if depth < 0:
+                break
+    return deepest
+
+
+@given(
+    prefix=st.integers(protocol.MAX_JSON_DEPTH - 4, protocol.MAX_JSON_DEPTH + 4),
+    text=st.text(alphabet='[]{}"\\x,:', max_size=120),
+)
+def test_json_that_passes_the_depth_check_never_nests_deeper(prefix: int, text: str) -> None:
+    """Any text at all, JSON or not: if the check lets it through, the decoder never nests
+    deeper than MAX_JSON_DEPTH before it stops, so it cannot reach the recursion limit."""
+    body = ("[" * prefix + text).encode()
+    try:
+        protocol._check_nesting(body, "metadata")
+    except InvalidInput:
+        return
+    assert _deepest_before_an_error(body.decode()) <= protocol.MAX_JSON_DEPTH
+
+
+JSON_BOMB = 4 * 1024 * 1024  # MAX_JSON_BYTES: the most any caller of parse_json takes
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        # a string that never closes, of escaped quotes: each was once a new match attempt
+        b'{"a":' + b"[]" * 40 + b'"' + b'\\"' * (JSON_BOMB // 2 - 64),
+        b'{"a":[' + b'"",' * (JSON_BOMB // 3 - 64) + b"]" + b"[]" * 40 + b"}",
+        b'{"a":[' + b'"[",[],' * (JSON_BOMB // 7 - 64) + b"]}",
+        (b"[" * 30 + b"]" * 30 + b",") * (JSON_BOMB // 61),
+    ],
+    ids=["unclosed-escapes", "empty-strings", "strings-and-brackets", "nested-30"],
+)
+def test_the_depth_check_costs_the_texts_length(body: bytes) -> None:
+    """Texts built to make a string-skipping scan quadratic: each is checked in a child
+    process that must finish within a minute (linear: a fraction of a second; the
+    quadratic scan took about 45 minutes for 1 MiB)."""
+    code = (
+        "import sys; from arrowinfer import protocol, errors\n"
+        "try: protocol.parse_json(sys.stdin.buffer.read(), 'body')\n"
+        "except errors.InvalidInput as err: print(err)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], input=body, capture_output=True, timeout=60, check=True
+    )
+    assert done.stdout  # refused, each for its own reason, none for its size
+    assert b"too large" not in done.stdout
+
+
+def test_json_with_too_many_arrays_is_refused_before_decoding() -> None:
+    rows = b"[]," * protocol.MAX_JSON_CONTAINERS
+    with pytest.raises(InvalidInput, match="too many arrays and objects") as caught:
+        protocol.parse_json(b'{"a":[' + rows + b"[]]}", max_bytes=len(rows) + 64)
+    assert caught.value.expected == f"at most {protocol.MAX_JSON_CONTAINERS}"
 
 
 def test_json_metadata_and_control_messages() -> None:
