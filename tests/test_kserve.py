@@ -772,6 +772,10 @@ def test_idle_streams_cannot_starve_the_unary_calls(example_repository: Path) ->
 
     try:
         streams = [idle_stream() for _ in range(2)]
+        for requests, stream in zip(quiet, streams, strict=True):
+            # one answer each first: only then are both surely holding their thread
+            requests.put(pb.ModelInferRequest(model_name="no_such_model"))
+            assert "no_such_model" in next(stream).error_message
         refused = idle_stream()
         with pytest.raises(grpc.RpcError) as caught:
             next(refused)
