@@ -616,6 +616,16 @@ def test_errors_have_tritons_status_codes(
     assert_like_flight(server, "facile", triton.infer("facile", infer_inputs(arrays)))
 
 
+def test_an_output_named_twice_is_answered_once(triton: tg.InferenceServerClient) -> None:
+    """As Triton 2.51 (checked): one output tensor, not one per time it is named."""
+    arrays, _ = REQUESTS["facile"]
+    outputs = [tg.InferRequestedOutput("energy") for _ in range(256)]
+    result = triton.infer("facile", infer_inputs(arrays), outputs=outputs, client_timeout=WAIT)
+    response = result.get_response()
+    assert [o.name for o in response.outputs] == ["energy"]
+    assert len(response.raw_output_contents) == 1
+
+
 @pytest.mark.parametrize(
     ("key", "kind", "value"),
     [

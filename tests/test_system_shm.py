@@ -500,6 +500,21 @@ def test_each_user_has_its_own_region_names(
         regions.unregister(REMOTE)
 
 
+def test_an_output_into_an_unknown_region_is_not_found(client: Any) -> None:
+    """NOT_FOUND as for an input, naming the model and the output; nothing runs."""
+    mod = module_of(client)
+    tensor = mod.InferInput("hits", [ROWS, 15], "FP32")
+    tensor.set_data_from_numpy(HITS)
+    output = mod.InferRequestedOutput("energy")
+    output.set_shared_memory("nowhere", ROWS * 4)
+    with pytest.raises(InferenceServerException) as caught:
+        client.infer("facile", [tensor], outputs=[output])
+    assert code(caught.value) == not_found(client)
+    assert "model 'facile', output 'energy': system shared memory: no region 'nowhere'" in (
+        caught.value.message()
+    )
+
+
 def test_unregistering_a_name_not_registered_is_no_error(client: Any) -> None:
     """As Triton: clean-up code may unregister what it never registered; asking for its
     status is NOT_FOUND."""

@@ -86,9 +86,16 @@ def naming(model: str, tensor: str | None = None, *, output: str | None = None) 
         yield
     except InvalidInput as err:
         raise named(err, model, tensor, output=output) from None
-    except RegionNotFound as err:  # stays NOT_FOUND, as Triton's; named the same way
-        text = str(named(InvalidInput(str(err)), model, tensor, output=output))
-        raise RegionNotFound(text) from None
+    except RegionNotFound as err:
+        raise _region_named(err, model, tensor, output=output) from None
+
+
+def _region_named(
+    err: RegionNotFound, model: str, tensor: str | None = None, *, output: str | None = None
+) -> RegionNotFound:
+    """``err`` naming the model and tensor as :func:`named` does; still NOT_FOUND, as
+    Triton's."""
+    return RegionNotFound(str(named(InvalidInput(str(err)), model, tensor, output=output)))
 
 
 class ShmPlace(NamedTuple):
@@ -502,7 +509,8 @@ def requested_outputs(
     regions: SystemRegions | None = None,
     peer: Peer = NO_PEER,
 ) -> list[TensorSpec]:
-    """The outputs a request asks for (all of them when it names none), in its order.
+    """The outputs a request asks for (all of them when it names none), in its order,
+    each once: an output named twice is answered once, as Triton 2.51 does (checked).
 
     An output to be written into system shared memory must name a region of the peer's
     (checked here, before the request runs).
@@ -537,7 +545,10 @@ def requested_outputs(
                 regions.check(peer, place.region, place.offset, place.byte_size)  # before it runs
         except InvalidInput as err:
             raise named(err, version.name, output=spec.name) from None
-        out.append(spec)
+        except RegionNotFound as err:
+            raise _region_named(err, version.name, output=spec.name) from None
+        if spec not in out:  # a list: outputs are few, and the order is the request's
+            out.append(spec)
     return out
 
 
