@@ -334,6 +334,7 @@ def test_model_control(server: Server, client: Any, protocol: str) -> None:
     assert "sequence" in by_name["simple_sequence"]["reason"]
     client.unload_model("simple")
     try:
+        client.unload_model("simple")  # again: no error, as Triton's (clean-up code does it)
         assert not client.is_model_ready("simple")
         with pytest.raises(InferenceServerException) as caught:
             client.infer("simple", simple_inputs(protocol))
@@ -345,6 +346,11 @@ def test_model_control(server: Server, client: Any, protocol: str) -> None:
     with pytest.raises(InferenceServerException) as caught:
         client.load_model("simple_sequence")
     assert "sequence" in caught.value.message()
+    # the example's end: it passes when loading a model the repository lacks says this
+    with pytest.raises(InferenceServerException) as caught:
+        client.load_model("wrong_model_name")
+    assert "failed to load" in caught.value.message()
+    client.unload_model("wrong_model_name")  # Triton: unloading an unknown name succeeds
 
 
 def test_statistics(client: Any, protocol: str) -> None:

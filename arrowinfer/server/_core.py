@@ -215,6 +215,10 @@ class InferenceCore:
         """
         try:
             return self._load(name)
+        except ModelNotFound as err:  # "failed to load", as Triton's message, which
+            # tritonclient's model-control examples look for
+            reason = "no such model in the repository"
+            raise ModelNotFound(name, err.available, reason=reason) from None
         except ModelError as err:
             message = self._inside_repository(str(err))
             with self._lock:
@@ -264,13 +268,14 @@ class InferenceCore:
         return list(loaded.values())
 
     def unload(self, name: str) -> None:
-        """Stop serving a model; queued requests finish first. A model that failed to load
-        is forgotten (it no longer holds readiness back)."""
+        """Stop serving a model; queued requests finish first. A model not served is no
+        error, as Triton's (clean-up code unloads what may not be loaded); one that failed
+        to load is forgotten (it no longer holds readiness back)."""
         with self._lock:
             if name not in self._models:
-                if self._failed.pop(name, None) is not None:
-                    return
-                raise ModelNotFound(name, self._models)
+                self._failed.pop(name, None)
+                log.info("unload %r: not served", name)
+                return
             old = self._models.pop(name)
             self._unloaded[name] = sorted(old)
         for model in old.values():
