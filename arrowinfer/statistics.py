@@ -128,7 +128,11 @@ class ModelStatistics:
                     "compute_input": self.compute_input.as_dict(),
                     "compute_infer": self.compute_infer.as_dict(),
                     "compute_output": self.compute_output.as_dict(),
+                    # no response cache: Triton writes these zeros too (perf_analyzer reads them)
+                    "cache_hit": {"count": 0, "ns": 0},
+                    "cache_miss": {"count": 0, "ns": 0},
                 },
+                "response_stats": {},  # decoupled models only, which are not served
                 "batch_stats": [
                     {
                         "batch_size": size,
@@ -138,5 +142,6 @@ class ModelStatistics:
                     }
                     for size, d in sorted(self.batch_stats.items())
                 ],
+                "memory_usage": [],
                 "arrowinfer": dict(self.counters),
             }

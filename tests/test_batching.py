@@ -646,7 +646,9 @@ def test_statistics_have_tritons_fields_and_count_what_ran(
         "inference_count",
         "execution_count",
         "inference_stats",
+        "response_stats",
         "batch_stats",
+        "memory_usage",
         "arrowinfer",  # arrowinfer's own counters beside Triton's fields
     }
     assert stats["arrowinfer"] == {
@@ -669,6 +671,8 @@ def test_statistics_have_tritons_fields_and_count_what_ran(
         "compute_input",
         "compute_infer",
         "compute_output",
+        "cache_hit",  # no response cache: always 0, as Triton writes it
+        "cache_miss",
     }
     for duration in inference.values():
         assert set(duration) == {"count", "ns"}

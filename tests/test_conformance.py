@@ -371,6 +371,11 @@ def test_statistics(client: Any, protocol: str) -> None:
     assert int(after["inference_count"]) == int(before.get("inference_count", 0)) + 1
     success = after["inference_stats"]["success"]
     assert int(success["count"]) >= 1
+    if protocol == "http":  # every field Triton's JSON has, which perf_analyzer reads by key
+        assert after["inference_stats"]["cache_hit"] == {"count": 0, "ns": 0}
+        assert after["inference_stats"]["cache_miss"] == {"count": 0, "ns": 0}
+        assert after["response_stats"] == {}
+        assert after["memory_usage"] == []
     with pytest.raises(InferenceServerException) as caught:
         client.get_inference_statistics("no_such_model")
     assert str(caught.value.status()) == not_found(protocol)

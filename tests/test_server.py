@@ -562,7 +562,9 @@ def test_model_statistics_count_requests(fresh_server: Server) -> None:
             "inference_count",
             "execution_count",
             "inference_stats",
+            "response_stats",
             "batch_stats",
+            "memory_usage",
             "arrowinfer",
         }
         assert set(before["inference_stats"]) == {
@@ -572,6 +574,8 @@ def test_model_statistics_count_requests(fresh_server: Server) -> None:
             "compute_input",
             "compute_infer",
             "compute_output",
+            "cache_hit",
+            "cache_miss",
         }
         assert before["inference_count"] == 0
         assert before["inference_stats"]["success"] == {"count": 0, "ns": 0}
