@@ -205,6 +205,7 @@ def test_unknown_model_is_404_with_tritons_error_body(server: Server) -> None:
     assert status == 400  # Triton: 400 {"error": "Model version not ready"}
     assert "no_such_model" in error_of(body)
     assert call(server, "GET", "/v2/no/such/endpoint")[0] == 404
+    assert call(server, "GET", "/v2/models/facile/")[0] == 404  # not a redirect (Triton)
     for body in (b"{}", b"not JSON", _json_request()):  # the model first, whatever the body
         status, _, answer = call(server, "POST", "/v2/models/no_such_model/infer", body)
         assert status == 404

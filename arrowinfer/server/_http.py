@@ -1081,6 +1081,7 @@ def application(
     """The ASGI application serving ``core`` (see the module's endpoints)."""
     api = _Api(core, regions, max_request_bytes, model_control or ModelControl())
     app = Starlette(routes=_routes(api))
+    app.router.redirect_slashes = False  # a path with a trailing / is 404, as Triton's
 
     async def not_found(request: Request, exc: Exception) -> Response:
         return JSONResponse({"error": f"no endpoint {request.method} {request.url.path}"}, 404)
