@@ -268,6 +268,7 @@ _SUPPORTED: dict[str, set[str]] = {
         "parameters",
         "model_warmup",
         "batch_input",
+        "model_repository_agents",  # Triton's checksum agent: repository.check_repository_agents
     },
     "ModelInput": {"name", "data_type", "dims", "reshape", "optional", "allow_ragged_batch"},
     "ModelOutput": {"name", "data_type", "dims", "reshape", "label_filename"},

@@ -259,6 +259,48 @@ def _labels(model_dir: Path, filename: str) -> tuple[str, ...]:
         raise ModelError(f"{path}: cannot read the labels: {err}") from err
 
 
+def check_repository_agents(config: ModelConfig, model_dir: Path) -> None:
+    """Run the config's ``model_repository_agents`` before the model loads, as Triton does.
+
+    Only Triton's ``checksum`` agent exists here: each parameter ``MD5:<file>`` (the file
+    relative to the model directory, the algorithm in any case) gives the file's expected
+    MD5 as lowercase hex (what CMS's model tools write). Any other agent is refused, as
+    Triton refuses an agent it has no library for: loading without it could serve files
+    nobody checked.
+
+    Raises
+    ------
+    ModelError
+        An unknown agent or algorithm, a file outside the model directory or missing, or a
+        checksum that differs (naming the file and both sums).
+    """
+    config_path = model_dir / "config.pbtxt"
+    root = model_dir.resolve()
+    for agent in config.model_repository_agents.agents:
+        if agent.name != "checksum":
+            raise ModelError(
+                f"{config_path}: model_repository_agents: agent {agent.name!r} is not "
+                "available (arrowinfer runs Triton's 'checksum' agent only)"
+            )
+        for key, expected in sorted(agent.parameters.items()):
+            algorithm, _, name = key.partition(":")
+            where = f"{config_path}: model_repository_agents: checksum {key!r}"
+            if algorithm.lower() != "md5" or not name:
+                raise ModelError(f"{where}: expected 'MD5:<file in the model directory>'")
+            path = (model_dir / name).resolve()
+            if not path.is_relative_to(root) or not path.is_file():
+                raise ModelError(f"{where}: no such file in the model directory")
+            digest = hashlib.md5(usedforsecurity=False)
+            with path.open("rb") as file:
+                for chunk in iter(lambda: file.read(1 << 20), b""):
+                    digest.update(chunk)
+            if digest.hexdigest() != expected:
+                raise ModelError(
+                    f"{where}: the file's MD5 differs (expected {expected}, "
+                    f"got {digest.hexdigest()})"
+                )
+
+
 def load_model(model_dir: Path) -> list[ModelVersion]:
     """Read one model's config and the versions its version policy selects.
 
@@ -282,6 +324,7 @@ def load_model(model_dir: Path) -> list[ModelVersion]:
             f"{config_path}: platform {config.platform!r} / backend {config.backend!r} is not "
             "served here (only onnxruntime_onnx)"
         )
+    check_repository_agents(config, model_dir)
     ignored = unimplemented_fields(config, config_path)
     if ignored:
         log.warning(

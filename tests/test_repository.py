@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import pathlib
 import re
@@ -365,6 +366,52 @@ def test_config_is_normalized_as_tritons(tmp_path: pathlib.Path, max_batch_size:
         assert full["dynamic_batching"]["max_queue_delay_microseconds"] == 0
     else:
         assert "dynamic_batching" not in full
+
+
+def _checksummed(parameters: dict[str, str], agent: str = "checksum") -> str:
+    """``config_of("sum")`` with a repository agent of these parameters."""
+    pairs = " ".join(f'parameters {{ key: "{k}" value: "{v}" }}' for k, v in parameters.items())
+    agents = f'model_repository_agents {{ agents [ {{ name: "{agent}" {pairs} }} ] }}'
+    return config_of("sum", a=agents)
+
+
+def test_the_checksum_agent_checks_files_before_loading(tmp_path: pathlib.Path) -> None:
+    """Triton's checksum repository agent (CMS's model tools write it): 'MD5:<file>' with
+    the file's sum, the file relative to the model directory; the model loads only when
+    every sum matches."""
+    graph = identity()
+    right = hashlib.md5(graph).hexdigest()
+    repo = tmp_path / "good"
+    write_model(repo, "sum", _checksummed({"MD5:1/model.onnx": right}), {"1": graph})
+    (version,) = load_model(repo / "sum")
+    assert version.config.model_repository_agents.agents[0].name == "checksum"
+
+    wrong = "0" * 32
+    bad = tmp_path / "bad"
+    write_model(bad, "sum", _checksummed({"md5:1/model.onnx": wrong}), {"1": graph})
+    with pytest.raises(ModelError, match=f"MD5 differs \\(expected {wrong}, got {right}\\)"):
+        load_model(bad / "sum")
+
+
+@pytest.mark.parametrize(
+    ("parameters", "agent", "words"),
+    [
+        ({"MD5:1/model.onnx": "x"}, "encrypt", "agent 'encrypt' is not available"),
+        ({"SHA1:1/model.onnx": "x"}, "checksum", "expected 'MD5:<file"),
+        ({"MD5:": "x"}, "checksum", "expected 'MD5:<file"),
+        ({"MD5:2/model.onnx": "x"}, "checksum", "no such file"),
+        ({"MD5:../../etc/passwd": "x"}, "checksum", "no such file in the model directory"),
+        ({"MD5:1": "x"}, "checksum", "no such file"),  # a directory
+    ],
+)
+def test_repository_agents_that_cannot_run_refuse_the_model(
+    tmp_path: pathlib.Path, parameters: dict[str, str], agent: str, words: str
+) -> None:
+    """As Triton: a model is never served with an agent unrun or a sum unchecked."""
+    write_model(tmp_path, "sum", _checksummed(parameters, agent))
+    with pytest.raises(ModelError, match=re.escape(words)) as caught:
+        load_model(tmp_path / "sum")
+    assert "model_repository_agents" in str(caught.value)
 
 
 ELEMENT_TYPES = {
