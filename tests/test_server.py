@@ -736,7 +736,8 @@ def test_prometheus_metrics_under_tritons_names(fresh_server: Server) -> None:
         assert re.search(
             rf"^nv_inference_{name}_duration_us{re.escape(labels)} [0-9.e+]+$", text, re.MULTILINE
         )
-    assert not [line for line in lines if line.startswith("nv_") and "_total" in line]
+    names = {line.split("{")[0].split(" ")[0] for line in lines if line.startswith("nv_")}
+    assert not [name for name in names if name.endswith("_total")]  # no counter suffix
 
     families = {f.name: f for f in text_string_to_metric_families(text)}
     assert {
@@ -758,6 +759,13 @@ def test_prometheus_metrics_under_tritons_names(fresh_server: Server) -> None:
     assert values["nv_inference_compute_infer_duration_us", "facile"] > 0
     assert values["nv_inference_queue_duration_us", "toptag_cnn"] == 0
     assert families["nv_inference_pending_request_count"].type == "gauge"
+    # Triton's host gauges, from /proc: utilization a fraction, memory what /proc says
+    host = {name: families[name].samples[0].value for name in families if "_cpu_" in name}
+    assert 0.0 <= host["nv_cpu_utilization"] <= 1.0
+    meminfo = Path("/proc/meminfo").read_text()
+    total = int(re.search(r"^MemTotal:\s+(\d+) kB", meminfo, re.MULTILINE)[1]) * 1024
+    assert host["nv_cpu_memory_total_bytes"] == total
+    assert 0 < host["nv_cpu_memory_used_bytes"] < total
     assert families["arrowinfer_batch_size"].type == "histogram"
 
     # counted at scrape time: a new request shows on the next scrape

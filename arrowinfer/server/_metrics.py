@@ -7,7 +7,9 @@ The counters keep Triton's exact names (``nv_inference_request_success``, ...) w
 labels ``model`` and ``version``, so dashboards and autoscalers written for Triton (such as
 SuperSONIC's, which scale on ``nv_inference_queue_duration_us``) work unchanged. They are
 exposed untyped: prometheus-client would append ``_total`` to a typed counter, and Triton's
-names have no suffix. arrowinfer's own metrics start with ``arrowinfer_``.
+names have no suffix. Triton's host gauges (``nv_cpu_utilization``,
+``nv_cpu_memory_total_bytes``, ``nv_cpu_memory_used_bytes``) come from ``/proc``.
+arrowinfer's own metrics start with ``arrowinfer_``.
 """
 
 from __future__ import annotations
@@ -97,6 +99,55 @@ ARROWINFER_COUNTERS: dict[str, tuple[str, str]] = {
 _BATCH_BUCKETS = [2**i for i in range(17)]
 
 
+class _HostCpu:
+    """Triton's host gauges, from ``/proc`` (Linux): CPU utilization since the previous
+    scrape (the first: since boot), and RAM total and used (total less available)."""
+
+    def __init__(self) -> None:
+        self._last: tuple[int, int] | None = None
+        self._lock = threading.Lock()
+
+    def utilization(self) -> float:
+        """The fraction of all CPUs' time not idle (idle and iowait), 0.0 to 1.0."""
+        with open("/proc/stat") as stat:
+            ticks = [int(t) for t in stat.readline().split()[1:]]
+        busy, total = sum(ticks) - ticks[3] - ticks[4], sum(ticks)
+        with self._lock:
+            last, self._last = self._last, (busy, total)
+        if last is not None and total > last[1]:
+            busy, total = busy - last[0], total - last[1]
+        return busy / total if total else 0.0
+
+    @staticmethod
+    def memory() -> tuple[int, int]:
+        """RAM in bytes: (total, used), used being ``MemTotal - MemAvailable``."""
+        kib = {}
+        with open("/proc/meminfo") as info:
+            for line in info:
+                key, _, value = line.partition(":")
+                if key in ("MemTotal", "MemAvailable"):
+                    kib[key] = int(value.split()[0])
+        total = kib.get("MemTotal", 0) * 1024
+        return total, total - kib.get("MemAvailable", 0) * 1024
+
+    def collect(self) -> Iterator[Any]:
+        try:
+            utilization, (total, used) = self.utilization(), self.memory()
+        except (OSError, ValueError, IndexError):  # not Linux, or /proc unreadable
+            return
+        for name, help_text, value in (
+            ("nv_cpu_utilization", "CPU utilization rate [0.0 - 1.0]", utilization),
+            ("nv_cpu_memory_total_bytes", "CPU total memory (RAM), in bytes", total),
+            ("nv_cpu_memory_used_bytes", "CPU used memory (RAM), in bytes", used),
+        ):
+            yield GaugeMetricFamily(name, help_text, value=value)
+
+
+#: One per process: utilization is since the previous scrape of any collector (a worker
+#: pool's makes a collector per scrape).
+_HOST = _HostCpu()
+
+
 class StatisticsCollector(Collector):
     """Collects the metrics from ``statistics()`` (a list of Triton statistics JSON) and
     ``pending()`` (queued requests by (model, version)) on every scrape."""
@@ -145,6 +196,7 @@ class StatisticsCollector(Collector):
             total = sum(size * c for size, c in counts.items())
             batch.add_metric([s["name"], s["version"]], buckets, total)
         yield batch
+        yield from _HOST.collect()
 
 
 def metrics_registry(collector: StatisticsCollector) -> CollectorRegistry:
