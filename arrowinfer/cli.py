@@ -86,8 +86,10 @@ def _serve(args: argparse.Namespace) -> int:
     options = {
         "host": args.host,
         "port": args.port,
-        "kserve_port": None if args.kserve_port < 0 else args.kserve_port,
-        "metrics_port": None if args.metrics_port < 0 else args.metrics_port,
+        "kserve_port": None if args.kserve_port < 0 or not args.allow_grpc else args.kserve_port,
+        "metrics_port": (
+            None if args.metrics_port < 0 or not args.allow_metrics else args.metrics_port
+        ),
         "allow_client_shm": args.allow_client_shm,
         "device": args.device,
         "models": _models_to_load(args),
@@ -107,14 +109,14 @@ def _serve(args: argparse.Namespace) -> int:
     if args.workers > 1:
         if args.unix_socket:
             raise SystemExit("arrowinfer serve: --workers needs a TCP port, not --unix-socket")
-        if args.http_port >= 0:
+        if args.http_port >= 0 and args.allow_http:
             log.warning("--workers > 1: KServe HTTP is not served (use gRPC or Flight)")
         try:
             server = WorkerPool(repository, workers=args.workers, **options)
         except RuntimeError as err:  # a worker failed to start; its log says why
             raise SystemExit(f"arrowinfer serve: {err}") from None
     else:
-        http_port = None if args.http_port < 0 else args.http_port
+        http_port = None if args.http_port < 0 or not args.allow_http else args.http_port
         try:
             server = Server(
                 repository,
@@ -365,6 +367,24 @@ def parser() -> argparse.ArgumentParser:
         help="load only this model at start (repeatable; Triton's --load-model, '*': every "
         "model; the default, except with --model-control-mode explicit: none)",
     )
+    for front, port in (("http", "--http-port"), ("grpc", "--kserve-port"), ("metrics", None)):
+        serve.add_argument(
+            f"--allow-{front}",
+            type=_triton_bool,
+            nargs="?",
+            const=True,
+            default=True,
+            metavar="BOOL",
+            help=f"tritonserver's flag: false turns the {front} port off"
+            + (f" (as {port} -1)" if port else " (as --metrics-port -1)"),
+        )
+    serve.add_argument(
+        "--log-verbose",
+        type=int,
+        default=0,
+        metavar="N",
+        help="tritonserver's flag: above 0, log debug messages (as arrowinfer -v)",
+    )
     serve.add_argument(
         "--exit-on-error",
         type=_triton_bool,
@@ -530,8 +550,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif rest:
         where = f"{top.prog} {args.command}"
         top.exit(2, f"{where}: unrecognized arguments: {' '.join(rest)} (see {where} --help)\n")
+    verbose = args.verbose or getattr(args, "log_verbose", 0) > 0
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
+        level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:

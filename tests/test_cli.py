@@ -174,10 +174,20 @@ def test_the_kserve_port_is_named_when_given_as_flight(
 
 def test_an_unknown_option_points_to_the_commands_help(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as info:
-        main(["serve", "--log-verbose=1"])
+        main(["serve", "--backend-config=onnxruntime,x=1"])
     assert info.value.code == 2
     err = capsys.readouterr().err
-    assert "unrecognized arguments: --log-verbose=1 (see arrowinfer serve --help)" in err
+    assert "unrecognized arguments: --backend-config=onnxruntime,x=1 (see arrowinfer serve" in err
+
+
+def test_serve_takes_tritons_allow_and_log_verbose_flags() -> None:
+    """A tritonserver command line's common flags work: --allow-http/-grpc/-metrics=false
+    turn those ports off, --log-verbose=1 logs debug messages."""
+    from arrowinfer.cli import parser
+
+    args = parser().parse_args(["serve", "--allow-http=false", "--allow-grpc", "0"])
+    assert (args.allow_http, args.allow_grpc, args.allow_metrics) == (False, False, True)
+    assert parser().parse_args(["serve", "--log-verbose=1"]).log_verbose == 1
 
 
 @pytest.mark.parametrize("mapping", ["hits", "=h", "hits=", "hits=a,,b"])

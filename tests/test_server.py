@@ -1149,6 +1149,26 @@ def test_strict_readiness_follows_the_failed_models(broken_repository: Path) -> 
             grpc_client.close()
 
 
+def test_serve_takes_tritons_allow_flags(serve: Callable[..., Serve]) -> None:
+    """tritonserver --allow-http=false --allow-grpc=false --allow-metrics=false: those
+    ports are not opened (Flight is arrowinfer's own and stays); --log-verbose=1 logs
+    debug messages."""
+    running = serve(
+        *("--port", "0", "--kserve-port", "0", "--http-port", "0", "--metrics-port", "0"),
+        *("--allow-http=false", "--allow-grpc=false", "--allow-metrics=false"),
+        *("--log-verbose=1", "--model", "identity"),
+    )
+    with connect(running.location()) as client:
+        assert [info.descriptor.path for info in client.list_flights()] == [[b"identity", b"1"]]
+    running.process.send_signal(signal.SIGTERM)
+    assert running.process.wait(timeout=DEADLINE) == 0
+    log = running.log.read_text()
+    assert "Flight listening on" in log
+    for absent in ("KServe v2 gRPC listening", "KServe v2 HTTP listening", "metrics on"):
+        assert absent not in log
+    assert " DEBUG " in log
+
+
 def test_serve_stops_on_sigterm_when_idle(serve: Callable[..., Serve]) -> None:
     running = serve(
         "--port",
