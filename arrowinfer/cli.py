@@ -367,17 +367,19 @@ def parser() -> argparse.ArgumentParser:
         help="load only this model at start (repeatable; Triton's --load-model, '*': every "
         "model; the default, except with --model-control-mode explicit: none)",
     )
-    for front, port in (("http", "--http-port"), ("grpc", "--kserve-port"), ("metrics", None)):
+
+    def triton_bool(flag: str, help: str) -> None:
+        """A tritonserver boolean flag, true by default: ``--flag``, ``--flag=false``."""
         serve.add_argument(
-            f"--allow-{front}",
-            type=_triton_bool,
-            nargs="?",
-            const=True,
-            default=True,
-            metavar="BOOL",
-            help=f"tritonserver's flag: false turns the {front} port off"
-            + (f" (as {port} -1)" if port else " (as --metrics-port -1)"),
+            flag, type=_triton_bool, nargs="?", const=True, default=True, metavar="BOOL", help=help
         )
+
+    for front, port in (
+        ("http", "--http-port"),
+        ("grpc", "--kserve-port"),
+        ("metrics", "--metrics-port"),
+    ):
+        triton_bool(f"--allow-{front}", f"tritonserver's flag: false turns {port} off (as -1)")
     serve.add_argument(
         "--log-verbose",
         type=int,
@@ -385,25 +387,15 @@ def parser() -> argparse.ArgumentParser:
         metavar="N",
         help="tritonserver's flag: above 0, log debug messages (as arrowinfer -v)",
     )
-    serve.add_argument(
+    triton_bool(
         "--exit-on-error",
-        type=_triton_bool,
-        nargs="?",
-        const=True,
-        default=True,
-        metavar="BOOL",
-        help="exit when a model fails to load at start (tritonserver's flag and default: "
-        "%(default)s; false: the other models serve)",
+        "exit when a model fails to load at start (tritonserver's flag and default: true; "
+        "false: the other models serve)",
     )
-    serve.add_argument(
+    triton_bool(
         "--strict-readiness",
-        type=_triton_bool,
-        nargs="?",
-        const=True,
-        default=True,
-        metavar="BOOL",
-        help="ready (/v2/health/ready, ServerReady) only while no model has failed to load "
-        "(tritonserver's flag and default: %(default)s; false: ready whenever serving)",
+        "ready (/v2/health/ready, ServerReady) only while no model has failed to load "
+        "(tritonserver's flag and default: true; false: ready whenever serving)",
     )
     serve.add_argument(
         "--workers",
