@@ -127,6 +127,11 @@ def _serve(args: argparse.Namespace) -> int:
             )
         except ModelError as err:  # --exit-on-error: a model failed to load
             raise SystemExit(f"arrowinfer serve: {err}") from None
+        except OSError as err:  # a port in use, most often
+            raise SystemExit(
+                f"arrowinfer serve: {err} (choose another with --port, --kserve-port, "
+                "--http-port or --metrics-port; -1 turns one off)"
+            ) from None
 
     stopping = threading.Event()
 

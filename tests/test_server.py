@@ -21,6 +21,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
@@ -1167,6 +1168,51 @@ def test_serve_takes_tritons_allow_flags(serve: Callable[..., Serve]) -> None:
     for absent in ("KServe v2 gRPC listening", "KServe v2 HTTP listening", "metrics on"):
         assert absent not in log
     assert " DEBUG " in log
+
+
+@pytest.mark.parametrize("flag", ["--port", "--kserve-port", "--http-port", "--metrics-port"])
+def test_serve_says_which_port_is_in_use(
+    example_repository: Path, capsys: pytest.CaptureFixture[str], flag: str
+) -> None:
+    """A port already taken (a Triton, or a second `make serve`) is one line naming it and
+    how to choose another, not a traceback."""
+    ports = {"--port": "0", "--kserve-port": "0", "--http-port": "0", "--metrics-port": "0"}
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        ports[flag] = str(taken.getsockname()[1])
+        with pytest.raises(SystemExit) as info:
+            main(
+                [
+                    "serve",
+                    str(example_repository),
+                    "--model",
+                    "identity",
+                    *chain.from_iterable(ports.items()),
+                ]
+            )
+    message = str(info.value.code)
+    assert message.startswith("arrowinfer serve: ")
+    assert "cannot listen on " in message
+    assert ports[flag] in message
+    assert "choose another with --port, --kserve-port, --http-port or --metrics-port" in message
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_a_server_that_cannot_start_stops_what_it_started(example_repository: Path) -> None:
+    """The metrics port (the last part started) taken: the Flight port it had opened is
+    free again, and the exception says which port."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        flight_port = probe.getsockname()[1]
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = taken.getsockname()[1]
+        with pytest.raises(OSError, match=f"metrics cannot listen on 127.0.0.1:{busy}"):
+            Server(example_repository, port=flight_port, kserve_port=0, metrics_port=busy)
+    with Server(example_repository, port=flight_port, kserve_port=None, metrics_port=None):
+        pass  # the port was let go
 
 
 def test_serve_stops_on_sigterm_when_idle(serve: Callable[..., Serve]) -> None:

@@ -135,7 +135,10 @@ class FlightService(flight.FlightServerBase):
             **kwargs.get("middleware", {}),
             HEADERS_MIDDLEWARE: HeadersMiddleware(),
         }
-        super().__init__(location, **kwargs)
+        try:
+            super().__init__(location, **kwargs)
+        except pa.ArrowException as err:  # pyarrow says only "Server did not start properly"
+            raise OSError(f"Flight cannot listen on {location} (in use?)") from err
         self.core = core
         self.control = model_control or ModelControl()
         self._exchanges = dict(exchanges or {})

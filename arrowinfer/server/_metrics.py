@@ -255,6 +255,9 @@ def start_metrics_server(
     class _Server(ThreadingWSGIServer):
         address_family = family  # the class attribute socketserver reads
 
-    server = make_server(host, port, app, _Server, handler_class=_QuietHandler)
+    try:
+        server = make_server(host, port, app, _Server, handler_class=_QuietHandler)
+    except OSError as err:
+        raise OSError(f"metrics cannot listen on {host}:{port}: {err.strerror}") from err
     threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
     return server, server.server_port

@@ -8,6 +8,7 @@ ports and share one set of Triton system shared-memory regions.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -182,26 +183,30 @@ class Server:
             max_request_bytes=max_request_bytes,
             strict_readiness=strict_readiness,
         )
-        failed = self.core.failed
-        if exit_on_error and failed:
-            self.core.close()
-            raise ModelError(
-                "failed to load all models (--exit-on-error): "
-                + "; ".join(f"{name}: {reason}" for name, reason in sorted(failed.items()))
+        # every part started is stopped again, in reverse, if a later one cannot start
+        with contextlib.ExitStack() as undo:
+            undo.callback(self.core.close)
+            failed = self.core.failed
+            if exit_on_error and failed:
+                raise ModelError(
+                    "failed to load all models (--exit-on-error): "
+                    + "; ".join(f"{name}: {reason}" for name, reason in sorted(failed.items()))
+                )
+            scheme = "grpc+tls" if tls is not None else "grpc"
+            location = (
+                f"grpc+unix://{unix_socket}"
+                if unix_socket
+                else f"{scheme}://{host_port(host, port)}"
             )
-        scheme = "grpc+tls" if tls is not None else "grpc"
-        location = (
-            f"grpc+unix://{unix_socket}" if unix_socket else f"{scheme}://{host_port(host, port)}"
-        )
-        self.shm = ShmService(self.core, allow_remote=allow_client_shm)
-        self.regions = SystemRegions(allow_remote=allow_client_shm) if shared_memory else None
-        self._shared_memory = shared_memory
-        exchanges = {SHM_DESCRIPTOR: self.shm.session} if shared_memory else {}
+            self.shm = ShmService(self.core, allow_remote=allow_client_shm)
+            undo.callback(self.shm.close)
+            self.regions = SystemRegions(allow_remote=allow_client_shm) if shared_memory else None
+            self._shared_memory = shared_memory
+            exchanges = {SHM_DESCRIPTOR: self.shm.session} if shared_memory else {}
 
-        def shm_status(body: dict[str, Any]) -> dict[str, Any]:
-            return self.shm.status() if shared_memory else {"sessions": 0, "regions": 0}
+            def shm_status(body: dict[str, Any]) -> dict[str, Any]:
+                return self.shm.status() if shared_memory else {"sessions": 0, "regions": 0}
 
-        try:
             self.flight = FlightService(
                 self.core,
                 location,
@@ -210,22 +215,18 @@ class Server:
                 model_control=control,
                 **options,
             )
-        except BaseException:
-            self.shm.close()
-            self.core.close()
-            raise
-        self.shm.server_port = None if unix_socket else int(self.flight.port)
-        self.shm.unix_socket = unix_socket
-        self.host = host
-        self.location = (
-            f"grpc+unix://{unix_socket}"
-            if unix_socket
-            else f"{scheme}://{host_port(host, self.flight.port)}"
-        )
-        self._kserve: grpc.Server | None = None
-        self.kserve_port: int | None = None
-        if kserve_port is not None:
-            try:
+            undo.callback(self.flight.shutdown)
+            self.shm.server_port = None if unix_socket else int(self.flight.port)
+            self.shm.unix_socket = unix_socket
+            self.host = host
+            self.location = (
+                f"grpc+unix://{unix_socket}"
+                if unix_socket
+                else f"{scheme}://{host_port(host, self.flight.port)}"
+            )
+            self._kserve: grpc.Server | None = None
+            self.kserve_port: int | None = None
+            if kserve_port is not None:
                 self._kserve, self.kserve_port = start_kserve(
                     self.core,
                     host,
@@ -236,15 +237,10 @@ class Server:
                     model_control=control,
                     regions=self.regions,
                 )
-            except BaseException:
-                self.flight.shutdown()
-                self.shm.close()
-                self.core.close()
-                raise
-        self._http: HttpServer | None = None
-        self.http_port: int | None = None
-        if http_port is not None:
-            try:
+                undo.callback(self._kserve.stop, None)
+            self._http: HttpServer | None = None
+            self.http_port: int | None = None
+            if http_port is not None:
                 self._http = start_http(
                     self.core,
                     host,
@@ -256,21 +252,16 @@ class Server:
                     check=check,
                     model_control=control,
                 )
-            except BaseException:
-                if self._kserve is not None:
-                    self._kserve.stop(None)
-                self.flight.shutdown()
-                self.shm.close()
-                self.core.close()
-                raise
-            self.http_port = self._http.port
-        self._metrics_server = None
-        self.metrics_port: int | None = None
-        if metrics_port is not None:
-            collector = StatisticsCollector(self.core.statistics, self._pending)
-            self._metrics_server, self.metrics_port = start_metrics_server(
-                metrics_registry(collector), host, metrics_port, ready=self.core.server_ready
-            )
+                undo.callback(self._http.stop, 0)
+                self.http_port = self._http.port
+            self._metrics_server = None
+            self.metrics_port: int | None = None
+            if metrics_port is not None:
+                collector = StatisticsCollector(self.core.statistics, self._pending)
+                self._metrics_server, self.metrics_port = start_metrics_server(
+                    metrics_registry(collector), host, metrics_port, ready=self.core.server_ready
+                )
+            undo.pop_all()  # all started: they stop with stop()
         self._stopped = threading.Event()
         self._stopping = threading.Lock()
         self._poller: threading.Thread | None = None
