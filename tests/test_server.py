@@ -38,7 +38,7 @@ from tritonclient.utils import InferenceServerException
 import arrowinfer
 from arrowinfer import tensors
 from arrowinfer.cli import main
-from arrowinfer.errors import ModelError
+from arrowinfer.errors import ModelError, ModelNotFound
 from arrowinfer.server import ACTIONS, Server
 from arrowinfer.server._metrics import StatisticsCollector, metrics_registry, start_metrics_server
 
@@ -1102,6 +1102,21 @@ def test_serve_refuses_a_boolean_it_cannot_read(capsys: pytest.CaptureFixture[st
     with pytest.raises(SystemExit):
         main(["serve", "--exit-on-error=maybe"])
     assert "expected true or false, got 'maybe'" in capsys.readouterr().err
+
+
+def test_a_model_named_at_start_that_does_not_exist_says_so_once(
+    example_repository: Path,
+) -> None:
+    """--load-model of a name the repository lacks: a failed load (as Triton), whose
+    message says why once, not wrapped in itself."""
+    with Server(
+        example_repository, port=0, kserve_port=None, metrics_port=None, models=["nosuch"]
+    ) as server:
+        assert server.core.failed == {"nosuch": "no such model in the repository"}
+        with pytest.raises(ModelNotFound) as caught:
+            server.core.get("nosuch")
+    assert str(caught.value).count("is not served") == 1
+    assert "failed to load: no such model in the repository" in str(caught.value)
 
 
 def test_strict_readiness_follows_the_failed_models(broken_repository: Path) -> None:

@@ -185,7 +185,7 @@ class InferenceCore:
                 self.load(name)
             except (ModelError, ModelNotFound) as err:
                 log.error("model %s not loaded: %s", name, err)
-                self._failed[name] = str(err)
+                self._failed[name] = getattr(err, "reason", None) or str(err)
         self.ready = True
 
     @property
