@@ -197,7 +197,7 @@ def infer(
         Entries per request; a call streams several requests, pipelined.
     **client_options
         More ``Client`` options when ``client_or_url`` is a URL (``fallback``,
-        ``repository``, ``retries``, ``token``, ...).
+        ``repository``, ``retries``, ``token``, ...); with a ``Client``, none (TypeError).
 
     Returns
     -------
@@ -222,6 +222,11 @@ def infer(
         raise ValueError(f"batch_rows must be at least 1, got {batch_rows}")
     lazy = [_is_dask(a) for a in inputs.values()]
     if isinstance(client_or_url, Client):
+        if client_options:  # they are a new Client's: this one is made already
+            raise TypeError(
+                f"options {sorted(client_options)} make a Client: pass them to Client(...), "
+                "or pass the server URL here instead of a Client"
+            )
         if any(lazy):
             raise TypeError(
                 "dask-awkward inputs need the server URL(s), not a Client: each worker "

@@ -168,23 +168,21 @@ def _models(args: argparse.Namespace) -> int:
     return 0
 
 
-_URL_SCHEMES = ("grpc", "grpc+tcp", "grpc+tls", "grpc+unix", "shm", "shm+unix")
-
-
 def _check_urls(url: str) -> list[str]:
     """The server URLs of ``url`` (comma-separated), each with a scheme the client knows.
 
     ``@FILE`` (a server list a batch job wrote) is left to the client to read.
     """
+    from .client._transport import check_url
+
     urls = url.replace(",", " ").split()
     for u in urls:
-        scheme, sep, _ = u.partition("://")
-        if u != "local" and not u.startswith("@") and not (sep and scheme in _URL_SCHEMES):
-            raise _UsageError(
-                f"bad server URL {u!r}: expected SCHEME://HOST:PORT with SCHEME one of "
-                f"{', '.join(_URL_SCHEMES)} (e.g. grpc://{u if not sep else '127.0.0.1:8815'}), "
-                "or 'local' with --repository"
-            )
+        if u == "local" or u.startswith("@"):
+            continue
+        try:
+            check_url(u)
+        except ValueError as err:
+            raise _UsageError(f"{err}, or 'local' with --repository") from None
     return urls
 
 

@@ -121,6 +121,9 @@ def test_wrong_inputs_are_clear_errors(client: Client, jets: ak.Array) -> None:
         infer(client, "jet_tagger", tagger)
     with pytest.raises(InvalidInput, match="cannot hold entries"):
         infer(client, "event_jets", {"jets": ak.Array(np.zeros((3, 5), np.float32))})
+    # options that make a Client mean nothing beside a made one: refused, never dropped
+    with pytest.raises(TypeError, match=r"options \['cast'\] make a Client"):
+        infer(client, "jet_score", {"jet": features}, cast="same_kind")
 
 
 def test_dask_awkward_is_lazy_and_equal(server: Server, jets: ak.Array) -> None:

@@ -365,6 +365,17 @@ def test_unknown_options_are_refused_at_the_door(server: Server, make: type[Any]
     assert set(threading.enumerate()) <= threads
 
 
+@pytest.mark.parametrize("make", [Client, AsyncClient])
+def test_a_url_no_transport_takes_is_refused_at_the_door(make: type[Any]) -> None:
+    """As the CLI says it: not pyarrow's "Cannot parse URI" at the first call."""
+    with pytest.raises(ValueError, match=r"bad server URL '127.0.0.1:8815'.*grpc://127.0.0.1:8815"):
+        make("127.0.0.1:8815")
+    with pytest.raises(ValueError, match=r"HTTP port answers tritonclient\.http, not this client"):
+        make("http://127.0.0.1:8000")
+    with pytest.raises(ValueError, match="bad server URL 'grpc://'"):
+        make("grpc://127.0.0.1:8815,grpc://")
+
+
 def test_documented_options_are_passed_on(server: Server) -> None:
     for bad in ({"timeout_s": 3}, {"copy_result": True}):
         with pytest.raises(TypeError, match=f"'{next(iter(bad))}'"):

@@ -20,7 +20,14 @@ import pyarrow as pa
 from ._convert import conform, per_object, to_record_batch, truncation
 from ._failover import FailoverTransport
 from ._shm import SHM_OPTIONS, check_shm, make_transport
-from ._transport import FLIGHT_OPTIONS, Transport, check_compression, check_options, check_token
+from ._transport import (
+    FLIGHT_OPTIONS,
+    Transport,
+    check_compression,
+    check_options,
+    check_token,
+    check_url,
+)
 
 __all__ = [
     "CLIENT_OPTIONS",
@@ -133,6 +140,8 @@ class BaseClient:
         if fallback == "local" and repository is None:
             raise ValueError("fallback='local' needs repository=<model repository directory>")
         urls = [u for u in servers(url) if u != "local"]
+        for u in urls:
+            check_url(u)
         if not urls and fallback == "error":
             urls = [DEFAULT_URL]
         self.url = ",".join(urls) or "local"

@@ -33,12 +33,38 @@ __all__ = [
     "check_compression",
     "check_options",
     "check_token",
+    "check_url",
     "error_from_reply",
     "in_order",
     "map_flight_errors",
 ]
 
 log = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
+
+#: The URL schemes a client reaches a server by (``shm``: shared memory, see ``_shm``).
+URL_SCHEMES = ("grpc", "grpc+tcp", "grpc+tls", "grpc+unix", "shm", "shm+unix")
+
+
+def check_url(url: str) -> None:
+    """Refuse a server URL no transport can use, before any I/O.
+
+    Raises
+    ------
+    ValueError
+        Naming the URL, the schemes there are, and a URL that would do.
+    """
+    scheme, sep, rest = url.partition("://")
+    if sep and scheme in URL_SCHEMES and rest:
+        return
+    hint = f"e.g. grpc://{url if not sep else '127.0.0.1:8815'}"
+    if scheme in ("http", "https"):
+        hint = "a KServe/Triton HTTP port answers tritonclient.http, not this client; " + hint
+    raise ValueError(
+        f"bad server URL {url!r}: expected SCHEME://HOST:PORT with SCHEME one of "
+        f"{', '.join(URL_SCHEMES)} ({hint})"
+    )
+
 
 #: The options of ``pyarrow.flight.FlightClient`` a client passes on, by their documented
 #: names (TLS: ``tls_root_certs``, ``cert_chain``, ``private_key``, ``override_hostname``,
