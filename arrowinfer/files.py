@@ -26,6 +26,7 @@ error nothing is left.
 from __future__ import annotations
 
 import contextlib
+import difflib
 import glob
 import os
 from collections import deque
@@ -534,6 +535,12 @@ class InferStats:
     interrupted: bool = False
 
 
+def _did_you_mean(wrong: list[str], names: Sequence[str]) -> str:
+    """``"; did you mean 'Jet_mass'?"`` for the names close to a wrong one, else ``""``."""
+    close = [m for w in wrong for m in difflib.get_close_matches(w, names, n=1)]
+    return f"; did you mean {', '.join(map(repr, close))}?" if close else ""
+
+
 def infer_files(
     client: Any,
     model: str,
@@ -595,11 +602,22 @@ def infer_files(
         raise FileArgumentError(f"{', '.join(files.paths)}: no events to run over")
     mapping = dict(mapping or {})
     schema = client.schema(model)
+    unknown = [name for name in mapping if name not in schema.names]
+    if unknown:  # a typo, or an input the server fills (a mask): never silently unused
+        raise InvalidInput(
+            f"--input names {unknown}, which the model does not take"
+            + _did_you_mean(unknown, schema.names),
+            model=model,
+            expected=schema.names,
+            got=list(mapping),
+        )
     needed = [c for name in schema.names for c in mapping.get(name, [name])]
     missing = [c for c in needed if c not in files.columns]
     if missing:
         raise InvalidInput(
-            f"no column {missing} in {files.paths[0]} (map inputs as --input NAME=COL[,COL...])",
+            f"no column {missing} in {files.paths[0]}"
+            + _did_you_mean(missing, files.columns)
+            + " (map inputs as --input NAME=COL[,COL...])",
             model=model,
             expected=needed,
             got=files.columns if len(files.columns) <= 20 else f"{len(files.columns)} columns",

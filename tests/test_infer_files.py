@@ -464,6 +464,11 @@ def test_ctrl_c_on_the_command(repository: Path, big_file: Path, tmp_path: Path)
         ({"url": "local"}, "needs --repository"),
         ({"extra": ["--input", "jet=Jet_pt"]}, "InvalidInput: model 'jet_score'"),
         ({"extra": ["--input", "jet=Jet_nope"]}, "no column ['Jet_nope']"),
+        (
+            {"extra": ["--input", f"jet={JET.replace('Jet_mass', 'Jet_mas')}"]},
+            "no column ['Jet_mas'] in",
+        ),
+        ({"extra": ["--input", "jets=Jet_pt"]}, "['jets'], which the model does not take; did"),
         ({"extra": ["--input", f"jet={JET.replace('Jet_mass', 'run')}"]}, "mix per-object"),
         ({"model": "nope"}, "ModelNotFound: model 'nope'"),
         ({"input": "empty.parquet"}, "empty.parquet: no events to run over"),
