@@ -29,6 +29,7 @@ import heapq
 import itertools
 import logging
 import random
+import re
 import threading
 import time
 import warnings
@@ -53,6 +54,10 @@ from ._transport import Transport, in_order
 __all__ = ["FailoverTransport", "FallbackWarning"]
 
 log = logging.getLogger(__name__)
+
+
+#: What gRPC appends to an error for its own debugging (up to the next server's error).
+_GRPC_DEBUG = re.compile(r"\. gRPC client debug context:.*?(?=; grpc|; shm|$)", re.DOTALL)
 
 
 class FallbackWarning(RuntimeWarning):
@@ -352,8 +357,9 @@ class FailoverTransport:
                 self._warned.add(model)
             if first:
                 try:
+                    brief = _GRPC_DEBUG.sub("", detail)  # gRPC's own context: for its logs
                     warnings.warn(
-                        f"model {model!r}: no server could run it ({detail}); "
+                        f"model {model!r}: no server could run it ({brief}); "
                         "running it in this process",
                         FallbackWarning,
                         stacklevel=2,
