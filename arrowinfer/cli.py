@@ -536,6 +536,53 @@ def parser() -> argparse.ArgumentParser:
     return top
 
 
+#: tritonserver's flags that `serve` does not take (its others it does, by Triton's names):
+#: a launch script moved from Triton hears that they are Triton's, not typos.
+_TRITONSERVER_ONLY = frozenset(
+    [
+        "--strict-model-config",
+        "--disable-auto-complete-config",
+        "--backend-config",
+        "--backend-directory",
+        "--repoagent-directory",
+        "--model-load-thread-count",
+        "--model-namespacing",
+        "--repository-poll-secs",
+        "--pinned-memory-pool-byte-size",
+        "--cuda-memory-pool-byte-size",
+        "--min-supported-compute-capability",
+        "--rate-limit",
+        "--rate-limit-resource",
+        "--response-cache-byte-size",
+        "--cache-config",
+        "--cache-directory",
+        "--buffer-manager-thread-count",
+        "--http-thread-count",
+        "--http-address",
+        "--grpc-address",
+        "--metrics-address",
+        "--metrics-interval-ms",
+        "--allow-cpu-metrics",
+        "--allow-gpu-metrics",
+        "--grpc-use-ssl",
+        "--grpc-infer-allocation-pool-size",
+        "--trace-config",
+        "--trace-file",
+        "--trace-level",
+        "--trace-rate",
+        "--log-info",
+        "--log-warning",
+        "--log-error",
+        "--log-format",
+        "--log-file",
+        "--id",
+        "--allow-sagemaker",
+        "--allow-vertex-ai",
+        "--model-config-name",
+    ]
+)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
     top = parser()
@@ -544,7 +591,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.bench_args = rest  # the benchmark script parses its own options
     elif rest:
         where = f"{top.prog} {args.command}"
-        top.exit(2, f"{where}: unrecognized arguments: {' '.join(rest)} (see {where} --help)\n")
+        triton = [a for a in rest if a.split("=", 1)[0] in _TRITONSERVER_ONLY]
+        said = f"tritonserver's {', '.join(triton)}, which arrowinfer lacks; " if triton else ""
+        top.exit(
+            2, f"{where}: unrecognized arguments: {' '.join(rest)} ({said}see {where} --help)\n"
+        )
     verbose = args.verbose or getattr(args, "log_verbose", 0) > 0
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,

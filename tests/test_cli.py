@@ -177,7 +177,11 @@ def test_an_unknown_option_points_to_the_commands_help(capsys: pytest.CaptureFix
         main(["serve", "--backend-config=onnxruntime,x=1"])
     assert info.value.code == 2
     err = capsys.readouterr().err
-    assert "unrecognized arguments: --backend-config=onnxruntime,x=1 (see arrowinfer serve" in err
+    assert "unrecognized arguments: --backend-config=onnxruntime,x=1 (tritonserver's" in err
+    assert "which arrowinfer lacks; see arrowinfer serve --help)" in err
+    with pytest.raises(SystemExit):
+        main(["serve", "--log-verbsoe=1"])  # a typo is no tritonserver flag
+    assert "--log-verbsoe=1 (see arrowinfer serve --help)" in capsys.readouterr().err
 
 
 def test_serve_takes_tritons_allow_and_log_verbose_flags() -> None:
