@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
 
+from ._version import __version__
 from .errors import ArrowInferError, ModelError
 
 __all__ = ["default_repository", "main"]
@@ -294,6 +295,7 @@ def parser() -> argparse.ArgumentParser:
         "with Apache Arrow end to end.",
     )
     top.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    top.add_argument("--version", action="version", version=f"arrowinfer {__version__}")
     sub = top.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     serve = sub.add_parser(
@@ -602,10 +604,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
-        return int(args.run(args))
+        status = int(args.run(args))
+        sys.stdout.flush()  # a reader gone shows here, not as an error at exit
+        return status
     except _UsageError as err:
         print(f"arrowinfer {args.command}: {err}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `arrowinfer models | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit
+        return 141  # as a shell reports SIGPIPE
     except ArrowInferError as err:
         print(f"{type(err).__name__}: {err}", file=sys.stderr)
         return 1

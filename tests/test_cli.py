@@ -283,3 +283,19 @@ def test_serve_takes_one_repository(
         assert main(["serve", *argv]) == 2
         err = capsys.readouterr().err
         assert "one model repository is served, 2 were given" in err
+
+
+def test_version_and_a_closed_pipe(server: Server) -> None:
+    """``arrowinfer --version``; ``arrowinfer models URL | head -1`` ends quietly."""
+    import shlex
+    import subprocess
+    import sys
+
+    version = [sys.executable, "-m", "arrowinfer.cli", "--version"]
+    done = subprocess.run(version, check=True, capture_output=True, text=True)
+    assert done.stdout.startswith("arrowinfer ")
+    # a reader that stops at once, as `| head -0` (`true` never reads)
+    command = f"{shlex.quote(sys.executable)} -m arrowinfer.cli models {server.location} | true"
+    piped = subprocess.run(command, shell=True, check=True, capture_output=True, text=True)
+    assert "Traceback" not in piped.stderr
+    assert "BrokenPipeError" not in piped.stderr
