@@ -68,3 +68,47 @@ def test_a_servers_freed_memory_is_reused_not_faulted_in_again(tmp_path: Path) -
     # this project's dependencies, ~6 with the oldest versions it supports (test-min),
     # whose buffers happen to stay below glibc's thresholds.
     assert kept < 50, (kept, plain)
+
+
+_ARENAS = """
+import ctypes, ctypes.util, re, sys, tempfile, threading
+from arrowinfer.server._malloc import keep_freed_memory
+if sys.argv[1] == "kept":
+    assert keep_freed_memory()
+libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+libc.malloc.restype = ctypes.c_void_p
+libc.malloc.argtypes = [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+libc.fopen.restype = ctypes.c_void_p
+libc.malloc_info.argtypes = [ctypes.c_int, ctypes.c_void_p]
+libc.fclose.argtypes = [ctypes.c_void_p]
+start = threading.Barrier(32)
+
+def churn():  # all at once: a thread that finds every arena busy makes another
+    start.wait()
+    for _ in range(2000):
+        libc.free(libc.malloc(64 << 10))
+
+threads = [threading.Thread(target=churn) for _ in range(32)]
+for t in threads: t.start()
+for t in threads: t.join()
+with tempfile.NamedTemporaryFile() as out:
+    fp = libc.fopen(out.name.encode(), b"w")
+    libc.malloc_info(0, fp)
+    libc.fclose(fp)
+    print(len(re.findall(rb'<heap nr="', open(out.name, "rb").read())))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+def test_the_arenas_are_few() -> None:
+    """Each malloc arena keeps up to TRIM_THRESHOLD free; glibc makes up to 8 per core, one
+    for each thread that finds the others busy (a thread per Flight stream: an attack's
+    streams left gigabytes kept). With keep_freed_memory there are at most ARENA_MAX."""
+    from arrowinfer.server._malloc import ARENA_MAX
+
+    def arenas(mode: str) -> int:
+        args = [sys.executable, "-c", _ARENAS, mode]
+        return int(subprocess.run(args, check=True, capture_output=True, timeout=WAIT).stdout)
+
+    assert arenas("kept") <= ARENA_MAX
