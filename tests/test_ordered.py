@@ -76,3 +76,26 @@ def test_replies_keep_request_order_when_results_complete_in_reverse(server: Hel
     writer.done_writing()
     assert got == [(i, i) for i in range(COUNT)] + ["goaway"]
     client.close()
+
+
+def test_open_streams_share_one_budget_of_pending_bytes() -> None:
+    """Each stream may hold MAX_PENDING_BYTES of requests whose replies its client has not
+    read; many streams together share ALL_PENDING_BYTES (48 streams that never read held
+    6 GB before); put() still admits one request to an idle stream, so none is starved."""
+    from arrowinfer.server import _ordered
+
+    before = OrderedReplies._open
+    streams = [OrderedReplies(None, lambda item: item, name="budget") for _ in range(64)]
+    try:
+        for stream in streams:
+            stream.start()
+        share = _ordered.ALL_PENDING_BYTES // (before + 64)
+        assert streams[0].byte_limit() == min(_ordered.MAX_PENDING_BYTES, share) < (16 << 20)
+    finally:
+        for stream in streams:
+            stream.close()
+            stream.close()  # again: counted once
+    assert OrderedReplies._open == before
+    assert OrderedReplies(None, lambda item: item, name="x").byte_limit() == min(
+        _ordered.MAX_PENDING_BYTES, _ordered.ALL_PENDING_BYTES // max(before, 1)
+    )

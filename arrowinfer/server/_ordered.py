@@ -17,7 +17,8 @@ request that ran inline in the reader's thread then goes out without waking the 
 thread, the fast path of one request at a time.
 
 Back-pressure: a stream holds at most :data:`MAX_PENDING` requests (and about
-:data:`MAX_PENDING_BYTES` of their data) whose replies are not written yet. :meth:`put`
+:data:`MAX_PENDING_BYTES` of their data, less when many streams share
+:data:`ALL_PENDING_BYTES`) whose replies are not written yet. :meth:`put`
 blocks the stream's reader beyond that, so a client that sends without reading its
 results stops being read (gRPC's flow control then stops its sending) instead of making
 the server hold every result.
@@ -39,6 +40,7 @@ from ..errors import InvalidInput
 from ..protocol import GOAWAY, dump_json
 
 __all__ = [
+    "ALL_PENDING_BYTES",
     "GOAWAY_REASON",
     "MAX_PENDING",
     "MAX_PENDING_BYTES",
@@ -63,6 +65,11 @@ MAX_PENDING = 32
 
 #: Bytes of request data one stream may have pending (one request is always admitted).
 MAX_PENDING_BYTES = 64 << 20
+
+#: Bytes of request data all streams of the process may have pending together: each open
+#: stream may hold its share (at most MAX_PENDING_BYTES), and at least one request. Without
+#: it, 48 Flight streams that never read their replies held 6 GB (eleventh session).
+ALL_PENDING_BYTES = 512 << 20
 
 
 def read_chunks(reader: flight.MetadataRecordBatchReader) -> Iterator[flight.FlightStreamChunk]:
@@ -124,9 +131,20 @@ class OrderedReplies:
         self.failure: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
+    #: Streams started and not closed, in this process (their share of ALL_PENDING_BYTES).
+    _open = 0
+    _open_lock = threading.Lock()
+
     def start(self) -> None:
         """Start writing replies (once)."""
+        with OrderedReplies._open_lock:
+            OrderedReplies._open += 1
         self._thread.start()
+
+    def byte_limit(self) -> int:
+        """The request bytes this stream may have pending now: its share of
+        :data:`ALL_PENDING_BYTES` among the open streams, at most :data:`MAX_PENDING_BYTES`."""
+        return min(MAX_PENDING_BYTES, ALL_PENDING_BYTES // max(OrderedReplies._open, 1))
 
     @property
     def started(self) -> bool:
@@ -141,7 +159,7 @@ class OrderedReplies:
         """Queue the next request's item; its reply follows those put before.
 
         ``size`` is the bytes of request data it holds. Blocks while the stream has
-        :data:`MAX_PENDING` replies (or :data:`MAX_PENDING_BYTES`) not written yet: the
+        :data:`MAX_PENDING` replies (or :meth:`byte_limit` bytes) not written yet: the
         client is not reading them. ``ready``: the future the item's reply waits for; the
         writer thread gets the item once it is done (the callback only queues it, so it
         never blocks the thread that completes the future).
@@ -149,7 +167,7 @@ class OrderedReplies:
         with self._room:
             while (
                 self._pending
-                and (self._pending >= MAX_PENDING or self._pending_bytes + size > MAX_PENDING_BYTES)
+                and (self._pending >= MAX_PENDING or self._pending_bytes + size > self.byte_limit())
                 and self.failure is None
                 and not self._closing
             ):
@@ -193,13 +211,16 @@ class OrderedReplies:
         Not started: nothing is written (the items are dropped).
         """
         with self._room:
-            self._closing = True
+            first, self._closing = not self._closing, True
             self._room.notify_all()
             entry = (self._numbered, _END, 0)
             self._numbered += 1
         self._items.put(entry)
         if self.started:
             self._thread.join()
+            if first:
+                with OrderedReplies._open_lock:
+                    OrderedReplies._open -= 1
 
     def _run(self) -> None:
         arrived: dict[int, tuple[Any, int]] = {}  # items that came before their turn
