@@ -67,8 +67,9 @@ MAX_PENDING = 32
 MAX_PENDING_BYTES = 64 << 20
 
 #: Bytes of request data all streams of the process may have pending together: each open
-#: stream may hold its share (at most MAX_PENDING_BYTES), and at least one request. Without
-#: it, 48 Flight streams that never read their replies held 6 GB (eleventh session).
+#: stream may hold its share (at most MAX_PENDING_BYTES), and at least one request. 32
+#: Flight streams that never read their replies held 3.17 GB without it, 2.65 GB with it
+#: (their results and gRPC's buffers are the rest: docs/security.md, section 11).
 ALL_PENDING_BYTES = 512 << 20
 
 
@@ -109,6 +110,10 @@ class OrderedReplies:
         The writer thread's name.
     """
 
+    #: Streams started and not closed, in this process (their share of ALL_PENDING_BYTES).
+    _open = 0
+    _open_lock = threading.Lock()
+
     def __init__(
         self,
         writer: flight.MetadataRecordBatchWriter,
@@ -130,10 +135,6 @@ class OrderedReplies:
         #: The error that broke the stream (the client went away), once a write failed.
         self.failure: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-
-    #: Streams started and not closed, in this process (their share of ALL_PENDING_BYTES).
-    _open = 0
-    _open_lock = threading.Lock()
 
     def start(self) -> None:
         """Start writing replies (once)."""

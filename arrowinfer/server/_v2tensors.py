@@ -525,6 +525,7 @@ def requested_outputs(
         return specs
     by_name = {s.name: s for s in specs}
     out = []
+    answered: set[str] = set()
     for requested in request.outputs:
         spec = by_name.get(requested.name)
         if spec is None:
@@ -547,7 +548,8 @@ def requested_outputs(
             raise named(err, version.name, output=spec.name) from None
         except RegionNotFound as err:
             raise _region_named(err, version.name, output=spec.name) from None
-        if spec not in out:  # a list: outputs are few, and the order is the request's
+        if spec.name not in answered:
+            answered.add(spec.name)
             out.append(spec)
     return out
 
