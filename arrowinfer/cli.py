@@ -62,6 +62,13 @@ def _serve(args: argparse.Namespace) -> int:
     from .server._malloc import keep_freed_memory
 
     repository = _serve_repository(args)
+    for front, port in (
+        ("http", "http_port"),
+        ("grpc", "kserve_port"),
+        ("metrics", "metrics_port"),
+    ):
+        if not getattr(args, f"allow_{front}"):  # tritonserver's --allow-X=false: port -1
+            setattr(args, port, -1)
     if (args.tls_cert is None) != (args.tls_key is None):
         raise SystemExit("arrowinfer serve: --tls-cert and --tls-key go together")
     for option, path in (("--tls-cert", args.tls_cert), ("--tls-key", args.tls_key)):
@@ -87,10 +94,8 @@ def _serve(args: argparse.Namespace) -> int:
     options = {
         "host": args.host,
         "port": args.port,
-        "kserve_port": None if args.kserve_port < 0 or not args.allow_grpc else args.kserve_port,
-        "metrics_port": (
-            None if args.metrics_port < 0 or not args.allow_metrics else args.metrics_port
-        ),
+        "kserve_port": None if args.kserve_port < 0 else args.kserve_port,
+        "metrics_port": None if args.metrics_port < 0 else args.metrics_port,
         "allow_client_shm": args.allow_client_shm,
         "device": args.device,
         "models": _models_to_load(args),
@@ -110,14 +115,14 @@ def _serve(args: argparse.Namespace) -> int:
     if args.workers > 1:
         if args.unix_socket:
             raise SystemExit("arrowinfer serve: --workers needs a TCP port, not --unix-socket")
-        if args.http_port >= 0 and args.allow_http:
+        if args.http_port >= 0:
             log.warning("--workers > 1: KServe HTTP is not served (use gRPC or Flight)")
         try:
             server = WorkerPool(repository, workers=args.workers, **options)
         except RuntimeError as err:  # a worker failed to start; its log says why
             raise SystemExit(f"arrowinfer serve: {err}") from None
     else:
-        http_port = None if args.http_port < 0 or not args.allow_http else args.http_port
+        http_port = None if args.http_port < 0 else args.http_port
         try:
             server = Server(
                 repository,

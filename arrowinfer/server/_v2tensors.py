@@ -84,17 +84,21 @@ def naming(model: str, tensor: str | None = None, *, output: str | None = None) 
     a JSON tensor's): :func:`named`."""
     try:
         yield
-    except InvalidInput as err:
-        raise named(err, model, tensor, output=output) from None
-    except RegionNotFound as err:
-        raise _region_named(err, model, tensor, output=output) from None
+    except (InvalidInput, RegionNotFound) as err:
+        raise _renamed(err, model, tensor, output=output) from None
 
 
-def _region_named(
-    err: RegionNotFound, model: str, tensor: str | None = None, *, output: str | None = None
-) -> RegionNotFound:
-    """``err`` naming the model and tensor as :func:`named` does; still NOT_FOUND, as
-    Triton's."""
+def _renamed(
+    err: InvalidInput | RegionNotFound,
+    model: str,
+    tensor: str | None = None,
+    *,
+    output: str | None = None,
+) -> InvalidInput | RegionNotFound:
+    """:func:`named` for either error a place in shared memory raises; a region not found
+    stays NOT_FOUND, as Triton's, with the same words added."""
+    if isinstance(err, InvalidInput):
+        return named(err, model, tensor, output=output)
     return RegionNotFound(str(named(InvalidInput(str(err)), model, tensor, output=output)))
 
 
@@ -544,10 +548,8 @@ def requested_outputs(
             if place is not None:
                 assert regions is not None  # shm_place refused it otherwise
                 regions.check(peer, place.region, place.offset, place.byte_size)  # before it runs
-        except InvalidInput as err:
-            raise named(err, version.name, output=spec.name) from None
-        except RegionNotFound as err:
-            raise _region_named(err, version.name, output=spec.name) from None
+        except (InvalidInput, RegionNotFound) as err:
+            raise _renamed(err, version.name, output=spec.name) from None
         if spec.name not in answered:
             answered.add(spec.name)
             out.append(spec)
