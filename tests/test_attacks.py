@@ -1240,3 +1240,49 @@ def test_a_request_failing_in_onnxruntime_fails_alone(tmp_path: Path) -> None:
         # the attacker's requests were merged with others, and those batches run again
         # request by request (the batcher's count of such batches)
         assert stats.get("arrowinfer", {}).get("isolated_batches", 0) > 0, stats
+
+
+def test_json_bombs_and_repeated_outputs_harm_no_client_beside(example_repository: Path) -> None:
+    """The eleventh session's HTTP attacks, with a good Flight client beside them: strings
+    of escaped quotes that never close (a quadratic scan once), arrays nested past the
+    limit, too many arrays, and one output asked for a thousand times. Each gets its 400
+    or its one answer; the good client's results stay right."""
+    import gzip
+    import urllib.error
+    import urllib.request
+
+    from arrowinfer.protocol import MAX_JSON_CONTAINERS
+
+    one_row = {"name": "INPUT0", "shape": [1, 1024], "datatype": "FP32", "data": [0.5] * 1024}
+    bodies = [
+        b'{"inputs":' + b"[]" * 40 + b'"' + b'\\"' * (1 << 20),
+        b'{"inputs":' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+        b'{"inputs":[' + b"[]," * MAX_JSON_CONTAINERS + b"[]]}",
+    ]
+    repeated = {"inputs": [one_row], "outputs": [{"name": "OUTPUT0"}] * 1000}
+    with (
+        Server(
+            example_repository, port=0, kserve_port=None, http_port=0, metrics_port=None
+        ) as server,
+        GoodClient(server.location) as beside,
+    ):
+        url = f"http://127.0.0.1:{server.http_port}/v2/models/identity/infer"
+
+        def post(body: bytes) -> tuple[int, dict[str, Any]]:
+            headers = {"Content-Encoding": "gzip", "Content-Type": "application/json"}
+            request = urllib.request.Request(url, gzip.compress(body), headers)
+            try:
+                with urllib.request.urlopen(request, timeout=WAIT) as answer:
+                    return answer.status, json.loads(answer.read())
+            except urllib.error.HTTPError as err:
+                return err.code, json.loads(err.read())
+
+        for body in bodies:
+            status, answer = post(body)
+            assert status == 400, answer
+            assert "Traceback" not in answer["error"]
+            beside.wait_some()
+        status, answer = post(json.dumps(repeated).encode())
+        assert status == 200
+        assert [o["name"] for o in answer["outputs"]] == ["OUTPUT0"]
+        beside.wait_some()
